@@ -1,0 +1,112 @@
+"""Architecture configs: the LLaMA-family base (`ModelConfig`) and the recyclable module (`RecycleConfig`).
+
+Each is a frozen dataclass validated in `__post_init__`, serialisable to and from JSON-ready dicts. Runtime sizes
+(batch, cache length) are not architecture and live with the caller. `PRESETS` names the shapes the project uses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal
+
+HiddenSource = Literal["pre_norm", "post_norm"]
+
+
+class ConfigError(ValueError):
+    """A config value is out of range or inconsistent."""
+
+
+def _from_dict(cls, d: dict[str, Any]):
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ConfigError(f"{cls.__name__}: unknown field(s) {unknown}; known: {sorted(names)}")
+    return cls(**d)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A LLaMA-family decoder: RMSNorm, rotary embeddings, SwiGLU MLP, grouped-query attention."""
+
+    vocab_size: int
+    n_layer: int
+    n_head: int
+    n_kv_head: int
+    d_model: int
+    d_ff: int
+    context_length: int = 2048  # the positions the model was trained for; a cache may not exceed it
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "n_layer", "n_head", "n_kv_head", "d_model", "d_ff", "context_length"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"ModelConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.d_model % self.n_head:
+            raise ConfigError(f"d_model={self.d_model} is not divisible by n_head={self.n_head}")
+        if self.n_head % self.n_kv_head:
+            raise ConfigError(f"n_head={self.n_head} is not divisible by n_kv_head={self.n_kv_head}")
+        if self.head_dim % 2:
+            raise ConfigError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        if self.rope_theta <= 0 or self.norm_eps <= 0:
+            raise ConfigError("rope_theta and norm_eps must be positive")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        return _from_dict(cls, d)
+
+
+@dataclass(frozen=True)
+class RecycleConfig:
+    """The recyclable module: concat(h_t, emb(x_{t+1})) -> Linear(2d, d) -> n_layer decoder layers.
+
+    Its layers have the base's width, heads and MLP size; its output goes through the base's final norm and
+    LM head (shared) to predict x_{t+2}.
+
+    hidden: which h_t the module reads. "pre_norm" is the last decoder layer's output; "post_norm" is that after
+        the base's final RMSNorm (what the LM head sees).
+    input_norm: RMS-normalise h_t and the token embedding separately before the linear map (as DeepSeek-V3's
+        MTP module does), which puts the two halves on one scale.
+    Defaults were chosen by measurement: see docs/design.md.
+    """
+
+    n_layer: int = 1
+    hidden: HiddenSource = "pre_norm"
+    input_norm: bool = True
+
+    def __post_init__(self) -> None:
+        if self.n_layer <= 0:
+            raise ConfigError(f"RecycleConfig.n_layer must be positive, got {self.n_layer}")
+        if self.hidden not in ("pre_norm", "post_norm"):
+            raise ConfigError(f"RecycleConfig.hidden must be 'pre_norm' or 'post_norm', got {self.hidden!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RecycleConfig":
+        return _from_dict(cls, d)
+
+
+PRESETS: dict[str, ModelConfig] = {
+    # for unit tests: a few thousand parameters
+    "tiny": ModelConfig(vocab_size=97, n_layer=2, n_head=4, n_kv_head=2, d_model=32, d_ff=64, context_length=256),
+    # the CPU joint-training experiment (about 15 minutes on two cores)
+    "gutenberg-small": ModelConfig(
+        vocab_size=8192, n_layer=4, n_head=4, n_kv_head=2, d_model=256, d_ff=688, context_length=256
+    ),
+    # SmolLM2-135M, as read from its GGUF
+    "smollm2-135m": ModelConfig(
+        vocab_size=49152, n_layer=30, n_head=9, n_kv_head=3, d_model=576, d_ff=1536,
+        context_length=8192, rope_theta=100000.0, norm_eps=1e-5, tie_embeddings=True,
+    ),
+}

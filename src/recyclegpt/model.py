@@ -1,0 +1,272 @@
+"""The models, in plain PyTorch: a LLaMA-family decoder (`Transformer`), the recyclable module
+(`RecyclableModule`) and the pair of them (`RecycleModel`).
+
+One forward serves training and cached decoding. Without a cache, attention is causal SDPA over the input. With a
+static `KVCache`, the new keys and values are written at the explicit slots `input_pos` and attention reads the
+slots below `kv_end` through a mask built from `input_pos` (and, for left-padded batches, `pad`). Nothing here
+does I/O, sampling or device placement.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig, RecycleConfig
+
+
+class ModelOutput(NamedTuple):
+    logits: torch.Tensor  # (B, T', V): T' = T, or the last `num_logits` positions
+    hidden: torch.Tensor  # (B, T, d): the last layer's output, before the final norm
+
+
+class KVCache:
+    """Static key/value buffers for a stack of layers, allocated once: k, v are (n_layer, B, n_kv_head, S, D).
+
+    Slots are written at explicit positions; nothing tracks a cursor. A rejected or stale slot costs nothing: it
+    is overwritten when its position is next written, and masked out until then.
+    """
+
+    def __init__(self, n_layer: int, batch: int, n_kv_head: int, max_len: int, head_dim: int, *,
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> None:
+        shape = (n_layer, batch, n_kv_head, max_len, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+
+    @property
+    def batch(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    def write(self, layer: int, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              kv_end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, Hkv, T, D) at slots `input_pos` (T,); return the keys and values of slots [0, kv_end)."""
+        self.k[layer].index_copy_(2, input_pos, k)
+        self.v[layer].index_copy_(2, input_pos, v)
+        return self.k[layer, :, :, :kv_end], self.v[layer, :, :, :kv_end]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rotary(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape (B or 1, 1, T, head_dim) for integer positions (B or 1, T), in the rotate-half layout.
+
+    Computed in float32 on every call (a few tiny kernels) so that a bf16 model keeps exact frequencies.
+    """
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    freqs = positions.float()[..., None] * inv_freq  # (B, T, D/2)
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, D)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.wq = nn.Linear(cfg.d_model, cfg.n_head * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
+                cache: KVCache | None, layer: int, input_pos: torch.Tensor | None, kv_end: int) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.wk(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.wv(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        if cache is not None:
+            k, v = cache.write(layer, input_pos, k, v, kv_end)  # (B, Hkv, kv_end, D)
+        if self.n_head != self.n_kv_head:  # grouped-query attention: each kv head serves n_head / n_kv_head queries
+            rep = self.n_head // self.n_kv_head
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        return self.wo(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+
+
+class MLP(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)  # gate
+        self.w3 = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)  # up
+        self.w2 = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)  # down
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, rope, mask, cache, layer, input_pos, kv_end):
+        x = x + self.attn(self.attn_norm(x), rope, mask, cache, layer, input_pos, kv_end)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, cfg: ModelConfig, *, input_pos: torch.Tensor | None,
+               cache: KVCache | None, pad: torch.Tensor | None, kv_end: int | None) -> torch.Tensor:
+    """Run a stack of decoder blocks over x (B, T, d) at cache slots `input_pos` (T,).
+
+    Without a cache: plain causal attention over x at positions 0..T-1 (training; the fast SDPA kernels).
+    With a cache: slot s is visible to the query at slot t when s <= t and s >= pad[b] (row b's left padding).
+    A padding query also sees itself, so that no row of the mask is empty (an empty row gives NaN, and a NaN in a
+    cached value would leak through the zero attention weight of every later query).
+    """
+    B, T, _ = x.shape
+    if cache is None:
+        if pad is not None:
+            raise ValueError("left padding (pad) needs a KV cache; train on unpadded sequences")
+        positions = torch.arange(T, device=x.device)[None]
+        rope = rotary(positions, cfg.head_dim, cfg.rope_theta, x.dtype)
+        for i, block in enumerate(blocks):
+            x = block(x, rope, None, None, i, None, 0)
+        return x
+    if input_pos is None:
+        raise ValueError("cached decoding needs input_pos, the cache slots of the T new tokens")
+    kv_end = cache.max_len if kv_end is None else kv_end
+    slots = torch.arange(kv_end, device=x.device)
+    mask = slots[None, :] <= input_pos[:, None]  # (T, S)
+    if pad is None:
+        positions = input_pos[None]
+        mask = mask[None, None]
+    else:
+        positions = (input_pos[None] - pad[:, None]).clamp(min=0)  # (B, T)
+        visible = (slots[None, None, :] >= pad[:, None, None]) | (slots[None, None, :] == input_pos[None, :, None])
+        mask = (mask[None] & visible)[:, None]  # (B, 1, T, S)
+    rope = rotary(positions, cfg.head_dim, cfg.rope_theta, x.dtype)
+    for i, block in enumerate(blocks):
+        x = block(x, rope, mask, cache, i, input_pos, kv_end)
+    return x
+
+
+def init_weights(module: nn.Module, n_layer: int) -> None:
+    """GPT-2 style: N(0, 0.02), residual output projections scaled by 1/sqrt(2 * n_layer)."""
+    for name, p in module.named_parameters():
+        if p.dim() < 2:
+            continue
+        std = 0.02 / math.sqrt(2 * n_layer) if name.endswith(("wo.weight", "w2.weight")) else 0.02
+        nn.init.normal_(p, mean=0.0, std=std)
+
+
+class Transformer(nn.Module):
+    """The base LM. forward(idx) -> ModelOutput(logits, hidden)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        init_weights(self, cfg.n_layer)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+
+    def new_cache(self, batch: int, max_len: int, *, device=None, dtype=None) -> KVCache:
+        if max_len > self.cfg.context_length:
+            raise ValueError(f"cache length {max_len} exceeds the model's context length {self.cfg.context_length}")
+        p = self.tok_emb.weight
+        return KVCache(self.cfg.n_layer, batch, self.cfg.n_kv_head, max_len, self.cfg.head_dim,
+                       device=device or p.device, dtype=dtype or p.dtype)
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final norm + LM head: (B, T, d) pre-norm hidden -> (B, T, V) logits. Shared with the module."""
+        return self.lm_head(self.norm(hidden))
+
+    def forward(self, idx: torch.Tensor, *, input_pos: torch.Tensor | None = None, cache: KVCache | None = None,
+                pad: torch.Tensor | None = None, kv_end: int | None = None,
+                num_logits: int | None = None) -> ModelOutput:
+        """idx (B, T) token ids. num_logits: compute the LM head for the last n positions only (decoding)."""
+        hidden = run_blocks(self.layers, self.tok_emb(idx), self.cfg, input_pos=input_pos, cache=cache, pad=pad,
+                            kv_end=kv_end)
+        logits = self.head(hidden if num_logits is None else hidden[:, -num_logits:])
+        return ModelOutput(logits, hidden)
+
+
+class RecyclableModule(nn.Module):
+    """At position t: concat(h_t, emb(x_{t+1})) (B, T, 2d) -> Linear -> decoder blocks -> (B, T, d).
+
+    The caller chooses h_t (pre- or post-norm, see RecycleConfig.hidden) and applies the base's head to the
+    output, which then predicts x_{t+2}. Positions and cache slots are those of h_t.
+    """
+
+    def __init__(self, base_cfg: ModelConfig, cfg: RecycleConfig) -> None:
+        super().__init__()
+        self.base_cfg, self.cfg = base_cfg, cfg
+        d = base_cfg.d_model
+        self.norm_h = RMSNorm(d, base_cfg.norm_eps) if cfg.input_norm else nn.Identity()
+        self.norm_e = RMSNorm(d, base_cfg.norm_eps) if cfg.input_norm else nn.Identity()
+        self.fc = nn.Linear(2 * d, d, bias=False)
+        self.layers = nn.ModuleList(Block(base_cfg) for _ in range(cfg.n_layer))  # distinct instances, not [b] * n
+        init_weights(self, cfg.n_layer)
+
+    def new_cache(self, batch: int, max_len: int, *, device=None, dtype=None) -> KVCache:
+        p = self.fc.weight
+        return KVCache(self.cfg.n_layer, batch, self.base_cfg.n_kv_head, max_len, self.base_cfg.head_dim,
+                       device=device or p.device, dtype=dtype or p.dtype)
+
+    def forward(self, hidden: torch.Tensor, tok_emb: torch.Tensor, *, input_pos: torch.Tensor | None = None,
+                cache: KVCache | None = None, pad: torch.Tensor | None = None,
+                kv_end: int | None = None) -> torch.Tensor:
+        x = self.fc(torch.cat((self.norm_h(hidden), self.norm_e(tok_emb)), dim=-1))
+        return run_blocks(self.layers, x, self.base_cfg, input_pos=input_pos, cache=cache, pad=pad, kv_end=kv_end)
+
+
+class RecycleModel(nn.Module):
+    """A base LM plus its recyclable module, which shares the base's embedding, final norm and LM head."""
+
+    def __init__(self, base: Transformer, module: RecyclableModule) -> None:
+        super().__init__()
+        if module.base_cfg.d_model != base.cfg.d_model:
+            raise ValueError(f"recyclable module width {module.base_cfg.d_model} does not match the base model's "
+                             f"d_model {base.cfg.d_model}")
+        self.base, self.module = base, module
+
+    @classmethod
+    def build(cls, cfg: ModelConfig, rcfg: RecycleConfig) -> "RecycleModel":
+        return cls(Transformer(cfg), RecyclableModule(cfg, rcfg))
+
+    def recycled_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The h_t the module reads, from the base's pre-norm hidden state."""
+        return self.base.norm(hidden) if self.module.cfg.hidden == "post_norm" else hidden
+
+    def recycle(self, hidden: torch.Tensor, next_tokens: torch.Tensor, *, input_pos: torch.Tensor | None = None,
+                cache: KVCache | None = None, pad: torch.Tensor | None = None, kv_end: int | None = None,
+                num_logits: int | None = None) -> ModelOutput:
+        """hidden (B, T, d): base pre-norm h_t at positions t; next_tokens (B, T): x_{t+1}.
+
+        Returns logits for x_{t+2} and the module's output hidden (which a multi-step drafter feeds back as h).
+        """
+        out = self.module(self.recycled_hidden(hidden), self.base.tok_emb(next_tokens), input_pos=input_pos,
+                          cache=cache, pad=pad, kv_end=kv_end)
+        logits = self.base.head(out if num_logits is None else out[:, -num_logits:])
+        return ModelOutput(logits, out)
