@@ -1,0 +1,170 @@
+"""The Python API: load a model and its recyclable module in one call, then generate.
+
+    from recyclegpt import RecycleGPT
+    lm = RecycleGPT.from_pretrained("smollm2-135m-instruct", recycle="random")
+    out = lm.generate("The capital of France is", strategy="recycle", max_new_tokens=32)
+    print(out.text, out.stats.tokens_per_s)
+
+The CLI is a thin layer over this module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from .config import RecycleConfig
+from .decoding import DecodeStats, recycle, standard
+from .model import RecyclableModule, RecycleModel, Transformer
+from .sampling import SamplingParams
+from .tokenizer import Tokenizer
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+STRATEGY_NAMES = ("standard", "recycle")
+RANDOM_MODULE_NOTE = "untrained (random) recyclable module: the text is meaningless, use it for speed measurements only"
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def is_checkpoint(path: str | Path) -> bool:
+    return (Path(path) / "recycle.json").is_file()
+
+
+@dataclass
+class Generation:
+    text: list[str]  # one per prompt
+    token_ids: list[list[int]]  # the new tokens of each prompt
+    strategy: str
+    stats: DecodeStats
+    module: str | None  # where the recyclable module came from, None without one
+
+    def to_dict(self) -> dict:
+        """The JSON record the CLI prints: one prompt's text and ids are unwrapped."""
+        single = len(self.text) == 1
+        d = {"text": self.text[0] if single else self.text,
+             "token_ids": self.token_ids[0] if single else self.token_ids,
+             "strategy": self.strategy, **self.stats.to_dict()}
+        if self.module is not None:
+            d["module"] = self.module
+        return d
+
+
+class RecycleGPT:
+    """A base LM, its tokenizer and (optionally) a recyclable module, on one device."""
+
+    def __init__(self, base: Transformer, tokenizer: Tokenizer, *, module: RecyclableModule | None = None,
+                 name: str = "", module_source: str | None = None) -> None:
+        self.base, self.tokenizer, self.name = base, tokenizer, name
+        self.model = RecycleModel(base, module) if module is not None else None
+        self.module_source = module_source
+
+    # -- loading ---------------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, model: str = DEFAULT_MODEL, *, recycle: str | None = None,
+                        device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+                        random_module: RecycleConfig = RecycleConfig(), seed: int = 0) -> "RecycleGPT":
+        """Load by built-in name, GGUF file, Hugging Face folder or RecycleGPT checkpoint directory.
+
+        recycle: a RecycleGPT checkpoint directory whose module is put on this base, or "random" for an untrained
+            module shaped by `random_module` (speed measurements only). A checkpoint given as `model` brings its
+            own module.
+        """
+        from .checkpoint import load_checkpoint, load_module
+        from .weights import load_base
+
+        device = torch.device(device) if device is not None else default_device()
+        dtype = dtype or default_dtype(device)
+        if is_checkpoint(model):
+            rmodel, tokenizer, _ = load_checkpoint(model, base_loader=lambda ref: load_base(ref, device=device,
+                                                                                            dtype=dtype),
+                                                   device=device, dtype=dtype)
+            lm = cls(rmodel.base, tokenizer, module=rmodel.module, name=str(model), module_source=str(model))
+            if recycle is None:
+                return lm
+            base, tokenizer = lm.base, lm.tokenizer
+        else:
+            base, tokenizer = load_base(model, device=device, dtype=dtype)
+        module, source = None, None
+        if recycle == "random":
+            torch.manual_seed(seed)
+            module = RecyclableModule(base.cfg, random_module).to(device=device, dtype=dtype).eval()
+            source = "random"
+        elif recycle is not None:
+            if not Path(recycle).exists():
+                raise FileNotFoundError(f"recyclable module checkpoint {recycle!r} does not exist (give a directory "
+                                        f"written by `recyclegpt retrofit` or `recyclegpt train`, or 'random')")
+            module = load_module(recycle, base).to(device=device, dtype=dtype).eval()
+            source = str(recycle)
+        return cls(base, tokenizer, module=module, name=str(model), module_source=source)
+
+    @property
+    def device(self) -> torch.device:
+        return self.base.tok_emb.weight.device
+
+    # -- generation ------------------------------------------------------------------------------------------------
+
+    def encode(self, prompt: str, *, chat: bool = False) -> list[int]:
+        if not isinstance(prompt, str):
+            raise TypeError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+        if chat:
+            prompt = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+        ids = self.tokenizer.encode(prompt)
+        if not ids:
+            raise ValueError("the prompt is empty: give a non-empty text")
+        return ids
+
+    def generate(self, prompt: str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]], *,
+                 strategy: str = "standard", max_new_tokens: int = 128, temperature: float = 0.0,
+                 top_k: int | None = None, top_p: float | None = None, seed: int | None = None, chat: bool = False,
+                 ignore_eos: bool = False, stream: Callable[[list[list[int]]], None] | None = None) -> Generation:
+        """Generate from one prompt or a batch: texts (encoded, chat-templated if `chat`) or token-id lists.
+
+        strategy: "standard" (one full-model call per token) or "recycle" (the paper's alternating schedule;
+        needs a recyclable module). ignore_eos: run to max_new_tokens (benchmarks).
+        """
+        if strategy not in STRATEGY_NAMES:
+            raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGY_NAMES)}")
+        sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+        prompts = self._prompt_ids(prompt, chat=chat)
+        stop_ids = () if ignore_eos else self.tokenizer.eos_ids
+        if strategy == "standard":
+            res = standard(self.base, prompts, max_new_tokens=max_new_tokens, sampling=sampling, stop_ids=stop_ids,
+                           stream=stream)
+        else:
+            if self.model is None:
+                raise ValueError("strategy 'recycle' needs a recyclable module: pass --recycle PATH (a checkpoint "
+                                 "from `recyclegpt retrofit`), or --recycle random for an untrained one "
+                                 "(speed measurements only)")
+            res = recycle(self.model, prompts, max_new_tokens=max_new_tokens, sampling=sampling, stop_ids=stop_ids,
+                          stream=stream)
+        texts = [self.tokenizer.decode(t) for t in res.tokens]
+        module = None
+        if strategy != "standard":
+            module = RANDOM_MODULE_NOTE if self.module_source == "random" else self.module_source
+        return Generation(texts, res.tokens, strategy, res.stats, module)
+
+    def _prompt_ids(self, prompt, *, chat: bool) -> list[list[int]]:
+        if isinstance(prompt, str):
+            return [self.encode(prompt, chat=chat)]
+        if isinstance(prompt, torch.Tensor):
+            prompt = prompt.tolist()
+        prompt = list(prompt)
+        if not prompt:
+            raise ValueError("no prompt given")
+        if all(isinstance(p, int) for p in prompt):
+            return [prompt]
+        if all(isinstance(p, str) for p in prompt):
+            return [self.encode(p, chat=chat) for p in prompt]
+        if all(isinstance(p, (list, tuple)) for p in prompt):
+            return [list(p) for p in prompt]
+        raise TypeError("prompt must be a string, a list of strings, a list of token ids or a list of such lists")

@@ -1,0 +1,237 @@
+"""The `recyclegpt` command: one entry point, one subcommand per job, each a thin layer over the Python API.
+
+    recyclegpt generate PROMPT        decode with `standard` or `recycle`
+    recyclegpt bench                  standard vs recycle on the same prompts, table + JSON line
+    recyclegpt train                  joint training from scratch on text files
+    recyclegpt retrofit               train a recyclable module on a frozen base
+    recyclegpt distill                the base model's responses to a prompt file, as JSONL (self-distillation data)
+
+Errors the user can fix (bad values, missing files, corrupt checkpoints) print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from .api import DEFAULT_MODEL, STRATEGY_NAMES, RecycleGPT
+from .config import RecycleConfig
+
+
+class UsageError(Exception):
+    """A problem with the user's input, reported as one line."""
+
+
+def _dtype(name: str | None) -> torch.dtype | None:
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if name is None:
+        return None
+    if name not in table:
+        raise UsageError(f"unknown dtype {name!r}; choose float32, bfloat16 or float16")
+    return table[name]
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"built-in name, .gguf file, Hugging Face folder or RecycleGPT checkpoint (default: {DEFAULT_MODEL})")
+    p.add_argument("--recycle", default=None,
+                   help="recyclable module: a checkpoint directory, or 'random' (untrained; speed measurements only)")
+    p.add_argument("--recycle-layers", type=int, default=1, help="layers of a --recycle random module (default 1)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bf16 on CUDA, fp32 on CPU)")
+
+
+def _load(args) -> RecycleGPT:
+    return RecycleGPT.from_pretrained(args.model, recycle=args.recycle, device=args.device, dtype=_dtype(args.dtype),
+                                      random_module=RecycleConfig(n_layer=args.recycle_layers))
+
+
+# -- generate ----------------------------------------------------------------------------------------------------
+
+
+def cmd_generate(args) -> None:
+    """Generate text from PROMPT with the chosen strategy; --json prints a JSON record as the last line."""
+    lm = _load(args)
+    if args.recycle == "random" and args.strategy != "standard":
+        print("note: --recycle random is an untrained module; its tokens are noise (speed measurements only)",
+              file=sys.stderr)
+    stream = None
+    if not args.json and not args.no_stream:
+        stream = _text_streamer(lm)
+    out = lm.generate(args.prompt, strategy=args.strategy, max_new_tokens=args.max_new_tokens,
+                      temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                      chat=args.chat, stream=stream)
+    if args.json:
+        print(json.dumps(out.to_dict(), ensure_ascii=False))
+        return
+    if stream is None:
+        print(out.text[0])
+    else:
+        print()
+    st = out.stats
+    print(f"[{out.strategy}] {st.new_tokens} tokens in {st.seconds:.2f}s ({st.tokens_per_s:.1f} tok/s), "
+          f"full calls {st.full_calls}, module calls {st.module_calls}", file=sys.stderr)
+
+
+def _text_streamer(lm: RecycleGPT):
+    """Print the new text of row 0 as tokens arrive (decoding the whole tail keeps multi-byte characters whole)."""
+    ids: list[int] = []
+    printed = 0
+
+    def on_tokens(step: list[list[int]]) -> None:
+        nonlocal printed
+        ids.extend(step[0])
+        text = lm.tokenizer.decode(ids)
+        if text.endswith("\ufffd"):  # an unfinished UTF-8 sequence: wait for its next byte
+            return
+        sys.stdout.write(text[printed:])
+        sys.stdout.flush()
+        printed = len(text)
+
+    return on_tokens
+
+
+# -- bench -------------------------------------------------------------------------------------------------------
+
+
+def cmd_bench(args) -> None:
+    """Run `standard` and `recycle` greedily on the same prompts in one process; print a table (and JSON)."""
+    from .bench import BUILTIN_PROMPTS, format_table, read_prompts, run_bench
+
+    prompts = read_prompts(args.prompts, limit=args.limit) if args.prompts else BUILTIN_PROMPTS[: args.limit]
+    lm = _load(args)
+    strategies = tuple(args.strategies.split(","))
+    for s in strategies:
+        if s not in STRATEGY_NAMES:
+            raise UsageError(f"unknown strategy {s!r}; choose from {', '.join(STRATEGY_NAMES)}")
+    if "recycle" in strategies and lm.model is None:
+        raise UsageError("bench runs 'recycle' but no recyclable module was given: pass --recycle PATH, or "
+                         "--recycle random for speed only, or --strategies standard")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    report = run_bench(lm, prompts, strategies=strategies, max_new_tokens=args.max_new_tokens,
+                       chat=not args.no_chat, ignore_eos=not args.stop_at_eos)
+    if lm.module_source == "random":
+        report["note"] = "random module weights: speed only"
+    print(format_table(report))
+    if report.get("note"):
+        print(report["note"])
+    if args.json:
+        print(json.dumps(report))
+
+
+# -- distill -----------------------------------------------------------------------------------------------------
+
+
+def cmd_distill(args) -> None:
+    """Write the base model's chat-templated responses to a prompt file as JSONL {"prompt", "response"}.
+
+    Records go to OUT.partial as they are made; the file is renamed to OUT at the end. --resume continues a
+    .partial file; an existing OUT is never overwritten without --force.
+    """
+    from .bench import read_prompts
+
+    out, partial = Path(args.out), Path(args.out + ".partial")
+    if out.exists() and not args.force:
+        raise UsageError(f"{out} exists; pass --force to overwrite it")
+    prompts = read_prompts(args.prompts, limit=args.limit)
+    done: set[str] = set()
+    if partial.exists():
+        if not args.resume:
+            raise UsageError(f"{partial} exists from an earlier run: pass --resume to continue it, or remove it")
+        with partial.open(encoding="utf-8") as f:
+            done = {json.loads(line)["prompt"] for line in f if line.strip()}
+    todo = [p for p in prompts if p not in done]
+    lm = _load(args)
+    chat = lm.tokenizer.chat_template is not None
+    order = sorted(todo, key=lambda p: len(lm.encode(p, chat=chat)))  # similar lengths batch with less padding
+    from tqdm import tqdm
+
+    with partial.open("a", encoding="utf-8") as f, tqdm(total=len(order), desc="distill", file=sys.stderr) as bar:
+        for i in range(0, len(order), args.batch_size):
+            chunk = order[i:i + args.batch_size]
+            gen = lm.generate(chunk, strategy="standard", max_new_tokens=args.max_new_tokens,
+                              temperature=args.temperature, top_p=args.top_p, seed=args.seed + i, chat=chat)
+            for prompt, text, ids in zip(chunk, gen.text, gen.token_ids):
+                f.write(json.dumps({"prompt": prompt, "response": text, "model": lm.name,
+                                    "response_tokens": len(ids)}, ensure_ascii=False) + "\n")
+            f.flush()
+            bar.update(len(chunk))
+    os.replace(partial, out)
+    print(f"wrote {len(prompts)} records to {out}", file=sys.stderr)
+
+
+# -- parser ------------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="recyclegpt", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name, fn):
+        p = sub.add_parser(name, help=fn.__doc__.splitlines()[0], description=fn.__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.set_defaults(func=fn)
+        return p
+
+    g = add("generate", cmd_generate)
+    g.add_argument("prompt", help="the prompt text")
+    _add_model_args(g)
+    g.add_argument("--strategy", choices=STRATEGY_NAMES, default="standard")
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    g.add_argument("--json", action="store_true", help="print one JSON record as the last line")
+    g.add_argument("--no-stream", action="store_true", help="print the text at the end, not as it is generated")
+
+    b = add("bench", cmd_bench)
+    _add_model_args(b)
+    b.add_argument("--prompts", default=None, help="JSONL with a 'prompt' field per line (default: built-in set)")
+    b.add_argument("--limit", type=int, default=None, help="use the first N prompts")
+    b.add_argument("--max-new-tokens", type=int, default=128)
+    b.add_argument("--strategies", default="standard,recycle", help="comma-separated (default standard,recycle)")
+    b.add_argument("--no-chat", action="store_true", help="do not chat-template the prompts")
+    b.add_argument("--stop-at-eos", action="store_true", help="stop at EOS (default: always max-new-tokens)")
+    b.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
+    b.add_argument("--json", action="store_true", help="print the results as one JSON line at the end")
+
+    d = add("distill", cmd_distill)
+    _add_model_args(d)
+    d.add_argument("--prompts", required=True, help="JSONL with a 'prompt' field per line")
+    d.add_argument("--out", required=True, help="output JSONL: {prompt, response, model, response_tokens}")
+    d.add_argument("--limit", type=int, default=None)
+    d.add_argument("--max-new-tokens", type=int, default=256)
+    d.add_argument("--temperature", type=float, default=0.0)
+    d.add_argument("--top-p", type=float, default=None)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--batch-size", type=int, default=8)
+    d.add_argument("--resume", action="store_true", help="continue OUT.partial from an interrupted run")
+    d.add_argument("--force", action="store_true", help="overwrite an existing OUT")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (UsageError, ValueError, FileNotFoundError) as e:
+        print(f"recyclegpt {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
