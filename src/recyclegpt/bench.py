@@ -30,8 +30,12 @@ BUILTIN_PROMPTS = [
 ]
 
 
+PROMPT_FIELDS = ("prompt", "instruction", "question", "Instruction")
+
+
 def read_prompts(path: str | Path, *, limit: int | None = None) -> list[str]:
-    """A JSONL file with a "prompt" field per line (blank lines skipped)."""
+    """Prompts from a JSONL file: each line an object with a "prompt" field (or, as the shared prompt sets have
+    it, "instruction", "question" or "Instruction"), or a bare JSON string. Blank lines are skipped."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"prompts file {str(path)!r} does not exist")
@@ -44,9 +48,12 @@ def read_prompts(path: str | Path, *, limit: int | None = None) -> list[str]:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str) or not rec["prompt"].strip():
-                raise ValueError(f"{path}:{n}: each line needs a non-empty string field 'prompt'")
-            prompts.append(rec["prompt"])
+            if isinstance(rec, dict):
+                rec = next((rec[k] for k in PROMPT_FIELDS if isinstance(rec.get(k), str)), None)
+            if not isinstance(rec, str) or not rec.strip():
+                raise ValueError(f"{path}:{n}: expected a JSON string or an object with a non-empty string field "
+                                 f"{' / '.join(PROMPT_FIELDS)}")
+            prompts.append(rec)
             if limit is not None and len(prompts) >= limit:
                 break
     if not prompts:
