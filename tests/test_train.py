@@ -1,0 +1,244 @@
+"""Training on the CPU with the tiny preset and synthetic text: objectives, data, the loop, resume, retrofit."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+
+import pytest
+import torch
+
+from recyclegpt.config import PRESETS, ConfigError, RecycleConfig
+from recyclegpt.data import ChatExamples, DataError, TextWindows, load_dataset, train_bpe
+from recyclegpt.model import RecycleModel, Transformer
+from recyclegpt.objectives import recycle_losses
+from recyclegpt.train import TrainConfig, lr_at, retrofit, train_joint
+
+SENTENCES = ["the cat sat on the mat.", "a dog ran to the red ball.", "she sang a song of the sea.",
+             "we walk home in the rain.", "birds fly over the green hill."]
+
+
+def write_corpus(folder, name="corpus.txt", n=600, seed=0):
+    rng = random.Random(seed)
+    path = folder / name
+    path.write_text(" ".join(rng.choice(SENTENCES) for _ in range(n)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("corpus")
+    path = write_corpus(folder)
+    return path, train_bpe([path], 300)
+
+
+def model_cfg(tok):
+    return dataclasses.replace(PRESETS["tiny"], vocab_size=tok.vocab_size)
+
+
+def small_cfg(**kw):
+    base = dict(steps=30, batch_size=8, seq_len=32, lr=3e-3, min_lr=3e-4, warmup=3, eval_every=10, eval_batches=2,
+                val_fraction=0.1, log_every=5, progress=False)
+    return TrainConfig(**{**base, **kw})
+
+
+def first_and_last_val(metrics):
+    val = [m for m in metrics if m["split"] == "val"]
+    return val[0], val[-1]
+
+
+def test_joint_training_lowers_both_losses(corpus, tmp_path):
+    path, tok = corpus
+    model, metrics = train_joint(cfg=small_cfg(), model_cfg=model_cfg(tok), rcfg=RecycleConfig(), files=[path],
+                                 out_dir=tmp_path / "ck", tokenizer=tok)
+    first, last = first_and_last_val(metrics)
+    assert last["val_lm"] < first["val_lm"] - 1.0
+    assert last["val_rec"] < first["val_rec"] - 1.0
+    assert last["val_rec_acc"] > first["val_rec_acc"]
+    logged = [json.loads(line) for line in (tmp_path / "ck" / "metrics.jsonl").read_text().splitlines()]
+    assert logged == metrics
+
+
+def test_resume_is_bit_identical(corpus, tmp_path, monkeypatch):
+    path, tok = corpus
+    cfg = small_cfg(steps=8, save_every=4, eval_every=4, grad_accum=2)
+    full, _ = train_joint(cfg=cfg, model_cfg=model_cfg(tok), rcfg=RecycleConfig(), files=[path],
+                          out_dir=tmp_path / "full", tokenizer=tok)
+
+    # crash in step 6, after the checkpoint of step 4 was written
+    real_batch = TextWindows.train_batch
+
+    def crashing_batch(self, *, seed, index, batch_size):
+        if index == 5 * cfg.grad_accum:
+            raise KeyboardInterrupt
+        return real_batch(self, seed=seed, index=index, batch_size=batch_size)
+
+    monkeypatch.setattr(TextWindows, "train_batch", crashing_batch)
+    with pytest.raises(KeyboardInterrupt):
+        train_joint(cfg=cfg, model_cfg=model_cfg(tok), rcfg=RecycleConfig(), files=[path], out_dir=tmp_path / "cut",
+                    tokenizer=tok)
+    monkeypatch.setattr(TextWindows, "train_batch", real_batch)
+    assert json.loads((tmp_path / "cut" / "trainer_state.json").read_text())["step"] == 4
+
+    resumed, metrics = train_joint(cfg=cfg, model_cfg=model_cfg(tok), rcfg=RecycleConfig(), files=[path],
+                                   out_dir=tmp_path / "cut", resume=True)
+    for (name, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    assert [m["step"] for m in metrics if m["split"] == "val"] == [0, 4, 8]
+
+
+def test_resume_refuses_changed_config(corpus, tmp_path):
+    path, tok = corpus
+    train_joint(cfg=small_cfg(steps=2, warmup=1), model_cfg=model_cfg(tok), rcfg=RecycleConfig(), files=[path],
+                out_dir=tmp_path / "ck", tokenizer=tok)
+    with pytest.raises(ConfigError, match="lr"):
+        train_joint(cfg=small_cfg(steps=4, warmup=1, lr=1e-2), model_cfg=model_cfg(tok), rcfg=RecycleConfig(),
+                    files=[path], out_dir=tmp_path / "ck", resume=True)
+    with pytest.raises(FileExistsError):
+        train_joint(cfg=small_cfg(steps=2, warmup=1), model_cfg=model_cfg(tok), rcfg=RecycleConfig(), files=[path],
+                    out_dir=tmp_path / "ck", tokenizer=tok)
+
+
+def test_baseline_is_the_joint_base_without_the_module(corpus, tmp_path):
+    # with lam = 0 the module adds nothing to the base's gradients, so the base must follow the baseline exactly:
+    # same initialisation, same batches, same updates (without clipping: the global norm over more parameters
+    # may round differently)
+    path, tok = corpus
+    cfg = small_cfg(steps=4, eval_every=0, grad_clip=0.0)
+    baseline, metrics = train_joint(cfg=cfg, model_cfg=model_cfg(tok), rcfg=None, files=[path],
+                                    out_dir=tmp_path / "base", tokenizer=tok)
+    joint, _ = train_joint(cfg=dataclasses.replace(cfg, lam=0.0), model_cfg=model_cfg(tok), rcfg=RecycleConfig(),
+                           files=[path], out_dir=tmp_path / "joint", tokenizer=tok)
+    assert isinstance(baseline, Transformer)
+    for (name, a), (_, b) in zip(baseline.state_dict().items(), joint.base.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    assert "val_rec" not in metrics[-1] and "val_lm" in metrics[-1]
+
+
+def test_retrofit_leaves_base_unchanged_and_lowers_rec(corpus, tmp_path):
+    path, tok = corpus
+    base, _ = train_joint(cfg=small_cfg(steps=20, eval_every=0), model_cfg=model_cfg(tok), rcfg=None,
+                          files=[path], out_dir=tmp_path / "base", tokenizer=tok)
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    model, metrics = retrofit(cfg=small_cfg(steps=20, lr=1e-2), base=base, tokenizer=tok, rcfg=RecycleConfig(),
+                              files=[path], out_dir=tmp_path / "module", base_ref="tiny-base")
+    for k, v in base.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert all(not p.requires_grad for p in base.parameters())
+    first, last = first_and_last_val(metrics)
+    assert last["val_rec"] < first["val_rec"] - 1.0
+    assert first["val_lm"] == last["val_lm"]
+    meta = json.loads((tmp_path / "module" / "recycle.json").read_text())
+    assert meta["base"]["ref"] == "tiny-base" and meta["tokenizer"] is None
+    assert not (tmp_path / "module" / "base.safetensors").exists()
+
+
+@pytest.mark.parametrize("target", ["distill", "both"])
+def test_distill_target_trains(corpus, tmp_path, target):
+    path, tok = corpus
+    _, metrics = train_joint(cfg=small_cfg(steps=20, target=target), model_cfg=model_cfg(tok), rcfg=RecycleConfig(),
+                             files=[path], out_dir=tmp_path / "ck", tokenizer=tok)
+    first, last = first_and_last_val(metrics)
+    assert last["val_rec"] < first["val_rec"]
+    assert last["val_rec_agree"] > first["val_rec_agree"]
+
+
+def test_distill_loss_is_kl_to_the_base_one_step_ahead():
+    torch.manual_seed(0)
+    cfg = PRESETS["tiny"]
+    model = RecycleModel.build(cfg, RecycleConfig())
+    idx = torch.randint(0, cfg.vocab_size, (2, 10))
+    out = recycle_losses(model, idx, lam=1.0, target="distill")
+    base = model.base(idx)
+    q = model.recycle(base.hidden[:, :-2], idx[:, 1:-1]).logits.log_softmax(-1)
+    p = base.logits[:, 1:-1].log_softmax(-1)
+    kl = torch.nn.functional.kl_div(q, p, log_target=True, reduction="none").sum(-1).mean()
+    torch.testing.assert_close(out["rec"], kl)
+    torch.testing.assert_close(out["loss"], out["lm"] + kl)
+
+
+def test_masks_select_targets():
+    torch.manual_seed(0)
+    cfg = PRESETS["tiny"]
+    model = RecycleModel.build(cfg, RecycleConfig())
+    idx = torch.randint(0, cfg.vocab_size, (2, 12))
+    mask = torch.zeros(2, 12, dtype=torch.bool)
+    mask[:, 7:] = True
+    out = recycle_losses(model, idx, lam=0.5, loss_mask=mask)
+    short = recycle_losses(model, idx[:, :12], lam=0.5)
+    assert out["lm_tokens"].item() == 10 and out["rec_tokens"].item() == 10
+    assert short["lm_tokens"].item() == 22 and short["rec_tokens"].item() == 20
+    # the loss over a masked row equals the mean over the kept targets only
+    base = model.base(idx)
+    ce = torch.nn.functional.cross_entropy(base.logits[:, 6:-1].flatten(0, 1), idx[:, 7:].flatten())
+    torch.testing.assert_close(out["lm"], ce)
+    # the frozen-base objective gives no gradient to the base and its loss is L_rec alone
+    model.base.requires_grad_(False)
+    frozen = recycle_losses(model, idx, lam=0.5, train_base=False)
+    frozen["loss"].backward()
+    torch.testing.assert_close(frozen["loss"], frozen["rec"])
+    assert model.module.fc.weight.grad is not None
+
+
+def test_batches_depend_only_on_seed_and_index():
+    data = TextWindows.from_stream(torch.arange(1000).numpy(), seq_len=16, val_fraction=0.1)
+    a, _ = data.train_batch(seed=1, index=7, batch_size=4)
+    b, _ = data.train_batch(seed=1, index=7, batch_size=4)
+    c, _ = data.train_batch(seed=1, index=8, batch_size=4)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert a.max() < 900  # training windows never reach into the validation tail
+    (val, _), = data.val_batches(n_batches=1, batch_size=4)
+    assert val.min() >= 900
+
+
+def test_chat_jsonl_masks_the_prompt(corpus, tmp_path):
+    _, tok = corpus
+    lines = [{"prompt": "the cat", "response": "sat on the mat."}] * 4 + [
+        {"messages": [{"role": "user", "content": "a dog"}, {"role": "assistant", "content": "ran."}]}]
+    path = tmp_path / "chat.jsonl"
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    with pytest.raises(DataError, match="chat template"):  # a messages example needs a template ... unless 2 turns
+        (tmp_path / "multi.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "a"}] * 2 + [
+            {"role": "assistant", "content": "b"}]}) + "\n")
+        load_dataset([tmp_path / "multi.jsonl"], tok, seq_len=32, val_fraction=0.0)
+    data = load_dataset([path], tok, seq_len=32, val_fraction=0.2)
+    assert isinstance(data, ChatExamples) and len(data.train) == 4 and len(data.val) == 1
+    idx, mask = data.train_batch(seed=0, index=0, batch_size=2)
+    n_prompt = len(tok.encode("the cat"))
+    response = tok.encode("sat on the mat.") + [tok.eos_ids[0]]
+    assert mask[0].tolist() == [False] * n_prompt + [True] * len(response)
+    assert idx[0, n_prompt:].tolist() == response
+
+
+def test_data_errors(corpus, tmp_path):
+    _, tok = corpus
+    with pytest.raises(DataError, match="no such file"):
+        load_dataset([tmp_path / "missing.txt"], tok, seq_len=8, val_fraction=0.0)
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(DataError, match="empty corpus"):
+        load_dataset([tmp_path / "empty.txt"], tok, seq_len=8, val_fraction=0.0)
+    with pytest.raises(DataError, match="empty corpus"):
+        train_bpe([tmp_path / "empty.txt"], 300)
+    (tmp_path / "short.txt").write_text("the cat")
+    with pytest.raises(DataError, match="shorter than one window"):
+        load_dataset([tmp_path / "short.txt"], tok, seq_len=64, val_fraction=0.0)
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a",\n')
+    with pytest.raises(DataError, match=r"bad.jsonl:2: bad JSON"):
+        load_dataset([tmp_path / "bad.jsonl"], tok, seq_len=8, val_fraction=0.0)
+    (tmp_path / "keys.jsonl").write_text('{"question": "a"}\n')
+    with pytest.raises(DataError, match=r"keys.jsonl:1: expected"):
+        load_dataset([tmp_path / "keys.jsonl"], tok, seq_len=8, val_fraction=0.0)
+
+
+def test_train_config_validation():
+    with pytest.raises(ConfigError, match="min_lr"):
+        TrainConfig(lr=1e-3, min_lr=1e-2)
+    with pytest.raises(ConfigError, match="target"):
+        TrainConfig(target="teacher")
+    with pytest.raises(ConfigError, match="warmup"):
+        TrainConfig(steps=10, warmup=20)
+    cfg = TrainConfig(steps=100, warmup=10, lr=1.0, min_lr=0.1)
+    assert lr_at(cfg, 0) == pytest.approx(0.1) and lr_at(cfg, 9) == pytest.approx(1.0)
+    assert lr_at(cfg, 99) == pytest.approx(0.1)
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
