@@ -245,6 +245,7 @@ class ChatExamples:
     val: list[tuple[list[int], int]]
     seq_len: int
     pad_id: int
+    dropped: int = 0  # examples left out because no response token fits in seq_len
 
     @classmethod
     def from_files(cls, files: Sequence[str | Path], tokenizer: Tokenizer, *, seq_len: int,
@@ -252,7 +253,8 @@ class ChatExamples:
         if not 0.0 <= val_fraction < 1.0:
             raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
         examples = []
-        for messages, where in read_jsonl(files):
+        read = read_jsonl(files)
+        for messages, where in read:
             ids, n_prompt = encode_example(messages, tokenizer, where)
             ids = ids[:seq_len]
             if n_prompt < len(ids):  # at least one response token fits (the first response token is a target)
@@ -263,7 +265,7 @@ class ChatExamples:
         if n_val >= len(examples):
             raise DataError(f"{len(examples)} usable example(s): too few to hold {n_val} out for validation")
         return cls(examples[: len(examples) - n_val], examples[len(examples) - n_val:], seq_len,
-                   separator_id(tokenizer))
+                   separator_id(tokenizer), dropped=len(read) - len(examples))
 
     def train_batch(self, *, seed: int, index: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         n = len(self.train)
