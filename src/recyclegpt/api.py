@@ -85,13 +85,13 @@ class RecycleGPT:
         device = torch.device(device) if device is not None else default_device()
         dtype = dtype or default_dtype(device)
         if is_checkpoint(model):
-            rmodel, tokenizer, _ = load_checkpoint(model, base_loader=lambda ref: load_base(ref, device=device,
-                                                                                            dtype=dtype),
+            loaded, tokenizer, _ = load_checkpoint(model, base_loader=lambda ref: load_base(ref, device=device,
+                                                                                             dtype=dtype),
                                                    device=device, dtype=dtype)
-            lm = cls(rmodel.base, tokenizer, module=rmodel.module, name=str(model), module_source=str(model))
-            if recycle is None:
-                return lm
-            base, tokenizer = lm.base, lm.tokenizer
+            if isinstance(loaded, RecycleModel) and recycle is None:
+                return cls(loaded.base, tokenizer, module=loaded.module.eval(), name=str(model),
+                           module_source=str(model))
+            base = (loaded.base if isinstance(loaded, RecycleModel) else loaded).eval()
         else:
             base, tokenizer = load_base(model, device=device, dtype=dtype)
         module, source = None, None

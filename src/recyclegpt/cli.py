@@ -12,6 +12,8 @@ Errors the user can fix (bad values, missing files, corrupt checkpoints) print o
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import glob
 import json
 import os
 import sys
@@ -20,7 +22,10 @@ from pathlib import Path
 import torch
 
 from .api import DEFAULT_MODEL, STRATEGY_NAMES, RecycleGPT
+from .checkpoint import CheckpointError
 from .config import RecycleConfig
+from .registry import RegistryError
+from .train import TrainConfig
 
 
 class UsageError(Exception):
@@ -167,6 +172,100 @@ def cmd_distill(args) -> None:
     print(f"wrote {len(prompts)} records to {out}", file=sys.stderr)
 
 
+# -- train / retrofit --------------------------------------------------------------------------------------------
+
+
+def _add_config_args(p: argparse.ArgumentParser, cls, *, skip: tuple[str, ...] = (), defaults: dict | None = None):
+    """One --flag per dataclass field; the type comes from the default value."""
+    group = p.add_argument_group(f"{cls.__name__} (see its docstring)")
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        default = (defaults or {}).get(f.name, f.default)
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(default, bool):
+            group.add_argument(flag, dest=f.name, default=default, action=argparse.BooleanOptionalAction)
+        else:
+            kind = type(default) if default is not None else str
+            group.add_argument(flag, dest=f.name, default=default, type=kind, help=f"default: {default}")
+
+
+def _config_from_args(cls, args, **overrides):
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in vars(args).items() if k in names} | overrides)
+
+
+def _add_module_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--recycle-layers", type=int, default=RecycleConfig.n_layer, help="decoder layers in the module")
+    p.add_argument("--hidden", choices=("pre_norm", "post_norm"), default=RecycleConfig.hidden,
+                   help="which h_t the module reads")
+    p.add_argument("--input-norm", default=RecycleConfig.input_norm, action=argparse.BooleanOptionalAction,
+                   help="RMS-normalise h_t and the token embedding before the module's linear map")
+
+
+def _module_config(args) -> RecycleConfig:
+    return RecycleConfig(n_layer=args.recycle_layers, hidden=args.hidden, input_norm=args.input_norm)
+
+
+def _expand(files: list[str]) -> list[str]:
+    out = []
+    for f in files:
+        matches = sorted(glob.glob(f)) if any(c in f for c in "*?[") else [f]
+        if not matches:
+            raise UsageError(f"no files match {f!r}")
+        out += matches
+    return out
+
+
+def cmd_train(args) -> None:
+    """Joint training from scratch (base + module, L = L_lm + λ·L_rec) on plain-text files.
+
+    The tokenizer is a byte-level BPE of --vocab-size trained on the files, unless --tokenizer names a model
+    whose tokenizer to use. --no-module trains the same base without the module (the baseline).
+    """
+    from .config import PRESETS
+    from .train import train_joint
+
+    if args.preset not in PRESETS:
+        raise UsageError(f"unknown preset {args.preset!r}; known: {', '.join(PRESETS)}")
+    model_cfg = PRESETS[args.preset]
+    tokenizer = None
+    if args.tokenizer:
+        from .weights import load_base
+
+        _, tokenizer = load_base(args.tokenizer, device="meta")
+        model_cfg = dataclasses.replace(model_cfg, vocab_size=tokenizer.vocab_size)
+    elif args.vocab_size:
+        model_cfg = dataclasses.replace(model_cfg, vocab_size=args.vocab_size)
+    cfg = _config_from_args(TrainConfig, args, device=args.device or _default_device_name())
+    rcfg = None if args.no_module else _module_config(args)
+    _, metrics = train_joint(cfg=cfg, model_cfg=model_cfg, rcfg=rcfg, files=_expand(args.files), out_dir=args.out,
+                             tokenizer=tokenizer, resume=args.resume, bpe_max_bytes=args.bpe_max_bytes)
+    print(json.dumps(metrics[-1] if metrics else {}))
+
+
+def cmd_retrofit(args) -> None:
+    """Train a recyclable module on a frozen base, on text files or prompt→response JSONL.
+
+    Only the module trains (L_rec); the checkpoint in --out holds the module and a reference to --model.
+    --target data learns the data's tokens, distill the base's own next-token distribution, both the sum.
+    """
+    from .train import retrofit
+    from .weights import load_base
+
+    device = torch.device(args.device or _default_device_name())
+    base_dtype = _dtype(args.base_dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    base, tokenizer = load_base(args.model, device=device, dtype=base_dtype)
+    cfg = _config_from_args(TrainConfig, args, device=str(device))
+    _, metrics = retrofit(cfg=cfg, base=base, tokenizer=tokenizer, rcfg=_module_config(args),
+                          files=_expand(args.files), out_dir=args.out, base_ref=args.model, resume=args.resume)
+    print(json.dumps(metrics[-1] if metrics else {}))
+
+
+def _default_device_name() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 # -- parser ------------------------------------------------------------------------------------------------------
 
 
@@ -217,6 +316,28 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--batch-size", type=int, default=8)
     d.add_argument("--resume", action="store_true", help="continue OUT.partial from an interrupted run")
     d.add_argument("--force", action="store_true", help="overwrite an existing OUT")
+    t = add("train", cmd_train)
+    t.add_argument("files", nargs="+", help="plain-text files (globs allowed)")
+    t.add_argument("--out", required=True, help="checkpoint directory")
+    t.add_argument("--preset", default="gutenberg-small", help="the base's shape (recyclegpt.config.PRESETS)")
+    t.add_argument("--vocab-size", type=int, default=None, help="BPE vocabulary size (default: the preset's)")
+    t.add_argument("--tokenizer", default=None, help="use this model's tokenizer instead of training a BPE")
+    t.add_argument("--bpe-max-bytes", type=int, default=None, help="train the BPE on the first N characters")
+    t.add_argument("--no-module", action="store_true", help="train the base alone (the baseline)")
+    t.add_argument("--resume", action="store_true", help="continue the run checkpointed in --out")
+    _add_module_args(t)
+    _add_config_args(t, TrainConfig, skip=("device",))
+    t.add_argument("--device", default=None, help="default: cuda if available")
+
+    r = add("retrofit", cmd_retrofit)
+    r.add_argument("files", nargs="+", help="text files or prompt→response JSONL (globs allowed)")
+    r.add_argument("--model", default=DEFAULT_MODEL, help="the frozen base (name or path)")
+    r.add_argument("--out", required=True, help="checkpoint directory for the module")
+    r.add_argument("--base-dtype", default=None, help="the frozen base's dtype (default: bf16 on CUDA, else fp32)")
+    r.add_argument("--resume", action="store_true", help="continue the run checkpointed in --out")
+    _add_module_args(r)
+    _add_config_args(r, TrainConfig, skip=("device", "lam", "detach_hidden"))
+    r.add_argument("--device", default=None, help="default: cuda if available")
     return parser
 
 
@@ -224,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (UsageError, ValueError, FileNotFoundError) as e:
+    except (UsageError, ValueError, FileNotFoundError, FileExistsError, CheckpointError, RegistryError) as e:
         print(f"recyclegpt {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

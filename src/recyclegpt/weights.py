@@ -25,7 +25,7 @@ from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
 from .config import ConfigError, ModelConfig
-from .model import Transformer
+from .model import RecycleModel, Transformer
 from .registry import MODELS, cache_dir, resolve_gguf
 from .tokenizer import Tokenizer
 
@@ -339,7 +339,7 @@ def _hf_tokenizer(folder: Path, hf: dict) -> Tokenizer:
 _CONVERTED_VERSION = 1
 
 
-def load_checkpoint(name_or_path: str | Path) -> tuple[ModelConfig, StateDict, Tokenizer]:
+def read_weights(name_or_path: str | Path) -> tuple[ModelConfig, StateDict, Tokenizer]:
     """A built-in model name, a .gguf file or a Hugging Face folder -> (config, state dict, tokenizer)."""
     if isinstance(name_or_path, str) and name_or_path in MODELS:
         return _load_builtin(name_or_path)
@@ -389,8 +389,18 @@ def _load_builtin(name: str) -> tuple[ModelConfig, StateDict, Tokenizer]:
 
 def load_base(name_or_path: str | Path, *, device: torch.device | str | None = None,
               dtype: torch.dtype | None = None) -> tuple[Transformer, Tokenizer]:
-    """Load a base model for inference: eval mode, on `device` (default CPU), in `dtype` (default float32)."""
-    cfg, sd, tok = load_checkpoint(name_or_path)
+    """Load a base model for inference: eval mode, on `device` (default CPU), in `dtype` (default float32).
+
+    name_or_path: a built-in name, a .gguf file, a Hugging Face folder, or a RecycleGPT checkpoint directory
+    (whose base is taken; its module, if any, is left out).
+    """
+    if (Path(name_or_path) / "recycle.json").is_file():
+        from .checkpoint import load_checkpoint  # checkpoint.py loads ref'd bases through this function
+
+        model, tok, _ = load_checkpoint(name_or_path, device=device or "cpu", dtype=dtype or torch.float32,
+                                        base_loader=lambda ref: load_base(ref, device=device, dtype=dtype))
+        return (model.base if isinstance(model, RecycleModel) else model).eval(), tok
+    cfg, sd, tok = read_weights(name_or_path)
     if tok.vocab_size > cfg.vocab_size:
         raise LoadError(f"{name_or_path}: tokenizer has {tok.vocab_size} tokens but the model only {cfg.vocab_size}")
     with torch.device("meta"):  # no memory and no random init for weights that are about to be replaced

@@ -1,0 +1,99 @@
+"""The CLI end to end on a tiny model trained in the test: train -> generate -> bench -> retrofit -> distill."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from recyclegpt.cli import main
+
+TEXT = "the quick brown fox jumps over the lazy dog. " * 40 + "a stitch in time saves nine. " * 40
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    corpus = root / "corpus.txt"
+    corpus.write_text(TEXT)
+    out = root / "ckpt"
+    rc = main(["train", str(corpus), "--out", str(out), "--preset", "tiny", "--vocab-size", "300", "--steps", "4",
+               "--batch-size", "2", "--seq-len", "32", "--warmup", "1", "--eval-every", "0", "--eval-batches", "1",
+               "--val-fraction", "0.1", "--no-progress", "--device", "cpu"])
+    assert rc == 0
+    return root, corpus, out
+
+
+def last_json(capsys) -> dict:
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_generate_json_has_the_documented_keys(tiny_ckpt, capsys):
+    _, _, ckpt = tiny_ckpt
+    for strategy in ("standard", "recycle"):
+        assert main(["generate", "--model", str(ckpt), "--strategy", strategy, "--max-new-tokens", "9", "--json",
+                     "the quick"]) == 0
+        rec = last_json(capsys)
+        for key in ("text", "token_ids", "strategy", "new_tokens", "full_calls", "module_calls", "seconds",
+                    "tokens_per_s"):
+            assert key in rec
+        assert rec["strategy"] == strategy
+        if rec["new_tokens"] == 9 and strategy == "recycle":
+            assert rec["full_calls"] == 5 and rec["module_calls"] == 4
+
+
+def test_bench_json(tiny_ckpt, capsys):
+    _, _, ckpt = tiny_ckpt
+    assert main(["bench", "--model", str(ckpt), "--max-new-tokens", "8", "--limit", "2", "--no-chat", "--json"]) == 0
+    rep = last_json(capsys)
+    assert {"device", "model", "results", "speedup"} <= set(rep)
+    assert [r["strategy"] for r in rep["results"]] == ["standard", "recycle"]
+    for r in rep["results"]:
+        assert {"strategy", "tokens_per_s", "full_calls", "module_calls", "new_tokens"} <= set(r)
+        assert r["new_tokens"] == 16  # ignore_eos: every prompt runs to max_new_tokens
+    assert rep["results"][1]["full_calls"] == 2 * 4  # one full call per two tokens, per prompt
+    assert set(rep["speedup"]) == {"recycle"}
+
+
+def test_retrofit_then_recycle_on_the_trained_base(tiny_ckpt, capsys, tmp_path):
+    _, corpus, ckpt = tiny_ckpt
+    out = tmp_path / "module"
+    assert main(["retrofit", str(corpus), "--model", str(ckpt), "--out", str(out), "--steps", "2", "--batch-size",
+                 "2", "--seq-len", "32", "--warmup", "1", "--eval-every", "0", "--eval-batches", "1",
+                 "--val-fraction", "0.1", "--no-progress", "--device", "cpu"]) == 0
+    capsys.readouterr()
+    assert main(["generate", "--model", str(ckpt), "--recycle", str(out), "--strategy", "recycle",
+                 "--max-new-tokens", "6", "--json", "the lazy"]) == 0
+    assert last_json(capsys)["module"] == str(out)
+
+
+def test_distill_writes_jsonl_and_never_overwrites(tiny_ckpt, tmp_path, capsys):
+    _, _, ckpt = tiny_ckpt
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps({"prompt": p}) for p in ["the quick", "a stitch", "over the"]) + "\n")
+    out = tmp_path / "out.jsonl"
+    args = ["distill", "--model", str(ckpt), "--prompts", str(prompts), "--out", str(out), "--max-new-tokens", "5",
+            "--batch-size", "2"]
+    assert main(args) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(r["prompt"] for r in rows) == ["a stitch", "over the", "the quick"]
+    assert all(isinstance(r["response"], str) for r in rows)
+    before = out.read_text()
+    assert main(args) == 2  # exists: refused without --force
+    assert "exists" in capsys.readouterr().err and out.read_text() == before
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "--model", "no-such-model", "hi"], "not a built-in model name"),
+    (["generate", "--strategy", "recycle", "--model", "{ckpt}", "--recycle", "/no/such/dir", "hi"], "does not exist"),
+    (["generate", "--model", "{ckpt}", "--temperature", "-1", "hi"], "temperature"),
+    (["generate", "--model", "{ckpt}", "--max-new-tokens", "100000", "hi"], "context length"),
+    (["generate", "--model", "{ckpt}", ""], "empty"),
+    (["bench", "--model", "{ckpt}", "--prompts", "/no/such.jsonl"], "does not exist"),
+])
+def test_bad_input_exits_2_with_one_line(tiny_ckpt, capsys, argv, message):
+    _, _, ckpt = tiny_ckpt
+    argv = [a.replace("{ckpt}", str(ckpt)) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
