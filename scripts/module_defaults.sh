@@ -4,6 +4,7 @@
 # usage: scripts/module_defaults.sh 'TEXT_FILES_GLOB' OUT_DIR [extra retrofit flags]
 set -euo pipefail
 files=$1; out=$2; shift 2
+mkdir -p "$out"
 for hidden in pre_norm post_norm; do
   for norm in input-norm no-input-norm; do
     run=$out/$hidden-$norm
