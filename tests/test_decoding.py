@@ -214,3 +214,18 @@ def test_bad_input_is_a_clear_error(bad, match):
 def test_bad_sampling_values(kw, match):
     with pytest.raises(ValueError, match=match):
         SamplingParams(**kw)
+
+
+def test_column_major_weights_change_layout_not_values():
+    from recyclegpt.model import use_column_major_weights
+
+    model = make_model(8)
+    ids = torch.randint(0, CFG.vocab_size, (2, 9))
+    with torch.no_grad():
+        before = model.base(ids).logits
+        tokens = recycle(model, ids.tolist(), max_new_tokens=8).tokens
+        use_column_major_weights(model)
+        assert not model.base.layers[0].attn.wq.weight.is_contiguous()
+        assert model.base.lm_head.weight is model.base.tok_emb.weight  # still tied
+        torch.testing.assert_close(model.base(ids).logits, before, rtol=1e-5, atol=1e-5)
+        assert recycle(model, ids.tolist(), max_new_tokens=8).tokens == tokens

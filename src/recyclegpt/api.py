@@ -18,7 +18,7 @@ import torch
 
 from .config import RecycleConfig
 from .decoding import DecodeStats, recycle, standard
-from .model import RecyclableModule, RecycleModel, Transformer
+from .model import RecyclableModule, RecycleModel, Transformer, use_column_major_weights
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer
 
@@ -66,6 +66,8 @@ class RecycleGPT:
         self.base, self.tokenizer, self.name = base, tokenizer, name
         self.model = RecycleModel(base, module) if module is not None else None
         self.module_source = module_source
+        if self.device.type == "cpu":  # same values, faster CPU matmuls for decoding (docs/design.md)
+            use_column_major_weights(self.model if self.model is not None else self.base)
 
     # -- loading ---------------------------------------------------------------------------------------------------
 

@@ -177,6 +177,19 @@ def init_weights(module: nn.Module, n_layer: int) -> None:
         nn.init.normal_(p, mean=0.0, std=std)
 
 
+def use_column_major_weights(module: nn.Module) -> nn.Module:
+    """Store every Linear weight (out, in) column-major: as the transpose of a contiguous (in, out) tensor.
+
+    Values and semantics are unchanged; F.linear then multiplies by a contiguous (in, out) matrix, which the CPU
+    BLAS streams much faster for the one- or two-row activations of decoding (docs/design.md has the numbers).
+    A tied embedding shares the change; its row lookups stay cheap. Returns the module, changed in place.
+    """
+    for m in module.modules():
+        if isinstance(m, nn.Linear) and m.weight.is_contiguous():
+            m.weight.data = m.weight.data.t().contiguous().t()
+    return module
+
+
 class Transformer(nn.Module):
     """The base LM. forward(idx) -> ModelOutput(logits, hidden)."""
 
