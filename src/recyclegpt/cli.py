@@ -155,7 +155,12 @@ def cmd_distill(args) -> None:
     todo = [p for p in prompts if p not in done]
     lm = _load(args)
     chat = lm.tokenizer.chat_template is not None
-    order = sorted(todo, key=lambda p: len(lm.encode(p, chat=chat)))  # similar lengths batch with less padding
+    limit = args.max_prompt_tokens or lm.base.cfg.context_length - args.max_new_tokens
+    lengths = {p: len(lm.encode(p, chat=chat)) for p in todo}
+    skipped = [p for p in todo if lengths[p] > limit]
+    if skipped:
+        print(f"skipping {len(skipped)} prompt(s) longer than {limit} tokens", file=sys.stderr)
+    order = sorted((p for p in todo if lengths[p] <= limit), key=lengths.get)  # similar lengths: less padding
     from tqdm import tqdm
 
     with partial.open("a", encoding="utf-8") as f, tqdm(total=len(order), desc="distill", file=sys.stderr) as bar:
@@ -169,7 +174,7 @@ def cmd_distill(args) -> None:
             f.flush()
             bar.update(len(chunk))
     os.replace(partial, out)
-    print(f"wrote {len(prompts)} records to {out}", file=sys.stderr)
+    print(f"wrote {len(done) + len(order)} records to {out}", file=sys.stderr)
 
 
 # -- train / retrofit --------------------------------------------------------------------------------------------
@@ -314,6 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--top-p", type=float, default=None)
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--batch-size", type=int, default=8)
+    d.add_argument("--max-prompt-tokens", type=int, default=None,
+                   help="skip longer prompts (default: the context length minus --max-new-tokens)")
     d.add_argument("--resume", action="store_true", help="continue OUT.partial from an interrupted run")
     d.add_argument("--force", action="store_true", help="overwrite an existing OUT")
     t = add("train", cmd_train)
