@@ -15,8 +15,9 @@ import torch
 from recyclegpt.api import RecycleGPT
 from recyclegpt.config import PRESETS, RecycleConfig
 from recyclegpt.data import train_bpe
+from recyclegpt.options import parse_dtype
 from recyclegpt.evaluation import (MCItem, add_eval_parser, encode_pair, evaluate_agreement, evaluate_lastword,
-                                   evaluate_mc, evaluate_ppl, load_lastword, load_mc, parse_dtype, perplexity_windows,
+                                   evaluate_mc, evaluate_ppl, load_lastword, load_mc, perplexity_windows,
                                    token_logprobs)
 from recyclegpt.model import ModelOutput, RecyclableModule, RecycleModel, Transformer
 
@@ -159,7 +160,7 @@ def test_generic_and_lastword_files(tmp_path):
 
 @pytest.mark.parametrize("records, fmt, error, match", [
     (['{"context": "a", "choices": [" b", " c"], "gold": 0}', "{not json"], "generic", ValueError,
-     r"bad\.jsonl:2: not valid JSON"),
+     r"bad\.jsonl:2: bad JSON"),
     ([{"context": "a", "choices": [" b", " c"], "gold": 5}], "generic", ValueError,
      r"bad\.jsonl:1: gold 5 is out of range for 2 choices"),
     ([{"context": "a", "choices": [" b", " c"], "gold": True}], "generic", ValueError, "gold True is out of range"),

@@ -7,7 +7,6 @@ human table and a JSON-ready dict (`run_bench`), which the CLI prints as its las
 
 from __future__ import annotations
 
-import json
 import platform
 import statistics
 from dataclasses import dataclass, field
@@ -16,6 +15,7 @@ from pathlib import Path
 import torch
 
 from .api import RecycleGPT
+from .data import iter_jsonl
 
 # A small built-in prompt set, used when no prompts file is given.
 BUILTIN_PROMPTS = [
@@ -40,22 +40,15 @@ def read_prompts(path: str | Path, *, limit: int | None = None) -> list[str]:
     if not path.is_file():
         raise FileNotFoundError(f"prompts file {str(path)!r} does not exist")
     prompts = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            if isinstance(rec, dict):
-                rec = next((rec[k] for k in PROMPT_FIELDS if isinstance(rec.get(k), str)), None)
-            if not isinstance(rec, str) or not rec.strip():
-                raise ValueError(f"{path}:{n}: expected a JSON string or an object with a non-empty string field "
-                                 f"{' / '.join(PROMPT_FIELDS)}")
-            prompts.append(rec)
-            if limit is not None and len(prompts) >= limit:
-                break
+    for where, rec in iter_jsonl(path):
+        if isinstance(rec, dict):
+            rec = next((rec[k] for k in PROMPT_FIELDS if isinstance(rec.get(k), str)), None)
+        if not isinstance(rec, str) or not rec.strip():
+            raise ValueError(f"{where}: expected a JSON string or an object with a non-empty string field "
+                             f"{' / '.join(PROMPT_FIELDS)}")
+        prompts.append(rec)
+        if limit is not None and len(prompts) >= limit:
+            break
     if not prompts:
         raise ValueError(f"{path}: no prompts found")
     return prompts

@@ -5,6 +5,7 @@
     recyclegpt train                  joint training from scratch on text files
     recyclegpt retrofit               train a recyclable module on a frozen base
     recyclegpt distill                the base model's responses to a prompt file, as JSONL (self-distillation data)
+    recyclegpt eval mc|lastword|ppl|agreement    quality: standard vs recycle scoring, the module's agreement α
 
 Errors the user can fix (bad values, missing files, corrupt checkpoints) print one line and exit with status 2.
 """
@@ -22,6 +23,7 @@ from pathlib import Path
 import torch
 
 from .api import DEFAULT_MODEL, STRATEGY_NAMES, RecycleGPT
+from .options import add_model_args, load_model, parse_dtype
 from .checkpoint import CheckpointError
 from .config import RecycleConfig
 from .registry import RegistryError
@@ -32,37 +34,12 @@ class UsageError(Exception):
     """A problem with the user's input, reported as one line."""
 
 
-def _dtype(name: str | None) -> torch.dtype | None:
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
-    if name is None:
-        return None
-    if name not in table:
-        raise UsageError(f"unknown dtype {name!r}; choose float32, bfloat16 or float16")
-    return table[name]
-
-
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"built-in name, .gguf file, Hugging Face folder or RecycleGPT checkpoint (default: {DEFAULT_MODEL})")
-    p.add_argument("--recycle", default=None,
-                   help="recyclable module: a checkpoint directory, or 'random' (untrained; speed measurements only)")
-    p.add_argument("--recycle-layers", type=int, default=1, help="layers of a --recycle random module (default 1)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bf16 on CUDA, fp32 on CPU)")
-
-
-def _load(args) -> RecycleGPT:
-    return RecycleGPT.from_pretrained(args.model, recycle=args.recycle, device=args.device, dtype=_dtype(args.dtype),
-                                      random_module=RecycleConfig(n_layer=args.recycle_layers))
-
-
 # -- generate ----------------------------------------------------------------------------------------------------
 
 
 def cmd_generate(args) -> None:
     """Generate text from PROMPT with the chosen strategy; --json prints a JSON record as the last line."""
-    lm = _load(args)
+    lm = load_model(args)
     if args.recycle == "random" and args.strategy != "standard":
         print("note: --recycle random is an untrained module; its tokens are noise (speed measurements only)",
               file=sys.stderr)
@@ -110,7 +87,7 @@ def cmd_bench(args) -> None:
     from .bench import BUILTIN_PROMPTS, format_table, read_prompts, run_bench
 
     prompts = read_prompts(args.prompts, limit=args.limit) if args.prompts else BUILTIN_PROMPTS[: args.limit]
-    lm = _load(args)
+    lm = load_model(args)
     strategies = tuple(args.strategies.split(","))
     for s in strategies:
         if s not in STRATEGY_NAMES:
@@ -153,7 +130,7 @@ def cmd_distill(args) -> None:
         with partial.open(encoding="utf-8") as f:
             done = {json.loads(line)["prompt"] for line in f if line.strip()}
     todo = [p for p in prompts if p not in done]
-    lm = _load(args)
+    lm = load_model(args)
     chat = lm.tokenizer.chat_template is not None
     limit = args.max_prompt_tokens or lm.base.cfg.context_length - args.max_new_tokens
     lengths = {p: len(lm.encode(p, chat=chat)) for p in todo}
@@ -259,7 +236,7 @@ def cmd_retrofit(args) -> None:
     from .weights import load_base
 
     device = torch.device(args.device or _default_device_name())
-    base_dtype = _dtype(args.base_dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    base_dtype = parse_dtype(args.base_dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     base, tokenizer = load_base(args.model, device=device, dtype=base_dtype)
     cfg = _config_from_args(TrainConfig, args, device=str(device))
     _, metrics = retrofit(cfg=cfg, base=base, tokenizer=tokenizer, rcfg=_module_config(args),
@@ -287,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = add("generate", cmd_generate)
     g.add_argument("prompt", help="the prompt text")
-    _add_model_args(g)
+    add_model_args(g)
     g.add_argument("--strategy", choices=STRATEGY_NAMES, default="standard")
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -299,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-stream", action="store_true", help="print the text at the end, not as it is generated")
 
     b = add("bench", cmd_bench)
-    _add_model_args(b)
+    add_model_args(b)
     b.add_argument("--prompts", default=None, help="JSONL with a 'prompt' field per line (default: built-in set)")
     b.add_argument("--limit", type=int, default=None, help="use the first N prompts")
     b.add_argument("--max-new-tokens", type=int, default=128)
@@ -310,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", action="store_true", help="print the results as one JSON line at the end")
 
     d = add("distill", cmd_distill)
-    _add_model_args(d)
+    add_model_args(d)
     d.add_argument("--prompts", required=True, help="JSONL with a 'prompt' field per line")
     d.add_argument("--out", required=True, help="output JSONL: {prompt, response, model, response_tokens}")
     d.add_argument("--limit", type=int, default=None)
@@ -335,6 +312,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_module_args(t)
     _add_config_args(t, TrainConfig, skip=("device",))
     t.add_argument("--device", default=None, help="default: cuda if available")
+
+    from .evaluation import add_eval_parser
+
+    add_eval_parser(sub)
 
     r = add("retrofit", cmd_retrofit)
     r.add_argument("files", nargs="+", help="text files or prompt→response JSONL (globs allowed)")

@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 from collections.abc import Iterator, Sequence
+from typing import Any
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -213,20 +214,22 @@ def encode_example(messages: list[dict[str, str]], tokenizer: Tokenizer,
     return prompt_ids + response_ids, len(prompt_ids)
 
 
+def iter_jsonl(path: str | Path) -> Iterator[tuple[str, Any]]:
+    """("path:line", value) for each non-blank line of a JSONL file; a DataError names a line that is not JSON."""
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                yield where, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: bad JSON ({e.msg} at column {e.colno})") from None
+
+
 def read_jsonl(files: Sequence[str | Path]) -> list[tuple[list[dict[str, str]], str]]:
     """[(messages, "file:line"), ...] from JSONL files; blank lines are skipped."""
-    out = []
-    for path in _check_files(files):
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{lineno}"
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{where}: bad JSON ({e.msg} at column {e.colno})") from None
-                out.append((_example_messages(obj, where), where))
+    out = [(_example_messages(obj, where), where) for path in _check_files(files) for where, obj in iter_jsonl(path)]
     if not out:
         raise DataError(f"empty corpus: no examples in {len(files)} JSONL file(s)")
     return out

@@ -21,9 +21,10 @@ from typing import Iterator, NamedTuple, Sequence
 
 import torch
 
-from .api import DEFAULT_MODEL, RecycleGPT
-from .config import RecycleConfig
+from .api import RecycleGPT
+from .data import iter_jsonl
 from .model import RecycleModel, Transformer
+from .options import add_model_args, load_model
 from .tokenizer import Tokenizer
 
 SCORINGS = ("standard", "recycle", "module")
@@ -210,22 +211,12 @@ def read_jsonl(path: Path, limit: int | None = None) -> Iterator[tuple[str, dict
     """(where, record) for each non-blank line, where = "path:line"; a clear error for a bad line."""
     if limit is not None and limit < 1:
         raise ValueError(f"--limit must be >= 1, got {limit}")
-    count = 0
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{n}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(rec, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(rec).__name__}")
-            yield where, rec
-            count += 1
-            if limit is not None and count >= limit:
-                return
+    for count, (where, rec) in enumerate(iter_jsonl(path), 1):
+        if not isinstance(rec, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+        yield where, rec
+        if limit is not None and count >= limit:
+            return
 
 
 def _str(rec: dict, key: str, where: str, *, empty_ok: bool = False) -> str:
@@ -495,22 +486,6 @@ def evaluate_agreement(lm: RecycleGPT, prompts: Sequence[list[int]], *, max_new_
 # -- the CLI -----------------------------------------------------------------------------------------------------
 
 
-def parse_dtype(name: str | None) -> torch.dtype | None:
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
-    if name is None:
-        return None
-    if name not in table:
-        raise ValueError(f"unknown dtype {name!r}; choose float32, bfloat16 or float16")
-    return table[name]
-
-
-def load_model(args) -> RecycleGPT:
-    return RecycleGPT.from_pretrained(args.model, recycle=args.recycle, device=args.device,
-                                      dtype=parse_dtype(args.dtype),
-                                      random_module=RecycleConfig(n_layer=args.recycle_layers))
-
-
 def _report(args, lm: RecycleGPT, task: str, result: dict, t0: float, summary: str) -> None:
     """Print the human summary, then (with --json) one JSON line with everything."""
     record = {"task": task, "scoring": args.scoring, "model": lm.name, "module": lm.module_source, **result,
@@ -573,14 +548,7 @@ def cmd_eval_agreement(args) -> None:
 
 
 def _add_common(p: argparse.ArgumentParser, *, scoring: str, batch_size: int, limit_help: str) -> None:
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"built-in name, .gguf file, Hugging Face folder or RecycleGPT checkpoint "
-                        f"(default: {DEFAULT_MODEL})")
-    p.add_argument("--recycle", default=None,
-                   help="recyclable module: a checkpoint directory, or 'random' (untrained; a smoke test only)")
-    p.add_argument("--recycle-layers", type=int, default=1, help="layers of a --recycle random module (default 1)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bf16 on CUDA, fp32 on CPU)")
+    add_model_args(p)
     p.add_argument("--scoring", choices=SCORINGS, default=scoring,
                    help=f"who scores each continuation token (docs/evaluation.md; default {scoring})")
     p.add_argument("--limit", type=int, default=None, help=limit_help)

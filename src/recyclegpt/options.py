@@ -1,0 +1,38 @@
+"""Command-line options shared by the subcommands that load a model (generate, bench, distill, eval)."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from .api import DEFAULT_MODEL, RecycleGPT
+from .config import RecycleConfig
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def parse_dtype(name: str | None) -> torch.dtype | None:
+    if name is None:
+        return None
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; choose float32, bfloat16 or float16")
+    return DTYPES[name]
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"built-in name, .gguf file, Hugging Face folder or RecycleGPT checkpoint (default: {DEFAULT_MODEL})")
+    p.add_argument("--recycle", default=None,
+                   help="recyclable module: a checkpoint directory, or 'random' (untrained; speed measurements only)")
+    p.add_argument("--recycle-layers", type=int, default=1, help="layers of a --recycle random module (default 1)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bf16 on CUDA, fp32 on CPU)")
+
+
+def load_model(args: argparse.Namespace) -> RecycleGPT:
+    """The RecycleGPT that the flags of `add_model_args` describe."""
+    return RecycleGPT.from_pretrained(args.model, recycle=args.recycle, device=args.device,
+                                      dtype=parse_dtype(args.dtype),
+                                      random_module=RecycleConfig(n_layer=args.recycle_layers))
