@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from .api import DEFAULT_MODEL, STRATEGY_NAMES, RecycleGPT
-from .options import add_model_args, load_model, parse_dtype
+from .api import DEFAULT_MODEL, STRATEGY_NAMES, RecycleGPT, default_device
+from .options import add_command, add_model_args, load_model, parse_dtype
 from .checkpoint import CheckpointError
 from .config import RecycleConfig
 from .registry import RegistryError
@@ -87,11 +87,11 @@ def cmd_bench(args) -> None:
     from .bench import BUILTIN_PROMPTS, format_table, read_prompts, run_bench
 
     prompts = read_prompts(args.prompts, limit=args.limit) if args.prompts else BUILTIN_PROMPTS[: args.limit]
-    lm = load_model(args)
     strategies = tuple(args.strategies.split(","))
     for s in strategies:
         if s not in STRATEGY_NAMES:
             raise UsageError(f"unknown strategy {s!r}; choose from {', '.join(STRATEGY_NAMES)}")
+    lm = load_model(args)
     if "recycle" in strategies and lm.model is None:
         raise UsageError("bench runs 'recycle' but no recyclable module was given: pass --recycle PATH, or "
                          "--recycle random for speed only, or --strategies standard")
@@ -219,7 +219,7 @@ def cmd_train(args) -> None:
         model_cfg = dataclasses.replace(model_cfg, vocab_size=tokenizer.vocab_size)
     elif args.vocab_size:
         model_cfg = dataclasses.replace(model_cfg, vocab_size=args.vocab_size)
-    cfg = _config_from_args(TrainConfig, args, device=args.device or _default_device_name())
+    cfg = _config_from_args(TrainConfig, args, device=args.device or str(default_device()))
     rcfg = None if args.no_module else _module_config(args)
     _, metrics = train_joint(cfg=cfg, model_cfg=model_cfg, rcfg=rcfg, files=_expand(args.files), out_dir=args.out,
                              tokenizer=tokenizer, resume=args.resume, bpe_max_bytes=args.bpe_max_bytes)
@@ -235,17 +235,13 @@ def cmd_retrofit(args) -> None:
     from .train import retrofit
     from .weights import load_base
 
-    device = torch.device(args.device or _default_device_name())
+    device = torch.device(args.device or str(default_device()))
     base_dtype = parse_dtype(args.base_dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     base, tokenizer = load_base(args.model, device=device, dtype=base_dtype)
     cfg = _config_from_args(TrainConfig, args, device=str(device))
     _, metrics = retrofit(cfg=cfg, base=base, tokenizer=tokenizer, rcfg=_module_config(args),
                           files=_expand(args.files), out_dir=args.out, base_ref=args.model, resume=args.resume)
     print(json.dumps(metrics[-1] if metrics else {}))
-
-
-def _default_device_name() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 # -- parser ------------------------------------------------------------------------------------------------------
@@ -257,10 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add(name, fn):
-        p = sub.add_parser(name, help=fn.__doc__.splitlines()[0], description=fn.__doc__,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
-        p.set_defaults(func=fn)
-        return p
+        return add_command(sub, name, fn)
 
     g = add("generate", cmd_generate)
     g.add_argument("prompt", help="the prompt text")

@@ -24,7 +24,7 @@ import torch
 from .api import RecycleGPT
 from .data import iter_jsonl
 from .model import RecycleModel, Transformer
-from .options import add_model_args, load_model
+from .options import add_command, add_model_args, load_model
 from .tokenizer import Tokenizer
 
 SCORINGS = ("standard", "recycle", "module")
@@ -563,10 +563,7 @@ def add_eval_parser(sub) -> argparse.ArgumentParser:
     tasks = ev.add_subparsers(dest="eval_command", required=True)
 
     def add(name, fn):
-        p = tasks.add_parser(name, help=fn.__doc__.splitlines()[0], description=fn.__doc__,
-                             formatter_class=argparse.RawDescriptionHelpFormatter)
-        p.set_defaults(func=fn)
-        return p
+        return add_command(tasks, name, fn)
 
     mc = add("mc", cmd_eval_mc)
     mc.add_argument("--data", required=True, help="the dataset file (JSONL)")

@@ -1,4 +1,5 @@
-"""Command-line options shared by the subcommands that load a model (generate, bench, distill, eval)."""
+"""Command-line pieces shared by the subcommands: how a subcommand is declared, and the model options of those
+that load a model (generate, bench, distill, eval)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,14 @@ from .config import RecycleConfig
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
+
+
+def add_command(sub, name: str, fn) -> argparse.ArgumentParser:
+    """A subcommand of argparse subparsers `sub` that runs fn(args); its help is fn's docstring."""
+    p = sub.add_parser(name, help=fn.__doc__.splitlines()[0], description=fn.__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.set_defaults(func=fn)
+    return p
 
 
 def parse_dtype(name: str | None) -> torch.dtype | None:
