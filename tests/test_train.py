@@ -181,6 +181,34 @@ def test_masks_select_targets():
     assert model.module.fc.weight.grad is not None
 
 
+@pytest.mark.parametrize("target", ["data", "distill", "both"])
+def test_ragged_masks_equal_the_full_logits_computation(target):
+    """The head runs only at target positions; the losses equal masked means over full (B, T, V) logits."""
+    torch.manual_seed(1)
+    cfg = PRESETS["tiny"]
+    model = RecycleModel.build(cfg, RecycleConfig())
+    idx = torch.randint(0, cfg.vocab_size, (3, 11))
+    mask = torch.rand(3, 11) > 0.4
+    out = recycle_losses(model, idx, lam=0.3, loss_mask=mask, target=target)
+    base = model.base(idx)
+    rec = model.recycle(base.hidden[:, :-2], idx[:, 1:-1]).logits
+    m1, m2 = mask[:, 1:], mask[:, 2:]
+    ce = torch.nn.functional.cross_entropy(base.logits[:, :-1][m1], idx[:, 1:][m1])
+    log_q, log_p = rec[m2].log_softmax(-1), base.logits[:, 1:-1][m2].log_softmax(-1)
+    terms = []
+    if target != "distill":
+        terms.append(torch.nn.functional.cross_entropy(rec[m2], idx[:, 2:][m2], reduction="none"))
+    if target != "data":
+        terms.append((log_p.exp() * (log_p - log_q)).sum(-1))
+    expected = (sum(terms) / len(terms)).mean()
+    torch.testing.assert_close(out["lm"], ce)
+    torch.testing.assert_close(out["rec"], expected)
+    torch.testing.assert_close(out["loss"], ce + 0.3 * expected)
+    agree = (rec[m2].argmax(-1) == base.logits[:, 1:-1][m2].argmax(-1)).float().mean()
+    torch.testing.assert_close(out["rec_agree"], agree)
+    assert out["rec_tokens"].item() == int(m2.sum()) and out["lm_tokens"].item() == int(m1.sum())
+
+
 def test_batches_depend_only_on_seed_and_index():
     data = TextWindows.from_stream(torch.arange(1000).numpy(), seq_len=16, val_fraction=0.1)
     a, _ = data.train_batch(seed=1, index=7, batch_size=4)

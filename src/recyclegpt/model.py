@@ -218,10 +218,10 @@ class Transformer(nn.Module):
     def forward(self, idx: torch.Tensor, *, input_pos: torch.Tensor | None = None, cache: KVCache | None = None,
                 pad: torch.Tensor | None = None, kv_end: int | None = None,
                 num_logits: int | None = None) -> ModelOutput:
-        """idx (B, T) token ids. num_logits: compute the LM head for the last n positions only (decoding)."""
+        """idx (B, T) token ids. num_logits: compute the LM head for the last n positions only (decoding; 0: none)."""
         hidden = run_blocks(self.layers, self.tok_emb(idx), self.cfg, input_pos=input_pos, cache=cache, pad=pad,
                             kv_end=kv_end)
-        logits = self.head(hidden if num_logits is None else hidden[:, -num_logits:])
+        logits = self.head(hidden if num_logits is None else hidden[:, hidden.shape[1] - num_logits:])
         return ModelOutput(logits, hidden)
 
 
@@ -281,5 +281,5 @@ class RecycleModel(nn.Module):
         """
         out = self.module(self.recycled_hidden(hidden), self.base.tok_emb(next_tokens), input_pos=input_pos,
                           cache=cache, pad=pad, kv_end=kv_end)
-        logits = self.base.head(out if num_logits is None else out[:, -num_logits:])
+        logits = self.base.head(out if num_logits is None else out[:, out.shape[1] - num_logits:])
         return ModelOutput(logits, out)

@@ -22,34 +22,34 @@ from .model import RecycleModel, Transformer
 RecycleTarget = Literal["data", "distill", "both"]
 
 
-def _masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean over the true entries of mask, their count); an all-false mask gives mean 0, not NaN."""
-    if mask is None:
-        return values.mean(), torch.tensor(values.numel(), device=values.device)
-    mask = mask.to(values.dtype)
-    n = mask.sum()
-    return (values * mask).sum() / n.clamp(min=1), n
+def _select(x: torch.Tensor, sel: torch.Tensor | None) -> torch.Tensor:
+    """(B, T, ...) -> (N, ...): the entries where sel (B, T) is true, row-major; all of them when sel is None."""
+    return x.flatten(0, 1) if sel is None else x[sel]
 
 
 def _token_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """(B, T, V), (B, T) -> (B, T) cross-entropy per token, computed in float32."""
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
+    """(N, V), (N,) -> (N,) cross-entropy per token, computed in float32."""
+    return F.cross_entropy(logits.float(), targets, reduction="none")
+
+
+def _mean(values: torch.Tensor) -> torch.Tensor:
+    """The mean of a 1-D tensor; 0, not NaN, when it is empty."""
+    return values.sum() / max(values.numel(), 1)
 
 
 def lm_losses(base: Transformer, idx: torch.Tensor, *,
               loss_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """The base alone (the no-module baseline): {"loss", "lm", "lm_acc", "lm_tokens"} for idx (B, T)."""
-    logits = base(idx).logits
-    return _lm_terms(logits, idx, loss_mask, with_grad=True)
+    sel = None if loss_mask is None else loss_mask[:, 1:]
+    logits = base.head(_select(base(idx, num_logits=0).hidden[:, :-1], sel))
+    return _lm_terms(logits, _select(idx[:, 1:], sel), with_grad=True)
 
 
-def _lm_terms(logits: torch.Tensor, idx: torch.Tensor, loss_mask: torch.Tensor | None,
-              with_grad: bool) -> dict[str, torch.Tensor]:
-    # position t predicts x_{t+1}: logits[:, :-1] against idx[:, 1:]
-    mask = None if loss_mask is None else loss_mask[:, 1:]
-    lm, n = _masked_mean(_token_ce(logits[:, :-1], idx[:, 1:]), mask)
-    acc, _ = _masked_mean((logits[:, :-1].argmax(-1) == idx[:, 1:]).float(), mask)
-    out = {"lm": lm.detach(), "lm_acc": acc, "lm_tokens": n}
+def _lm_terms(logits: torch.Tensor, targets: torch.Tensor, with_grad: bool) -> dict[str, torch.Tensor]:
+    """logits (N, V) of the target positions and their next tokens (N,)."""
+    lm = _mean(_token_ce(logits, targets))
+    acc = _mean((logits.argmax(-1) == targets).float())
+    out = {"lm": lm.detach(), "lm_acc": acc, "lm_tokens": torch.tensor(targets.numel(), device=targets.device)}
     out["loss"] = lm if with_grad else lm.detach()
     return out
 
@@ -75,20 +75,27 @@ def recycle_losses(model: RecycleModel, idx: torch.Tensor, *, lam: float, loss_m
         raise ValueError(f"recycle_losses needs sequences of at least 3 tokens, got T={idx.shape[1]}")
     if target not in ("data", "distill", "both"):
         raise ValueError(f"target must be 'data', 'distill' or 'both', got {target!r}")
+    B, T = idx.shape
     with torch.set_grad_enabled(train_base and torch.is_grad_enabled()):
-        base_out = model.base(idx)
-    logits, hidden = base_out.logits, base_out.hidden  # (B, T, V), (B, T, d)
-    out = _lm_terms(logits, idx, loss_mask, with_grad=train_base)
+        hidden = model.base(idx, num_logits=0).hidden  # (B, T, d) pre-norm
+        # The head (d -> V, the largest matrix of a small model) runs only where there is a target: position p
+        # predicts x_{p+1}, so the selection is loss_mask shifted by one.
+        lm_sel = None if loss_mask is None else loss_mask[:, 1:]  # (B, T-1)
+        logits = model.base.head(_select(hidden[:, :-1], lm_sel))  # (N_lm, V)
+    out = _lm_terms(logits, _select(idx[:, 1:], lm_sel), with_grad=train_base)
 
-    # module at t = 0..T-3 reads h_t and x_{t+1} and predicts x_{t+2}
+    # module at t = 0..T-3 reads h_t and x_{t+1} and predicts x_{t+2}; its targets are where loss_mask[:, 2:] holds
     h = hidden[:, :-2]
     if detach_hidden or not train_base:
         h = h.detach()
-    rec_logits = model.recycle(h, idx[:, 1:-1]).logits.float()  # (B, T-2, V)
-    rec_targets = idx[:, 2:]
-    mask = None if loss_mask is None else loss_mask[:, 2:]
-    # the base's distribution for x_{t+2} is its output at position t+1; a fixed teacher, so no gradient
-    teacher_logits = logits[:, 1:-1].detach().float()
+    rec_sel = None if loss_mask is None else loss_mask[:, 2:]  # (B, T-2)
+    rec_hidden = model.recycle(h, idx[:, 1:-1], num_logits=0).hidden  # (B, T-2, d)
+    rec_logits = model.base.head(_select(rec_hidden, rec_sel)).float()  # (N, V)
+    rec_targets = _select(idx[:, 2:], rec_sel)
+    # The base's distribution for x_{t+2} is its output at position t+1: the lm rows with p >= 1, in the same
+    # row-major order. A fixed teacher, so no gradient.
+    from_pos1 = (torch.arange(T - 1, device=idx.device) >= 1).expand(B, T - 1)
+    teacher_logits = logits[_select(from_pos1, lm_sel)].detach().float()
 
     terms = []
     if target in ("data", "both"):
@@ -98,12 +105,12 @@ def recycle_losses(model: RecycleModel, idx: torch.Tensor, *, lam: float, loss_m
         log_q = F.log_softmax(rec_logits, dim=-1)
         log_p = F.log_softmax(teacher_logits, dim=-1)
         terms.append((log_p.exp() * (log_p - log_q)).sum(-1))
-    rec, n_rec = _masked_mean(sum(terms) / len(terms), mask)
+    rec = _mean(sum(terms) / len(terms))
 
     rec_pred = rec_logits.argmax(-1)
     out["rec"] = rec.detach()
-    out["rec_acc"], _ = _masked_mean((rec_pred == rec_targets).float(), mask)
-    out["rec_agree"], _ = _masked_mean((rec_pred == teacher_logits.argmax(-1)).float(), mask)
-    out["rec_tokens"] = n_rec
+    out["rec_acc"] = _mean((rec_pred == rec_targets).float())
+    out["rec_agree"] = _mean((rec_pred == teacher_logits.argmax(-1)).float())
+    out["rec_tokens"] = torch.tensor(rec_targets.numel(), device=idx.device)
     out["loss"] = out["loss"] + lam * rec if train_base else rec
     return out

@@ -6,11 +6,26 @@ Built from a tokenizer.json (Hugging Face folders, RecycleGPT checkpoints) or fr
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import tokenizers
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled(chat_template: str):
+    """The Jinja2 template, compiled once per template text (compiling costs ~100x a render)."""
+    import jinja2.sandbox
+
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+
+    def raise_exception(message: str):
+        raise jinja2.exceptions.TemplateError(message)
+
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(chat_template)
 
 
 @dataclass
@@ -39,15 +54,7 @@ class Tokenizer:
         """Render a conversation [{"role": ..., "content": ...}, ...] to the prompt text the model was tuned on."""
         if self.chat_template is None:
             raise ValueError("this model's tokenizer has no chat template; pass a plain prompt (drop --chat)")
-        import jinja2.sandbox
-
-        env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-
-        def raise_exception(message: str):
-            raise jinja2.exceptions.TemplateError(message)
-
-        env.globals["raise_exception"] = raise_exception
-        return env.from_string(self.chat_template).render(
+        return _compiled(self.chat_template).render(
             messages=messages, add_generation_prompt=add_generation_prompt, **self.special_tokens
         )
 
