@@ -1,7 +1,7 @@
 """The Python API: load a model and its recyclable module in one call, then generate.
 
     from recyclegpt import RecycleGPT
-    lm = RecycleGPT.from_pretrained("smollm2-135m-instruct", recycle="random")
+    lm = RecycleGPT.from_pretrained("smollm2-135m-instruct")  # with the module shipped for it, if there is one
     out = lm.generate("The capital of France is", strategy="recycle", max_new_tokens=32)
     print(out.text, out.stats.tokens_per_s)
 
@@ -19,12 +19,14 @@ import torch
 from .config import RecycleConfig
 from .decoding import DecodeStats, recycle, standard
 from .model import RecyclableModule, RecycleModel, Transformer, use_column_major_weights
+from .registry import shipped_module
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 STRATEGY_NAMES = ("standard", "recycle")
 RANDOM_MODULE_NOTE = "untrained (random) recyclable module: the text is meaningless, use it for speed measurements only"
+NO_MODULE = (None, "none")  # the `recycle` values that load no module
 
 
 def default_device() -> torch.device:
@@ -37,6 +39,16 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 def is_checkpoint(path: str | Path) -> bool:
     return (Path(path) / "recycle.json").is_file()
+
+
+def module_hint(model: str) -> str:
+    """How to get a recyclable module for `model`: the end of every error that needs one and has none."""
+    how = ("--recycle PATH (a checkpoint from `recyclegpt retrofit`), or --recycle random for an untrained one "
+           "(speed measurements only)")
+    shipped = shipped_module(model)
+    if shipped is not None:
+        return f"pass --recycle default for the one shipped for {model} ({shipped}), or {how}"
+    return f"no module is shipped for {model}: pass {how}"
 
 
 @dataclass
@@ -72,14 +84,16 @@ class RecycleGPT:
     # -- loading ---------------------------------------------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, model: str = DEFAULT_MODEL, *, recycle: str | None = None,
+    def from_pretrained(cls, model: str = DEFAULT_MODEL, *, recycle: str | Path | None = "default",
                         device: str | torch.device | None = None, dtype: torch.dtype | None = None,
                         random_module: RecycleConfig = RecycleConfig(), seed: int = 0) -> "RecycleGPT":
         """Load by built-in name, GGUF file, Hugging Face folder or RecycleGPT checkpoint directory.
 
-        recycle: a RecycleGPT checkpoint directory whose module is put on this base, or "random" for an untrained
-            module shaped by `random_module` (speed measurements only). A checkpoint given as `model` brings its
-            own module.
+        recycle: "default" is a checkpoint's own module when `model` is a checkpoint that has one, else the module
+            shipped with the package for built-in `model` (registry.shipped_module), else none; a RecycleGPT
+            checkpoint directory puts its module on this base; "random" an untrained module shaped by
+            `random_module` (speed measurements only); None or "none" loads no module. `module_source` records
+            which: the directory's path, "random", or None.
         """
         from .checkpoint import load_checkpoint, load_module
         from .weights import load_base
@@ -90,21 +104,24 @@ class RecycleGPT:
             loaded, tokenizer, _ = load_checkpoint(model, base_loader=lambda ref: load_base(ref, device=device,
                                                                                              dtype=dtype),
                                                    device=device, dtype=dtype)
-            if isinstance(loaded, RecycleModel) and recycle is None:
+            if isinstance(loaded, RecycleModel) and recycle == "default":
                 return cls(loaded.base, tokenizer, module=loaded.module.eval(), name=str(model),
                            module_source=str(model))
             base = (loaded.base if isinstance(loaded, RecycleModel) else loaded).eval()
         else:
             base, tokenizer = load_base(model, device=device, dtype=dtype)
+        if recycle == "default":  # (a checkpoint with a module of its own returned above)
+            recycle = shipped_module(str(model))
         module, source = None, None
         if recycle == "random":
             torch.manual_seed(seed)
             module = RecyclableModule(base.cfg, random_module).to(device=device, dtype=dtype).eval()
             source = "random"
-        elif recycle is not None:
+        elif recycle not in NO_MODULE:
             if not Path(recycle).exists():
                 raise FileNotFoundError(f"recyclable module checkpoint {recycle!r} does not exist (give a directory "
-                                        f"written by `recyclegpt retrofit` or `recyclegpt train`, or 'random')")
+                                        f"written by `recyclegpt retrofit` or `recyclegpt train`, or 'default', "
+                                        f"'random' or 'none')")
             module = load_module(recycle, base).to(device=device, dtype=dtype).eval()
             source = str(recycle)
         return cls(base, tokenizer, module=module, name=str(model), module_source=source)
@@ -144,9 +161,8 @@ class RecycleGPT:
                            stream=stream)
         else:
             if self.model is None:
-                raise ValueError("strategy 'recycle' needs a recyclable module: pass --recycle PATH (a checkpoint "
-                                 "from `recyclegpt retrofit`), or --recycle random for an untrained one "
-                                 "(speed measurements only)")
+                raise ValueError(f"strategy 'recycle' needs a recyclable module and none is loaded; "
+                                 f"{module_hint(self.name)}")
             res = recycle(self.model, prompts, max_new_tokens=max_new_tokens, sampling=sampling, stop_ids=stop_ids,
                           stream=stream)
         texts = [self.tokenizer.decode(t) for t in res.tokens]

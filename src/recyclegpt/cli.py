@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .api import DEFAULT_MODEL, STRATEGY_NAMES, RecycleGPT, default_device
+from .api import DEFAULT_MODEL, STRATEGY_NAMES, RecycleGPT, default_device, module_hint
 from .options import add_command, add_model_args, load_model, parse_dtype
 from .checkpoint import CheckpointError
 from .config import RecycleConfig
@@ -93,8 +93,8 @@ def cmd_bench(args) -> None:
             raise UsageError(f"unknown strategy {s!r}; choose from {', '.join(STRATEGY_NAMES)}")
     lm = load_model(args)
     if "recycle" in strategies and lm.model is None:
-        raise UsageError("bench runs 'recycle' but no recyclable module was given: pass --recycle PATH, or "
-                         "--recycle random for speed only, or --strategies standard")
+        raise UsageError(f"bench runs 'recycle' but no recyclable module is loaded; {module_hint(lm.name)}; "
+                         f"or run --strategies standard")
     if args.threads:
         torch.set_num_threads(args.threads)
     report = run_bench(lm, prompts, strategies=strategies, max_new_tokens=args.max_new_tokens,

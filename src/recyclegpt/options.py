@@ -1,5 +1,5 @@
 """Command-line pieces shared by the subcommands: how a subcommand is declared, and the model options of those
-that load a model (generate, bench, distill, eval)."""
+that load a model (generate, bench, distill, eval, demo)."""
 
 from __future__ import annotations
 
@@ -33,8 +33,10 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"built-in name, .gguf file, Hugging Face folder or RecycleGPT checkpoint (default: {DEFAULT_MODEL})")
-    p.add_argument("--recycle", default=None,
-                   help="recyclable module: a checkpoint directory, or 'random' (untrained; speed measurements only)")
+    p.add_argument("--recycle", default="default",
+                   help="recyclable module: 'default' (a checkpoint --model's own, else the one shipped for a "
+                        "built-in --model, if any), a checkpoint directory, 'random' (untrained; speed measurements "
+                        "only) or 'none' (default: default)")
     p.add_argument("--recycle-layers", type=int, default=1, help="layers of a --recycle random module (default 1)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bf16 on CUDA, fp32 on CPU)")
