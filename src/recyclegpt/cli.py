@@ -1,5 +1,6 @@
 """The `recyclegpt` command: one entry point, one subcommand per job, each a thin layer over the Python API.
 
+    recyclegpt demo                   a few chat prompts with `standard` and `recycle`: texts, speed-up, α
     recyclegpt generate PROMPT        decode with `standard` or `recycle`
     recyclegpt bench                  standard vs recycle on the same prompts, table + JSON line
     recyclegpt train                  joint training from scratch on text files
@@ -254,6 +255,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     def add(name, fn):
         return add_command(sub, name, fn)
+
+    from .demo import add_demo_args, cmd_demo
+
+    add_demo_args(add("demo", cmd_demo))
 
     g = add("generate", cmd_generate)
     g.add_argument("prompt", help="the prompt text")

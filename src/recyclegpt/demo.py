@@ -1,0 +1,150 @@
+"""`recyclegpt demo`: the first thing to run. It loads the default model with the recyclable module shipped for it,
+answers a few built-in chat prompts greedily with `standard` and with `recycle` decoding, and prints the answers
+side by side, each strategy's tokens/s, recycle's speed-up and α, the module's agreement with the full model on the
+same prompts and length (evaluation.evaluate_agreement). As in `bench`, a warm-up per strategy is not timed and the
+strategies alternate prompt by prompt; unlike `bench`, answers stop at EOS, so that they read as answers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Callable, Sequence
+
+from .api import NO_MODULE, RANDOM_MODULE_NOTE, RecycleGPT, module_hint
+from .bench import BUILTIN_PROMPTS, StrategyRun, device_name
+from .evaluation import evaluate_agreement
+from .options import add_model_args, load_model
+from .registry import MODELS, shipped_module
+
+STRATEGIES = ("standard", "recycle")
+DEFAULT_PROMPTS = 4
+EXCERPT_CHARS = 150  # per answer in the table; --json has the whole texts
+
+
+def run_demo(lm: RecycleGPT, prompts: Sequence[str], *, max_new_tokens: int = 128, warmup: int = 1,
+             log: Callable[[str], None] | None = None) -> dict:
+    """Both strategies greedily on every prompt (chat-templated when the model has a template), then α.
+
+    Returns the record that `recyclegpt demo --json` prints: model, module, device, strategies (name ->
+    tokens_per_s, new_tokens, seconds, texts, ...), speedup (recycle over standard, in tokens/s) and alpha.
+    `log` receives one line per step, for a progress display.
+    """
+    if lm.model is None:
+        raise ValueError(f"the demo needs a recyclable module and none is loaded; {module_hint(lm.name)}")
+    if not prompts:
+        raise ValueError("no prompt given")
+    log = log or (lambda line: None)
+    chat = lm.tokenizer.chat_template is not None
+    ids = [lm.encode(p, chat=chat) for p in prompts]
+    log("warm-up")
+    for s in STRATEGIES:
+        for _ in range(warmup):
+            lm.generate(ids[0], strategy=s, max_new_tokens=min(max_new_tokens, 16))
+    runs = {s: StrategyRun(s) for s in STRATEGIES}
+    texts: dict[str, list[str]] = {s: [] for s in STRATEGIES}
+    for k, prompt in enumerate(ids, 1):
+        log(f"prompt {k}/{len(ids)}")
+        for s in STRATEGIES:
+            out = lm.generate(prompt, strategy=s, max_new_tokens=max_new_tokens)
+            run = runs[s]
+            run.new_tokens.append(out.stats.new_tokens)
+            run.seconds.append(out.stats.seconds)
+            run.prefill_seconds.append(out.stats.prefill_seconds)
+            run.full_calls += out.stats.full_calls
+            run.module_calls += out.stats.module_calls
+            texts[s].append(out.text[0])
+    log("alpha")
+    agreement = evaluate_agreement(lm, ids, max_new_tokens=max_new_tokens, scoring="recycle")
+
+    strategies = {}
+    for s in STRATEGIES:
+        r = runs[s].summary()
+        strategies[s] = {"tokens_per_s": r["tokens_per_s"], "median_tokens_per_s": r["median_tokens_per_s"],
+                         "new_tokens": r["new_tokens"], "seconds": r["seconds"], "full_calls": r["full_calls"],
+                         "module_calls": r["module_calls"], "texts": texts[s]}
+    base = strategies["standard"]["tokens_per_s"]
+    record = {
+        "model": lm.name,
+        "module": lm.module_source,
+        "device": device_name(lm.device),
+        "dtype": str(lm.base.tok_emb.weight.dtype).removeprefix("torch."),
+        "prompts": list(prompts),
+        "chat": chat,
+        "max_new_tokens": max_new_tokens,
+        "strategies": strategies,
+        "speedup": strategies["recycle"]["tokens_per_s"] / base if base > 0 else 0.0,
+        "alpha": agreement["alpha"],
+        "alpha_positions": agreement["n"],
+    }
+    if lm.module_source == "random":
+        record["note"] = RANDOM_MODULE_NOTE
+    return record
+
+
+def excerpt(text: str, limit: int = EXCERPT_CHARS) -> str:
+    """The text on one line, cut at a word boundary to at most `limit` characters (plus an ellipsis)."""
+    flat = " ".join("".join(c if c.isprintable() else " " for c in text).split())
+    if len(flat) <= limit:
+        return flat
+    cut = flat[:limit].rsplit(" ", 1)[0] if " " in flat[:limit] else flat[:limit]
+    return cut + " …"
+
+
+def format_demo(record: dict) -> str:
+    """The human report: each prompt with both answers, then a table of speeds, the speed-up and α."""
+    s = record["strategies"]
+    lines = [f"model: {record['model']}  module: {record['module']}",
+             f"device: {record['device']}  dtype: {record['dtype']}  greedy, up to {record['max_new_tokens']} new "
+             f"tokens per prompt, warm-up excluded", ""]
+    for k, prompt in enumerate(record["prompts"]):
+        lines.append(f"[{k + 1}] {prompt}")
+        lines += [f"    {name:<9} {excerpt(s[name]['texts'][k])}" for name in STRATEGIES]
+        lines.append("")
+    head = f"{'strategy':<10} {'tok/s':>8} {'median':>8} {'tokens':>7} {'seconds':>8}"
+    lines += [head, "-" * len(head)]
+    lines += [f"{name:<10} {s[name]['tokens_per_s']:>8.1f} {s[name]['median_tokens_per_s']:>8.1f} "
+              f"{s[name]['new_tokens']:>7} {s[name]['seconds']:>8.2f}" for name in STRATEGIES]
+    lines.append("")
+    lines.append(f"speed-up of recycle over standard: {record['speedup']:.2f}x")
+    lines.append(f"alpha (the module's greedy token equals the full model's, over the {record['alpha_positions']} "
+                 f"positions recycle gives it): {record['alpha']:.3f}")
+    if record.get("note"):
+        lines.append(f"note: {record['note']}")
+    return "\n".join(lines)
+
+
+def check_module_given(model: str, recycle: str | None) -> None:
+    """Fail before any download when the flags can give no module: --recycle none, or a built-in model with none
+    shipped. (Other models are checked once loaded: a checkpoint may bring its own.)"""
+    if recycle in NO_MODULE or (recycle == "default" and model in MODELS and shipped_module(model) is None):
+        raise ValueError(f"the demo needs a recyclable module and none was given; {module_hint(model)}")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    """Answer a few built-in chat prompts with `standard` and `recycle`: the texts, tokens/s, speed-up and α.
+
+    Loads --model (default: the built-in SmolLM2, fetched on first use) with the module shipped for it, or the one
+    --recycle names; runs greedily on the best available device. --json ends with one JSON line holding every
+    number and the whole texts.
+    """
+    if args.limit < 1:
+        raise ValueError(f"--limit must be >= 1, got {args.limit}")
+    check_module_given(args.model, args.recycle)
+    if args.recycle == "random":
+        print(f"note: {RANDOM_MODULE_NOTE}", file=sys.stderr)
+    lm = load_model(args)
+    record = run_demo(lm, BUILTIN_PROMPTS[:args.limit], max_new_tokens=args.max_new_tokens,
+                      log=lambda line: print(f"demo: {line}", file=sys.stderr, flush=True))
+    print(format_demo(record))
+    if args.json:
+        print(json.dumps(record, ensure_ascii=False))
+
+
+def add_demo_args(p: argparse.ArgumentParser) -> None:
+    add_model_args(p)
+    p.add_argument("--max-new-tokens", type=int, default=128, help="greedy tokens per answer, at most (default 128)")
+    p.add_argument("--limit", type=int, default=DEFAULT_PROMPTS,
+                   help=f"how many of the {len(BUILTIN_PROMPTS)} built-in prompts (default {DEFAULT_PROMPTS})")
+    p.add_argument("--json", action="store_true", help="end with one JSON line holding every number and text")
