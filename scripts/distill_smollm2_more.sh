@@ -32,7 +32,9 @@ python3 - "$out" <<'PY'
 import json, pathlib, sys
 for p in sorted(pathlib.Path(sys.argv[1]).glob("*/*.jsonl*")):
     good = []
-    for line in p.read_text(encoding="utf-8").splitlines():
+    for line in p.read_text(encoding="utf-8").split("\n"):
+        if not line.strip():
+            continue
         try:
             json.loads(line)
             good.append(line)

@@ -1,8 +1,9 @@
 """Time one decode step of each kind on the CPU, row-major vs column-major weights, and predict recycle's speed-up.
 
 Random SmolLM2-135M-shaped weights (speed only). A full call on 1 token (standard's step), on 2 tokens (recycle's
-full step) and one module call on 2 slots; predicted speed-up = 2 * full(1) / (full(2) + module).
-usage: python scripts/step_costs.py [--threads N] [--reps N]
+full step) and one module call on 2 slots; predicted speed-up = 2 * full(1) / (full(2) + module); the module's share
+of a recycle step = module / (full(2) + module).
+usage: python scripts/step_costs.py [--threads N] [--reps N] [--layers 1,2]
 """
 
 import argparse
@@ -42,19 +43,22 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--layers", default="1", help="comma-separated module depths to time (default 1)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    model = RecycleModel.build(PRESETS["smollm2-135m"], RecycleConfig(n_layer=1)).eval()
-    print(f"{'layout':<14} {'full q=1 ms':>12} {'full q=2 ms':>12} {'module ms':>10} {'predicted':>10}")
-    for layout in ("row-major", "column-major"):
-        if layout == "column-major":
-            use_column_major_weights(model)
-        c = step_costs(model, args.reps)
-        print(f"{layout:<14} {c['full_q1']:>12.1f} {c['full_q2']:>12.1f} {c['module']:>10.1f} "
-              f"{c['predicted_speedup']:>9.2f}x")
-
+    print(f"{'layout':<14} {'module layers':>13} {'full q=1 ms':>12} {'full q=2 ms':>12} {'module ms':>10} "
+          f"{'module share':>13} {'predicted':>10}")
+    for n_layer in (int(n) for n in args.layers.split(",")):
+        torch.manual_seed(0)
+        model = RecycleModel.build(PRESETS["smollm2-135m"], RecycleConfig(n_layer=n_layer)).eval()
+        for layout in ("row-major", "column-major"):
+            if layout == "column-major":
+                use_column_major_weights(model)
+            c = step_costs(model, args.reps)
+            share = c["module"] / (c["full_q2"] + c["module"])
+            print(f"{layout:<14} {n_layer:>13} {c['full_q1']:>12.1f} {c['full_q2']:>12.1f} {c['module']:>10.1f} "
+                  f"{share:>12.1%} {c['predicted_speedup']:>9.2f}x")
 
 if __name__ == "__main__":
     main()
