@@ -3,12 +3,13 @@
 # multiple-choice sets, perplexity on WikiText-2 and PTB test, and the module's agreement α on held-out prompts.
 # Every `recyclegpt eval` run appends its final JSON line to OUT.jsonl; scripts/paper_table.py makes the table.
 # usage: scripts/paper_table.sh DATA_DIR OUT.jsonl [flags for every eval, e.g. --recycle CKPT]
-#   DATA_DIR is ../shared/data (eval/, corpora/ and prompts/ inside). Jobs run JOBS (default 8) at a time.
+#   DATA_DIR is ../shared/data (eval/, corpora/ and prompts/ inside). Jobs run JOBS (default 8) at a time;
+#   SCORINGS (default "standard recycle") picks the scorings of the multiple-choice and perplexity runs.
 set -euo pipefail
 data=$1; out=$2; shift 2
 : > "$out"
 jobs=()
-for s in standard recycle; do
+for s in ${SCORINGS:-standard recycle}; do
   jobs+=("mc --format piqa --data $data/eval/piqa/valid.jsonl --scoring $s"
          "mc --format arc --data $data/eval/arc/ARC-Easy-Test.jsonl --scoring $s"
          "mc --format arc --data $data/eval/arc/ARC-Challenge-Test.jsonl --scoring $s"

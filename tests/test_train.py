@@ -239,6 +239,24 @@ def test_chat_jsonl_masks_the_prompt(corpus, tmp_path):
     assert idx[0, n_prompt:].tolist() == response
 
 
+def test_text_mixed_into_chat_examples(corpus, tmp_path):
+    text_path, tok = corpus
+    path = tmp_path / "chat.jsonl"
+    path.write_text("\n".join(json.dumps({"prompt": "the cat", "response": f"sat {i}."}) for i in range(5)) + "\n")
+    chat = load_dataset([path], tok, seq_len=16, val_fraction=0.2)
+    mixed = load_dataset([path, text_path], tok, seq_len=16, val_fraction=0.2)
+    stream = tok.encode(text_path.read_text(), add_bos=False)
+    n_windows = (len(stream) + 1) // 16  # the file is one document followed by the separator
+    assert len(mixed.train) == n_windows + len(chat.train) and mixed.val == chat.val  # validation: chat alone
+    assert mixed.train[0] == (stream[:16], 0) and mixed.train[1] == (stream[16:32], 0)
+    # a text window is all targets: its mask is true everywhere
+    idx, mask = mixed._collate([mixed.train[0], chat.train[0]])
+    assert idx[0].tolist() == stream[:16] and mask[0].all()
+    (tmp_path / "tiny.txt").write_text("the cat")
+    with pytest.raises(DataError, match="fewer than one window"):
+        load_dataset([path, tmp_path / "tiny.txt"], tok, seq_len=64, val_fraction=0.2)
+
+
 def test_data_errors(corpus, tmp_path):
     _, tok = corpus
     with pytest.raises(DataError, match="no such file"):

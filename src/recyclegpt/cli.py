@@ -316,7 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_parser(sub)
 
     r = add("retrofit", cmd_retrofit)
-    r.add_argument("files", nargs="+", help="text files or prompt→response JSONL (globs allowed)")
+    r.add_argument("files", nargs="+", help="text files, prompt→response JSONL, or both (text then joins as windows of "
+                   "--seq-len tokens; validation stays on the JSONL); globs allowed")
     r.add_argument("--model", default=DEFAULT_MODEL, help="the frozen base (name or path)")
     r.add_argument("--out", required=True, help="checkpoint directory for the module")
     r.add_argument("--base-dtype", default=None, help="the frozen base's dtype (default: bf16 on CUDA, else fp32)")

@@ -12,6 +12,7 @@ batch_size=) -> [(idx, loss_mask), ...]`; loss_mask marks target positions.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -297,11 +298,22 @@ class ChatExamples:
 
 def load_dataset(files: Sequence[str | Path], tokenizer: Tokenizer, *, seq_len: int, val_fraction: float,
                  cache_dir: str | Path | None = None) -> TextWindows | ChatExamples:
-    """Plain text files -> TextWindows; .jsonl files -> ChatExamples (a mix of the two is an error)."""
+    """Plain text files -> TextWindows; .jsonl files -> ChatExamples; both -> ChatExamples with the text mixed in.
+
+    In a mix, the text is cut into consecutive windows of seq_len tokens that join the training examples as
+    examples whose every token is a target (so a retrofit module learns plain prose as well as chat responses);
+    the share of text is set by the files given. Validation stays on the JSONL examples alone.
+    """
     paths = _check_files(files)
-    jsonl = [p.suffix == ".jsonl" for p in paths]
-    if all(jsonl):
-        return ChatExamples.from_files(paths, tokenizer, seq_len=seq_len, val_fraction=val_fraction)
-    if any(jsonl):
-        raise DataError("give either plain text files or .jsonl prompt/response files, not a mix")
-    return TextWindows.from_files(paths, tokenizer, seq_len=seq_len, val_fraction=val_fraction, cache_dir=cache_dir)
+    jsonl = [p for p in paths if p.suffix == ".jsonl"]
+    text = [p for p in paths if p.suffix != ".jsonl"]
+    if not jsonl:
+        return TextWindows.from_files(paths, tokenizer, seq_len=seq_len, val_fraction=val_fraction, cache_dir=cache_dir)
+    chat = ChatExamples.from_files(jsonl, tokenizer, seq_len=seq_len, val_fraction=val_fraction)
+    if not text:
+        return chat
+    stream = tokenize_files(text, tokenizer, cache_dir=cache_dir)
+    windows = [(stream[i: i + seq_len].tolist(), 0) for i in range(0, len(stream) - seq_len + 1, seq_len)]
+    if not windows:
+        raise DataError(f"the text files hold {len(stream)} tokens: fewer than one window of seq_len={seq_len}")
+    return dataclasses.replace(chat, train=windows + chat.train)
