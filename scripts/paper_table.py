@@ -55,7 +55,7 @@ def table(records: list[dict]) -> str:
             if {"standard", "recycle"} - set(ppl.get(name, {})):
                 continue
             s, r = ppl[name]["standard"], ppl[name]["recycle"]
-            lines.append(f"| {name} | {s.get('tokens', s.get('n', ''))} | {s['perplexity']:.3f} | "
+            lines.append(f"| {name} | {s['n_tokens']:,} | {s['perplexity']:.3f} | "
                          f"{r['perplexity']:.3f} | {100 * (r['perplexity'] / s['perplexity'] - 1):+.1f}% |")
     if alpha:
         lines += ["", "| held-out prompts | prompts | module positions | α |", "|---|---:|---:|---:|"]
