@@ -209,6 +209,37 @@ def test_ragged_masks_equal_the_full_logits_computation(target):
     assert out["rec_tokens"].item() == int(m2.sum()) and out["lm_tokens"].item() == int(m1.sum())
 
 
+def test_feature_regression_term():
+    torch.manual_seed(2)
+    cfg = PRESETS["tiny"]
+    model = RecycleModel.build(cfg, RecycleConfig(n_layer=2))
+    idx = torch.randint(0, cfg.vocab_size, (2, 9))
+    mask = torch.rand(2, 9) > 0.3
+    plain = recycle_losses(model, idx, lam=1.0, loss_mask=mask, target="both")
+    out = recycle_losses(model, idx, lam=1.0, loss_mask=mask, target="both", feature_weight=0.5)
+    assert "feat" not in plain
+    base = model.base(idx)
+    module_out = model.recycle(base.hidden[:, :-2], idx[:, 1:-1]).hidden
+    m = mask[:, 2:]
+    feat = torch.nn.functional.smooth_l1_loss(model.base.norm(module_out[m]), model.base.norm(base.hidden[:, 1:-1][m]))
+    torch.testing.assert_close(out["feat"], feat)
+    torch.testing.assert_close(out["rec"], plain["rec"])  # "rec" stays the token loss
+    torch.testing.assert_close(out["loss"], plain["loss"] + 0.5 * feat)
+
+
+def test_retrofit_with_feature_regression_lowers_it(corpus, tmp_path):
+    path, tok = corpus
+    base, _ = train_joint(cfg=small_cfg(steps=10, eval_every=0), model_cfg=model_cfg(tok), rcfg=None,
+                          files=[path], out_dir=tmp_path / "base", tokenizer=tok)
+    _, metrics = retrofit(cfg=small_cfg(steps=20, lr=1e-2, target="distill", feature_weight=1.0), base=base,
+                          tokenizer=tok, rcfg=RecycleConfig(), files=[path], out_dir=tmp_path / "module",
+                          base_ref="tiny-base")
+    first, last = first_and_last_val(metrics)
+    assert last["val_feat"] < first["val_feat"] and last["val_rec"] < first["val_rec"]
+    with pytest.raises(ConfigError, match="feature_weight"):
+        TrainConfig(feature_weight=-1.0)
+
+
 def test_batches_depend_only_on_seed_and_index():
     data = TextWindows.from_stream(torch.arange(1000).numpy(), seq_len=16, val_fraction=0.1)
     a, _ = data.train_batch(seed=1, index=7, batch_size=4)

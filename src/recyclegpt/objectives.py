@@ -56,7 +56,7 @@ def _lm_terms(logits: torch.Tensor, targets: torch.Tensor, with_grad: bool) -> d
 
 def recycle_losses(model: RecycleModel, idx: torch.Tensor, *, lam: float, loss_mask: torch.Tensor | None = None,
                    target: RecycleTarget = "data", train_base: bool = True,
-                   detach_hidden: bool = False) -> dict[str, torch.Tensor]:
+                   detach_hidden: bool = False, feature_weight: float = 0.0) -> dict[str, torch.Tensor]:
     """Losses of a RecycleModel on idx (B, T), T >= 3.
 
     Returns {"loss": the tensor to backpropagate, "lm", "rec": detached means, "lm_acc", "rec_acc": top-1
@@ -67,6 +67,11 @@ def recycle_losses(model: RecycleModel, idx: torch.Tensor, *, lam: float, loss_m
     train_base=True (joint): loss = L_lm + lam * L_rec. Gradients of L_rec reach the base through h_t (the base
         learns hidden states that also serve the module, as in the paper's joint training) unless detach_hidden;
         either way they reach the shared embedding, final norm and LM head.
+    feature_weight > 0 adds feature_weight * L_feat to L_rec (EAGLE-style feature regression): the smooth-L1
+        distance between the module's output and the base's own hidden state h_{t+1} (the state the base predicts
+        x_{t+2} from), both through the base's final norm, averaged over d. An output equal to h_{t+1} would make
+        the module's prediction the base's; it is also what a multi-step drafter feeds back in place of h.
+        Reported as "feat"; "rec" stays the token loss.
     train_base=False (retrofit): the base runs under no_grad and loss = L_rec (lam is not used: the only
         parameters that train are the module's, and AdamW is nearly invariant to a constant loss scale). The caller
         freezes the base's parameters (requires_grad=False) so that the shared head collects no gradients.
@@ -109,6 +114,12 @@ def recycle_losses(model: RecycleModel, idx: torch.Tensor, *, lam: float, loss_m
 
     rec_pred = rec_logits.argmax(-1)
     out["rec"] = rec.detach()
+    if feature_weight > 0:
+        norm = model.base.norm
+        target_h = norm(_select(hidden[:, 1:-1], rec_sel)).detach().float()
+        feat = _mean(F.smooth_l1_loss(norm(_select(rec_hidden, rec_sel)).float(), target_h, reduction="none").mean(-1))
+        out["feat"] = feat.detach()
+        rec = rec + feature_weight * feat
     out["rec_acc"] = _mean((rec_pred == rec_targets).float())
     out["rec_agree"] = _mean((rec_pred == teacher_logits.argmax(-1)).float())
     out["rec_tokens"] = torch.tensor(rec_targets.numel(), device=idx.device)

@@ -54,6 +54,7 @@ class TrainConfig:
     lam: float = 1.0  # weight of L_rec in the joint regime
     target: RecycleTarget = "data"  # the module's target: data tokens, the base's distribution, or both
     detach_hidden: bool = False  # joint regime: stop L_rec's gradient at h_t (the base then learns from L_lm only)
+    feature_weight: float = 0.0  # weight of the EAGLE-style feature regression added to L_rec (objectives.py)
     eval_every: int = 100  # steps between evaluations (0: only at the start and the end)
     eval_batches: int = 8  # validation batches of batch_size sequences
     save_every: int = 0  # steps between checkpoints (0: only at the end)
@@ -82,7 +83,7 @@ class TrainConfig:
             raise ConfigError(f"warmup={self.warmup} exceeds steps={self.steps}")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             raise ConfigError(f"betas must be in [0, 1), got {self.beta1}, {self.beta2}")
-        for name in ("weight_decay", "grad_clip", "lam"):
+        for name in ("weight_decay", "grad_clip", "lam", "feature_weight"):
             if not getattr(self, name) >= 0:
                 raise ConfigError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
         if self.target not in ("data", "distill", "both"):
@@ -121,12 +122,12 @@ def _objective(model: RecycleModel | Transformer, idx: torch.Tensor, mask: torch
                train_base: bool) -> dict[str, torch.Tensor]:
     if isinstance(model, RecycleModel):
         return recycle_losses(model, idx, lam=cfg.lam, loss_mask=mask, target=cfg.target, train_base=train_base,
-                              detach_hidden=cfg.detach_hidden)
+                              detach_hidden=cfg.detach_hidden, feature_weight=cfg.feature_weight)
     return lm_losses(model, idx, loss_mask=mask)
 
 
 _EVAL_KEYS = (("lm", "lm_tokens"), ("lm_acc", "lm_tokens"), ("rec", "rec_tokens"), ("rec_acc", "rec_tokens"),
-              ("rec_agree", "rec_tokens"))
+              ("rec_agree", "rec_tokens"), ("feat", "rec_tokens"))
 
 
 @torch.no_grad()
@@ -215,7 +216,7 @@ def train_loop(*, cfg: TrainConfig, model: RecycleModel | Transformer, data: Tex
             with _autocast(cfg, device):
                 out = _objective(model, idx, mask, cfg, train_base)
             (out["loss"] / cfg.grad_accum).backward()  # each micro-batch weighs the same
-            for key in ("loss", "lm", "rec", "rec_acc"):
+            for key in ("loss", "lm", "rec", "rec_acc", "feat"):
                 if key in out:
                     sums[key] = sums.get(key, 0.0) + out[key].detach().float()
             n_summed += 1
