@@ -6,6 +6,8 @@ handful of everyday instructions (continue, summarise, explain, rewrite, ask) gi
 prompts whose answers the base model writes itself. Deterministic for a given --seed.
 
     python scripts/book_prompts.py ../shared/data/corpora/gutenberg --n 20000 --out prompts/books.jsonl
+    python scripts/book_prompts.py ../shared/data/corpora/gutenberg --n 40000 --seed 1 --exclude prompts/books.jsonl \
+        --out prompts/books2.jsonl      # a later round: passages no earlier prompt file used
 """
 
 from __future__ import annotations
@@ -42,6 +44,17 @@ def passages(text: str, *, min_chars: int, max_chars: int) -> list[str]:
     return out
 
 
+def _unused(pool: list[str], used: set[str]) -> list[str]:
+    """The passages of pool that no prompt in `used` contains; each prompt is one template around one passage."""
+    inner = set()
+    for prompt in used:
+        for t in TEMPLATES:
+            head, tail = t.split("{p}")
+            if prompt.startswith(head) and prompt.endswith(tail):
+                inner.add(prompt[len(head): len(prompt) - len(tail)])
+    return [p for p in pool if p not in inner]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("gutenberg", type=Path, help="the folder holding manifest.json and books/")
@@ -50,6 +63,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--min-chars", type=int, default=400)
     ap.add_argument("--max-chars", type=int, default=1500)
+    ap.add_argument("--exclude", type=Path, nargs="*", default=[],
+                    help="prompt JSONL files (earlier rounds) whose passages are not to be used again")
     args = ap.parse_args()
 
     manifest = json.loads((args.gutenberg / "manifest.json").read_text(encoding="utf-8"))
@@ -57,6 +72,12 @@ def main() -> None:
     for book in sorted(manifest, key=lambda b: b["pg_id"]):
         text = (args.gutenberg / book["file"]).read_text(encoding="utf-8")
         pool += passages(text, min_chars=args.min_chars, max_chars=args.max_chars)
+    used = set()
+    for path in args.exclude:
+        with path.open(encoding="utf-8") as f:
+            used.update(json.loads(line)["prompt"] for line in f if line.strip())
+    if used:
+        pool = _unused(pool, used)
     rng = random.Random(args.seed)
     picks = rng.sample(pool, min(args.n, len(pool)))
     args.out.parent.mkdir(parents=True, exist_ok=True)
