@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
+from recyclegpt.api import RecycleGPT
 from recyclegpt.cli import main
 
 TEXT = "the quick brown fox jumps over the lazy dog. " * 40 + "a stitch in time saves nine. " * 40
@@ -81,6 +83,35 @@ def test_distill_writes_jsonl_and_never_overwrites(tiny_ckpt, tmp_path, capsys):
     before = out.read_text()
     assert main(args) == 2  # exists: refused without --force
     assert "exists" in capsys.readouterr().err and out.read_text() == before
+
+
+def test_distill_halves_a_batch_that_runs_out_of_memory(tiny_ckpt, tmp_path, capsys, monkeypatch):
+    _, _, ckpt = tiny_ckpt
+    prompts = tmp_path / "prompts.jsonl"
+    words = ["the quick", "a stitch", "over the", "the lazy", "a dog"]
+    prompts.write_text("\n".join(json.dumps({"prompt": p}) for p in words) + "\n")
+    real = RecycleGPT.generate
+    sizes = []
+
+    def generate(self, prompt, **kw):  # a card that holds at most two prompts at a time
+        sizes.append(len(prompt))
+        if len(prompt) > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(self, prompt, **kw)
+
+    monkeypatch.setattr(RecycleGPT, "generate", generate)
+    out = tmp_path / "out.jsonl"
+    assert main(["distill", "--model", str(ckpt), "--prompts", str(prompts), "--out", str(out),
+                 "--max-new-tokens", "4", "--batch-size", "5"]) == 0
+    assert sorted(json.loads(line)["prompt"] for line in out.read_text().splitlines()) == sorted(words)
+    assert sizes == [5, 2, 3, 1, 2]  # 5 -> 2 + 3, and 3 -> 1 + 2
+    assert "out of GPU memory at batch 5" in capsys.readouterr().err
+
+    monkeypatch.setattr(RecycleGPT, "generate", lambda self, prompt, **kw: (_ for _ in ()).throw(
+        torch.cuda.OutOfMemoryError("simulated")))
+    assert main(["distill", "--model", str(ckpt), "--prompts", str(prompts), "--out", str(tmp_path / "o2.jsonl"),
+                 "--max-new-tokens", "4", "--batch-size", "1"]) == 2
+    assert "single prompt" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -144,15 +144,35 @@ def cmd_distill(args) -> None:
     with partial.open("a", encoding="utf-8") as f, tqdm(total=len(order), desc="distill", file=sys.stderr) as bar:
         for i in range(0, len(order), args.batch_size):
             chunk = order[i:i + args.batch_size]
-            gen = lm.generate(chunk, strategy="standard", max_new_tokens=args.max_new_tokens,
-                              temperature=args.temperature, top_p=args.top_p, seed=args.seed + i, chat=chat)
-            for prompt, text, ids in zip(chunk, gen.text, gen.token_ids):
+            for prompt, text, ids in _responses(lm, chunk, args, seed=args.seed + i, chat=chat):
                 f.write(json.dumps({"prompt": prompt, "response": text, "model": lm.name,
                                     "response_tokens": len(ids)}, ensure_ascii=False) + "\n")
             f.flush()
             bar.update(len(chunk))
     os.replace(partial, out)
     print(f"wrote {len(done) + len(order)} records to {out}", file=sys.stderr)
+
+
+def _responses(lm: RecycleGPT, prompts: list[str], args, *, seed: int, chat: bool) -> list[tuple[str, str, list[int]]]:
+    """(prompt, response, ids) for a batch; a batch that runs out of GPU memory is split in halves and retried.
+
+    Long prompts in a large batch can exceed the card's memory where the rest of the file fits; halving keeps the
+    run going (and writing) instead of losing it. A single prompt that does not fit is an error.
+    """
+    try:
+        gen = lm.generate(prompts, strategy="standard", max_new_tokens=args.max_new_tokens,
+                          temperature=args.temperature, top_p=args.top_p, seed=seed, chat=chat)
+    except torch.cuda.OutOfMemoryError:
+        if len(prompts) == 1:
+            raise UsageError("out of GPU memory on a single prompt: lower --max-prompt-tokens or --max-new-tokens")
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        half = len(prompts) // 2
+        print(f"out of GPU memory at batch {len(prompts)}: retrying as {half} + {len(prompts) - half}",
+              file=sys.stderr)
+        return (_responses(lm, prompts[:half], args, seed=seed, chat=chat)
+                + _responses(lm, prompts[half:], args, seed=seed + half, chat=chat))
+    return list(zip(prompts, gen.text, gen.token_ids))
 
 
 # -- train / retrofit --------------------------------------------------------------------------------------------
