@@ -53,3 +53,18 @@ def test_paper_table_formats_results():
     recs += [{"task": "agreement", "prompts_file": "p/WizardLM_testset.jsonl", "prompts": 2, "n": 40, "alpha": 0.5}]
     out = table(recs)
     assert "| PIQA | 10 | 60.00 | 50.00 | +10.00 |" in out and "**0.500**" in out
+
+
+def test_self_instruct_meta_prompts_and_extraction():
+    sys.path.insert(0, str(SCRIPTS))
+    try:
+        from self_instruct_prompts import SHOTS, extract, meta_prompts
+    finally:
+        sys.path.pop(0)
+    seeds = [f"Seed task number {i}." for i in range(20)]
+    prompts = meta_prompts(seeds, 3, seed=0)
+    assert prompts == meta_prompts(seeds, 3, seed=0) and len(set(prompts)) == 3
+    assert all(p.endswith(f"\n{SHOTS + 1}.") and p.count("Seed task") == SHOTS for p in prompts)
+    made = [" Write a poem about the sea.\n8. Something else", "Write a poem about the sea.", " Seed task number 3.",
+            " short", " 9. Explain how rain forms, step by step."]
+    assert extract(made, seeds) == ["Write a poem about the sea.", "Explain how rain forms, step by step."]

@@ -132,7 +132,7 @@ def cmd_distill(args) -> None:
             done = {json.loads(line)["prompt"] for line in f if line.strip()}
     todo = [p for p in prompts if p not in done]
     lm = load_model(args)
-    chat = lm.tokenizer.chat_template is not None
+    chat = lm.tokenizer.chat_template is not None and not args.no_chat
     limit = args.max_prompt_tokens or lm.base.cfg.context_length - args.max_new_tokens
     lengths = {p: len(lm.encode(p, chat=chat)) for p in todo}
     skipped = [p for p in todo if lengths[p] > limit]
@@ -316,6 +316,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--batch-size", type=int, default=8)
     d.add_argument("--max-prompt-tokens", type=int, default=None,
                    help="skip longer prompts (default: the context length minus --max-new-tokens)")
+    d.add_argument("--no-chat", action="store_true",
+                   help="continue the prompts as plain text instead of answering them in the chat template (e.g. "
+                        "to make new instructions: scripts/self_instruct_prompts.py); such records are not chat "
+                        "training data")
     d.add_argument("--resume", action="store_true", help="continue OUT.partial from an interrupted run")
     d.add_argument("--force", action="store_true", help="overwrite an existing OUT")
     t = add("train", cmd_train)
