@@ -80,6 +80,7 @@ def test_distill_writes_jsonl_and_never_overwrites(tiny_ckpt, tmp_path, capsys):
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert sorted(r["prompt"] for r in rows) == ["a stitch", "over the", "the quick"]
     assert all(isinstance(r["response"], str) for r in rows)
+    assert all(r["chat"] is False for r in rows)  # no chat template: plain continuations, marked for retrofit
     before = out.read_text()
     assert main(args) == 2  # exists: refused without --force
     assert "exists" in capsys.readouterr().err and out.read_text() == before

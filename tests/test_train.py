@@ -270,6 +270,23 @@ def test_chat_jsonl_masks_the_prompt(corpus, tmp_path):
     assert idx[0, n_prompt:].tolist() == response
 
 
+def test_plain_continuation_records_skip_the_chat_template(corpus, tmp_path):
+    _, tok = corpus
+    templated = dataclasses.replace(tok, chat_template="{% for m in messages %}[{{ m.role }}] {{ m.content }} "
+                                    "{% endfor %}{% if add_generation_prompt %}[assistant] {% endif %}")
+    path = tmp_path / "mixed.jsonl"
+    path.write_text(json.dumps({"prompt": "the cat", "response": "sat on the mat."}) + "\n"
+                    + json.dumps({"prompt": "the cat", "response": " sat on the mat.", "chat": False}) + "\n")
+    data = load_dataset([path], templated, seq_len=64, val_fraction=0.0)
+    (chat_ids, chat_n), (plain_ids, plain_n) = data.train
+    assert chat_ids[:chat_n] == templated.encode("[user] the cat [assistant] ")
+    assert plain_ids == tok.encode("the cat") + tok.encode(" sat on the mat.", add_bos=False)  # no eos
+    assert plain_n == len(tok.encode("the cat"))
+    # without a template, a prompt/response pair ends with the separator and a continuation does not
+    data = load_dataset([path], tok, seq_len=64, val_fraction=0.0)
+    assert data.train[0][0][-1] == tok.eos_ids[0] and data.train[1][0][-1] != tok.eos_ids[0]
+
+
 def test_text_mixed_into_chat_examples(corpus, tmp_path):
     text_path, tok = corpus
     path = tmp_path / "chat.jsonl"

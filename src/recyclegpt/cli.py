@@ -145,8 +145,10 @@ def cmd_distill(args) -> None:
         for i in range(0, len(order), args.batch_size):
             chunk = order[i:i + args.batch_size]
             for prompt, text, ids in _responses(lm, chunk, args, seed=args.seed + i, chat=chat):
-                f.write(json.dumps({"prompt": prompt, "response": text, "model": lm.name,
-                                    "response_tokens": len(ids)}, ensure_ascii=False) + "\n")
+                record = {"prompt": prompt, "response": text, "model": lm.name, "response_tokens": len(ids)}
+                if not chat:  # a plain continuation: retrofit encodes it without the chat template
+                    record["chat"] = False
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
             f.flush()
             bar.update(len(chunk))
     os.replace(partial, out)
@@ -317,9 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--max-prompt-tokens", type=int, default=None,
                    help="skip longer prompts (default: the context length minus --max-new-tokens)")
     d.add_argument("--no-chat", action="store_true",
-                   help="continue the prompts as plain text instead of answering them in the chat template (e.g. "
-                        "to make new instructions: scripts/self_instruct_prompts.py); such records are not chat "
-                        "training data")
+                   help="continue the prompts as plain text instead of answering them in the chat template (plain "
+                        "continuations; new instructions for scripts/self_instruct_prompts.py); records get "
+                        "\"chat\": false and retrofit encodes them as plain text")
     d.add_argument("--resume", action="store_true", help="continue OUT.partial from an interrupted run")
     d.add_argument("--force", action="store_true", help="overwrite an existing OUT")
     t = add("train", cmd_train)

@@ -193,14 +193,16 @@ def _example_messages(obj: object, where: str) -> list[dict[str, str]]:
 
 
 def encode_example(messages: list[dict[str, str]], tokenizer: Tokenizer,
-                   where: str = "example") -> tuple[list[int], int]:
+                   where: str = "example", *, chat: bool = True) -> tuple[list[int], int]:
     """(token ids, number of prompt tokens) for a conversation whose last message is the response to learn.
 
     With a chat template, the prompt is everything before the last message plus the generation prompt and the
     response is the rest of the rendered conversation (the template's end-of-turn included). Without one, a
-    prompt/response pair is encoded as plain text and the response gets the eos token appended.
+    prompt/response pair is encoded as plain text and the response gets the eos token appended. chat=False (a
+    record with "chat": false, as `recyclegpt distill --no-chat` writes): plain text, and the response is a
+    continuation, so no eos is appended.
     """
-    if tokenizer.chat_template is not None:
+    if chat and tokenizer.chat_template is not None:
         prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True)
         full = tokenizer.apply_chat_template(messages, add_generation_prompt=False)
         if not full.startswith(prompt):
@@ -210,7 +212,9 @@ def encode_example(messages: list[dict[str, str]], tokenizer: Tokenizer,
         if len(messages) != 2:
             raise DataError(f"{where}: a multi-turn 'messages' example needs a tokenizer with a chat template")
         prompt = messages[0]["content"]
-        response_ids = tokenizer.encode(messages[1]["content"], add_bos=False) + [separator_id(tokenizer)]
+        response_ids = tokenizer.encode(messages[1]["content"], add_bos=False)
+        if chat:
+            response_ids.append(separator_id(tokenizer))
     prompt_ids = tokenizer.encode(prompt)
     return prompt_ids + response_ids, len(prompt_ids)
 
@@ -228,9 +232,11 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[str, Any]]:
                 raise DataError(f"{where}: bad JSON ({e.msg} at column {e.colno})") from None
 
 
-def read_jsonl(files: Sequence[str | Path]) -> list[tuple[list[dict[str, str]], str]]:
-    """[(messages, "file:line"), ...] from JSONL files; blank lines are skipped."""
-    out = [(_example_messages(obj, where), where) for path in _check_files(files) for where, obj in iter_jsonl(path)]
+def read_jsonl(files: Sequence[str | Path]) -> list[tuple[list[dict[str, str]], str, bool]]:
+    """[(messages, "file:line", chat), ...] from JSONL files; blank lines are skipped. chat is False for a record
+    marked "chat": false (a plain-text prompt and its continuation)."""
+    out = [(_example_messages(obj, where), where, obj.get("chat", True) is not False)
+           for path in _check_files(files) for where, obj in iter_jsonl(path)]
     if not out:
         raise DataError(f"empty corpus: no examples in {len(files)} JSONL file(s)")
     return out
@@ -258,8 +264,8 @@ class ChatExamples:
             raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
         examples = []
         read = read_jsonl(files)
-        for messages, where in read:
-            ids, n_prompt = encode_example(messages, tokenizer, where)
+        for messages, where, chat in read:
+            ids, n_prompt = encode_example(messages, tokenizer, where, chat=chat)
             ids = ids[:seq_len]
             if n_prompt < len(ids):  # at least one response token fits (the first response token is a target)
                 examples.append((ids, n_prompt))
