@@ -11,6 +11,7 @@
 #   PROMPTS_DIR holds the permissive prompt files (as for distill_smollm2.sh) plus books_a.jsonl and books_b.jsonl.
 set -uo pipefail
 src=$1; out=$2; deadline=$3
+here=$(cd "$(dirname "$0")" && pwd)
 mkdir -p "$out"/{gsm8k,books_a,books_b,chat}
 d() { recyclegpt distill --max-new-tokens 256 --max-prompt-tokens 1024 --batch-size 256 --force "$@"; }
 export -f d
@@ -28,19 +29,4 @@ stream chat "for seed in 21 22 23 24; do
 done" &
 wait
 # A stream stopped mid-batch may leave a torn last line in its .partial file: keep the whole records only.
-python3 - "$out" <<'PY'
-import json, pathlib, sys
-for p in sorted(pathlib.Path(sys.argv[1]).glob("*/*.jsonl*")):
-    good = []
-    for line in p.read_text(encoding="utf-8").split("\n"):
-        if not line.strip():
-            continue
-        try:
-            json.loads(line)
-            good.append(line)
-        except json.JSONDecodeError:
-            pass
-    p.unlink()
-    p.with_name(p.name.removesuffix(".partial")).write_text("".join(l + "\n" for l in good), encoding="utf-8")
-    print(f"{p.parent.name}/{p.name.removesuffix('.partial')}: {len(good)} records")
-PY
+python3 "$here/keep_whole_records.py" "$out"

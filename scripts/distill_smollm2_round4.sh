@@ -30,19 +30,4 @@ for k in 0 1 2; do
 done
 wait
 # keep whole records only; a stopped stream's .partial file becomes its .jsonl
-python3 - "$out" <<'PY'
-import json, pathlib, sys
-for p in sorted(pathlib.Path(sys.argv[1]).glob("*/*.jsonl*")):
-    good = []
-    for line in p.read_text(encoding="utf-8").split("\n"):
-        if not line.strip():
-            continue
-        try:
-            json.loads(line)
-            good.append(line)
-        except json.JSONDecodeError:
-            pass
-    p.unlink()
-    p.with_name(p.name.removesuffix(".partial")).write_text("".join(l + "\n" for l in good), encoding="utf-8")
-    print(f"{p.parent.name}/{p.name.removesuffix('.partial')}: {len(good)} records")
-PY
+python3 "$here/keep_whole_records.py" "$out"

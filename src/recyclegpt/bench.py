@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import platform
 import statistics
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .api import RecycleGPT
+from .api import Generation, RecycleGPT
 from .data import iter_jsonl
 
 # A small built-in prompt set, used when no prompts file is given.
@@ -62,6 +63,17 @@ class StrategyRun:
     prefill_seconds: list[float] = field(default_factory=list)
     full_calls: int = 0
     module_calls: int = 0
+    texts: list[str] = field(default_factory=list)
+
+    def add(self, gen: Generation) -> None:
+        """Record one prompt's generation."""
+        st = gen.stats
+        self.new_tokens.append(st.new_tokens)
+        self.seconds.append(st.seconds)
+        self.prefill_seconds.append(st.prefill_seconds)
+        self.full_calls += st.full_calls
+        self.module_calls += st.module_calls
+        self.texts.append(gen.text[0])
 
     def summary(self) -> dict:
         tokens, secs = sum(self.new_tokens), sum(self.seconds)
@@ -81,24 +93,30 @@ class StrategyRun:
         }
 
 
+def time_strategies(lm: RecycleGPT, ids: list[list[int]], strategies: Sequence[str], *, max_new_tokens: int,
+                    ignore_eos: bool, warmup: int = 1,
+                    log: Callable[[str], None] | None = None) -> dict[str, StrategyRun]:
+    """Warm each strategy up (untimed), then run them greedily on every prompt, interleaved prompt by prompt."""
+    log = log or (lambda line: None)
+    log("warm-up")
+    for s in strategies:
+        for _ in range(warmup):
+            lm.generate(ids[0], strategy=s, max_new_tokens=min(max_new_tokens, 16), ignore_eos=ignore_eos)
+    runs = {s: StrategyRun(s) for s in strategies}
+    for k, prompt in enumerate(ids, 1):
+        log(f"prompt {k}/{len(ids)}")
+        for s in strategies:
+            runs[s].add(lm.generate(prompt, strategy=s, max_new_tokens=max_new_tokens, ignore_eos=ignore_eos))
+    return runs
+
+
 def run_bench(lm: RecycleGPT, prompts: list[str], *, strategies: tuple[str, ...] = ("standard", "recycle"),
               max_new_tokens: int = 128, chat: bool = True, ignore_eos: bool = True, warmup: int = 1) -> dict:
     """Run each strategy greedily on every prompt; return {"device", "model", "results", "speedup", ...}."""
     chat = chat and lm.tokenizer.chat_template is not None
     ids = [lm.encode(p, chat=chat) for p in prompts]
-    runs = {s: StrategyRun(s) for s in strategies}
-    for s in strategies:
-        for _ in range(warmup):
-            lm.generate(ids[0], strategy=s, max_new_tokens=min(max_new_tokens, 16), ignore_eos=ignore_eos)
-    for prompt in ids:
-        for s in strategies:
-            st = lm.generate(prompt, strategy=s, max_new_tokens=max_new_tokens, ignore_eos=ignore_eos).stats
-            run = runs[s]
-            run.new_tokens.append(st.new_tokens)
-            run.seconds.append(st.seconds)
-            run.prefill_seconds.append(st.prefill_seconds)
-            run.full_calls += st.full_calls
-            run.module_calls += st.module_calls
+    runs = time_strategies(lm, ids, strategies, max_new_tokens=max_new_tokens, ignore_eos=ignore_eos,
+                           warmup=warmup)
     results = [runs[s].summary() for s in strategies]
     base = next((r for r in results if r["strategy"] == "standard"), None)
     speedup = {r["strategy"]: r["tokens_per_s"] / base["tokens_per_s"] for r in results

@@ -13,7 +13,7 @@ import sys
 from typing import Callable, Sequence
 
 from .api import NO_MODULE, RANDOM_MODULE_NOTE, RecycleGPT, module_hint
-from .bench import BUILTIN_PROMPTS, StrategyRun, device_name
+from .bench import BUILTIN_PROMPTS, device_name, time_strategies
 from .evaluation import evaluate_agreement
 from .options import add_model_args, load_model
 from .registry import MODELS, shipped_module
@@ -38,23 +38,8 @@ def run_demo(lm: RecycleGPT, prompts: Sequence[str], *, max_new_tokens: int = 12
     log = log or (lambda line: None)
     chat = lm.tokenizer.chat_template is not None
     ids = [lm.encode(p, chat=chat) for p in prompts]
-    log("warm-up")
-    for s in STRATEGIES:
-        for _ in range(warmup):
-            lm.generate(ids[0], strategy=s, max_new_tokens=min(max_new_tokens, 16))
-    runs = {s: StrategyRun(s) for s in STRATEGIES}
-    texts: dict[str, list[str]] = {s: [] for s in STRATEGIES}
-    for k, prompt in enumerate(ids, 1):
-        log(f"prompt {k}/{len(ids)}")
-        for s in STRATEGIES:
-            out = lm.generate(prompt, strategy=s, max_new_tokens=max_new_tokens)
-            run = runs[s]
-            run.new_tokens.append(out.stats.new_tokens)
-            run.seconds.append(out.stats.seconds)
-            run.prefill_seconds.append(out.stats.prefill_seconds)
-            run.full_calls += out.stats.full_calls
-            run.module_calls += out.stats.module_calls
-            texts[s].append(out.text[0])
+    runs = time_strategies(lm, ids, STRATEGIES, max_new_tokens=max_new_tokens, ignore_eos=False, warmup=warmup,
+                           log=log)
     log("alpha")
     agreement = evaluate_agreement(lm, ids, max_new_tokens=max_new_tokens, scoring="recycle")
 
@@ -63,7 +48,7 @@ def run_demo(lm: RecycleGPT, prompts: Sequence[str], *, max_new_tokens: int = 12
         r = runs[s].summary()
         strategies[s] = {"tokens_per_s": r["tokens_per_s"], "median_tokens_per_s": r["median_tokens_per_s"],
                          "new_tokens": r["new_tokens"], "seconds": r["seconds"], "full_calls": r["full_calls"],
-                         "module_calls": r["module_calls"], "texts": texts[s]}
+                         "module_calls": r["module_calls"], "texts": runs[s].texts}
     base = strategies["standard"]["tokens_per_s"]
     record = {
         "model": lm.name,
