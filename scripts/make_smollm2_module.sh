@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Re-create the shipped SmolLM2-135M-Instruct module (src/recyclegpt/modules/smollm2-135m-instruct, MODEL_CARD.md
-# there) from nothing but ../shared/data: three rounds of self-distillation data, one retrofit, one bf16 export.
-# About 45 minutes on one H100 (round 1 ~10 min, round 2 ~7, round 3 8.5, retrofit 7.5).
+# there) from nothing but ../shared/data: four rounds of self-distillation data, one retrofit, one bf16 export.
+# About 55 minutes on one H100 (round 1 ~10 min, round 2 ~7, round 3 8.5, round 4 7, retrofit 8).
 # usage: scripts/make_smollm2_module.sh SHARED_DATA_DIR WORK_DIR [SHIP_DIR]
 #   SHIP_DIR defaults to WORK_DIR/ship; point it at src/recyclegpt/modules/smollm2-135m-instruct to replace the
-#   shipped module. Round 3 stops after a fixed time (as it did for the shipped module), so on other hardware it
+#   shipped module. Rounds 3 and 4 stop after a fixed time (as it did for the shipped module), so on other hardware it
 #   makes a different number of records; the card lists the counts behind the shipped module.
 set -euo pipefail
 shared=$1; work=$2; ship=${3:-$2/ship}
@@ -31,9 +31,16 @@ for f in seed_tasks user_oriented_instructions prompt_lottery_en_250_text en_100
 done
 # round 3: four parallel streams for 495 s (GSM8K sampled, Gutenberg chat prompts greedy, chat prompts sampled x4)
 bash "$here/distill_smollm2_more.sh" "$p" "$work/d3" 495
+# round 4: the Gutenberg passages no earlier round used (three streams) and instructions the base writes itself
+mkdir -p "$work/p4"
+cp "$p/seed_tasks.jsonl" "$work/p4/"
+python3 "$here/book_prompts.py" "$shared/corpora/gutenberg" --n 60000 --seed 1 --exclude "$work/books.jsonl" \
+  --out "$work/p4/books_round4.jsonl"   # all 51,315 unused passages
+bash "$here/distill_smollm2_round4.sh" "$work/p4" "$work/d4" 420
 
 recyclegpt retrofit "$work/d1/train/*.jsonl" "$work/d2/*.jsonl" "$work/d3/gsm8k/*.jsonl" \
-  "$work/d3/books_a/*.jsonl" "$work/d3/books_b/*.jsonl" "$work/d3/chat/*.jsonl" --out "$work/module" \
+  "$work/d3/books_a/*.jsonl" "$work/d3/books_b/*.jsonl" "$work/d3/chat/*.jsonl" "$work/d4/books_c/*.jsonl" \
+  "$work/d4/books_d/*.jsonl" "$work/d4/books_e/*.jsonl" "$work/d4/self_instruct/*.jsonl" --out "$work/module" \
   --recycle-layers 2 --target both --batch-size 32 --seq-len 768 --lr 1e-3 --min-lr 1e-4 --warmup 100 \
-  --steps 5000 --eval-every 500 --save-every 250 --eval-batches 8 --val-fraction 0.02 --seed 0
+  --steps 5500 --eval-every 500 --save-every 500 --eval-batches 8 --val-fraction 0.02 --seed 0
 python3 "$here/ship_module.py" "$work/module" "$ship"
