@@ -18,6 +18,7 @@ import torch
 
 from .config import RecycleConfig
 from .decoding import DecodeStats, recycle, standard
+from .engine import Engine
 from .model import RecyclableModule, RecycleModel, Transformer, use_column_major_weights
 from .registry import shipped_module
 from .sampling import SamplingParams
@@ -25,6 +26,10 @@ from .tokenizer import Tokenizer
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 STRATEGY_NAMES = ("standard", "recycle")
+# how the decode loop runs: "eager" the reference loop of decoding.py (a forward and a host sync per step);
+# "static" the engine's fixed-shape steps (engine.py) without graphs; "graphs" those steps captured as CUDA graphs;
+# "compiled" torch.compile inside the graphs; "auto" is "graphs" on CUDA and "eager" on the CPU
+ENGINES = ("auto", "eager", "static", "graphs", "compiled")
 RANDOM_MODULE_NOTE = "untrained (random) recyclable module: the text is meaningless, use it for speed measurements only"
 NO_MODULE = (None, "none")  # the `recycle` values that load no module
 
@@ -73,11 +78,12 @@ class Generation:
 class RecycleGPT:
     """A base LM, its tokenizer and (optionally) a recyclable module, on one device."""
 
-    def __init__(self, base: Transformer, tokenizer: Tokenizer, *, module: RecyclableModule | None = None,
+    def __init__(self, base: Transformer, tokenizer: Tokenizer | None, *, module: RecyclableModule | None = None,
                  name: str = "", module_source: str | None = None) -> None:
         self.base, self.tokenizer, self.name = base, tokenizer, name
         self.model = RecycleModel(base, module) if module is not None else None
         self.module_source = module_source
+        self._engines: dict[str, Engine] = {}
         if self.device.type == "cpu":  # same values, faster CPU matmuls for decoding (docs/design.md)
             use_column_major_weights(self.model if self.model is not None else self.base)
 
@@ -145,31 +151,56 @@ class RecycleGPT:
     def generate(self, prompt: str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]], *,
                  strategy: str = "standard", max_new_tokens: int = 128, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int | None = None, chat: bool = False,
-                 ignore_eos: bool = False, stream: Callable[[list[list[int]]], None] | None = None) -> Generation:
+                 ignore_eos: bool = False, stream: Callable[[list[list[int]]], None] | None = None,
+                 engine: str = "auto") -> Generation:
         """Generate from one prompt or a batch: texts (encoded, chat-templated if `chat`) or token-id lists.
 
         strategy: "standard" (one full-model call per token) or "recycle" (the paper's alternating schedule;
-        needs a recyclable module). ignore_eos: run to max_new_tokens (benchmarks).
+        needs a recyclable module). ignore_eos: run to max_new_tokens (benchmarks). engine: how the decode loop
+        runs (`ENGINES`; the tokens are the same): "auto" captures CUDA graphs on a GPU, runs the eager reference
+        loop on the CPU. With graphs, `stream` receives tokens every few steps, not every step.
         """
         if strategy not in STRATEGY_NAMES:
             raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGY_NAMES)}")
+        if strategy == "recycle" and self.model is None:
+            raise ValueError(f"strategy 'recycle' needs a recyclable module and none is loaded; "
+                             f"{module_hint(self.name)}")
         sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         prompts = self._prompt_ids(prompt, chat=chat)
-        stop_ids = () if ignore_eos else self.tokenizer.eos_ids
-        if strategy == "standard":
+        stop_ids = () if ignore_eos or self.tokenizer is None else self.tokenizer.eos_ids
+        kind = self.resolve_engine(engine)
+        if kind != "eager":
+            res = self.engine(kind).decode(strategy, prompts, max_new_tokens=max_new_tokens, sampling=sampling,
+                                           stop_ids=stop_ids, stream=stream)
+        elif strategy == "standard":
             res = standard(self.base, prompts, max_new_tokens=max_new_tokens, sampling=sampling, stop_ids=stop_ids,
                            stream=stream)
         else:
-            if self.model is None:
-                raise ValueError(f"strategy 'recycle' needs a recyclable module and none is loaded; "
-                                 f"{module_hint(self.name)}")
             res = recycle(self.model, prompts, max_new_tokens=max_new_tokens, sampling=sampling, stop_ids=stop_ids,
                           stream=stream)
-        texts = [self.tokenizer.decode(t) for t in res.tokens]
+        texts = [self.tokenizer.decode(t) if self.tokenizer is not None else "" for t in res.tokens]
         module = None
         if strategy != "standard":
             module = RANDOM_MODULE_NOTE if self.module_source == "random" else self.module_source
         return Generation(texts, res.tokens, strategy, res.stats, module)
+
+    def resolve_engine(self, engine: str) -> str:
+        """The concrete engine `engine` names here ("auto" depends on the device); a clear error for a bad one."""
+        if engine not in ENGINES:
+            raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
+        if engine == "auto":
+            return "graphs" if self.device.type == "cuda" else "eager"
+        if engine in ("graphs", "compiled") and self.device.type != "cuda":
+            raise ValueError(f"engine {engine!r} captures CUDA graphs and needs a CUDA device; this model is on "
+                             f"{self.device} (use 'static' or 'eager')")
+        return engine
+
+    def engine(self, kind: str) -> Engine:
+        """The engine of this kind, created on first use and kept, so that its captured graphs are reused."""
+        if kind not in self._engines:
+            model = self.model if self.model is not None else self.base
+            self._engines[kind] = Engine(model, graphs=kind in ("graphs", "compiled"), compile=kind == "compiled")
+        return self._engines[kind]
 
     def _prompt_ids(self, prompt, *, chat: bool) -> list[list[int]]:
         if isinstance(prompt, str):

@@ -10,6 +10,7 @@ optional `stream` callback receives each step's new tokens per row.
 
 from __future__ import annotations
 
+import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
@@ -30,6 +31,7 @@ class DecodeStats:
     module_calls: int = 0  # recyclable-module forwards, its prefill included
     seconds: float = 0.0  # wall time of the whole call, prefill included
     prefill_seconds: float = 0.0  # time to the first token
+    step_ms: float = 0.0  # median time of one decode step after the first token (recycle: full + module call)
 
     @property
     def tokens_per_s(self) -> float:
@@ -101,6 +103,7 @@ class Collector:
         self.tokens: list[list[int]] = [[] for _ in range(batch_size)]
         self.finished = [False] * batch_size
         self.max_new_tokens, self.stop_ids, self.stream = max_new_tokens, set(stop_ids), stream
+        self.times: list[float] = []  # host clock after each emit (each follows a sync)
 
     def emit(self, new: torch.Tensor) -> bool:
         """new (B, k): the next k tokens of every row. Returns True when every row is done."""
@@ -108,7 +111,7 @@ class Collector:
         for row, toks in enumerate(new.tolist()):  # the one host sync of a decode step
             out = []
             for t in toks:
-                if self.finished[row] or len(self.tokens[row]) >= self.max_new_tokens:
+                if self.finished[row] or len(self.tokens[row]) + len(out) >= self.max_new_tokens:
                     break
                 if t in self.stop_ids:
                     self.finished[row] = True
@@ -118,7 +121,13 @@ class Collector:
             step.append(out)
         if self.stream is not None:
             self.stream(step)
+        self.times.append(time.perf_counter())
         return self.done
+
+    def step_ms(self, every: int = 1, first: int = 0) -> float:
+        """Median milliseconds between the emits first, first + every, ... (one decode step apart)."""
+        t = self.times[first::every]
+        return 1000 * statistics.median(b - a for a, b in zip(t, t[1:])) if len(t) > 1 else 0.0
 
     @property
     def done(self) -> bool:
@@ -172,6 +181,7 @@ def standard(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_to
     _sync(device)
     stats.seconds = time.perf_counter() - t0
     stats.new_tokens = sum(len(t) for t in out.tokens)
+    stats.step_ms = out.step_ms()
     return DecodeResult(out.tokens, stats, out.finished)
 
 
@@ -246,6 +256,7 @@ def _finish(stats: DecodeStats, out: Collector, device: torch.device, t0: float,
     if prefill:
         stats.prefill_seconds = stats.seconds
     stats.new_tokens = sum(len(t) for t in out.tokens)
+    stats.step_ms = out.step_ms(every=2, first=1)  # the module's emits close each step
     return DecodeResult(out.tokens, stats, out.finished)
 
 

@@ -1,0 +1,116 @@
+"""The engine (engine.py): its fixed-shape steps give exactly the reference decoding's tokens, batched equals
+per-prompt, a reused Decoder forgets the previous call, and CUDA graphs (GPU only) replay the same steps."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from recyclegpt.config import PRESETS, ModelConfig, RecycleConfig
+from recyclegpt.decoding import recycle, standard
+from recyclegpt.engine import Decoder, Engine
+from recyclegpt.model import RecycleModel
+from recyclegpt.sampling import SamplingParams
+
+REFERENCE = {"standard": standard, "recycle": recycle}
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def build(seed: int, n_layer: int = 1, cfg: ModelConfig = PRESETS["tiny"]) -> RecycleModel:
+    torch.manual_seed(seed)
+    return RecycleModel.build(cfg, RecycleConfig(n_layer=n_layer)).eval()
+
+
+def reference(model: RecycleModel, strategy: str, prompts, **kw):
+    return REFERENCE[strategy](model.base if strategy == "standard" else model, prompts, **kw)
+
+
+def random_prompts(seed: int, n: int, vocab: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, 20, (n,), generator=g).tolist()
+    return [torch.randint(0, vocab, (L,), generator=g).tolist() for L in lengths]
+
+
+@pytest.mark.parametrize("strategy", ["standard", "recycle"])
+@pytest.mark.parametrize("seed", range(6))
+def test_engine_equals_reference_greedy_across_seeds_lengths_and_buckets(strategy, seed):
+    model = build(seed, n_layer=1 + seed % 2)
+    prompts = random_prompts(seed, 1 + seed % 4, model.base.cfg.vocab_size)
+    want = reference(model, strategy, prompts, max_new_tokens=37)
+    # bucket 8: the steps cross several bucket boundaries (a new kv_end each time)
+    got = Engine(model, bucket=8).decode(strategy, prompts, max_new_tokens=37, check_every=1 + seed)
+    assert got.tokens == want.tokens
+
+
+@pytest.mark.parametrize("strategy", ["standard", "recycle"])
+def test_engine_equals_reference_with_sampling_and_stop_tokens(strategy):
+    model = build(1)
+    prompts = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 12, 13, 14, 15, 16, 17]]
+    sampling = SamplingParams(temperature=1.0, top_k=20, seed=3)
+    want = reference(model, strategy, prompts, max_new_tokens=40, sampling=sampling, stop_ids=(5, 11))
+    got = Engine(model, bucket=16).decode(strategy, prompts, max_new_tokens=40, sampling=sampling,
+                                          stop_ids=(5, 11), check_every=3)
+    assert got.tokens == want.tokens and got.finished == want.finished
+    assert any(got.finished) and not all(len(t) == 40 for t in got.tokens)  # the stops did happen
+
+
+@pytest.mark.parametrize("strategy", ["standard", "recycle"])
+def test_batched_equals_per_prompt(strategy):
+    model = build(2)
+    prompts = random_prompts(7, 5, model.base.cfg.vocab_size)
+    engine = Engine(model, bucket=16)
+    batched = engine.decode(strategy, prompts, max_new_tokens=25).tokens
+    single = [engine.decode(strategy, [p], max_new_tokens=25).tokens[0] for p in prompts]
+    assert batched == single
+
+
+def test_a_reused_decoder_forgets_the_previous_call():
+    model = build(3)
+    dec = Decoder(model, 1, 96, bucket=16)
+    long_prompt, short_prompt = list(range(1, 40)), [5, 6]
+    dec.decode("recycle", [long_prompt], max_new_tokens=30)  # fills slots the next call must not see
+    again = dec.decode("recycle", [short_prompt], max_new_tokens=30).tokens
+    fresh = Decoder(model, 1, 96, bucket=16).decode("recycle", [short_prompt], max_new_tokens=30).tokens
+    assert again == fresh == reference(model, "recycle", [short_prompt], max_new_tokens=30).tokens
+
+
+def test_stats_count_calls_and_time_steps():
+    model = build(4)
+    res = Engine(model).decode("recycle", [[1, 2, 3]], max_new_tokens=20)
+    st = res.stats
+    assert st.new_tokens == 20 and st.full_calls == 10 and st.module_calls == 10  # prefill + 9 pair steps
+    assert 0 < st.prefill_seconds <= st.seconds and st.step_ms > 0
+
+
+def test_decoder_errors_are_clear():
+    model = build(0)
+    dec = Decoder(model.base, 2, 32, bucket=16)
+    with pytest.raises(ValueError, match="needs a Decoder built on a RecycleModel"):
+        dec.decode("recycle", [[1], [2]], max_new_tokens=4)
+    with pytest.raises(ValueError, match="batches of 2"):
+        dec.decode("standard", [[1]], max_new_tokens=4)
+    with pytest.raises(ValueError, match="cache slots"):
+        dec.decode("standard", [[1] * 20, [2]], max_new_tokens=20)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
+            Decoder(model, 1, 32, graphs=True)
+
+
+@CUDA
+@pytest.mark.cuda
+@pytest.mark.parametrize("strategy", ["standard", "recycle"])
+def test_cuda_graphs_replay_the_same_steps(strategy):
+    model = build(5, n_layer=2).cuda()
+    prompts = random_prompts(3, 4, model.base.cfg.vocab_size)
+    want = reference(model, strategy, prompts, max_new_tokens=50).tokens
+    static = Engine(model, graphs=False, bucket=16).decode(strategy, prompts, max_new_tokens=50).tokens
+    graphs = Engine(model, graphs=True, bucket=16)
+    first = graphs.decode(strategy, prompts, max_new_tokens=50).tokens
+    second = graphs.decode(strategy, prompts, max_new_tokens=50).tokens  # replays the captured graphs
+    assert first == second == static == want
+    sampling = SamplingParams(temperature=0.8, seed=1)
+    assert (graphs.decode(strategy, prompts, max_new_tokens=30, sampling=sampling).tokens ==
+            reference(model, strategy, prompts, max_new_tokens=30, sampling=sampling).tokens)
+    model.to(torch.bfloat16)
+    bf = Engine(model, graphs=True, bucket=16).decode(strategy, prompts, max_new_tokens=50).tokens
+    assert bf == Engine(model, graphs=False, bucket=16).decode(strategy, prompts, max_new_tokens=50).tokens
