@@ -48,13 +48,34 @@ def test_bench_json(tiny_ckpt, capsys):
     _, _, ckpt = tiny_ckpt
     assert main(["bench", "--model", str(ckpt), "--max-new-tokens", "8", "--limit", "2", "--no-chat", "--json"]) == 0
     rep = last_json(capsys)
-    assert {"device", "model", "results", "speedup"} <= set(rep)
+    assert {"device", "model", "results", "speedup", "speedup_vs_hf_eager", "batch_size", "engine"} <= set(rep)
     assert [r["strategy"] for r in rep["results"]] == ["standard", "recycle"]
     for r in rep["results"]:
-        assert {"strategy", "tokens_per_s", "full_calls", "module_calls", "new_tokens"} <= set(r)
+        assert {"strategy", "tokens_per_s", "median_tokens_per_s", "full_calls", "module_calls", "new_tokens",
+                "ttft_ms", "step_ms", "peak_mem_mb", "engine"} <= set(r)
         assert r["new_tokens"] == 16  # ignore_eos: every prompt runs to max_new_tokens
+        assert r["ttft_ms"] > 0 and r["step_ms"] > 0
     assert rep["results"][1]["full_calls"] == 2 * 4  # one full call per two tokens, per prompt
-    assert set(rep["speedup"]) == {"recycle"}
+    assert 0.0 <= rep["results"][1]["alpha"] <= 1.0 and "alpha" not in rep["results"][0]
+    assert set(rep["speedup"]) == {"standard", "recycle"} and rep["speedup"]["standard"] == 1.0
+    assert rep["speedup_vs_hf_eager"] == {}  # no HF run asked for
+
+
+def test_bench_batches_engines_and_hf_baseline(tiny_ckpt, capsys):
+    pytest.importorskip("transformers")
+    _, _, ckpt = tiny_ckpt
+    assert main(["bench", "--model", str(ckpt), "--max-new-tokens", "6", "--limit", "4", "--no-chat", "--json",
+                 "--batch-size", "2", "--engine", "static", "--no-alpha"]) == 0
+    rep = last_json(capsys)
+    assert rep["batch_size"] == 2 and rep["engine"] == "static"
+    assert all(r["new_tokens"] == 4 * 6 for r in rep["results"])
+    assert main(["bench", "--model", str(ckpt), "--max-new-tokens", "6", "--limit", "2", "--no-chat", "--json",
+                 "--strategies", "hf_eager,standard"]) == 0
+    rep = last_json(capsys)
+    assert [r["strategy"] for r in rep["results"]] == ["hf_eager", "standard"]
+    assert rep["speedup_vs_hf_eager"]["hf_eager"] == 1.0 and rep["results"][0]["engine"].startswith("dynamic")
+    assert main(["bench", "--model", str(ckpt), "--strategies", "hf_eager", "--batch-size", "2"]) == 2
+    assert "batch size 1" in capsys.readouterr().err
 
 
 def test_retrofit_then_recycle_on_the_trained_base(tiny_ckpt, capsys, tmp_path):

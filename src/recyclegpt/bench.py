@@ -7,6 +7,7 @@ human table and a JSON-ready dict (`run_bench`), which the CLI prints as its las
 
 from __future__ import annotations
 
+import importlib.metadata
 import platform
 import statistics
 from collections.abc import Callable, Sequence
@@ -16,7 +17,9 @@ from pathlib import Path
 import torch
 
 from .api import Generation, RecycleGPT
+from .config import ModelConfig, RecycleConfig
 from .data import iter_jsonl
+from .model import RecyclableModule, Transformer
 
 # A small built-in prompt set, used when no prompts file is given.
 BUILTIN_PROMPTS = [
@@ -55,25 +58,50 @@ def read_prompts(path: str | Path, *, limit: int | None = None) -> list[str]:
     return prompts
 
 
+HF_STRATEGIES = {"hf_eager": "eager", "hf_compiled": "compiled", "hf_prompt_lookup": "prompt_lookup"}
+PROJECT_STRATEGIES = ("standard", "recycle")
+
+# paper-scale shapes for speed-only runs with random weights (`recyclegpt bench --shape`)
+SHAPES = {
+    # the paper's 1.3B base (24 layers, d 2048, 16 heads, SwiGLU 5504, LLaMA vocabulary)
+    "1.3b": ModelConfig(vocab_size=32000, n_layer=24, n_head=16, n_kv_head=16, d_model=2048, d_ff=5504,
+                        context_length=2048),
+    # LLaMA-7B
+    "7b": ModelConfig(vocab_size=32000, n_layer=32, n_head=32, n_kv_head=32, d_model=4096, d_ff=11008,
+                      context_length=2048),
+}
+RANDOM_NOTE = "random weights, speed only"
+
+
 @dataclass
 class StrategyRun:
     strategy: str
     new_tokens: list[int] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)
     prefill_seconds: list[float] = field(default_factory=list)
+    step_ms: list[float] = field(default_factory=list)
+    peak_mem_mb: list[float] = field(default_factory=list)
     full_calls: int = 0
     module_calls: int = 0
     texts: list[str] = field(default_factory=list)
 
-    def add(self, gen: Generation) -> None:
-        """Record one prompt's generation."""
+    def add(self, gen: Generation, peak_mem_mb: float | None = None) -> None:
+        """Record one generation (a prompt, or a batch of prompts)."""
         st = gen.stats
-        self.new_tokens.append(st.new_tokens)
-        self.seconds.append(st.seconds)
-        self.prefill_seconds.append(st.prefill_seconds)
-        self.full_calls += st.full_calls
-        self.module_calls += st.module_calls
-        self.texts.append(gen.text[0])
+        self.record(st.new_tokens, st.seconds, st.prefill_seconds, st.step_ms, peak_mem_mb,
+                    full_calls=st.full_calls, module_calls=st.module_calls, text=gen.text[0])
+
+    def record(self, new_tokens: int, seconds: float, prefill_seconds: float, step_ms: float,
+               peak_mem_mb: float | None, *, full_calls: int = 0, module_calls: int = 0, text: str = "") -> None:
+        self.new_tokens.append(new_tokens)
+        self.seconds.append(seconds)
+        self.prefill_seconds.append(prefill_seconds)
+        self.step_ms.append(step_ms)
+        if peak_mem_mb is not None:
+            self.peak_mem_mb.append(peak_mem_mb)
+        self.full_calls += full_calls
+        self.module_calls += module_calls
+        self.texts.append(text)
 
     def summary(self) -> dict:
         tokens, secs = sum(self.new_tokens), sum(self.seconds)
@@ -85,6 +113,8 @@ class StrategyRun:
             "median_tokens_per_s": statistics.median(per_prompt) if per_prompt else 0.0,
             "decode_tokens_per_s": (tokens - len(self.new_tokens)) / decode_secs if decode_secs > 0 else 0.0,
             "ttft_ms": 1000 * statistics.median(self.prefill_seconds) if self.prefill_seconds else 0.0,
+            "step_ms": statistics.median(self.step_ms) if self.step_ms else 0.0,
+            "peak_mem_mb": max(self.peak_mem_mb) if self.peak_mem_mb else None,
             "new_tokens": tokens,
             "full_calls": self.full_calls,
             "module_calls": self.module_calls,
@@ -93,48 +123,162 @@ class StrategyRun:
         }
 
 
+class PeakMemory:
+    """Peak GPU memory of one run: the model's weights plus everything the run allocates on top (caches,
+    activations, graph pools), so that strategies holding different weights (HF copies) compare fairly."""
+
+    def __init__(self, device: torch.device, weights_bytes: int) -> None:
+        self.cuda, self.device, self.weights = device.type == "cuda", device, weights_bytes
+
+    def __enter__(self) -> "PeakMemory":
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            self.before = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.mb = None
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            self.mb = (self.weights + torch.cuda.max_memory_allocated(self.device) - self.before) / 2**20
+
+
+def weights_bytes(module: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in {id(p): p for p in module.parameters()}.values())
+
+
 def time_strategies(lm: RecycleGPT, ids: list[list[int]], strategies: Sequence[str], *, max_new_tokens: int,
-                    ignore_eos: bool, warmup: int = 1,
-                    log: Callable[[str], None] | None = None) -> dict[str, StrategyRun]:
-    """Warm each strategy up (untimed), then run them greedily on every prompt, interleaved prompt by prompt."""
+                    ignore_eos: bool, warmup: int = 1, batch_size: int = 1, engine: str = "auto",
+                    hf: dict | None = None, log: Callable[[str], None] | None = None) -> dict[str, StrategyRun]:
+    """Warm each strategy up (untimed), then run them greedily on every batch of prompts, interleaved batch by
+    batch. `hf` maps HF strategy names to their `hf_baselines.HFBaseline` (batch 1 only)."""
     log = log or (lambda line: None)
+    hf = hf or {}
+    batches = [ids[i:i + batch_size] for i in range(0, len(ids), batch_size)]
+    ours = weights_bytes(lm.model if lm.model is not None else lm.base)
+
+    def run(s: str, batch: list[list[int]], n: int, runs: dict | None) -> None:
+        if s in HF_STRATEGIES:
+            with PeakMemory(lm.device, weights_bytes(hf[s].model)) as mem:
+                r = hf[s].generate(batch[0], n)
+            if runs is not None:
+                runs[s].record(len(r.tokens), r.seconds, r.ttft_s, 1000 * statistics.median(r.step_s)
+                               if r.step_s else 0.0, mem.mb, full_calls=len(r.step_s) + 1)
+            return
+        with PeakMemory(lm.device, ours) as mem:
+            gen = lm.generate(batch, strategy=s, max_new_tokens=n, ignore_eos=ignore_eos, engine=engine)
+        if runs is not None:
+            runs[s].add(gen, mem.mb)
+
     log("warm-up")
     for s in strategies:
-        for _ in range(warmup):
-            lm.generate(ids[0], strategy=s, max_new_tokens=min(max_new_tokens, 16), ignore_eos=ignore_eos)
+        for _ in range(warmup):  # the warm-up also captures the engine's graphs for the first buckets
+            run(s, batches[0], max_new_tokens, None)
     runs = {s: StrategyRun(s) for s in strategies}
-    for k, prompt in enumerate(ids, 1):
-        log(f"prompt {k}/{len(ids)}")
+    for k, batch in enumerate(batches, 1):
+        log(f"batch {k}/{len(batches)}" if batch_size > 1 else f"prompt {k}/{len(batches)}")
         for s in strategies:
-            runs[s].add(lm.generate(prompt, strategy=s, max_new_tokens=max_new_tokens, ignore_eos=ignore_eos))
+            run(s, batch, max_new_tokens, runs)
     return runs
 
 
-def run_bench(lm: RecycleGPT, prompts: list[str], *, strategies: tuple[str, ...] = ("standard", "recycle"),
-              max_new_tokens: int = 128, chat: bool = True, ignore_eos: bool = True, warmup: int = 1) -> dict:
-    """Run each strategy greedily on every prompt; return {"device", "model", "results", "speedup", ...}."""
-    chat = chat and lm.tokenizer.chat_template is not None
-    ids = [lm.encode(p, chat=chat) for p in prompts]
+def run_bench(lm: RecycleGPT, prompts: list[str] | list[list[int]], *,
+              strategies: tuple[str, ...] = PROJECT_STRATEGIES, max_new_tokens: int = 128, chat: bool = True,
+              ignore_eos: bool = True, warmup: int = 1, batch_size: int = 1, engine: str = "auto",
+              alpha: bool = True, log: Callable[[str], None] | None = None) -> dict:
+    """Run each strategy greedily on every prompt (texts, or token-id lists); return {"device", "model",
+    "results", "speedup", "speedup_vs_hf_eager", ...}. HF strategies (`HF_STRATEGIES`) need batch_size 1.
+    alpha: also measure the module's agreement α on these prompts (evaluation.evaluate_agreement)."""
+    from .evaluation import evaluate_agreement
+
+    unknown = [s for s in strategies if s not in PROJECT_STRATEGIES and s not in HF_STRATEGIES]
+    if unknown:
+        raise ValueError(f"unknown strategies {unknown}; choose from {', '.join(PROJECT_STRATEGIES + tuple(HF_STRATEGIES))}")
+    hf_names = [s for s in strategies if s in HF_STRATEGIES]
+    if hf_names and batch_size != 1:
+        raise ValueError(f"the HF baselines ({', '.join(hf_names)}) run at batch size 1; drop them for --batch-size "
+                         f"{batch_size}")
+    if prompts and isinstance(prompts[0], str):
+        chat = chat and lm.tokenizer is not None and lm.tokenizer.chat_template is not None
+        ids = [lm.encode(p, chat=chat) for p in prompts]
+    else:
+        ids = [list(p) for p in prompts]
+    hf, notes = {}, {}
+    if hf_names:
+        from .hf_baselines import HFBaseline
+
+        longest = max(len(p) for p in ids) + max_new_tokens
+        for s in hf_names:
+            hf[s] = HFBaseline(lm.base, HF_STRATEGIES[s], max_cache_len=longest)
+            notes[s] = hf[s].config_note
     runs = time_strategies(lm, ids, strategies, max_new_tokens=max_new_tokens, ignore_eos=ignore_eos,
-                           warmup=warmup)
+                           warmup=warmup, batch_size=batch_size, engine=engine, hf=hf, log=log)
+    del hf
     results = [runs[s].summary() for s in strategies]
-    base = next((r for r in results if r["strategy"] == "standard"), None)
-    speedup = {r["strategy"]: r["tokens_per_s"] / base["tokens_per_s"] for r in results
-               if base is not None and r["strategy"] != "standard" and base["tokens_per_s"] > 0}
+    kind = lm.resolve_engine(engine)
+    for r in results:
+        r["engine"] = notes.get(r["strategy"], kind)
+    if alpha and "recycle" in strategies and lm.model is not None and lm.module_source != "random":
+        (log or (lambda line: None))("alpha")
+        a = evaluate_agreement(lm, ids, max_new_tokens=max_new_tokens, scoring="recycle")
+        next(r for r in results if r["strategy"] == "recycle")["alpha"] = a["alpha"]
+
+    def ratios(ref: str) -> dict:
+        base = next((r for r in results if r["strategy"] == ref), None)
+        if base is None or base["tokens_per_s"] <= 0:
+            return {}
+        return {r["strategy"]: r["tokens_per_s"] / base["tokens_per_s"] for r in results}
+
     return {
         "device": device_name(lm.device),
         "dtype": str(lm.base.tok_emb.weight.dtype).removeprefix("torch."),
         "model": lm.name,
         "module": lm.module_source,
-        "prompts": len(prompts),
+        "prompts": len(ids),
         "max_new_tokens": max_new_tokens,
-        "batch_size": 1,
+        "batch_size": batch_size,
         "greedy": True,
         "ignore_eos": ignore_eos,
+        "engine": kind,
         "torch": torch.__version__,
+        "transformers": _version("transformers") if hf_names else None,
         "results": results,
-        "speedup": speedup,
+        "speedup": ratios("standard"),
+        "speedup_vs_hf_eager": ratios("hf_eager"),
     }
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def random_model(shape: str, *, module_layers: int, device: torch.device, dtype: torch.dtype,
+                 seed: int = 0) -> RecycleGPT:
+    """A RecycleGPT of a paper-scale shape with random weights (speed only), built directly on `device`."""
+    if shape not in SHAPES:
+        raise ValueError(f"unknown shape {shape!r}; choose one of {', '.join(SHAPES)}")
+    cfg = SHAPES[shape]
+    torch.manual_seed(seed)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # initialise in the target dtype: a 7B fp32 copy would double the memory
+    try:
+        with torch.device(device):
+            base = Transformer(cfg).eval()
+            module = RecyclableModule(cfg, RecycleConfig(n_layer=module_layers)).eval()
+    finally:
+        torch.set_default_dtype(previous)
+    return RecycleGPT(base, None, module=module, name=f"{shape} ({RANDOM_NOTE})", module_source="random")
+
+
+def random_prompts(n: int, vocab_size: int, *, seed: int = 0, lengths: tuple[int, int] = (32, 160)) -> list[list[int]]:
+    """n random token-id prompts with lengths drawn from `lengths` (for random-weight shapes)."""
+    g = torch.Generator().manual_seed(seed)
+    sizes = torch.randint(lengths[0], lengths[1] + 1, (n,), generator=g).tolist()
+    return [torch.randint(0, vocab_size, (L,), generator=g).tolist() for L in sizes]
 
 
 def device_name(device: torch.device) -> str:
@@ -144,14 +288,17 @@ def device_name(device: torch.device) -> str:
 
 
 def format_table(report: dict) -> str:
-    head = f"{'strategy':<10} {'tok/s':>8} {'median':>8} {'decode':>8} {'ttft ms':>8} {'tokens':>7} " \
-           f"{'full':>6} {'module':>7} {'tok/full':>8} {'speedup':>8}"
+    head = f"{'strategy':<17} {'tok/s':>8} {'median':>8} {'ttft ms':>8} {'step ms':>8} {'mem MB':>8} {'tokens':>7} " \
+           f"{'tok/full':>8} {'alpha':>6} {'vs std':>7} {'vs HF':>7}  engine"
     lines = [f"device: {report['device']}  dtype: {report['dtype']}  model: {report['model']}  "
-             f"module: {report['module']}  prompts: {report['prompts']}  max_new_tokens: {report['max_new_tokens']}",
-             head, "-" * len(head)]
+             f"module: {report['module']}  prompts: {report['prompts']}  batch: {report['batch_size']}  "
+             f"max_new_tokens: {report['max_new_tokens']}", head, "-" * len(head)]
     for r in report["results"]:
-        sp = report["speedup"].get(r["strategy"], 1.0 if r["strategy"] == "standard" else float("nan"))
-        lines.append(f"{r['strategy']:<10} {r['tokens_per_s']:>8.1f} {r['median_tokens_per_s']:>8.1f} "
-                     f"{r['decode_tokens_per_s']:>8.1f} {r['ttft_ms']:>8.1f} {r['new_tokens']:>7} "
-                     f"{r['full_calls']:>6} {r['module_calls']:>7} {r['tokens_per_full_call']:>8.2f} {sp:>7.2f}x")
+        sp = report["speedup"].get(r["strategy"], float("nan"))
+        hf = report.get("speedup_vs_hf_eager", {}).get(r["strategy"], float("nan"))
+        mem = f"{r['peak_mem_mb']:>8.0f}" if r.get("peak_mem_mb") is not None else f"{'-':>8}"
+        alpha = f"{r['alpha']:>6.3f}" if r.get("alpha") is not None else f"{'-':>6}"
+        lines.append(f"{r['strategy']:<17} {r['tokens_per_s']:>8.1f} {r['median_tokens_per_s']:>8.1f} "
+                     f"{r['ttft_ms']:>8.1f} {r['step_ms']:>8.2f} {mem} {r['new_tokens']:>7} "
+                     f"{r['tokens_per_full_call']:>8.2f} {alpha} {sp:>6.2f}x {hf:>6.2f}x  {r.get('engine', '')}")
     return "\n".join(lines)

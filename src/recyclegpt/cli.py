@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .api import DEFAULT_MODEL, STRATEGY_NAMES, RecycleGPT, default_device, module_hint
+from .api import DEFAULT_MODEL, ENGINES, STRATEGY_NAMES, RecycleGPT, default_device, default_dtype, module_hint
 from .options import add_command, add_model_args, load_model, parse_dtype
 from .checkpoint import CheckpointError
 from .config import RecycleConfig
@@ -49,7 +49,7 @@ def cmd_generate(args) -> None:
         stream = _text_streamer(lm)
     out = lm.generate(args.prompt, strategy=args.strategy, max_new_tokens=args.max_new_tokens,
                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                      chat=args.chat, stream=stream)
+                      chat=args.chat, stream=stream, engine=args.engine)
     if args.json:
         print(json.dumps(out.to_dict(), ensure_ascii=False))
         return
@@ -84,27 +84,52 @@ def _text_streamer(lm: RecycleGPT):
 
 
 def cmd_bench(args) -> None:
-    """Run `standard` and `recycle` greedily on the same prompts in one process; print a table (and JSON)."""
-    from .bench import BUILTIN_PROMPTS, format_table, read_prompts, run_bench
+    """Run strategies greedily on the same prompts in one process, side by side; print a table (and JSON)."""
+    from .bench import (BUILTIN_PROMPTS, HF_STRATEGIES, PROJECT_STRATEGIES, RANDOM_NOTE, format_table,
+                        random_model, random_prompts, read_prompts, run_bench)
 
-    prompts = read_prompts(args.prompts, limit=args.limit) if args.prompts else BUILTIN_PROMPTS[: args.limit]
-    strategies = tuple(args.strategies.split(","))
+    strategies = tuple(s for s in args.strategies.split(",") if s)
+    known = PROJECT_STRATEGIES + tuple(HF_STRATEGIES)
     for s in strategies:
-        if s not in STRATEGY_NAMES:
-            raise UsageError(f"unknown strategy {s!r}; choose from {', '.join(STRATEGY_NAMES)}")
-    lm = load_model(args)
+        if s not in known:
+            raise UsageError(f"unknown strategy {s!r}; choose from {', '.join(known)}")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.shape:
+        device = torch.device(args.device) if args.device else default_device()
+        lm = random_model(args.shape, module_layers=args.recycle_layers, device=device,
+                          dtype=parse_dtype(args.dtype) or default_dtype(device))
+        prompts = random_prompts(args.limit or 20, lm.base.cfg.vocab_size)
+    else:
+        prompts = read_prompts(args.prompts, limit=args.limit) if args.prompts else BUILTIN_PROMPTS[: args.limit]
+        lm = load_model(args)
     if "recycle" in strategies and lm.model is None:
         raise UsageError(f"bench runs 'recycle' but no recyclable module is loaded; {module_hint(lm.name)}; "
                          f"or run --strategies standard")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    report = run_bench(lm, prompts, strategies=strategies, max_new_tokens=args.max_new_tokens,
-                       chat=not args.no_chat, ignore_eos=not args.stop_at_eos)
-    if lm.module_source == "random":
+    try:
+        lm.resolve_engine(args.engine)
+        report = run_bench(lm, prompts, strategies=strategies, max_new_tokens=args.max_new_tokens,
+                           chat=not args.no_chat, ignore_eos=not args.stop_at_eos, batch_size=args.batch_size,
+                           engine=args.engine, alpha=not args.no_alpha,
+                           log=lambda line: print(f"bench: {line}", file=sys.stderr, flush=True))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if args.shape:
+        report["shape"], report["note"] = args.shape, RANDOM_NOTE
+    elif lm.module_source == "random":
         report["note"] = "random module weights: speed only"
     print(format_table(report))
     if report.get("note"):
         print(report["note"])
+    if args.chart:
+        from .chart import write_chart
+
+        try:
+            print(f"chart: {write_chart(report, args.chart)}")
+        except ImportError as e:  # the table and JSON still stand; the chart can be drawn later from the JSON
+            print(f"chart not written: {e}", file=sys.stderr)
     if args.json:
         print(json.dumps(report))
 
@@ -294,13 +319,25 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     g.add_argument("--json", action="store_true", help="print one JSON record as the last line")
     g.add_argument("--no-stream", action="store_true", help="print the text at the end, not as it is generated")
+    g.add_argument("--engine", default="auto", choices=ENGINES,
+                   help="decode loop (default auto: CUDA graphs on a GPU, eager on CPU); the tokens are the same")
 
     b = add("bench", cmd_bench)
     add_model_args(b)
     b.add_argument("--prompts", default=None, help="JSONL with a 'prompt' field per line (default: built-in set)")
     b.add_argument("--limit", type=int, default=None, help="use the first N prompts")
     b.add_argument("--max-new-tokens", type=int, default=128)
-    b.add_argument("--strategies", default="standard,recycle", help="comma-separated (default standard,recycle)")
+    b.add_argument("--strategies", default="standard,recycle",
+                   help="comma-separated, from standard, recycle, hf_eager, hf_compiled, hf_prompt_lookup "
+                        "(transformers' generate on a copy of the same weights) (default standard,recycle)")
+    b.add_argument("--batch-size", type=int, default=1, help="prompts decoded together (default 1)")
+    b.add_argument("--engine", default="auto", choices=ENGINES,
+                   help="decode loop of the project's strategies (default auto: CUDA graphs on a GPU, eager on CPU)")
+    b.add_argument("--shape", default=None, choices=("1.3b", "7b"),
+                   help="a paper-scale model with random weights instead of --model (speed only); the module has "
+                        "--recycle-layers layers; prompts are random token ids")
+    b.add_argument("--no-alpha", action="store_true", help="skip the module's agreement α on the prompts")
+    b.add_argument("--chart", default=None, help="also write a PNG bar chart of tokens/s here (needs matplotlib)")
     b.add_argument("--no-chat", action="store_true", help="do not chat-template the prompts")
     b.add_argument("--stop-at-eos", action="store_true", help="stop at EOS (default: always max-new-tokens)")
     b.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
