@@ -23,23 +23,15 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
 
-from .decoding import Collector, DecodeResult, DecodeStats, PromptBatch, StreamFn, check_budget
+from .decoding import Collector, DecodeResult, DecodeStats, PromptBatch, StreamFn, _sync, check_budget
 from .model import KVCache, RecycleModel, Transformer
 from .sampling import SamplingParams, sample
 
 STEP_TOKENS = {"standard": 1, "recycle": 2}
-
-
-@dataclass
-class StepTimes:
-    """Per-step wall times of the decode loop (after the first token): CUDA events on the GPU, host clock on CPU."""
-
-    seconds: list[float] = field(default_factory=list)
 
 
 def round_up(n: int, m: int) -> int:
@@ -153,13 +145,14 @@ class Decoder:
     def _capture(self, fn: Callable[[], None]) -> torch.cuda.CUDAGraph:
         # warm up on a side stream (kernels pick their algorithms, allocator pools settle), then undo the warm-up's
         # effect on the small state; its cache and `out` writes are rewritten identically by the real step
-        state = [t.clone() for t in (self.pos, self.n, self.x_next, self.x_rec, self.logits, self.hidden2)]
+        small = (self.pos, self.n, self.x_next, self.x_rec, self.logits, self.hidden2)
+        state = [t.clone() for t in small]
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             fn()
         torch.cuda.current_stream(self.device).wait_stream(stream)
-        for t, s in zip((self.pos, self.n, self.x_next, self.x_rec, self.logits, self.hidden2), state):
+        for t, s in zip(small, state):
             t.copy_(s)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
@@ -171,9 +164,8 @@ class Decoder:
 
     # -- one call --------------------------------------------------------------------------------------------------
 
-    def prefill(self, strategy: str, batch: PromptBatch, sampling: SamplingParams,
-                gen) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Run the prompt through the base (and the module): the first token x_L, and for recycle x̂_{L+1}."""
+    def prefill(self, strategy: str, batch: PromptBatch, sampling: SamplingParams, gen) -> None:
+        """Run the prompt through the base (and the module); `out` gets x_L, and for recycle x̂_{L+1}."""
         L = batch.length
         self.pad.copy_(batch.pad if batch.pad is not None else torch.zeros_like(self.pad))
         slots = torch.arange(L, device=self.device)
@@ -182,17 +174,15 @@ class Decoder:
         self.x_next.copy_(first[:, None])
         self.n.zero_()
         self._emit(self.x_next)
+        self.pos.fill_(L)
         if strategy == "standard":
-            self.pos.fill_(L)
-            return first, None
+            return
         next_tokens = torch.cat((batch.ids[:, 1:], first[:, None]), dim=1)
         rec = self.rmodel.recycle(full.hidden, next_tokens, input_pos=slots, cache=self.mcache, pad=self.pad,
                                   kv_end=L, num_logits=1)
         second = sample(rec.logits[:, -1], sampling, gen)
         self.x_rec.copy_(second[:, None])
         self._emit(self.x_rec)
-        self.pos.fill_(L)
-        return first, second
 
     def step(self, strategy: str, pos: int, sampling: SamplingParams, gen) -> None:
         """One decode step from host-known slot `pos` (the device keeps its own copy in self.pos)."""
@@ -214,8 +204,7 @@ class Decoder:
 
     def decode(self, strategy: str, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
                sampling: SamplingParams = SamplingParams(), stop_ids: Sequence[int] = (),
-               stream: StreamFn | None = None, check_every: int = 8,
-               step_times: StepTimes | None = None) -> DecodeResult:
+               stream: StreamFn | None = None, check_every: int = 8) -> DecodeResult:
         if strategy not in STEP_TOKENS:
             raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STEP_TOKENS)}")
         if strategy == "recycle" and self.rmodel is None:
@@ -233,7 +222,7 @@ class Decoder:
         gen = sampling.generator(self.device)
         stats = DecodeStats(strategy)
         out = Collector(self.B, max_new_tokens, stop_ids, stream)
-        step_times = StepTimes() if step_times is None else step_times
+        step_seconds: list[float] = []  # per decode step: CUDA events on the GPU (no sync), host clock on CPU
         cuda = self.device.type == "cuda"
         with torch.inference_mode():
             _sync(self.device)
@@ -269,10 +258,10 @@ class Decoder:
                         events[-1].record()
                     else:
                         now = time.perf_counter()
-                        step_times.seconds.append(now - last)
+                        step_seconds.append(now - last)
                         last = now
                 written = read + steps * per_step
-                new = self.out[:, read:written]  # the sync: the host learns `steps` steps' tokens at once
+                new = self.out[:, read:written].cpu()  # the one sync: `steps` steps' tokens in one copy
                 read = written
                 for j in range(0, new.shape[1], per_step):
                     done = out.emit(new[:, j:j + per_step])
@@ -281,16 +270,11 @@ class Decoder:
             _sync(self.device)
             stats.seconds = time.perf_counter() - t0
         if cuda:
-            step_times.seconds.extend(a.elapsed_time(b) / 1000 for a, b in zip(events, events[1:]))
+            step_seconds.extend(a.elapsed_time(b) / 1000 for a, b in zip(events, events[1:]))
         stats.new_tokens = sum(len(t) for t in out.tokens)
-        if step_times.seconds:
-            stats.step_ms = 1000 * statistics.median(step_times.seconds)
+        if step_seconds:
+            stats.step_ms = 1000 * statistics.median(step_seconds)
         return DecodeResult(out.tokens, stats, out.finished)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class Engine:
