@@ -32,13 +32,28 @@ class DecodeStats:
     seconds: float = 0.0  # wall time of the whole call, prefill included
     prefill_seconds: float = 0.0  # time to the first token
     step_ms: float = 0.0  # median time of one decode step after the first token (recycle: full + module call)
+    # verified strategies only (None otherwise): accept_hist[k] counts the full-model verification calls that
+    # accepted k drafted tokens; tau is the mean number of tokens each such call emitted (accepted + 1)
+    accept_hist: list[int] | None = None
 
     @property
     def tokens_per_s(self) -> float:
         return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
 
+    @property
+    def tau(self) -> float | None:
+        if self.accept_hist is None:
+            return None
+        calls = sum(self.accept_hist)
+        return sum((k + 1) * c for k, c in enumerate(self.accept_hist)) / calls if calls else 0.0
+
     def to_dict(self) -> dict:
-        return {**asdict(self), "tokens_per_s": self.tokens_per_s}
+        d = {**asdict(self), "tokens_per_s": self.tokens_per_s}
+        if self.accept_hist is None:
+            del d["accept_hist"]
+        else:
+            d["tau"] = self.tau
+        return d
 
 
 @dataclass

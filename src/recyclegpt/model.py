@@ -52,6 +52,17 @@ class KVCache:
         self.v[layer].index_copy_(2, input_pos, v)
         return self.k[layer, :, :, :kv_end], self.v[layer, :, :, :kv_end]
 
+    def move(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Copy, in every layer, row b's slot src[b, j] to slot dst[j]: src (B, n) per row, dst (n,) shared.
+
+        How a verified draft tree commits its accepted path: the path's nodes sit in scattered slots and move to
+        the contiguous slots that follow the committed prefix. The sources are read before any slot is written.
+        """
+        rows = torch.arange(self.batch, device=src.device)[:, None]
+        dst = dst[None].expand_as(src)
+        self.k[:, rows, :, dst] = self.k[:, rows, :, src]
+        self.v[:, rows, :, dst] = self.v[:, rows, :, src]
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
@@ -132,14 +143,27 @@ class Block(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
+class Tree(NamedTuple):
+    """Attention for a draft tree in cached decoding, overriding the slot-causal default of `run_blocks`.
+
+    positions: (B, T) rotary position of each new token (its depth in the tree after the committed prefix);
+    mask: (B, 1, T, kv_end) bool, the cache slots each new token sees (the committed prefix, its ancestors, itself).
+    """
+
+    positions: torch.Tensor
+    mask: torch.Tensor
+
+
 def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, cfg: ModelConfig, *, input_pos: torch.Tensor | None,
-               cache: KVCache | None, pad: torch.Tensor | None, kv_end: int | None) -> torch.Tensor:
+               cache: KVCache | None, pad: torch.Tensor | None, kv_end: int | None,
+               tree: Tree | None = None) -> torch.Tensor:
     """Run a stack of decoder blocks over x (B, T, d) at cache slots `input_pos` (T,).
 
     Without a cache: plain causal attention over x at positions 0..T-1 (training; the fast SDPA kernels).
     With a cache: slot s is visible to the query at slot t when s <= t and s >= pad[b] (row b's left padding).
     A padding query also sees itself, so that no row of the mask is empty (an empty row gives NaN, and a NaN in a
     cached value would leak through the zero attention weight of every later query).
+    With a `tree`, its positions and mask replace those (the slots still come from input_pos).
     """
     B, T, _ = x.shape
     if cache is None:
@@ -153,6 +177,11 @@ def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, cfg: ModelConfig, *, inpu
     if input_pos is None:
         raise ValueError("cached decoding needs input_pos, the cache slots of the T new tokens")
     kv_end = cache.max_len if kv_end is None else kv_end
+    if tree is not None:
+        rope = rotary(tree.positions, cfg.head_dim, cfg.rope_theta, x.dtype)
+        for i, block in enumerate(blocks):
+            x = block(x, rope, tree.mask, cache, i, input_pos, kv_end)
+        return x
     slots = torch.arange(kv_end, device=x.device)
     mask = slots[None, :] <= input_pos[:, None]  # (T, S)
     if pad is None:
@@ -216,11 +245,12 @@ class Transformer(nn.Module):
         return self.lm_head(self.norm(hidden))
 
     def forward(self, idx: torch.Tensor, *, input_pos: torch.Tensor | None = None, cache: KVCache | None = None,
-                pad: torch.Tensor | None = None, kv_end: int | None = None,
-                num_logits: int | None = None) -> ModelOutput:
-        """idx (B, T) token ids. num_logits: compute the LM head for the last n positions only (decoding; 0: none)."""
+                pad: torch.Tensor | None = None, kv_end: int | None = None, num_logits: int | None = None,
+                tree: Tree | None = None) -> ModelOutput:
+        """idx (B, T) token ids. num_logits: compute the LM head for the last n positions only (decoding; 0: none).
+        tree: draft-tree attention (see `Tree`), for verifying a tree of candidate tokens in one call."""
         hidden = run_blocks(self.layers, self.tok_emb(idx), self.cfg, input_pos=input_pos, cache=cache, pad=pad,
-                            kv_end=kv_end)
+                            kv_end=kv_end, tree=tree)
         logits = self.head(hidden if num_logits is None else hidden[:, hidden.shape[1] - num_logits:])
         return ModelOutput(logits, hidden)
 
@@ -249,9 +279,10 @@ class RecyclableModule(nn.Module):
 
     def forward(self, hidden: torch.Tensor, tok_emb: torch.Tensor, *, input_pos: torch.Tensor | None = None,
                 cache: KVCache | None = None, pad: torch.Tensor | None = None,
-                kv_end: int | None = None) -> torch.Tensor:
+                kv_end: int | None = None, tree: Tree | None = None) -> torch.Tensor:
         x = self.fc(torch.cat((self.norm_h(hidden), self.norm_e(tok_emb)), dim=-1))
-        return run_blocks(self.layers, x, self.base_cfg, input_pos=input_pos, cache=cache, pad=pad, kv_end=kv_end)
+        return run_blocks(self.layers, x, self.base_cfg, input_pos=input_pos, cache=cache, pad=pad, kv_end=kv_end,
+                          tree=tree)
 
 
 class RecycleModel(nn.Module):
@@ -274,12 +305,13 @@ class RecycleModel(nn.Module):
 
     def recycle(self, hidden: torch.Tensor, next_tokens: torch.Tensor, *, input_pos: torch.Tensor | None = None,
                 cache: KVCache | None = None, pad: torch.Tensor | None = None, kv_end: int | None = None,
-                num_logits: int | None = None) -> ModelOutput:
+                num_logits: int | None = None, tree: Tree | None = None) -> ModelOutput:
         """hidden (B, T, d): base pre-norm h_t at positions t; next_tokens (B, T): x_{t+1}.
 
-        Returns logits for x_{t+2} and the module's output hidden (which a multi-step drafter feeds back as h).
+        Returns logits for x_{t+2} and the module's output hidden. That output plays the role of h_{t+1} (both go
+        through the head to predict x_{t+2}), so a multi-step drafter feeds it back as the next step's `hidden`.
         """
         out = self.module(self.recycled_hidden(hidden), self.base.tok_emb(next_tokens), input_pos=input_pos,
-                          cache=cache, pad=pad, kv_end=kv_end)
+                          cache=cache, pad=pad, kv_end=kv_end, tree=tree)
         logits = self.base.head(out if num_logits is None else out[:, out.shape[1] - num_logits:])
         return ModelOutput(logits, out)

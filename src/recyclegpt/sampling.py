@@ -63,7 +63,13 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     """(B, V) logits -> (B,) token ids. No host synchronisation."""
     if params.greedy:
         return logits.argmax(-1)
-    probs = logits_to_probs(logits, params)
-    # exponential-race sampling: argmax(p / E) with E ~ Exp(1) draws from p, without a multinomial sync
+    return draw(logits_to_probs(logits, params), generator)
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """(..., V) probabilities -> (...) token ids, one independent draw per row. No host synchronisation.
+
+    Exponential race: argmax(p / E) with E ~ Exp(1) i.i.d. is distributed as p (a multinomial would sync).
+    """
     race = torch.empty_like(probs).exponential_(1.0, generator=generator)
     return (probs / race).argmax(-1)

@@ -1,0 +1,271 @@
+"""Lossless decoding with the recyclable module as the drafter: reference loops, one host sync per full call.
+
+- `speculative` (`--draft-len K`): the module drafts K tokens, rolling forward on its own output state (its
+  output hidden stands in for the next h, as in EAGLE); the full model verifies all K in one call; the accepted
+  prefix plus one token of the full model's own is emitted.
+- `recycle_verified`: the paper's alternating schedule with the recycled token checked. It is `speculative`
+  with K = 1: the full call that processes [x_{t+1}, x̂_{t+2}] also yields the full model's own distribution at
+  x̂_{t+2}'s position, so the check costs nothing.
+- `tree` (`--tree`): the module expands a draft tree (top-k children per node, the k best nodes by cumulative
+  draft probability expanded at each depth, the best `tree_nodes` kept: EAGLE-2's dynamic tree); the full model
+  verifies the whole tree in one call under a tree attention mask; the longest verified path is emitted.
+
+The rules that make each lossless live in `verify.py`.
+
+Slots. The full model's cache holds the committed tokens; x_p, the latest emitted token, is *pending* (not yet
+fed to the full model) at slot p. The module's input at slot t is (h_t, x_{t+1}) and it predicts x_{t+2}.
+One round:
+  1. catch-up: the module runs on the slots whose full-model states are new since the last round (the prompt
+     after the prefill; then the slots the last verification committed), with those true h_t. Its output at
+     slot p-1 is the draft distribution for x_{p+1}.
+  2. draft: chain: K-1 more module steps at slots p, p+1, ..., each fed the previous step's output hidden and
+     drafted token; tree: depth-1 more expansions, each over the k frontier nodes at once.
+  3. verify: the full model on [x_p, drafts] (a tree under its mask), which writes their keys and values.
+  4. commit: a tokens accepted, then the full model's own token: x_{p+1..p+a+1} are emitted and slots p..p+a
+     are committed (a tree's accepted path is first moved into those slots). Later slots hold rejected drafts;
+     they are masked out until overwritten, so both caches "roll back" by position alone.
+Batches commit the same number of tokens on every row: the minimum accepted over the rows (each row's emitted
+tokens are a prefix of what its own verification allows, so the output is still exactly the full model's).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import NamedTuple, Sequence
+
+import torch
+
+from .decoding import Collector, DecodeResult, DecodeStats, PromptBatch, StreamFn, _slots, _sync, check_budget
+from .model import KVCache, RecycleModel, Tree
+from .sampling import SamplingParams, draw, logits_to_probs, sample
+from .verify import verify_chain, verify_tree
+
+
+class TreeShape(NamedTuple):
+    """A draft tree: `depth` levels below the pending token, `topk` children per expanded node and `topk` nodes
+    expanded per level, and the best `nodes` (by cumulative draft log-probability) sent to the full model."""
+
+    depth: int = 5
+    topk: int = 4
+    nodes: int = 24
+
+    def check(self) -> "TreeShape":
+        for name, v in self._asdict().items():
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"tree {name} must be an integer >= 1, got {v!r}")
+        most = self.topk + (self.depth - 1) * self.topk ** 2
+        if self.nodes > most:
+            raise ValueError(f"a tree of depth {self.depth} and top-k {self.topk} has at most {most} nodes; "
+                             f"got tree nodes {self.nodes}")
+        return self
+
+    @property
+    def module_slots(self) -> int:
+        """Module cache slots the expansions use after the committed prefix."""
+        return (self.depth - 1) * self.topk
+
+
+def check_draft_len(draft_len: int) -> int:
+    if not isinstance(draft_len, int) or isinstance(draft_len, bool) or draft_len < 1:
+        raise ValueError(f"draft_len must be an integer >= 1, got {draft_len!r}")
+    return draft_len
+
+
+class _Round:
+    """State shared by the strategies: the batch, both caches, the pending token and the catch-up inputs."""
+
+    def __init__(self, model: RecycleModel, prompts, max_new_tokens: int, extra_slots: int, name: str,
+                 sampling: SamplingParams, stop_ids, stream) -> None:
+        self.model, self.base = model, model.base
+        self.device = self.base.tok_emb.weight.device
+        self.batch = PromptBatch.build(prompts, vocab_size=self.base.cfg.vocab_size, device=self.device)
+        max_len = check_budget(self.base, self.batch, max_new_tokens, extra_slots=extra_slots)
+        B = len(prompts)
+        self.cache: KVCache = self.base.new_cache(B, max_len)
+        self.mcache: KVCache = model.module.new_cache(B, max_len)
+        self.sampling, self.gen = sampling, sampling.generator(self.device)
+        self.stats = DecodeStats(name)
+        self.out = Collector(B, max_new_tokens, stop_ids, stream)
+        self.pad = self.batch.pad
+
+    def prefill(self) -> bool:
+        """The full model on the prompt; x_L is emitted and pending. Returns True when already done."""
+        _sync(self.device)
+        self.t0 = time.perf_counter()
+        L = self.batch.length
+        full = self.base(self.batch.ids, input_pos=_slots(0, L, self.device), cache=self.cache, pad=self.pad,
+                         kv_end=L, num_logits=1)
+        self.pending = sample(full.logits[:, -1], self.sampling, self.gen)  # x_L, (B,)
+        self.stats.full_calls += 1
+        done = self.out.emit(self.pending[:, None])
+        self.stats.prefill_seconds = time.perf_counter() - self.t0
+        self.p, self.start = L, 0
+        self.hidden, self.next_tokens = full.hidden, torch.cat((self.batch.ids[:, 1:], self.pending[:, None]), 1)
+        return done
+
+    def catch_up(self):
+        """Step 1: the module over slots start..p-1 with the full model's states. Returns its output at p-1."""
+        out = self.model.recycle(self.hidden, self.next_tokens, input_pos=_slots(self.start, self.p - self.start,
+                                                                                 self.device),
+                                 cache=self.mcache, pad=self.pad, kv_end=self.p, num_logits=1)
+        self.stats.module_calls += 1
+        return out.logits[:, -1], out.hidden[:, -1:]
+
+    def commit(self, m: int, tokens: torch.Tensor, hidden: torch.Tensor) -> bool:
+        """Step 4, for m accepted tokens (on every row) and the token table (B, >= m+1); hidden (B, >= m+1, d)
+        holds the full model's states at slots p, ..., p+m of the committed tokens. Returns True when done."""
+        self.stats.accept_hist[m] += 1
+        self.stats.full_calls += 1
+        emitted = tokens[:, :m + 1]
+        done = self.out.emit(emitted)
+        self.start, self.p = self.p, self.p + m + 1
+        self.hidden, self.next_tokens = hidden[:, :m + 1], emitted
+        self.pending = emitted[:, -1]
+        return done
+
+    def finish(self) -> DecodeResult:
+        _sync(self.device)
+        st = self.stats
+        st.seconds = time.perf_counter() - self.t0
+        st.new_tokens = sum(len(t) for t in self.out.tokens)
+        st.step_ms = self.out.step_ms(first=1)  # one emit per round after the prefill's
+        return DecodeResult(self.out.tokens, st, self.out.finished)
+
+    def probs(self, logits: torch.Tensor) -> torch.Tensor | None:
+        return None if self.sampling.greedy else logits_to_probs(logits, self.sampling)
+
+
+@torch.inference_mode()
+def speculative(model: RecycleModel, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, draft_len: int = 4,
+                sampling: SamplingParams = SamplingParams(), stop_ids: Sequence[int] = (),
+                stream: StreamFn | None = None, name: str = "speculative") -> DecodeResult:
+    """Chain drafts of `draft_len` tokens, verified by the full model in one call each (lossless)."""
+    K = check_draft_len(draft_len)
+    r = _Round(model, prompts, max_new_tokens, K + 1, name, sampling, stop_ids, stream)
+    r.stats.accept_hist = [0] * (K + 1)
+    done = r.prefill()
+    while not done:
+        logits, state = r.catch_up()
+        drafts, probs = [], []
+        for j in range(K):  # step 2: draft x̂_{p+1+j}, then (but for the last) roll the module on at slot p + j
+            q = r.probs(logits)
+            drafts.append(logits.argmax(-1) if q is None else draw(q, r.gen))
+            probs.append(q)
+            if j == K - 1:
+                break
+            out = model.recycle(state, drafts[-1][:, None], input_pos=_slots(r.p + j, 1, r.device),
+                                cache=r.mcache, pad=r.pad, kv_end=r.p + j + 1, num_logits=1)
+            r.stats.module_calls += 1
+            logits, state = out.logits[:, -1], out.hidden
+        draft = torch.stack(drafts, dim=1)  # (B, K)
+        full = r.base(torch.cat((r.pending[:, None], draft), dim=1), input_pos=_slots(r.p, K + 1, r.device),
+                      cache=r.cache, pad=r.pad, kv_end=r.p + K + 1)  # step 3
+        a, tokens = verify_chain(draft, None if probs[0] is None else torch.stack(probs, dim=1), full.logits,
+                                 sampling, r.gen)
+        done = r.commit(int(a.min()), tokens, full.hidden)  # the round's host sync
+    return r.finish()
+
+
+def recycle_verified(model: RecycleModel, prompts: Sequence[Sequence[int]], **kw) -> DecodeResult:
+    """The paper's alternating schedule, with each recycled token verified by the next full call (lossless)."""
+    return speculative(model, prompts, draft_len=1, name="recycle-verified", **kw)
+
+
+# -- the draft tree ----------------------------------------------------------------------------------------------
+
+
+def tree_attention(pad: torch.Tensor | None, p: int, positions: torch.Tensor, sees: torch.Tensor,
+                   first_slot: int) -> Tree:
+    """The `Tree` for T new tokens of one row batch: every token sees the committed slots [pad_b, p) and, among the
+    tree's slots first_slot.., those flagged in sees (B, T, n); positions (B, T) are logical (pad removed)."""
+    B, T, n = sees.shape
+    kv_end = first_slot + n
+    slots = torch.arange(kv_end, device=sees.device)
+    lo = pad[:, None] if pad is not None else torch.zeros(B, 1, dtype=torch.long, device=sees.device)
+    committed = (slots[None] < p) & (slots[None] >= lo)  # (B, kv_end)
+    mask = committed[:, None, :].expand(B, T, kv_end).clone()
+    mask[:, :, first_slot:] |= sees
+    shift = pad[:, None] if pad is not None else 0
+    return Tree(positions - shift, mask[:, None])
+
+
+@torch.inference_mode()
+def tree(model: RecycleModel, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+         shape: TreeShape = TreeShape(), sampling: SamplingParams = SamplingParams(), stop_ids: Sequence[int] = (),
+         stream: StreamFn | None = None, name: str = "tree") -> DecodeResult:
+    """A draft tree per round, verified in one full call under a tree mask (lossless, greedy and sampling)."""
+    D, k, N = shape.check()
+    r = _Round(model, prompts, max_new_tokens, max(N, shape.module_slots) + 1, name, sampling, stop_ids, stream)
+    r.stats.accept_hist = [0] * (D + 1)
+    dev = r.device
+    done = r.prefill()
+    while not done:
+        p, B = r.p, r.batch.ids.shape[0]
+        logits, state = r.catch_up()
+        # candidates in creation order (parents before children): token, score, parent (-1: root), depth, and the
+        # ancestor-or-self flags over all candidates; the frontier is the k candidates expanded next
+        top = torch.log_softmax(logits.float(), -1).topk(k, dim=-1)
+        tok, score = [top.indices], [top.values]
+        parent = [torch.full((B, k), -1, dtype=torch.long, device=dev)]
+        depth = [torch.ones(k, dtype=torch.long, device=dev)]
+        M_max = k + (D - 1) * k * k
+        anc = torch.zeros(B, M_max, M_max, dtype=torch.bool, device=dev)
+        anc[:, torch.arange(k), torch.arange(k)] = True
+        front = torch.arange(k, device=dev).expand(B, k)  # candidate ids of the frontier
+        front_state = state.expand(B, k, state.shape[-1])
+        front_sees = torch.eye(k, dtype=torch.bool, device=dev).expand(B, k, k)  # over expansion slots so far
+        M = k
+        for level in range(1, D):  # expand the level-`level` frontier: module slots p + (level-1)*k + j
+            first = p + (level - 1) * k
+            front_tok = torch.cat(tok, 1).gather(1, front)
+            positions = torch.full((B, k), p + level - 1, dtype=torch.long, device=dev)
+            out = model.recycle(front_state, front_tok, input_pos=_slots(first, k, dev), cache=r.mcache,
+                                kv_end=first + k, tree=tree_attention(r.pad, p, positions, front_sees, p))
+            r.stats.module_calls += 1
+            child = torch.log_softmax(out.logits.float(), -1).topk(k, dim=-1)  # (B, k, k)
+            front_score = torch.cat(score, 1).gather(1, front)
+            cand_score = (front_score[..., None] + child.values).reshape(B, k * k)
+            cand_parent = front[..., None].expand(B, k, k).reshape(B, k * k)
+            ids = torch.arange(M, M + k * k, device=dev)
+            anc[:, ids] = anc.gather(1, cand_parent[..., None].expand(B, k * k, M_max))
+            anc[:, ids, ids] = True
+            tok.append(child.indices.reshape(B, k * k))
+            score.append(cand_score)
+            parent.append(cand_parent)
+            depth.append(torch.full((k * k,), level + 1, dtype=torch.long, device=dev))
+            # the next frontier: the k best new candidates, each seeing its parent's expansion slots and its own
+            best = cand_score.topk(k, dim=-1).indices  # (B, k), into the k*k new candidates
+            from_slot = best // k  # which frontier node (= expansion slot of this level) is the parent
+            own = torch.zeros(B, k, k, dtype=torch.bool, device=dev)
+            own[:, torch.arange(k), torch.arange(k)] = True
+            front_sees = torch.cat((front_sees.gather(1, from_slot[..., None].expand(B, k, front_sees.shape[-1])),
+                                    own), dim=-1)
+            front_state = out.hidden.gather(1, from_slot[..., None].expand(B, k, out.hidden.shape[-1]))
+            front = M + best
+            M += k * k
+        tok, score, parent = torch.cat(tok, 1), torch.cat(score, 1), torch.cat(parent, 1)
+        depth = torch.cat(depth)
+        # keep the best N candidates; scores never rise along a path and a stable sort puts a parent before an
+        # equal-scored child, so the kept set is closed under ancestors
+        keep = torch.sort(score, dim=-1, descending=True, stable=True).indices[:, :N].sort(dim=-1).values  # (B, N)
+        where = torch.full((B, M), -1, dtype=torch.long, device=dev)  # candidate -> its index among the kept
+        where.scatter_(1, keep, torch.arange(N, device=dev).expand(B, N))
+        k_parent = parent.gather(1, keep)
+        k_parent = torch.where(k_parent < 0, 0, where.gather(1, k_parent.clamp(min=0)) + 1)  # into [root, kept]
+        k_depth = depth[keep]  # (B, N)
+        k_anc = anc[:, :M, :M].gather(1, keep[..., None].expand(B, N, M)).gather(2, keep[:, None].expand(B, N, N))
+        sees = torch.zeros(B, N + 1, N + 1, dtype=torch.bool, device=dev)
+        sees[:, :, 0] = True  # the root (the pending token)
+        sees[:, 1:, 1:] = k_anc
+        positions = torch.cat((torch.zeros(B, 1, dtype=torch.long, device=dev), k_depth), 1) + p
+        k_tok = tok.gather(1, keep)
+        full = r.base(torch.cat((r.pending[:, None], k_tok), 1), input_pos=_slots(p, N + 1, dev), cache=r.cache,
+                      kv_end=p + N + 1, tree=tree_attention(r.pad, p, positions, sees, p))
+        a, tokens, path = verify_tree(k_tok, k_parent, k_depth, full.logits, sampling, r.gen)
+        m = int(a.min())  # the round's host sync
+        if m:  # move the accepted path's keys and values into slots p+1..p+m
+            r.cache.move(p + path[:, :m], _slots(p + 1, m, dev))
+        on_path = torch.cat((torch.zeros(B, 1, dtype=torch.long, device=dev), path[:, :m]), 1)
+        hidden = full.hidden.gather(1, on_path[..., None].expand(B, m + 1, full.hidden.shape[-1]))
+        done = r.commit(m, tokens, hidden)
+    return r.finish()
