@@ -114,3 +114,65 @@ def test_cuda_graphs_replay_the_same_steps(strategy):
     model.to(torch.bfloat16)
     bf = Engine(model, graphs=True, bucket=16).decode(strategy, prompts, max_new_tokens=50).tokens
     assert bf == Engine(model, graphs=False, bucket=16).decode(strategy, prompts, max_new_tokens=50).tokens
+
+
+# -- the verified rounds (speculative.py's strategies) -------------------------------------------------------------
+
+from recyclegpt.speculative import TreeShape, recycle_verified, speculative, tree  # noqa: E402
+from test_speculative import predictable, prompts_for  # noqa: E402
+
+VERIFIED = {
+    "recycle-verified": (lambda m, p, **kw: recycle_verified(m, p, **kw), {}),
+    "speculative": (lambda m, p, **kw: speculative(m, p, draft_len=3, **kw), {"draft_len": 3}),
+    "tree": (lambda m, p, **kw: tree(m, p, shape=TreeShape(4, 3, 10), **kw), {"tree": TreeShape(4, 3, 10)}),
+}
+
+
+@pytest.mark.parametrize("strategy", VERIFIED)
+@pytest.mark.parametrize("noise", [0.0, 0.05, 0.15])
+def test_verified_rounds_equal_the_reference_loops(strategy, noise):
+    ref, opts = VERIFIED[strategy]
+    for seed in range(2):
+        model = predictable(seed, noise)
+        prompts = prompts_for(seed, 3)
+        engine = Engine(model, bucket=16)  # small buckets: rounds cross bucket boundaries
+        for batch in [prompts[:1], prompts[1:2], prompts]:
+            want = ref(model, batch, max_new_tokens=33)
+            got = engine.decode(strategy, batch, max_new_tokens=33, check_every=1 + seed * 4, **opts)
+            assert got.tokens == want.tokens, (strategy, noise, seed)
+            assert got.tokens == standard(model.base, batch, max_new_tokens=33).tokens
+            assert got.stats.tau is not None and sum(got.stats.accept_hist) >= sum(want.stats.accept_hist)
+        sampling = SamplingParams(temperature=0.9, top_p=0.95, seed=seed)
+        want = ref(model, prompts, max_new_tokens=20, sampling=sampling, stop_ids=(3,))
+        got = engine.decode(strategy, prompts, max_new_tokens=20, sampling=sampling, stop_ids=(3,), **opts)
+        assert got.tokens == want.tokens and got.finished == want.finished
+
+
+def test_verified_rounds_near_the_end_of_the_cache():
+    """Rounds past the budget (launched before a check) must not run off the cache."""
+    model = predictable(0, 0.0)
+    dec = Decoder(model, 1, 48, bucket=16)
+    for strategy, (ref, opts) in VERIFIED.items():
+        n = 48 - 5 - 11  # leaves exactly the span the largest round needs
+        got = dec.decode(strategy, [[1, 2, 3, 4, 5]], max_new_tokens=n, check_every=64, **opts)
+        assert got.tokens == ref(model, [[1, 2, 3, 4, 5]], max_new_tokens=n).tokens, strategy
+
+
+@CUDA
+@pytest.mark.cuda
+@pytest.mark.parametrize("strategy", VERIFIED)
+def test_cuda_graphs_replay_the_verified_rounds(strategy):
+    ref, opts = VERIFIED[strategy]
+    model = predictable(1, 0.05).cuda()
+    prompts = prompts_for(3, 3)
+    want = standard(model.base, prompts, max_new_tokens=40).tokens
+    graphs = Engine(model, graphs=True, bucket=16)
+    first = graphs.decode(strategy, prompts, max_new_tokens=40, **opts)
+    second = graphs.decode(strategy, prompts, max_new_tokens=40, **opts)  # replays the captured graphs
+    assert first.tokens == second.tokens == want == ref(model, prompts, max_new_tokens=40).tokens
+    assert sum(first.stats.accept_hist[1:]) > 0
+    sampling = SamplingParams(temperature=0.8, seed=1)
+    assert (graphs.decode(strategy, prompts, max_new_tokens=30, sampling=sampling, **opts).tokens ==
+            ref(model, prompts, max_new_tokens=30, sampling=sampling).tokens)
+    compiled = Engine(model, graphs=True, bucket=16, compile=True)
+    assert compiled.decode(strategy, prompts, max_new_tokens=40, **opts).tokens == want

@@ -336,3 +336,54 @@ def test_train_config_validation():
     assert lr_at(cfg, 0) == pytest.approx(0.1) and lr_at(cfg, 9) == pytest.approx(1.0)
     assert lr_at(cfg, 99) == pytest.approx(0.1)
     assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_rollout_terms_equal_a_hand_rolled_draft():
+    """Depth k reads the depth-(k-1) output one position back in place of h_t; same targets, same teacher."""
+    torch.manual_seed(3)
+    cfg = PRESETS["tiny"]
+    model = RecycleModel.build(cfg, RecycleConfig(n_layer=1))
+    idx = torch.randint(0, cfg.vocab_size, (2, 10))
+    mask = torch.rand(2, 10) > 0.3
+    plain = recycle_losses(model, idx, lam=1.0, loss_mask=mask, target="data")
+    out = recycle_losses(model, idx, lam=1.0, loss_mask=mask, target="data", rollout=3, rollout_weight=0.5)
+    assert "roll" not in plain
+    base = model.base(idx)
+    g1 = model.recycle(base.hidden[:, :-2], idx[:, 1:-1]).hidden  # positions 0..7
+    g2 = model.recycle(g1[:, :-1], idx[:, 2:-1]).hidden  # positions 1..7
+    g3 = model.recycle(g2[:, :-1], idx[:, 3:-1]).hidden  # positions 2..7
+    teacher = base.logits[:, 1:-1]  # the base's prediction of x_{t+2}, for t = 0..7
+    losses, agree, n = [], 0.0, 0
+    for k, g in ((2, g2), (3, g3)):
+        m = mask[:, 2:].clone()
+        m[:, :k - 1] = False
+        logits = model.base.head(g)[m[:, k - 1:]]
+        losses.append(torch.nn.functional.cross_entropy(logits, idx[:, 2:][m]))
+        agree += (logits.argmax(-1) == teacher[m].argmax(-1)).float().sum()
+        n += int(m.sum())
+    roll = sum(losses) / 2
+    torch.testing.assert_close(out["roll"], roll)
+    torch.testing.assert_close(out["roll_agree"], agree / n)
+    assert out["roll_tokens"].item() == n
+    torch.testing.assert_close(out["rec"], plain["rec"])  # "rec" stays the one-step loss
+    torch.testing.assert_close(out["loss"], plain["loss"] + 0.5 * roll)
+
+
+def test_retrofit_with_rollout_from_an_initial_module(corpus, tmp_path):
+    path, tok = corpus
+    base, _ = train_joint(cfg=small_cfg(steps=10, eval_every=0), model_cfg=model_cfg(tok), rcfg=None,
+                          files=[path], out_dir=tmp_path / "base", tokenizer=tok)
+    _, before = retrofit(cfg=small_cfg(steps=20, lr=1e-2), base=base, tokenizer=tok, rcfg=RecycleConfig(),
+                         files=[path], out_dir=tmp_path / "m1", base_ref="tiny-base")
+    _, metrics = retrofit(cfg=small_cfg(steps=20, lr=1e-2, rollout=3, init_module=str(tmp_path / "m1")), base=base,
+                          tokenizer=tok, rcfg=RecycleConfig(), files=[path], out_dir=tmp_path / "m2",
+                          base_ref="tiny-base")
+    first, last = first_and_last_val(metrics)
+    # it starts where the first run ended (same module, same validation data), and the rolled-out depths improve
+    assert first["val_rec"] == pytest.approx(first_and_last_val(before)[1]["val_rec"], rel=1e-5)
+    assert last["val_roll"] < first["val_roll"]
+    with pytest.raises(FileNotFoundError, match="init-module"):
+        retrofit(cfg=small_cfg(steps=4, init_module=str(tmp_path / "nope")), base=base, tokenizer=tok,
+                 rcfg=RecycleConfig(), files=[path], out_dir=tmp_path / "m3", base_ref="tiny-base")
+    with pytest.raises(ConfigError, match="rollout"):
+        TrainConfig(rollout=0)

@@ -19,13 +19,18 @@ import torch
 from .config import RecycleConfig
 from .decoding import DecodeStats, recycle, standard
 from .engine import Engine
+from .speculative import TreeShape, recycle_verified, speculative, tree
 from .model import RecyclableModule, RecycleModel, Transformer, use_column_major_weights
 from .registry import shipped_module
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
-STRATEGY_NAMES = ("standard", "recycle")
+# standard: one full call per token; recycle: the paper's alternating schedule (lossy); the rest are lossless, with
+# the module as drafter (speculative.py): recycle-verified (the schedule with each recycled token checked),
+# speculative (chains of draft_len tokens), tree (a draft tree, EAGLE-2 style)
+STRATEGY_NAMES = ("standard", "recycle", "recycle-verified", "speculative", "tree")
+DEFAULT_DRAFT_LEN = 4
 # how the decode loop runs: "eager" the reference loop of decoding.py (a forward and a host sync per step);
 # "static" the engine's fixed-shape steps (engine.py) without graphs; "graphs" those steps captured as CUDA graphs;
 # "compiled" torch.compile inside the graphs; "auto" is "graphs" on CUDA and "eager" on the CPU
@@ -152,32 +157,41 @@ class RecycleGPT:
                  strategy: str = "standard", max_new_tokens: int = 128, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int | None = None, chat: bool = False,
                  ignore_eos: bool = False, stream: Callable[[list[list[int]]], None] | None = None,
-                 engine: str = "auto") -> Generation:
+                 engine: str = "auto", draft_len: int = DEFAULT_DRAFT_LEN,
+                 tree_shape: TreeShape | tuple[int, int, int] | None = None) -> Generation:
         """Generate from one prompt or a batch: texts (encoded, chat-templated if `chat`) or token-id lists.
 
-        strategy: "standard" (one full-model call per token) or "recycle" (the paper's alternating schedule;
-        needs a recyclable module). ignore_eos: run to max_new_tokens (benchmarks). engine: how the decode loop
-        runs (`ENGINES`; the tokens are the same): "auto" captures CUDA graphs on a GPU, runs the eager reference
-        loop on the CPU. With graphs, `stream` receives tokens every few steps, not every step.
+        strategy (`STRATEGY_NAMES`): "standard" (one full-model call per token); "recycle" (the paper's
+        alternating schedule, lossy); "recycle-verified", "speculative" (chains of `draft_len` drafted tokens) and
+        "tree" (a draft tree of `tree_shape` = (depth, topk, nodes)) are lossless: their output is standard
+        decoding's, exactly when greedy, in distribution when sampling. All but standard need a recyclable module.
+        ignore_eos: run to max_new_tokens (benchmarks). engine: how the decode loop runs (`ENGINES`; the tokens
+        are the same): "auto" captures CUDA graphs on a GPU, runs the eager reference loop on the CPU. With
+        graphs, `stream` receives tokens every few steps, not every step.
         """
         if strategy not in STRATEGY_NAMES:
             raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGY_NAMES)}")
-        if strategy == "recycle" and self.model is None:
-            raise ValueError(f"strategy 'recycle' needs a recyclable module and none is loaded; "
+        if strategy != "standard" and self.model is None:
+            raise ValueError(f"strategy {strategy!r} needs a recyclable module and none is loaded; "
                              f"{module_hint(self.name)}")
+        shape = TreeShape(*tree_shape).check() if tree_shape is not None else TreeShape()
         sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         prompts = self._prompt_ids(prompt, chat=chat)
         stop_ids = () if ignore_eos or self.tokenizer is None else self.tokenizer.eos_ids
         kind = self.resolve_engine(engine)
+        common = dict(max_new_tokens=max_new_tokens, sampling=sampling, stop_ids=stop_ids, stream=stream)
         if kind != "eager":
-            res = self.engine(kind).decode(strategy, prompts, max_new_tokens=max_new_tokens, sampling=sampling,
-                                           stop_ids=stop_ids, stream=stream)
+            res = self.engine(kind).decode(strategy, prompts, draft_len=draft_len, tree=shape, **common)
         elif strategy == "standard":
-            res = standard(self.base, prompts, max_new_tokens=max_new_tokens, sampling=sampling, stop_ids=stop_ids,
-                           stream=stream)
+            res = standard(self.base, prompts, **common)
+        elif strategy == "recycle":
+            res = recycle(self.model, prompts, **common)
+        elif strategy == "recycle-verified":
+            res = recycle_verified(self.model, prompts, **common)
+        elif strategy == "speculative":
+            res = speculative(self.model, prompts, draft_len=draft_len, **common)
         else:
-            res = recycle(self.model, prompts, max_new_tokens=max_new_tokens, sampling=sampling, stop_ids=stop_ids,
-                          stream=stream)
+            res = tree(self.model, prompts, shape=shape, **common)
         texts = [self.tokenizer.decode(t) if self.tokenizer is not None else "" for t in res.tokens]
         module = None
         if strategy != "standard":

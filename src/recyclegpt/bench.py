@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .api import Generation, RecycleGPT
+from .api import DEFAULT_DRAFT_LEN, STRATEGY_NAMES, Generation, RecycleGPT
 from .config import ModelConfig, RecycleConfig
 from .data import iter_jsonl
 from .model import RecyclableModule, Transformer
@@ -59,7 +59,7 @@ def read_prompts(path: str | Path, *, limit: int | None = None) -> list[str]:
 
 
 HF_STRATEGIES = {"hf_eager": "eager", "hf_compiled": "compiled", "hf_prompt_lookup": "prompt_lookup"}
-PROJECT_STRATEGIES = ("standard", "recycle")
+PROJECT_STRATEGIES = STRATEGY_NAMES
 
 # paper-scale shapes for speed-only runs with random weights (`recyclegpt bench --shape`)
 SHAPES = {
@@ -84,12 +84,18 @@ class StrategyRun:
     full_calls: int = 0
     module_calls: int = 0
     texts: list[str] = field(default_factory=list)
+    accept_hist: list[int] | None = None  # verified strategies: summed over the generations
+    hists: list[list[int]] = field(default_factory=list)  # and per generation (for per-category τ)
 
     def add(self, gen: Generation, peak_mem_mb: float | None = None) -> None:
         """Record one generation (a prompt, or a batch of prompts)."""
         st = gen.stats
         self.record(st.new_tokens, st.seconds, st.prefill_seconds, st.step_ms, peak_mem_mb,
                     full_calls=st.full_calls, module_calls=st.module_calls, text=gen.text[0])
+        if st.accept_hist is not None:
+            self.hists.append(st.accept_hist)
+            self.accept_hist = [a + b for a, b in zip(self.accept_hist or [0] * len(st.accept_hist),
+                                                      st.accept_hist)]
 
     def record(self, new_tokens: int, seconds: float, prefill_seconds: float, step_ms: float,
                peak_mem_mb: float | None, *, full_calls: int = 0, module_calls: int = 0, text: str = "") -> None:
@@ -103,7 +109,18 @@ class StrategyRun:
         self.module_calls += module_calls
         self.texts.append(text)
 
-    def summary(self) -> dict:
+    def summary(self, only: Sequence[int] | None = None) -> dict:
+        """The aggregate over all generations, or over those with the indices in `only` (a category)."""
+        if only is not None:
+            part = StrategyRun(self.strategy)
+            for i in only:
+                part.record(self.new_tokens[i], self.seconds[i], self.prefill_seconds[i], self.step_ms[i], None)
+                if self.hists:
+                    part.hists.append(self.hists[i])
+                    part.accept_hist = [a + b for a, b in zip(part.accept_hist or [0] * len(self.hists[i]),
+                                                              self.hists[i])]
+            return {k: v for k, v in part.summary().items() if k in ("strategy", "tokens_per_s",
+                                                                     "median_tokens_per_s", "tau", "accept_hist")}
         tokens, secs = sum(self.new_tokens), sum(self.seconds)
         decode_secs = secs - sum(self.prefill_seconds)
         per_prompt = [n / s for n, s in zip(self.new_tokens, self.seconds) if s > 0]
@@ -120,7 +137,14 @@ class StrategyRun:
             "module_calls": self.module_calls,
             "tokens_per_full_call": tokens / self.full_calls if self.full_calls else 0.0,
             "seconds": secs,
+            **(tau_fields(self.accept_hist) if self.accept_hist is not None else {}),
         }
+
+
+def tau_fields(hist: list[int]) -> dict:
+    """tau (mean tokens emitted per verifying full call) and the histogram of accepted draft lengths."""
+    calls = sum(hist)
+    return {"tau": sum((k + 1) * c for k, c in enumerate(hist)) / calls if calls else 0.0, "accept_hist": hist}
 
 
 class PeakMemory:
@@ -150,7 +174,8 @@ def weights_bytes(module: torch.nn.Module) -> int:
 
 def time_strategies(lm: RecycleGPT, ids: list[list[int]], strategies: Sequence[str], *, max_new_tokens: int,
                     ignore_eos: bool, warmup: int = 1, batch_size: int = 1, engine: str = "auto",
-                    hf: dict | None = None, log: Callable[[str], None] | None = None) -> dict[str, StrategyRun]:
+                    hf: dict | None = None, log: Callable[[str], None] | None = None,
+                    draft: dict | None = None) -> dict[str, StrategyRun]:
     """Warm each strategy up (untimed), then run them greedily on every batch of prompts, interleaved batch by
     batch. `hf` maps HF strategy names to their `hf_baselines.HFBaseline` (batch 1 only)."""
     log = log or (lambda line: None)
@@ -167,7 +192,8 @@ def time_strategies(lm: RecycleGPT, ids: list[list[int]], strategies: Sequence[s
                                if r.step_s else 0.0, mem.mb, full_calls=len(r.step_s) + 1)
             return
         with PeakMemory(lm.device, ours) as mem:
-            gen = lm.generate(batch, strategy=s, max_new_tokens=n, ignore_eos=ignore_eos, engine=engine)
+            gen = lm.generate(batch, strategy=s, max_new_tokens=n, ignore_eos=ignore_eos, engine=engine,
+                              **(draft or {}))
         if runs is not None:
             runs[s].add(gen, mem.mb)
 
@@ -186,10 +212,13 @@ def time_strategies(lm: RecycleGPT, ids: list[list[int]], strategies: Sequence[s
 def run_bench(lm: RecycleGPT, prompts: list[str] | list[list[int]], *,
               strategies: tuple[str, ...] = PROJECT_STRATEGIES, max_new_tokens: int = 128, chat: bool = True,
               ignore_eos: bool = True, warmup: int = 1, batch_size: int = 1, engine: str = "auto",
-              alpha: bool = True, log: Callable[[str], None] | None = None) -> dict:
+              alpha: bool = True, log: Callable[[str], None] | None = None, draft_len: int = DEFAULT_DRAFT_LEN,
+              tree_shape: tuple[int, int, int] | None = None, categories: Sequence[str] | None = None) -> dict:
     """Run each strategy greedily on every prompt (texts, or token-id lists); return {"device", "model",
     "results", "speedup", "speedup_vs_hf_eager", ...}. HF strategies (`HF_STRATEGIES`) need batch_size 1.
-    alpha: also measure the module's agreement α on these prompts (evaluation.evaluate_agreement)."""
+    alpha: also measure the module's agreement α on these prompts (evaluation.evaluate_agreement).
+    draft_len, tree_shape: the options of speculative and tree. categories: a label per prompt (batch size 1);
+    then every result also carries "per_category": {label: {tokens_per_s, median_tokens_per_s, speedup, tau}}."""
     from .evaluation import evaluate_agreement
 
     unknown = [s for s in strategies if s not in PROJECT_STRATEGIES and s not in HF_STRATEGIES]
@@ -212,10 +241,23 @@ def run_bench(lm: RecycleGPT, prompts: list[str] | list[list[int]], *,
         for s in hf_names:
             hf[s] = HFBaseline(lm.base, HF_STRATEGIES[s], max_cache_len=longest)
             notes[s] = hf[s].config_note
+    if categories is not None and (len(categories) != len(ids) or batch_size != 1):
+        raise ValueError("categories need one label per prompt and batch size 1")
+    draft = {"draft_len": draft_len, "tree_shape": tree_shape}
     runs = time_strategies(lm, ids, strategies, max_new_tokens=max_new_tokens, ignore_eos=ignore_eos,
-                           warmup=warmup, batch_size=batch_size, engine=engine, hf=hf, log=log)
+                           warmup=warmup, batch_size=batch_size, engine=engine, hf=hf, log=log, draft=draft)
     del hf
     results = [runs[s].summary() for s in strategies]
+    if categories is not None:
+        labels = list(dict.fromkeys(categories))
+        for r in results:
+            r["per_category"] = {c: runs[r["strategy"]].summary([i for i, x in enumerate(categories) if x == c])
+                                 for c in labels}
+        if "standard" in strategies:
+            for r in results:
+                for c, part in r["per_category"].items():
+                    ref = next(x for x in results if x["strategy"] == "standard")["per_category"][c]["tokens_per_s"]
+                    part["speedup"] = part["tokens_per_s"] / ref if ref > 0 else 0.0
     kind = lm.resolve_engine(engine)
     for r in results:
         r["engine"] = notes.get(r["strategy"], kind)
@@ -243,6 +285,8 @@ def run_bench(lm: RecycleGPT, prompts: list[str] | list[list[int]], *,
         "engine": kind,
         "torch": torch.__version__,
         "transformers": _version("transformers") if hf_names else None,
+        "draft_len": draft_len if "speculative" in strategies else None,
+        "tree": list(tree_shape) if "tree" in strategies and tree_shape is not None else None,
         "results": results,
         "speedup": ratios("standard"),
         "speedup_vs_hf_eager": ratios("hf_eager"),
@@ -289,7 +333,7 @@ def device_name(device: torch.device) -> str:
 
 def format_table(report: dict) -> str:
     head = f"{'strategy':<17} {'tok/s':>8} {'median':>8} {'ttft ms':>8} {'step ms':>8} {'mem MB':>8} {'tokens':>7} " \
-           f"{'tok/full':>8} {'alpha':>6} {'vs std':>7} {'vs HF':>7}  engine"
+           f"{'tok/full':>8} {'tau':>5} {'alpha':>6} {'vs std':>7} {'vs HF':>7}  engine"
     lines = [f"device: {report['device']}  dtype: {report['dtype']}  model: {report['model']}  "
              f"module: {report['module']}  prompts: {report['prompts']}  batch: {report['batch_size']}  "
              f"max_new_tokens: {report['max_new_tokens']}", head, "-" * len(head)]
@@ -298,7 +342,24 @@ def format_table(report: dict) -> str:
         hf = report.get("speedup_vs_hf_eager", {}).get(r["strategy"], float("nan"))
         mem = f"{r['peak_mem_mb']:>8.0f}" if r.get("peak_mem_mb") is not None else f"{'-':>8}"
         alpha = f"{r['alpha']:>6.3f}" if r.get("alpha") is not None else f"{'-':>6}"
+        tau = f"{r['tau']:>5.2f}" if r.get("tau") is not None else f"{'-':>5}"
         lines.append(f"{r['strategy']:<17} {r['tokens_per_s']:>8.1f} {r['median_tokens_per_s']:>8.1f} "
                      f"{r['ttft_ms']:>8.1f} {r['step_ms']:>8.2f} {mem} {r['new_tokens']:>7} "
-                     f"{r['tokens_per_full_call']:>8.2f} {alpha} {sp:>6.2f}x {hf:>6.2f}x  {r.get('engine', '')}")
+                     f"{r['tokens_per_full_call']:>8.2f} {tau} {alpha} {sp:>6.2f}x {hf:>6.2f}x  {r.get('engine', '')}")
+    hists = [(r["strategy"], r["accept_hist"]) for r in report["results"] if r.get("accept_hist")]
+    if hists:
+        lines.append("")
+        lines.append("accepted draft tokens per verifying call (share of calls, 0 = the draft's first token rejected):")
+        for name, h in hists:
+            total = sum(h) or 1
+            lines.append(f"  {name:<17} " + "  ".join(f"{k}: {c / total:5.1%}" for k, c in enumerate(h)))
+    cats = [r for r in report["results"] if r.get("per_category")]
+    if cats:
+        lines += ["", f"per category: {'category':<20} {'strategy':<17} {'tok/s':>8} {'vs std':>7} {'tau':>5}"]
+        for c in cats[0]["per_category"]:
+            for r in cats:
+                part = r["per_category"][c]
+                tau = f"{part['tau']:>5.2f}" if part.get("tau") is not None else f"{'-':>5}"
+                lines.append(f"{'':<14}{c:<20} {r['strategy']:<17} {part['tokens_per_s']:>8.1f} "
+                             f"{part.get('speedup', float('nan')):>6.2f}x {tau}")
     return "\n".join(lines)

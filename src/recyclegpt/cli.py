@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from .api import DEFAULT_MODEL, ENGINES, STRATEGY_NAMES, RecycleGPT, default_device, default_dtype, module_hint
-from .options import add_command, add_model_args, load_model, parse_dtype
+from .options import add_command, add_draft_args, add_model_args, draft_options, load_model, parse_dtype
 from .checkpoint import CheckpointError
 from .config import RecycleConfig
 from .registry import RegistryError
@@ -38,8 +38,19 @@ class UsageError(Exception):
 # -- generate ----------------------------------------------------------------------------------------------------
 
 
+def chosen_strategy(args) -> str:
+    """--strategy, with --tree turning speculative into its tree variant."""
+    if args.tree:
+        if args.strategy not in ("speculative", "tree"):
+            raise UsageError(f"--tree drafts a tree for --strategy speculative, not for {args.strategy!r}")
+        return "tree"
+    return args.strategy
+
+
 def cmd_generate(args) -> None:
     """Generate text from PROMPT with the chosen strategy; --json prints a JSON record as the last line."""
+    args.strategy = chosen_strategy(args)
+    draft = draft_options(args)
     lm = load_model(args)
     if args.recycle == "random" and args.strategy != "standard":
         print("note: --recycle random is an untrained module; its tokens are noise (speed measurements only)",
@@ -49,7 +60,7 @@ def cmd_generate(args) -> None:
         stream = _text_streamer(lm)
     out = lm.generate(args.prompt, strategy=args.strategy, max_new_tokens=args.max_new_tokens,
                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                      chat=args.chat, stream=stream, engine=args.engine)
+                      chat=args.chat, stream=stream, engine=args.engine, **draft)
     if args.json:
         print(json.dumps(out.to_dict(), ensure_ascii=False))
         return
@@ -58,8 +69,9 @@ def cmd_generate(args) -> None:
     else:
         print()
     st = out.stats
+    tau = f", {st.tau:.2f} tokens per verification" if st.tau is not None else ""
     print(f"[{out.strategy}] {st.new_tokens} tokens in {st.seconds:.2f}s ({st.tokens_per_s:.1f} tok/s), "
-          f"full calls {st.full_calls}, module calls {st.module_calls}", file=sys.stderr)
+          f"full calls {st.full_calls}, module calls {st.module_calls}{tau}", file=sys.stderr)
 
 
 def _text_streamer(lm: RecycleGPT):
@@ -97,22 +109,35 @@ def cmd_bench(args) -> None:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.threads:
         torch.set_num_threads(args.threads)
+    categories = None
+    draft = draft_options(args)
     if args.shape:
         device = torch.device(args.device) if args.device else default_device()
         lm = random_model(args.shape, module_layers=args.recycle_layers, device=device,
                           dtype=parse_dtype(args.dtype) or default_dtype(device))
         prompts = random_prompts(args.limit or 20, lm.base.cfg.vocab_size)
     else:
-        prompts = read_prompts(args.prompts, limit=args.limit) if args.prompts else BUILTIN_PROMPTS[: args.limit]
+        if args.prompts:
+            per_file = [read_prompts(f, limit=args.limit) for f in args.prompts]
+            prompts = [p for ps in per_file for p in ps]
+            if len(args.prompts) > 1:  # each file is a category: tok/s, speed-up and tau also per file
+                stems = [Path(f).stem for f in args.prompts]
+                if len(set(stems)) < len(stems):
+                    raise UsageError(f"--prompts files need distinct names to label their categories: {stems}")
+                categories = [stem for stem, ps in zip(stems, per_file) for _ in ps]
+        else:
+            prompts = BUILTIN_PROMPTS[: args.limit]
         lm = load_model(args)
-    if "recycle" in strategies and lm.model is None:
-        raise UsageError(f"bench runs 'recycle' but no recyclable module is loaded; {module_hint(lm.name)}; "
+    needs = [s for s in strategies if s in PROJECT_STRATEGIES and s != "standard"]
+    if needs and lm.model is None:
+        raise UsageError(f"bench runs {', '.join(needs)} but no recyclable module is loaded; {module_hint(lm.name)}; "
                          f"or run --strategies standard")
     try:
         lm.resolve_engine(args.engine)
         report = run_bench(lm, prompts, strategies=strategies, max_new_tokens=args.max_new_tokens,
                            chat=not args.no_chat, ignore_eos=not args.stop_at_eos, batch_size=args.batch_size,
-                           engine=args.engine, alpha=not args.no_alpha,
+                           engine=args.engine, alpha=not args.no_alpha, draft_len=draft["draft_len"],
+                           tree_shape=tuple(draft["tree_shape"]), categories=categories,
                            log=lambda line: print(f"bench: {line}", file=sys.stderr, flush=True))
     except ValueError as e:
         raise UsageError(str(e)) from None
@@ -321,15 +346,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-stream", action="store_true", help="print the text at the end, not as it is generated")
     g.add_argument("--engine", default="auto", choices=ENGINES,
                    help="decode loop (default auto: CUDA graphs on a GPU, eager on CPU); the tokens are the same")
+    add_draft_args(g)
 
     b = add("bench", cmd_bench)
     add_model_args(b)
-    b.add_argument("--prompts", default=None, help="JSONL with a 'prompt' field per line (default: built-in set)")
-    b.add_argument("--limit", type=int, default=None, help="use the first N prompts")
+    b.add_argument("--prompts", action="append", default=None,
+                   help="JSONL with a 'prompt' field per line (default: built-in set); repeat for several files, "
+                        "which are then also reported per file (category)")
+    b.add_argument("--limit", type=int, default=None, help="use the first N prompts (of each file)")
     b.add_argument("--max-new-tokens", type=int, default=128)
     b.add_argument("--strategies", default="standard,recycle",
-                   help="comma-separated, from standard, recycle, hf_eager, hf_compiled, hf_prompt_lookup "
-                        "(transformers' generate on a copy of the same weights) (default standard,recycle)")
+                   help="comma-separated, from standard, recycle, recycle-verified, speculative, tree, hf_eager, "
+                        "hf_compiled, hf_prompt_lookup (transformers' generate on a copy of the same weights) "
+                        "(default standard,recycle)")
+    add_draft_args(b, tree_flag=False)
     b.add_argument("--batch-size", type=int, default=1, help="prompts decoded together (default 1)")
     b.add_argument("--engine", default="auto", choices=ENGINES,
                    help="decode loop of the project's strategies (default auto: CUDA graphs on a GPU, eager on CPU)")

@@ -6,6 +6,11 @@ Here the same strategies run as fixed-shape *steps* over preallocated caches:
 - `standard` step: the full model on 1 token per row, then the next token.
 - `recycle` step: the full model on the pair [x_p, x̂_{p+1}], its token x_{p+2}, the module on the same two slots,
   its token x̂_{p+3} (the paper's schedule, two tokens per full call; decoding.recycle documents the slots).
+- verified rounds (`recycle-verified`, `speculative`, `tree`; speculative.py documents them and holds their
+  reference loops): the module drafts, the full model verifies, the accepted tokens plus one are written to the
+  output, and the module catches up on the committed slots, all on the device. A round emits a variable number of
+  tokens, so the slot p, the output length n and the acceptance histogram are device tensors; the host keeps an
+  upper bound of p (for the attention bucket) and learns the truth at each check.
 
 Every step reads and writes only device tensors that live as long as the `Decoder` (token and position buffers,
 the caches, an output buffer), so a step can be captured once as a CUDA graph and replayed: one launch instead of
@@ -21,17 +26,23 @@ the steps already launched past a stop are wasted work, never wrong output. On t
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 
 from .decoding import Collector, DecodeResult, DecodeStats, PromptBatch, StreamFn, _sync, check_budget
 from .model import KVCache, RecycleModel, Transformer
-from .sampling import SamplingParams, sample
+from .sampling import SamplingParams, draw, logits_to_probs, sample
+from .speculative import TreeShape, check_draft_len, draft_tree, tree_attention
+from .verify import verify_chain, verify_tree
 
-STEP_TOKENS = {"standard": 1, "recycle": 2}
+STEP_TOKENS = {"standard": 1, "recycle": 2}  # the fixed-schedule steps: tokens per step
+VERIFIED = ("recycle-verified", "speculative", "tree")  # rounds of variable length
+STRATEGIES = tuple(STEP_TOKENS) + VERIFIED
+MAX_ROUND_TOKENS = 64  # a verified round keeps at most this many tokens (draft length or tree depth + 1)
 
 
 def round_up(n: int, m: int) -> int:
@@ -68,10 +79,17 @@ class Decoder:
         self.x_next = torch.zeros(batch_size, 1, dtype=long, device=dev)  # the full model's latest token
         self.x_rec = torch.zeros(batch_size, 1, dtype=long, device=dev)  # the module's latest token (recycle)
         self.x_new = torch.zeros(batch_size, dtype=long, device=dev)  # a sampled x_{p+2}, staged for the module
-        self.out = torch.zeros(batch_size, self.max_len + 2, dtype=long, device=dev)
+        # a verified round writes its whole token table at n, past the tokens it keeps: room for two cache lengths
+        self.out = torch.zeros(batch_size, 2 * self.max_len + 2, dtype=long, device=dev)
         self.logits = torch.zeros(batch_size, cfg.vocab_size, dtype=p.dtype, device=dev)
         self.hidden2 = torch.zeros(batch_size, 2, cfg.d_model, dtype=p.dtype, device=dev)
         self.offsets = torch.arange(2, dtype=long, device=dev)
+        # verified rounds: the module's output at slot p-1 (its state and its logits for x_{p+1}), the histogram
+        # of accepted draft lengths; `out` grows when a round may write more tokens than it keeps
+        self.g = torch.zeros(batch_size, 1, cfg.d_model, dtype=p.dtype, device=dev)
+        self.d_logits = torch.zeros(batch_size, cfg.vocab_size, dtype=p.dtype, device=dev)
+        self.hist = torch.zeros(MAX_ROUND_TOKENS, dtype=long, device=dev)
+        self._ar = torch.arange(self.max_len, dtype=long, device=dev)
         self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
         self._pool = torch.cuda.graph_pool_handle() if graphs else None
         self._base_fwd, self._recycle_fwd = self.base.forward, (self.rmodel.recycle if self.rmodel else None)
@@ -129,6 +147,54 @@ class Decoder:
         self._module_pair(kv_end, self.logits.argmax(-1))
         self._module_select(self.logits.argmax(-1))
 
+    def _chain_round(self, K: int, kv_end: int, sampling: SamplingParams, gen) -> None:
+        """Draft K tokens from (g, d_logits), verify them in one full call, commit (speculative.speculative)."""
+        logits, g = self.d_logits, self.g
+        drafts, probs = [], []
+        for j in range(K):
+            q = None if sampling.greedy else logits_to_probs(logits, sampling)
+            drafts.append(logits.argmax(-1) if q is None else draw(q, gen))
+            probs.append(q)
+            if j < K - 1:  # the module rolls on at slot p + j, fed its own output state
+                rec = self._recycle_fwd(g, drafts[-1][:, None], input_pos=self.pos + j, cache=self.mcache,
+                                        pad=self.pad, kv_end=kv_end, num_logits=1)
+                logits, g = rec.logits[:, -1], rec.hidden
+        draft = torch.stack(drafts, dim=1)
+        full = self._base_fwd(torch.cat((self.x_next, draft), dim=1), input_pos=self.pos + self._ar[:K + 1],
+                              cache=self.cache, pad=self.pad, kv_end=kv_end)
+        a, tokens = verify_chain(draft, None if probs[0] is None else torch.stack(probs, dim=1), full.logits,
+                                 sampling, gen)
+        self._commit(a, tokens, full.hidden, kv_end)
+
+    def _tree_round(self, shape: TreeShape, kv_end: int, sampling: SamplingParams, gen) -> None:
+        """Draft a tree from (g, d_logits), verify it in one full call, commit its path (speculative.tree)."""
+        D, _, N = shape
+        t = draft_tree(self._recycle_fwd, self.mcache, self.pad, self.pos, kv_end, self.g, self.d_logits, shape)
+        full = self._base_fwd(torch.cat((self.x_next, t.tokens), dim=1), input_pos=self.pos + self._ar[:N + 1],
+                              cache=self.cache, kv_end=kv_end,
+                              tree=tree_attention(self.pad, self.pos, t.positions, t.sees, kv_end))
+        a, tokens, path = verify_tree(t.tokens, t.parent, t.depth, D, full.logits, sampling, gen)
+        # every row's path moves to slots p+1..p+D; past the committed minimum it lands on rejected slots
+        self.cache.move(self.pos + path, self.pos + 1 + self._ar[:D])
+        on_path = torch.cat((torch.zeros_like(path[:, :1]), path), dim=1)
+        self._commit(a, tokens, full.hidden.gather(1, on_path[..., None].expand(-1, -1, full.hidden.shape[-1])),
+                     kv_end)
+
+    def _commit(self, a: torch.Tensor, tokens: torch.Tensor, hidden: torch.Tensor, kv_end: int) -> None:
+        """Keep m = min(a) + 1 tokens of the table (B, T) on every row, then catch the module up on slots p..p+T-1
+        (hidden: the full model's states there) and take its output at p+m, the new p-1."""
+        m = a.min().view(1)
+        T = tokens.shape[1]
+        self.out.index_copy_(1, self.n + self._ar[:T], tokens)  # the tokens past m are overwritten later
+        self.n.add_(m + 1)
+        self.hist.index_add_(0, m, torch.ones_like(m))
+        rec = self._recycle_fwd(hidden, tokens, input_pos=self.pos + self._ar[:T], cache=self.mcache, pad=self.pad,
+                                kv_end=kv_end, num_logits=0)
+        self.g.copy_(rec.hidden.gather(1, m.view(1, 1, 1).expand(self.B, 1, rec.hidden.shape[-1])))
+        self.d_logits.copy_(self.base.head(self.g)[:, 0])
+        self.x_next.copy_(tokens.gather(1, m.view(1, 1).expand(self.B, 1)))
+        self.pos.add_(m + 1)
+
     # -- graph capture ---------------------------------------------------------------------------------------------
 
     def _run(self, key: tuple, fn: Callable[[], None]) -> None:
@@ -165,7 +231,8 @@ class Decoder:
     # -- one call --------------------------------------------------------------------------------------------------
 
     def prefill(self, strategy: str, batch: PromptBatch, sampling: SamplingParams, gen) -> None:
-        """Run the prompt through the base (and the module); `out` gets x_L, and for recycle x̂_{L+1}."""
+        """Run the prompt through the base (and the module); `out` gets x_L, and for recycle x̂_{L+1}. For the
+        verified rounds the module's output at slot L-1 is kept (g, d_logits): the first round drafts from it."""
         L = batch.length
         self.pad.copy_(batch.pad if batch.pad is not None else torch.zeros_like(self.pad))
         slots = torch.arange(L, device=self.device)
@@ -175,19 +242,35 @@ class Decoder:
         self.n.zero_()
         self._emit(self.x_next)
         self.pos.fill_(L)
+        self.hist.zero_()
         if strategy == "standard":
             return
         next_tokens = torch.cat((batch.ids[:, 1:], first[:, None]), dim=1)
         rec = self.rmodel.recycle(full.hidden, next_tokens, input_pos=slots, cache=self.mcache, pad=self.pad,
                                   kv_end=L, num_logits=1)
+        if strategy in VERIFIED:
+            self.g.copy_(rec.hidden[:, -1:])
+            self.d_logits.copy_(rec.logits[:, -1])
+            return
         second = sample(rec.logits[:, -1], sampling, gen)
         self.x_rec.copy_(second[:, None])
         self._emit(self.x_rec)
 
-    def step(self, strategy: str, pos: int, sampling: SamplingParams, gen) -> None:
-        """One decode step from host-known slot `pos` (the device keeps its own copy in self.pos)."""
-        kv_end = self._kv_end(pos + STEP_TOKENS[strategy])
-        if strategy == "standard":
+    def step(self, plan: "Plan", pos: int, sampling: SamplingParams, gen) -> None:
+        """One decode step (or verified round) with the device slot p at most `pos` (the host's bound)."""
+        kv_end = self._kv_end(pos + plan.span)
+        strategy = plan.strategy
+        if strategy in VERIFIED:
+            if plan.tree is not None:
+                key, fn = ("tree", plan.tree, kv_end), lambda: self._tree_round(plan.tree, kv_end, sampling, gen)
+            else:
+                key, fn = ("chain", plan.draft_len, kv_end), lambda: self._chain_round(plan.draft_len, kv_end,
+                                                                                      sampling, gen)
+            if sampling.greedy:
+                self._run(key, fn)
+            else:  # sampling draws from a host-side generator: run the round's kernels eagerly
+                fn()
+        elif strategy == "standard":
             if sampling.greedy:
                 self._run(("standard", kv_end), lambda: self._standard_greedy(kv_end))
             else:
@@ -204,21 +287,22 @@ class Decoder:
 
     def decode(self, strategy: str, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
                sampling: SamplingParams = SamplingParams(), stop_ids: Sequence[int] = (),
-               stream: StreamFn | None = None, check_every: int = 8) -> DecodeResult:
-        if strategy not in STEP_TOKENS:
-            raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STEP_TOKENS)}")
-        if strategy == "recycle" and self.rmodel is None:
-            raise ValueError("strategy 'recycle' needs a Decoder built on a RecycleModel")
+               stream: StreamFn | None = None, check_every: int = 8, draft_len: int = 4,
+               tree: TreeShape | None = None) -> DecodeResult:
+        """Decode like the reference loops (decoding.py, speculative.py) do. draft_len: the chain length of
+        `speculative`; tree: the shape for `tree` (TreeShape() when None)."""
+        plan = Plan.make(strategy, draft_len, tree)
+        if strategy != "standard" and self.rmodel is None:
+            raise ValueError(f"strategy {strategy!r} needs a Decoder built on a RecycleModel")
         if len(prompts) != self.B:
             raise ValueError(f"this Decoder decodes batches of {self.B} prompts, got {len(prompts)}")
         if not isinstance(check_every, int) or check_every < 1:
             raise ValueError(f"check_every must be an integer >= 1, got {check_every!r}")
         batch = PromptBatch.build(prompts, vocab_size=self.base.cfg.vocab_size, device=self.device)
-        need = check_budget(self.base, batch, max_new_tokens, extra_slots=2)
+        need = check_budget(self.base, batch, max_new_tokens, extra_slots=plan.span)
         if need > self.max_len:
             raise ValueError(f"prompt ({batch.length} tokens) + max_new_tokens ({max_new_tokens}) needs {need} cache "
                              f"slots; this Decoder has {self.max_len}")
-        per_step = STEP_TOKENS[strategy]
         gen = sampling.generator(self.device)
         stats = DecodeStats(strategy)
         out = Collector(self.B, max_new_tokens, stop_ids, stream)
@@ -229,30 +313,32 @@ class Decoder:
             t0 = time.perf_counter()
             self.prefill(strategy, batch, sampling, gen)
             stats.full_calls = 1
-            stats.module_calls = 1 if strategy == "recycle" else 0
-            first = 2 if strategy == "recycle" else 1
-            if strategy == "recycle":  # x_L and x̂_{L+1} are known; emit the first alone for a true TTFT
-                done = out.emit(self.out[:, :1])
-                stats.prefill_seconds = time.perf_counter() - t0
+            stats.module_calls = 0 if strategy == "standard" else 1
+            done = out.emit(self.out[:, :1])
+            stats.prefill_seconds = time.perf_counter() - t0
+            read = 1
+            if strategy == "recycle":  # x̂_{L+1} is known too; emitted after the first for a true TTFT
                 done = done or out.emit(self.out[:, 1:2])
-            else:
-                done = out.emit(self.out[:, :1])
-                stats.prefill_seconds = time.perf_counter() - t0
-            read = first
-            pos = batch.length
+                read = 2
+            pos = batch.length  # the device's slot p, known exactly after each check
             events = []  # on the GPU, one event after each step: timings without a sync per step
             if cuda:
                 events.append(torch.cuda.Event(enable_timing=True))
                 events[-1].record()
             last = time.perf_counter()
+            per_step = float(plan.min_tokens)  # tokens a step keeps: exact for fixed steps, observed for rounds
             while not done:
-                # enough steps for the row furthest from its budget, at most check_every before looking again
-                steps = min(check_every, -(-out.remaining() // per_step))
+                # enough steps for the row furthest from its budget (at the rate seen so far), at most check_every
+                # before looking again, and no more than the cache holds if every round keeps its most tokens
+                wanted = math.ceil(out.remaining() / per_step)
+                room = (self.max_len - plan.span - pos) // plan.max_tokens + 1
+                steps = max(1, min(check_every, wanted, room))
+                bound = pos
                 for _ in range(steps):
-                    self.step(strategy, pos, sampling, gen)
-                    pos += per_step
+                    self.step(plan, bound, sampling, gen)
+                    bound += plan.max_tokens
                     stats.full_calls += 1
-                    stats.module_calls += strategy == "recycle"
+                    stats.module_calls += plan.module_calls
                     if cuda:
                         events.append(torch.cuda.Event(enable_timing=True))
                         events[-1].record()
@@ -260,13 +346,19 @@ class Decoder:
                         now = time.perf_counter()
                         step_seconds.append(now - last)
                         last = now
-                written = read + steps * per_step
-                new = self.out[:, read:written].cpu()  # the one sync: `steps` steps' tokens in one copy
+                upper = read + steps * plan.max_tokens
+                if plan.fixed:
+                    new, written = self.out[:, read:upper].cpu(), upper  # the one sync per check
+                else:  # the one sync per check: the output length with the tokens, in one copy
+                    packed = torch.cat((self.n.expand(self.B)[:, None], self.out[:, read:upper]), dim=1).cpu()
+                    written = int(packed[0, 0])
+                    new = packed[:, 1:1 + written - read]
+                pos += written - read
+                if not plan.fixed:
+                    rounds = stats.full_calls - 1
+                    per_step = max(1.0, (written - 1) / rounds)
                 read = written
-                for j in range(0, new.shape[1], per_step):
-                    done = out.emit(new[:, j:j + per_step])
-                    if done:
-                        break
+                done = out.emit(new)
             _sync(self.device)
             stats.seconds = time.perf_counter() - t0
         if cuda:
@@ -274,7 +366,40 @@ class Decoder:
         stats.new_tokens = sum(len(t) for t in out.tokens)
         if step_seconds:
             stats.step_ms = 1000 * statistics.median(step_seconds)
+        if not plan.fixed:
+            stats.accept_hist = self.hist[:plan.max_tokens].tolist()
         return DecodeResult(out.tokens, stats, out.finished)
+
+
+class Plan(NamedTuple):
+    """How a strategy's steps advance: tokens kept per step (fixed, or at least min and at most max), the cache
+    slots a step may touch past p (span), and module calls per step."""
+
+    strategy: str
+    fixed: bool
+    min_tokens: int
+    max_tokens: int
+    span: int
+    module_calls: int
+    draft_len: int = 0
+    tree: TreeShape | None = None
+
+    @classmethod
+    def make(cls, strategy: str, draft_len: int = 4, tree: TreeShape | None = None) -> "Plan":
+        if strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+        if strategy in STEP_TOKENS:
+            n = STEP_TOKENS[strategy]
+            return cls(strategy, True, n, n, n, int(strategy == "recycle"))
+        if strategy == "tree":
+            t = (tree or TreeShape()).check()
+            if t.depth + 1 > MAX_ROUND_TOKENS:
+                raise ValueError(f"tree depth must be below {MAX_ROUND_TOKENS}, got {t.depth}")
+            return cls(strategy, False, 1, t.depth + 1, max(t.nodes + 1, t.module_slots), t.depth, tree=t)
+        K = 1 if strategy == "recycle-verified" else check_draft_len(draft_len)
+        if K + 1 > MAX_ROUND_TOKENS:
+            raise ValueError(f"draft_len must be below {MAX_ROUND_TOKENS - 1}, got {K}")
+        return cls(strategy, False, 1, K + 1, K + 1, K, draft_len=K)
 
 
 class Engine:
@@ -299,8 +424,9 @@ class Engine:
 
     def decode(self, strategy: str, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, **kw) -> DecodeResult:
         longest = max((len(p) for p in prompts), default=0)
+        span = Plan.make(strategy, kw.get("draft_len", 4), kw.get("tree")).span
         # leave headroom so that the next, slightly longer prompt reuses this Decoder and its graphs
-        need = round_up(longest + max_new_tokens + 2, self.bucket)
+        need = round_up(longest + max_new_tokens + max(span, 2), self.bucket)
         base = self.model.base if isinstance(self.model, RecycleModel) else self.model
         need = min(need, base.cfg.context_length)
         return self.decoder(len(prompts), need).decode(strategy, prompts, max_new_tokens=max_new_tokens, **kw)

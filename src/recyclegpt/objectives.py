@@ -56,7 +56,8 @@ def _lm_terms(logits: torch.Tensor, targets: torch.Tensor, with_grad: bool) -> d
 
 def recycle_losses(model: RecycleModel, idx: torch.Tensor, *, lam: float, loss_mask: torch.Tensor | None = None,
                    target: RecycleTarget = "data", train_base: bool = True,
-                   detach_hidden: bool = False, feature_weight: float = 0.0) -> dict[str, torch.Tensor]:
+                   detach_hidden: bool = False, feature_weight: float = 0.0, rollout: int = 1,
+                   rollout_weight: float = 1.0) -> dict[str, torch.Tensor]:
     """Losses of a RecycleModel on idx (B, T), T >= 3.
 
     Returns {"loss": the tensor to backpropagate, "lm", "rec": detached means, "lm_acc", "rec_acc": top-1
@@ -72,6 +73,12 @@ def recycle_losses(model: RecycleModel, idx: torch.Tensor, *, lam: float, loss_m
         x_{t+2} from), both through the base's final norm, averaged over d. An output equal to h_{t+1} would make
         the module's prediction the base's; it is also what a multi-step drafter feeds back in place of h.
         Reported as "feat"; "rec" stays the token loss.
+    rollout > 1 trains the module as a multi-step drafter (speculative.speculative): at depth k = 2..rollout the
+        module reads, in place of h_t, its own depth-(k-1) output at position t-1 (which plays h_t's role: both
+        predict x_{t+1} through the head), with the true tokens x_{t+1}, and predicts x_{t+2} against the same
+        target. Every position of a depth-k pass reads rolled-out states (at decoding time the earlier slots hold
+        true states: an approximation, as in EAGLE's training). The rolled-out inputs are detached. L_rec becomes
+        L_1 + rollout_weight * mean_k L_k; "roll" and "roll_agree" report the deeper depths' loss and agreement.
     train_base=False (retrofit): the base runs under no_grad and loss = L_rec (lam is not used: the only
         parameters that train are the module's, and AdamW is nearly invariant to a constant loss scale). The caller
         freezes the base's parameters (requires_grad=False) so that the shared head collects no gradients.
@@ -102,18 +109,41 @@ def recycle_losses(model: RecycleModel, idx: torch.Tensor, *, lam: float, loss_m
     from_pos1 = (torch.arange(T - 1, device=idx.device) >= 1).expand(B, T - 1)
     teacher_logits = logits[_select(from_pos1, lm_sel)].detach().float()
 
-    terms = []
-    if target in ("data", "both"):
-        terms.append(_token_ce(rec_logits, rec_targets))
-    if target in ("distill", "both"):
-        # KL(p_base || q_module) per position, summed over the vocabulary
-        log_q = F.log_softmax(rec_logits, dim=-1)
-        log_p = F.log_softmax(teacher_logits, dim=-1)
-        terms.append((log_p.exp() * (log_p - log_q)).sum(-1))
-    rec = _mean(sum(terms) / len(terms))
+    def token_loss(logits: torch.Tensor, targets: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        terms = []
+        if target in ("data", "both"):
+            terms.append(_token_ce(logits, targets))
+        if target in ("distill", "both"):
+            # KL(p_base || q_module) per position, summed over the vocabulary
+            log_q = F.log_softmax(logits, dim=-1)
+            log_p = F.log_softmax(teacher, dim=-1)
+            terms.append((log_p.exp() * (log_p - log_q)).sum(-1))
+        return _mean(sum(terms) / len(terms))
+
+    rec = token_loss(rec_logits, rec_targets, teacher_logits)
+    if rollout > 1:
+        t_idx = torch.arange(T - 2, device=idx.device).expand(B, T - 2)
+        state, losses, agree, n = rec_hidden.detach(), [], 0.0, 0
+        for k in range(2, min(rollout, T - 2) + 1):
+            # positions t = k-1..T-3 read (depth-(k-1) output at t-1, x_{t+1})
+            out_k = model.recycle(state[:, :-1], idx[:, k:-1], num_logits=0).hidden
+            deep = t_idx >= k - 1
+            sub = _select(deep, rec_sel)  # which of depth 1's selected targets depth k also has
+            logits_k = model.base.head(_select(F.pad(out_k, (0, 0, k - 1, 0)), deep if rec_sel is None
+                                               else rec_sel & deep)).float()
+            losses.append(token_loss(logits_k, rec_targets[sub], teacher_logits[sub]))
+            agree += (logits_k.argmax(-1) == teacher_logits[sub].argmax(-1)).float().sum()
+            n += int(sub.sum())
+            state = out_k.detach()
+        if losses:
+            roll = sum(losses) / len(losses)
+            out["roll"] = roll.detach()
+            out["roll_agree"] = agree / max(n, 1) if n else torch.zeros((), device=idx.device)
+            out["roll_tokens"] = torch.tensor(n, device=idx.device)
+            rec = rec + rollout_weight * roll
 
     rec_pred = rec_logits.argmax(-1)
-    out["rec"] = rec.detach()
+    out["rec"] = rec.detach() if "roll" not in out else (rec - rollout_weight * out["roll"]).detach()
     if feature_weight > 0:
         norm = model.base.norm
         target_h = norm(_select(hidden[:, 1:-1], rec_sel)).detach().float()

@@ -7,8 +7,9 @@ import argparse
 
 import torch
 
-from .api import DEFAULT_MODEL, RecycleGPT
+from .api import DEFAULT_DRAFT_LEN, DEFAULT_MODEL, RecycleGPT
 from .config import RecycleConfig
+from .speculative import TreeShape
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -47,3 +48,24 @@ def load_model(args: argparse.Namespace) -> RecycleGPT:
     return RecycleGPT.from_pretrained(args.model, recycle=args.recycle, device=args.device,
                                       dtype=parse_dtype(args.dtype),
                                       random_module=RecycleConfig(n_layer=args.recycle_layers))
+
+
+def add_draft_args(p: argparse.ArgumentParser, *, tree_flag: bool = True) -> None:
+    """The options of the lossless strategies (speculative.py); tree_flag: also --tree (generate)."""
+    t = TreeShape()
+    p.add_argument("--draft-len", type=int, default=DEFAULT_DRAFT_LEN,
+                   help=f"speculative: tokens the module drafts per full call (default {DEFAULT_DRAFT_LEN})")
+    if tree_flag:
+        p.add_argument("--tree", action="store_true",
+                       help="speculative with a draft tree instead of a chain (the same as --strategy tree)")
+    p.add_argument("--tree-depth", type=int, default=t.depth, help=f"tree: levels drafted (default {t.depth})")
+    p.add_argument("--tree-topk", type=int, default=t.topk,
+                   help=f"tree: children per expanded node and nodes expanded per level (default {t.topk})")
+    p.add_argument("--tree-nodes", type=int, default=t.nodes,
+                   help=f"tree: drafted nodes the full model verifies per call (default {t.nodes})")
+
+
+def draft_options(args: argparse.Namespace) -> dict:
+    """generate()'s keyword arguments from the flags of `add_draft_args`."""
+    return {"draft_len": args.draft_len,
+            "tree_shape": TreeShape(args.tree_depth, args.tree_topk, args.tree_nodes).check()}

@@ -174,19 +174,96 @@ def recycle_verified(model: RecycleModel, prompts: Sequence[Sequence[int]], **kw
 # -- the draft tree ----------------------------------------------------------------------------------------------
 
 
-def tree_attention(pad: torch.Tensor | None, p: int, positions: torch.Tensor, sees: torch.Tensor,
-                   first_slot: int) -> Tree:
-    """The `Tree` for T new tokens of one row batch: every token sees the committed slots [pad_b, p) and, among the
-    tree's slots first_slot.., those flagged in sees (B, T, n); positions (B, T) are logical (pad removed)."""
+class TreeDraft(NamedTuple):
+    """A drafted tree, ready for verification: N kept nodes below the root (the pending token, at slot p)."""
+
+    tokens: torch.Tensor  # (B, N)
+    parent: torch.Tensor  # (B, N), into [root, nodes]
+    depth: torch.Tensor  # (B, N), 1 for the root's children
+    sees: torch.Tensor  # (B, N+1, N+1): ancestor-or-self flags over [root, nodes]
+    positions: torch.Tensor  # (B, N+1): p + depth, the root at p
+
+
+def tree_attention(pad: torch.Tensor | None, p, positions: torch.Tensor, sees: torch.Tensor, kv_end: int) -> Tree:
+    """The `Tree` for T new tokens in the n slots from p: each sees the committed slots [pad_b, p) and, among the
+    tree's slots p..p+n-1, those flagged in sees (B, T, n). positions (B, T) count the padding (it is removed here).
+    p may be an int or a (1,) device tensor (the engine's), so the mask needs no host value of p."""
     B, T, n = sees.shape
-    kv_end = first_slot + n
     slots = torch.arange(kv_end, device=sees.device)
     lo = pad[:, None] if pad is not None else torch.zeros(B, 1, dtype=torch.long, device=sees.device)
     committed = (slots[None] < p) & (slots[None] >= lo)  # (B, kv_end)
-    mask = committed[:, None, :].expand(B, T, kv_end).clone()
-    mask[:, :, first_slot:] |= sees
-    shift = pad[:, None] if pad is not None else 0
-    return Tree(positions - shift, mask[:, None])
+    rel = slots - p  # a tree slot's index, for slots p..p+n-1
+    in_tree = (rel >= 0) & (rel < n)
+    tree_part = sees.gather(2, rel.clamp(0, n - 1)[None, None].expand(B, T, kv_end)) & in_tree
+    mask = committed[:, None, :] | tree_part
+    return Tree(positions - (pad[:, None] if pad is not None else 0), mask[:, None])
+
+
+def draft_tree(recycle_fn, mcache: KVCache, pad: torch.Tensor | None, p, kv_end: int, state: torch.Tensor,
+               logits: torch.Tensor, shape: TreeShape) -> TreeDraft:
+    """Expand a draft tree with the module (EAGLE-2's dynamic tree).
+
+    state (B, 1, d), logits (B, V): the module's output at slot p-1 (its catch-up), which predicts x_{p+1}. The
+    root's top-k become depth-1 candidates; at each further level the k best frontier nodes (by cumulative draft
+    log-probability) are expanded in one module call over k tokens, each at module slot p + (level-1)*k + j and
+    seeing its ancestors' expansion slots, and their top-k children become candidates. The best N candidates are
+    kept. recycle_fn is `RecycleModel.recycle` (or a compiled copy); p an int or a (1,) device tensor; kv_end an
+    upper bound for the module slots (>= p + (depth-1)*k). Shapes depend only on `shape`: graph-capturable.
+    """
+    D, k, N = shape
+    B, dev = logits.shape[0], logits.device
+    ar = torch.arange(k, device=dev)
+    top = torch.log_softmax(logits.float(), -1).topk(k, dim=-1)
+    # candidates in creation order (parents before children): token, score, parent (-1: root), depth, and the
+    # ancestor-or-self flags over all candidates; the frontier is the k candidates expanded next
+    tok, score = [top.indices], [top.values]
+    parent = [torch.full((B, k), -1, dtype=torch.long, device=dev)]
+    depth = [torch.ones(k, dtype=torch.long, device=dev)]
+    M_max = k + (D - 1) * k * k
+    anc = torch.zeros(B, M_max, M_max, dtype=torch.bool, device=dev)
+    anc[:, ar, ar] = True
+    own = torch.eye(k, dtype=torch.bool, device=dev).expand(B, k, k)
+    front = ar.expand(B, k)  # candidate ids of the frontier
+    front_state = state.expand(B, k, state.shape[-1])
+    front_sees = own  # over the expansion slots used so far
+    M = k
+    for level in range(1, D):
+        front_tok = torch.cat(tok, 1).gather(1, front)
+        positions = (p + level - 1) + torch.zeros(B, k, dtype=torch.long, device=dev)
+        out = recycle_fn(front_state, front_tok, input_pos=p + (level - 1) * k + ar, cache=mcache, kv_end=kv_end,
+                         tree=tree_attention(pad, p, positions, front_sees, kv_end))
+        child = torch.log_softmax(out.logits.float(), -1).topk(k, dim=-1)  # (B, k, k)
+        cand_score = (torch.cat(score, 1).gather(1, front)[..., None] + child.values).reshape(B, k * k)
+        cand_parent = front[..., None].expand(B, k, k).reshape(B, k * k)
+        ids = torch.arange(M, M + k * k, device=dev)
+        anc[:, ids] = anc.gather(1, cand_parent[..., None].expand(B, k * k, M_max))
+        anc[:, ids, ids] = True
+        tok.append(child.indices.reshape(B, k * k))
+        score.append(cand_score)
+        parent.append(cand_parent)
+        depth.append(torch.full((k * k,), level + 1, dtype=torch.long, device=dev))
+        # the next frontier: the k best new candidates, each seeing its parent's expansion slots and its own
+        best = cand_score.topk(k, dim=-1).indices  # (B, k), into the k*k new candidates
+        from_slot = best // k  # the parent's place in this level's frontier (= its expansion slot)
+        front_sees = torch.cat((front_sees.gather(1, from_slot[..., None].expand(B, k, front_sees.shape[-1])), own),
+                               dim=-1)
+        front_state = out.hidden.gather(1, from_slot[..., None].expand(B, k, out.hidden.shape[-1]))
+        front = M + best
+        M += k * k
+    tok, score, parent, depth = torch.cat(tok, 1), torch.cat(score, 1), torch.cat(parent, 1), torch.cat(depth)
+    # keep the best N; scores never rise along a path and a stable sort puts a parent before an equal-scored child,
+    # so the kept set is closed under ancestors
+    keep = torch.sort(score, dim=-1, descending=True, stable=True).indices[:, :N].sort(dim=-1).values  # (B, N)
+    where = torch.full((B, M), -1, dtype=torch.long, device=dev)  # candidate -> its index among the kept
+    where.scatter_(1, keep, torch.arange(N, device=dev).expand(B, N))
+    k_parent = parent.gather(1, keep)
+    k_parent = torch.where(k_parent < 0, 0, where.gather(1, k_parent.clamp(min=0)) + 1)  # into [root, kept]
+    k_depth = depth[keep]
+    sees = torch.zeros(B, N + 1, N + 1, dtype=torch.bool, device=dev)
+    sees[:, :, 0] = True  # the root (the pending token)
+    sees[:, 1:, 1:] = anc[:, :M, :M].gather(1, keep[..., None].expand(B, N, M)).gather(2, keep[:, None].expand(B, N, N))
+    positions = p + torch.cat((torch.zeros(B, 1, dtype=torch.long, device=dev), k_depth), 1)
+    return TreeDraft(tok.gather(1, keep), k_parent, k_depth, sees, positions)
 
 
 @torch.inference_mode()
@@ -197,71 +274,15 @@ def tree(model: RecycleModel, prompts: Sequence[Sequence[int]], *, max_new_token
     D, k, N = shape.check()
     r = _Round(model, prompts, max_new_tokens, max(N, shape.module_slots) + 1, name, sampling, stop_ids, stream)
     r.stats.accept_hist = [0] * (D + 1)
-    dev = r.device
     done = r.prefill()
     while not done:
-        p, B = r.p, r.batch.ids.shape[0]
+        p, B, dev = r.p, len(r.out.tokens), r.device
         logits, state = r.catch_up()
-        # candidates in creation order (parents before children): token, score, parent (-1: root), depth, and the
-        # ancestor-or-self flags over all candidates; the frontier is the k candidates expanded next
-        top = torch.log_softmax(logits.float(), -1).topk(k, dim=-1)
-        tok, score = [top.indices], [top.values]
-        parent = [torch.full((B, k), -1, dtype=torch.long, device=dev)]
-        depth = [torch.ones(k, dtype=torch.long, device=dev)]
-        M_max = k + (D - 1) * k * k
-        anc = torch.zeros(B, M_max, M_max, dtype=torch.bool, device=dev)
-        anc[:, torch.arange(k), torch.arange(k)] = True
-        front = torch.arange(k, device=dev).expand(B, k)  # candidate ids of the frontier
-        front_state = state.expand(B, k, state.shape[-1])
-        front_sees = torch.eye(k, dtype=torch.bool, device=dev).expand(B, k, k)  # over expansion slots so far
-        M = k
-        for level in range(1, D):  # expand the level-`level` frontier: module slots p + (level-1)*k + j
-            first = p + (level - 1) * k
-            front_tok = torch.cat(tok, 1).gather(1, front)
-            positions = torch.full((B, k), p + level - 1, dtype=torch.long, device=dev)
-            out = model.recycle(front_state, front_tok, input_pos=_slots(first, k, dev), cache=r.mcache,
-                                kv_end=first + k, tree=tree_attention(r.pad, p, positions, front_sees, p))
-            r.stats.module_calls += 1
-            child = torch.log_softmax(out.logits.float(), -1).topk(k, dim=-1)  # (B, k, k)
-            front_score = torch.cat(score, 1).gather(1, front)
-            cand_score = (front_score[..., None] + child.values).reshape(B, k * k)
-            cand_parent = front[..., None].expand(B, k, k).reshape(B, k * k)
-            ids = torch.arange(M, M + k * k, device=dev)
-            anc[:, ids] = anc.gather(1, cand_parent[..., None].expand(B, k * k, M_max))
-            anc[:, ids, ids] = True
-            tok.append(child.indices.reshape(B, k * k))
-            score.append(cand_score)
-            parent.append(cand_parent)
-            depth.append(torch.full((k * k,), level + 1, dtype=torch.long, device=dev))
-            # the next frontier: the k best new candidates, each seeing its parent's expansion slots and its own
-            best = cand_score.topk(k, dim=-1).indices  # (B, k), into the k*k new candidates
-            from_slot = best // k  # which frontier node (= expansion slot of this level) is the parent
-            own = torch.zeros(B, k, k, dtype=torch.bool, device=dev)
-            own[:, torch.arange(k), torch.arange(k)] = True
-            front_sees = torch.cat((front_sees.gather(1, from_slot[..., None].expand(B, k, front_sees.shape[-1])),
-                                    own), dim=-1)
-            front_state = out.hidden.gather(1, from_slot[..., None].expand(B, k, out.hidden.shape[-1]))
-            front = M + best
-            M += k * k
-        tok, score, parent = torch.cat(tok, 1), torch.cat(score, 1), torch.cat(parent, 1)
-        depth = torch.cat(depth)
-        # keep the best N candidates; scores never rise along a path and a stable sort puts a parent before an
-        # equal-scored child, so the kept set is closed under ancestors
-        keep = torch.sort(score, dim=-1, descending=True, stable=True).indices[:, :N].sort(dim=-1).values  # (B, N)
-        where = torch.full((B, M), -1, dtype=torch.long, device=dev)  # candidate -> its index among the kept
-        where.scatter_(1, keep, torch.arange(N, device=dev).expand(B, N))
-        k_parent = parent.gather(1, keep)
-        k_parent = torch.where(k_parent < 0, 0, where.gather(1, k_parent.clamp(min=0)) + 1)  # into [root, kept]
-        k_depth = depth[keep]  # (B, N)
-        k_anc = anc[:, :M, :M].gather(1, keep[..., None].expand(B, N, M)).gather(2, keep[:, None].expand(B, N, N))
-        sees = torch.zeros(B, N + 1, N + 1, dtype=torch.bool, device=dev)
-        sees[:, :, 0] = True  # the root (the pending token)
-        sees[:, 1:, 1:] = k_anc
-        positions = torch.cat((torch.zeros(B, 1, dtype=torch.long, device=dev), k_depth), 1) + p
-        k_tok = tok.gather(1, keep)
-        full = r.base(torch.cat((r.pending[:, None], k_tok), 1), input_pos=_slots(p, N + 1, dev), cache=r.cache,
-                      kv_end=p + N + 1, tree=tree_attention(r.pad, p, positions, sees, p))
-        a, tokens, path = verify_tree(k_tok, k_parent, k_depth, full.logits, sampling, r.gen)
+        t = draft_tree(model.recycle, r.mcache, r.pad, p, p + shape.module_slots, state, logits, shape)
+        r.stats.module_calls += D - 1
+        full = r.base(torch.cat((r.pending[:, None], t.tokens), 1), input_pos=_slots(p, N + 1, dev), cache=r.cache,
+                      kv_end=p + N + 1, tree=tree_attention(r.pad, p, t.positions, t.sees, p + N + 1))
+        a, tokens, path = verify_tree(t.tokens, t.parent, t.depth, D, full.logits, sampling, r.gen)
         m = int(a.min())  # the round's host sync
         if m:  # move the accepted path's keys and values into slots p+1..p+m
             r.cache.move(p + path[:, :m], _slots(p + 1, m, dev))

@@ -55,6 +55,9 @@ class TrainConfig:
     target: RecycleTarget = "data"  # the module's target: data tokens, the base's distribution, or both
     detach_hidden: bool = False  # joint regime: stop L_rec's gradient at h_t (the base then learns from L_lm only)
     feature_weight: float = 0.0  # weight of the EAGLE-style feature regression added to L_rec (objectives.py)
+    rollout: int = 1  # draft depths trained (1: teacher-forced only; >1: also on rolled-out states, objectives.py)
+    rollout_weight: float = 1.0  # weight of the deeper depths' mean loss
+    init_module: str | None = None  # retrofit: start from this module checkpoint (fine-tuning) instead of random
     eval_every: int = 100  # steps between evaluations (0: only at the start and the end)
     eval_batches: int = 8  # validation batches of batch_size sequences
     save_every: int = 0  # steps between checkpoints (0: only at the end)
@@ -83,7 +86,9 @@ class TrainConfig:
             raise ConfigError(f"warmup={self.warmup} exceeds steps={self.steps}")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             raise ConfigError(f"betas must be in [0, 1), got {self.beta1}, {self.beta2}")
-        for name in ("weight_decay", "grad_clip", "lam", "feature_weight"):
+        if not isinstance(self.rollout, int) or self.rollout < 1:
+            raise ConfigError(f"TrainConfig.rollout must be an integer >= 1, got {self.rollout!r}")
+        for name in ("weight_decay", "grad_clip", "lam", "feature_weight", "rollout_weight"):
             if not getattr(self, name) >= 0:
                 raise ConfigError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
         if self.target not in ("data", "distill", "both"):
@@ -122,12 +127,14 @@ def _objective(model: RecycleModel | Transformer, idx: torch.Tensor, mask: torch
                train_base: bool) -> dict[str, torch.Tensor]:
     if isinstance(model, RecycleModel):
         return recycle_losses(model, idx, lam=cfg.lam, loss_mask=mask, target=cfg.target, train_base=train_base,
-                              detach_hidden=cfg.detach_hidden, feature_weight=cfg.feature_weight)
+                              detach_hidden=cfg.detach_hidden, feature_weight=cfg.feature_weight,
+                              rollout=cfg.rollout, rollout_weight=cfg.rollout_weight)
     return lm_losses(model, idx, loss_mask=mask)
 
 
 _EVAL_KEYS = (("lm", "lm_tokens"), ("lm_acc", "lm_tokens"), ("rec", "rec_tokens"), ("rec_acc", "rec_tokens"),
-              ("rec_agree", "rec_tokens"), ("feat", "rec_tokens"))
+              ("rec_agree", "rec_tokens"), ("feat", "rec_tokens"), ("roll", "roll_tokens"),
+              ("roll_agree", "roll_tokens"))
 
 
 @torch.no_grad()
@@ -313,6 +320,14 @@ def retrofit(*, cfg: TrainConfig, base: Transformer, tokenizer: Tokenizer, rcfg:
     base.eval()
     if resume:
         module = load_module(out_dir, base, dtype=torch.float32)
+    elif cfg.init_module:
+        if not Path(cfg.init_module).exists():
+            raise FileNotFoundError(f"--init-module {cfg.init_module!r} does not exist (give a module checkpoint "
+                                    f"directory)")
+        module = load_module(cfg.init_module, base, dtype=torch.float32).to(cfg.device)
+        if module.cfg != rcfg:
+            print(f"retrofit: --init-module has its own architecture {module.cfg}; the module options are ignored",
+                  file=sys.stderr)
     else:
         torch.manual_seed(cfg.seed)
         module = RecyclableModule(base.cfg, rcfg).to(cfg.device)

@@ -61,20 +61,21 @@ def verify_chain(draft: torch.Tensor, draft_probs: torch.Tensor | None, logits: 
     return a, torch.where(keep, torch.cat((draft, fixed[:, K:]), dim=1), fixed)
 
 
-def verify_tree(tokens: torch.Tensor, parent: torch.Tensor, depth: torch.Tensor, logits: torch.Tensor,
-                params: SamplingParams, generator: torch.Generator | None = None
+def verify_tree(tokens: torch.Tensor, parent: torch.Tensor, depth: torch.Tensor, levels: int,
+                logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Verify a draft tree of N nodes below a root (the pending token).
 
     tokens (B, N): node tokens; parent (B, N): each node's parent as an index into [root, node 0, ..., node N-1]
-    (0 is the root); depth (B, N): 1 for the root's children; logits (B, N+1, V): the full model's logits at
+    (0 is the root); depth (B, N): 1 for the root's children; levels: the tree's depth D (>= every depth; given,
+    not read from `depth`, so that nothing syncs); logits (B, N+1, V): the full model's logits at
     [root, nodes]. Siblings must carry distinct tokens.
     Returns (a (B,), tokens (B, D+1), path (B, D)): the accepted depth, the emitted-token table (the full model's
     token at the root and at each accepted node), and the accepted nodes' indices into [root, nodes] by depth
     (entries past a are 0).
     """
     B, N = tokens.shape
-    D = int(depth.max()) if N else 0
+    D = levels
     y = logits.argmax(-1) if params.greedy else draw(logits_to_probs(logits, params), generator)  # (B, N+1)
     ok = torch.ones(B, N + 1, dtype=torch.bool, device=tokens.device)  # ok[:, 0]: the root
     ok[:, 1:] = False
