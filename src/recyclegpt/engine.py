@@ -230,30 +230,33 @@ class Decoder:
 
     # -- one call --------------------------------------------------------------------------------------------------
 
-    def prefill(self, strategy: str, batch: PromptBatch, sampling: SamplingParams, gen) -> None:
-        """Run the prompt through the base (and the module); `out` gets x_L, and for recycle x̂_{L+1}. For the
-        verified rounds the module's output at slot L-1 is kept (g, d_logits): the first round drafts from it."""
+    def prefill(self, batch: PromptBatch, sampling: SamplingParams, gen) -> torch.Tensor:
+        """Run the prompt through the base; `out` gets x_L. Returns the prompt's hidden states for the module."""
         L = batch.length
         self.pad.copy_(batch.pad if batch.pad is not None else torch.zeros_like(self.pad))
-        slots = torch.arange(L, device=self.device)
-        full = self.base(batch.ids, input_pos=slots, cache=self.cache, pad=self.pad, kv_end=L, num_logits=1)
+        full = self.base(batch.ids, input_pos=torch.arange(L, device=self.device), cache=self.cache, pad=self.pad,
+                         kv_end=L, num_logits=1)
         first = sample(full.logits[:, -1], sampling, gen)
         self.x_next.copy_(first[:, None])
         self.n.zero_()
         self._emit(self.x_next)
         self.pos.fill_(L)
         self.hist.zero_()
-        if strategy == "standard":
-            return
-        next_tokens = torch.cat((batch.ids[:, 1:], first[:, None]), dim=1)
-        rec = self.rmodel.recycle(full.hidden, next_tokens, input_pos=slots, cache=self.mcache, pad=self.pad,
-                                  kv_end=L, num_logits=1)
+        return full.hidden
+
+    def prefill_module(self, strategy: str, batch: PromptBatch, hidden: torch.Tensor, sampling: SamplingParams,
+                       gen) -> None:
+        """The module over the prompt's slots. recycle: `out` gets x̂_{L+1}; the verified rounds keep its output at
+        slot L-1 (g, d_logits), which the first round drafts from."""
+        L = batch.length
+        next_tokens = torch.cat((batch.ids[:, 1:], self.x_next), dim=1)
+        rec = self.rmodel.recycle(hidden, next_tokens, input_pos=torch.arange(L, device=self.device),
+                                  cache=self.mcache, pad=self.pad, kv_end=L, num_logits=1)
         if strategy in VERIFIED:
             self.g.copy_(rec.hidden[:, -1:])
             self.d_logits.copy_(rec.logits[:, -1])
             return
-        second = sample(rec.logits[:, -1], sampling, gen)
-        self.x_rec.copy_(second[:, None])
+        self.x_rec.copy_(sample(rec.logits[:, -1], sampling, gen)[:, None])
         self._emit(self.x_rec)
 
     def step(self, plan: "Plan", pos: int, sampling: SamplingParams, gen) -> None:
@@ -311,15 +314,18 @@ class Decoder:
         with torch.inference_mode():
             _sync(self.device)
             t0 = time.perf_counter()
-            self.prefill(strategy, batch, sampling, gen)
+            hidden = self.prefill(batch, sampling, gen)
             stats.full_calls = 1
-            stats.module_calls = 0 if strategy == "standard" else 1
-            done = out.emit(self.out[:, :1])
+            done = out.emit(self.out[:, :1])  # the first token, before the module runs: a true TTFT
             stats.prefill_seconds = time.perf_counter() - t0
             read = 1
-            if strategy == "recycle":  # x̂_{L+1} is known too; emitted after the first for a true TTFT
-                done = done or out.emit(self.out[:, 1:2])
-                read = 2
+            if strategy != "standard" and not done:
+                self.prefill_module(strategy, batch, hidden, sampling, gen)
+                stats.module_calls = 1
+                if strategy == "recycle":
+                    done = out.emit(self.out[:, 1:2])
+                    read = 2
+            del hidden
             pos = batch.length  # the device's slot p, known exactly after each check
             events = []  # on the GPU, one event after each step: timings without a sync per step
             if cuda:
