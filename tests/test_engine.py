@@ -113,7 +113,7 @@ def test_cuda_graphs_replay_the_same_steps(strategy):
             reference(model, strategy, prompts, max_new_tokens=30, sampling=sampling).tokens)
     model.to(torch.bfloat16)
     bf = Engine(model, graphs=True, bucket=16).decode(strategy, prompts, max_new_tokens=50).tokens
-    assert bf == Engine(model, graphs=False, bucket=16).decode(strategy, prompts, max_new_tokens=50).tokens
+    assert bf == Engine(model, graphs=False, bucket=16, fuse=True).decode(strategy, prompts, max_new_tokens=50).tokens
 
 
 # -- the verified rounds (speculative.py's strategies) -------------------------------------------------------------
@@ -176,3 +176,24 @@ def test_cuda_graphs_replay_the_verified_rounds(strategy):
             ref(model, prompts, max_new_tokens=30, sampling=sampling).tokens)
     compiled = Engine(model, graphs=True, bucket=16, compile=True)
     assert compiled.decode(strategy, prompts, max_new_tokens=40, **opts).tokens == want
+
+
+def test_fused_projections_give_the_same_logits_and_tokens():
+    from recyclegpt.model import fuse_projections
+
+    model = build(6, n_layer=2)
+    prompts = random_prompts(5, 3, model.base.cfg.vocab_size)
+    ids = torch.tensor([prompts[0]])
+    with torch.no_grad():
+        before = model.base(ids).logits
+    want = reference(model, "recycle", prompts, max_new_tokens=30).tokens
+    fuse_projections(model)
+    block = model.base.layers[0]
+    assert block.attn.wq.weight.data_ptr() == block.attn.wqkv.data_ptr()  # a view: no extra memory
+    with torch.no_grad():
+        torch.testing.assert_close(model.base(ids).logits, before, rtol=1e-5, atol=1e-5)
+    got = Engine(model, bucket=16, fuse=True).decode("recycle", prompts, max_new_tokens=30).tokens
+    assert got == want
+    with torch.enable_grad():  # training never takes the fused path: gradients reach the separate weights
+        model.base(ids).logits.sum().backward()
+    assert block.attn.wk.weight.grad is not None and block.mlp.w3.weight.grad is not None

@@ -130,7 +130,8 @@ def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 
 
 def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    # a copy: weights may be views into fused matrices (model.fuse_projections), which safetensors refuses
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in module.state_dict().items()}
 
 
 def _load_state(module: torch.nn.Module, tensors: dict[str, torch.Tensor], path: Path) -> None:

@@ -34,7 +34,7 @@ from typing import Callable, NamedTuple, Sequence
 import torch
 
 from .decoding import Collector, DecodeResult, DecodeStats, PromptBatch, StreamFn, _sync, check_budget
-from .model import KVCache, RecycleModel, Transformer
+from .model import KVCache, RecycleModel, Transformer, fuse_projections, prefill_attention
 from .sampling import SamplingParams, draw, logits_to_probs, sample
 from .speculative import TreeShape, check_draft_len, draft_tree, tree_attention
 from .verify import verify_chain, verify_tree
@@ -57,7 +57,12 @@ class Decoder:
     """
 
     def __init__(self, model: Transformer | RecycleModel, batch_size: int, max_len: int, *, graphs: bool = False,
-                 bucket: int = 256, compile: bool = False) -> None:
+                 bucket: int = 256, compile: bool = False, fuse: bool | None = None) -> None:
+        """fuse: fused QKV and gate-up matmuls (model.fuse_projections; default: with graphs, where launches
+        dominate). The values are the same up to the matmul's rounding, so tokens can differ in the last bit of a
+        near-tie from an unfused run."""
+        if graphs if fuse is None else fuse:
+            fuse_projections(model)
         self.rmodel = model if isinstance(model, RecycleModel) else None
         self.base: Transformer = model.base if self.rmodel is not None else model
         p = self.base.tok_emb.weight
@@ -234,8 +239,9 @@ class Decoder:
         """Run the prompt through the base; `out` gets x_L. Returns the prompt's hidden states for the module."""
         L = batch.length
         self.pad.copy_(batch.pad if batch.pad is not None else torch.zeros_like(self.pad))
-        full = self.base(batch.ids, input_pos=torch.arange(L, device=self.device), cache=self.cache, pad=self.pad,
-                         kv_end=L, num_logits=1)
+        with prefill_attention():
+            full = self.base(batch.ids, input_pos=torch.arange(L, device=self.device), cache=self.cache,
+                             pad=self.pad, kv_end=L, num_logits=1)
         first = sample(full.logits[:, -1], sampling, gen)
         self.x_next.copy_(first[:, None])
         self.n.zero_()
@@ -250,8 +256,9 @@ class Decoder:
         slot L-1 (g, d_logits), which the first round drafts from."""
         L = batch.length
         next_tokens = torch.cat((batch.ids[:, 1:], self.x_next), dim=1)
-        rec = self.rmodel.recycle(hidden, next_tokens, input_pos=torch.arange(L, device=self.device),
-                                  cache=self.mcache, pad=self.pad, kv_end=L, num_logits=1)
+        with prefill_attention():
+            rec = self.rmodel.recycle(hidden, next_tokens, input_pos=torch.arange(L, device=self.device),
+                                      cache=self.mcache, pad=self.pad, kv_end=L, num_logits=1)
         if strategy in VERIFIED:
             self.g.copy_(rec.hidden[:, -1:])
             self.d_logits.copy_(rec.logits[:, -1])
@@ -412,11 +419,11 @@ class Engine:
     """Decoders by batch size and cache length for one model, so that captured graphs are reused across calls."""
 
     def __init__(self, model: Transformer | RecycleModel, *, graphs: bool | None = None, bucket: int = 256,
-                 compile: bool = False) -> None:
+                 compile: bool = False, fuse: bool | None = None) -> None:
         base = model.base if isinstance(model, RecycleModel) else model
         self.model = model
         self.graphs = base.tok_emb.weight.device.type == "cuda" if graphs is None else graphs
-        self.bucket, self.compile = bucket, compile
+        self.bucket, self.compile, self.fuse = bucket, compile, fuse
         self._decoders: dict[tuple[int, int], Decoder] = {}
 
     def decoder(self, batch_size: int, need: int) -> Decoder:
@@ -424,7 +431,8 @@ class Engine:
         fits = [k for k in self._decoders if k[0] == batch_size and k[1] >= need]
         if fits:
             return self._decoders[min(fits, key=lambda k: k[1])]
-        dec = Decoder(self.model, batch_size, need, graphs=self.graphs, bucket=self.bucket, compile=self.compile)
+        dec = Decoder(self.model, batch_size, need, graphs=self.graphs, bucket=self.bucket, compile=self.compile,
+                      fuse=self.fuse)
         self._decoders[(batch_size, dec.max_len)] = dec
         return dec
 

@@ -221,7 +221,8 @@ def draft_tree(recycle_fn, mcache: KVCache, pad: torch.Tensor | None, p, kv_end:
     depth = [torch.ones(k, dtype=torch.long, device=dev)]
     M_max = k + (D - 1) * k * k
     anc = torch.zeros(B, M_max, M_max, dtype=torch.bool, device=dev)
-    anc[:, ar, ar] = True
+    true = torch.ones((), dtype=torch.bool, device=dev)  # a device value: no host copy inside a CUDA graph
+    anc[:, ar, ar] = true
     own = torch.eye(k, dtype=torch.bool, device=dev).expand(B, k, k)
     front = ar.expand(B, k)  # candidate ids of the frontier
     front_state = state.expand(B, k, state.shape[-1])
@@ -237,7 +238,7 @@ def draft_tree(recycle_fn, mcache: KVCache, pad: torch.Tensor | None, p, kv_end:
         cand_parent = front[..., None].expand(B, k, k).reshape(B, k * k)
         ids = torch.arange(M, M + k * k, device=dev)
         anc[:, ids] = anc.gather(1, cand_parent[..., None].expand(B, k * k, M_max))
-        anc[:, ids, ids] = True
+        anc[:, ids, ids] = true
         tok.append(child.indices.reshape(B, k * k))
         score.append(cand_score)
         parent.append(cand_parent)
