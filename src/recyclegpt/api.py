@@ -19,7 +19,7 @@ import torch
 from .config import RecycleConfig
 from .decoding import DecodeStats, recycle, standard
 from .engine import Engine
-from .speculative import TreeShape, recycle_verified, speculative, tree
+from .speculative import DEFAULT_DRAFT_LEN, TreeShape, recycle_verified, speculative, tree
 from .model import RecyclableModule, RecycleModel, Transformer, use_column_major_weights
 from .registry import shipped_module
 from .sampling import SamplingParams
@@ -30,7 +30,6 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 # the module as drafter (speculative.py): recycle-verified (the schedule with each recycled token checked),
 # speculative (chains of draft_len tokens), tree (a draft tree, EAGLE-2 style)
 STRATEGY_NAMES = ("standard", "recycle", "recycle-verified", "speculative", "tree")
-DEFAULT_DRAFT_LEN = 4
 # how the decode loop runs: "eager" the reference loop of decoding.py (a forward and a host sync per step);
 # "static" the engine's fixed-shape steps (engine.py) without graphs; "graphs" those steps captured as CUDA graphs;
 # "compiled" torch.compile inside the graphs; "auto" is "graphs" on CUDA and "eager" on the CPU

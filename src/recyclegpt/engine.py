@@ -36,7 +36,7 @@ import torch
 from .decoding import Collector, DecodeResult, DecodeStats, PromptBatch, StreamFn, _sync, check_budget
 from .model import KVCache, RecycleModel, Transformer, fuse_projections, prefill_attention
 from .sampling import SamplingParams, draw, logits_to_probs, sample
-from .speculative import TreeShape, check_draft_len, draft_tree, tree_attention
+from .speculative import DEFAULT_DRAFT_LEN, TreeShape, check_draft_len, draft_tree, tree_attention
 from .verify import verify_chain, verify_tree
 
 STEP_TOKENS = {"standard": 1, "recycle": 2}  # the fixed-schedule steps: tokens per step
@@ -297,7 +297,7 @@ class Decoder:
 
     def decode(self, strategy: str, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
                sampling: SamplingParams = SamplingParams(), stop_ids: Sequence[int] = (),
-               stream: StreamFn | None = None, check_every: int = 8, draft_len: int = 4,
+               stream: StreamFn | None = None, check_every: int = 8, draft_len: int = DEFAULT_DRAFT_LEN,
                tree: TreeShape | None = None) -> DecodeResult:
         """Decode like the reference loops (decoding.py, speculative.py) do. draft_len: the chain length of
         `speculative`; tree: the shape for `tree` (TreeShape() when None)."""
@@ -398,7 +398,7 @@ class Plan(NamedTuple):
     tree: TreeShape | None = None
 
     @classmethod
-    def make(cls, strategy: str, draft_len: int = 4, tree: TreeShape | None = None) -> "Plan":
+    def make(cls, strategy: str, draft_len: int = DEFAULT_DRAFT_LEN, tree: TreeShape | None = None) -> "Plan":
         if strategy not in STRATEGIES:
             raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
         if strategy in STEP_TOKENS:
@@ -438,7 +438,7 @@ class Engine:
 
     def decode(self, strategy: str, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, **kw) -> DecodeResult:
         longest = max((len(p) for p in prompts), default=0)
-        span = Plan.make(strategy, kw.get("draft_len", 4), kw.get("tree")).span
+        span = Plan.make(strategy, kw.get("draft_len", DEFAULT_DRAFT_LEN), kw.get("tree")).span
         # leave headroom so that the next, slightly longer prompt reuses this Decoder and its graphs
         need = round_up(longest + max_new_tokens + max(span, 2), self.bucket)
         base = self.model.base if isinstance(self.model, RecycleModel) else self.model

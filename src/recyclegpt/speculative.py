@@ -41,13 +41,16 @@ from .sampling import SamplingParams, draw, logits_to_probs, sample
 from .verify import verify_chain, verify_tree
 
 
+DEFAULT_DRAFT_LEN = 3  # the best of 2-8 in the H100 sweep (BENCHMARKS.md, issue 5)
+
+
 class TreeShape(NamedTuple):
     """A draft tree: `depth` levels below the pending token, `topk` children per expanded node and `topk` nodes
     expanded per level, and the best `nodes` (by cumulative draft log-probability) sent to the full model."""
 
-    depth: int = 5
+    depth: int = 4  # the defaults: the best of six shapes in the H100 sweep (BENCHMARKS.md, issue 5)
     topk: int = 4
-    nodes: int = 24
+    nodes: int = 16
 
     def check(self) -> "TreeShape":
         for name, v in self._asdict().items():
@@ -136,7 +139,7 @@ class _Round:
 
 
 @torch.inference_mode()
-def speculative(model: RecycleModel, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, draft_len: int = 4,
+def speculative(model: RecycleModel, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, draft_len: int = DEFAULT_DRAFT_LEN,
                 sampling: SamplingParams = SamplingParams(), stop_ids: Sequence[int] = (),
                 stream: StreamFn | None = None, name: str = "speculative") -> DecodeResult:
     """Chain drafts of `draft_len` tokens, verified by the full model in one call each (lossless)."""
