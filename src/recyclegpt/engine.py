@@ -99,6 +99,11 @@ class Decoder:
         self._pool = torch.cuda.graph_pool_handle() if graphs else None
         self._base_fwd, self._recycle_fwd = self.base.forward, (self.rmodel.recycle if self.rmodel else None)
         if compile:  # inductor fuses the element-wise chains; the graphs then hold far fewer kernels
+            # every step kind and bucket is a shape of its own (a tree round calls the module with three): allow
+            # more than dynamo's default of 8 specialisations per function before it falls back to eager
+            cfg_ = torch._dynamo.config
+            name = "recompile_limit" if hasattr(cfg_, "recompile_limit") else "cache_size_limit"
+            setattr(cfg_, name, max(getattr(cfg_, name), 64))
             self._base_fwd = torch.compile(self._base_fwd, dynamic=False)
             if self.rmodel is not None:
                 self._recycle_fwd = torch.compile(self._recycle_fwd, dynamic=False)
