@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Re-create the shipped SmolLM2-135M-Instruct module (src/recyclegpt/modules/smollm2-135m-instruct, MODEL_CARD.md
-# there) from nothing but ../shared/data: four rounds of self-distillation data, one retrofit, one bf16 export.
-# About 55 minutes on one H100 (round 1 ~10 min, round 2 ~7, round 3 8.5, round 4 7, retrofit 8).
+# there) from nothing but ../shared/data: four rounds of self-distillation data, a retrofit (v2), a fine-tune for
+# multi-step drafting (v3), bf16 exports.
+# About 60 minutes on one H100 (round 1 ~10 min, round 2 ~7, round 3 8.5, round 4 7, retrofit 8, fine-tune 5).
 # usage: scripts/make_smollm2_module.sh SHARED_DATA_DIR WORK_DIR [SHIP_DIR]
 #   SHIP_DIR defaults to WORK_DIR/ship; point it at src/recyclegpt/modules/smollm2-135m-instruct to replace the
 #   shipped module. Rounds 3 and 4 stop after a fixed time (as it did for the shipped module), so on other hardware it
@@ -43,4 +44,12 @@ recyclegpt retrofit "$work/d1/train/*.jsonl" "$work/d2/*.jsonl" "$work/d3/gsm8k/
   "$work/d4/books_d/*.jsonl" "$work/d4/books_e/*.jsonl" "$work/d4/self_instruct/*.jsonl" --out "$work/module" \
   --recycle-layers 2 --target both --batch-size 32 --seq-len 768 --lr 1e-3 --min-lr 1e-4 --warmup 100 \
   --steps 5500 --eval-every 500 --save-every 500 --eval-batches 8 --val-fraction 0.02 --seed 0
-python3 "$here/ship_module.py" "$work/module" "$ship"
+python3 "$here/ship_module.py" "$work/module" "$work/ship_v2"    # version 2 (bf16), sha256 ca1c045e...
+# version 3: v2 fine-tuned for multi-step drafting (speculative / tree decoding), same data and split
+recyclegpt retrofit "$work/d1/train/*.jsonl" "$work/d2/*.jsonl" "$work/d3/gsm8k/*.jsonl" \
+  "$work/d3/books_a/*.jsonl" "$work/d3/books_b/*.jsonl" "$work/d3/chat/*.jsonl" "$work/d4/books_c/*.jsonl" \
+  "$work/d4/books_d/*.jsonl" "$work/d4/books_e/*.jsonl" "$work/d4/self_instruct/*.jsonl" --out "$work/module_v3" \
+  --init-module "$work/ship_v2" --rollout 3 --rollout-weight 1.0 --recycle-layers 2 --target both --batch-size 32 \
+  --seq-len 768 --lr 3e-4 --min-lr 3e-5 --warmup 50 --steps 1500 --eval-every 250 --save-every 250 --eval-batches 8 \
+  --val-fraction 0.02 --seed 0
+python3 "$here/ship_module.py" "$work/module_v3" "$ship"

@@ -61,6 +61,31 @@ def test_bench_json(tiny_ckpt, capsys):
     assert rep["speedup_vs_hf_eager"] == {}  # no HF run asked for
 
 
+def test_lossless_strategies_from_the_cli(tiny_ckpt, capsys, tmp_path):
+    _, _, ckpt = tiny_ckpt
+    assert main(["generate", "--model", str(ckpt), "--max-new-tokens", "12", "--json", "the quick"]) == 0
+    want = last_json(capsys)["token_ids"]
+    for extra in (["--strategy", "recycle-verified"], ["--strategy", "speculative", "--draft-len", "2"],
+                  ["--strategy", "speculative", "--tree", "--tree-depth", "3", "--tree-topk", "2", "--tree-nodes", "5"],
+                  ["--strategy", "tree", "--engine", "static"]):
+        assert main(["generate", "--model", str(ckpt), "--max-new-tokens", "12", "--json", *extra, "the quick"]) == 0
+        rec = last_json(capsys)
+        assert rec["token_ids"] == want, extra  # lossless: standard's tokens
+        assert rec["tau"] >= 1.0 and sum(rec["accept_hist"]) >= 1
+        assert rec["strategy"] == ("tree" if "--tree" in extra or "tree" in extra else extra[1])
+    a, b = tmp_path / "cat_a.jsonl", tmp_path / "cat_b.jsonl"
+    a.write_text('{"prompt": "the quick"}\n{"prompt": "a stitch"}\n')
+    b.write_text('{"prompt": "the lazy"}\n')
+    assert main(["bench", "--model", str(ckpt), "--prompts", str(a), "--prompts", str(b), "--max-new-tokens", "6",
+                 "--no-chat", "--no-alpha", "--json", "--strategies", "standard,speculative,tree"]) == 0
+    rep = last_json(capsys)
+    spec = rep["results"][1]
+    assert spec["tau"] >= 1.0 and len(spec["accept_hist"]) == rep["draft_len"] + 1
+    assert set(spec["per_category"]) == {"cat_a", "cat_b"}
+    assert {"tokens_per_s", "speedup", "tau"} <= set(spec["per_category"]["cat_a"])
+    assert rep["results"][0]["per_category"]["cat_b"]["speedup"] == 1.0 and "tau" not in rep["results"][0]
+
+
 def test_bench_batches_engines_and_hf_baseline(tiny_ckpt, capsys):
     pytest.importorskip("transformers")
     _, _, ckpt = tiny_ckpt
@@ -143,6 +168,10 @@ def test_distill_halves_a_batch_that_runs_out_of_memory(tiny_ckpt, tmp_path, cap
     (["generate", "--model", "{ckpt}", "--max-new-tokens", "100000", "hi"], "context length"),
     (["generate", "--model", "{ckpt}", ""], "empty"),
     (["bench", "--model", "{ckpt}", "--prompts", "/no/such.jsonl"], "does not exist"),
+    (["generate", "--model", "{ckpt}", "--strategy", "recycle", "--tree", "hi"], "--tree drafts a tree"),
+    (["generate", "--model", "{ckpt}", "--strategy", "speculative", "--draft-len", "0", "hi"], "draft_len"),
+    (["generate", "--model", "{ckpt}", "--strategy", "tree", "--tree-nodes", "500", "hi"], "at most"),
+    (["generate", "--model", "{ckpt}", "--recycle", "none", "--strategy", "speculative", "hi"], "needs a recyclable"),
 ])
 def test_bad_input_exits_2_with_one_line(tiny_ckpt, capsys, argv, message):
     _, _, ckpt = tiny_ckpt

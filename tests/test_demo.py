@@ -108,15 +108,29 @@ def test_demo_prints_a_table_and_a_json_line(tok, builtin, capsys):
     rec = json.loads(out[-1])
     assert {"model", "module", "device", "strategies", "speedup", "alpha"} <= set(rec)
     assert rec["model"] == NAME and rec["module"] == str(folder) and rec["device"].startswith("cpu")
-    assert set(rec["strategies"]) == {"standard", "recycle"}
+    assert list(rec["strategies"]) == ["standard", "recycle", "speculative"]
     for s in rec["strategies"].values():
-        assert {"tokens_per_s", "new_tokens", "seconds", "texts"} <= set(s)
+        assert {"tokens_per_s", "new_tokens", "seconds", "texts", "speedup"} <= set(s)
         assert s["new_tokens"] == 2 * 8 and len(s["texts"]) == 2 and s["tokens_per_s"] > 0
     assert rec["strategies"]["recycle"]["full_calls"] == 2 * 4  # one full call per two tokens
+    spec = rec["strategies"]["speculative"]
+    assert spec["same_as_standard"] and spec["texts"] == rec["strategies"]["standard"]["texts"] and spec["tau"] >= 1
     assert 0 <= rec["alpha"] <= 1 and rec["alpha_positions"] == 2 * 4 and rec["speedup"] > 0
     table = "\n".join(out[:-1])
     assert "[1] Explain why the sky is blue" in table and "[3]" not in table
     assert "speed-up of recycle over standard" in table and "alpha" in table
+    assert "(the same as standard)" in table and "identical to standard's" in table
+
+
+def test_demo_strategies_option(tok, builtin, capsys):
+    ship_module(tok, builtin)
+    assert main(["demo", "--model", NAME, "--device", "cpu", "--max-new-tokens", "6", "--limit", "1", "--json",
+                 "--strategies", "standard,tree"]) == 0
+    rec = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert list(rec["strategies"]) == ["standard", "tree"] and rec["speedup"] is None
+    assert rec["strategies"]["tree"]["same_as_standard"]
+    assert main(["demo", "--model", NAME, "--device", "cpu", "--strategies", "recycle,nope"]) == 2
+    assert "must include standard" in capsys.readouterr().err
 
 
 def test_demo_with_a_random_module_notes_it(builtin, capsys):

@@ -1,8 +1,10 @@
 """`recyclegpt demo`: the first thing to run. It loads the default model with the recyclable module shipped for it,
-answers a few built-in chat prompts greedily with `standard` and with `recycle` decoding, and prints the answers
-side by side, each strategy's tokens/s, recycle's speed-up and α, the module's agreement with the full model on the
-same prompts and length (evaluation.evaluate_agreement). As in `bench`, a warm-up per strategy is not timed and the
-strategies alternate prompt by prompt; unlike `bench`, answers stop at EOS, so that they read as answers.
+answers a few built-in chat prompts greedily with `standard`, the paper's `recycle` and the lossless `speculative`
+decoding (`--strategies` picks others), and prints the answers side by side, each strategy's tokens/s and speed-up,
+τ for the lossless ones (and whether their answers equal standard's, as they must), and α, the module's agreement
+with the full model on the same prompts and length (evaluation.evaluate_agreement). As in `bench`, a warm-up per
+strategy is not timed and the strategies alternate prompt by prompt; unlike `bench`, answers stop at EOS, so that
+they read as answers.
 """
 
 from __future__ import annotations
@@ -12,25 +14,31 @@ import json
 import sys
 from typing import Callable, Sequence
 
-from .api import NO_MODULE, RANDOM_MODULE_NOTE, RecycleGPT, module_hint
+from .api import NO_MODULE, RANDOM_MODULE_NOTE, STRATEGY_NAMES, RecycleGPT, module_hint
 from .bench import BUILTIN_PROMPTS, device_name, time_strategies
 from .evaluation import evaluate_agreement
 from .options import add_model_args, load_model
 from .registry import MODELS, shipped_module
 
-STRATEGIES = ("standard", "recycle")
+STRATEGIES = ("standard", "recycle", "speculative")
+LOSSLESS = ("recycle-verified", "speculative", "tree")
 DEFAULT_PROMPTS = 4
 EXCERPT_CHARS = 150  # per answer in the table; --json has the whole texts
 
 
 def run_demo(lm: RecycleGPT, prompts: Sequence[str], *, max_new_tokens: int = 128, warmup: int = 1,
-             log: Callable[[str], None] | None = None) -> dict:
-    """Both strategies greedily on every prompt (chat-templated when the model has a template), then α.
+             strategies: Sequence[str] = STRATEGIES, log: Callable[[str], None] | None = None) -> dict:
+    """The strategies greedily on every prompt (chat-templated when the model has a template), then α.
 
     Returns the record that `recyclegpt demo --json` prints: model, module, device, strategies (name ->
-    tokens_per_s, new_tokens, seconds, texts, ...), speedup (recycle over standard, in tokens/s) and alpha.
-    `log` receives one line per step, for a progress display.
+    tokens_per_s, new_tokens, seconds, texts, speedup, and for the lossless ones tau and same_as_standard),
+    speedup (recycle over standard, in tokens/s) and alpha. `log` receives one line per step, for a progress display.
     """
+    strategies = tuple(strategies)
+    unknown = [s for s in strategies if s not in STRATEGY_NAMES]
+    if unknown or "standard" not in strategies:
+        raise ValueError(f"demo strategies must include standard and come from {', '.join(STRATEGY_NAMES)}; "
+                         f"got {', '.join(strategies)}")
     if lm.model is None:
         raise ValueError(f"the demo needs a recyclable module and none is loaded; {module_hint(lm.name)}")
     if not prompts:
@@ -38,18 +46,22 @@ def run_demo(lm: RecycleGPT, prompts: Sequence[str], *, max_new_tokens: int = 12
     log = log or (lambda line: None)
     chat = lm.tokenizer.chat_template is not None
     ids = [lm.encode(p, chat=chat) for p in prompts]
-    runs = time_strategies(lm, ids, STRATEGIES, max_new_tokens=max_new_tokens, ignore_eos=False, warmup=warmup,
+    runs = time_strategies(lm, ids, strategies, max_new_tokens=max_new_tokens, ignore_eos=False, warmup=warmup,
                            log=log)
     log("alpha")
     agreement = evaluate_agreement(lm, ids, max_new_tokens=max_new_tokens, scoring="recycle")
 
-    strategies = {}
-    for s in STRATEGIES:
+    base = runs["standard"].summary()["tokens_per_s"]
+    table = {}
+    for s in strategies:
         r = runs[s].summary()
-        strategies[s] = {"tokens_per_s": r["tokens_per_s"], "median_tokens_per_s": r["median_tokens_per_s"],
-                         "new_tokens": r["new_tokens"], "seconds": r["seconds"], "full_calls": r["full_calls"],
-                         "module_calls": r["module_calls"], "texts": runs[s].texts}
-    base = strategies["standard"]["tokens_per_s"]
+        table[s] = {"tokens_per_s": r["tokens_per_s"], "median_tokens_per_s": r["median_tokens_per_s"],
+                    "new_tokens": r["new_tokens"], "seconds": r["seconds"], "full_calls": r["full_calls"],
+                    "module_calls": r["module_calls"], "texts": runs[s].texts,
+                    "speedup": r["tokens_per_s"] / base if base > 0 else 0.0}
+        if s in LOSSLESS:
+            table[s]["tau"] = r["tau"]
+            table[s]["same_as_standard"] = runs[s].texts == runs["standard"].texts
     record = {
         "model": lm.name,
         "module": lm.module_source,
@@ -58,8 +70,8 @@ def run_demo(lm: RecycleGPT, prompts: Sequence[str], *, max_new_tokens: int = 12
         "prompts": list(prompts),
         "chat": chat,
         "max_new_tokens": max_new_tokens,
-        "strategies": strategies,
-        "speedup": strategies["recycle"]["tokens_per_s"] / base if base > 0 else 0.0,
+        "strategies": table,
+        "speedup": table["recycle"]["speedup"] if "recycle" in table else None,
         "alpha": agreement["alpha"],
         "alpha_positions": agreement["n"],
     }
@@ -78,21 +90,35 @@ def excerpt(text: str, limit: int = EXCERPT_CHARS) -> str:
 
 
 def format_demo(record: dict) -> str:
-    """The human report: each prompt with both answers, then a table of speeds, the speed-up and α."""
+    """The human report: each prompt with every strategy's answer, then a table of speeds, speed-ups, τ and α."""
     s = record["strategies"]
+    names = list(s)
     lines = [f"model: {record['model']}  module: {record['module']}",
              f"device: {record['device']}  dtype: {record['dtype']}  greedy, up to {record['max_new_tokens']} new "
              f"tokens per prompt, warm-up excluded", ""]
+    width = max(len(n) for n in names) + 1
     for k, prompt in enumerate(record["prompts"]):
         lines.append(f"[{k + 1}] {prompt}")
-        lines += [f"    {name:<9} {excerpt(s[name]['texts'][k])}" for name in STRATEGIES]
+        for name in names:
+            text = s[name]["texts"][k]
+            same = name in LOSSLESS and text == s["standard"]["texts"][k]
+            lines.append(f"    {name:<{width}} {'(the same as standard)' if same else excerpt(text)}")
         lines.append("")
-    head = f"{'strategy':<10} {'tok/s':>8} {'median':>8} {'tokens':>7} {'seconds':>8}"
+    head = f"{'strategy':<{width}} {'tok/s':>8} {'median':>8} {'tokens':>7} {'seconds':>8} {'speed-up':>9} {'tau':>5}"
     lines += [head, "-" * len(head)]
-    lines += [f"{name:<10} {s[name]['tokens_per_s']:>8.1f} {s[name]['median_tokens_per_s']:>8.1f} "
-              f"{s[name]['new_tokens']:>7} {s[name]['seconds']:>8.2f}" for name in STRATEGIES]
+    for name in names:
+        r = s[name]
+        tau = f"{r['tau']:>5.2f}" if "tau" in r else f"{'-':>5}"
+        lines.append(f"{name:<{width}} {r['tokens_per_s']:>8.1f} {r['median_tokens_per_s']:>8.1f} {r['new_tokens']:>7} "
+                     f"{r['seconds']:>8.2f} {r['speedup']:>8.2f}x {tau}")
     lines.append("")
-    lines.append(f"speed-up of recycle over standard: {record['speedup']:.2f}x")
+    if record.get("speedup") is not None:
+        lines.append(f"speed-up of recycle over standard: {record['speedup']:.2f}x")
+    for name in names:
+        if name in LOSSLESS:
+            verdict = "identical to standard's, as they must be" if s[name]["same_as_standard"] else \
+                "NOT identical to standard's (a near-tie in low precision, or a bug: please report it)"
+            lines.append(f"{name} (lossless, {s[name]['tau']:.2f} tokens per full-model call): answers {verdict}")
     lines.append(f"alpha (the module's greedy token equals the full model's, over the {record['alpha_positions']} "
                  f"positions recycle gives it): {record['alpha']:.3f}")
     if record.get("note"):
@@ -108,7 +134,7 @@ def check_module_given(model: str, recycle: str | None) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    """Answer a few built-in chat prompts with `standard` and `recycle`: the texts, tokens/s, speed-up and α.
+    """Answer a few built-in chat prompts with standard, recycle and speculative: texts, tokens/s, speed-ups, τ, α.
 
     Loads --model (default: the built-in SmolLM2, fetched on first use) with the module shipped for it, or the one
     --recycle names; runs greedily on the best available device. --json ends with one JSON line holding every
@@ -119,8 +145,9 @@ def cmd_demo(args: argparse.Namespace) -> None:
     check_module_given(args.model, args.recycle)
     if args.recycle == "random":
         print(f"note: {RANDOM_MODULE_NOTE}", file=sys.stderr)
+    strategies = tuple(x for x in args.strategies.split(",") if x)
     lm = load_model(args)
-    record = run_demo(lm, BUILTIN_PROMPTS[:args.limit], max_new_tokens=args.max_new_tokens,
+    record = run_demo(lm, BUILTIN_PROMPTS[:args.limit], max_new_tokens=args.max_new_tokens, strategies=strategies,
                       log=lambda line: print(f"demo: {line}", file=sys.stderr, flush=True))
     print(format_demo(record))
     if args.json:
@@ -132,4 +159,7 @@ def add_demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=128, help="greedy tokens per answer, at most (default 128)")
     p.add_argument("--limit", type=int, default=DEFAULT_PROMPTS,
                    help=f"how many of the {len(BUILTIN_PROMPTS)} built-in prompts (default {DEFAULT_PROMPTS})")
+    p.add_argument("--strategies", default=",".join(STRATEGIES),
+                   help=f"comma-separated, standard first, from {', '.join(STRATEGY_NAMES)} "
+                        f"(default {','.join(STRATEGIES)})")
     p.add_argument("--json", action="store_true", help="end with one JSON line holding every number and text")

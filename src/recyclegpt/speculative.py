@@ -41,14 +41,18 @@ from .sampling import SamplingParams, draw, logits_to_probs, sample
 from .verify import verify_chain, verify_tree
 
 
-DEFAULT_DRAFT_LEN = 3  # the best of 2-8 in the H100 sweep (BENCHMARKS.md, issue 5)
+# H100 sweep with the v2 module (BENCHMARKS.md, issue 5): K = 2 gave 1.63x, 3 1.57x, 4 1.46x, 8 1.20x; 3 is the default
+# because the rollout-trained v3 module accepts deeper drafts (not re-swept with v3)
+DEFAULT_DRAFT_LEN = 3
 
 
 class TreeShape(NamedTuple):
     """A draft tree: `depth` levels below the pending token, `topk` children per expanded node and `topk` nodes
     expanded per level, and the best `nodes` (by cumulative draft log-probability) sent to the full model."""
 
-    depth: int = 4  # the defaults: the best of six shapes in the H100 sweep (BENCHMARKS.md, issue 5)
+    # defaults: (3, 4, 10) was best of six shapes in the H100 sweep with the v2 module (1.66x) and (4, 4, 16) next
+    # (1.61x); the deeper one is the default for the rollout-trained v3 module (BENCHMARKS.md, issue 5)
+    depth: int = 4
     topk: int = 4
     nodes: int = 16
 
