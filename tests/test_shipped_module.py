@@ -1,7 +1,7 @@
 """The module shipped for SmolLM2-135M-Instruct: its files, its card, and its agreement α with the full model.
 
 α on four fixed prompts (the demo's first four, 64 greedy tokens, CPU fp32) was measured at 0.617 for the first
-shipped module and 0.648 for the second (2026-11-26) (an untrained module gives ~0.0, the first small-data module ~0.48 on held-out prompts); the
+shipped module, 0.648 for the second and 0.633 for the third (2026-11-26) (an untrained module gives ~0.0, the first small-data module ~0.48 on held-out prompts); the
 floor of 0.5 fails if the file is swapped for a weaker or broken module or if loading mangles it (dtype, layout).
 """
 
