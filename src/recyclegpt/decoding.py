@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .model import RecycleModel, Transformer
+from .model import RecycleModel, Transformer, prefill_attention
 from .sampling import SamplingParams, sample
 
 StreamFn = Callable[[list[list[int]]], None]
@@ -179,8 +179,9 @@ def standard(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_to
     t0 = time.perf_counter()
 
     pos = batch.length
-    logits = model(batch.ids, input_pos=_slots(0, pos, device), cache=cache, pad=batch.pad, kv_end=pos,
-                   num_logits=1).logits
+    with prefill_attention():
+        logits = model(batch.ids, input_pos=_slots(0, pos, device), cache=cache, pad=batch.pad, kv_end=pos,
+                       num_logits=1).logits
     token = sample(logits[:, -1], sampling, gen)  # (B,)
     stats.full_calls += 1
     done = out.emit(token[:, None])
@@ -231,7 +232,9 @@ def recycle(model: RecycleModel, prompts: Sequence[Sequence[int]], *, max_new_to
 
     # 1-2: prefill both models
     p = batch.length
-    full = base(batch.ids, input_pos=_slots(0, p, device), cache=base_cache, pad=batch.pad, kv_end=p, num_logits=1)
+    with prefill_attention():
+        full = base(batch.ids, input_pos=_slots(0, p, device), cache=base_cache, pad=batch.pad, kv_end=p,
+                    num_logits=1)
     x_next = sample(full.logits[:, -1], sampling, gen)  # x_p, (B,)
     stats.full_calls += 1
     if out.emit(x_next[:, None]):

@@ -36,7 +36,7 @@ from typing import NamedTuple, Sequence
 import torch
 
 from .decoding import Collector, DecodeResult, DecodeStats, PromptBatch, StreamFn, _slots, _sync, check_budget
-from .model import KVCache, RecycleModel, Tree
+from .model import KVCache, RecycleModel, Tree, prefill_attention
 from .sampling import SamplingParams, draw, logits_to_probs, sample
 from .verify import verify_chain, verify_tree
 
@@ -100,8 +100,9 @@ class _Round:
         _sync(self.device)
         self.t0 = time.perf_counter()
         L = self.batch.length
-        full = self.base(self.batch.ids, input_pos=_slots(0, L, self.device), cache=self.cache, pad=self.pad,
-                         kv_end=L, num_logits=1)
+        with prefill_attention():
+            full = self.base(self.batch.ids, input_pos=_slots(0, L, self.device), cache=self.cache, pad=self.pad,
+                             kv_end=L, num_logits=1)
         self.pending = sample(full.logits[:, -1], self.sampling, self.gen)  # x_L, (B,)
         self.stats.full_calls += 1
         done = self.out.emit(self.pending[:, None])
@@ -143,9 +144,10 @@ class _Round:
 
 
 @torch.inference_mode()
-def speculative(model: RecycleModel, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, draft_len: int = DEFAULT_DRAFT_LEN,
-                sampling: SamplingParams = SamplingParams(), stop_ids: Sequence[int] = (),
-                stream: StreamFn | None = None, name: str = "speculative") -> DecodeResult:
+def speculative(model: RecycleModel, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+                draft_len: int = DEFAULT_DRAFT_LEN, sampling: SamplingParams = SamplingParams(),
+                stop_ids: Sequence[int] = (), stream: StreamFn | None = None,
+                name: str = "speculative") -> DecodeResult:
     """Chain drafts of `draft_len` tokens, verified by the full model in one call each (lossless)."""
     K = check_draft_len(draft_len)
     r = _Round(model, prompts, max_new_tokens, K + 1, name, sampling, stop_ids, stream)
