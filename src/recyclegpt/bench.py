@@ -19,6 +19,7 @@ import torch
 from .api import DEFAULT_DRAFT_LEN, STRATEGY_NAMES, Generation, RecycleGPT
 from .config import ModelConfig, RecycleConfig
 from .data import iter_jsonl
+from .decoding import tau_of
 from .model import RecyclableModule, Transformer
 
 # A small built-in prompt set, used when no prompts file is given.
@@ -93,9 +94,12 @@ class StrategyRun:
         self.record(st.new_tokens, st.seconds, st.prefill_seconds, st.step_ms, peak_mem_mb,
                     full_calls=st.full_calls, module_calls=st.module_calls, text=gen.text[0])
         if st.accept_hist is not None:
-            self.hists.append(st.accept_hist)
-            self.accept_hist = [a + b for a, b in zip(self.accept_hist or [0] * len(st.accept_hist),
-                                                      st.accept_hist)]
+            self.add_hist(st.accept_hist)
+
+    def add_hist(self, hist: list[int]) -> None:
+        """One generation's acceptance histogram: kept, and summed into accept_hist."""
+        self.hists.append(hist)
+        self.accept_hist = [a + b for a, b in zip(self.accept_hist or [0] * len(hist), hist)]
 
     def record(self, new_tokens: int, seconds: float, prefill_seconds: float, step_ms: float,
                peak_mem_mb: float | None, *, full_calls: int = 0, module_calls: int = 0, text: str = "") -> None:
@@ -116,9 +120,7 @@ class StrategyRun:
             for i in only:
                 part.record(self.new_tokens[i], self.seconds[i], self.prefill_seconds[i], self.step_ms[i], None)
                 if self.hists:
-                    part.hists.append(self.hists[i])
-                    part.accept_hist = [a + b for a, b in zip(part.accept_hist or [0] * len(self.hists[i]),
-                                                              self.hists[i])]
+                    part.add_hist(self.hists[i])
             return {k: v for k, v in part.summary().items() if k in ("strategy", "tokens_per_s",
                                                                      "median_tokens_per_s", "tau", "accept_hist")}
         tokens, secs = sum(self.new_tokens), sum(self.seconds)
@@ -143,8 +145,7 @@ class StrategyRun:
 
 def tau_fields(hist: list[int]) -> dict:
     """tau (mean tokens emitted per verifying full call) and the histogram of accepted draft lengths."""
-    calls = sum(hist)
-    return {"tau": sum((k + 1) * c for k, c in enumerate(hist)) / calls if calls else 0.0, "accept_hist": hist}
+    return {"tau": tau_of(hist), "accept_hist": hist}
 
 
 class PeakMemory:
@@ -254,10 +255,11 @@ def run_bench(lm: RecycleGPT, prompts: list[str] | list[list[int]], *,
             r["per_category"] = {c: runs[r["strategy"]].summary([i for i, x in enumerate(categories) if x == c])
                                  for c in labels}
         if "standard" in strategies:
+            ref = next(x for x in results if x["strategy"] == "standard")["per_category"]
             for r in results:
                 for c, part in r["per_category"].items():
-                    ref = next(x for x in results if x["strategy"] == "standard")["per_category"][c]["tokens_per_s"]
-                    part["speedup"] = part["tokens_per_s"] / ref if ref > 0 else 0.0
+                    base = ref[c]["tokens_per_s"]
+                    part["speedup"] = part["tokens_per_s"] / base if base > 0 else 0.0
     kind = lm.resolve_engine(engine)
     for r in results:
         r["engine"] = notes.get(r["strategy"], kind)

@@ -42,10 +42,7 @@ class DecodeStats:
 
     @property
     def tau(self) -> float | None:
-        if self.accept_hist is None:
-            return None
-        calls = sum(self.accept_hist)
-        return sum((k + 1) * c for k, c in enumerate(self.accept_hist)) / calls if calls else 0.0
+        return None if self.accept_hist is None else tau_of(self.accept_hist)
 
     def to_dict(self) -> dict:
         d = {**asdict(self), "tokens_per_s": self.tokens_per_s}
@@ -54,6 +51,13 @@ class DecodeStats:
         else:
             d["tau"] = self.tau
         return d
+
+
+def tau_of(accept_hist: Sequence[int]) -> float:
+    """Mean tokens emitted per verifying full call, from the histogram of accepted draft lengths (k accepted: k + 1
+    tokens); 0 when there was no verifying call."""
+    calls = sum(accept_hist)
+    return sum((k + 1) * c for k, c in enumerate(accept_hist)) / calls if calls else 0.0
 
 
 @dataclass

@@ -90,7 +90,7 @@ class Decoder:
         self.hidden2 = torch.zeros(batch_size, 2, cfg.d_model, dtype=p.dtype, device=dev)
         self.offsets = torch.arange(2, dtype=long, device=dev)
         # verified rounds: the module's output at slot p-1 (its state and its logits for x_{p+1}), the histogram
-        # of accepted draft lengths; `out` grows when a round may write more tokens than it keeps
+        # of accepted draft lengths
         self.g = torch.zeros(batch_size, 1, cfg.d_model, dtype=p.dtype, device=dev)
         self.d_logits = torch.zeros(batch_size, cfg.vocab_size, dtype=p.dtype, device=dev)
         self.hist = torch.zeros(MAX_ROUND_TOKENS, dtype=long, device=dev)

@@ -121,6 +121,8 @@ def recycle_losses(model: RecycleModel, idx: torch.Tensor, *, lam: float, loss_m
         return _mean(sum(terms) / len(terms))
 
     rec = token_loss(rec_logits, rec_targets, teacher_logits)
+    rec_pred = rec_logits.argmax(-1)
+    out["rec"] = rec.detach()  # the one-step loss; the deeper depths are reported as "roll"
     if rollout > 1:
         t_idx = torch.arange(T - 2, device=idx.device).expand(B, T - 2)
         state, losses, agree, n = rec_hidden.detach(), [], 0.0, 0
@@ -132,18 +134,16 @@ def recycle_losses(model: RecycleModel, idx: torch.Tensor, *, lam: float, loss_m
             logits_k = model.base.head(_select(F.pad(out_k, (0, 0, k - 1, 0)), deep if rec_sel is None
                                                else rec_sel & deep)).float()
             losses.append(token_loss(logits_k, rec_targets[sub], teacher_logits[sub]))
-            agree += (logits_k.argmax(-1) == teacher_logits[sub].argmax(-1)).float().sum()
-            n += int(sub.sum())
+            agree = agree + (logits_k.argmax(-1) == teacher_logits[sub].argmax(-1)).float().sum()
+            n = n + sub.sum()
             state = out_k.detach()
         if losses:
             roll = sum(losses) / len(losses)
             out["roll"] = roll.detach()
-            out["roll_agree"] = agree / max(n, 1) if n else torch.zeros((), device=idx.device)
-            out["roll_tokens"] = torch.tensor(n, device=idx.device)
+            out["roll_agree"] = agree / n.clamp(min=1)
+            out["roll_tokens"] = n
             rec = rec + rollout_weight * roll
 
-    rec_pred = rec_logits.argmax(-1)
-    out["rec"] = rec.detach() if "roll" not in out else (rec - rollout_weight * out["roll"]).detach()
     if feature_weight > 0:
         norm = model.base.norm
         target_h = norm(_select(hidden[:, 1:-1], rec_sel)).detach().float()
