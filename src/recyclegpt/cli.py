@@ -256,10 +256,21 @@ def _add_module_args(p: argparse.ArgumentParser) -> None:
                    help="which h_t the module reads")
     p.add_argument("--input-norm", default=RecycleConfig.input_norm, action=argparse.BooleanOptionalAction,
                    help="RMS-normalise h_t and the token embedding before the module's linear map")
+    p.add_argument("--taps", type=_layer_list, default=RecycleConfig.taps, metavar="I,J,...",
+                   help="base layers (0-based) whose outputs the module also reads, EAGLE-3 style (default: none); "
+                        "with --init-module, a module trained without taps gains them")
 
 
 def _module_config(args) -> RecycleConfig:
-    return RecycleConfig(n_layer=args.recycle_layers, hidden=args.hidden, input_norm=args.input_norm)
+    return RecycleConfig(n_layer=args.recycle_layers, hidden=args.hidden, input_norm=args.input_norm,
+                         taps=args.taps)
+
+
+def _layer_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer indices such as 2,15,27, got {text!r}")
 
 
 def _expand(files: list[str]) -> list[str]:

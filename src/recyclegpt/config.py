@@ -76,18 +76,28 @@ class RecycleConfig:
         the base's final RMSNorm (what the LM head sees).
     input_norm: RMS-normalise h_t and the token embedding separately before the linear map (as DeepSeek-V3's
         MTP module does), which puts the two halves on one scale.
+    taps: base layers (0-based) whose outputs at position t the module also reads, as EAGLE-3 fuses low, middle
+        and high-level features: h_t becomes h_t + W [norm(tap_1); ...; norm(tap_k)], W (k*d -> d) initialised to
+        zero, so that a module trained without taps is where training with them starts. Empty: h_t alone.
     Defaults were chosen by measurement: see docs/design.md.
     """
 
     n_layer: int = 1
     hidden: HiddenSource = "pre_norm"
     input_norm: bool = True
+    taps: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.n_layer <= 0:
             raise ConfigError(f"RecycleConfig.n_layer must be positive, got {self.n_layer}")
         if self.hidden not in ("pre_norm", "post_norm"):
             raise ConfigError(f"RecycleConfig.hidden must be 'pre_norm' or 'post_norm', got {self.hidden!r}")
+        taps = tuple(self.taps)  # JSON gives a list
+        if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in taps):
+            raise ConfigError(f"RecycleConfig.taps must be base layer indices (integers >= 0), got {self.taps!r}")
+        if list(taps) != sorted(set(taps)):
+            raise ConfigError(f"RecycleConfig.taps must be increasing and distinct, got {self.taps!r}")
+        object.__setattr__(self, "taps", taps)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

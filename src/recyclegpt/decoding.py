@@ -238,14 +238,14 @@ def recycle(model: RecycleModel, prompts: Sequence[Sequence[int]], *, max_new_to
     p = batch.length
     with prefill_attention():
         full = base(batch.ids, input_pos=_slots(0, p, device), cache=base_cache, pad=batch.pad, kv_end=p,
-                    num_logits=1)
+                    num_logits=1, taps=model.taps)
     x_next = sample(full.logits[:, -1], sampling, gen)  # x_p, (B,)
     stats.full_calls += 1
     if out.emit(x_next[:, None]):
         return _finish(stats, out, device, t0, prefill=True)
     stats.prefill_seconds = time.perf_counter() - t0
     next_tokens = torch.cat((batch.ids[:, 1:], x_next[:, None]), dim=1)  # x_{t+1} for t = 0..p-1
-    rec = model.recycle(full.hidden, next_tokens, input_pos=_slots(0, p, device), cache=module_cache,
+    rec = model.recycle(model.state(full), next_tokens, input_pos=_slots(0, p, device), cache=module_cache,
                         pad=batch.pad, kv_end=p, num_logits=1)
     x_rec = sample(rec.logits[:, -1], sampling, gen)  # x̂_{p+1}
     stats.module_calls += 1
@@ -256,13 +256,13 @@ def recycle(model: RecycleModel, prompts: Sequence[Sequence[int]], *, max_new_to
         # 3: the full model on the pair; only the last slot's logits are needed
         pair = torch.stack((x_next, x_rec), dim=1)  # (B, 2): [x_p, x̂_{p+1}]
         full = base(pair, input_pos=_slots(p, 2, device), cache=base_cache, pad=batch.pad, kv_end=p + 2,
-                    num_logits=1)
+                    num_logits=1, taps=model.taps)
         x_next = sample(full.logits[:, -1], sampling, gen)  # x_{p+2}
         stats.full_calls += 1
         if out.emit(x_next[:, None]):
             break
         # 4: the module on the same two slots
-        rec = model.recycle(full.hidden, torch.stack((x_rec, x_next), dim=1), input_pos=_slots(p, 2, device),
+        rec = model.recycle(model.state(full), torch.stack((x_rec, x_next), dim=1), input_pos=_slots(p, 2, device),
                             cache=module_cache, pad=batch.pad, kv_end=p + 2, num_logits=1)
         x_rec = sample(rec.logits[:, -1], sampling, gen)  # x̂_{p+3}
         stats.module_calls += 1

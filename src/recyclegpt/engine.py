@@ -65,6 +65,7 @@ class Decoder:
             fuse_projections(model)
         self.rmodel = model if isinstance(model, RecycleModel) else None
         self.base: Transformer = model.base if self.rmodel is not None else model
+        self.taps = self.rmodel.taps if self.rmodel is not None else ()  # base layers the module reads
         p = self.base.tok_emb.weight
         self.device, self.B = p.device, batch_size
         if graphs and self.device.type != "cuda":
@@ -134,9 +135,9 @@ class Decoder:
         """The full model on [x_p, x̂_{p+1}]: logits at slot p+1 (for x_{p+2}) and both hidden states."""
         pair = torch.cat((self.x_next, self.x_rec), dim=1)
         out = self._base_fwd(pair, input_pos=self.pos + self.offsets, cache=self.cache, pad=self.pad,
-                             kv_end=kv_end, num_logits=1)
+                             kv_end=kv_end, num_logits=1, taps=self.taps)
         self.logits.copy_(out.logits[:, -1])
-        self.hidden2.copy_(out.hidden)
+        self.hidden2.copy_(self.rmodel.state(out))
 
     def _module_pair(self, kv_end: int, x_new: torch.Tensor) -> None:
         """Given x_{p+2} (B,): the module on slots p, p+1; its logits (for x̂_{p+3}) into `logits`."""
@@ -171,10 +172,10 @@ class Decoder:
                 logits, g = rec.logits[:, -1], rec.hidden
         draft = torch.stack(drafts, dim=1)
         full = self._base_fwd(torch.cat((self.x_next, draft), dim=1), input_pos=self.pos + self._ar[:K + 1],
-                              cache=self.cache, pad=self.pad, kv_end=kv_end)
+                              cache=self.cache, pad=self.pad, kv_end=kv_end, taps=self.taps)
         a, tokens = verify_chain(draft, None if probs[0] is None else torch.stack(probs, dim=1), full.logits,
                                  sampling, gen)
-        self._commit(a, tokens, full.hidden, kv_end)
+        self._commit(a, tokens, self.rmodel.state(full), kv_end)
 
     def _tree_round(self, shape: TreeShape, kv_end: int, sampling: SamplingParams, gen) -> None:
         """Draft a tree from (g, d_logits), verify it in one full call, commit its path (speculative.tree)."""
@@ -182,23 +183,23 @@ class Decoder:
         t = draft_tree(self._recycle_fwd, self.mcache, self.pad, self.pos, kv_end, self.g, self.d_logits, shape)
         full = self._base_fwd(torch.cat((self.x_next, t.tokens), dim=1), input_pos=self.pos + self._ar[:N + 1],
                               cache=self.cache, kv_end=kv_end,
-                              tree=tree_attention(self.pad, self.pos, t.positions, t.sees, kv_end))
+                              tree=tree_attention(self.pad, self.pos, t.positions, t.sees, kv_end), taps=self.taps)
         a, tokens, path = verify_tree(t.tokens, t.parent, t.depth, D, full.logits, sampling, gen)
         # every row's path moves to slots p+1..p+D; past the committed minimum it lands on rejected slots
         self.cache.move(self.pos + path, self.pos + 1 + self._ar[:D])
         on_path = torch.cat((torch.zeros_like(path[:, :1]), path), dim=1)
-        self._commit(a, tokens, full.hidden.gather(1, on_path[..., None].expand(-1, -1, full.hidden.shape[-1])),
-                     kv_end)
+        state = self.rmodel.state(full)
+        self._commit(a, tokens, state.gather(1, on_path[..., None].expand(-1, -1, state.shape[-1])), kv_end)
 
-    def _commit(self, a: torch.Tensor, tokens: torch.Tensor, hidden: torch.Tensor, kv_end: int) -> None:
+    def _commit(self, a: torch.Tensor, tokens: torch.Tensor, state: torch.Tensor, kv_end: int) -> None:
         """Keep m = min(a) + 1 tokens of the table (B, T) on every row, then catch the module up on slots p..p+T-1
-        (hidden: the full model's states there) and take its output at p+m, the new p-1."""
+        (state: what the module reads there, from the full model) and take its output at p+m, the new p-1."""
         m = a.min().view(1)
         T = tokens.shape[1]
         self.out.index_copy_(1, self.n + self._ar[:T], tokens)  # the tokens past m are overwritten later
         self.n.add_(m + 1)
         self.hist.index_add_(0, m, torch.ones_like(m))
-        rec = self._recycle_fwd(hidden, tokens, input_pos=self.pos + self._ar[:T], cache=self.mcache, pad=self.pad,
+        rec = self._recycle_fwd(state, tokens, input_pos=self.pos + self._ar[:T], cache=self.mcache, pad=self.pad,
                                 kv_end=kv_end, num_logits=0)
         self.g.copy_(rec.hidden.gather(1, m.view(1, 1, 1).expand(self.B, 1, rec.hidden.shape[-1])))
         self.d_logits.copy_(self.base.head(self.g)[:, 0])
@@ -241,19 +242,20 @@ class Decoder:
     # -- one call --------------------------------------------------------------------------------------------------
 
     def prefill(self, batch: PromptBatch, sampling: SamplingParams, gen) -> torch.Tensor:
-        """Run the prompt through the base; `out` gets x_L. Returns the prompt's hidden states for the module."""
+        """Run the prompt through the base; `out` gets x_L. Returns the module's input states over the prompt (the
+        base's hidden states without a module)."""
         L = batch.length
         self.pad.copy_(batch.pad if batch.pad is not None else torch.zeros_like(self.pad))
         with prefill_attention():
             full = self.base(batch.ids, input_pos=torch.arange(L, device=self.device), cache=self.cache,
-                             pad=self.pad, kv_end=L, num_logits=1)
+                             pad=self.pad, kv_end=L, num_logits=1, taps=self.taps)
         first = sample(full.logits[:, -1], sampling, gen)
         self.x_next.copy_(first[:, None])
         self.n.zero_()
         self._emit(self.x_next)
         self.pos.fill_(L)
         self.hist.zero_()
-        return full.hidden
+        return self.rmodel.state(full) if self.rmodel is not None else full.hidden
 
     def prefill_module(self, strategy: str, batch: PromptBatch, hidden: torch.Tensor, sampling: SamplingParams,
                        gen) -> None:

@@ -112,13 +112,14 @@ def token_logprobs(model: RecycleGPT | RecycleModel | Transformer, sequences: Se
         for b, k in enumerate(chunk):
             ids[b, :len(sequences[k])] = torch.as_tensor(list(sequences[k]), dtype=torch.long)
         ids = ids.to(device)
-        hidden = base(ids, num_logits=1).hidden  # (B, T, d): h_t, pre-norm
-        rec_hidden = None
+        full = base(ids, num_logits=1, taps=() if pair is None else pair.taps)
+        hidden, rec_hidden = full.hidden, None  # h_t (B, T, d), pre-norm
         if scoring != "standard":
             next_tokens = torch.cat((ids[:, 1:], torch.zeros_like(ids[:, :1])), dim=1)  # s_{t+1}; the last is padding
             # the module's logits are the base's head over its output hidden (RecycleModel.recycle), so only the
             # rows that score a token go through the head below
-            rec_hidden = pair.recycle(hidden, next_tokens, num_logits=1).hidden  # (B, T, d): predicts s_{t+2}
+            # (B, T, d): predicts s_{t+2}
+            rec_hidden = pair.recycle(pair.state(full), next_tokens, num_logits=1).hidden
 
         rows, pos, use_mod = [], [], []
         for b, k in enumerate(chunk):

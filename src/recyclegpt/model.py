@@ -23,6 +23,7 @@ from .config import ModelConfig, RecycleConfig
 class ModelOutput(NamedTuple):
     logits: torch.Tensor  # (B, T', V): T' = T, or the last `num_logits` positions
     hidden: torch.Tensor  # (B, T, d): the last layer's output, before the final norm
+    taps: torch.Tensor | None = None  # (B, T, k*d): the outputs of the layers asked for with `taps`, side by side
 
 
 class KVCache:
@@ -167,8 +168,9 @@ class Tree(NamedTuple):
 
 def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, cfg: ModelConfig, *, input_pos: torch.Tensor | None,
                cache: KVCache | None, pad: torch.Tensor | None, kv_end: int | None,
-               tree: Tree | None = None) -> torch.Tensor:
-    """Run a stack of decoder blocks over x (B, T, d) at cache slots `input_pos` (T,).
+               tree: Tree | None = None, taps: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Run a stack of decoder blocks over x (B, T, d) at cache slots `input_pos` (T,). Returns the last block's
+    output and, when `taps` names blocks, their outputs concatenated on the feature axis (B, T, k*d); else None.
 
     Without a cache: plain causal attention over x at positions 0..T-1 (training; the fast SDPA kernels).
     With a cache: slot s is visible to the query at slot t when s <= t and s >= pad[b] (row b's left padding).
@@ -182,17 +184,13 @@ def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, cfg: ModelConfig, *, inpu
             raise ValueError("left padding (pad) needs a KV cache; train on unpadded sequences")
         positions = torch.arange(T, device=x.device)[None]
         rope = rotary(positions, cfg.head_dim, cfg.rope_theta, x.dtype)
-        for i, block in enumerate(blocks):
-            x = block(x, rope, None, None, i, None, 0)
-        return x
+        return _stack(blocks, x, rope, None, None, None, 0, taps)
     if input_pos is None:
         raise ValueError("cached decoding needs input_pos, the cache slots of the T new tokens")
     kv_end = cache.max_len if kv_end is None else kv_end
     if tree is not None:
         rope = rotary(tree.positions, cfg.head_dim, cfg.rope_theta, x.dtype)
-        for i, block in enumerate(blocks):
-            x = block(x, rope, tree.mask, cache, i, input_pos, kv_end)
-        return x
+        return _stack(blocks, x, rope, tree.mask, cache, input_pos, kv_end, taps)
     slots = torch.arange(kv_end, device=x.device)
     mask = slots[None, :] <= input_pos[:, None]  # (T, S)
     if pad is None:
@@ -203,9 +201,16 @@ def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, cfg: ModelConfig, *, inpu
         visible = (slots[None, None, :] >= pad[:, None, None]) | (slots[None, None, :] == input_pos[None, :, None])
         mask = (mask[None] & visible)[:, None]  # (B, 1, T, S)
     rope = rotary(positions, cfg.head_dim, cfg.rope_theta, x.dtype)
+    return _stack(blocks, x, rope, mask, cache, input_pos, kv_end, taps)
+
+
+def _stack(blocks, x, rope, mask, cache, input_pos, kv_end, taps):
+    tapped = []
     for i, block in enumerate(blocks):
         x = block(x, rope, mask, cache, i, input_pos, kv_end)
-    return x
+        if i in taps:
+            tapped.append(x)
+    return x, (torch.cat(tapped, dim=-1) if tapped else None)
 
 
 def prefill_attention() -> contextlib.AbstractContextManager:
@@ -296,20 +301,22 @@ class Transformer(nn.Module):
 
     def forward(self, idx: torch.Tensor, *, input_pos: torch.Tensor | None = None, cache: KVCache | None = None,
                 pad: torch.Tensor | None = None, kv_end: int | None = None, num_logits: int | None = None,
-                tree: Tree | None = None) -> ModelOutput:
+                tree: Tree | None = None, taps: tuple[int, ...] = ()) -> ModelOutput:
         """idx (B, T) token ids. num_logits: compute the LM head for the last n positions only (decoding; 0: none).
-        tree: draft-tree attention (see `Tree`), for verifying a tree of candidate tokens in one call."""
-        hidden = run_blocks(self.layers, self.tok_emb(idx), self.cfg, input_pos=input_pos, cache=cache, pad=pad,
-                            kv_end=kv_end, tree=tree)
+        tree: draft-tree attention (see `Tree`), for verifying a tree of candidate tokens in one call.
+        taps: layers whose outputs to return as well (ModelOutput.taps), for a module that reads them."""
+        hidden, tapped = run_blocks(self.layers, self.tok_emb(idx), self.cfg, input_pos=input_pos, cache=cache,
+                                    pad=pad, kv_end=kv_end, tree=tree, taps=taps)
         logits = self.head(hidden if num_logits is None else hidden[:, hidden.shape[1] - num_logits:])
-        return ModelOutput(logits, hidden)
+        return ModelOutput(logits, hidden, tapped)
 
 
 class RecyclableModule(nn.Module):
-    """At position t: concat(h_t, emb(x_{t+1})) (B, T, 2d) -> Linear -> decoder blocks -> (B, T, d).
+    """At position t: concat(s_t, emb(x_{t+1})) (B, T, 2d) -> Linear -> decoder blocks -> (B, T, d).
 
-    The caller chooses h_t (pre- or post-norm, see RecycleConfig.hidden) and applies the base's head to the
-    output, which then predicts x_{t+2}. Positions and cache slots are those of h_t.
+    s_t is the state the module reads (RecycleModel.state): h_t, pre- or post-norm (RecycleConfig.hidden), plus the
+    fused taps if any (`fuse`). The caller applies the base's head to the output, which then predicts x_{t+2}.
+    Positions and cache slots are those of h_t.
     """
 
     def __init__(self, base_cfg: ModelConfig, cfg: RecycleConfig) -> None:
@@ -320,19 +327,31 @@ class RecyclableModule(nn.Module):
         self.norm_e = RMSNorm(d, base_cfg.norm_eps) if cfg.input_norm else nn.Identity()
         self.fc = nn.Linear(2 * d, d, bias=False)
         self.layers = nn.ModuleList(Block(base_cfg) for _ in range(cfg.n_layer))  # distinct instances, not [b] * n
+        if cfg.taps:
+            if cfg.taps[-1] >= base_cfg.n_layer:
+                raise ValueError(f"RecycleConfig.taps {cfg.taps} names a layer past the base's {base_cfg.n_layer}")
+            self.tap_norms = nn.ModuleList(RMSNorm(d, base_cfg.norm_eps) for _ in cfg.taps)
+            self.tap_fc = nn.Linear(len(cfg.taps) * d, d, bias=False)
         init_weights(self, cfg.n_layer)
+        if cfg.taps:
+            nn.init.zeros_(self.tap_fc.weight)  # starts as the module without taps
 
     def new_cache(self, batch: int, max_len: int, *, device=None, dtype=None) -> KVCache:
         p = self.fc.weight
         return KVCache(self.cfg.n_layer, batch, self.base_cfg.n_kv_head, max_len, self.base_cfg.head_dim,
                        device=device or p.device, dtype=dtype or p.dtype)
 
-    def forward(self, hidden: torch.Tensor, tok_emb: torch.Tensor, *, input_pos: torch.Tensor | None = None,
+    def fuse(self, hidden: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
+        """h_t (B, T, d) and the tapped layers' outputs (B, T, k*d) -> the state s_t (B, T, d)."""
+        parts = taps.split(self.base_cfg.d_model, dim=-1)
+        return hidden + self.tap_fc(torch.cat([norm(t) for norm, t in zip(self.tap_norms, parts)], dim=-1))
+
+    def forward(self, state: torch.Tensor, tok_emb: torch.Tensor, *, input_pos: torch.Tensor | None = None,
                 cache: KVCache | None = None, pad: torch.Tensor | None = None,
                 kv_end: int | None = None, tree: Tree | None = None) -> torch.Tensor:
-        x = self.fc(torch.cat((self.norm_h(hidden), self.norm_e(tok_emb)), dim=-1))
+        x = self.fc(torch.cat((self.norm_h(state), self.norm_e(tok_emb)), dim=-1))
         return run_blocks(self.layers, x, self.base_cfg, input_pos=input_pos, cache=cache, pad=pad, kv_end=kv_end,
-                          tree=tree)
+                          tree=tree)[0]
 
 
 class RecycleModel(nn.Module):
@@ -349,19 +368,30 @@ class RecycleModel(nn.Module):
     def build(cls, cfg: ModelConfig, rcfg: RecycleConfig) -> "RecycleModel":
         return cls(Transformer(cfg), RecyclableModule(cfg, rcfg))
 
-    def recycled_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The h_t the module reads, from the base's pre-norm hidden state."""
-        return self.base.norm(hidden) if self.module.cfg.hidden == "post_norm" else hidden
+    @property
+    def taps(self) -> tuple[int, ...]:
+        """The base layers the module reads besides the last: pass them to the base's forward (`taps=`)."""
+        return self.module.cfg.taps
 
-    def recycle(self, hidden: torch.Tensor, next_tokens: torch.Tensor, *, input_pos: torch.Tensor | None = None,
+    def state(self, out: ModelOutput) -> torch.Tensor:
+        """The state s_t (B, T, d) the module reads, from a base output computed with `taps=self.taps`."""
+        h = self.base.norm(out.hidden) if self.module.cfg.hidden == "post_norm" else out.hidden
+        if not self.taps:
+            return h
+        if out.taps is None:
+            raise ValueError(f"this module reads base layers {self.taps}: call the base with taps=model.taps")
+        return self.module.fuse(h, out.taps)
+
+    def recycle(self, state: torch.Tensor, next_tokens: torch.Tensor, *, input_pos: torch.Tensor | None = None,
                 cache: KVCache | None = None, pad: torch.Tensor | None = None, kv_end: int | None = None,
                 num_logits: int | None = None, tree: Tree | None = None) -> ModelOutput:
-        """hidden (B, T, d): base pre-norm h_t at positions t; next_tokens (B, T): x_{t+1}.
+        """state (B, T, d): s_t at positions t (`state`); next_tokens (B, T): x_{t+1}.
 
-        Returns logits for x_{t+2} and the module's output hidden. That output plays the role of h_{t+1} (both go
-        through the head to predict x_{t+2}), so a multi-step drafter feeds it back as the next step's `hidden`.
+        Returns logits for x_{t+2} and the module's output hidden. That output plays the role of s_{t+1} (both go
+        through the head to predict x_{t+2}), so a multi-step drafter feeds it back as the next step's `state`, as
+        it is (EAGLE-3 feeds its draft's output in place of the fused features the same way).
         """
-        out = self.module(self.recycled_hidden(hidden), self.base.tok_emb(next_tokens), input_pos=input_pos,
-                          cache=cache, pad=pad, kv_end=kv_end, tree=tree)
+        out = self.module(state, self.base.tok_emb(next_tokens), input_pos=input_pos, cache=cache, pad=pad,
+                          kv_end=kv_end, tree=tree)
         logits = self.base.head(out if num_logits is None else out[:, out.shape[1] - num_logits:])
         return ModelOutput(logits, out)

@@ -89,7 +89,8 @@ def recycle_losses(model: RecycleModel, idx: torch.Tensor, *, lam: float, loss_m
         raise ValueError(f"target must be 'data', 'distill' or 'both', got {target!r}")
     B, T = idx.shape
     with torch.set_grad_enabled(train_base and torch.is_grad_enabled()):
-        hidden = model.base(idx, num_logits=0).hidden  # (B, T, d) pre-norm
+        full = model.base(idx, num_logits=0, taps=model.taps)
+        hidden = full.hidden  # (B, T, d) pre-norm
         # The head (d -> V, the largest matrix of a small model) runs only where there is a target: position p
         # predicts x_{p+1}, so the selection is loss_mask shifted by one.
         lm_sel = None if loss_mask is None else loss_mask[:, 1:]  # (B, T-1)
@@ -97,11 +98,11 @@ def recycle_losses(model: RecycleModel, idx: torch.Tensor, *, lam: float, loss_m
     out = _lm_terms(logits, _select(idx[:, 1:], lm_sel), with_grad=train_base)
 
     # module at t = 0..T-3 reads h_t and x_{t+1} and predicts x_{t+2}; its targets are where loss_mask[:, 2:] holds
-    h = hidden[:, :-2]
     if detach_hidden or not train_base:
-        h = h.detach()
+        full = full._replace(hidden=hidden.detach(), taps=None if full.taps is None else full.taps.detach())
+    state = model.state(full)[:, :-2]  # s_t; the taps' fusion (a module parameter) trains here
     rec_sel = None if loss_mask is None else loss_mask[:, 2:]  # (B, T-2)
-    rec_hidden = model.recycle(h, idx[:, 1:-1], num_logits=0).hidden  # (B, T-2, d)
+    rec_hidden = model.recycle(state, idx[:, 1:-1], num_logits=0).hidden  # (B, T-2, d)
     rec_logits = model.base.head(_select(rec_hidden, rec_sel)).float()  # (N, V)
     rec_targets = _select(idx[:, 2:], rec_sel)
     # The base's distribution for x_{t+2} is its output at position t+1: the lm rows with p >= 1, in the same

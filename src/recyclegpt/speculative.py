@@ -102,32 +102,33 @@ class _Round:
         L = self.batch.length
         with prefill_attention():
             full = self.base(self.batch.ids, input_pos=_slots(0, L, self.device), cache=self.cache, pad=self.pad,
-                             kv_end=L, num_logits=1)
+                             kv_end=L, num_logits=1, taps=self.model.taps)
         self.pending = sample(full.logits[:, -1], self.sampling, self.gen)  # x_L, (B,)
         self.stats.full_calls += 1
         done = self.out.emit(self.pending[:, None])
         self.stats.prefill_seconds = time.perf_counter() - self.t0
         self.p, self.start = L, 0
-        self.hidden, self.next_tokens = full.hidden, torch.cat((self.batch.ids[:, 1:], self.pending[:, None]), 1)
+        self.state, self.next_tokens = self.model.state(full), torch.cat((self.batch.ids[:, 1:], self.pending[:, None]), 1)
         return done
 
     def catch_up(self):
         """Step 1: the module over slots start..p-1 with the full model's states. Returns its output at p-1."""
-        out = self.model.recycle(self.hidden, self.next_tokens, input_pos=_slots(self.start, self.p - self.start,
+        out = self.model.recycle(self.state, self.next_tokens, input_pos=_slots(self.start, self.p - self.start,
                                                                                  self.device),
                                  cache=self.mcache, pad=self.pad, kv_end=self.p, num_logits=1)
         self.stats.module_calls += 1
         return out.logits[:, -1], out.hidden[:, -1:]
 
-    def commit(self, m: int, tokens: torch.Tensor, hidden: torch.Tensor) -> bool:
-        """Step 4, for m accepted tokens (on every row) and the token table (B, >= m+1); hidden (B, >= m+1, d)
-        holds the full model's states at slots p, ..., p+m of the committed tokens. Returns True when done."""
+    def commit(self, m: int, tokens: torch.Tensor, state: torch.Tensor) -> bool:
+        """Step 4, for m accepted tokens (on every row) and the token table (B, >= m+1); state (B, >= m+1, d)
+        holds the module's inputs (RecycleModel.state) at slots p, ..., p+m of the committed tokens. Returns True
+        when done."""
         self.stats.accept_hist[m] += 1
         self.stats.full_calls += 1
         emitted = tokens[:, :m + 1]
         done = self.out.emit(emitted)
         self.start, self.p = self.p, self.p + m + 1
-        self.hidden, self.next_tokens = hidden[:, :m + 1], emitted
+        self.state, self.next_tokens = state[:, :m + 1], emitted
         self.pending = emitted[:, -1]
         return done
 
@@ -168,10 +169,10 @@ def speculative(model: RecycleModel, prompts: Sequence[Sequence[int]], *, max_ne
             logits, state = out.logits[:, -1], out.hidden
         draft = torch.stack(drafts, dim=1)  # (B, K)
         full = r.base(torch.cat((r.pending[:, None], draft), dim=1), input_pos=_slots(r.p, K + 1, r.device),
-                      cache=r.cache, pad=r.pad, kv_end=r.p + K + 1)  # step 3
+                      cache=r.cache, pad=r.pad, kv_end=r.p + K + 1, taps=model.taps)  # step 3
         a, tokens = verify_chain(draft, None if probs[0] is None else torch.stack(probs, dim=1), full.logits,
                                  sampling, r.gen)
-        done = r.commit(int(a.min()), tokens, full.hidden)  # the round's host sync
+        done = r.commit(int(a.min()), tokens, model.state(full))  # the round's host sync
     return r.finish()
 
 
@@ -291,12 +292,13 @@ def tree(model: RecycleModel, prompts: Sequence[Sequence[int]], *, max_new_token
         t = draft_tree(model.recycle, r.mcache, r.pad, p, p + shape.module_slots, state, logits, shape)
         r.stats.module_calls += D - 1
         full = r.base(torch.cat((r.pending[:, None], t.tokens), 1), input_pos=_slots(p, N + 1, dev), cache=r.cache,
-                      kv_end=p + N + 1, tree=tree_attention(r.pad, p, t.positions, t.sees, p + N + 1))
+                      kv_end=p + N + 1, tree=tree_attention(r.pad, p, t.positions, t.sees, p + N + 1),
+                      taps=model.taps)
         a, tokens, path = verify_tree(t.tokens, t.parent, t.depth, D, full.logits, sampling, r.gen)
         m = int(a.min())  # the round's host sync
         if m:  # move the accepted path's keys and values into slots p+1..p+m
             r.cache.move(p + path[:, :m], _slots(p + 1, m, dev))
         on_path = torch.cat((torch.zeros(B, 1, dtype=torch.long, device=dev), path[:, :m]), 1)
-        hidden = full.hidden.gather(1, on_path[..., None].expand(B, m + 1, full.hidden.shape[-1]))
-        done = r.commit(m, tokens, hidden)
+        state = model.state(full)
+        done = r.commit(m, tokens, state.gather(1, on_path[..., None].expand(B, m + 1, state.shape[-1])))
     return r.finish()

@@ -299,6 +299,16 @@ def train_joint(*, cfg: TrainConfig, model_cfg: ModelConfig, rcfg: RecycleConfig
     return model, metrics
 
 
+def add_taps(module: RecyclableModule, taps: tuple[int, ...]) -> RecyclableModule:
+    """A copy of a module trained without taps that also reads the base layers `taps`; the taps' weights start at
+    zero, so it computes exactly what `module` does until it trains."""
+    grown = RecyclableModule(module.base_cfg, dataclasses.replace(module.cfg, taps=tuple(taps)))
+    grown = grown.to(device=module.fc.weight.device, dtype=module.fc.weight.dtype)
+    missing, unexpected = grown.load_state_dict(module.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith(("tap_fc.", "tap_norms.")) for k in missing), (missing, unexpected)
+    return grown
+
+
 def retrofit(*, cfg: TrainConfig, base: Transformer, tokenizer: Tokenizer, rcfg: RecycleConfig,
              files: Sequence[str | Path], out_dir: str | Path, base_ref: str,
              resume: bool = False) -> tuple[RecycleModel, list[dict[str, Any]]]:
@@ -325,9 +335,12 @@ def retrofit(*, cfg: TrainConfig, base: Transformer, tokenizer: Tokenizer, rcfg:
             raise FileNotFoundError(f"--init-module {cfg.init_module!r} does not exist (give a module checkpoint "
                                     f"directory)")
         module = load_module(cfg.init_module, base, dtype=torch.float32).to(cfg.device)
+        if rcfg.taps and not module.cfg.taps:
+            module = add_taps(module, rcfg.taps)
+            print(f"retrofit: --init-module gains taps {rcfg.taps}, their weights starting at zero", file=sys.stderr)
         if module.cfg != rcfg:
-            print(f"retrofit: --init-module has its own architecture {module.cfg}; the module options are ignored",
-                  file=sys.stderr)
+            print(f"retrofit: --init-module has its own architecture {module.cfg}; the other module options are "
+                  f"ignored", file=sys.stderr)
     else:
         torch.manual_seed(cfg.seed)
         module = RecyclableModule(base.cfg, rcfg).to(cfg.device)
