@@ -1,4 +1,9 @@
-"""Time one decode step of each kind on the CPU, row-major vs column-major weights, and predict recycle's speed-up.
+"""Time one decode step of each kind on the CPU, for three ways of running the few-row matmuls, and predict
+recycle's speed-up.
+
+Layouts: "row-major" is F.linear over the stored (out, in) weights; "column-major" is F.linear over weights stored
+as the transpose of a contiguous (in, out) tensor (the project's CPU layout until 2026-11-26); "few-row" is
+`model.linear`'s CPU path, (W @ x.T).T over row-major weights (the default now).
 
 Random SmolLM2-135M-shaped weights (speed only). A full call on 1 token (standard's step), on 2 tokens (recycle's
 full step) and one module call on 2 slots; predicted speed-up = 2 * full(1) / (full(2) + module); the module's share
@@ -12,7 +17,8 @@ import time
 import torch
 
 from recyclegpt.config import PRESETS, RecycleConfig
-from recyclegpt.model import RecycleModel, use_column_major_weights
+from recyclegpt import model as model_lib
+from recyclegpt.model import RecycleModel
 
 
 def step_costs(model: RecycleModel, reps: int) -> dict[str, float]:
@@ -52,9 +58,12 @@ def main() -> None:
     for n_layer in (int(n) for n in args.layers.split(",")):
         torch.manual_seed(0)
         model = RecycleModel.build(PRESETS["smollm2-135m"], RecycleConfig(n_layer=n_layer)).eval()
-        for layout in ("row-major", "column-major"):
-            if layout == "column-major":
-                use_column_major_weights(model)
+        for layout in ("row-major", "column-major", "few-row"):
+            model_lib.CPU_FEW_ROWS = 16 if layout == "few-row" else 0
+            for m in model.modules():
+                if isinstance(m, torch.nn.Linear):
+                    w = m.weight.data
+                    m.weight.data = w.t().contiguous().t() if layout == "column-major" else w.contiguous()
             c = step_costs(model, args.reps)
             share = c["module"] / (c["full_q2"] + c["module"])
             print(f"{layout:<14} {n_layer:>13} {c['full_q1']:>12.1f} {c['full_q2']:>12.1f} {c['module']:>10.1f} "

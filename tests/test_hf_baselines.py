@@ -15,7 +15,7 @@ pytest.importorskip("transformers")
 from recyclegpt.config import PRESETS  # noqa: E402
 from recyclegpt.decoding import standard  # noqa: E402
 from recyclegpt.hf_baselines import HFBaseline, HFRun, to_hf_llama  # noqa: E402
-from recyclegpt.model import Transformer, use_column_major_weights  # noqa: E402
+from recyclegpt.model import Transformer  # noqa: E402
 
 PROMPTS = [[1, 2, 3], [5, 6, 7, 8, 9, 5, 6, 7], [42] * 12, [96, 0, 13, 13, 50]]
 N = 20
@@ -46,7 +46,6 @@ def tiny() -> Transformer:
 ])
 def test_logits_match_ours(changes):
     model = make(1, sharp=True, **changes)
-    use_column_major_weights(model)  # as loaded models are stored; values unchanged
     hf = to_hf_llama(model)
     assert hf.config.num_key_value_heads == model.cfg.n_kv_head
     assert (hf.lm_head.weight.data_ptr() == hf.model.embed_tokens.weight.data_ptr()) == model.cfg.tie_embeddings

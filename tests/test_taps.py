@@ -154,3 +154,17 @@ def test_cli_rejects_bad_taps(capsys, tmp_path):
     with pytest.raises(SystemExit):
         main(["retrofit", "data.jsonl", "--out", str(tmp_path / "o"), "--taps", "2,a"])
     assert "layer indices" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.cuda
+def test_cuda_graphs_with_taps_equal_standard():
+    model = predictable_tapped(1, 0.05).cuda()
+    prompts = prompts_for(3, 3)
+    want = standard(model.base, prompts, max_new_tokens=40).tokens
+    graphs = Engine(model, graphs=True, bucket=16)
+    for strategy, opts in [("recycle-verified", {}), ("speculative", {"draft_len": 3}),
+                           ("tree", {"tree": TreeShape(4, 3, 10)})]:
+        assert graphs.decode(strategy, prompts, max_new_tokens=40, **opts).tokens == want, strategy
+    assert graphs.decode("recycle", prompts, max_new_tokens=40).tokens == recycle(model, prompts,
+                                                                                  max_new_tokens=40).tokens

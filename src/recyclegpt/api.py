@@ -20,7 +20,7 @@ from .config import RecycleConfig
 from .decoding import DecodeStats, recycle, standard
 from .engine import Engine
 from .speculative import DEFAULT_DRAFT_LEN, TreeShape, recycle_verified, speculative, tree
-from .model import RecyclableModule, RecycleModel, Transformer, use_column_major_weights
+from .model import RecyclableModule, RecycleModel, Transformer
 from .registry import shipped_module
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer
@@ -88,8 +88,6 @@ class RecycleGPT:
         self.model = RecycleModel(base, module) if module is not None else None
         self.module_source = module_source
         self._engines: dict[str, Engine] = {}
-        if self.device.type == "cpu":  # same values, faster CPU matmuls for decoding (docs/design.md)
-            use_column_major_weights(self.model if self.model is not None else self.base)
 
     # -- loading ---------------------------------------------------------------------------------------------------
 
