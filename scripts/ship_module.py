@@ -19,11 +19,12 @@ def main() -> None:
     src, dst = Path(sys.argv[1]), Path(sys.argv[2])
     tensors = safetensors.torch.load_file(str(src / "module.safetensors"))
     dst.mkdir(parents=True, exist_ok=True)
-    safetensors.torch.save_file({k: v.bfloat16().contiguous() for k, v in tensors.items()},
+    safetensors.torch.save_file({k: (v.bfloat16() if v.is_floating_point() else v).contiguous()  # ids stay ints
+                                 for k, v in tensors.items()},
                                 str(dst / "module.safetensors"))
     shutil.copy(src / "recycle.json", dst / "recycle.json")
     data = (dst / "module.safetensors").read_bytes()
-    n = sum(v.numel() for v in tensors.values())
+    n = sum(v.numel() for v in tensors.values() if v.is_floating_point())
     print(f"{dst}: {n / 1e6:.2f}M parameters, {len(data) / 1e6:.1f} MB, sha256 {hashlib.sha256(data).hexdigest()}")
 
 

@@ -1,73 +1,89 @@
-"""Time one decode step of each kind on the CPU, for three ways of running the few-row matmuls, and predict
-recycle's speed-up.
+"""Time decode calls on the CPU for three ways of running the few-row matmuls, and predict recycle's speed-up.
 
 Layouts: "row-major" is F.linear over the stored (out, in) weights; "column-major" is F.linear over weights stored
 as the transpose of a contiguous (in, out) tensor (the project's CPU layout until 2026-11-26); "few-row" is
 `model.linear`'s CPU path, (W @ x.T).T over row-major weights (the default now).
 
-Random SmolLM2-135M-shaped weights (speed only). A full call on 1 token (standard's step), on 2 tokens (recycle's
-full step) and one module call on 2 slots; predicted speed-up = 2 * full(1) / (full(2) + module); the module's share
-of a recycle step = module / (full(2) + module).
-usage: python scripts/step_costs.py [--threads N] [--reps N] [--layers 1,2]
+Random SmolLM2-135M-shaped weights (speed only). Full calls on 1, 2, ... tokens (standard's step is 1, recycle's
+full step 2, a verification K + 1, a draft tree its nodes + 1) with the LM head on every token, as a verification
+needs (recycle's full step needs it on the last only, so its cost is a little lower), and a module call on one
+slot. The layouts take turns call by call, so a machine that slows down mid-run slows them all alike; medians.
+predicted recycle speed-up = 2 * full(1) / (full(2) + module on 2 slots).
+usage: python scripts/step_costs.py [--threads N] [--reps N] [--layers 2] [--tokens 1,2,3,4,8,17]
 """
 
 import argparse
+import statistics
 import time
 
 import torch
 
-from recyclegpt.config import PRESETS, RecycleConfig
 from recyclegpt import model as model_lib
+from recyclegpt.config import PRESETS, RecycleConfig
 from recyclegpt.model import RecycleModel
 
+LAYOUTS = ("row-major", "column-major", "few-row")
 
-def step_costs(model: RecycleModel, reps: int) -> dict[str, float]:
-    cache, mcache = model.base.new_cache(1, 512), model.module.new_cache(1, 512)
-    ms = {}
-    with torch.inference_mode():
-        model.base(torch.arange(100)[None], input_pos=torch.arange(100), cache=cache, kv_end=100, num_logits=1)
-        for name, n in (("full_q1", 1), ("full_q2", 2)) * 2:  # the second round is the measurement
-            t = time.perf_counter()
-            for i in range(reps):
-                p = 100 + 2 * i
-                model.base(torch.zeros(1, n, dtype=torch.long), input_pos=torch.arange(p, p + n), cache=cache,
-                           kv_end=p + n, num_logits=1)
-            ms[name] = 1000 * (time.perf_counter() - t) / reps
-        h = torch.randn(1, 2, model.base.cfg.d_model)
-        for _ in range(2):
-            t = time.perf_counter()
-            for i in range(reps):
-                p = 100 + 2 * i
-                model.recycle(h, torch.zeros(1, 2, dtype=torch.long), input_pos=torch.arange(p, p + 2), cache=mcache,
-                              kv_end=p + 2, num_logits=1)
-            ms["module"] = 1000 * (time.perf_counter() - t) / reps
-    ms["predicted_speedup"] = 2 * ms["full_q1"] / (ms["full_q2"] + ms["module"])
-    return ms
+
+def set_layout(model: RecycleModel, layout: str) -> None:
+    model_lib.CPU_FEW_ROWS = 32 if layout == "few-row" else 0
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear):
+            w = m.weight.data
+            m.weight.data = w.t().contiguous().t() if layout == "column-major" else w.contiguous()
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--reps", type=int, default=20)
-    ap.add_argument("--layers", default="1", help="comma-separated module depths to time (default 1)")
+    ap.add_argument("--reps", type=int, default=8)
+    ap.add_argument("--layers", type=int, default=2, help="module layers (default 2, the shipped module's)")
+    ap.add_argument("--tokens", default="1,2,3,4,8,17", help="full-call widths to time")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"{'layout':<14} {'module layers':>13} {'full q=1 ms':>12} {'full q=2 ms':>12} {'module ms':>10} "
-          f"{'module share':>13} {'predicted':>10}")
-    for n_layer in (int(n) for n in args.layers.split(",")):
-        torch.manual_seed(0)
-        model = RecycleModel.build(PRESETS["smollm2-135m"], RecycleConfig(n_layer=n_layer)).eval()
-        for layout in ("row-major", "column-major", "few-row"):
-            model_lib.CPU_FEW_ROWS = 16 if layout == "few-row" else 0
-            for m in model.modules():
-                if isinstance(m, torch.nn.Linear):
-                    w = m.weight.data
-                    m.weight.data = w.t().contiguous().t() if layout == "column-major" else w.contiguous()
-            c = step_costs(model, args.reps)
-            share = c["module"] / (c["full_q2"] + c["module"])
-            print(f"{layout:<14} {n_layer:>13} {c['full_q1']:>12.1f} {c['full_q2']:>12.1f} {c['module']:>10.1f} "
-                  f"{share:>12.1%} {c['predicted_speedup']:>9.2f}x")
+    widths = [int(n) for n in args.tokens.split(",")]
+    torch.manual_seed(0)
+    model = RecycleModel.build(PRESETS["smollm2-135m"], RecycleConfig(n_layer=args.layers)).eval()
+    cache, mcache = model.base.new_cache(1, 4096), model.module.new_cache(1, 4096)
+    times: dict[tuple, list[float]] = {}
+
+    def timed(key, fn):
+        t = time.perf_counter()
+        fn()
+        times.setdefault(key, []).append(1000 * (time.perf_counter() - t))
+
+    with torch.inference_mode():
+        model.base(torch.arange(100)[None], input_pos=torch.arange(100), cache=cache, kv_end=100, num_logits=1)
+        p = 100
+        for rep in range(args.reps + 1):  # the first round warms up
+            for n in widths + ["module1", "module2"]:
+                for layout in LAYOUTS:
+                    set_layout(model, layout)
+                    if isinstance(n, int):
+                        ids = torch.zeros(1, n, dtype=torch.long)
+                        fn = lambda: model.base(ids, input_pos=torch.arange(p, p + n), cache=cache, kv_end=p + n,
+                                                num_logits=n)
+                    else:
+                        q = int(n[-1])
+                        h, ids = torch.randn(1, q, model.base.cfg.d_model), torch.zeros(1, q, dtype=torch.long)
+                        fn = lambda: model.recycle(h, ids, input_pos=torch.arange(p, p + q), cache=mcache,
+                                                   kv_end=p + q, num_logits=1)
+                    if rep:
+                        timed((layout, n), fn)
+                    else:
+                        fn()
+            p += max(widths)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"full calls (ms) on n tokens, module calls on 1 and 2 slots; {args.reps} interleaved reps, medians")
+    print(f"{'layout':<13}" + "".join(f"{f'n={n}':>9}" for n in widths) + f"{'module1':>9}{'module2':>9}"
+          f"{'recycle predicted':>19}")
+    for layout in LAYOUTS:
+        pred = 2 * med[(layout, 1)] / (med[(layout, 2)] + med[(layout, "module2")]) if 2 in widths and 1 in widths \
+            else float("nan")
+        print(f"{layout:<13}" + "".join(f"{med[(layout, n)]:>9.1f}" for n in widths)
+              + f"{med[(layout, 'module1')]:>9.1f}{med[(layout, 'module2')]:>9.1f}{pred:>18.2f}x")
+
 
 if __name__ == "__main__":
     main()

@@ -197,3 +197,16 @@ def test_fused_projections_give_the_same_logits_and_tokens():
     with torch.enable_grad():  # training never takes the fused path: gradients reach the separate weights
         model.base(ids).logits.sum().backward()
     assert block.attn.wk.weight.grad is not None and block.mlp.w3.weight.grad is not None
+
+
+@pytest.mark.parametrize("strategy", VERIFIED)
+def test_verified_rounds_with_a_draft_vocabulary(strategy):
+    from test_speculative import with_draft_vocab
+
+    ref, opts = VERIFIED[strategy]
+    model = with_draft_vocab(predictable(1, 0.05), list(range(0, 97, 2)))
+    prompts = prompts_for(4, 3)
+    got = Engine(model, bucket=16).decode(strategy, prompts, max_new_tokens=30, check_every=3, **opts)
+    assert got.tokens == ref(model, prompts, max_new_tokens=30).tokens
+    assert got.tokens == standard(model.base, prompts, max_new_tokens=30).tokens
+    assert sum(got.stats.accept_hist[1:]) > 0

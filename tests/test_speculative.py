@@ -254,3 +254,54 @@ def test_sampled_runs_are_reproducible_with_a_seed():
     for name, (fn, kw) in STRATEGIES.items():
         a = fn(model, [[4, 5, 6]], max_new_tokens=16, sampling=params, **kw).tokens
         assert a == fn(model, [[4, 5, 6]], max_new_tokens=16, sampling=params, **kw).tokens, name
+
+
+# -- a draft vocabulary: the module drafts over a subset of the tokens, the output stays exact ----------------------
+
+
+def with_draft_vocab(model: RecycleModel, ids) -> RecycleModel:
+    from recyclegpt.train import add_draft_vocab
+
+    return RecycleModel(model.base, add_draft_vocab(model.module, ids)).eval()
+
+
+@pytest.mark.parametrize("name", STRATEGIES)
+def test_a_draft_vocabulary_keeps_greedy_output_exact(name, monkeypatch):
+    fn, kw = STRATEGIES[name]
+    drafted = []
+    original = spec.verify_chain, spec.verify_tree
+    monkeypatch.setattr(spec, "verify_chain", lambda draft, *a, **k: drafted.append(draft) or original[0](draft, *a, **k))
+    monkeypatch.setattr(spec, "verify_tree", lambda tokens, *a, **k: drafted.append(tokens) or original[1](tokens, *a, **k))
+    allowed = list(range(0, 97, 2))  # the even tokens: every odd token the full model picks is a forced rejection
+    accepted = 0
+    for seed in range(3):
+        model = with_draft_vocab(predictable(seed, 0.05), allowed)
+        prompts = prompts_for(seed, 3)
+        res = fn(model, prompts, max_new_tokens=24, **kw)
+        assert res.tokens == standard(model.base, prompts, max_new_tokens=24).tokens
+        accepted += sum(res.stats.accept_hist[1:])
+    assert accepted > 0
+    assert drafted and all(bool((d % 2 == 0).all()) for d in drafted)  # only draft-vocabulary tokens were drafted
+
+
+def test_a_draft_vocabulary_keeps_sampling_exact():
+    model = with_draft_vocab(predictable(0, 0.3, vocab=V, sharpness=5.0), list(range(V - 1)))  # the last never drafted
+    hists: list = []
+    counts, n = sample_counts(speculative, dict(draft_len=2), model, 1, hists)
+    assert chi_square_pvalue(counts, exact_distribution(model), n) > 1e-3
+    assert sum(sum(h[1:]) for h in hists) > 0.2 * sum(sum(h) for h in hists)
+
+
+def test_a_draft_vocabulary_leaves_recycle_alone_and_is_saved(tmp_path):
+    from recyclegpt.checkpoint import load_module, save_checkpoint
+    from recyclegpt.decoding import recycle
+
+    plain = predictable(1, 0.1)
+    model = with_draft_vocab(plain, [5, 1, 3])
+    prompts = prompts_for(2, 2)
+    assert recycle(model, prompts, max_new_tokens=10).tokens == recycle(plain, prompts, max_new_tokens=10).tokens
+    with pytest.raises(ValueError, match="distinct token ids"):
+        with_draft_vocab(plain, [1, 1])
+    save_checkpoint(tmp_path / "m", model, base_ref="tiny")
+    loaded = load_module(tmp_path / "m", model.base)
+    assert loaded.cfg.draft_vocab == 3 and loaded.draft_ids.tolist() == [1, 3, 5]

@@ -260,6 +260,12 @@ def load_module(path: str | Path, base: Transformer, *, device: torch.device | s
     tensors, _ = _read_tensors(path / "module.safetensors")
     module = RecyclableModule(base.cfg, rcfg)
     _load_state(module, tensors, path / "module.safetensors")
+    if rcfg.draft_vocab:
+        ids = tensors["draft_ids"]
+        if (ids.is_floating_point() or ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= base.cfg.vocab_size)
+                or not bool((ids[1:] > ids[:-1]).all())):
+            raise CheckpointError(f"{path / 'module.safetensors'}: draft_ids must be increasing integer token ids "
+                                  f"below {base.cfg.vocab_size}")
     p = base.tok_emb.weight
     return module.to(device=device or p.device, dtype=dtype or p.dtype)
 

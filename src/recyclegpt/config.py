@@ -79,6 +79,10 @@ class RecycleConfig:
     taps: base layers (0-based) whose outputs at position t the module also reads, as EAGLE-3 fuses low, middle
         and high-level features: h_t becomes h_t + W [norm(tap_1); ...; norm(tap_k)], W (k*d -> d) initialised to
         zero, so that a module trained without taps is where training with them starts. Empty: h_t alone.
+    draft_vocab: when > 0, the module drafts for the lossless strategies over this many token ids only (its
+        `draft_ids`, the most frequent in its training data; `scripts/draft_vocab.py` adds them): the LM head over
+        them is that much cheaper, and verification keeps the output exact. Lossy `recycle`, scoring and training
+        use the whole vocabulary. 0: the whole vocabulary everywhere.
     Defaults were chosen by measurement: see docs/design.md.
     """
 
@@ -86,6 +90,7 @@ class RecycleConfig:
     hidden: HiddenSource = "pre_norm"
     input_norm: bool = True
     taps: tuple[int, ...] = ()
+    draft_vocab: int = 0
 
     def __post_init__(self) -> None:
         if self.n_layer <= 0:
@@ -98,6 +103,8 @@ class RecycleConfig:
         if list(taps) != sorted(set(taps)):
             raise ConfigError(f"RecycleConfig.taps must be increasing and distinct, got {self.taps!r}")
         object.__setattr__(self, "taps", taps)
+        if not isinstance(self.draft_vocab, int) or self.draft_vocab < 0:
+            raise ConfigError(f"RecycleConfig.draft_vocab must be an integer >= 0, got {self.draft_vocab!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

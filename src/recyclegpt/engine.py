@@ -168,7 +168,7 @@ class Decoder:
             probs.append(q)
             if j < K - 1:  # the module rolls on at slot p + j, fed its own output state
                 rec = self._recycle_fwd(g, drafts[-1][:, None], input_pos=self.pos + j, cache=self.mcache,
-                                        pad=self.pad, kv_end=kv_end, num_logits=1)
+                                        pad=self.pad, kv_end=kv_end, num_logits=1, draft=True)
                 logits, g = rec.logits[:, -1], rec.hidden
         draft = torch.stack(drafts, dim=1)
         full = self._base_fwd(torch.cat((self.x_next, draft), dim=1), input_pos=self.pos + self._ar[:K + 1],
@@ -202,7 +202,7 @@ class Decoder:
         rec = self._recycle_fwd(state, tokens, input_pos=self.pos + self._ar[:T], cache=self.mcache, pad=self.pad,
                                 kv_end=kv_end, num_logits=0)
         self.g.copy_(rec.hidden.gather(1, m.view(1, 1, 1).expand(self.B, 1, rec.hidden.shape[-1])))
-        self.d_logits.copy_(self.base.head(self.g)[:, 0])
+        self.d_logits.copy_(self.rmodel.draft_logits(self.g)[:, 0])
         self.x_next.copy_(tokens.gather(1, m.view(1, 1).expand(self.B, 1)))
         self.pos.add_(m + 1)
 
@@ -265,7 +265,8 @@ class Decoder:
         next_tokens = torch.cat((batch.ids[:, 1:], self.x_next), dim=1)
         with prefill_attention():
             rec = self.rmodel.recycle(hidden, next_tokens, input_pos=torch.arange(L, device=self.device),
-                                      cache=self.mcache, pad=self.pad, kv_end=L, num_logits=1)
+                                      cache=self.mcache, pad=self.pad, kv_end=L, num_logits=1,
+                                      draft=strategy in VERIFIED)
         if strategy in VERIFIED:
             self.g.copy_(rec.hidden[:, -1:])
             self.d_logits.copy_(rec.logits[:, -1])
@@ -326,6 +327,8 @@ class Decoder:
         step_seconds: list[float] = []  # per decode step: CUDA events on the GPU (no sync), host clock on CPU
         cuda = self.device.type == "cuda"
         with torch.inference_mode():
+            if self.rmodel is not None:
+                self.rmodel.refresh_draft_head()  # before any graph reads it
             _sync(self.device)
             t0 = time.perf_counter()
             hidden = self.prefill(batch, sampling, gen)

@@ -94,15 +94,16 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
-CPU_FEW_ROWS = 16  # products with at most this many rows take `linear`'s CPU path (0: never)
+CPU_FEW_ROWS = 32  # products with at most this many rows take `linear`'s CPU path (0: never)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x @ weight.T, as F.linear; for decoding's few-row products on the CPU computed as (weight @ x.T).T.
 
-    Without autograd, in float32 on the CPU, for at most CPU_FEW_ROWS rows and a row-major weight: MKL runs this
-    "tall" product (many weight rows, few columns) at the speed of streaming the weight, where F.linear's few-row
-    product is far slower; a single row is doubled, since MKL's one-column path is slower than its two-column one.
+    Without autograd, in float32 on the CPU, for at most CPU_FEW_ROWS rows (a decode step, a verification, a draft
+    tree) and a row-major weight: MKL runs this "tall" product (many weight rows, few columns) at about the speed of
+    streaming the weight, where F.linear's few-row product is far slower; a single row is doubled, since MKL's
+    one-column path is slower than its two-column one.
     Measured on the project's 2-core AMD EPYC VM (torch 2.13, MKL 2024.2; docs/design.md): a SmolLM2-135M full
     call on 1 / 2 / 4 tokens takes 29.5 / 30.6 / 40.0 ms this way against 47.6 / 67.9 / 91.7 ms with F.linear over
     column-major weights, the previous layout. The values are the same dot products, summed in another order.
@@ -356,6 +357,11 @@ class RecyclableModule(nn.Module):
         init_weights(self, cfg.n_layer)
         if cfg.taps:
             nn.init.zeros_(self.tap_fc.weight)  # starts as the module without taps
+        if cfg.draft_vocab:
+            if cfg.draft_vocab > base_cfg.vocab_size:
+                raise ValueError(f"RecycleConfig.draft_vocab {cfg.draft_vocab} exceeds the vocabulary "
+                                 f"({base_cfg.vocab_size})")
+            self.register_buffer("draft_ids", torch.arange(cfg.draft_vocab))  # saved with the weights
 
     def new_cache(self, batch: int, max_len: int, *, device=None, dtype=None) -> KVCache:
         p = self.fc.weight
@@ -384,10 +390,37 @@ class RecycleModel(nn.Module):
             raise ValueError(f"recyclable module width {module.base_cfg.d_model} does not match the base model's "
                              f"d_model {base.cfg.d_model}")
         self.base, self.module = base, module
+        self.use_draft_vocab = True  # draft over the module's draft vocabulary, if it has one
+        self.register_buffer("draft_weight", None, persistent=False)  # its LM head rows: refresh_draft_head
 
     @classmethod
     def build(cls, cfg: ModelConfig, rcfg: RecycleConfig) -> "RecycleModel":
         return cls(Transformer(cfg), RecyclableModule(cfg, rcfg))
+
+    def refresh_draft_head(self) -> None:
+        """Copy the LM head's rows of the draft vocabulary into `draft_weight` (None without one, or with
+        use_draft_vocab off). Decoding calls this before it drafts; in place when the shape holds, so that captured
+        CUDA graphs stay valid."""
+        ids = getattr(self.module, "draft_ids", None)
+        if ids is None or not self.use_draft_vocab:
+            self.draft_weight = None
+            return
+        rows = self.base.lm_head.weight.detach().index_select(0, ids.to(self.base.lm_head.weight.device))
+        w = self.draft_weight
+        if w is not None and w.shape == rows.shape and w.device == rows.device and w.dtype == rows.dtype:
+            w.copy_(rows)
+        else:
+            self.draft_weight = rows
+
+    def draft_logits(self, out: torch.Tensor) -> torch.Tensor:
+        """The module's logits (..., V) for drafting from its output `out`: over the draft vocabulary when
+        `draft_weight` is set (every other token -inf, so it is never drafted and its draft probability is 0),
+        else the full head."""
+        if self.draft_weight is None:
+            return self.base.head(out)
+        small = linear(self.base.norm(out), self.draft_weight)
+        full = small.new_full((*small.shape[:-1], self.base.cfg.vocab_size), float("-inf"))
+        return full.index_copy_(-1, self.module.draft_ids, small)
 
     @property
     def taps(self) -> tuple[int, ...]:
@@ -405,8 +438,9 @@ class RecycleModel(nn.Module):
 
     def recycle(self, state: torch.Tensor, next_tokens: torch.Tensor, *, input_pos: torch.Tensor | None = None,
                 cache: KVCache | None = None, pad: torch.Tensor | None = None, kv_end: int | None = None,
-                num_logits: int | None = None, tree: Tree | None = None) -> ModelOutput:
-        """state (B, T, d): s_t at positions t (`state`); next_tokens (B, T): x_{t+1}.
+                num_logits: int | None = None, tree: Tree | None = None, draft: bool = False) -> ModelOutput:
+        """state (B, T, d): s_t at positions t (`state`); next_tokens (B, T): x_{t+1}. draft: logits for drafting
+        (`draft_logits`: over the draft vocabulary, if any) instead of the full head's.
 
         Returns logits for x_{t+2} and the module's output hidden. That output plays the role of s_{t+1} (both go
         through the head to predict x_{t+2}), so a multi-step drafter feeds it back as the next step's `state`, as
@@ -414,5 +448,5 @@ class RecycleModel(nn.Module):
         """
         out = self.module(state, self.base.tok_emb(next_tokens), input_pos=input_pos, cache=cache, pad=pad,
                           kv_end=kv_end, tree=tree)
-        logits = self.base.head(out if num_logits is None else out[:, out.shape[1] - num_logits:])
-        return ModelOutput(logits, out)
+        last = out if num_logits is None else out[:, out.shape[1] - num_logits:]
+        return ModelOutput(self.draft_logits(last) if draft else self.base.head(last), out)

@@ -94,6 +94,7 @@ class _Round:
         self.stats = DecodeStats(name)
         self.out = Collector(B, max_new_tokens, stop_ids, stream)
         self.pad = self.batch.pad
+        model.refresh_draft_head()
 
     def prefill(self) -> bool:
         """The full model on the prompt; x_L is emitted and pending. Returns True when already done."""
@@ -115,7 +116,7 @@ class _Round:
         """Step 1: the module over slots start..p-1 with the full model's states. Returns its output at p-1."""
         out = self.model.recycle(self.state, self.next_tokens, input_pos=_slots(self.start, self.p - self.start,
                                                                                  self.device),
-                                 cache=self.mcache, pad=self.pad, kv_end=self.p, num_logits=1)
+                                 cache=self.mcache, pad=self.pad, kv_end=self.p, num_logits=1, draft=True)
         self.stats.module_calls += 1
         return out.logits[:, -1], out.hidden[:, -1:]
 
@@ -164,7 +165,7 @@ def speculative(model: RecycleModel, prompts: Sequence[Sequence[int]], *, max_ne
             if j == K - 1:
                 break
             out = model.recycle(state, drafts[-1][:, None], input_pos=_slots(r.p + j, 1, r.device),
-                                cache=r.mcache, pad=r.pad, kv_end=r.p + j + 1, num_logits=1)
+                                cache=r.mcache, pad=r.pad, kv_end=r.p + j + 1, num_logits=1, draft=True)
             r.stats.module_calls += 1
             logits, state = out.logits[:, -1], out.hidden
         draft = torch.stack(drafts, dim=1)  # (B, K)
@@ -242,7 +243,7 @@ def draft_tree(recycle_fn, mcache: KVCache, pad: torch.Tensor | None, p, kv_end:
         front_tok = torch.cat(tok, 1).gather(1, front)
         positions = (p + level - 1) + torch.zeros(B, k, dtype=torch.long, device=dev)
         out = recycle_fn(front_state, front_tok, input_pos=p + (level - 1) * k + ar, cache=mcache, kv_end=kv_end,
-                         tree=tree_attention(pad, p, positions, front_sees, kv_end))
+                         tree=tree_attention(pad, p, positions, front_sees, kv_end), draft=True)
         child = torch.log_softmax(out.logits.float(), -1).topk(k, dim=-1)  # (B, k, k)
         cand_score = (torch.cat(score, 1).gather(1, front)[..., None] + child.values).reshape(B, k * k)
         cand_parent = front[..., None].expand(B, k, k).reshape(B, k * k)

@@ -309,6 +309,19 @@ def add_taps(module: RecyclableModule, taps: tuple[int, ...]) -> RecyclableModul
     return grown
 
 
+def add_draft_vocab(module: RecyclableModule, ids: Sequence[int] | torch.Tensor) -> RecyclableModule:
+    """A copy of `module` that drafts over the token ids `ids` only (RecycleConfig.draft_vocab); same weights."""
+    ids = torch.as_tensor(ids, dtype=torch.long).flatten()
+    V = module.base_cfg.vocab_size
+    if ids.numel() == 0 or int(ids.min()) < 0 or int(ids.max()) >= V or ids.unique().numel() != ids.numel():
+        raise ValueError(f"draft vocabulary: need distinct token ids in [0, {V}), got {ids.numel()} ids")
+    grown = RecyclableModule(module.base_cfg, dataclasses.replace(module.cfg, draft_vocab=ids.numel()))
+    grown = grown.to(device=module.fc.weight.device, dtype=module.fc.weight.dtype)
+    state = {k: v for k, v in module.state_dict().items() if k != "draft_ids"}
+    grown.load_state_dict(state | {"draft_ids": ids.sort().values.to(module.fc.weight.device)})
+    return grown
+
+
 def retrofit(*, cfg: TrainConfig, base: Transformer, tokenizer: Tokenizer, rcfg: RecycleConfig,
              files: Sequence[str | Path], out_dir: str | Path, base_ref: str,
              resume: bool = False) -> tuple[RecycleModel, list[dict[str, Any]]]:
