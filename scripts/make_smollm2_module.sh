@@ -53,3 +53,8 @@ recyclegpt retrofit "$work/d1/train/*.jsonl" "$work/d2/*.jsonl" "$work/d3/gsm8k/
   --seq-len 768 --lr 3e-4 --min-lr 3e-5 --warmup 50 --steps 1500 --eval-every 250 --save-every 250 --eval-batches 8 \
   --val-fraction 0.02 --seed 0
 python3 "$here/ship_module.py" "$work/module_v3" "$ship"
+# the draft vocabulary (weights unchanged): the 16,384 ids most frequent in the same training responses
+python3 "$here/draft_vocab.py" "$ship" "$ship" --size 16384 --data "$work/d1/train/*.jsonl" --data "$work/d2/*.jsonl" \
+  --data "$work/d3/gsm8k/*.jsonl" --data "$work/d3/books_a/*.jsonl" --data "$work/d3/books_b/*.jsonl" \
+  --data "$work/d3/chat/*.jsonl" --data "$work/d4/books_c/*.jsonl" --data "$work/d4/books_d/*.jsonl" \
+  --data "$work/d4/books_e/*.jsonl" --data "$work/d4/self_instruct/*.jsonl"

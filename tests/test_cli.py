@@ -67,7 +67,8 @@ def test_lossless_strategies_from_the_cli(tiny_ckpt, capsys, tmp_path):
     want = last_json(capsys)["token_ids"]
     for extra in (["--strategy", "recycle-verified"], ["--strategy", "speculative", "--draft-len", "2"],
                   ["--strategy", "speculative", "--tree", "--tree-depth", "3", "--tree-topk", "2", "--tree-nodes", "5"],
-                  ["--strategy", "tree", "--engine", "static"]):
+                  ["--strategy", "tree", "--engine", "static"],
+                  ["--strategy", "speculative", "--draft-len", "3", "--min-draft-prob", "0.3"]):
         assert main(["generate", "--model", str(ckpt), "--max-new-tokens", "12", "--json", *extra, "the quick"]) == 0
         rec = last_json(capsys)
         assert rec["token_ids"] == want, extra  # lossless: standard's tokens
@@ -172,6 +173,9 @@ def test_distill_halves_a_batch_that_runs_out_of_memory(tiny_ckpt, tmp_path, cap
     (["generate", "--model", "{ckpt}", "--strategy", "speculative", "--draft-len", "0", "hi"], "draft_len"),
     (["generate", "--model", "{ckpt}", "--strategy", "tree", "--tree-nodes", "500", "hi"], "at most"),
     (["generate", "--model", "{ckpt}", "--recycle", "none", "--strategy", "speculative", "hi"], "needs a recyclable"),
+    (["generate", "--model", "{ckpt}", "--strategy", "speculative", "--min-draft-prob", "1.5", "hi"], "min_draft_prob"),
+    (["generate", "--model", "{ckpt}", "--strategy", "speculative", "--engine", "static", "--min-draft-prob", "0.5",
+      "hi"], "eager loop"),
 ])
 def test_bad_input_exits_2_with_one_line(tiny_ckpt, capsys, argv, message):
     _, _, ckpt = tiny_ckpt

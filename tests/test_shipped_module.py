@@ -32,7 +32,12 @@ def test_the_default_model_has_a_shipped_module_within_the_size_budget():
     for must in ("sha256", "make_smollm2_module.sh", "α"):
         assert must in card
     tensors = safetensors.torch.load_file(str(path / "module.safetensors"))
-    assert {str(t.dtype) for t in tensors.values()} == {"torch.bfloat16"}
+    assert {str(t.dtype) for k, t in tensors.items() if k != "draft_ids"} == {"torch.bfloat16"}
+    cfg = RecycleConfig.from_dict(meta["recycle"])
+    if cfg.draft_vocab:  # token ids, kept exact (an int tensor, increasing, inside the vocabulary)
+        ids = tensors["draft_ids"]
+        assert ids.dtype.is_floating_point is False and ids.numel() == cfg.draft_vocab
+        assert bool((ids[1:] > ids[:-1]).all()) and int(ids[-1]) < meta["base"]["config"]["vocab_size"]
 
 
 @pytest.mark.real_model

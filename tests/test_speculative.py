@@ -305,3 +305,32 @@ def test_a_draft_vocabulary_leaves_recycle_alone_and_is_saved(tmp_path):
     save_checkpoint(tmp_path / "m", model, base_ref="tiny")
     loaded = load_module(tmp_path / "m", model.base)
     assert loaded.cfg.draft_vocab == 3 and loaded.draft_ids.tolist() == [1, 3, 5]
+
+
+@pytest.mark.parametrize("threshold", [0.3, 0.9, 0.999])
+def test_adaptive_draft_length_stays_exact(threshold):
+    rounds_with = {}
+    for seed in range(3):
+        model = predictable(seed, 0.1)
+        prompts = prompts_for(seed, 3)
+        res = speculative(model, prompts, max_new_tokens=24, draft_len=4, min_draft_prob=threshold)
+        assert res.tokens == standard(model.base, prompts, max_new_tokens=24).tokens
+        fixed = speculative(model, prompts, max_new_tokens=24, draft_len=4)
+        rounds_with[seed] = (res.stats.full_calls, fixed.stats.module_calls, res.stats.module_calls)
+    # a high threshold drafts less: fewer module calls than fixed-length drafting
+    assert sum(r[2] for r in rounds_with.values()) < sum(r[1] for r in rounds_with.values())
+    sampled = SamplingParams(temperature=0.9, seed=4)
+    a = speculative(predictable(1, 0.1), [[4, 5]], max_new_tokens=12, min_draft_prob=threshold, sampling=sampled)
+    assert len(a.tokens[0]) == 12
+
+
+def test_adaptive_draft_length_keeps_sampling_exact(sampler_model):
+    hists: list = []
+    counts, n = sample_counts(speculative, dict(draft_len=2, min_draft_prob=0.4), sampler_model, 1, hists)
+    assert chi_square_pvalue(counts, exact_distribution(sampler_model), n) > 1e-3
+    # not vacuous: drafts were accepted, and most rounds were cut short (a fixed length of 2 accepts both drafts
+    # in more than half the rounds here; at this threshold most rounds draft nothing)
+    rounds = sum(sum(h) for h in hists)
+    assert sum(sum(h[1:]) for h in hists) > 0.05 * rounds and sum(h[2] for h in hists) < 0.1 * rounds
+    with pytest.raises(ValueError, match="min_draft_prob"):
+        speculative(sampler_model, [PROMPT], max_new_tokens=2, min_draft_prob=1.0)

@@ -79,6 +79,16 @@ class Generation:
         return d
 
 
+CPU_MIN_DRAFT_PROB = 0.4  # measured: docs/speculative.md (0.35: 1.26x, 0.5: 1.27x, 0.2: 1.17x, 0: 1.15x)
+
+
+def default_min_draft_prob(device: torch.device, engine: str) -> float:
+    """The adaptive-draft threshold used when none is given: on the CPU's eager loop, where a full call on several
+    tokens costs more than on one, CPU_MIN_DRAFT_PROB (chosen by measurement, docs/speculative.md); 0 (fixed
+    draft lengths) elsewhere."""
+    return CPU_MIN_DRAFT_PROB if torch.device(device).type == "cpu" and engine == "eager" else 0.0
+
+
 class RecycleGPT:
     """A base LM, its tokenizer and (optionally) a recyclable module, on one device."""
 
@@ -155,7 +165,8 @@ class RecycleGPT:
                  top_k: int | None = None, top_p: float | None = None, seed: int | None = None, chat: bool = False,
                  ignore_eos: bool = False, stream: Callable[[list[list[int]]], None] | None = None,
                  engine: str = "auto", draft_len: int = DEFAULT_DRAFT_LEN,
-                 tree_shape: TreeShape | tuple[int, int, int] | None = None) -> Generation:
+                 tree_shape: TreeShape | tuple[int, int, int] | None = None,
+                 min_draft_prob: float | None = None) -> Generation:
         """Generate from one prompt or a batch: texts (encoded, chat-templated if `chat`) or token-id lists.
 
         strategy (`STRATEGY_NAMES`): "standard" (one full-model call per token); "recycle" (the paper's
@@ -164,7 +175,9 @@ class RecycleGPT:
         decoding's, exactly when greedy, in distribution when sampling. All but standard need a recyclable module.
         ignore_eos: run to max_new_tokens (benchmarks). engine: how the decode loop runs (`ENGINES`; the tokens
         are the same): "auto" captures CUDA graphs on a GPU, runs the eager reference loop on the CPU. With
-        graphs, `stream` receives tokens every few steps, not every step.
+        graphs, `stream` receives tokens every few steps, not every step. min_draft_prob: adaptive draft length
+        for speculative and recycle-verified (`speculative.speculative`), eager loop only; None: the measured
+        default for the loop that runs (`default_min_draft_prob`).
         """
         if strategy not in STRATEGY_NAMES:
             raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGY_NAMES)}")
@@ -176,6 +189,11 @@ class RecycleGPT:
         prompts = self._prompt_ids(prompt, chat=chat)
         stop_ids = () if ignore_eos or self.tokenizer is None else self.tokenizer.eos_ids
         kind = self.resolve_engine(engine)
+        if min_draft_prob is None:
+            min_draft_prob = default_min_draft_prob(self.device, kind)
+        elif min_draft_prob and kind != "eager":
+            raise ValueError(f"min_draft_prob (adaptive draft length) needs the eager loop; the {kind!r} engine's "
+                             f"rounds have fixed shapes (use engine='eager', or min_draft_prob=0)")
         common = dict(max_new_tokens=max_new_tokens, sampling=sampling, stop_ids=stop_ids, stream=stream)
         if kind != "eager":
             res = self.engine(kind).decode(strategy, prompts, draft_len=draft_len, tree=shape, **common)
@@ -184,9 +202,9 @@ class RecycleGPT:
         elif strategy == "recycle":
             res = recycle(self.model, prompts, **common)
         elif strategy == "recycle-verified":
-            res = recycle_verified(self.model, prompts, **common)
+            res = recycle_verified(self.model, prompts, min_draft_prob=min_draft_prob, **common)
         elif strategy == "speculative":
-            res = speculative(self.model, prompts, draft_len=draft_len, **common)
+            res = speculative(self.model, prompts, draft_len=draft_len, min_draft_prob=min_draft_prob, **common)
         else:
             res = tree(self.model, prompts, shape=shape, **common)
         texts = [self.tokenizer.decode(t) if self.tokenizer is not None else "" for t in res.tokens]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .api import DEFAULT_DRAFT_LEN, STRATEGY_NAMES, Generation, RecycleGPT
+from .api import DEFAULT_DRAFT_LEN, STRATEGY_NAMES, Generation, RecycleGPT, default_min_draft_prob
 from .config import ModelConfig, RecycleConfig
 from .data import iter_jsonl
 from .decoding import tau_of
@@ -214,6 +214,7 @@ def run_bench(lm: RecycleGPT, prompts: list[str] | list[list[int]], *,
               strategies: tuple[str, ...] = PROJECT_STRATEGIES, max_new_tokens: int = 128, chat: bool = True,
               ignore_eos: bool = True, warmup: int = 1, batch_size: int = 1, engine: str = "auto",
               alpha: bool = True, log: Callable[[str], None] | None = None, draft_len: int = DEFAULT_DRAFT_LEN,
+              min_draft_prob: float | None = None,
               tree_shape: tuple[int, int, int] | None = None, categories: Sequence[str] | None = None) -> dict:
     """Run each strategy greedily on every prompt (texts, or token-id lists); return {"device", "model",
     "results", "speedup", "speedup_vs_hf_eager", ...}. HF strategies (`HF_STRATEGIES`) need batch_size 1.
@@ -244,7 +245,7 @@ def run_bench(lm: RecycleGPT, prompts: list[str] | list[list[int]], *,
             notes[s] = hf[s].config_note
     if categories is not None and (len(categories) != len(ids) or batch_size != 1):
         raise ValueError("categories need one label per prompt and batch size 1")
-    draft = {"draft_len": draft_len, "tree_shape": tree_shape}
+    draft = {"draft_len": draft_len, "tree_shape": tree_shape, "min_draft_prob": min_draft_prob}
     runs = time_strategies(lm, ids, strategies, max_new_tokens=max_new_tokens, ignore_eos=ignore_eos,
                            warmup=warmup, batch_size=batch_size, engine=engine, hf=hf, log=log, draft=draft)
     del hf
@@ -288,6 +289,9 @@ def run_bench(lm: RecycleGPT, prompts: list[str] | list[list[int]], *,
         "torch": torch.__version__,
         "transformers": _version("transformers") if hf_names else None,
         "draft_len": draft_len if "speculative" in strategies else None,
+        "min_draft_prob": (min_draft_prob if min_draft_prob is not None
+                           else default_min_draft_prob(lm.device, lm.resolve_engine(engine)))
+        if {"speculative", "recycle-verified"} & set(strategies) else None,
         "tree": list(tree_shape) if "tree" in strategies and tree_shape is not None else None,
         "results": results,
         "speedup": ratios("standard"),

@@ -137,6 +137,7 @@ def cmd_bench(args) -> None:
         report = run_bench(lm, prompts, strategies=strategies, max_new_tokens=args.max_new_tokens,
                            chat=not args.no_chat, ignore_eos=not args.stop_at_eos, batch_size=args.batch_size,
                            engine=args.engine, alpha=not args.no_alpha, draft_len=draft["draft_len"],
+                           min_draft_prob=draft["min_draft_prob"],
                            tree_shape=tuple(draft["tree_shape"]), categories=categories,
                            log=lambda line: print(f"bench: {line}", file=sys.stderr, flush=True))
     except ValueError as e:

@@ -58,6 +58,9 @@ def add_draft_args(p: argparse.ArgumentParser, *, tree_flag: bool = True) -> Non
     if tree_flag:
         p.add_argument("--tree", action="store_true",
                        help="speculative with a draft tree instead of a chain (the same as --strategy tree)")
+    p.add_argument("--min-draft-prob", type=float, default=None, metavar="P",
+                   help="speculative, recycle-verified: stop a draft where the module's top probability is below P "
+                        "(adaptive draft length; eager loop only; default: the measured value on the CPU, 0 on GPUs)")
     p.add_argument("--tree-depth", type=int, default=t.depth, help=f"tree: levels drafted (default {t.depth})")
     p.add_argument("--tree-topk", type=int, default=t.topk,
                    help=f"tree: children per expanded node and nodes expanded per level (default {t.topk})")
@@ -67,5 +70,5 @@ def add_draft_args(p: argparse.ArgumentParser, *, tree_flag: bool = True) -> Non
 
 def draft_options(args: argparse.Namespace) -> dict:
     """generate()'s keyword arguments from the flags of `add_draft_args`."""
-    return {"draft_len": args.draft_len,
+    return {"draft_len": args.draft_len, "min_draft_prob": args.min_draft_prob,
             "tree_shape": TreeShape(args.tree_depth, args.tree_topk, args.tree_nodes).check()}

@@ -148,10 +148,19 @@ class _Round:
 @torch.inference_mode()
 def speculative(model: RecycleModel, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
                 draft_len: int = DEFAULT_DRAFT_LEN, sampling: SamplingParams = SamplingParams(),
-                stop_ids: Sequence[int] = (), stream: StreamFn | None = None,
+                stop_ids: Sequence[int] = (), stream: StreamFn | None = None, min_draft_prob: float = 0.0,
                 name: str = "speculative") -> DecodeResult:
-    """Chain drafts of `draft_len` tokens, verified by the full model in one call each (lossless)."""
+    """Chain drafts of up to `draft_len` tokens, verified by the full model in one call each (lossless).
+
+    min_draft_prob: adaptive draft length. A round stops drafting where the module's most likely next token has a
+    draft probability below this on every row; with no draft at all the round is a plain decode step. The rule
+    reads the draft distribution alone, never the full model nor the drawn token, so the output stays exact. It costs a host sync
+    per draft, which the eager loop pays anyway; where a full call on several tokens costs more than on one (the
+    CPU: docs/speculative.md), it saves the calls and the verification width that low-confidence drafts waste.
+    """
     K = check_draft_len(draft_len)
+    if not 0.0 <= min_draft_prob < 1.0:
+        raise ValueError(f"min_draft_prob must be in [0, 1), got {min_draft_prob!r}")
     r = _Round(model, prompts, max_new_tokens, K + 1, name, sampling, stop_ids, stream)
     r.stats.accept_hist = [0] * (K + 1)
     done = r.prefill()
@@ -160,7 +169,13 @@ def speculative(model: RecycleModel, prompts: Sequence[Sequence[int]], *, max_ne
         drafts, probs = [], []
         for j in range(K):  # step 2: draft x̂_{p+1+j}, then (but for the last) roll the module on at slot p + j
             q = r.probs(logits)
-            drafts.append(logits.argmax(-1) if q is None else draw(q, r.gen))
+            # the stop rule reads the draft distribution only, not the token drawn from it: a kept draft is then
+            # distributed exactly as q, which verification assumes (a rule on q(token) would skew it)
+            if min_draft_prob > 0.0 and float((q if q is not None else torch.softmax(logits.float(), -1))
+                                              .amax(-1).max()) < min_draft_prob:
+                break
+            token = logits.argmax(-1) if q is None else draw(q, r.gen)
+            drafts.append(token)
             probs.append(q)
             if j == K - 1:
                 break
@@ -168,11 +183,13 @@ def speculative(model: RecycleModel, prompts: Sequence[Sequence[int]], *, max_ne
                                 cache=r.mcache, pad=r.pad, kv_end=r.p + j + 1, num_logits=1, draft=True)
             r.stats.module_calls += 1
             logits, state = out.logits[:, -1], out.hidden
-        draft = torch.stack(drafts, dim=1)  # (B, K)
-        full = r.base(torch.cat((r.pending[:, None], draft), dim=1), input_pos=_slots(r.p, K + 1, r.device),
-                      cache=r.cache, pad=r.pad, kv_end=r.p + K + 1, taps=model.taps)  # step 3
-        a, tokens = verify_chain(draft, None if probs[0] is None else torch.stack(probs, dim=1), full.logits,
-                                 sampling, r.gen)
+        k = len(drafts)
+        draft = torch.stack(drafts, dim=1) if k else r.pending[:, None][:, :0]  # (B, k)
+        full = r.base(torch.cat((r.pending[:, None], draft), dim=1), input_pos=_slots(r.p, k + 1, r.device),
+                      cache=r.cache, pad=r.pad, kv_end=r.p + k + 1, taps=model.taps)  # step 3
+        draft_probs = (None if sampling.greedy else torch.stack(probs, dim=1) if k
+                       else full.logits.new_zeros(full.logits.shape[0], 0, full.logits.shape[-1]).float())
+        a, tokens = verify_chain(draft, draft_probs, full.logits, sampling, r.gen)
         done = r.commit(int(a.min()), tokens, model.state(full))  # the round's host sync
     return r.finish()
 
