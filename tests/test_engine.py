@@ -210,3 +210,19 @@ def test_verified_rounds_with_a_draft_vocabulary(strategy):
     assert got.tokens == ref(model, prompts, max_new_tokens=30).tokens
     assert got.tokens == standard(model.base, prompts, max_new_tokens=30).tokens
     assert sum(got.stats.accept_hist[1:]) > 0
+
+
+@CUDA
+@pytest.mark.cuda
+@pytest.mark.parametrize("strategy", VERIFIED)
+def test_cuda_graphs_with_a_draft_vocabulary(strategy):
+    from test_speculative import with_draft_vocab
+
+    ref, opts = VERIFIED[strategy]
+    model = with_draft_vocab(predictable(1, 0.05), list(range(0, 97, 2))).cuda()
+    prompts = prompts_for(3, 3)
+    want = standard(model.base, prompts, max_new_tokens=40).tokens
+    graphs = Engine(model, graphs=True, bucket=16)
+    for _ in range(2):  # capture, then replay
+        assert graphs.decode(strategy, prompts, max_new_tokens=40, **opts).tokens == want
+    assert ref(model, prompts, max_new_tokens=40).tokens == want
