@@ -12,15 +12,15 @@ import torch
 from recyclegpt.checkpoint import load_module
 from recyclegpt.cli import main
 from recyclegpt.config import PRESETS, ConfigError, RecycleConfig
+from recyclegpt.data import train_bpe
 from recyclegpt.decoding import recycle, standard
 from recyclegpt.engine import Engine
 from recyclegpt.evaluation import token_logprobs
 from recyclegpt.model import RecyclableModule, RecycleModel
 from recyclegpt.speculative import TreeShape, recycle_verified, speculative, tree
-from recyclegpt.train import add_taps, retrofit, train_joint
+from recyclegpt.train import add_taps, retrofit
 from test_speculative import predictable, prompts_for
-from recyclegpt.data import train_bpe
-from test_train import first_and_last_val, model_cfg, small_cfg, write_corpus
+from test_train import base_and_first_module, first_and_last_val, small_cfg, write_corpus
 
 CFG = dataclasses.replace(PRESETS["tiny"], n_layer=4)
 
@@ -133,11 +133,7 @@ def test_the_engine_with_taps_equals_the_reference_loops(strategy, opts):
 
 
 def test_retrofit_grows_taps_on_an_initial_module(corpus, tmp_path):
-    path, tok = corpus
-    base, _ = train_joint(cfg=small_cfg(steps=10, eval_every=0), model_cfg=model_cfg(tok), rcfg=None,
-                          files=[path], out_dir=tmp_path / "base", tokenizer=tok)
-    _, before = retrofit(cfg=small_cfg(steps=20, lr=1e-2), base=base, tokenizer=tok, rcfg=RecycleConfig(),
-                         files=[path], out_dir=tmp_path / "m1", base_ref="tiny-base")
+    path, tok, base, before = base_and_first_module(corpus, tmp_path)
     model, metrics = retrofit(cfg=small_cfg(steps=20, lr=1e-2, init_module=str(tmp_path / "m1")), base=base,
                               tokenizer=tok, rcfg=RecycleConfig(taps=(0,)), files=[path], out_dir=tmp_path / "m2",
                               base_ref="tiny-base")

@@ -369,12 +369,18 @@ def test_rollout_terms_equal_a_hand_rolled_draft():
     torch.testing.assert_close(out["loss"], plain["loss"] + 0.5 * roll)
 
 
-def test_retrofit_with_rollout_from_an_initial_module(corpus, tmp_path):
+def base_and_first_module(corpus, tmp_path):
+    """A tiny trained base and a module retrofitted on it (saved in tmp_path / "m1"), for fine-tuning tests."""
     path, tok = corpus
     base, _ = train_joint(cfg=small_cfg(steps=10, eval_every=0), model_cfg=model_cfg(tok), rcfg=None,
                           files=[path], out_dir=tmp_path / "base", tokenizer=tok)
-    _, before = retrofit(cfg=small_cfg(steps=20, lr=1e-2), base=base, tokenizer=tok, rcfg=RecycleConfig(),
-                         files=[path], out_dir=tmp_path / "m1", base_ref="tiny-base")
+    _, metrics = retrofit(cfg=small_cfg(steps=20, lr=1e-2), base=base, tokenizer=tok, rcfg=RecycleConfig(),
+                          files=[path], out_dir=tmp_path / "m1", base_ref="tiny-base")
+    return path, tok, base, metrics
+
+
+def test_retrofit_with_rollout_from_an_initial_module(corpus, tmp_path):
+    path, tok, base, before = base_and_first_module(corpus, tmp_path)
     _, metrics = retrofit(cfg=small_cfg(steps=20, lr=1e-2, rollout=3, init_module=str(tmp_path / "m1")), base=base,
                           tokenizer=tok, rcfg=RecycleConfig(), files=[path], out_dir=tmp_path / "m2",
                           base_ref="tiny-base")
