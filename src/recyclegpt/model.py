@@ -392,6 +392,7 @@ class RecycleModel(nn.Module):
         self.base, self.module = base, module
         self.use_draft_vocab = True  # draft over the module's draft vocabulary, if it has one
         self.register_buffer("draft_weight", None, persistent=False)  # its LM head rows: refresh_draft_head
+        self._draft_key: tuple | None = None  # what draft_weight was copied from
 
     @classmethod
     def build(cls, cfg: ModelConfig, rcfg: RecycleConfig) -> "RecycleModel":
@@ -403,9 +404,14 @@ class RecycleModel(nn.Module):
         CUDA graphs stay valid."""
         ids = getattr(self.module, "draft_ids", None)
         if ids is None or not self.use_draft_vocab:
-            self.draft_weight = None
+            self.draft_weight, self._draft_key = None, None
             return
-        rows = self.base.lm_head.weight.detach().index_select(0, ids.to(self.base.lm_head.weight.device))
+        head = self.base.lm_head.weight
+        key = (head.data_ptr(), head._version, head.dtype, ids.data_ptr(), ids._version)
+        if self.draft_weight is not None and key == self._draft_key:
+            return  # still a copy of the current rows: nothing to redo
+        rows = head.detach().index_select(0, ids.to(head.device))
+        self._draft_key = key
         w = self.draft_weight
         if w is not None and w.shape == rows.shape and w.device == rows.device and w.dtype == rows.dtype:
             w.copy_(rows)

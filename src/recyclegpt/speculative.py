@@ -187,9 +187,8 @@ def speculative(model: RecycleModel, prompts: Sequence[Sequence[int]], *, max_ne
         draft = torch.stack(drafts, dim=1) if k else r.pending[:, None][:, :0]  # (B, k)
         full = r.base(torch.cat((r.pending[:, None], draft), dim=1), input_pos=_slots(r.p, k + 1, r.device),
                       cache=r.cache, pad=r.pad, kv_end=r.p + k + 1, taps=model.taps)  # step 3
-        draft_probs = (None if sampling.greedy else torch.stack(probs, dim=1) if k
-                       else full.logits.new_zeros(full.logits.shape[0], 0, full.logits.shape[-1]).float())
-        a, tokens = verify_chain(draft, draft_probs, full.logits, sampling, r.gen)
+        a, tokens = verify_chain(draft, torch.stack(probs, dim=1) if k and probs[0] is not None else None,
+                                 full.logits, sampling, r.gen)
         done = r.commit(int(a.min()), tokens, model.state(full))  # the round's host sync
     return r.finish()
 

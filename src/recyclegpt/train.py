@@ -299,11 +299,16 @@ def train_joint(*, cfg: TrainConfig, model_cfg: ModelConfig, rcfg: RecycleConfig
     return model, metrics
 
 
+def _rebuilt(module: RecyclableModule, **changes) -> RecyclableModule:
+    """A fresh module with `module`'s config changed by `changes`, on its device and dtype (weights not copied)."""
+    rebuilt = RecyclableModule(module.base_cfg, dataclasses.replace(module.cfg, **changes))
+    return rebuilt.to(device=module.fc.weight.device, dtype=module.fc.weight.dtype)
+
+
 def add_taps(module: RecyclableModule, taps: tuple[int, ...]) -> RecyclableModule:
     """A copy of a module trained without taps that also reads the base layers `taps`; the taps' weights start at
     zero, so it computes exactly what `module` does until it trains."""
-    grown = RecyclableModule(module.base_cfg, dataclasses.replace(module.cfg, taps=tuple(taps)))
-    grown = grown.to(device=module.fc.weight.device, dtype=module.fc.weight.dtype)
+    grown = _rebuilt(module, taps=tuple(taps))
     missing, unexpected = grown.load_state_dict(module.state_dict(), strict=False)
     assert not unexpected and all(k.startswith(("tap_fc.", "tap_norms.")) for k in missing), (missing, unexpected)
     return grown
@@ -315,8 +320,7 @@ def add_draft_vocab(module: RecyclableModule, ids: Sequence[int] | torch.Tensor)
     V = module.base_cfg.vocab_size
     if ids.numel() == 0 or int(ids.min()) < 0 or int(ids.max()) >= V or ids.unique().numel() != ids.numel():
         raise ValueError(f"draft vocabulary: need distinct token ids in [0, {V}), got {ids.numel()} ids")
-    grown = RecyclableModule(module.base_cfg, dataclasses.replace(module.cfg, draft_vocab=ids.numel()))
-    grown = grown.to(device=module.fc.weight.device, dtype=module.fc.weight.dtype)
+    grown = _rebuilt(module, draft_vocab=ids.numel())
     state = {k: v for k, v in module.state_dict().items() if k != "draft_ids"}
     grown.load_state_dict(state | {"draft_ids": ids.sort().values.to(module.fc.weight.device)})
     return grown

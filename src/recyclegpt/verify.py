@@ -45,9 +45,11 @@ def verify_chain(draft: torch.Tensor, draft_probs: torch.Tensor | None, logits: 
     if params.greedy:
         target = logits.argmax(-1)  # (B, K+1); where the draft is accepted it equals the target
         return accepted_prefix(draft == target[:, :K]), target
-    if draft_probs is None:
+    if draft_probs is None and K:
         raise ValueError("sampling verification needs the draft distributions (draft_probs)")
     p = logits_to_probs(logits, params)  # (B, K+1, V), float32
+    if draft_probs is None:  # nothing drafted: the round samples the full model's next token
+        draft_probs = p[:, :0]
     p_d = p[:, :K].gather(-1, draft[..., None])[..., 0]
     q_d = draft_probs.gather(-1, draft[..., None])[..., 0]
     u = torch.rand(draft.shape, device=draft.device, generator=generator)
