@@ -176,6 +176,8 @@ def test_distill_halves_a_batch_that_runs_out_of_memory(tiny_ckpt, tmp_path, cap
     (["generate", "--model", "{ckpt}", "--strategy", "speculative", "--min-draft-prob", "1.5", "hi"], "min_draft_prob"),
     (["generate", "--model", "{ckpt}", "--strategy", "speculative", "--engine", "static", "--min-draft-prob", "0.5",
       "hi"], "eager loop"),
+    (["generate", "--model", "{ckpt}", "--compile-mode", "max-autotune-no-cudagraphs", "hi"], "--engine compiled"),
+    (["bench", "--model", "{ckpt}", "--compile-mode", "default"], "--engine compiled"),
 ])
 def test_bad_input_exits_2_with_one_line(tiny_ckpt, capsys, argv, message):
     _, _, ckpt = tiny_ckpt

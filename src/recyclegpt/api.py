@@ -97,6 +97,7 @@ class RecycleGPT:
         self.base, self.tokenizer, self.name = base, tokenizer, name
         self.model = RecycleModel(base, module) if module is not None else None
         self.module_source = module_source
+        self.compile_mode: str | None = None  # inductor's mode for engine="compiled" (None: its default)
         self._engines: dict[str, Engine] = {}
 
     # -- loading ---------------------------------------------------------------------------------------------------
@@ -228,7 +229,8 @@ class RecycleGPT:
         """The engine of this kind, created on first use and kept, so that its captured graphs are reused."""
         if kind not in self._engines:
             model = self.model if self.model is not None else self.base
-            self._engines[kind] = Engine(model, graphs=kind in ("graphs", "compiled"), compile=kind == "compiled")
+            compile = (self.compile_mode or True) if kind == "compiled" else False
+            self._engines[kind] = Engine(model, graphs=kind in ("graphs", "compiled"), compile=compile)
         return self._engines[kind]
 
     def _prompt_ids(self, prompt, *, chat: bool) -> list[list[int]]:

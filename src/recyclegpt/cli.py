@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 
 from .api import DEFAULT_MODEL, ENGINES, STRATEGY_NAMES, RecycleGPT, default_device, default_dtype, module_hint
-from .options import add_command, add_draft_args, add_model_args, draft_options, load_model, parse_dtype
+from .options import (add_command, add_compile_mode, add_draft_args, add_model_args, apply_compile_mode, draft_options,
+                      load_model, parse_dtype)
 from .checkpoint import CheckpointError
 from .config import RecycleConfig
 from .registry import RegistryError
@@ -52,6 +53,10 @@ def cmd_generate(args) -> None:
     args.strategy = chosen_strategy(args)
     draft = draft_options(args)
     lm = load_model(args)
+    try:
+        apply_compile_mode(lm, args)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     if args.recycle == "random" and args.strategy != "standard":
         print("note: --recycle random is an untrained module; its tokens are noise (speed measurements only)",
               file=sys.stderr)
@@ -134,6 +139,7 @@ def cmd_bench(args) -> None:
                          f"or run --strategies standard")
     try:
         lm.resolve_engine(args.engine)
+        apply_compile_mode(lm, args)
         report = run_bench(lm, prompts, strategies=strategies, max_new_tokens=args.max_new_tokens,
                            chat=not args.no_chat, ignore_eos=not args.stop_at_eos, batch_size=args.batch_size,
                            engine=args.engine, alpha=not args.no_alpha, draft_len=draft["draft_len"],
@@ -142,6 +148,8 @@ def cmd_bench(args) -> None:
                            log=lambda line: print(f"bench: {line}", file=sys.stderr, flush=True))
     except ValueError as e:
         raise UsageError(str(e)) from None
+    if args.compile_mode:
+        report["compile_mode"] = args.compile_mode
     if args.shape:
         report["shape"], report["note"] = args.shape, RANDOM_NOTE
     elif lm.module_source == "random":
@@ -358,6 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-stream", action="store_true", help="print the text at the end, not as it is generated")
     g.add_argument("--engine", default="auto", choices=ENGINES,
                    help="decode loop (default auto: CUDA graphs on a GPU, eager on CPU); the tokens are the same")
+    add_compile_mode(g)
     add_draft_args(g)
 
     b = add("bench", cmd_bench)
@@ -375,6 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch-size", type=int, default=1, help="prompts decoded together (default 1)")
     b.add_argument("--engine", default="auto", choices=ENGINES,
                    help="decode loop of the project's strategies (default auto: CUDA graphs on a GPU, eager on CPU)")
+    add_compile_mode(b)
     b.add_argument("--shape", default=None, choices=("1.3b", "7b"),
                    help="a paper-scale model with random weights instead of --model (speed only); the module has "
                         "--recycle-layers layers; prompts are random token ids")

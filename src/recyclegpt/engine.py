@@ -57,8 +57,9 @@ class Decoder:
     """
 
     def __init__(self, model: Transformer | RecycleModel, batch_size: int, max_len: int, *, graphs: bool = False,
-                 bucket: int = 256, compile: bool = False, fuse: bool | None = None) -> None:
-        """fuse: fused QKV and gate-up matmuls (model.fuse_projections; default: with graphs, where launches
+                 bucket: int = 256, compile: bool | str = False, fuse: bool | None = None) -> None:
+        """compile: torch.compile the model's forwards inside the graphs; a string is inductor's mode (e.g.
+        "max-autotune-no-cudagraphs", which benchmarks matmul kernels for each shape once). fuse: fused QKV and gate-up matmuls (model.fuse_projections; default: with graphs, where launches
         dominate). The values are the same up to the matmul's rounding, so tokens can differ in the last bit of a
         near-tie from an unfused run."""
         if graphs if fuse is None else fuse:
@@ -105,9 +106,10 @@ class Decoder:
             cfg_ = torch._dynamo.config
             name = "recompile_limit" if hasattr(cfg_, "recompile_limit") else "cache_size_limit"
             setattr(cfg_, name, max(getattr(cfg_, name), 64))
-            self._base_fwd = torch.compile(self._base_fwd, dynamic=False)
+            mode = compile if isinstance(compile, str) and compile != "default" else None
+            self._base_fwd = torch.compile(self._base_fwd, dynamic=False, mode=mode)
             if self.rmodel is not None:
-                self._recycle_fwd = torch.compile(self._recycle_fwd, dynamic=False)
+                self._recycle_fwd = torch.compile(self._recycle_fwd, dynamic=False, mode=mode)
 
     # -- the steps: device tensors in, device tensors out ----------------------------------------------------------
 
@@ -429,7 +431,7 @@ class Engine:
     """Decoders by batch size and cache length for one model, so that captured graphs are reused across calls."""
 
     def __init__(self, model: Transformer | RecycleModel, *, graphs: bool | None = None, bucket: int = 256,
-                 compile: bool = False, fuse: bool | None = None) -> None:
+                 compile: bool | str = False, fuse: bool | None = None) -> None:
         base = model.base if isinstance(model, RecycleModel) else model
         self.model = model
         self.graphs = base.tok_emb.weight.device.type == "cuda" if graphs is None else graphs

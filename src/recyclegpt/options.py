@@ -50,6 +50,24 @@ def load_model(args: argparse.Namespace) -> RecycleGPT:
                                       random_module=RecycleConfig(n_layer=args.recycle_layers))
 
 
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")  # inductor modes that run inside the engine's own graphs
+
+
+def add_compile_mode(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--compile-mode", default=None, choices=COMPILE_MODES,
+                   help="inductor's mode for --engine compiled (default: default); max-autotune-no-cudagraphs "
+                        "times candidate matmul kernels for every shape once (minutes of compiling)")
+
+
+def apply_compile_mode(lm: RecycleGPT, args: argparse.Namespace) -> None:
+    """Give lm the --compile-mode of add_compile_mode; it needs --engine compiled."""
+    if args.compile_mode is None:
+        return
+    if args.engine != "compiled":
+        raise ValueError(f"--compile-mode applies to --engine compiled, not {args.engine!r}")
+    lm.compile_mode = args.compile_mode
+
+
 def add_draft_args(p: argparse.ArgumentParser, *, tree_flag: bool = True) -> None:
     """The options of the lossless strategies (speculative.py); tree_flag: also --tree (generate)."""
     t = TreeShape()
