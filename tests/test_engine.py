@@ -64,6 +64,28 @@ def test_batched_equals_per_prompt(strategy):
     assert batched == single
 
 
+@pytest.mark.parametrize("strategy", ["standard", "recycle", "speculative", "tree"])
+def test_prompts_padded_to_a_bucket_give_the_same_tokens(strategy):
+    """With graphs, prompts are left-padded to a multiple of prefill_bucket (one captured prefill per length);
+    here the same padding runs without graphs and must change nothing, greedy and sampled, batched or not."""
+    from test_speculative import predictable
+
+    model = predictable(0, 0.05) if strategy in VERIFIED else build(8, n_layer=2)
+    opts = VERIFIED[strategy][1] if strategy in VERIFIED else {}
+    prompts = random_prompts(11, 3, model.base.cfg.vocab_size)
+    padded = Engine(model, bucket=16, prefill_bucket=8)
+    plain = Engine(model, bucket=16, prefill_bucket=0)
+    for batch in ([prompts[0]], prompts):
+        assert padded.decode(strategy, batch, max_new_tokens=30, **opts).tokens == \
+            plain.decode(strategy, batch, max_new_tokens=30, **opts).tokens
+        sampling = SamplingParams(temperature=0.9, seed=4)
+        assert padded.decode(strategy, batch, max_new_tokens=20, sampling=sampling, **opts).tokens == \
+            plain.decode(strategy, batch, max_new_tokens=20, sampling=sampling, **opts).tokens
+    dec = padded.decoder(1, 64)
+    dec.decode(strategy, [list(range(1, 12))], max_new_tokens=5, **opts)
+    assert dec.pad.tolist() == [5]  # the 11-token prompt ran left-padded to 16
+
+
 def test_a_reused_decoder_forgets_the_previous_call():
     model = build(3)
     dec = Decoder(model, 1, 96, bucket=16)
@@ -113,7 +135,8 @@ def test_cuda_graphs_replay_the_same_steps(strategy):
             reference(model, strategy, prompts, max_new_tokens=30, sampling=sampling).tokens)
     model.to(torch.bfloat16)
     bf = Engine(model, graphs=True, bucket=16).decode(strategy, prompts, max_new_tokens=50).tokens
-    assert bf == Engine(model, graphs=False, bucket=16, fuse=True).decode(strategy, prompts, max_new_tokens=50).tokens
+    static = Engine(model, graphs=False, bucket=16, fuse=True, prefill_bucket=64)  # the same padded prompts
+    assert bf == static.decode(strategy, prompts, max_new_tokens=50).tokens
 
 
 # -- the verified rounds (speculative.py's strategies) -------------------------------------------------------------

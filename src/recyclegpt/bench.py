@@ -177,8 +177,9 @@ def time_strategies(lm: RecycleGPT, ids: list[list[int]], strategies: Sequence[s
                     ignore_eos: bool, warmup: int = 1, batch_size: int = 1, engine: str = "auto",
                     hf: dict | None = None, log: Callable[[str], None] | None = None,
                     draft: dict | None = None) -> dict[str, StrategyRun]:
-    """Warm each strategy up (untimed), then run them greedily on every batch of prompts, interleaved batch by
-    batch. `hf` maps HF strategy names to their `hf_baselines.HFBaseline` (batch 1 only)."""
+    """Warm each strategy up (untimed: a whole run of the first batch, two tokens of every other), then run them
+    greedily on every batch of prompts, interleaved batch by batch. `hf` maps HF strategy names to their
+    `hf_baselines.HFBaseline` (batch 1 only)."""
     log = log or (lambda line: None)
     hf = hf or {}
     batches = [ids[i:i + batch_size] for i in range(0, len(ids), batch_size)]
@@ -202,6 +203,9 @@ def time_strategies(lm: RecycleGPT, ids: list[list[int]], strategies: Sequence[s
     for s in strategies:
         for _ in range(warmup):  # the warm-up also captures the engine's graphs for the first buckets
             run(s, batches[0], max_new_tokens, None)
+        if warmup:  # and every prompt's first steps: the engine captures a prefill graph per padded prompt length
+            for batch in batches[1:]:
+                run(s, batch, 2, None)
     runs = {s: StrategyRun(s) for s in strategies}
     for k, batch in enumerate(batches, 1):
         log(f"batch {k}/{len(batches)}" if batch_size > 1 else f"prompt {k}/{len(batches)}")

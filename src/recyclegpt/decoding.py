@@ -99,6 +99,15 @@ class PromptBatch:
     def length(self) -> int:
         return self.ids.shape[1]
 
+    def padded_to(self, length: int) -> "PromptBatch":
+        """The same prompts left-padded to `length` tokens (more padding per row; the same positions)."""
+        extra = length - self.length
+        if extra <= 0:
+            return self
+        pad = self.pad if self.pad is not None else torch.zeros(self.ids.shape[0], dtype=torch.long,
+                                                                device=self.ids.device)
+        return PromptBatch(torch.nn.functional.pad(self.ids, (extra, 0)), pad + extra)
+
 
 def check_budget(model: Transformer, batch: PromptBatch, max_new_tokens: int, extra_slots: int = 0) -> int:
     """The cache length for this call; a clear error when the prompt plus the new tokens exceed the context."""

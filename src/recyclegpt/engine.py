@@ -16,7 +16,9 @@ Every step reads and writes only device tensors that live as long as the `Decode
 the caches, an output buffer), so a step can be captured once as a CUDA graph and replayed: one launch instead of
 ~1,300 kernel launches from Python (docs/engine.md counts them). Attention reads the cache up to a *bucket*
 boundary (a multiple of `bucket` slots) through the position mask, so one graph serves every position inside its
-bucket; graphs are captured lazily, per step kind and bucket. Greedy steps select the token inside the graph;
+bucket; graphs are captured lazily, per step kind and bucket. The prompt's forward (base and module) is a graph too:
+prompts are left-padded to a multiple of `prefill_bucket` tokens (the same positions and outputs; padding slots are
+masked), one graph per padded length. Greedy steps select the token inside the graph;
 sampling selects it eagerly from the graph's logits (a few kernels), with the same `sampling.sample`.
 
 The host learns the tokens every `check_every` steps (one sync), when it also checks stop tokens and budgets;
@@ -43,6 +45,7 @@ STEP_TOKENS = {"standard": 1, "recycle": 2}  # the fixed-schedule steps: tokens 
 VERIFIED = ("recycle-verified", "speculative", "tree")  # rounds of variable length
 STRATEGIES = tuple(STEP_TOKENS) + VERIFIED
 MAX_ROUND_TOKENS = 64  # a verified round keeps at most this many tokens (draft length or tree depth + 1)
+PREFILL_BUCKET = 64  # with graphs, prompts are left-padded to a multiple of this many tokens: one graph per length
 
 
 def round_up(n: int, m: int) -> int:
@@ -57,8 +60,11 @@ class Decoder:
     """
 
     def __init__(self, model: Transformer | RecycleModel, batch_size: int, max_len: int, *, graphs: bool = False,
-                 bucket: int = 256, compile: bool | str = False, fuse: bool | None = None) -> None:
-        """compile: torch.compile the model's forwards inside the graphs; a string is inductor's mode (e.g.
+                 bucket: int = 256, compile: bool | str = False, fuse: bool | None = None,
+                 prefill_bucket: int | None = None) -> None:
+        """prefill_bucket: left-pad prompts to a multiple of this many tokens, so that their forward is captured
+        too (default PREFILL_BUCKET with graphs, 0 = no padding without); a prompt whose padding would not fit the
+        cache runs unpadded and eagerly. compile: torch.compile the model's forwards inside the graphs; a string is inductor's mode (e.g.
         "max-autotune-no-cudagraphs", which benchmarks matmul kernels for each shape once). fuse: fused QKV and gate-up matmuls (model.fuse_projections; default: with graphs, where launches
         dominate). The values are the same up to the matmul's rounding, so tokens can differ in the last bit of a
         near-tie from an unfused run."""
@@ -72,6 +78,7 @@ class Decoder:
         if graphs and self.device.type != "cuda":
             raise ValueError("CUDA graphs need a CUDA device; use graphs=False on the CPU")
         self.graphs_enabled, self.bucket = graphs, bucket
+        self.prefill_bucket = (PREFILL_BUCKET if graphs else 0) if prefill_bucket is None else prefill_bucket
         self.max_len = round_up(max_len, bucket)
         cfg = self.base.cfg
         if self.max_len > cfg.context_length:
@@ -98,6 +105,7 @@ class Decoder:
         self.hist = torch.zeros(MAX_ROUND_TOKENS, dtype=long, device=dev)
         self._ar = torch.arange(self.max_len, dtype=long, device=dev)
         self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
+        self._prompt: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}  # by length: ids, module state
         self._pool = torch.cuda.graph_pool_handle() if graphs else None
         self._base_fwd, self._recycle_fwd = self.base.forward, (self.rmodel.recycle if self.rmodel else None)
         if compile:  # inductor fuses the element-wise chains; the graphs then hold far fewer kernels
@@ -243,38 +251,79 @@ class Decoder:
 
     # -- one call --------------------------------------------------------------------------------------------------
 
-    def prefill(self, batch: PromptBatch, sampling: SamplingParams, gen) -> torch.Tensor:
-        """Run the prompt through the base; `out` gets x_L. Returns the module's input states over the prompt (the
-        base's hidden states without a module)."""
+    def _captures_prompt(self, L: int) -> bool:
+        return self.graphs_enabled and self.prefill_bucket > 0 and L % self.prefill_bucket == 0
+
+    def prefill(self, batch: PromptBatch, sampling: SamplingParams, gen) -> torch.Tensor | None:
+        """Run the prompt through the base; `out` gets x_L. Returns the module's input states over the prompt
+        (None without a module). With graphs, a prompt of a multiple of `prefill_bucket` tokens replays a graph
+        of its length."""
         L = batch.length
         self.pad.copy_(batch.pad if batch.pad is not None else torch.zeros_like(self.pad))
-        with prefill_attention():
-            full = self.base(batch.ids, input_pos=torch.arange(L, device=self.device), cache=self.cache,
-                             pad=self.pad, kv_end=L, num_logits=1, taps=self.taps)
-        first = sample(full.logits[:, -1], sampling, gen)
+        if self._captures_prompt(L):
+            ids, state = self._prompt_buffers(L)
+            ids.copy_(batch.ids)
+            self._run(("prefill", L), lambda: self._prefill_forward(ids, state))
+        else:
+            state = self._prefill_forward(batch.ids, None)
+        first = sample(self.logits, sampling, gen)
         self.x_next.copy_(first[:, None])
         self.n.zero_()
         self._emit(self.x_next)
         self.pos.fill_(L)
         self.hist.zero_()
-        return self.rmodel.state(full) if self.rmodel is not None else full.hidden
+        return state
 
-    def prefill_module(self, strategy: str, batch: PromptBatch, hidden: torch.Tensor, sampling: SamplingParams,
-                       gen) -> None:
-        """The module over the prompt's slots. recycle: `out` gets x̂_{L+1}; the verified rounds keep its output at
-        slot L-1 (g, d_logits), which the first round drafts from."""
-        L = batch.length
-        next_tokens = torch.cat((batch.ids[:, 1:], self.x_next), dim=1)
+    def _prompt_buffers(self, L: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Persistent tensors for captured prompts of length L (a graph reads and writes fixed addresses): the
+        token ids and the module's input states."""
+        if L not in self._prompt:
+            d, dtype = self.base.cfg.d_model, self.logits.dtype
+            state = torch.zeros(self.B, L, d, dtype=dtype, device=self.device) if self.rmodel is not None else None
+            self._prompt[L] = (torch.zeros(self.B, L, dtype=torch.long, device=self.device), state)
+        return self._prompt[L]
+
+    def _prefill_forward(self, ids: torch.Tensor, state: torch.Tensor | None) -> torch.Tensor | None:
+        """The base over the prompt: its last logits into `logits`; the module's input states into `state` (or
+        returned, when state is None)."""
+        L = ids.shape[1]
         with prefill_attention():
-            rec = self.rmodel.recycle(hidden, next_tokens, input_pos=torch.arange(L, device=self.device),
-                                      cache=self.mcache, pad=self.pad, kv_end=L, num_logits=1,
-                                      draft=strategy in VERIFIED)
-        if strategy in VERIFIED:
+            full = self.base(ids, input_pos=self._ar[:L], cache=self.cache, pad=self.pad, kv_end=L, num_logits=1,
+                             taps=self.taps)
+        self.logits.copy_(full.logits[:, -1])
+        if self.rmodel is None:
+            return None
+        if state is None:
+            return self.rmodel.state(full)
+        state.copy_(self.rmodel.state(full))
+        return state
+
+    def prefill_module(self, strategy: str, batch: PromptBatch, state: torch.Tensor, sampling: SamplingParams,
+                       gen) -> None:
+        """The module over the prompt's slots (state: what `prefill` returned). recycle: `out` gets x̂_{L+1}; the
+        verified rounds keep its output at slot L-1 (g, d_logits), which the first round drafts from."""
+        L = batch.length
+        draft = strategy in VERIFIED
+        if self._captures_prompt(L):
+            ids, _ = self._prompt_buffers(L)
+            self._run(("prefill_module", L, draft), lambda: self._module_prefill(ids, state, draft))
+        else:
+            self._module_prefill(batch.ids, state, draft)
+        if not draft:
+            self.x_rec.copy_(sample(self.logits, sampling, gen)[:, None])
+            self._emit(self.x_rec)
+
+    def _module_prefill(self, ids: torch.Tensor, state: torch.Tensor, draft: bool) -> None:
+        L = ids.shape[1]
+        next_tokens = torch.cat((ids[:, 1:], self.x_next), dim=1)
+        with prefill_attention():
+            rec = self.rmodel.recycle(state, next_tokens, input_pos=self._ar[:L], cache=self.mcache, pad=self.pad,
+                                      kv_end=L, num_logits=1, draft=draft)
+        if draft:
             self.g.copy_(rec.hidden[:, -1:])
             self.d_logits.copy_(rec.logits[:, -1])
-            return
-        self.x_rec.copy_(sample(rec.logits[:, -1], sampling, gen)[:, None])
-        self._emit(self.x_rec)
+        else:
+            self.logits.copy_(rec.logits[:, -1])
 
     def step(self, plan: "Plan", pos: int, sampling: SamplingParams, gen) -> None:
         """One decode step (or verified round) with the device slot p at most `pos` (the host's bound)."""
@@ -320,6 +369,10 @@ class Decoder:
             raise ValueError(f"check_every must be an integer >= 1, got {check_every!r}")
         batch = PromptBatch.build(prompts, vocab_size=self.base.cfg.vocab_size, device=self.device)
         need = check_budget(self.base, batch, max_new_tokens, extra_slots=plan.span)
+        if self.prefill_bucket:  # left-pad to the bucket where the padding fits (a graph per padded length)
+            padded = batch.padded_to(round_up(batch.length, self.prefill_bucket))
+            if padded.length + max_new_tokens + plan.span <= self.max_len:
+                batch, need = padded, need + padded.length - batch.length
         if need > self.max_len:
             raise ValueError(f"prompt ({batch.length} tokens) + max_new_tokens ({max_new_tokens}) needs {need} cache "
                              f"slots; this Decoder has {self.max_len}")
@@ -333,18 +386,18 @@ class Decoder:
                 self.rmodel.refresh_draft_head()  # before any graph reads it
             _sync(self.device)
             t0 = time.perf_counter()
-            hidden = self.prefill(batch, sampling, gen)
+            state = self.prefill(batch, sampling, gen)
             stats.full_calls = 1
             done = out.emit(self.out[:, :1])  # the first token, before the module runs: a true TTFT
             stats.prefill_seconds = time.perf_counter() - t0
             read = 1
             if strategy != "standard" and not done:
-                self.prefill_module(strategy, batch, hidden, sampling, gen)
+                self.prefill_module(strategy, batch, state, sampling, gen)
                 stats.module_calls = 1
                 if strategy == "recycle":
                     done = out.emit(self.out[:, 1:2])
                     read = 2
-            del hidden
+            del state
             pos = batch.length  # the device's slot p, known exactly after each check
             events = []  # on the GPU, one event after each step: timings without a sync per step
             if cuda:
@@ -431,11 +484,12 @@ class Engine:
     """Decoders by batch size and cache length for one model, so that captured graphs are reused across calls."""
 
     def __init__(self, model: Transformer | RecycleModel, *, graphs: bool | None = None, bucket: int = 256,
-                 compile: bool | str = False, fuse: bool | None = None) -> None:
+                 compile: bool | str = False, fuse: bool | None = None, prefill_bucket: int | None = None) -> None:
         base = model.base if isinstance(model, RecycleModel) else model
         self.model = model
         self.graphs = base.tok_emb.weight.device.type == "cuda" if graphs is None else graphs
         self.bucket, self.compile, self.fuse = bucket, compile, fuse
+        self.prefill_bucket = (PREFILL_BUCKET if self.graphs else 0) if prefill_bucket is None else prefill_bucket
         self._decoders: dict[tuple[int, int], Decoder] = {}
 
     def decoder(self, batch_size: int, need: int) -> Decoder:
@@ -444,7 +498,7 @@ class Engine:
         if fits:
             return self._decoders[min(fits, key=lambda k: k[1])]
         dec = Decoder(self.model, batch_size, need, graphs=self.graphs, bucket=self.bucket, compile=self.compile,
-                      fuse=self.fuse)
+                      fuse=self.fuse, prefill_bucket=self.prefill_bucket)
         self._decoders[(batch_size, dec.max_len)] = dec
         return dec
 
@@ -452,7 +506,8 @@ class Engine:
         longest = max((len(p) for p in prompts), default=0)
         span = Plan.make(strategy, kw.get("draft_len", DEFAULT_DRAFT_LEN), kw.get("tree")).span
         # leave headroom so that the next, slightly longer prompt reuses this Decoder and its graphs
-        need = round_up(longest + max_new_tokens + max(span, 2), self.bucket)
+        room = max(self.prefill_bucket - 1, 0)  # for the prompt's padding to its bucket
+        need = round_up(longest + room + max_new_tokens + max(span, 2), self.bucket)
         base = self.model.base if isinstance(self.model, RecycleModel) else self.model
         need = min(need, base.cfg.context_length)
         return self.decoder(len(prompts), need).decode(strategy, prompts, max_new_tokens=max_new_tokens, **kw)
