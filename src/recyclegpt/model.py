@@ -26,6 +26,12 @@ class ModelOutput(NamedTuple):
     taps: torch.Tensor | None = None  # (B, T, k*d): the outputs of the layers asked for with `taps`, side by side
 
 
+def _compiling() -> bool:
+    """True while torch.compile traces (torch >= 2.3 has torch.compiler.is_compiling)."""
+    fn = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    return bool(fn and fn())
+
+
 class KVCache:
     """Static key/value buffers for a stack of layers, allocated once: k, v are (n_layer, B, n_kv_head, S, D).
 
@@ -55,14 +61,19 @@ class KVCache:
               kv_end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (B, Hkv, T, D) at slots `input_pos` (T,); return the keys and values of slots [0, kv_end).
 
-        The write indexes the whole buffer rather than a view of its layer: under torch.compile a write through
-        the view `k[layer]` was rebuilt as a copy of the layer's buffer plus a copy of the whole cache back into
-        place, on every call (most of a compiled 1.3B-shape step's element-wise time on an H100:
-        docs/engine.md); this form is updated in place.
+        Under torch.compile the write indexes the whole buffer: a write through the view `k[layer]` was rebuilt
+        as a copy of the layer's buffer plus a copy of the whole cache back into place, on every call (two thirds
+        of a compiled 1.3B-shape step's element-wise time on an H100: docs/engine.md), where this form is
+        updated in place. Eagerly (and in CUDA graphs of eager kernels) `index_copy_` on the layer's view is one
+        kernel where `index_put_` takes several.
         """
-        idx = (self._layer[layer], self._row, self._head, input_pos.view(1, 1, -1))
-        self.k.index_put_(idx, k)
-        self.v.index_put_(idx, v)
+        if _compiling():
+            idx = (self._layer[layer], self._row, self._head, input_pos.view(1, 1, -1))
+            self.k.index_put_(idx, k)
+            self.v.index_put_(idx, v)
+        else:
+            self.k[layer].index_copy_(2, input_pos, k)
+            self.v[layer].index_copy_(2, input_pos, v)
         return self.k[layer, :, :, :kv_end], self.v[layer, :, :, :kv_end]
 
     def move(self, src: torch.Tensor, dst: torch.Tensor) -> None:
