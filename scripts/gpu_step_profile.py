@@ -23,8 +23,10 @@ import torch
 
 from recyclegpt.api import RecycleGPT
 from recyclegpt.bench import random_model
+from recyclegpt.config import PRESETS, RecycleConfig
 from recyclegpt.decoding import PromptBatch
 from recyclegpt.engine import Decoder
+from recyclegpt.model import RecycleModel
 from recyclegpt.sampling import SamplingParams
 from recyclegpt.speculative import TreeShape
 
@@ -97,7 +99,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--shape", default=None, help="1.3b or 7b: random weights of that shape instead of --model")
-    ap.add_argument("--recycle-layers", type=int, default=6, help="module layers with --shape")
+    ap.add_argument("--preset", default=None, help="random weights of a recyclegpt.config preset (a quick check)")
+    ap.add_argument("--recycle-layers", type=int, default=6, help="module layers with --shape or --preset")
     ap.add_argument("--compile", nargs="?", const="default", default=None, help="torch.compile, with this mode")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--reps", type=int, default=200)
@@ -109,11 +112,14 @@ def main() -> None:
     args = ap.parse_args()
     cuda = torch.cuda.is_available()
     dev, dtype = (torch.device("cuda"), torch.bfloat16) if cuda else (torch.device("cpu"), torch.float32)
-    if args.shape:
-        lm = random_model(args.shape, module_layers=args.recycle_layers, device=dev, dtype=dtype)
+    if args.preset:
+        torch.manual_seed(0)
+        model = RecycleModel.build(PRESETS[args.preset], RecycleConfig(n_layer=args.recycle_layers))
+        model = model.to(device=dev, dtype=dtype).eval()
+    elif args.shape:
+        model = random_model(args.shape, module_layers=args.recycle_layers, device=dev, dtype=dtype).model
     else:
-        lm = RecycleGPT.from_pretrained(args.model, device=dev, dtype=dtype)
-    model = lm.model
+        model = RecycleGPT.from_pretrained(args.model, device=dev, dtype=dtype).model
     mode = None if args.compile in (None, "default") else args.compile
     compile_arg: bool | str = False if args.compile is None else (mode or True)
     L = args.prompt_len
@@ -170,7 +176,7 @@ def main() -> None:
                          "by_kind_ms": by_kind, "top": top})
     name = torch.cuda.get_device_name(dev) if cuda else "cpu (smoke test: no graphs, no kernel counts)"
     print(f"device: {name}  torch {torch.__version__}  model: "
-          f"{args.shape or args.model}  module layers: {model.module.cfg.n_layer}  compile: {args.compile}  "
+          f"{args.preset or args.shape or args.model}  module layers: {model.module.cfg.n_layer}  compile: {args.compile}  "
           f"prompt {L}, attention over {kv_end} slots")
     print(f"{'part':<20} {'replay ms':>9} {'kernels':>8} {'kernel ms':>9} {'gap ms':>7} {'floor ms':>8}  by kind (ms)")
     for r in rows:
@@ -187,7 +193,7 @@ def main() -> None:
     if "standard step" in ms and "recycle step" in ms:
         bound = 2 * ms["standard step"] / ms["recycle step"]
         print(f"\nrecycle's step-time bound: 2 x {ms['standard step']:.3f} / {ms['recycle step']:.3f} = {bound:.3f}x")
-    print(json.dumps({"model": args.shape or args.model, "module_layers": model.module.cfg.n_layer,
+    print(json.dumps({"model": args.preset or args.shape or args.model, "module_layers": model.module.cfg.n_layer,
                       "compile": args.compile, "device": name,
                       "torch": torch.__version__, "recycle_step_bound": bound,
                       "parts": [{k: v for k, v in r.items() if k != "top"} for r in rows]}))

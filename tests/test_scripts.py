@@ -68,3 +68,14 @@ def test_self_instruct_meta_prompts_and_extraction():
     made = [" Write a poem about the sea.\n8. Something else", "Write a poem about the sea.", " Seed task number 3.",
             " short", " 9. Explain how rain forms, step by step."]
     assert extract(made, seeds) == ["Write a poem about the sea.", "Explain how rain forms, step by step."]
+
+
+def test_gpu_step_profile_runs_every_part():
+    """The GPU profile's parts (steps, verified rounds) run on a tiny model; on the CPU it times them without graphs."""
+    out = subprocess.run([sys.executable, str(SCRIPTS / "gpu_step_profile.py"), "--preset", "tiny", "--recycle-layers",
+                          "1", "--reps", "2", "--prompt-len", "40"], check=True, capture_output=True, text=True).stdout
+    report = json.loads(out.strip().splitlines()[-1])
+    parts = [p["part"] for p in report["parts"]]
+    assert parts[:5] == ["full, 1 token", "full, 2 tokens", "module, 2 slots", "standard step", "recycle step"]
+    assert any(p.startswith("tree round") for p in parts) and report["recycle_step_bound"] > 0
+    assert all(p["replay_ms"] > 0 for p in report["parts"])
