@@ -16,10 +16,10 @@ Every step reads and writes only device tensors that live as long as the `Decode
 the caches, an output buffer), so a step can be captured once as a CUDA graph and replayed: one launch instead of
 ~1,300 kernel launches from Python (docs/engine.md counts them). Attention reads the cache up to a *bucket*
 boundary (a multiple of `bucket` slots) through the position mask, so one graph serves every position inside its
-bucket; graphs are captured lazily, per step kind and bucket. The prompt's forward (base and module) is a graph too:
-prompts are left-padded to a multiple of `prefill_bucket` tokens (the same positions and outputs; padding slots are
-masked), one graph per padded length. Greedy steps select the token inside the graph;
-sampling selects it eagerly from the graph's logits (a few kernels), with the same `sampling.sample`.
+bucket; graphs are captured lazily, per step kind and bucket. The prompt's forward (base and module) is a graph
+too: prompts are left-padded to a multiple of `prefill_bucket` tokens (the same positions and outputs; padding
+slots are masked), one graph per padded length. Greedy steps select the token inside the graph; sampling selects
+it eagerly from the graph's logits (a few kernels), with the same `sampling.sample`.
 
 The host learns the tokens every `check_every` steps (one sync), when it also checks stop tokens and budgets;
 the steps already launched past a stop are wasted work, never wrong output. On the CPU the same steps run eagerly
@@ -64,8 +64,9 @@ class Decoder:
                  prefill_bucket: int | None = None) -> None:
         """prefill_bucket: left-pad prompts to a multiple of this many tokens, so that their forward is captured
         too (default PREFILL_BUCKET with graphs, 0 = no padding without); a prompt whose padding would not fit the
-        cache runs unpadded and eagerly. compile: torch.compile the model's forwards inside the graphs; a string is inductor's mode (e.g.
-        "max-autotune-no-cudagraphs", which benchmarks matmul kernels for each shape once). fuse: fused QKV and gate-up matmuls (model.fuse_projections; default: with graphs, where launches
+        cache runs unpadded and eagerly. compile: torch.compile the model's forwards inside the graphs; a string is
+        inductor's mode (e.g. "max-autotune-no-cudagraphs", which times candidate matmul kernels per shape).
+        fuse: fused QKV and gate-up matmuls (model.fuse_projections; default: with graphs, where launches
         dominate). The values are the same up to the matmul's rounding, so tokens can differ in the last bit of a
         near-tie from an unfused run."""
         if graphs if fuse is None else fuse:
