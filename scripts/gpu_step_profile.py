@@ -9,7 +9,8 @@ module call), whole steps (standard, recycle) and verified rounds (chain, tree; 
 put the slot counters back, so that it can repeat), and a draft-vocabulary head where the module has one. Per part: the graph's replay time, its kernels,
 their summed GPU time (the rest of a replay is launch gaps and tails), and that time by kind (matmul, attention,
 fused element-wise, copies and indexing, other). The memory floor is the part's weight bytes over `--bandwidth`.
-A table, then one JSON line. --compile takes an inductor mode ("default", "max-autotune-no-cudagraphs"); the
+On the CPU (a check of this script, no graphs) the kernel column counts top-level aten operators instead, each of
+which is a kernel launch on a GPU without compile. A table, then one JSON line. --compile takes an inductor mode ("default", "max-autotune-no-cudagraphs"); the
 compiled functions run inside the same graphs as the engine's (engine.Decoder).
 """
 
@@ -36,6 +37,11 @@ KINDS = (("attention", ("fmha", "flash", "attention", "cudnn", "sdpa")),
          ("copy/index", ("copy", "index", "scatter", "gather", "cat", "fill")))
 
 
+VIEWS = {"view", "reshape", "t", "transpose", "slice", "select", "expand", "expand_as", "unsqueeze", "squeeze",
+         "split", "split_with_sizes", "chunk", "permute", "as_strided", "narrow", "_unsafe_view", "detach", "alias",
+         "unbind", "view_as", "lift_fresh", "contiguous"}  # no kernel of their own (contiguous: only when a copy)
+
+
 def kind_of(name: str) -> str:
     low = name.lower()
     for kind, keys in KINDS:
@@ -48,8 +54,16 @@ def kernels(fn, reps: int) -> tuple[int, float, dict[str, float], list[tuple[str
     """Run fn `reps` times eagerly under the profiler: kernels per call, their GPU ms per call, ms by kind, top names."""
     from torch.profiler import ProfilerActivity, profile
 
-    if not torch.cuda.is_available():
-        return 0, 0.0, {}, []
+    if not torch.cuda.is_available():  # the CPU: count top-level aten operators (each a launch on a GPU)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(reps):
+                fn()
+        ops: dict[str, int] = defaultdict(int)
+        for e in prof.events():
+            if e.cpu_parent is None and e.name.startswith("aten::") and e.name[6:] not in VIEWS:
+                ops[e.name] += 1
+        top = sorted(ops.items(), key=lambda kv: -kv[1])[:8]
+        return sum(ops.values()) // reps, 0.0, {}, [(n, c / reps) for n, c in top]
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(reps):
@@ -174,7 +188,7 @@ def main() -> None:
             rows.append({"part": name, "replay_ms": ms, "kernels": n, "kernel_ms": gpu_ms,
                          "gap_ms": ms - gpu_ms, "floor_ms": 1000 * floor / args.bandwidth if floor else None,
                          "by_kind_ms": by_kind, "top": top})
-    name = torch.cuda.get_device_name(dev) if cuda else "cpu (smoke test: no graphs, no kernel counts)"
+    name = torch.cuda.get_device_name(dev) if cuda else "cpu (no graphs; kernels = top-level aten operators)"
     print(f"device: {name}  torch {torch.__version__}  model: "
           f"{args.preset or args.shape or args.model}  module layers: {model.module.cfg.n_layer}  compile: {args.compile}  "
           f"prompt {L}, attention over {kv_end} slots")
@@ -185,7 +199,7 @@ def main() -> None:
         print(f"{r['part']:<20} {r['replay_ms']:>9.3f} {r['kernels']:>8} {r['kernel_ms']:>9.3f} {r['gap_ms']:>7.3f} "
               f"{floor}  {kinds}")
     for r in rows:
-        print(f"\n{r['part']}: top kernels (ms per call)")
+        print(f"\n{r['part']}: top kernels ({'ms' if cuda else 'operators'} per call)")
         for n, v in r["top"]:
             print(f"  {v:7.4f}  {n}")
     ms = {r["part"]: r["replay_ms"] for r in rows}
