@@ -113,6 +113,8 @@ def test_decoder_errors_are_clear():
         dec.decode("standard", [[1]], max_new_tokens=4)
     with pytest.raises(ValueError, match="cache slots"):
         dec.decode("standard", [[1] * 20, [2]], max_new_tokens=20)
+    with pytest.raises(ValueError, match="prefill_bucket must be an integer >= 0"):
+        Decoder(model, 1, 32, prefill_bucket=-8)
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
             Decoder(model, 1, 32, graphs=True)

@@ -80,6 +80,8 @@ class Decoder:
             raise ValueError("CUDA graphs need a CUDA device; use graphs=False on the CPU")
         self.graphs_enabled, self.bucket = graphs, bucket
         self.prefill_bucket = (PREFILL_BUCKET if graphs else 0) if prefill_bucket is None else prefill_bucket
+        if not isinstance(self.prefill_bucket, int) or self.prefill_bucket < 0:
+            raise ValueError(f"prefill_bucket must be an integer >= 0 (0: no padding), got {prefill_bucket!r}")
         self.max_len = round_up(max_len, bucket)
         cfg = self.base.cfg
         if self.max_len > cfg.context_length:
