@@ -116,6 +116,7 @@ def main() -> None:
     ap.add_argument("--preset", default=None, help="random weights of a recyclegpt.config preset (a quick check)")
     ap.add_argument("--recycle-layers", type=int, default=6, help="module layers with --shape or --preset")
     ap.add_argument("--compile", nargs="?", const="default", default=None, help="torch.compile, with this mode")
+    ap.add_argument("--compile-steps", action="store_true", help="with --compile: steps and rounds compiled whole")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--reps", type=int, default=200)
     ap.add_argument("--parts", default="all",
@@ -137,7 +138,7 @@ def main() -> None:
     mode = None if args.compile in (None, "default") else args.compile
     compile_arg: bool | str = False if args.compile is None else (mode or True)
     L = args.prompt_len
-    dec = Decoder(model, 1, L + 512, graphs=cuda, compile=compile_arg)
+    dec = Decoder(model, 1, L + 512, graphs=cuda, compile=compile_arg, compile_steps=args.compile_steps)
     gen = None
     sampling = SamplingParams()
     ids = torch.randint(0, model.base.cfg.vocab_size, (L,), generator=torch.Generator().manual_seed(0)).tolist()
@@ -154,6 +155,9 @@ def main() -> None:
         dec.x_new.copy_(dec.x_next[:, 0])
         pos0, n0 = dec.pos.clone(), dec.n.clone()
 
+        def step(name: str):  # a greedy step or round as the engine runs it (compiled whole with --compile-steps)
+            return dec._whole.get(name, getattr(dec, name))
+
         def again(f):  # a whole step or round, then p and n put back (two tiny copies), so that it can repeat
             return lambda: (f(), dec.pos.copy_(pos0), dec.n.copy_(n0))
 
@@ -162,11 +166,12 @@ def main() -> None:
         parts = {"full1": ("full, 1 token", lambda: dec._standard_forward(kv_end)),
                  "full2": ("full, 2 tokens", lambda: dec._full_pair(kv_end)),
                  "module": ("module, 2 slots", lambda: dec._module_pair(kv_end, dec.x_new)),
-                 "standard": ("standard step", again(lambda: dec._standard_greedy(kv_end))),
-                 "recycle": ("recycle step", again(lambda: dec._recycle_greedy(kv_end))),
+                 "standard": ("standard step", again(lambda: step("_standard_greedy")(kv_end))),
+                 "recycle": ("recycle step", again(lambda: step("_recycle_greedy")(kv_end))),
                  "chain": (f"chain round K={args.draft_len}",
-                           again(lambda: dec._chain_round(args.draft_len, kv_round, sampling, gen))),
-                 "tree": (f"tree round {tuple(shape)}", again(lambda: dec._tree_round(shape, kv_round, sampling, gen)))}
+                           again(lambda: step("_chain_round")(args.draft_len, kv_round, sampling, gen))),
+                 "tree": (f"tree round {tuple(shape)}",
+                          again(lambda: step("_tree_round")(shape, kv_round, sampling, gen)))}
         if model.draft_weight is not None:
             parts["draft_head"] = ("draft head, 1 slot", lambda: model.draft_logits(dec.g))
         wanted = list(parts) if args.parts == "all" else args.parts.split(",")
@@ -208,7 +213,7 @@ def main() -> None:
         bound = 2 * ms["standard step"] / ms["recycle step"]
         print(f"\nrecycle's step-time bound: 2 x {ms['standard step']:.3f} / {ms['recycle step']:.3f} = {bound:.3f}x")
     print(json.dumps({"model": args.preset or args.shape or args.model, "module_layers": model.module.cfg.n_layer,
-                      "compile": args.compile, "device": name,
+                      "compile": args.compile, "compile_steps": args.compile_steps, "device": name,
                       "torch": torch.__version__, "recycle_step_bound": bound,
                       "parts": [{k: v for k, v in r.items() if k != "top"} for r in rows]}))
 

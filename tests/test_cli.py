@@ -178,6 +178,7 @@ def test_distill_halves_a_batch_that_runs_out_of_memory(tiny_ckpt, tmp_path, cap
       "hi"], "eager loop"),
     (["generate", "--model", "{ckpt}", "--compile-mode", "max-autotune-no-cudagraphs", "hi"], "--engine compiled"),
     (["bench", "--model", "{ckpt}", "--compile-mode", "default"], "--engine compiled"),
+    (["bench", "--model", "{ckpt}", "--engine", "static", "--compile-steps"], "--compile-steps applies"),
 ])
 def test_bad_input_exits_2_with_one_line(tiny_ckpt, capsys, argv, message):
     _, _, ckpt = tiny_ckpt

@@ -3,6 +3,8 @@ per-prompt, a reused Decoder forgets the previous call, and CUDA graphs (GPU onl
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
@@ -201,6 +203,23 @@ def test_cuda_graphs_replay_the_verified_rounds(strategy):
             ref(model, prompts, max_new_tokens=30, sampling=sampling).tokens)
     compiled = Engine(model, graphs=True, bucket=16, compile=True)
     assert compiled.decode(strategy, prompts, max_new_tokens=40, **opts).tokens == want
+    whole = Engine(model, graphs=True, bucket=16, compile=True, compile_steps=True)
+    assert whole.decode(strategy, prompts, max_new_tokens=40, **opts).tokens == want
+
+
+@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
+                    reason="torch.compile on the CPU needs a C++ compiler")
+def test_a_tree_round_compiled_whole_gives_the_reference_tokens():
+    """compile_steps: the greedy round traces as one graph (draft, verification, commit, the cache move) and
+    inductor's code for it gives standard's tokens (on the CPU here; the CUDA-marked test above does it in graphs)."""
+    model = predictable(0, 0.05)
+    prompts = prompts_for(0, 2)
+    engine = Engine(model, bucket=64, compile=True, compile_steps=True)
+    got = engine.decode("tree", prompts, max_new_tokens=12, tree=TreeShape(4, 3, 10))
+    assert got.tokens == standard(model.base, prompts, max_new_tokens=12).tokens
+    assert sum(got.stats.accept_hist[1:]) > 0 and set(engine.decoder(2, 64)._whole) >= {"_tree_round"}
+    with pytest.raises(ValueError, match="compile_steps needs compile"):
+        Decoder(model, 1, 32, compile_steps=True)
 
 
 def test_fused_projections_give_the_same_logits_and_tokens():

@@ -98,6 +98,7 @@ class RecycleGPT:
         self.model = RecycleModel(base, module) if module is not None else None
         self.module_source = module_source
         self.compile_mode: str | None = None  # inductor's mode for engine="compiled" (None: its default)
+        self.compile_steps = False  # engine="compiled": also compile each greedy step and round whole
         self._engines: dict[str, Engine] = {}
 
     # -- loading ---------------------------------------------------------------------------------------------------
@@ -230,7 +231,8 @@ class RecycleGPT:
         if kind not in self._engines:
             model = self.model if self.model is not None else self.base
             compile = (self.compile_mode or True) if kind == "compiled" else False
-            self._engines[kind] = Engine(model, graphs=kind in ("graphs", "compiled"), compile=compile)
+            self._engines[kind] = Engine(model, graphs=kind in ("graphs", "compiled"), compile=compile,
+                                         compile_steps=kind == "compiled" and self.compile_steps)
         return self._engines[kind]
 
     def _prompt_ids(self, prompt, *, chat: bool) -> list[list[int]]:

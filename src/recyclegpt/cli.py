@@ -150,6 +150,8 @@ def cmd_bench(args) -> None:
         raise UsageError(str(e)) from None
     if args.compile_mode:
         report["compile_mode"] = args.compile_mode
+    if args.compile_steps:
+        report["compile_steps"] = True
     if args.shape:
         report["shape"], report["note"] = args.shape, RANDOM_NOTE
     elif lm.module_source == "random":

@@ -61,11 +61,13 @@ class Decoder:
 
     def __init__(self, model: Transformer | RecycleModel, batch_size: int, max_len: int, *, graphs: bool = False,
                  bucket: int = 256, compile: bool | str = False, fuse: bool | None = None,
-                 prefill_bucket: int | None = None) -> None:
+                 prefill_bucket: int | None = None, compile_steps: bool = False) -> None:
         """prefill_bucket: left-pad prompts to a multiple of this many tokens, so that their forward is captured
         too (default PREFILL_BUCKET with graphs, 0 = no padding without); a prompt whose padding would not fit the
         cache runs unpadded and eagerly. compile: torch.compile the model's forwards inside the graphs; a string is
         inductor's mode (e.g. "max-autotune-no-cudagraphs", which times candidate matmul kernels per shape).
+        compile_steps: with compile, also compile each greedy step and round whole, so that inductor fuses its glue
+        (token selection, output writes, a tree's bookkeeping) with the forwards (each traces as one graph).
         fuse: fused QKV and gate-up matmuls (model.fuse_projections; default: with graphs, where launches
         dominate). The values are the same up to the matmul's rounding, so tokens can differ in the last bit of a
         near-tie from an unfused run."""
@@ -121,6 +123,12 @@ class Decoder:
             self._base_fwd = torch.compile(self._base_fwd, dynamic=False, mode=mode)
             if self.rmodel is not None:
                 self._recycle_fwd = torch.compile(self._recycle_fwd, dynamic=False, mode=mode)
+        self._whole: dict[str, Callable] = {}  # greedy steps compiled whole (compile_steps)
+        if compile_steps:
+            if not compile:
+                raise ValueError("compile_steps needs compile")
+            for name in ("_standard_greedy", "_recycle_greedy", "_chain_round", "_tree_round"):
+                self._whole[name] = torch.compile(getattr(self, name), dynamic=False, mode=mode)
 
     # -- the steps: device tensors in, device tensors out ----------------------------------------------------------
 
@@ -332,24 +340,26 @@ class Decoder:
         """One decode step (or verified round) with the device slot p at most `pos` (the host's bound)."""
         kv_end = self._kv_end(pos + plan.span)
         strategy = plan.strategy
+        whole = self._whole.get if sampling.greedy else (lambda name, plain: plain)  # greedy: compiled whole?
         if strategy in VERIFIED:
             if plan.tree is not None:
-                key, fn = ("tree", plan.tree, kv_end), lambda: self._tree_round(plan.tree, kv_end, sampling, gen)
+                rnd = whole("_tree_round", self._tree_round)
+                key, fn = ("tree", plan.tree, kv_end), lambda: rnd(plan.tree, kv_end, sampling, gen)
             else:
-                key, fn = ("chain", plan.draft_len, kv_end), lambda: self._chain_round(plan.draft_len, kv_end,
-                                                                                      sampling, gen)
+                rnd = whole("_chain_round", self._chain_round)
+                key, fn = ("chain", plan.draft_len, kv_end), lambda: rnd(plan.draft_len, kv_end, sampling, gen)
             if sampling.greedy:
                 self._run(key, fn)
             else:  # sampling draws from a host-side generator: run the round's kernels eagerly
                 fn()
         elif strategy == "standard":
             if sampling.greedy:
-                self._run(("standard", kv_end), lambda: self._standard_greedy(kv_end))
+                self._run(("standard", kv_end), lambda: whole("_standard_greedy", self._standard_greedy)(kv_end))
             else:
                 self._run(("standard_fwd", kv_end), lambda: self._standard_forward(kv_end))
                 self._standard_select(sample(self.logits, sampling, gen))
         elif sampling.greedy:
-            self._run(("recycle", kv_end), lambda: self._recycle_greedy(kv_end))
+            self._run(("recycle", kv_end), lambda: whole("_recycle_greedy", self._recycle_greedy)(kv_end))
         else:
             self._run(("full_pair", kv_end), lambda: self._full_pair(kv_end))
             # a graph reads its inputs from fixed addresses: stage the eagerly sampled token in a persistent buffer
@@ -487,11 +497,12 @@ class Engine:
     """Decoders by batch size and cache length for one model, so that captured graphs are reused across calls."""
 
     def __init__(self, model: Transformer | RecycleModel, *, graphs: bool | None = None, bucket: int = 256,
-                 compile: bool | str = False, fuse: bool | None = None, prefill_bucket: int | None = None) -> None:
+                 compile: bool | str = False, fuse: bool | None = None, prefill_bucket: int | None = None,
+                 compile_steps: bool = False) -> None:
         base = model.base if isinstance(model, RecycleModel) else model
         self.model = model
         self.graphs = base.tok_emb.weight.device.type == "cuda" if graphs is None else graphs
-        self.bucket, self.compile, self.fuse = bucket, compile, fuse
+        self.bucket, self.compile, self.fuse, self.compile_steps = bucket, compile, fuse, compile_steps
         self.prefill_bucket = (PREFILL_BUCKET if self.graphs else 0) if prefill_bucket is None else prefill_bucket
         self._decoders: dict[tuple[int, int], Decoder] = {}
 
@@ -501,7 +512,7 @@ class Engine:
         if fits:
             return self._decoders[min(fits, key=lambda k: k[1])]
         dec = Decoder(self.model, batch_size, need, graphs=self.graphs, bucket=self.bucket, compile=self.compile,
-                      fuse=self.fuse, prefill_bucket=self.prefill_bucket)
+                      fuse=self.fuse, prefill_bucket=self.prefill_bucket, compile_steps=self.compile_steps)
         self._decoders[(batch_size, dec.max_len)] = dec
         return dec
 

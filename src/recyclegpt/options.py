@@ -57,15 +57,19 @@ def add_compile_mode(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile-mode", default=None, choices=COMPILE_MODES,
                    help="inductor's mode for --engine compiled (default: default); max-autotune-no-cudagraphs "
                         "times candidate matmul kernels for every shape once (minutes of compiling)")
+    p.add_argument("--compile-steps", action="store_true",
+                   help="with --engine compiled: compile each greedy step and verified round whole, so that its "
+                        "token selection and bookkeeping fuse with the forwards (longer compiles)")
 
 
 def apply_compile_mode(lm: RecycleGPT, args: argparse.Namespace) -> None:
-    """Give lm the --compile-mode of add_compile_mode; it needs --engine compiled."""
-    if args.compile_mode is None:
+    """Give lm the --compile-mode and --compile-steps of add_compile_mode; they need --engine compiled."""
+    if args.compile_mode is None and not args.compile_steps:
         return
     if args.engine != "compiled":
-        raise ValueError(f"--compile-mode applies to --engine compiled, not {args.engine!r}")
-    lm.compile_mode = args.compile_mode
+        flag = "--compile-mode" if args.compile_mode is not None else "--compile-steps"
+        raise ValueError(f"{flag} applies to --engine compiled, not {args.engine!r}")
+    lm.compile_mode, lm.compile_steps = args.compile_mode, args.compile_steps
 
 
 def add_draft_args(p: argparse.ArgumentParser, *, tree_flag: bool = True) -> None:
