@@ -215,7 +215,7 @@ def test_a_tree_round_compiled_whole_gives_the_reference_tokens():
     model = predictable(0, 0.05)
     prompts = prompts_for(0, 2)
     engine = Engine(model, bucket=64, compile=True, compile_steps=True)
-    got = engine.decode("tree", prompts, max_new_tokens=12, tree=TreeShape(4, 3, 10))
+    got = engine.decode("tree", prompts, max_new_tokens=12, tree=TreeShape(2, 2, 4))
     assert got.tokens == standard(model.base, prompts, max_new_tokens=12).tokens
     assert sum(got.stats.accept_hist[1:]) > 0 and set(engine.decoder(2, 64)._whole) >= {"_tree_round"}
     with pytest.raises(ValueError, match="compile_steps needs compile"):
