@@ -155,9 +155,6 @@ def main() -> None:
         dec.x_new.copy_(dec.x_next[:, 0])
         pos0, n0 = dec.pos.clone(), dec.n.clone()
 
-        def step(name: str):  # a greedy step or round as the engine runs it (compiled whole with --compile-steps)
-            return dec._whole.get(name, getattr(dec, name))
-
         def again(f):  # a whole step or round, then p and n put back (two tiny copies), so that it can repeat
             return lambda: (f(), dec.pos.copy_(pos0), dec.n.copy_(n0))
 
@@ -166,12 +163,12 @@ def main() -> None:
         parts = {"full1": ("full, 1 token", lambda: dec._standard_forward(kv_end)),
                  "full2": ("full, 2 tokens", lambda: dec._full_pair(kv_end)),
                  "module": ("module, 2 slots", lambda: dec._module_pair(kv_end, dec.x_new)),
-                 "standard": ("standard step", again(lambda: step("_standard_greedy")(kv_end))),
-                 "recycle": ("recycle step", again(lambda: step("_recycle_greedy")(kv_end))),
+                 "standard": ("standard step", again(lambda: dec.step_fn("_standard_greedy")(kv_end))),
+                 "recycle": ("recycle step", again(lambda: dec.step_fn("_recycle_greedy")(kv_end))),
                  "chain": (f"chain round K={args.draft_len}",
-                           again(lambda: step("_chain_round")(args.draft_len, kv_round, sampling, gen))),
+                           again(lambda: dec.step_fn("_chain_round")(args.draft_len, kv_round, sampling, gen))),
                  "tree": (f"tree round {tuple(shape)}",
-                          again(lambda: step("_tree_round")(shape, kv_round, sampling, gen)))}
+                          again(lambda: dec.step_fn("_tree_round")(shape, kv_round, sampling, gen)))}
         if model.draft_weight is not None:
             parts["draft_head"] = ("draft head, 1 slot", lambda: model.draft_logits(dec.g))
         wanted = list(parts) if args.parts == "all" else args.parts.split(",")

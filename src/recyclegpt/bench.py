@@ -294,7 +294,7 @@ def run_bench(lm: RecycleGPT, prompts: list[str] | list[list[int]], *,
         "transformers": _version("transformers") if hf_names else None,
         "draft_len": draft_len if "speculative" in strategies else None,
         "min_draft_prob": (min_draft_prob if min_draft_prob is not None
-                           else default_min_draft_prob(lm.device, lm.resolve_engine(engine)))
+                           else default_min_draft_prob(lm.device, kind))
         if {"speculative", "recycle-verified"} & set(strategies) else None,
         "tree": list(tree_shape) if "tree" in strategies and tree_shape is not None else None,
         "results": results,

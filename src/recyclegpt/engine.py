@@ -336,17 +336,22 @@ class Decoder:
         else:
             self.logits.copy_(rec.logits[:, -1])
 
+    def step_fn(self, name: str, greedy: bool = True) -> Callable:
+        """The step or round method `name` as it runs: compiled whole (compile_steps) when greedy, else as it is
+        (a sampled round draws from a host-side generator, eagerly)."""
+        plain = getattr(self, name)
+        return self._whole.get(name, plain) if greedy else plain
+
     def step(self, plan: "Plan", pos: int, sampling: SamplingParams, gen) -> None:
         """One decode step (or verified round) with the device slot p at most `pos` (the host's bound)."""
         kv_end = self._kv_end(pos + plan.span)
         strategy = plan.strategy
-        whole = self._whole.get if sampling.greedy else (lambda name, plain: plain)  # greedy: compiled whole?
         if strategy in VERIFIED:
             if plan.tree is not None:
-                rnd = whole("_tree_round", self._tree_round)
+                rnd = self.step_fn("_tree_round", sampling.greedy)
                 key, fn = ("tree", plan.tree, kv_end), lambda: rnd(plan.tree, kv_end, sampling, gen)
             else:
-                rnd = whole("_chain_round", self._chain_round)
+                rnd = self.step_fn("_chain_round", sampling.greedy)
                 key, fn = ("chain", plan.draft_len, kv_end), lambda: rnd(plan.draft_len, kv_end, sampling, gen)
             if sampling.greedy:
                 self._run(key, fn)
@@ -354,12 +359,12 @@ class Decoder:
                 fn()
         elif strategy == "standard":
             if sampling.greedy:
-                self._run(("standard", kv_end), lambda: whole("_standard_greedy", self._standard_greedy)(kv_end))
+                self._run(("standard", kv_end), lambda: self.step_fn("_standard_greedy")(kv_end))
             else:
                 self._run(("standard_fwd", kv_end), lambda: self._standard_forward(kv_end))
                 self._standard_select(sample(self.logits, sampling, gen))
         elif sampling.greedy:
-            self._run(("recycle", kv_end), lambda: whole("_recycle_greedy", self._recycle_greedy)(kv_end))
+            self._run(("recycle", kv_end), lambda: self.step_fn("_recycle_greedy")(kv_end))
         else:
             self._run(("full_pair", kv_end), lambda: self._full_pair(kv_end))
             # a graph reads its inputs from fixed addresses: stage the eagerly sampled token in a persistent buffer

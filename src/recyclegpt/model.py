@@ -26,12 +26,6 @@ class ModelOutput(NamedTuple):
     taps: torch.Tensor | None = None  # (B, T, k*d): the outputs of the layers asked for with `taps`, side by side
 
 
-def _compiling() -> bool:
-    """True while torch.compile traces (torch >= 2.3 has torch.compiler.is_compiling)."""
-    fn = getattr(getattr(torch, "compiler", None), "is_compiling", None)
-    return bool(fn and fn())
-
-
 class KVCache:
     """Static key/value buffers for a stack of layers, allocated once: k, v are (n_layer, B, n_kv_head, S, D).
 
@@ -67,7 +61,7 @@ class KVCache:
         updated in place. Eagerly (and in CUDA graphs of eager kernels) `index_copy_` on the layer's view is one
         kernel where `index_put_` takes several.
         """
-        if _compiling():
+        if torch.compiler.is_compiling():
             idx = (self._layer[layer], self._row, self._head, input_pos.view(1, 1, -1))
             self.k.index_put_(idx, k)
             self.v.index_put_(idx, v)

@@ -109,7 +109,8 @@ class _Round:
         done = self.out.emit(self.pending[:, None])
         self.stats.prefill_seconds = time.perf_counter() - self.t0
         self.p, self.start = L, 0
-        self.state, self.next_tokens = self.model.state(full), torch.cat((self.batch.ids[:, 1:], self.pending[:, None]), 1)
+        self.state = self.model.state(full)
+        self.next_tokens = torch.cat((self.batch.ids[:, 1:], self.pending[:, None]), 1)
         return done
 
     def catch_up(self):
@@ -154,9 +155,10 @@ def speculative(model: RecycleModel, prompts: Sequence[Sequence[int]], *, max_ne
 
     min_draft_prob: adaptive draft length. A round stops drafting where the module's most likely next token has a
     draft probability below this on every row; with no draft at all the round is a plain decode step. The rule
-    reads the draft distribution alone, never the full model nor the drawn token, so the output stays exact. It costs a host sync
-    per draft, which the eager loop pays anyway; where a full call on several tokens costs more than on one (the
-    CPU: docs/speculative.md), it saves the calls and the verification width that low-confidence drafts waste.
+    reads the draft distribution alone, never the full model nor the drawn token, so the output stays exact. It
+    costs a host sync per draft, which the eager loop pays anyway; where a full call on several tokens costs more
+    than on one (the CPU: docs/speculative.md), it saves the calls and the verification width that low-confidence
+    drafts waste.
     """
     K = check_draft_len(draft_len)
     if not 0.0 <= min_draft_prob < 1.0:
