@@ -255,7 +255,14 @@ def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, cfg: ModelConfig, *, inpu
     return _stack(blocks, x, rope, mask, cache, input_pos, kv_end, taps)
 
 
+ADDITIVE_MASK = True  # False: hand SDPA the bool mask (the A/B switch of scripts/gpu_step_profile.py --bool-mask)
+
+
 def _stack(blocks, x, rope, mask, cache, input_pos, kv_end, taps):
+    if mask is not None and mask.dtype == torch.bool and ADDITIVE_MASK:
+        # SDPA turns a bool mask into an additive one in every layer's call (one or two kernels a layer, eagerly
+        # and compiled); converted here once, the layers share it
+        mask = torch.zeros(mask.shape, dtype=x.dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
     tapped = []
     for i, block in enumerate(blocks):
         x = block(x, rope, mask, cache, i, input_pos, kv_end)
