@@ -50,8 +50,9 @@ def kind_of(name: str) -> str:
     return "other"
 
 
-def kernels(fn, reps: int) -> tuple[int, float, dict[str, float], list[tuple[str, float]]]:
-    """Run fn `reps` times eagerly under the profiler: kernels per call, their GPU ms per call, ms by kind, top names."""
+def kernels(fn, reps: int) -> tuple[int, float, dict[str, float], list[tuple[str, float]], dict[str, float]]:
+    """Run fn `reps` times eagerly under the profiler: kernels per call, their GPU ms per call, ms by kind, top names
+    and the count per call of each name."""
     from torch.profiler import ProfilerActivity, profile
 
     if not torch.cuda.is_available():  # the CPU: count top-level aten operators (each a launch on a GPU)
@@ -63,7 +64,8 @@ def kernels(fn, reps: int) -> tuple[int, float, dict[str, float], list[tuple[str
             if e.cpu_parent is None and e.name.startswith("aten::") and e.name[6:] not in VIEWS:
                 ops[e.name] += 1
         top = sorted(ops.items(), key=lambda kv: -kv[1])[:8]
-        return sum(ops.values()) // reps, 0.0, {}, [(n, c / reps) for n, c in top]
+        return (sum(ops.values()) // reps, 0.0, {}, [(n, c / reps) for n, c in top],
+                {n: c / reps for n, c in ops.items()})
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(reps):
@@ -72,6 +74,7 @@ def kernels(fn, reps: int) -> tuple[int, float, dict[str, float], list[tuple[str
     count, total = 0, 0.0
     by_kind: dict[str, float] = defaultdict(float)
     by_name: dict[str, float] = defaultdict(float)
+    count_of: dict[str, int] = defaultdict(int)
     for e in prof.events():
         if e.device_type != torch.autograd.DeviceType.CUDA:
             continue
@@ -80,10 +83,11 @@ def kernels(fn, reps: int) -> tuple[int, float, dict[str, float], list[tuple[str
         total += us
         by_kind[kind_of(e.name)] += us
         by_name[e.name[:90]] += us
+        count_of[e.name[:90]] += 1
     per = 1000.0 * reps
     top = sorted(by_name.items(), key=lambda kv: -kv[1])[:8]
     return (count // reps, total / per, {k: v / per for k, v in sorted(by_kind.items())},
-            [(n, v / per) for n, v in top])
+            [(n, v / per) for n, v in top], {n: c / reps for n, c in count_of.items()})
 
 
 def replay_ms(graph, reps: int, reset) -> float:
@@ -124,7 +128,25 @@ def main() -> None:
     ap.add_argument("--draft-len", type=int, default=3)
     ap.add_argument("--tree", default="4,4,16", help="depth,topk,nodes of the profiled tree round")
     ap.add_argument("--bandwidth", type=float, default=3.35e12, help="bytes/s for the memory floor (H100 SXM)")
+    ap.add_argument("--bool-mask", action="store_true",
+                    help="hand attention the bool mask, as before the additive mask (an A/B check of that change)")
+    ap.add_argument("--sdpa", default=None,
+                    help="attention backends allowed, comma-separated from cudnn, flash, efficient, math "
+                         "(default: all, PyTorch's choice)")
     args = ap.parse_args()
+    if args.sdpa:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        names = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+                 "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+        with sdpa_kernel([names[n] for n in args.sdpa.split(",")]):  # also while inductor traces
+            return profile(args)
+    return profile(args)
+
+
+def profile(args) -> None:
+    if args.bool_mask:
+        import recyclegpt.model
+        recyclegpt.model.ADDITIVE_MASK = False
     cuda = torch.cuda.is_available()
     dev, dtype = (torch.device("cuda"), torch.bfloat16) if cuda else (torch.device("cpu"), torch.float32)
     if args.preset:
@@ -184,15 +206,16 @@ def main() -> None:
         for name, fn in parts.items():
             graph = dec._capture(fn) if cuda else fn
             ms = replay_ms(graph, args.reps, reset)
-            n, gpu_ms, by_kind, top = kernels(fn, 20)
+            n, gpu_ms, by_kind, top, counts = kernels(fn, 20)
             reset()
             floor = floors.get(name)
             rows.append({"part": name, "replay_ms": ms, "kernels": n, "kernel_ms": gpu_ms,
                          "gap_ms": ms - gpu_ms, "floor_ms": 1000 * floor / args.bandwidth if floor else None,
-                         "by_kind_ms": by_kind, "top": top})
+                         "by_kind_ms": by_kind, "top": top, "counts": counts})
     name = torch.cuda.get_device_name(dev) if cuda else "cpu (no graphs; kernels = top-level aten operators)"
     print(f"device: {name}  torch {torch.__version__}  model: "
           f"{args.preset or args.shape or args.model}  module layers: {model.module.cfg.n_layer}  compile: {args.compile}  "
+          f"attention backends: {args.sdpa or 'any'}  "
           f"prompt {L}, attention over {kv_end} slots")
     print(f"{'part':<20} {'replay ms':>9} {'kernels':>8} {'kernel ms':>9} {'gap ms':>7} {'floor ms':>8}  by kind (ms)")
     for r in rows:
@@ -204,6 +227,14 @@ def main() -> None:
         print(f"\n{r['part']}: top kernels ({'ms' if cuda else 'operators'} per call)")
         for n, v in r["top"]:
             print(f"  {v:7.4f}  {n}")
+    by_part = {r["part"]: r for r in rows}
+    if "full, 1 token" in by_part and "full, 2 tokens" in by_part:  # what the second token adds
+        one, two = by_part["full, 1 token"]["counts"], by_part["full, 2 tokens"]["counts"]
+        diff = {n: two.get(n, 0) - one.get(n, 0) for n in set(one) | set(two)}
+        print("\nkernels per call, full call on 2 tokens minus on 1 (names whose count differs)")
+        for n, d in sorted(diff.items(), key=lambda kv: -abs(kv[1])):
+            if abs(d) >= 0.5:
+                print(f"  {d:+6.1f}  {n}")
     ms = {r["part"]: r["replay_ms"] for r in rows}
     bound = None
     if "standard step" in ms and "recycle step" in ms:
@@ -212,7 +243,8 @@ def main() -> None:
     print(json.dumps({"model": args.preset or args.shape or args.model, "module_layers": model.module.cfg.n_layer,
                       "compile": args.compile, "compile_steps": args.compile_steps, "device": name,
                       "torch": torch.__version__, "recycle_step_bound": bound,
-                      "parts": [{k: v for k, v in r.items() if k != "top"} for r in rows]}))
+                      "bool_mask": args.bool_mask, "sdpa": args.sdpa,
+                      "parts": [{k: v for k, v in r.items() if k not in ("top", "counts")} for r in rows]}))
 
 
 if __name__ == "__main__":
