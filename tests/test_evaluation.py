@@ -15,6 +15,7 @@ import torch
 from recyclegpt.api import RecycleGPT
 from recyclegpt.config import PRESETS, RecycleConfig
 from recyclegpt.data import train_bpe
+from recyclegpt.decoding import standard
 from recyclegpt.options import parse_dtype
 from recyclegpt.evaluation import (MCItem, add_eval_parser, encode_pair, evaluate_agreement, evaluate_lastword,
                                    evaluate_mc, evaluate_ppl, load_lastword, load_mc, perplexity_windows,
@@ -274,6 +275,23 @@ def test_agreement_is_below_one_with_a_random_module(tok):
     lm = make_lm(tok, seed=2)
     res = evaluate_agreement(lm, random_prompts(tok.vocab_size), max_new_tokens=20)
     assert res["alpha"] < 1.0 and res["n"] == 50
+
+
+def test_agreement_on_given_continuations_equals_decoding_them(tok):
+    """bench hands standard's output (run past EOS) to the α measurement instead of decoding again."""
+    lm = make_lm(tok, seed=2)
+    lm.tokenizer = dataclasses.replace(lm.tokenizer, eos_ids=(0,))
+    prompts = random_prompts(tok.vocab_size)
+    conts = standard(lm.base, prompts, max_new_tokens=20, stop_ids=lm.tokenizer.eos_ids).tokens
+    eos = lm.tokenizer.eos_ids[0]
+    given = [c[:3] + [eos] + c[3:] if k % 2 else c + [eos] * 3 for k, c in enumerate(conts)]
+    cut = evaluate_agreement(lm, prompts, max_new_tokens=20, continuations=given)
+    assert cut == evaluate_agreement(lm, prompts, max_new_tokens=20, continuations=[
+        c[:3] if k % 2 else c for k, c in enumerate(conts)])
+    assert evaluate_agreement(lm, prompts, max_new_tokens=20, continuations=conts) == \
+        evaluate_agreement(lm, prompts, max_new_tokens=20)
+    with pytest.raises(ValueError, match="2 continuations for 5 prompts"):
+        evaluate_agreement(lm, prompts, max_new_tokens=20, continuations=conts[:2])
 
 
 def test_ppl_windows_cover_every_token_once():

@@ -85,6 +85,7 @@ class StrategyRun:
     full_calls: int = 0
     module_calls: int = 0
     texts: list[str] = field(default_factory=list)
+    outputs: list[list[int]] = field(default_factory=list)  # the new token ids of every prompt
     accept_hist: list[int] | None = None  # verified strategies: summed over the generations
     hists: list[list[int]] = field(default_factory=list)  # and per generation (for per-category τ)
 
@@ -93,6 +94,7 @@ class StrategyRun:
         st = gen.stats
         self.record(st.new_tokens, st.seconds, st.prefill_seconds, st.step_ms, peak_mem_mb,
                     full_calls=st.full_calls, module_calls=st.module_calls, text=gen.text[0])
+        self.outputs.extend(gen.token_ids)
         if st.accept_hist is not None:
             self.add_hist(st.accept_hist)
 
@@ -270,7 +272,9 @@ def run_bench(lm: RecycleGPT, prompts: list[str] | list[list[int]], *,
         r["engine"] = notes.get(r["strategy"], kind)
     if alpha and "recycle" in strategies and lm.model is not None and lm.module_source != "random":
         (log or (lambda line: None))("alpha")
-        a = evaluate_agreement(lm, ids, max_new_tokens=max_new_tokens, scoring="recycle")
+        # the full model's greedy output is standard's, when it ran (no second decode); else decoded here
+        conts = runs["standard"].outputs if "standard" in runs else None
+        a = evaluate_agreement(lm, ids, max_new_tokens=max_new_tokens, scoring="recycle", continuations=conts)
         next(r for r in results if r["strategy"] == "recycle")["alpha"] = a["alpha"]
 
     def ratios(ref: str) -> dict:

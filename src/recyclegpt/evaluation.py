@@ -440,11 +440,14 @@ def _bucket(offset: int) -> str:
 
 
 def evaluate_agreement(lm: RecycleGPT, prompts: Sequence[list[int]], *, max_new_tokens: int,
-                       scoring: str = "recycle", batch_size: int = 8) -> dict:
+                       scoring: str = "recycle", batch_size: int = 8,
+                       continuations: Sequence[Sequence[int]] | None = None) -> dict:
     """α: how often the module's greedy token equals the full model's, where alternating decoding uses the module.
 
-    The full model decodes each prompt greedily (decoding.standard, stopping at EOS); one teacher-forced pass over
-    prompt + continuation then gives the module's prediction at every position. Compared positions are those the
+    The full model decodes each prompt greedily (decoding.standard, stopping at EOS), unless `continuations` gives
+    its greedy output already (as `bench` does with `standard`'s; each is cut before its first EOS and to
+    max_new_tokens); one teacher-forced pass over prompt + continuation then gives the module's prediction at every
+    position. Compared positions are those the
     scoring gives the module (recycle: offsets 1, 3, 5, ...; module: every offset); under standard scoring the
     full model's odd offsets are compared with its own cached decoding (a consistency check: α = 1).
     """
@@ -452,7 +455,14 @@ def evaluate_agreement(lm: RecycleGPT, prompts: Sequence[list[int]], *, max_new_
 
     _parts(lm, scoring)
     conts: list[list[int]] = []
-    for s in range(0, len(prompts), batch_size):
+    if continuations is not None:
+        if len(continuations) != len(prompts):
+            raise ValueError(f"{len(continuations)} continuations for {len(prompts)} prompts")
+        eos = set(lm.tokenizer.eos_ids)
+        for c in continuations:
+            c = list(c)[:max_new_tokens]
+            conts.append(c[:next((i for i, t in enumerate(c) if t in eos), len(c))])
+    for s in range(0, len(prompts) if continuations is None else 0, batch_size):
         conts += standard(lm.base, prompts[s:s + batch_size], max_new_tokens=max_new_tokens,
                           stop_ids=lm.tokenizer.eos_ids).tokens
     kept = [(p, c) for p, c in zip(prompts, conts) if len(c) >= 2]  # offset 1 is the first the module yields
