@@ -130,6 +130,9 @@ def main() -> None:
     ap.add_argument("--bandwidth", type=float, default=3.35e12, help="bytes/s for the memory floor (H100 SXM)")
     ap.add_argument("--bool-mask", action="store_true",
                     help="hand attention the bool mask, as before the additive mask (an A/B check of that change)")
+    ap.add_argument("--repeat-kv", action="store_true",
+                    help="grouped-query attention by copying each key/value head for its query heads, as before the "
+                         "query heads were folded into the query axis (an A/B check of that change)")
     ap.add_argument("--sdpa", default=None,
                     help="attention backends allowed, comma-separated from cudnn, flash, efficient, math "
                          "(default: all, PyTorch's choice)")
@@ -144,9 +147,9 @@ def main() -> None:
 
 
 def profile(args) -> None:
-    if args.bool_mask:
-        import recyclegpt.model
-        recyclegpt.model.ADDITIVE_MASK = False
+    import recyclegpt.model
+    recyclegpt.model.ADDITIVE_MASK = not args.bool_mask
+    recyclegpt.model.FOLD_GROUPS = not args.repeat_kv
     cuda = torch.cuda.is_available()
     dev, dtype = (torch.device("cuda"), torch.bfloat16) if cuda else (torch.device("cpu"), torch.float32)
     if args.preset:
@@ -243,7 +246,8 @@ def profile(args) -> None:
     print(json.dumps({"model": args.preset or args.shape or args.model, "module_layers": model.module.cfg.n_layer,
                       "compile": args.compile, "compile_steps": args.compile_steps, "device": name,
                       "torch": torch.__version__, "recycle_step_bound": bound,
-                      "bool_mask": args.bool_mask, "sdpa": args.sdpa,
+                      "bool_mask": args.bool_mask, "repeat_kv": args.repeat_kv,
+                      "sdpa": args.sdpa,
                       "parts": [{k: v for k, v in r.items() if k not in ("top", "counts")} for r in rows]}))
 
 

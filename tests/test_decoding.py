@@ -66,6 +66,30 @@ def test_cached_logits_close_to_uncached():
         torch.testing.assert_close(torch.cat(got, dim=1), ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("additive,fold", [(False, False), (True, False), (False, True)])
+def test_attention_mask_forms_agree(monkeypatch, additive, fold):
+    """The mask made additive once per call and the grouped query heads folded into the query axis (the defaults)
+    give what SDPA's own bool mask over repeated key/value heads gives, with left padding."""
+    import recyclegpt.model as model_lib
+
+    model = make_model(5)
+    assert CFG.n_head // CFG.n_kv_head == 2  # the tiny preset has grouped-query attention
+    ids = torch.randint(0, CFG.vocab_size, (2, 9), generator=torch.Generator().manual_seed(5))
+    pad = torch.tensor([0, 4])
+
+    def run() -> torch.Tensor:
+        cache = model.base.new_cache(2, 16)
+        with torch.no_grad():
+            first = model.base(ids[:, :7], input_pos=torch.arange(7), cache=cache, pad=pad, kv_end=8)
+            step = model.base(ids[:, 7:], input_pos=torch.arange(7, 9), cache=cache, pad=pad, kv_end=12)
+        return torch.cat((first.logits, step.logits), dim=1)
+
+    want = run()
+    monkeypatch.setattr(model_lib, "ADDITIVE_MASK", additive)
+    monkeypatch.setattr(model_lib, "FOLD_GROUPS", fold)
+    torch.testing.assert_close(run(), want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("strategy", [standard, recycle])
 def test_batched_equals_per_prompt(strategy):
     model = make_model(2)

@@ -169,10 +169,15 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if cache is not None:
             k, v = cache.write(layer, input_pos, k, v, kv_end)  # (B, Hkv, kv_end, D)
-        if self.n_head != self.n_kv_head:  # grouped-query attention: each kv head serves n_head / n_kv_head queries
-            rep = self.n_head // self.n_kv_head
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        groups = self.n_head // self.n_kv_head  # grouped-query attention: each kv head serves `groups` query heads
+        if groups > 1 and mask is not None and FOLD_GROUPS:
+            # the query heads of a group become more rows of one query, against the group's keys and values as
+            # stored (no copy of them); the mask's rows were repeated to match (`attention_mask`)
+            q = q.reshape(B, self.n_kv_head, groups * T, self.head_dim)
+        elif groups > 1:
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        y = y.reshape(B, self.n_head, T, self.head_dim)
         return self.wo(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
 
@@ -241,7 +246,7 @@ def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, cfg: ModelConfig, *, inpu
     kv_end = cache.max_len if kv_end is None else kv_end
     if tree is not None:
         rope = rotary(tree.positions, cfg.head_dim, cfg.rope_theta, x.dtype)
-        return _stack(blocks, x, rope, tree.mask, cache, input_pos, kv_end, taps)
+        return _stack(blocks, x, rope, attention_mask(tree.mask, x.dtype, cfg), cache, input_pos, kv_end, taps)
     slots = torch.arange(kv_end, device=x.device)
     mask = slots[None, :] <= input_pos[:, None]  # (T, S)
     if pad is None:
@@ -252,17 +257,31 @@ def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, cfg: ModelConfig, *, inpu
         visible = (slots[None, None, :] >= pad[:, None, None]) | (slots[None, None, :] == input_pos[None, :, None])
         mask = (mask[None] & visible)[:, None]  # (B, 1, T, S)
     rope = rotary(positions, cfg.head_dim, cfg.rope_theta, x.dtype)
-    return _stack(blocks, x, rope, mask, cache, input_pos, kv_end, taps)
+    return _stack(blocks, x, rope, attention_mask(mask, x.dtype, cfg), cache, input_pos, kv_end, taps)
 
 
-ADDITIVE_MASK = True  # False: hand SDPA the bool mask (the A/B switch of scripts/gpu_step_profile.py --bool-mask)
+# A/B switches of scripts/gpu_step_profile.py (--bool-mask, --repeat-kv): the ways before these two changes
+ADDITIVE_MASK = True
+FOLD_GROUPS = True
+
+
+def attention_mask(mask: torch.Tensor, dtype: torch.dtype, cfg: ModelConfig) -> torch.Tensor:
+    """The mask every layer's attention reads, made once per call from the bool mask (B or 1, 1, T, S).
+
+    Additive (0 where visible, -inf elsewhere) in the activations' dtype: SDPA converts a bool mask in every layer
+    (one or two kernels a layer). With grouped-query attention its rows are repeated for each query head of a group,
+    which `Attention` folds into the query axis: row g*T + t is query t of the group's g-th head.
+    """
+    groups = cfg.n_head // cfg.n_kv_head
+    if groups > 1 and FOLD_GROUPS:
+        B, _, T, S = mask.shape
+        mask = mask[:, :, None].expand(B, 1, groups, T, S).reshape(B, 1, groups * T, S)
+    if ADDITIVE_MASK:
+        mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+    return mask
 
 
 def _stack(blocks, x, rope, mask, cache, input_pos, kv_end, taps):
-    if mask is not None and mask.dtype == torch.bool and ADDITIVE_MASK:
-        # SDPA turns a bool mask into an additive one in every layer's call (one or two kernels a layer, eagerly
-        # and compiled); converted here once, the layers share it
-        mask = torch.zeros(mask.shape, dtype=x.dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
     tapped = []
     for i, block in enumerate(blocks):
         x = block(x, rope, mask, cache, i, input_pos, kv_end)
