@@ -66,8 +66,9 @@ def test_cached_logits_close_to_uncached():
         torch.testing.assert_close(torch.cat(got, dim=1), ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("additive,fold", [(False, False), (True, False), (False, True)])
-def test_attention_mask_forms_agree(monkeypatch, additive, fold):
+@pytest.mark.parametrize("additive,fold,fold_max", [(False, False, 64), (True, False, 64), (False, True, 64),
+                                                   (True, True, 4)])
+def test_attention_mask_forms_agree(monkeypatch, additive, fold, fold_max):
     """The mask made additive once per call and the grouped query heads folded into the query axis (the defaults)
     give what SDPA's own bool mask over repeated key/value heads gives, with left padding."""
     import recyclegpt.model as model_lib
@@ -87,6 +88,7 @@ def test_attention_mask_forms_agree(monkeypatch, additive, fold):
     want = run()
     monkeypatch.setattr(model_lib, "ADDITIVE_MASK", additive)
     monkeypatch.setattr(model_lib, "FOLD_GROUPS", fold)
+    monkeypatch.setattr(model_lib, "FOLD_MAX_TOKENS", fold_max)  # 4: the 7-token prompt repeats, the step folds
     torch.testing.assert_close(run(), want, rtol=1e-5, atol=1e-5)
 
 

@@ -170,9 +170,9 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.write(layer, input_pos, k, v, kv_end)  # (B, Hkv, kv_end, D)
         groups = self.n_head // self.n_kv_head  # grouped-query attention: each kv head serves `groups` query heads
-        if groups > 1 and mask is not None and FOLD_GROUPS:
+        if groups > 1 and mask is not None and mask.shape[-2] == groups * T:
             # the query heads of a group become more rows of one query, against the group's keys and values as
-            # stored (no copy of them); the mask's rows were repeated to match (`attention_mask`)
+            # stored (no copy of them); `attention_mask` repeated the mask's rows to match
             q = q.reshape(B, self.n_kv_head, groups * T, self.head_dim)
         elif groups > 1:
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
@@ -263,6 +263,7 @@ def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, cfg: ModelConfig, *, inpu
 # A/B switches of scripts/gpu_step_profile.py (--bool-mask, --repeat-kv): the ways before these two changes
 ADDITIVE_MASK = True
 FOLD_GROUPS = True
+FOLD_MAX_TOKENS = 64  # calls on more new tokens (long prompts) repeat K/V: a folded mask grows with groups*T*S
 
 
 def attention_mask(mask: torch.Tensor, dtype: torch.dtype, cfg: ModelConfig) -> torch.Tensor:
@@ -270,10 +271,12 @@ def attention_mask(mask: torch.Tensor, dtype: torch.dtype, cfg: ModelConfig) -> 
 
     Additive (0 where visible, -inf elsewhere) in the activations' dtype: SDPA converts a bool mask in every layer
     (one or two kernels a layer). With grouped-query attention its rows are repeated for each query head of a group,
-    which `Attention` folds into the query axis: row g*T + t is query t of the group's g-th head.
+    which `Attention` folds into the query axis: row g*T + t is query t of the group's g-th head. Only for calls on
+    up to FOLD_MAX_TOKENS new tokens (decode steps, verifications, trees), where the repeat's copy of every cached
+    slot is most of the attention's cost; a long prompt's folded mask would be `groups` times a large mask.
     """
     groups = cfg.n_head // cfg.n_kv_head
-    if groups > 1 and FOLD_GROUPS:
+    if groups > 1 and FOLD_GROUPS and mask.shape[-2] <= FOLD_MAX_TOKENS:
         B, _, T, S = mask.shape
         mask = mask[:, :, None].expand(B, 1, groups, T, S).reshape(B, 1, groups * T, S)
     if ADDITIVE_MASK:
