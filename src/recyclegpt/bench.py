@@ -201,8 +201,9 @@ def time_strategies(lm: RecycleGPT, ids: list[list[int]], strategies: Sequence[s
         if runs is not None:
             runs[s].add(gen, mem.mb)
 
-    log("warm-up")
     for s in strategies:
+        if warmup:  # with a compiled engine this takes minutes: say which strategy is compiling
+            log(f"warm-up: {s}")
         for _ in range(warmup):  # the warm-up also captures the engine's graphs for the first buckets
             run(s, batches[0], max_new_tokens, None)
         if warmup:  # and every prompt's first steps: the engine captures a prefill graph per padded prompt length
