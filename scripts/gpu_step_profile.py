@@ -133,6 +133,8 @@ def main() -> None:
     ap.add_argument("--repeat-kv", action="store_true",
                     help="grouped-query attention by copying each key/value head for its query heads, as before the "
                          "query heads were folded into the query axis (an A/B check of that change)")
+    ap.add_argument("--manual-norm", action="store_true",
+                    help="RMSNorm spelled out in five operators instead of F.rms_norm (an A/B check of that change)")
     ap.add_argument("--sdpa", default=None,
                     help="attention backends allowed, comma-separated from cudnn, flash, efficient, math "
                          "(default: all, PyTorch's choice)")
@@ -150,6 +152,7 @@ def profile(args) -> None:
     import recyclegpt.model
     recyclegpt.model.ADDITIVE_MASK = not args.bool_mask
     recyclegpt.model.FOLD_GROUPS = not args.repeat_kv
+    recyclegpt.model.FUSED_RMS_NORM = not args.manual_norm
     cuda = torch.cuda.is_available()
     dev, dtype = (torch.device("cuda"), torch.bfloat16) if cuda else (torch.device("cpu"), torch.float32)
     if args.preset:
@@ -246,7 +249,7 @@ def profile(args) -> None:
     print(json.dumps({"model": args.preset or args.shape or args.model, "module_layers": model.module.cfg.n_layer,
                       "compile": args.compile, "compile_steps": args.compile_steps, "device": name,
                       "torch": torch.__version__, "recycle_step_bound": bound,
-                      "bool_mask": args.bool_mask, "repeat_kv": args.repeat_kv,
+                      "bool_mask": args.bool_mask, "repeat_kv": args.repeat_kv, "manual_norm": args.manual_norm,
                       "sdpa": args.sdpa,
                       "parts": [{k: v for k, v in r.items() if k not in ("top", "counts")} for r in rows]}))
 

@@ -66,6 +66,24 @@ def test_cached_logits_close_to_uncached():
         torch.testing.assert_close(torch.cat(got, dim=1), ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_forms_agree(monkeypatch, dtype):
+    """F.rms_norm on the float32 copy (the default) against the spelled-out form: the same values, in the same
+    order of rounding (normalise in float32, cast, then scale)."""
+    import recyclegpt.model as model_lib
+
+    norm = model_lib.RMSNorm(64, 1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(64, generator=torch.Generator().manual_seed(1)))
+    norm = norm.to(dtype)
+    x = (torch.randn(3, 5, 64, generator=torch.Generator().manual_seed(2)) * 4).to(dtype)
+    fused = norm(x)
+    monkeypatch.setattr(model_lib, "FUSED_RMS_NORM", False)
+    spelled = norm(x)
+    assert fused.dtype == spelled.dtype == dtype
+    torch.testing.assert_close(fused, spelled, rtol=1e-6 if dtype == torch.float32 else 1e-2, atol=1e-6)
+
+
 @pytest.mark.parametrize("additive,fold,fold_max", [(False, False, 64), (True, False, 64), (False, True, 64),
                                                    (True, True, 4)])
 def test_attention_mask_forms_agree(monkeypatch, additive, fold, fold_max):
