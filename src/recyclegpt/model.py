@@ -165,15 +165,17 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
                 cache: KVCache | None, layer: int, input_pos: torch.Tensor | None, kv_end: int) -> torch.Tensor:
         B, T, _ = x.shape
-        if self.wqkv is not None and not torch.is_grad_enabled():  # one matmul instead of three
-            nq, nkv = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
-            q, k, v = linear(x, self.wqkv).split((nq, nkv, nkv), dim=-1)
+        H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
+        if self.wqkv is not None and not torch.is_grad_enabled():
+            # one matmul instead of three, and one rotary pass over the query and key heads together
+            qkv = linear(x, self.wqkv).view(B, T, H + 2 * Hkv, D).transpose(1, 2)  # (B, H + 2 Hkv, T, D)
+            q, k = apply_rotary(qkv[:, :H + Hkv], *rope).split((H, Hkv), dim=1)
+            v = qkv[:, H + Hkv:]
         else:
-            q, k, v = self.wq(x), self.wk(x), self.wv(x)
-        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+            q = self.wq(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+            k = self.wk(x).view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
+            v = self.wv(x).view(B, T, Hkv, D).transpose(1, 2)
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if cache is not None:
             k, v = cache.write(layer, input_pos, k, v, kv_end)  # (B, Hkv, kv_end, D)
         groups = self.n_head // self.n_kv_head  # grouped-query attention: each kv head serves `groups` query heads
