@@ -144,11 +144,11 @@ def main() -> None:
         names = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
                  "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
         with sdpa_kernel([names[n] for n in args.sdpa.split(",")]):  # also while inductor traces
-            return profile(args)
-    return profile(args)
+            return run_profile(args)
+    return run_profile(args)
 
 
-def profile(args) -> None:
+def run_profile(args) -> None:
     import recyclegpt.model
     recyclegpt.model.ADDITIVE_MASK = not args.bool_mask
     recyclegpt.model.FOLD_GROUPS = not args.repeat_kv

@@ -462,9 +462,10 @@ def evaluate_agreement(lm: RecycleGPT, prompts: Sequence[list[int]], *, max_new_
         for c in continuations:
             c = list(c)[:max_new_tokens]
             conts.append(c[:next((i for i, t in enumerate(c) if t in eos), len(c))])
-    for s in range(0, len(prompts) if continuations is None else 0, batch_size):
-        conts += standard(lm.base, prompts[s:s + batch_size], max_new_tokens=max_new_tokens,
-                          stop_ids=lm.tokenizer.eos_ids).tokens
+    else:
+        for s in range(0, len(prompts), batch_size):
+            conts += standard(lm.base, prompts[s:s + batch_size], max_new_tokens=max_new_tokens,
+                              stop_ids=lm.tokenizer.eos_ids).tokens
     kept = [(p, c) for p, c in zip(prompts, conts) if len(c) >= 2]  # offset 1 is the first the module yields
     scores = token_logprobs(lm, [p + c for p, c in kept], [len(p) for p, _ in kept], scoring, batch_size=batch_size)
     space = {}

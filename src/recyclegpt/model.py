@@ -178,16 +178,15 @@ class Attention(nn.Module):
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if cache is not None:
             k, v = cache.write(layer, input_pos, k, v, kv_end)  # (B, Hkv, kv_end, D)
-        groups = self.n_head // self.n_kv_head  # grouped-query attention: each kv head serves `groups` query heads
+        groups = H // Hkv  # grouped-query attention: each kv head serves `groups` query heads
         if groups > 1 and mask is not None and mask.shape[-2] == groups * T:
             # the query heads of a group become more rows of one query, against the group's keys and values as
             # stored (no copy of them); `attention_mask` repeated the mask's rows to match
-            q = q.reshape(B, self.n_kv_head, groups * T, self.head_dim)
+            q = q.reshape(B, Hkv, groups * T, D)
         elif groups > 1:
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
-        y = y.reshape(B, self.n_head, T, self.head_dim)
-        return self.wo(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+        return self.wo(y.reshape(B, H, T, D).transpose(1, 2).reshape(B, T, H * D))
 
 
 class MLP(nn.Module):
