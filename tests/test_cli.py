@@ -85,6 +85,8 @@ def test_lossless_strategies_from_the_cli(tiny_ckpt, capsys, tmp_path):
     assert set(spec["per_category"]) == {"cat_a", "cat_b"}
     assert {"tokens_per_s", "speedup", "tau"} <= set(spec["per_category"]["cat_a"])
     assert rep["results"][0]["per_category"]["cat_b"]["speedup"] == 1.0 and "tau" not in rep["results"][0]
+    # lossless: every prompt's tokens equal standard's, and bench says so
+    assert [r.get("same_as_standard") for r in rep["results"]] == [None, 3, 3]
 
 
 def test_bench_batches_engines_and_hf_baseline(tiny_ckpt, capsys):

@@ -20,6 +20,7 @@ from .api import DEFAULT_DRAFT_LEN, STRATEGY_NAMES, Generation, RecycleGPT, defa
 from .config import ModelConfig, RecycleConfig
 from .data import iter_jsonl
 from .decoding import tau_of
+from .engine import VERIFIED
 from .model import RecyclableModule, Transformer
 
 # A small built-in prompt set, used when no prompts file is given.
@@ -271,6 +272,11 @@ def run_bench(lm: RecycleGPT, prompts: list[str] | list[list[int]], *,
     kind = lm.resolve_engine(engine)
     for r in results:
         r["engine"] = notes.get(r["strategy"], kind)
+    if "standard" in runs:  # lossless strategies must give standard's tokens: count the prompts where they do
+        ref = runs["standard"].outputs
+        for r in results:
+            if r["strategy"] in VERIFIED:  # lossless: greedy, their tokens are standard's
+                r["same_as_standard"] = sum(a == b for a, b in zip(runs[r["strategy"]].outputs, ref))
     if alpha and "recycle" in strategies and lm.model is not None and lm.module_source != "random":
         (log or (lambda line: None))("alpha")
         # the full model's greedy output is standard's, when it ran (no second decode); else decoded here
@@ -361,6 +367,11 @@ def format_table(report: dict) -> str:
         lines.append(f"{r['strategy']:<17} {r['tokens_per_s']:>8.1f} {r['median_tokens_per_s']:>8.1f} "
                      f"{r['ttft_ms']:>8.1f} {r['step_ms']:>8.2f} {mem} {r['new_tokens']:>7} "
                      f"{r['tokens_per_full_call']:>8.2f} {tau} {alpha} {sp:>6.2f}x {hf:>6.2f}x  {r.get('engine', '')}")
+    same = [f"{r['strategy']} {r['same_as_standard']}/{report['prompts']}" for r in report["results"]
+            if r.get("same_as_standard") is not None]
+    if same:
+        lines.append("")
+        lines.append("prompts whose tokens equal standard's: " + ", ".join(same))
     hists = [(r["strategy"], r["accept_hist"]) for r in report["results"] if r.get("accept_hist")]
     if hists:
         lines.append("")

@@ -16,12 +16,13 @@ from typing import Callable, Sequence
 
 from .api import NO_MODULE, RANDOM_MODULE_NOTE, STRATEGY_NAMES, RecycleGPT, module_hint
 from .bench import BUILTIN_PROMPTS, device_name, time_strategies
+from .engine import VERIFIED
 from .evaluation import evaluate_agreement
 from .options import add_model_args, load_model
 from .registry import MODELS, shipped_module
 
 STRATEGIES = ("standard", "recycle", "speculative")
-LOSSLESS = ("recycle-verified", "speculative", "tree")
+LOSSLESS = VERIFIED  # their answers must equal standard's
 DEFAULT_PROMPTS = 4
 EXCERPT_CHARS = 150  # per answer in the table; --json has the whole texts
 
