@@ -104,6 +104,11 @@ def test_bench_batches_engines_and_hf_baseline(tiny_ckpt, capsys):
     assert rep["speedup_vs_hf_eager"]["hf_eager"] == 1.0 and rep["results"][0]["engine"].startswith("dynamic")
     assert main(["bench", "--model", str(ckpt), "--strategies", "hf_eager", "--batch-size", "2"]) == 2
     assert "batch size 1" in capsys.readouterr().err
+    assert main(["bench", "--model", str(ckpt), "--max-new-tokens", "6", "--limit", "2", "--no-chat", "--json",
+                 "--engine", "static", "--no-alpha", "--kv-bucket", "16"]) == 0
+    assert last_json(capsys)["kv_bucket"] == 16
+    assert main(["bench", "--model", str(ckpt), "--engine", "static", "--kv-bucket", "8"]) == 2
+    assert "--kv-bucket must be at least 16" in capsys.readouterr().err
 
 
 def test_retrofit_then_recycle_on_the_trained_base(tiny_ckpt, capsys, tmp_path):

@@ -18,7 +18,7 @@ import torch
 
 from .config import RecycleConfig
 from .decoding import DecodeStats, recycle, standard
-from .engine import Engine
+from .engine import KV_BUCKET as DEFAULT_KV_BUCKET, Engine
 from .speculative import DEFAULT_DRAFT_LEN, TreeShape, recycle_verified, speculative, tree
 from .model import RecyclableModule, RecycleModel, Transformer
 from .registry import shipped_module
@@ -99,6 +99,7 @@ class RecycleGPT:
         self.module_source = module_source
         self.compile_mode: str | None = None  # inductor's mode for engine="compiled" (None: its default)
         self.compile_steps = False  # engine="compiled": also compile each greedy step and round whole
+        self.kv_bucket = DEFAULT_KV_BUCKET  # engines graphs and compiled: attention reads up to a multiple of this
         self._engines: dict[str, Engine] = {}
 
     # -- loading ---------------------------------------------------------------------------------------------------
@@ -232,7 +233,8 @@ class RecycleGPT:
             model = self.model if self.model is not None else self.base
             compile = (self.compile_mode or True) if kind == "compiled" else False
             self._engines[kind] = Engine(model, graphs=kind in ("graphs", "compiled"), compile=compile,
-                                         compile_steps=kind == "compiled" and self.compile_steps)
+                                         compile_steps=kind == "compiled" and self.compile_steps,
+                                         bucket=self.kv_bucket)
         return self._engines[kind]
 
     def _prompt_ids(self, prompt, *, chat: bool) -> list[list[int]]:

@@ -152,6 +152,8 @@ def cmd_bench(args) -> None:
         report["compile_mode"] = args.compile_mode
     if args.compile_steps:
         report["compile_steps"] = True
+    if args.kv_bucket is not None:
+        report["kv_bucket"] = args.kv_bucket
     if args.shape:
         report["shape"], report["note"] = args.shape, RANDOM_NOTE
     elif lm.module_source == "random":

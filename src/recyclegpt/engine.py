@@ -45,6 +45,7 @@ STEP_TOKENS = {"standard": 1, "recycle": 2}  # the fixed-schedule steps: tokens 
 VERIFIED = ("recycle-verified", "speculative", "tree")  # rounds of variable length
 STRATEGIES = tuple(STEP_TOKENS) + VERIFIED
 MAX_ROUND_TOKENS = 64  # a verified round keeps at most this many tokens (draft length or tree depth + 1)
+KV_BUCKET = 256  # attention reads the cache up to a multiple of this many slots: one graph (and compile) per bucket
 PREFILL_BUCKET = 64  # with graphs, prompts are left-padded to a multiple of this many tokens: one graph per length
 
 
@@ -60,7 +61,7 @@ class Decoder:
     """
 
     def __init__(self, model: Transformer | RecycleModel, batch_size: int, max_len: int, *, graphs: bool = False,
-                 bucket: int = 256, compile: bool | str = False, fuse: bool | None = None,
+                 bucket: int = KV_BUCKET, compile: bool | str = False, fuse: bool | None = None,
                  prefill_bucket: int | None = None, compile_steps: bool = False) -> None:
         """prefill_bucket: left-pad prompts to a multiple of this many tokens, so that their forward is captured
         too (default PREFILL_BUCKET with graphs, 0 = no padding without); a prompt whose padding would not fit the
@@ -501,7 +502,7 @@ class Plan(NamedTuple):
 class Engine:
     """Decoders by batch size and cache length for one model, so that captured graphs are reused across calls."""
 
-    def __init__(self, model: Transformer | RecycleModel, *, graphs: bool | None = None, bucket: int = 256,
+    def __init__(self, model: Transformer | RecycleModel, *, graphs: bool | None = None, bucket: int = KV_BUCKET,
                  compile: bool | str = False, fuse: bool | None = None, prefill_bucket: int | None = None,
                  compile_steps: bool = False) -> None:
         base = model.base if isinstance(model, RecycleModel) else model

@@ -7,7 +7,7 @@ import argparse
 
 import torch
 
-from .api import DEFAULT_DRAFT_LEN, DEFAULT_MODEL, RecycleGPT
+from .api import DEFAULT_DRAFT_LEN, DEFAULT_KV_BUCKET, DEFAULT_MODEL, RecycleGPT
 from .config import RecycleConfig
 from .speculative import TreeShape
 
@@ -60,10 +60,20 @@ def add_compile_mode(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile-steps", action="store_true",
                    help="with --engine compiled: compile each greedy step and verified round whole, so that its "
                         "token selection and bookkeeping fuse with the forwards (longer compiles)")
+    p.add_argument("--kv-bucket", type=int, default=None, metavar="SLOTS",
+                   help="engines static, graphs and compiled: attention reads the cache up to the next multiple of "
+                        f"this many slots (default {DEFAULT_KV_BUCKET}); every bucket is a graph (and a compile) of "
+                        "its own, so a larger one means fewer compiles and a little more attention work")
 
 
 def apply_compile_mode(lm: RecycleGPT, args: argparse.Namespace) -> None:
-    """Give lm the --compile-mode and --compile-steps of add_compile_mode; they need --engine compiled."""
+    """Give lm the --compile-mode, --compile-steps (they need --engine compiled) and --kv-bucket of
+    add_compile_mode."""
+    bucket = getattr(args, "kv_bucket", None)
+    if bucket is not None:
+        if bucket < 16:
+            raise ValueError(f"--kv-bucket must be at least 16 slots, got {bucket}")
+        lm.kv_bucket = bucket
     if args.compile_mode is None and not args.compile_steps:
         return
     if args.engine != "compiled":
