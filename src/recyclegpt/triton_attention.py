@@ -1,0 +1,189 @@
+"""Decode attention in Triton: a few query rows against a static KV cache, for cached decode calls on CUDA.
+
+A cached decode call attends R query rows (1 for a standard step, a few for a verification or a draft tree, times
+the grouped-query factor) to L cached slots. That is pure bandwidth: each layer reads its K and V once. SDPA's
+kernels are tuned for long queries and, measured on an H100, cost ~10 µs a layer where the bytes take <1 µs, and
+change kernel (plus a Memset) from 1 to 2 rows. Here one program per (batch row, KV head, KV range) loads its query
+rows once, streams its slots in blocks with an online softmax, and either writes the output (one range) or fp32
+partials that a second small kernel merges (flash-decoding: few KV heads still fill the GPU). Block sizes and the
+number of ranges depend on shapes only, so a call can be captured in a CUDA graph; it is a torch custom op, opaque
+to torch.compile.
+
+On the CPU it runs only under Triton's interpreter (TRITON_INTERPRET=1 set before triton is imported): the tests.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except Exception:  # no triton (the CI machine), or one that cannot load here: available() says False
+    triton = tl = None
+
+MAX_BLOCK_R = 64  # query rows per program; more rows are split across programs (each re-reads the KV range)
+TARGET_PROGRAMS = 256  # ~2 per SM of an H100: enough loads in flight to approach its bandwidth
+BLOCK_N = 64  # KV slots per step of a program's loop
+MIN_SLOTS = 64  # the fewest KV slots worth a program of their own (below it the merge costs more than it saves)
+
+
+def available() -> bool:
+    """Whether the Triton kernels are defined (triton is importable)."""
+    return triton is not None
+
+
+if triton is not None:
+    LOG2E = tl.constexpr(1.4426950408889634)  # the kernels use exp2: exp(x) = exp2(x * log2(e))
+
+    @triton.jit
+    def _attn_kernel(Q, K, V, Mask, O, Acc, Mx, Sm,
+                     sqb, sqh, sqr, skb, skh, skn, svb, svh, svn, smb, smr,
+                     Hkv, R, L, per_split, n_rb, n_split, scale,
+                     D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
+                     PRECISION: tl.constexpr):
+        # grid ((b*Hkv + h)*n_rb + row block, KV range): BLOCK_R query rows against the range's slots [start, end)
+        pid, split = tl.program_id(0), tl.program_id(1)
+        bh, rb = pid // n_rb, pid % n_rb
+        b, h = bh // Hkv, bh % Hkv
+        rows = rb * BLOCK_R + tl.arange(0, BLOCK_R)
+        dims = tl.arange(0, D)
+        row_ok = rows < R
+        q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqr + dims[None, :], mask=row_ok[:, None], other=0.0)
+        k_base, v_base, m_base = K + b * skb + h * skh, V + b * svb + h * svh, Mask + b * smb + rows[:, None] * smr
+
+        start = split * per_split
+        end = tl.minimum(start + per_split, L)
+        m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)  # running max of the scores (log2 units)
+        l_i = tl.zeros([BLOCK_R], tl.float32)  # running sum of exp2(score - m_i)
+        acc = tl.zeros([BLOCK_R, D], tl.float32)  # running sum of exp2(score - m_i) * v
+        for n0 in range(start, end, BLOCK_N):
+            cols = n0 + tl.arange(0, BLOCK_N)
+            col_ok = cols < end
+            k = tl.load(k_base + cols[:, None] * skn + dims[None, :], mask=col_ok[:, None], other=0.0)  # (N, D)
+            v = tl.load(v_base + cols[:, None] * svn + dims[None, :], mask=col_ok[:, None], other=0.0)
+            # padding rows and slots read -inf, so they add nothing
+            bias = tl.load(m_base + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=float("-inf"))
+            s = (tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale + bias.to(tl.float32)) * LOG2E  # (R, N)
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            # a row with no visible slot yet has m_new = -inf: subtract 0 instead, so exp2 gives 0 rather than NaN
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_ref)  # rescales what was summed under the old max
+            p = tl.exp2(s - m_ref[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
+
+        if SPLIT:  # fp32 partials (bh, split, row, ...) for _merge_kernel; a range with no visible slot has l = 0
+            part = (bh * n_split + split) * R + rows
+            tl.store(Acc + part[:, None] * D + dims[None, :], acc, mask=row_ok[:, None])
+            tl.store(Mx + part, m_i, mask=row_ok)
+            tl.store(Sm + part, l_i, mask=row_ok)
+        else:  # every row has a visible slot, so l_i > 0 (padding rows have 0: divide them by 1, they are not stored)
+            out = acc / tl.where(row_ok, l_i, 1.0)[:, None]
+            tl.store(O + (bh * R + rows)[:, None] * D + dims[None, :], out.to(O.dtype.element_ty),
+                     mask=row_ok[:, None])
+
+    @triton.jit
+    def _merge_kernel(Acc, Mx, Sm, O, R, n_split, D: tl.constexpr, BLOCK_S: tl.constexpr):
+        # program bh*R + row: weigh each range's partials by exp2(its max - the overall max), sum, normalise
+        pid = tl.program_id(0)
+        bh, row = pid // R, pid % R
+        splits = tl.arange(0, BLOCK_S)
+        ok = splits < n_split
+        part = (bh * n_split + splits) * R + row
+        m = tl.load(Mx + part, mask=ok, other=float("-inf"))
+        w = tl.exp2(m - tl.max(m, 0))  # the overall max is finite: some range of the row has a visible slot
+        total = tl.sum(tl.load(Sm + part, mask=ok, other=0.0) * w, 0)
+        acc = tl.load(Acc + part[:, None] * D + tl.arange(0, D)[None, :], mask=ok[:, None], other=0.0)
+        out = tl.sum(acc * w[:, None], 0) / total
+        tl.store(O + pid * D + tl.arange(0, D), out.to(O.dtype.element_ty))
+
+    # triton.jit built interpreted functions if TRITON_INTERPRET was set when it ran (just now), whatever it is later
+    _INTERPRETED = not isinstance(_attn_kernel, triton.runtime.jit.JITFunction)
+
+
+def plan(B: int, Hkv: int, R: int, L: int, n_split: int = 0) -> tuple[int, int, int]:
+    """(query rows a program, KV ranges, slots a range) for a call's shapes; n_split > 0 asks for that many ranges.
+
+    By default enough ranges for ~TARGET_PROGRAMS programs, none shorter than MIN_SLOTS; each range is a whole
+    number of BLOCK_N blocks, and none is empty.
+    """
+    block_r = min(MAX_BLOCK_R, max(16, triton.next_power_of_2(R)))  # tl.dot needs >= 16 rows
+    if n_split <= 0:
+        programs = B * Hkv * triton.cdiv(R, block_r)
+        n_split = max(1, min(triton.cdiv(TARGET_PROGRAMS, programs), L // MIN_SLOTS))
+    per_split = triton.cdiv(triton.cdiv(L, n_split), BLOCK_N) * BLOCK_N
+    return block_r, triton.cdiv(L, per_split), per_split
+
+
+def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
+                      n_split: int) -> torch.Tensor:
+    """The op's body: `decode_attention` with the scale given and n_split 0 for the heuristic's."""
+    if not q.is_cuda and not _INTERPRETED:
+        raise RuntimeError("decode_attention runs on CUDA tensors, or on the CPU under Triton's interpreter "
+                           "(TRITON_INTERPRET=1 set before triton is imported)")
+    B, Hkv, R, D = q.shape
+    L = k.shape[2]
+    if k.shape != (B, Hkv, L, D) or v.shape != k.shape or D < 16 or D > 256 or D & (D - 1):
+        raise ValueError(f"decode_attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: "
+                         "k and v must be (B, Hkv, L, D) with D a power of two in 16..256")
+    # the kernels index every dim but the last by stride: views of the cache and of a fused projection are read
+    # in place; these copies happen only for a layout no caller has
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    mask = mask.expand(B, 1, R, L)  # broadcast dims get stride 0
+    if mask.stride(-1) != 1:
+        mask = mask.contiguous()
+
+    block_r, n_split, per_split = plan(B, Hkv, R, L, n_split)
+    n_rb = triton.cdiv(R, block_r)
+    out = torch.empty((B, Hkv, R, D), dtype=q.dtype, device=q.device)
+    if n_split > 1:
+        acc = torch.empty((B * Hkv, n_split, R, D), dtype=torch.float32, device=q.device)
+        mx, sm = torch.empty((2, B * Hkv, n_split, R), dtype=torch.float32, device=q.device)
+    else:
+        acc = mx = sm = out  # unused
+    _attn_kernel[(B * Hkv * n_rb, n_split)](
+        q, k, v, mask, out, acc, mx, sm,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), mask.stride(0), mask.stride(2),
+        Hkv, R, L, per_split, n_rb, n_split, scale,
+        D=D, BLOCK_R=block_r, BLOCK_N=BLOCK_N, SPLIT=n_split > 1,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 stays fp32; half types ignore it
+        num_warps=4 if block_r * D <= 64 * 128 else 8)  # 8 for the largest tiles, whose fp32 acc would spill
+    if n_split > 1:
+        _merge_kernel[(B * Hkv * R,)](acc, mx, sm, out, R, n_split, D=D,
+                                      BLOCK_S=max(2, triton.next_power_of_2(n_split)), num_warps=4)
+    return out
+
+
+if triton is not None and hasattr(torch.library, "custom_op"):  # torch >= 2.4
+    # an opaque op for torch.compile: dynamo and inductor see its fake (shape and dtype) and call it as it is
+    _op = torch.library.custom_op(
+        "recyclegpt::decode_attention", mutates_args=(),
+        schema="(Tensor q, Tensor k, Tensor v, Tensor mask, float scale, int n_split) -> Tensor")(_decode_attention)
+
+    @_op.register_fake
+    def _(q, k, v, mask, scale, n_split):
+        return q.new_empty(q.shape)
+else:
+    _op = _decode_attention
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                     scale: float | None = None, *, n_split: int | None = None) -> torch.Tensor:
+    """softmax(q k^T * scale + mask) v for a few query rows, accumulated in fp32; returns (B, Hkv, R, D) in q's dtype.
+
+    q: (B, Hkv, R, D), query rows per KV head (grouped-query heads folded into rows); last dim contiguous.
+    k, v: (B, Hkv, L, D), typically views cache[layer, :, :, :L] of the static cache, read in place.
+    mask: additive, (B or 1, 1, R, L): 0 visible, -inf masked; every row must see at least one slot.
+    scale: default 1/sqrt(D). n_split: KV ranges per (batch row, KV head); default from the shapes (`plan`).
+    """
+    if triton is None:
+        raise RuntimeError("decode_attention needs triton (see available())")
+    # the op for torch.compile; eagerly (and so in CUDA graphs of eager calls) the body, without the dispatcher's
+    # per-call overhead
+    fn = _op if torch.compiler.is_compiling() else _decode_attention
+    return fn(q, k, v, mask, 1 / math.sqrt(q.shape[-1]) if scale is None else float(scale), n_split or 0)
