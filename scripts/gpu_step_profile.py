@@ -22,6 +22,7 @@ from collections import defaultdict
 
 import torch
 
+from recyclegpt import triton_attention
 from recyclegpt.api import RecycleGPT
 from recyclegpt.bench import random_model
 from recyclegpt.config import PRESETS, RecycleConfig
@@ -135,6 +136,8 @@ def main() -> None:
                          "query heads were folded into the query axis (an A/B check of that change)")
     ap.add_argument("--manual-norm", action="store_true",
                     help="RMSNorm spelled out in five operators instead of F.rms_norm (an A/B check of that change)")
+    ap.add_argument("--sdpa-decode", action="store_true",
+                    help="cached calls attend with SDPA, not the Triton decode kernel (an A/B check of that kernel)")
     ap.add_argument("--sdpa", default=None,
                     help="attention backends allowed, comma-separated from cudnn, flash, efficient, math "
                          "(default: all, PyTorch's choice)")
@@ -153,6 +156,7 @@ def run_profile(args) -> None:
     recyclegpt.model.ADDITIVE_MASK = not args.bool_mask
     recyclegpt.model.FOLD_GROUPS = not args.repeat_kv
     recyclegpt.model.FUSED_RMS_NORM = not args.manual_norm
+    recyclegpt.model.DECODE_KERNEL = not args.sdpa_decode
     cuda = torch.cuda.is_available()
     dev, dtype = (torch.device("cuda"), torch.bfloat16) if cuda else (torch.device("cpu"), torch.float32)
     if args.preset:
@@ -221,7 +225,8 @@ def run_profile(args) -> None:
     name = torch.cuda.get_device_name(dev) if cuda else "cpu (no graphs; kernels = top-level aten operators)"
     print(f"device: {name}  torch {torch.__version__}  model: "
           f"{args.preset or args.shape or args.model}  module layers: {model.module.cfg.n_layer}  compile: {args.compile}  "
-          f"attention backends: {args.sdpa or 'any'}  "
+          f"attention backends: {args.sdpa or 'any'}  decode attention: "
+          f"{'sdpa' if args.sdpa_decode or not triton_attention.available() else 'triton'}  "
           f"prompt {L}, attention over {kv_end} slots")
     print(f"{'part':<20} {'replay ms':>9} {'kernels':>8} {'kernel ms':>9} {'gap ms':>7} {'floor ms':>8}  by kind (ms)")
     for r in rows:
@@ -250,7 +255,7 @@ def run_profile(args) -> None:
                       "compile": args.compile, "compile_steps": args.compile_steps, "device": name,
                       "torch": torch.__version__, "recycle_step_bound": bound,
                       "bool_mask": args.bool_mask, "repeat_kv": args.repeat_kv, "manual_norm": args.manual_norm,
-                      "sdpa": args.sdpa,
+                      "sdpa": args.sdpa, "sdpa_decode": args.sdpa_decode,
                       "parts": [{k: v for k, v in r.items() if k not in ("top", "counts")} for r in rows]}))
 
 
