@@ -44,11 +44,10 @@ def test_decode_kernel_matches_sdpa_in_cached_calls(monkeypatch, kv_heads):
     cfg = dataclasses.replace(PRESETS["tiny"], d_model=64, n_head=4, n_kv_head=kv_heads)  # head_dim 16
     model = RecycleModel.build(cfg, RecycleConfig(n_layer=1)).cuda().eval()
     prompts = [[1, 2, 3, 4, 5, 6, 7], [9, 8], [7] * 11]
-    runs = {}
+    runs, real = {}, triton_attention.decode_attention
     for kernel in (True, False):
         monkeypatch.setattr(model_mod, "DECODE_KERNEL", kernel)
         seen = []
-        real = triton_attention.decode_attention
         monkeypatch.setattr(triton_attention, "decode_attention", lambda *a, **k: seen.append(1) or real(*a, **k))
         runs[kernel] = ([s(m, prompts, max_new_tokens=16).tokens for s, m in ((standard, model.base), (recycle, model))],
                         bool(seen))

@@ -64,6 +64,13 @@ def check_interpreted_cases() -> None:
     q, k, v, mask = make_inputs(1, 2, 4, 32, 40, 1)
     err = (decode_attention(q, k, v, mask, 0.3) - reference(q, k, v, mask, 0.3)).abs().max().item()
     assert err < 1e-4, err  # an explicit scale
+    # tokens: the output in the (B, T, H, D) layout, row g*T + t of KV head h at [t, h*groups + g]; merged or not
+    for B, Hkv, R, T, n_split in ((2, 3, 6, 2, None), (1, 2, 9, 3, 1), (1, 16, 2, 2, 4)):
+        inputs = make_inputs(B, Hkv, R, 64, 200, 1)
+        want = reference(*inputs, 0.125).view(B, Hkv, R // T, T, 64).permute(0, 3, 1, 2, 4)
+        out = decode_attention(*inputs, tokens=T, n_split=n_split)
+        assert out.shape == (B, T, Hkv * R // T, 64) and out.is_contiguous()
+        assert (out - want.reshape(out.shape)).abs().max().item() < 1e-4
 
     # the custom op under dynamo and AOT autograd (its fake gives the shape), on views of a mutated cache
     def attend(q, cache, pos, new, mask):

@@ -187,10 +187,9 @@ class Attention(nn.Module):
             q = q.reshape(B, Hkv, groups * T, D)
         elif groups > 1:
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        if folded and use_decode_kernel(q, mask, T):
-            y = triton_attention.decode_attention(q, k, v, mask)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        if folded and use_decode_kernel(q, mask, T):  # written as (B, T, H, D): no transpose to copy
+            return self.wo(triton_attention.decode_attention(q, k, v, mask, tokens=T).view(B, T, H * D))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
         return self.wo(y.reshape(B, H, T, D).transpose(1, 2).reshape(B, T, H * D))
 
 

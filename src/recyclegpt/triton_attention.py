@@ -40,8 +40,8 @@ if triton is not None:
 
     @triton.jit
     def _attn_kernel(Q, K, V, Mask, O, Acc, Mx, Sm,
-                     sqb, sqh, sqr, skb, skh, skn, svb, svh, svn, smb, smr,
-                     Hkv, R, L, per_split, n_rb, n_split, scale,
+                     sqb, sqh, sqr, skb, skh, skn, svb, svh, svn, smb, smr, sob, soh, sog, sot,
+                     Hkv, R, T, L, per_split, n_rb, n_split, scale,
                      D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
                      PRECISION: tl.constexpr):
         # grid ((b*Hkv + h)*n_rb + row block, KV range): BLOCK_R query rows against the range's slots [start, end)
@@ -83,14 +83,17 @@ if triton is not None:
             tl.store(Sm + part, l_i, mask=row_ok)
         else:  # every row has a visible slot, so l_i > 0 (padding rows have 0: divide them by 1, they are not stored)
             out = acc / tl.where(row_ok, l_i, 1.0)[:, None]
-            tl.store(O + (bh * R + rows)[:, None] * D + dims[None, :], out.to(O.dtype.element_ty),
-                     mask=row_ok[:, None])
+            # row g*T + t of KV head h: query head h*groups + g of token t, at the output's strides (`_out_layout`)
+            o = O + b * sob + h * soh + (rows // T) * sog + (rows % T) * sot
+            tl.store(o[:, None] + dims[None, :], out.to(O.dtype.element_ty), mask=row_ok[:, None])
 
     @triton.jit
-    def _merge_kernel(Acc, Mx, Sm, O, R, n_split, D: tl.constexpr, BLOCK_S: tl.constexpr):
+    def _merge_kernel(Acc, Mx, Sm, O, sob, soh, sog, sot, Hkv, R, T, n_split, D: tl.constexpr,
+                      BLOCK_S: tl.constexpr):
         # program bh*R + row: weigh each range's partials by exp2(its max - the overall max), sum, normalise
         pid = tl.program_id(0)
         bh, row = pid // R, pid % R
+        b, h = bh // Hkv, bh % Hkv
         splits = tl.arange(0, BLOCK_S)
         ok = splits < n_split
         part = (bh * n_split + splits) * R + row
@@ -99,7 +102,8 @@ if triton is not None:
         total = tl.sum(tl.load(Sm + part, mask=ok, other=0.0) * w, 0)
         acc = tl.load(Acc + part[:, None] * D + tl.arange(0, D)[None, :], mask=ok[:, None], other=0.0)
         out = tl.sum(acc * w[:, None], 0) / total
-        tl.store(O + pid * D + tl.arange(0, D), out.to(O.dtype.element_ty))
+        o = O + b * sob + h * soh + (row // T) * sog + (row % T) * sot
+        tl.store(o + tl.arange(0, D), out.to(O.dtype.element_ty))
 
     # triton.jit built interpreted functions if TRITON_INTERPRET was set when it ran (just now), whatever it is later
     _INTERPRETED = not isinstance(_attn_kernel, triton.runtime.jit.JITFunction)
@@ -119,9 +123,16 @@ def plan(B: int, Hkv: int, R: int, L: int, n_split: int = 0) -> tuple[int, int, 
     return block_r, triton.cdiv(L, per_split), per_split
 
 
+def _out_shape(q: torch.Tensor, tokens: int) -> tuple[int, ...]:
+    """(B, Hkv, R, D), or with tokens > 0 (B, tokens, Hkv * R // tokens, D): see `decode_attention`."""
+    B, Hkv, R, D = q.shape
+    return (B, Hkv, R, D) if tokens <= 0 else (B, tokens, Hkv * (R // tokens), D)
+
+
 def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
-                      n_split: int) -> torch.Tensor:
-    """The op's body: `decode_attention` with the scale given and n_split 0 for the heuristic's."""
+                      n_split: int, tokens: int) -> torch.Tensor:
+    """The op's body: `decode_attention` with the scale given, n_split 0 for the heuristic's and tokens 0 for the
+    (B, Hkv, R, D) output."""
     if not q.is_cuda and not _INTERPRETED:
         raise RuntimeError("decode_attention runs on CUDA tensors, or on the CPU under Triton's interpreter "
                            "(TRITON_INTERPRET=1 set before triton is imported)")
@@ -139,7 +150,13 @@ def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
 
     block_r, n_split, per_split = plan(B, Hkv, R, L, n_split)
     n_rb = triton.cdiv(R, block_r)
-    out = torch.empty((B, Hkv, R, D), dtype=q.dtype, device=q.device)
+    if tokens > 0 and R % tokens:
+        raise ValueError(f"decode_attention: {R} query rows are not a whole number of groups of {tokens} tokens")
+    T = tokens if tokens > 0 else R
+    out = torch.empty(_out_shape(q, tokens), dtype=q.dtype, device=q.device)
+    # strides of (batch row, KV head, head within its group, token): row g*T + t of KV head h lands there
+    so = (out.stride(0), out.stride(1), 0, out.stride(2)) if tokens <= 0 else \
+        (out.stride(0), (R // T) * D, D, out.stride(1))
     if n_split > 1:
         acc = torch.empty((B * Hkv, n_split, R, D), dtype=torch.float32, device=q.device)
         mx, sm = torch.empty((2, B * Hkv, n_split, R), dtype=torch.float32, device=q.device)
@@ -148,13 +165,13 @@ def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
     _attn_kernel[(B * Hkv * n_rb, n_split)](
         q, k, v, mask, out, acc, mx, sm,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), mask.stride(0), mask.stride(2),
-        Hkv, R, L, per_split, n_rb, n_split, scale,
+        v.stride(0), v.stride(1), v.stride(2), mask.stride(0), mask.stride(2), *so,
+        Hkv, R, T, L, per_split, n_rb, n_split, scale,
         D=D, BLOCK_R=block_r, BLOCK_N=BLOCK_N, SPLIT=n_split > 1,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 stays fp32; half types ignore it
         num_warps=4 if block_r * D <= 64 * 128 else 8)  # 8 for the largest tiles, whose fp32 acc would spill
     if n_split > 1:
-        _merge_kernel[(B * Hkv * R,)](acc, mx, sm, out, R, n_split, D=D,
+        _merge_kernel[(B * Hkv * R,)](acc, mx, sm, out, *so, Hkv, R, T, n_split, D=D,
                                       BLOCK_S=max(2, triton.next_power_of_2(n_split)), num_warps=4)
     return out
 
@@ -163,27 +180,34 @@ if triton is not None and hasattr(torch.library, "custom_op"):  # torch >= 2.4
     # an opaque op for torch.compile: dynamo and inductor see its fake (shape and dtype) and call it as it is
     _op = torch.library.custom_op(
         "recyclegpt::decode_attention", mutates_args=(),
-        schema="(Tensor q, Tensor k, Tensor v, Tensor mask, float scale, int n_split) -> Tensor")(_decode_attention)
+        schema="(Tensor q, Tensor k, Tensor v, Tensor mask, float scale, int n_split, int tokens) -> Tensor",
+    )(_decode_attention)
 
     @_op.register_fake
-    def _(q, k, v, mask, scale, n_split):
-        return q.new_empty(q.shape)
+    def _(q, k, v, mask, scale, n_split, tokens):
+        return q.new_empty(_out_shape(q, tokens))
 else:
     _op = _decode_attention
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
-                     scale: float | None = None, *, n_split: int | None = None) -> torch.Tensor:
-    """softmax(q k^T * scale + mask) v for a few query rows, accumulated in fp32; returns (B, Hkv, R, D) in q's dtype.
+                     scale: float | None = None, *, n_split: int | None = None,
+                     tokens: int | None = None) -> torch.Tensor:
+    """softmax(q k^T * scale + mask) v for a few query rows, accumulated in fp32; returns (B, Hkv, R, D) (or see
+    `tokens`) in q's dtype.
 
     q: (B, Hkv, R, D), query rows per KV head (grouped-query heads folded into rows); last dim contiguous.
     k, v: (B, Hkv, L, D), typically views cache[layer, :, :, :L] of the static cache, read in place.
     mask: additive, (B or 1, 1, R, L): 0 visible, -inf masked; every row must see at least one slot.
     scale: default 1/sqrt(D). n_split: KV ranges per (batch row, KV head); default from the shapes (`plan`).
+    tokens: T, when the rows are T tokens per query head (row g*T + t: token t of the group's g-th head); the output
+    is then (B, T, Hkv * R // T, D), the layout the output projection reads, so that the usual transpose from
+    (B, H, T, D) is written by the kernel instead of copied after it (a kernel a layer for T > 1).
     """
     if triton is None:
         raise RuntimeError("decode_attention needs triton (see available())")
     # the op for torch.compile; eagerly (and so in CUDA graphs of eager calls) the body, without the dispatcher's
     # per-call overhead
     fn = _op if torch.compiler.is_compiling() else _decode_attention
-    return fn(q, k, v, mask, 1 / math.sqrt(q.shape[-1]) if scale is None else float(scale), n_split or 0)
+    return fn(q, k, v, mask, 1 / math.sqrt(q.shape[-1]) if scale is None else float(scale), n_split or 0,
+              tokens or 0)
