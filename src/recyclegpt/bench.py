@@ -180,8 +180,8 @@ def time_strategies(lm: RecycleGPT, ids: list[list[int]], strategies: Sequence[s
                     ignore_eos: bool, warmup: int = 1, batch_size: int = 1, engine: str = "auto",
                     hf: dict | None = None, log: Callable[[str], None] | None = None,
                     draft: dict | None = None) -> dict[str, StrategyRun]:
-    """Warm each strategy up (untimed: a whole run of the first batch, two tokens of every other), then run them
-    greedily on every batch of prompts, interleaved batch by batch. `hf` maps HF strategy names to their
+    """Warm each strategy up (untimed: a whole run of the first batch, and of every other with the graph engines,
+    else two tokens of each), then run them greedily on every batch of prompts, interleaved batch by batch. `hf` maps HF strategy names to their
     `hf_baselines.HFBaseline` (batch 1 only)."""
     log = log or (lambda line: None)
     hf = hf or {}
@@ -202,14 +202,20 @@ def time_strategies(lm: RecycleGPT, ids: list[list[int]], strategies: Sequence[s
         if runs is not None:
             runs[s].add(gen, mem.mb)
 
+    # the graph engines capture (and compile) a graph per step kind, attention bucket and padded prompt length when
+    # first met: their warm-up runs every batch to the end, so that no capture lands in the timed runs (a prompt
+    # longer than the first reaches buckets the first never did). Other strategies: the first batch whole, two
+    # tokens of every other (HF's eager `generate` at ~30 tok/s would double the bench otherwise)
+    graphs = lm.resolve_engine(engine) in ("graphs", "compiled")
     for s in strategies:
         if warmup:  # with a compiled engine this takes minutes: say which strategy is compiling
             log(f"warm-up: {s}")
-        for _ in range(warmup):  # the warm-up also captures the engine's graphs for the first buckets
+        for _ in range(warmup):
             run(s, batches[0], max_new_tokens, None)
-        if warmup:  # and every prompt's first steps: the engine captures a prefill graph per padded prompt length
+        if warmup:
+            whole = graphs and s not in HF_STRATEGIES
             for batch in batches[1:]:
-                run(s, batch, 2, None)
+                run(s, batch, max_new_tokens if whole else 2, None)
     runs = {s: StrategyRun(s) for s in strategies}
     for k, batch in enumerate(batches, 1):
         log(f"batch {k}/{len(batches)}" if batch_size > 1 else f"prompt {k}/{len(batches)}")
