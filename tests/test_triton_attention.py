@@ -129,5 +129,49 @@ def test_cuda_bf16_graph_and_compile():
     check(attend(*inputs), *inputs)
 
 
+def check_model_integration() -> None:
+    """Run under TRITON_INTERPRET=1: a model's cached calls through the kernel (use_decode_kernel allowed on the CPU
+    here) give SDPA's logits and the same decoded tokens, with and without grouped-query heads."""
+    import dataclasses
+
+    import recyclegpt.model as model_mod
+    from recyclegpt.config import PRESETS, RecycleConfig
+    from recyclegpt.decoding import recycle, standard
+
+    calls = []
+    allowed = model_mod.use_decode_kernel
+
+    def on_cpu_too(q, mask, T):
+        ok = model_mod.DECODE_KERNEL and T <= model_mod.FOLD_MAX_TOKENS and mask.is_floating_point()
+        calls.append(ok)
+        return ok
+
+    model_mod.use_decode_kernel = on_cpu_too
+    try:
+        for kv_heads in (4, 2):
+            torch.manual_seed(0)
+            cfg = dataclasses.replace(PRESETS["tiny"], d_model=64, n_head=4, n_kv_head=kv_heads)  # head_dim 16
+            model = model_mod.RecycleModel.build(cfg, RecycleConfig(n_layer=1)).eval()
+            x = torch.randint(0, cfg.vocab_size, (2, 14))
+            pad = torch.tensor([0, 4])
+            got = {}
+            for kernel in (True, False):
+                model_mod.DECODE_KERNEL = kernel
+                cache = model.base.new_cache(2, 32)
+                with torch.no_grad():
+                    model.base(x[:, :9], input_pos=torch.arange(9), cache=cache, pad=pad, kv_end=32)
+                    logits = model.base(x[:, 9:], input_pos=torch.arange(9, 14), cache=cache, pad=pad,
+                                        kv_end=32).logits
+                prompts = [[1, 2, 3, 4, 5, 6, 7], [9, 8]]
+                got[kernel] = (logits, standard(model.base, prompts, max_new_tokens=6).tokens,
+                               recycle(model, prompts, max_new_tokens=6).tokens)
+            assert (got[True][0] - got[False][0]).abs().max().item() < 1e-4
+            assert got[True][1:] == got[False][1:]
+    finally:
+        model_mod.use_decode_kernel, model_mod.DECODE_KERNEL = allowed, True
+    assert any(calls) and not all(calls)  # the kernel ran, and the SDPA runs did not use it
+
+
 if __name__ == "__main__":
     check_interpreted_cases()
+    check_model_integration()
