@@ -61,6 +61,21 @@ def test_bench_json(tiny_ckpt, capsys):
     assert rep["speedup_vs_hf_eager"] == {}  # no HF run asked for
 
 
+def test_kv_bucket_reaches_the_engine_and_keeps_the_tokens(tiny_ckpt, capsys, monkeypatch):
+    from recyclegpt import engine
+
+    _, _, ckpt = tiny_ckpt
+    buckets = []
+    init = engine.Engine.__init__
+    monkeypatch.setattr(engine.Engine, "__init__", lambda self, *a, **k: buckets.append(k["bucket"]) or init(self, *a, **k))
+    tokens = []
+    for extra in ([], ["--kv-bucket", "16"]):
+        assert main(["generate", "--model", str(ckpt), "--max-new-tokens", "20", "--json", "--engine", "static",
+                     "--strategy", "speculative", *extra, "the quick"]) == 0
+        tokens.append(last_json(capsys)["token_ids"])
+    assert buckets == [engine.KV_BUCKET, 16] and tokens[0] == tokens[1]
+
+
 def test_lossless_strategies_from_the_cli(tiny_ckpt, capsys, tmp_path):
     _, _, ckpt = tiny_ckpt
     assert main(["generate", "--model", str(ckpt), "--max-new-tokens", "12", "--json", "the quick"]) == 0
