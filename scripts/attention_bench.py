@@ -1,12 +1,15 @@
 """Decode attention on the GPU: torch's SDPA with an additive mask against the Triton kernel (triton_attention).
 
     python scripts/attention_bench.py [--shapes 1.3b smollm2 7b] [--calls 20] [--reps 100] [--bandwidth 3.35e12]
+                                      [--splits 1,2,4,8]
 
 Each case is one layer's attention of a cached decode call: R query rows (GQA heads folded into rows) over L
 slots of a static cache, k and v being views cache[layer, :, :, :L] of a 5-D buffer, as in the model. Each
 implementation is captured in a CUDA graph of --calls back-to-back calls, replayed --reps times between CUDA events;
 the time is per call. The floor is the K and V bytes over --bandwidth (H100 SXM's by default). The error is the
-Triton output's max abs difference from SDPA's, both in --dtype. A table, then one JSON line.
+Triton output's max abs difference from SDPA's, both in --dtype. --splits also times the kernel with each of these
+numbers of KV ranges forced (the heuristic's choice is the `split` column): the data for tuning `plan`. A table,
+then one JSON line.
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ def graph_time(fn, *, calls: int, reps: int) -> float:
 
 
 def case(B: int, Hkv: int, D: int, R: int, L: int, *, dtype: torch.dtype, calls: int, reps: int,
-         bandwidth: float) -> dict:
+         bandwidth: float, splits: tuple[int, ...] = ()) -> dict:
     g = torch.Generator(device="cuda").manual_seed(0)
     cache = torch.randn(2, 2, B, Hkv, L + 256, D, device="cuda", dtype=dtype, generator=g)  # (k|v, layer, ...)
     k, v = cache[0, 1, :, :, :L], cache[1, 1, :, :, :L]
@@ -72,7 +75,9 @@ def case(B: int, Hkv: int, D: int, R: int, L: int, *, dtype: torch.dtype, calls:
             "n_split": triton_attention.plan(B, Hkv, R, L)[1],
             "floor_us": 2 * k.numel() * k.element_size() / bandwidth * 1e6,
             "sdpa_us": graph_time(sdpa, calls=calls, reps=reps),
-            "triton_us": graph_time(kernel, calls=calls, reps=reps), "max_err": err}
+            "triton_us": graph_time(kernel, calls=calls, reps=reps), "max_err": err,
+            "split_us": {n: graph_time(lambda n=n: triton_attention.decode_attention(q, k, v, mask, n_split=n),
+                                       calls=calls, reps=reps) for n in splits}}
 
 
 def main() -> None:
@@ -82,7 +87,14 @@ def main() -> None:
     p.add_argument("--calls", type=int, default=20, help="calls captured in one CUDA graph")
     p.add_argument("--reps", type=int, default=100, help="timed replays of the graph")
     p.add_argument("--bandwidth", type=float, default=3.35e12, help="memory bandwidth for the floor, bytes/s")
+    p.add_argument("--splits", default="", help="comma-separated KV-range counts to time the kernel with as well")
     args = p.parse_args()
+    try:
+        splits = tuple(int(n) for n in args.splits.split(",") if n.strip())
+    except ValueError:
+        raise SystemExit(f"--splits takes comma-separated integers, got {args.splits!r}") from None
+    if any(n < 1 for n in splits):
+        raise SystemExit(f"--splits must be positive, got {args.splits!r}")
     if not torch.cuda.is_available() or not triton_attention.available():
         raise SystemExit("attention_bench needs a CUDA device and triton")
 
@@ -95,11 +107,11 @@ def main() -> None:
         for R in rs:
             for L in ls:
                 r = {"shape": name, **case(B, Hkv, D, R, L, dtype=getattr(torch, args.dtype), calls=args.calls,
-                                           reps=args.reps, bandwidth=args.bandwidth)}
+                                           reps=args.reps, bandwidth=args.bandwidth, splits=splits)}
                 rows.append(r)
                 print(f"{name:8} {B:>2} {Hkv:>3} {D:>4} {R:>3} {L:>5} {r['n_split']:>5} {r['floor_us']:>6.2f} "
                       f"{r['sdpa_us']:>7.2f} {r['triton_us']:>7.2f} {r['sdpa_us'] / r['triton_us']:>6.2f}x "
-                      f"{r['max_err']:>8.1e}")
+                      f"{r['max_err']:>8.1e}" + "".join(f"  {n}: {us:.2f}" for n, us in r["split_us"].items()))
     print(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "dtype": args.dtype,
                       "calls": args.calls, "reps": args.reps, "results": rows}))
 
