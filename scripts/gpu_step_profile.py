@@ -227,7 +227,7 @@ def run_profile(args) -> None:
     print(f"device: {name}  torch {torch.__version__}  model: "
           f"{args.preset or args.shape or args.model}  module layers: {model.module.cfg.n_layer}  compile: {args.compile}  "
           f"attention backends: {args.sdpa or 'any'}  decode attention: "
-          f"{'sdpa' if args.sdpa_decode or not triton_attention.available() else 'triton'}  "
+          f"{'triton' if cuda and triton_attention.available() and not args.sdpa_decode else 'sdpa'}  "
           f"prompt {L}, attention over {kv_end} slots")
     print(f"{'part':<20} {'replay ms':>9} {'kernels':>8} {'kernel ms':>9} {'gap ms':>7} {'floor ms':>8}  by kind (ms)")
     for r in rows:

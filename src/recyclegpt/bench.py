@@ -181,8 +181,8 @@ def time_strategies(lm: RecycleGPT, ids: list[list[int]], strategies: Sequence[s
                     hf: dict | None = None, log: Callable[[str], None] | None = None,
                     draft: dict | None = None) -> dict[str, StrategyRun]:
     """Warm each strategy up (untimed: a whole run of the first batch, and of every other with the graph engines,
-    else two tokens of each), then run them greedily on every batch of prompts, interleaved batch by batch. `hf` maps HF strategy names to their
-    `hf_baselines.HFBaseline` (batch 1 only)."""
+    else two tokens of each), then run them greedily on every batch of prompts, interleaved batch by batch. `hf`
+    maps HF strategy names to their `hf_baselines.HFBaseline` (batch 1 only)."""
     log = log or (lambda line: None)
     hf = hf or {}
     batches = [ids[i:i + batch_size] for i in range(0, len(ids), batch_size)]
