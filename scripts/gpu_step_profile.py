@@ -22,7 +22,7 @@ from collections import defaultdict
 
 import torch
 
-from recyclegpt import triton_attention
+from recyclegpt import topk, triton_attention
 from recyclegpt.api import RecycleGPT
 from recyclegpt.bench import random_model
 from recyclegpt.config import PRESETS, RecycleConfig
@@ -52,7 +52,7 @@ def kind_of(name: str) -> str:
     return "other"
 
 
-def kernels(fn, reps: int) -> tuple[int, float, dict[str, float], list[tuple[str, float]], dict[str, float]]:
+def kernels(fn, reps: int, n_top: int = 8) -> tuple[int, float, dict[str, float], list[tuple[str, float]], dict[str, float]]:
     """Run fn `reps` times eagerly under the profiler: kernels per call, their GPU ms per call, ms by kind, top names
     and the count per call of each name."""
     from torch.profiler import ProfilerActivity, profile
@@ -65,7 +65,7 @@ def kernels(fn, reps: int) -> tuple[int, float, dict[str, float], list[tuple[str
         for e in prof.events():
             if e.cpu_parent is None and e.name.startswith("aten::") and e.name[6:] not in VIEWS:
                 ops[e.name] += 1
-        top = sorted(ops.items(), key=lambda kv: -kv[1])[:8]
+        top = sorted(ops.items(), key=lambda kv: -kv[1])[:n_top]
         return (sum(ops.values()) // reps, 0.0, {}, [(n, c / reps) for n, c in top],
                 {n: c / reps for n, c in ops.items()})
     torch.cuda.synchronize()
@@ -87,7 +87,7 @@ def kernels(fn, reps: int) -> tuple[int, float, dict[str, float], list[tuple[str
         by_name[e.name[:90]] += us
         count_of[e.name[:90]] += 1
     per = 1000.0 * reps
-    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:8]
+    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:n_top]
     return (count // reps, total / per, {k: v / per for k, v in sorted(by_kind.items())},
             [(n, v / per) for n, v in top], {n: c / reps for n, c in count_of.items()})
 
@@ -139,6 +139,9 @@ def main() -> None:
                     help="RMSNorm spelled out in five operators instead of F.rms_norm (an A/B check of that change)")
     ap.add_argument("--sdpa-decode", action="store_true",
                     help="cached calls attend with SDPA, not the Triton decode kernel (an A/B check of that kernel)")
+    ap.add_argument("--torch-topk", action="store_true",
+                    help="the tree drafts with torch.topk and torch.sort, not the sort-free selection (an A/B check)")
+    ap.add_argument("--top", type=int, default=8, help="kernel names listed per part, by GPU time")
     ap.add_argument("--sdpa", default=None,
                     help="attention backends allowed, comma-separated from cudnn, flash, efficient, math "
                          "(default: all, PyTorch's choice)")
@@ -158,6 +161,7 @@ def run_profile(args) -> None:
     recyclegpt.model.FOLD_GROUPS = not args.repeat_kv
     recyclegpt.model.FUSED_RMS_NORM = not args.manual_norm
     recyclegpt.model.DECODE_KERNEL = not args.sdpa_decode
+    topk.SORT_FREE = "never" if args.torch_topk else "cuda"
     cuda = torch.cuda.is_available()
     dev, dtype = (torch.device("cuda"), torch.bfloat16) if cuda else (torch.device("cpu"), torch.float32)
     if args.preset:
@@ -217,7 +221,7 @@ def run_profile(args) -> None:
         for name, fn in parts.items():
             graph = dec._capture(fn) if cuda else fn
             ms = replay_ms(graph, args.reps, reset)
-            n, gpu_ms, by_kind, top, counts = kernels(fn, 20)
+            n, gpu_ms, by_kind, top, counts = kernels(fn, 20, args.top)
             reset()
             floor = floors.get(name)
             rows.append({"part": name, "replay_ms": ms, "kernels": n, "kernel_ms": gpu_ms,
@@ -228,6 +232,7 @@ def run_profile(args) -> None:
           f"{args.preset or args.shape or args.model}  module layers: {model.module.cfg.n_layer}  compile: {args.compile}  "
           f"attention backends: {args.sdpa or 'any'}  decode attention: "
           f"{'triton' if cuda and triton_attention.available() and not args.sdpa_decode else 'sdpa'}  "
+          f"tree top-k: {'torch' if args.torch_topk else 'sort-free'}  "
           f"prompt {L}, attention over {kv_end} slots")
     print(f"{'part':<20} {'replay ms':>9} {'kernels':>8} {'kernel ms':>9} {'gap ms':>7} {'floor ms':>8}  by kind (ms)")
     for r in rows:
@@ -256,7 +261,7 @@ def run_profile(args) -> None:
                       "compile": args.compile, "compile_steps": args.compile_steps, "device": name,
                       "torch": torch.__version__, "recycle_step_bound": bound,
                       "bool_mask": args.bool_mask, "repeat_kv": args.repeat_kv, "manual_norm": args.manual_norm,
-                      "sdpa": args.sdpa, "sdpa_decode": args.sdpa_decode,
+                      "sdpa": args.sdpa, "sdpa_decode": args.sdpa_decode, "torch_topk": args.torch_topk,
                       "parts": [{k: v for k, v in r.items() if k not in ("top", "counts")} for r in rows]}))
 
 

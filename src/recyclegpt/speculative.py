@@ -38,6 +38,7 @@ import torch
 from .decoding import Collector, DecodeResult, DecodeStats, PromptBatch, StreamFn, _slots, _sync, check_budget
 from .model import KVCache, RecycleModel, Tree, prefill_attention
 from .sampling import SamplingParams, draw, logits_to_probs, sample
+from .topk import best_in_order, top_k
 from .verify import verify_chain, verify_tree
 
 
@@ -228,6 +229,12 @@ def tree_attention(pad: torch.Tensor | None, p, positions: torch.Tensor, sees: t
     return Tree(positions - (pad[:, None] if pad is not None else 0), mask[:, None])
 
 
+def _top_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k most likely tokens under logits (..., V): (log-probabilities, ids), most likely first."""
+    values, ids = top_k(logits, k)
+    return values.float() - torch.logsumexp(logits.float(), -1, keepdim=True), ids
+
+
 def draft_tree(recycle_fn, mcache: KVCache, pad: torch.Tensor | None, p, kv_end: int, state: torch.Tensor,
                logits: torch.Tensor, shape: TreeShape) -> TreeDraft:
     """Expand a draft tree with the module (EAGLE-2's dynamic tree).
@@ -242,10 +249,10 @@ def draft_tree(recycle_fn, mcache: KVCache, pad: torch.Tensor | None, p, kv_end:
     D, k, N = shape
     B, dev = logits.shape[0], logits.device
     ar = torch.arange(k, device=dev)
-    top = torch.log_softmax(logits.float(), -1).topk(k, dim=-1)
+    top_logp, top_ids = _top_logprobs(logits, k)
     # candidates in creation order (parents before children): token, score, parent (-1: root), depth, and the
     # ancestor-or-self flags over all candidates; the frontier is the k candidates expanded next
-    tok, score = [top.indices], [top.values]
+    tok, score = [top_ids], [top_logp]
     parent = [torch.full((B, k), -1, dtype=torch.long, device=dev)]
     depth = [torch.ones(k, dtype=torch.long, device=dev)]
     M_max = k + (D - 1) * k * k
@@ -262,18 +269,18 @@ def draft_tree(recycle_fn, mcache: KVCache, pad: torch.Tensor | None, p, kv_end:
         positions = (p + level - 1) + torch.zeros(B, k, dtype=torch.long, device=dev)
         out = recycle_fn(front_state, front_tok, input_pos=p + (level - 1) * k + ar, cache=mcache, kv_end=kv_end,
                          tree=tree_attention(pad, p, positions, front_sees, kv_end), draft=True)
-        child = torch.log_softmax(out.logits.float(), -1).topk(k, dim=-1)  # (B, k, k)
-        cand_score = (torch.cat(score, 1).gather(1, front)[..., None] + child.values).reshape(B, k * k)
+        child_logp, child_ids = _top_logprobs(out.logits, k)  # (B, k, k)
+        cand_score = (torch.cat(score, 1).gather(1, front)[..., None] + child_logp).reshape(B, k * k)
         cand_parent = front[..., None].expand(B, k, k).reshape(B, k * k)
         ids = torch.arange(M, M + k * k, device=dev)
         anc[:, ids] = anc.gather(1, cand_parent[..., None].expand(B, k * k, M_max))
         anc[:, ids, ids] = true
-        tok.append(child.indices.reshape(B, k * k))
+        tok.append(child_ids.reshape(B, k * k))
         score.append(cand_score)
         parent.append(cand_parent)
         depth.append(torch.full((k * k,), level + 1, dtype=torch.long, device=dev))
         # the next frontier: the k best new candidates, each seeing its parent's expansion slots and its own
-        best = cand_score.topk(k, dim=-1).indices  # (B, k), into the k*k new candidates
+        best = top_k(cand_score, k)[1]  # (B, k), into the k*k new candidates
         from_slot = best // k  # the parent's place in this level's frontier (= its expansion slot)
         front_sees = torch.cat((front_sees.gather(1, from_slot[..., None].expand(B, k, front_sees.shape[-1])), own),
                                dim=-1)
@@ -281,9 +288,9 @@ def draft_tree(recycle_fn, mcache: KVCache, pad: torch.Tensor | None, p, kv_end:
         front = M + best
         M += k * k
     tok, score, parent, depth = torch.cat(tok, 1), torch.cat(score, 1), torch.cat(parent, 1), torch.cat(depth)
-    # keep the best N; scores never rise along a path and a stable sort puts a parent before an equal-scored child,
-    # so the kept set is closed under ancestors
-    keep = torch.sort(score, dim=-1, descending=True, stable=True).indices[:, :N].sort(dim=-1).values  # (B, N)
+    # keep the best N; scores never rise along a path and ties go to the lower index (a parent before an
+    # equal-scored child), so the kept set is closed under ancestors
+    keep = best_in_order(score, N)  # (B, N)
     where = torch.full((B, M), -1, dtype=torch.long, device=dev)  # candidate -> its index among the kept
     where.scatter_(1, keep, torch.arange(N, device=dev).expand(B, N))
     k_parent = parent.gather(1, keep)

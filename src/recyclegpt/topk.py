@@ -1,0 +1,91 @@
+"""Top-k selection without sort kernels, for the draft tree's inner loop on CUDA.
+
+`torch.topk` over a 49,152-token vocabulary runs a multi-pass radix select: several kernels per call, which torch.compile
+cannot fuse (it calls aten's). A draft-tree round makes five topk calls and two sorts; on the H100 the round's
+kernels of kind "other" (neither matmul, attention, inductor's nor copies: where aten's topk and sort fall) took
+0.23 ms of its 1.95 ms (seventh session's profile). Here the same selection is written as comparisons and
+reductions, which inductor fuses into a few kernels:
+
+- `stable_rank`: each element's place in a stable descending sort (an all-pairs count, n^2 per row: for small n).
+- `top_k_small`: the k best of a short row, from their ranks.
+- `top_k_chunked`: for a long row, the k best chunk maxima first, then the k best of those k chunks. The k largest
+  values all lie in the k chunks with the largest maxima (ties included), so the values are exactly torch.topk's.
+- `best_in_order`: the k best of a short row in index order (the tree keeps its best N candidates that way).
+
+Rows are the last dimension. Ties are broken towards the lower index in `stable_rank` and `top_k_small`; within
+`top_k_chunked` towards the better-ranked chunk. Indices are always distinct, which the tree's verification needs
+(siblings carry distinct tokens). `top_k` and `best_in_order` take the sort-free path on CUDA (`SORT_FREE`) and
+torch's sort and topk elsewhere, where those are single fast calls; rows too long to rank whole whose length is not
+a multiple of `CHUNK` also use `torch.topk`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+SMALL = 1024  # rows up to this long are ranked whole (n^2 comparisons); longer ones are chunked
+CHUNK = 128
+SORT_FREE = "cuda"  # "cuda": the sort-free path on CUDA tensors only; "always"; "never" (torch.topk everywhere)
+
+
+def stable_rank(x: torch.Tensor) -> torch.Tensor:
+    """(..., n) -> (..., n) int64: each element's position in a stable descending sort of its row."""
+    n = x.shape[-1]
+    idx = torch.arange(n, device=x.device)
+    xi, xj = x[..., :, None], x[..., None, :]
+    ahead = (xj > xi) | ((xj == xi) & (idx[None, :] < idx[:, None]))  # j sorts before i
+    return ahead.sum(-1)
+
+
+def _pick(rank: torch.Tensor, k: int) -> torch.Tensor:
+    """The indices (..., k) of the elements ranked 0..k-1, by rank. Each of those ranks must occur once in a row
+    (then each sum has one non-zero term)."""
+    n = rank.shape[-1]
+    idx = torch.arange(n, device=rank.device)
+    q = torch.arange(k, device=rank.device)
+    return ((rank[..., None, :] == q[:, None]) * idx).sum(-1)
+
+
+def top_k_small(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest of each row (values, indices), largest first, ties to the lower index."""
+    ind = _pick(stable_rank(x), k)
+    return x.gather(-1, ind), ind
+
+
+def top_k_chunked(x: torch.Tensor, k: int, chunk: int = CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest of each long row (values, indices), largest first. The row length must be a multiple of
+    `chunk`, with at least k chunks."""
+    n = x.shape[-1]
+    if n % chunk or n < k * chunk:
+        raise ValueError(f"rows of {n} are not at least {k} whole chunks of {chunk}")
+    c = x.unflatten(-1, (-1, chunk))  # (..., n_chunks, chunk)
+    _, best = top_k_small(c.amax(-1), k)  # (..., k) chunk ids
+    cand = c.gather(-2, best[..., None].expand(*best.shape, chunk)).flatten(-2)  # (..., k * chunk)
+    values, j = top_k_small(cand, k)
+    return values, best.gather(-1, j // chunk) * chunk + j % chunk
+
+
+def top_k(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, indices) of the k largest along the last dimension, largest first, indices distinct."""
+    if k > x.shape[-1]:
+        raise ValueError(f"top-k of {k} from rows of {x.shape[-1]}")
+    n = x.shape[-1]
+    if _sort_free(x) and n <= SMALL:
+        return top_k_small(x, k)
+    if _sort_free(x) and n % CHUNK == 0 and n >= k * CHUNK:
+        return top_k_chunked(x, k)
+    top = x.topk(k, dim=-1)
+    return top.values, top.indices
+
+
+def best_in_order(score: torch.Tensor, k: int) -> torch.Tensor:
+    """The indices (..., k) of each row's k largest scores, in ascending index order; ties to the lower index."""
+    if not _sort_free(score) or score.shape[-1] > SMALL:
+        return torch.sort(score, dim=-1, descending=True, stable=True).indices[..., :k].sort(dim=-1).values
+    kept = stable_rank(score) < k
+    place = kept.long().cumsum(-1) - 1  # a kept element's place among the kept, in index order
+    return _pick(torch.where(kept, place, k), k)
+
+
+def _sort_free(x: torch.Tensor) -> bool:
+    return SORT_FREE == "always" or (SORT_FREE == "cuda" and x.is_cuda)

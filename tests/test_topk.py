@@ -1,0 +1,84 @@
+"""The sort-free top-k selection (recyclegpt.topk) against torch.topk and torch.sort, and the draft tree built with it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from recyclegpt import topk
+from recyclegpt.decoding import standard
+from recyclegpt.speculative import TreeShape, tree
+from test_speculative import predictable, prompts_for
+
+
+@pytest.fixture
+def sort_free(monkeypatch):
+    monkeypatch.setattr(topk, "SORT_FREE", "always")
+
+
+@pytest.mark.parametrize("shape,k", [((3, 7), 1), ((2, 5, 50), 4), ((4, 1024), 8), ((2, 3, 4096), 4), ((1, 49152), 4)])
+def test_top_k_equals_torch_topk_on_distinct_values(sort_free, shape, k):
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(k))
+    values, ids = topk.top_k(x, k)
+    want = x.topk(k, dim=-1)
+    assert torch.equal(values, want.values) and torch.equal(ids, want.indices)
+
+
+@pytest.mark.parametrize("n", [40, 2048])
+def test_top_k_with_ties_and_minus_inf_keeps_indices_distinct(sort_free, n):
+    g = torch.Generator().manual_seed(n)
+    x = torch.randint(0, 4, (6, n), generator=g).float()  # many ties
+    x[0] = 1.0  # a row of one value
+    x[1] = float("-inf")
+    x[1, [5, n - 1]] = 2.0  # fewer finite values than k
+    k = 5
+    values, ids = topk.top_k(x, k)
+    assert torch.equal(values, x.topk(k, dim=-1).values)  # the same multiset, largest first
+    assert torch.equal(x.gather(-1, ids), values)
+    assert all(len(set(row.tolist())) == k for row in ids)
+    if n <= topk.SMALL:  # ranked whole: ties go to the lower index, as in a stable sort
+        want = torch.sort(x, dim=-1, descending=True, stable=True).indices[:, :k]
+        assert torch.equal(ids, want)
+
+
+def test_chunks_are_exact_where_the_top_values_share_a_chunk(sort_free):
+    x = torch.full((1, 1024 * 4), -5.0)
+    x[0, 130:134] = torch.tensor([9.0, 8.0, 7.0, 6.0])  # all four in chunk 1
+    x[0, 0] = 5.0
+    values, ids = topk.top_k_chunked(x, 4)
+    assert ids.tolist() == [[130, 131, 132, 133]] and values.tolist() == [[9.0, 8.0, 7.0, 6.0]]
+
+
+def test_best_in_order_equals_a_stable_sort(sort_free):
+    g = torch.Generator().manual_seed(0)
+    for n, k in [(10, 3), (52, 16), (76, 24)]:
+        score = torch.randint(-6, 0, (5, n), generator=g).float()  # ties everywhere
+        want = torch.sort(score, dim=-1, descending=True, stable=True).indices[:, :k].sort(dim=-1).values
+        assert torch.equal(topk.best_in_order(score, k), want)
+
+
+def test_stable_rank_is_a_stable_descending_sort():
+    x = torch.tensor([[3.0, 1.0, 3.0, float("-inf"), 2.0, float("-inf")]])
+    assert topk.stable_rank(x).tolist() == [[0, 3, 1, 4, 2, 5]]
+
+
+def test_bad_requests_are_clear_errors():
+    with pytest.raises(ValueError, match="top-k of 5 from rows of 4"):
+        topk.top_k(torch.zeros(2, 4), 5)
+    with pytest.raises(ValueError, match="whole chunks"):
+        topk.top_k_chunked(torch.zeros(2, 1000), 4)
+
+
+@pytest.mark.parametrize("vocab", [97, 2048])  # 2048: past SMALL, so the vocabulary is chunked
+def test_the_tree_drafts_the_same_with_either_selection(monkeypatch, vocab):
+    """The sort-free path drafts the very trees torch's topk and sort did (random scores: no ties), so rounds accept
+    the same lengths; and the output is standard's."""
+    model = predictable(2, 0.05, vocab=vocab)
+    prompts = prompts_for(2, 3, vocab)
+    runs = {}
+    for mode in ("never", "always"):
+        monkeypatch.setattr(topk, "SORT_FREE", mode)
+        runs[mode] = tree(model, prompts, max_new_tokens=24, shape=TreeShape(4, 3, 10))
+    assert runs["always"].tokens == runs["never"].tokens == standard(model.base, prompts, max_new_tokens=24).tokens
+    assert runs["always"].stats.accept_hist == runs["never"].stats.accept_hist
+    assert sum(runs["always"].stats.accept_hist[1:]) > 0
