@@ -51,11 +51,12 @@ class TreeShape(NamedTuple):
     """A draft tree: `depth` levels below the pending token, `topk` children per expanded node and `topk` nodes
     expanded per level, and the best `nodes` (by cumulative draft log-probability) sent to the full model."""
 
-    # defaults: (3, 4, 10) was best of six shapes in the H100 sweep with the v2 module (1.66x) and (4, 4, 16) next
-    # (1.61x); the deeper one is the default for the rollout-trained v3 module (BENCHMARKS.md, issue 5)
-    depth: int = 4
+    # defaults: best of eight shapes in the ninth session's H100 sweep (v3 module, compiled whole rounds, sort-free
+    # top-k, 20 prompts of four sets): (5, 4, 24) 1.93x, (5, 4, 20) 1.92x, (5, 4, 32) 1.91x, (5, 6, 32) 1.89x,
+    # (5, 8, 40) 1.87x, (6, 4, 32) 1.84x, (6, 5, 32) 1.83x, (4, 4, 16) 1.82x (BENCHMARKS.md, issue 5)
+    depth: int = 5
     topk: int = 4
-    nodes: int = 16
+    nodes: int = 24
 
     def check(self) -> "TreeShape":
         for name, v in self._asdict().items():
