@@ -83,7 +83,11 @@ def best_in_order(score: torch.Tensor, k: int) -> torch.Tensor:
     if not _sort_free(score) or score.shape[-1] > SMALL:
         return torch.sort(score, dim=-1, descending=True, stable=True).indices[..., :k].sort(dim=-1).values
     kept = stable_rank(score) < k
-    place = kept.long().cumsum(-1) - 1  # a kept element's place among the kept, in index order
+    n = score.shape[-1]
+    idx = torch.arange(n, device=score.device)
+    # a kept element's place among the kept, in index order: the kept before it (a sum, not cumsum: inductor falls
+    # back to aten for cumsum on the CPU, and a reduction fuses)
+    place = (kept[..., None, :] & (idx[None, :] < idx[:, None])).sum(-1)
     return _pick(torch.where(kept, place, k), k)
 
 
