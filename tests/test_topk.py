@@ -82,3 +82,26 @@ def test_the_tree_drafts_the_same_with_either_selection(monkeypatch, vocab):
     assert runs["always"].tokens == runs["never"].tokens == standard(model.base, prompts, max_new_tokens=24).tokens
     assert runs["always"].stats.accept_hist == runs["never"].stats.accept_hist
     assert sum(runs["always"].stats.accept_hist[1:]) > 0
+
+
+@pytest.mark.parametrize("mode", ["cuda", "always"])  # on the CPU: torch.topk, then the sort-free path
+@pytest.mark.parametrize("draft_vocab", [False, True])
+def test_draft_top_equals_the_top_of_the_draft_logits(monkeypatch, draft_vocab, mode):
+    """RecycleModel.draft_top searches the draft vocabulary's logits directly; it must give the tokens and
+    log-probabilities that the top-k of log_softmax(draft_logits) (V wide, -inf outside the vocabulary) gives."""
+    from recyclegpt.train import add_draft_vocab
+
+    monkeypatch.setattr(topk, "SORT_FREE", mode)
+    model = predictable(3, 0.1, vocab=2048)
+    if draft_vocab:
+        ids = torch.randperm(2048, generator=torch.Generator().manual_seed(0))[:640]
+        model.module = add_draft_vocab(model.module, ids)
+    model.refresh_draft_head()
+    assert (model.draft_weight is not None) == draft_vocab
+    out = torch.randn(2, 3, model.base.cfg.d_model, generator=torch.Generator().manual_seed(1))
+    logp, got = model.draft_top(out, 4)
+    want = torch.log_softmax(model.draft_logits(out).float(), -1).topk(4, dim=-1)
+    assert torch.equal(got, want.indices)
+    torch.testing.assert_close(logp, want.values)
+    if draft_vocab:
+        assert set(got.flatten().tolist()) <= set(ids.tolist())

@@ -200,9 +200,10 @@ class Decoder:
         self._commit(a, tokens, self.rmodel.state(full), kv_end)
 
     def _tree_round(self, shape: TreeShape, kv_end: int, sampling: SamplingParams, gen) -> None:
-        """Draft a tree from (g, d_logits), verify it in one full call, commit its path (speculative.tree)."""
+        """Draft a tree from g, verify it in one full call, commit its path (speculative.tree)."""
         D, _, N = shape
-        t = draft_tree(self._recycle_fwd, self.mcache, self.pad, self.pos, kv_end, self.g, self.d_logits, shape)
+        t = draft_tree(self._recycle_fwd, self.rmodel.draft_top, self.mcache, self.pad, self.pos, kv_end, self.g,
+                       shape)
         full = self._base_fwd(torch.cat((self.x_next, t.tokens), dim=1), input_pos=self.pos + self._ar[:N + 1],
                               cache=self.cache, kv_end=kv_end,
                               tree=tree_attention(self.pad, self.pos, t.positions, t.sees, kv_end), taps=self.taps)
@@ -211,11 +212,14 @@ class Decoder:
         self.cache.move(self.pos + path, self.pos + 1 + self._ar[:D])
         on_path = torch.cat((torch.zeros_like(path[:, :1]), path), dim=1)
         state = self.rmodel.state(full)
-        self._commit(a, tokens, state.gather(1, on_path[..., None].expand(-1, -1, state.shape[-1])), kv_end)
+        self._commit(a, tokens, state.gather(1, on_path[..., None].expand(-1, -1, state.shape[-1])), kv_end,
+                     draft_logits=False)
 
-    def _commit(self, a: torch.Tensor, tokens: torch.Tensor, state: torch.Tensor, kv_end: int) -> None:
+    def _commit(self, a: torch.Tensor, tokens: torch.Tensor, state: torch.Tensor, kv_end: int, *,
+                draft_logits: bool = True) -> None:
         """Keep m = min(a) + 1 tokens of the table (B, T) on every row, then catch the module up on slots p..p+T-1
-        (state: what the module reads there, from the full model) and take its output at p+m, the new p-1."""
+        (state: what the module reads there, from the full model) and take its output at p+m, the new p-1.
+        draft_logits: also its draft logits there (d_logits; the tree drafts from g alone)."""
         m = a.min().view(1)
         T = tokens.shape[1]
         self.out.index_copy_(1, self.n + self._ar[:T], tokens)  # the tokens past m are overwritten later
@@ -224,7 +228,8 @@ class Decoder:
         rec = self._recycle_fwd(state, tokens, input_pos=self.pos + self._ar[:T], cache=self.mcache, pad=self.pad,
                                 kv_end=kv_end, num_logits=0)
         self.g.copy_(rec.hidden.gather(1, m.view(1, 1, 1).expand(self.B, 1, rec.hidden.shape[-1])))
-        self.d_logits.copy_(self.rmodel.draft_logits(self.g)[:, 0])
+        if draft_logits:
+            self.d_logits.copy_(self.rmodel.draft_logits(self.g)[:, 0])
         self.x_next.copy_(tokens.gather(1, m.view(1, 1).expand(self.B, 1)))
         self.pos.add_(m + 1)
 

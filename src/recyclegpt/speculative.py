@@ -115,13 +115,14 @@ class _Round:
         self.next_tokens = torch.cat((self.batch.ids[:, 1:], self.pending[:, None]), 1)
         return done
 
-    def catch_up(self):
-        """Step 1: the module over slots start..p-1 with the full model's states. Returns its output at p-1."""
+    def catch_up(self, logits: bool = True):
+        """Step 1: the module over slots start..p-1 with the full model's states. Returns its output at p-1: draft
+        logits (B, V) (None when logits is False) and hidden (B, 1, d)."""
         out = self.model.recycle(self.state, self.next_tokens, input_pos=_slots(self.start, self.p - self.start,
                                                                                  self.device),
-                                 cache=self.mcache, pad=self.pad, kv_end=self.p, num_logits=1, draft=True)
+                                 cache=self.mcache, pad=self.pad, kv_end=self.p, num_logits=int(logits), draft=True)
         self.stats.module_calls += 1
-        return out.logits[:, -1], out.hidden[:, -1:]
+        return (out.logits[:, -1] if logits else None), out.hidden[:, -1:]
 
     def commit(self, m: int, tokens: torch.Tensor, state: torch.Tensor) -> bool:
         """Step 4, for m accepted tokens (on every row) and the token table (B, >= m+1); state (B, >= m+1, d)
@@ -230,27 +231,22 @@ def tree_attention(pad: torch.Tensor | None, p, positions: torch.Tensor, sees: t
     return Tree(positions - (pad[:, None] if pad is not None else 0), mask[:, None])
 
 
-def _top_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k most likely tokens under logits (..., V): (log-probabilities, ids), most likely first."""
-    values, ids = top_k(logits, k)
-    return values.float() - torch.logsumexp(logits.float(), -1, keepdim=True), ids
-
-
-def draft_tree(recycle_fn, mcache: KVCache, pad: torch.Tensor | None, p, kv_end: int, state: torch.Tensor,
-               logits: torch.Tensor, shape: TreeShape) -> TreeDraft:
+def draft_tree(recycle_fn, top_fn, mcache: KVCache, pad: torch.Tensor | None, p, kv_end: int, state: torch.Tensor,
+               shape: TreeShape) -> TreeDraft:
     """Expand a draft tree with the module (EAGLE-2's dynamic tree).
 
-    state (B, 1, d), logits (B, V): the module's output at slot p-1 (its catch-up), which predicts x_{p+1}. The
-    root's top-k become depth-1 candidates; at each further level the k best frontier nodes (by cumulative draft
+    state (B, 1, d): the module's output at slot p-1 (its catch-up), which predicts x_{p+1}. The root's top-k
+    become depth-1 candidates; at each further level the k best frontier nodes (by cumulative draft
     log-probability) are expanded in one module call over k tokens, each at module slot p + (level-1)*k + j and
     seeing its ancestors' expansion slots, and their top-k children become candidates. The best N candidates are
-    kept. recycle_fn is `RecycleModel.recycle` (or a compiled copy); p an int or a (1,) device tensor; kv_end an
-    upper bound for the module slots (>= p + (depth-1)*k). Shapes depend only on `shape`: graph-capturable.
+    kept. recycle_fn is `RecycleModel.recycle` (or a compiled copy), top_fn `RecycleModel.draft_top`; p an int or a
+    (1,) device tensor; kv_end an upper bound for the module slots (>= p + (depth-1)*k). Shapes depend only on
+    `shape`: graph-capturable.
     """
     D, k, N = shape
-    B, dev = logits.shape[0], logits.device
+    B, dev = state.shape[0], state.device
     ar = torch.arange(k, device=dev)
-    top_logp, top_ids = _top_logprobs(logits, k)
+    top_logp, top_ids = top_fn(state[:, 0], k)  # (B, k)
     # candidates in creation order (parents before children): token, score, parent (-1: root), depth, and the
     # ancestor-or-self flags over all candidates; the frontier is the k candidates expanded next
     tok, score = [top_ids], [top_logp]
@@ -269,8 +265,8 @@ def draft_tree(recycle_fn, mcache: KVCache, pad: torch.Tensor | None, p, kv_end:
         front_tok = torch.cat(tok, 1).gather(1, front)
         positions = (p + level - 1) + torch.zeros(B, k, dtype=torch.long, device=dev)
         out = recycle_fn(front_state, front_tok, input_pos=p + (level - 1) * k + ar, cache=mcache, kv_end=kv_end,
-                         tree=tree_attention(pad, p, positions, front_sees, kv_end), draft=True)
-        child_logp, child_ids = _top_logprobs(out.logits, k)  # (B, k, k)
+                         tree=tree_attention(pad, p, positions, front_sees, kv_end), num_logits=0)
+        child_logp, child_ids = top_fn(out.hidden, k)  # (B, k, k)
         cand_score = (torch.cat(score, 1).gather(1, front)[..., None] + child_logp).reshape(B, k * k)
         cand_parent = front[..., None].expand(B, k, k).reshape(B, k * k)
         ids = torch.arange(M, M + k * k, device=dev)
@@ -315,8 +311,8 @@ def tree(model: RecycleModel, prompts: Sequence[Sequence[int]], *, max_new_token
     done = r.prefill()
     while not done:
         p, B, dev = r.p, len(r.out.tokens), r.device
-        logits, state = r.catch_up()
-        t = draft_tree(model.recycle, r.mcache, r.pad, p, p + shape.module_slots, state, logits, shape)
+        _, state = r.catch_up(logits=False)
+        t = draft_tree(model.recycle, model.draft_top, r.mcache, r.pad, p, p + shape.module_slots, state, shape)
         r.stats.module_calls += D - 1
         full = r.base(torch.cat((r.pending[:, None], t.tokens), 1), input_pos=_slots(p, N + 1, dev), cache=r.cache,
                       kv_end=p + N + 1, tree=tree_attention(r.pad, p, t.positions, t.sees, p + N + 1),
