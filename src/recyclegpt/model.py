@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import triton_attention
+from . import triton_attention, triton_draft_head
 from .config import ModelConfig, RecycleConfig
 from .topk import top_k
 
@@ -312,6 +312,15 @@ def use_decode_kernel(q: torch.Tensor, mask: torch.Tensor, T: int) -> bool:
             and 16 <= D <= 256 and D & (D - 1) == 0 and triton_attention.available())
 
 
+DRAFT_HEAD_KERNEL = True  # the draft tree's norm, draft head and top-k as one Triton kernel on CUDA
+
+
+def use_draft_head_kernel(out: torch.Tensor, k: int) -> bool:
+    """Whether `RecycleModel.draft_top` runs `triton_draft_head.head_top_k` (CUDA, triton, k <= its KTOP) rather
+    than the norm, the head's matmul and `topk.top_k` as separate operators."""
+    return (DRAFT_HEAD_KERNEL and out.is_cuda and k <= triton_draft_head.KTOP and triton_draft_head.available())
+
+
 def _stack(blocks, x, rope, mask, cache, input_pos, kv_end, taps):
     tapped = []
     for i, block in enumerate(blocks):
@@ -506,6 +515,10 @@ class RecycleModel(nn.Module):
         float32, token ids (..., k)), most likely first. With a draft vocabulary the search runs over its N logits
         directly, not over V with the rest -inf as `draft_logits` gives them: the same values, with no V-wide fill
         and copy, and a third of the reductions (N = V/3 for the shipped module)."""
+        if use_draft_head_kernel(out, k):  # norm, head and a first selection in one kernel
+            w = self.base.lm_head.weight if self.draft_weight is None else self.draft_weight
+            logp, ids = triton_draft_head.head_top_k(out, self.base.norm.weight, self.base.norm.eps, w, k)
+            return logp, (ids if self.draft_weight is None else self.module.draft_ids[ids])
         if self.draft_weight is None:
             logits = self.base.head(out)
         else:

@@ -1,0 +1,133 @@
+"""The module's draft head and its top-k in one Triton kernel, for the draft tree's levels on CUDA.
+
+Each drafting call of the tree ends in the shared final norm, the LM head over the draft vocabulary (16,384 rows for
+the shipped module) and a top-k with log-probabilities (`RecycleModel.draft_top`). Compiled, that is a norm kernel,
+cuBLAS's product and four or five reductions of the sort-free top-k, in every one of a round's five module calls.
+Here one kernel does the norm, the product and a first selection: program j normalises the rows (RMSNorm in the
+order `model.RMSNorm` uses), multiplies them by vocabulary rows [j*BLOCK_V, (j+1)*BLOCK_V), and keeps per row its
+block's KTOP best logits with their ids, and the block's max and sum of exp(logit - max). `head_top_k` then merges
+the blocks with a few torch ops that inductor fuses: the k best of the n_blocks*KTOP candidates, and the log-sum-exp
+of the blocks for the log-probabilities. The k best of a row are among the candidates because each block
+contributes its KTOP >= k best.
+
+The kernel is a torch custom op (opaque to torch.compile, captured in CUDA graphs as it is); on the CPU it runs only
+under Triton's interpreter (TRITON_INTERPRET=1 set before triton is imported), for the tests.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import topk
+from .triton_attention import triton, tl
+
+BLOCK_V = 128  # vocabulary rows a program: 128 programs for 16,384 rows, ~1 per SM of an H100
+BLOCK_K = 64  # the model dimension is read in steps of this many
+BLOCK_R = 16  # rows (tokens) a program, padded: tl.dot needs 16
+KTOP = 4  # candidates a block keeps per row; k may not exceed it
+
+
+def available() -> bool:
+    return triton is not None
+
+
+if triton is not None:
+    @triton.jit
+    def _head_top_kernel(X, NW, W, Val, Idx, Mx, Se, R, V, K, n_blocks, eps, sxr, swv,
+                         KTOP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+                         PRECISION: tl.constexpr):
+        # grid (vocabulary block, row block)
+        vb, rb = tl.program_id(0), tl.program_id(1)
+        rows = rb * BLOCK_R + tl.arange(0, BLOCK_R)
+        row_ok = rows < R
+        cols = vb * BLOCK_V + tl.arange(0, BLOCK_V)
+        col_ok = cols < V
+        ss = tl.zeros([BLOCK_R], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(X + rows[:, None] * sxr + ks[None, :], mask=row_ok[:, None] & (ks < K)[None, :], other=0.0)
+            x = x.to(tl.float32)
+            ss += tl.sum(x * x, 1)
+        inv = 1.0 / tl.sqrt(ss / K + eps)
+        acc = tl.zeros([BLOCK_R, BLOCK_V], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_ok = ks < K
+            x = tl.load(X + rows[:, None] * sxr + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            nw = tl.load(NW + ks, mask=k_ok, other=0.0)
+            # normalised in float32, cast to the activations' dtype, then scaled, as model.RMSNorm does
+            xn = (x.to(tl.float32) * inv[:, None]).to(X.dtype.element_ty)
+            xn = (xn.to(tl.float32) * nw.to(tl.float32)[None, :]).to(W.dtype.element_ty)
+            w = tl.load(W + cols[:, None] * swv + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+            acc += tl.dot(xn, tl.trans(w), input_precision=PRECISION)
+        acc = tl.where(col_ok[None, :], acc, float("-inf"))
+        part = rows * n_blocks + vb
+        m = tl.max(acc, 1)  # finite: every block has a valid column
+        tl.store(Mx + part, m, mask=row_ok)
+        tl.store(Se + part, tl.sum(tl.exp(acc - m[:, None]), 1), mask=row_ok)
+        offs = tl.arange(0, BLOCK_V)
+        for j in tl.static_range(KTOP):
+            # the best left; ties to the lower column. A block with fewer than KTOP valid columns repeats a -inf
+            # candidate, which the merge never picks while the row has k finite logits
+            best = tl.argmax(acc, 1)
+            tl.store(Val + part * KTOP + j, tl.max(acc, 1), mask=row_ok)
+            tl.store(Idx + part * KTOP + j, vb * BLOCK_V + best, mask=row_ok)
+            acc = tl.where(offs[None, :] == best[:, None], float("-inf"), acc)
+
+    _INTERPRETED = not isinstance(_head_top_kernel, triton.runtime.jit.JITFunction)
+else:
+    _INTERPRETED = False
+
+
+def _head_top_blocks(x: torch.Tensor, norm_weight: torch.Tensor, weight: torch.Tensor, eps: float
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The op's body: x (R, K), weight (V, K) -> per row and vocabulary block the KTOP best logits (R, nb, KTOP)
+    float32, their ids (R, nb, KTOP) int64, the block's max (R, nb) and sum of exp(logit - max) (R, nb)."""
+    if not x.is_cuda and not _INTERPRETED:
+        raise RuntimeError("the draft-head kernel runs on CUDA tensors, or on the CPU under Triton's interpreter")
+    R, K = x.shape
+    V = weight.shape[0]
+    if weight.shape[1] != K or norm_weight.shape != (K,) or weight.stride(1) != 1:
+        raise ValueError(f"draft head kernel: x {tuple(x.shape)}, weight {tuple(weight.shape)} (last dim contiguous), "
+                         f"norm weight {tuple(norm_weight.shape)}")
+    x = x if x.stride(1) == 1 else x.contiguous()
+    nb = triton.cdiv(V, BLOCK_V)
+    val = torch.empty((R, nb, KTOP), dtype=torch.float32, device=x.device)
+    idx = torch.empty((R, nb, KTOP), dtype=torch.int64, device=x.device)
+    mx = torch.empty((R, nb), dtype=torch.float32, device=x.device)  # separate buffers: outputs may not alias
+    se = torch.empty((R, nb), dtype=torch.float32, device=x.device)
+    _head_top_kernel[(nb, triton.cdiv(R, BLOCK_R))](
+        x, norm_weight, weight, val, idx, mx, se, R, V, K, nb, eps, x.stride(0), weight.stride(0),
+        KTOP=KTOP, BLOCK_R=BLOCK_R, BLOCK_V=BLOCK_V, BLOCK_K=BLOCK_K,
+        PRECISION="ieee" if weight.dtype == torch.float32 else "tf32", num_warps=4)  # fp32 stays fp32
+    return val, idx, mx, se
+
+
+if triton is not None and hasattr(torch.library, "custom_op"):  # torch >= 2.4
+    _op = torch.library.custom_op(
+        "recyclegpt::draft_head_top", mutates_args=(),
+        schema="(Tensor x, Tensor norm_weight, Tensor weight, float eps) -> (Tensor, Tensor, Tensor, Tensor)",
+    )(_head_top_blocks)
+
+    @_op.register_fake
+    def _(x, norm_weight, weight, eps):
+        R, nb = x.shape[0], -(-weight.shape[0] // BLOCK_V)
+        return (x.new_empty((R, nb, KTOP), dtype=torch.float32), x.new_empty((R, nb, KTOP), dtype=torch.int64),
+                x.new_empty((R, nb), dtype=torch.float32), x.new_empty((R, nb), dtype=torch.float32))
+else:
+    _op = _head_top_blocks
+
+
+def head_top_k(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor, k: int
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k best rows of `weight` for RMSNorm(x): (log-probabilities (..., k) float32, row ids (..., k) int64), best
+    first, the log-softmax taken over all V rows. x (..., K); weight (V, K); k <= KTOP."""
+    if k > KTOP:
+        raise ValueError(f"the draft-head kernel keeps {KTOP} candidates a block; top-{k} asked")
+    lead = x.shape[:-1]
+    val, idx, mx, se = _op(x.reshape(-1, x.shape[-1]), norm_weight, weight, float(eps))
+    m = mx.amax(-1, keepdim=True)
+    lse = m + torch.log((se * torch.exp(mx - m)).sum(-1, keepdim=True))
+    values, j = topk.top_k(val.flatten(1), k)
+    ids = idx.flatten(1).gather(1, j)
+    return (values - lse).reshape(*lead, k), ids.reshape(*lead, k)

@@ -1,0 +1,157 @@
+"""The draft-head kernel (norm, head and top-k in one Triton kernel) against torch: on the CPU under Triton's
+interpreter, and on CUDA in bf16, in a CUDA graph and under torch.compile. Skipped without triton.
+
+The interpreter must be chosen before triton is imported, so the CPU cases run in a subprocess: this file run as a
+script with TRITON_INTERPRET=1.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from recyclegpt import triton_draft_head  # noqa: E402
+from recyclegpt.triton_draft_head import head_top_k  # noqa: E402
+
+# (rows, V, K, k): one row, a level of 4 tokens, more rows than a program holds; whole and ragged vocabulary and
+# model-dimension blocks; k from 1 to KTOP
+CASES = [(1, 384, 64, 4), (4, 1000, 96, 4), (20, 300, 64, 3), (3, 129, 40, 1)]
+
+
+def reference(x, norm_weight, eps, weight, k):
+    xn = (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * norm_weight
+    top = torch.log_softmax((xn.float() @ weight.float().T), -1).topk(k, dim=-1)
+    return top.values, top.indices
+
+
+def make_inputs(R, V, K, *, dtype=torch.float32, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(R, K + 5, generator=g)[:, :K]  # a strided view, as the module's output slices are
+    norm_weight = 1 + 0.1 * torch.randn(K, generator=g)
+    weight = torch.randn(V, K, generator=g) / K ** 0.5 * 4  # peaked logits
+    return tuple(t.to(device=device, dtype=dtype) for t in (x, norm_weight, weight))
+
+
+def check_interpreted_cases() -> None:
+    """Run under TRITON_INTERPRET=1: every case in fp32 on the CPU, the same ids and log-probabilities to 1e-4."""
+    assert triton_draft_head._INTERPRETED, "TRITON_INTERPRET=1 must be set before triton is imported"
+    for R, V, K, k in CASES:
+        x, nw, w = make_inputs(R, V, K)
+        logp, ids = head_top_k(x, nw, 1e-5, w, k)
+        want_logp, want_ids = reference(x, nw, 1e-5, w, k)
+        print(f"R={R} V={V} K={K} k={k}: max |dlogp| {(logp - want_logp).abs().max().item():.2e}")
+        assert ids.dtype == torch.int64 and torch.equal(ids, want_ids), (R, V, K, k)
+        assert (logp - want_logp).abs().max().item() < 1e-4
+    x, nw, w = make_inputs(6, 500, 64)
+    logp, ids = head_top_k(x.view(2, 3, 64), nw, 1e-5, w, 2)  # leading dims kept
+    assert logp.shape == ids.shape == (2, 3, 2) and torch.equal(ids.view(6, 2), reference(x, nw, 1e-5, w, 2)[1])
+
+    # the custom op under dynamo and AOT autograd: its fake gives the shapes
+    def draft(x, nw, w):
+        return head_top_k(x * 1.0, nw, 1e-5, w, 4)
+
+    got = torch.compile(draft, fullgraph=True, backend="aot_eager")(x, nw, w)
+    assert all(torch.equal(a, b) for a, b in zip(got, draft(x, nw, w)))
+
+
+def check_model_integration() -> None:
+    """Run under TRITON_INTERPRET=1: RecycleModel.draft_top through the kernel (allowed on the CPU here) gives the
+    torch path's tokens and log-probabilities, with and without a draft vocabulary, and the tree the same output."""
+    sys.path.insert(0, os.path.dirname(__file__))
+    import recyclegpt.model as model_mod
+    from recyclegpt.decoding import standard
+    from recyclegpt.speculative import TreeShape, tree
+    from recyclegpt.train import add_draft_vocab
+    from test_speculative import predictable, prompts_for
+
+    calls = []
+    allowed = model_mod.use_draft_head_kernel
+
+    def on_cpu_too(out, k):
+        calls.append(model_mod.DRAFT_HEAD_KERNEL)
+        return model_mod.DRAFT_HEAD_KERNEL
+
+    model_mod.use_draft_head_kernel = on_cpu_too
+    try:
+        for draft_vocab in (False, True):
+            model = predictable(1, 0.1, vocab=512)
+            if draft_vocab:
+                model.module = add_draft_vocab(model.module, torch.arange(0, 512, 3))
+            model.refresh_draft_head()
+            out = torch.randn(2, 4, model.base.cfg.d_model, generator=torch.Generator().manual_seed(2))
+            prompts = prompts_for(1, 2, 512)
+            got = {}
+            for kernel in (True, False):
+                model_mod.DRAFT_HEAD_KERNEL = kernel
+                got[kernel] = (model.draft_top(out, 4),
+                               tree(model, prompts, max_new_tokens=12, shape=TreeShape(3, 3, 6)))
+            (lp1, id1), t1 = got[True]
+            (lp0, id0), t0 = got[False]
+            assert torch.equal(id1, id0) and (lp1 - lp0).abs().max().item() < 1e-4
+            assert t1.tokens == t0.tokens == standard(model.base, prompts, max_new_tokens=12).tokens
+            assert t1.stats.accept_hist == t0.stats.accept_hist
+    finally:
+        model_mod.use_draft_head_kernel, model_mod.DRAFT_HEAD_KERNEL = allowed, True
+    assert any(calls) and not all(calls)
+
+
+@pytest.mark.skipif(tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 7),
+                    reason="older Triton interpreters cannot loop over bounds computed in the kernel; the CUDA test "
+                           "below covers the kernel there")
+def test_interpreted_matches_torch():
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    res = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+@pytest.mark.skipif(triton_draft_head._INTERPRETED, reason="TRITON_INTERPRET is set in this process")
+def test_cpu_tensors_need_the_interpreter_and_bad_requests_are_clear():
+    x, nw, w = make_inputs(1, 384, 64)
+    with pytest.raises(RuntimeError, match="interpreter"):
+        head_top_k(x, nw, 1e-5, w, 4)
+    with pytest.raises(ValueError, match="top-5"):
+        head_top_k(x, nw, 1e-5, w, 5)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_bf16_graph_and_compile():
+    def check(got, x, nw, w, k):
+        logp, ids = got
+        want_logp, _ = reference(x, nw, 1e-5, w, k)
+        # bf16 products may swap near-ties: compare the log-probabilities of what was picked, and the ranking
+        picked = torch.log_softmax(((x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-5))
+                                    .to(x.dtype) * nw).float() @ w.float().T, -1).gather(-1, ids)
+        assert (picked - want_logp).abs().max().item() < 5e-2 and (logp - picked).abs().max().item() < 5e-2
+        assert all(len(set(r.tolist())) == k for r in ids.view(-1, k))
+
+    for R, V, K, k in CASES + [(4, 16384, 576, 4), (32, 49152, 576, 4)]:
+        inputs = make_inputs(R, V, K, dtype=torch.bfloat16, device="cuda")
+        check(head_top_k(inputs[0], inputs[1], 1e-5, inputs[2], k), *inputs, k)
+
+    x, nw, w = inputs = make_inputs(4, 16384, 576, dtype=torch.bfloat16, device="cuda")
+    head_top_k(x, nw, 1e-5, w, 4)  # compiles the kernel outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = head_top_k(x, nw, 1e-5, w, 4)
+    for a, b in zip(inputs, make_inputs(4, 16384, 576, dtype=torch.bfloat16, device="cuda", seed=1)):
+        a.copy_(b)
+    graph.replay()
+    check(out, *inputs, 4)
+
+    @torch.compile(fullgraph=True)
+    def draft(x, nw, w):
+        return head_top_k(x * 1.0, nw, 1e-5, w, 4)
+
+    check(draft(*inputs), *inputs, 4)
+
+
+if __name__ == "__main__":
+    check_interpreted_cases()
+    check_model_integration()
