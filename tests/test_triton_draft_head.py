@@ -97,7 +97,7 @@ def check_model_integration() -> None:
             assert t1.tokens == t0.tokens == standard(model.base, prompts, max_new_tokens=12).tokens
             assert t1.stats.accept_hist == t0.stats.accept_hist
     finally:
-        model_mod.use_draft_head_kernel, model_mod.DRAFT_HEAD_KERNEL = allowed, True
+        model_mod.use_draft_head_kernel, model_mod.DRAFT_HEAD_KERNEL = allowed, False
     assert any(calls) and not all(calls)
 
 
@@ -150,6 +150,26 @@ def test_cuda_bf16_graph_and_compile():
         return head_top_k(x * 1.0, nw, 1e-5, w, 4)
 
     check(draft(*inputs), *inputs, 4)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_tree_rounds_with_the_kernel(monkeypatch):
+    """The engine's tree rounds, graphs and compiled whole, with the kernel drafting: standard's tokens (fp32)."""
+    import recyclegpt.model as model_mod
+    from recyclegpt.decoding import standard
+    from recyclegpt.engine import Engine
+    from recyclegpt.speculative import TreeShape
+    from test_speculative import predictable, prompts_for
+
+    monkeypatch.setattr(model_mod, "DRAFT_HEAD_KERNEL", True)
+    model = predictable(1, 0.05).cuda()
+    prompts = prompts_for(3, 3)
+    want = standard(model.base, prompts, max_new_tokens=40).tokens
+    for engine in (Engine(model, graphs=True, bucket=16),
+                   Engine(model, graphs=True, bucket=128, compile=True, compile_steps=True)):
+        got = engine.decode("tree", prompts, max_new_tokens=40, tree=TreeShape(4, 3, 10))
+        assert got.tokens == want and sum(got.stats.accept_hist[1:]) > 0
 
 
 if __name__ == "__main__":

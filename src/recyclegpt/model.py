@@ -312,7 +312,9 @@ def use_decode_kernel(q: torch.Tensor, mask: torch.Tensor, T: int) -> bool:
             and 16 <= D <= 256 and D & (D - 1) == 0 and triton_attention.available())
 
 
-DRAFT_HEAD_KERNEL = True  # the draft tree's norm, draft head and top-k as one Triton kernel on CUDA
+# the draft tree's norm, draft head and top-k as one Triton kernel on CUDA. Off until it has run and been timed on a
+# GPU (written and tested on the CPU under Triton's interpreter; `gpu_step_profile.py --draft-head-kernel` is the A/B)
+DRAFT_HEAD_KERNEL = False
 
 
 def use_draft_head_kernel(out: torch.Tensor, k: int) -> bool:
