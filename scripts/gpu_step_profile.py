@@ -128,7 +128,7 @@ def main() -> None:
     ap.add_argument("--parts", default="all",
                     help="comma-separated: full1, full2, module, standard, recycle, chain, tree, draft_head (default all)")
     ap.add_argument("--draft-len", type=int, default=3)
-    ap.add_argument("--tree", default="4,4,16", help="depth,topk,nodes of the profiled tree round")
+    ap.add_argument("--tree", default="5,4,24", help="depth,topk,nodes[,lookup] of the profiled tree round")
     ap.add_argument("--bandwidth", type=float, default=3.35e12, help="bytes/s for the memory floor (H100 SXM)")
     ap.add_argument("--bool-mask", action="store_true",
                     help="hand attention the bool mask, as before the additive mask (an A/B check of that change)")
@@ -200,7 +200,7 @@ def run_profile(args) -> None:
             return lambda: (f(), dec.pos.copy_(pos0), dec.n.copy_(n0))
 
         shape = TreeShape(*map(int, args.tree.split(",")))
-        kv_round = dec._kv_end(L + max(shape.nodes + 1, shape.module_slots, args.draft_len + 1))
+        kv_round = dec._kv_end(L + max(shape.verified + 1, shape.module_slots, args.draft_len + 1))
         parts = {"full1": ("full, 1 token", lambda: dec._standard_forward(kv_end)),
                  "full2": ("full, 2 tokens", lambda: dec._full_pair(kv_end)),
                  "module": ("module, 2 slots", lambda: dec._module_pair(kv_end, dec.x_new)),

@@ -176,6 +176,26 @@ def test_verified_rounds_equal_the_reference_loops(strategy, noise):
         assert got.tokens == want.tokens and got.finished == want.finished
 
 
+def test_tree_rounds_with_the_lookup_branch_equal_the_reference_loop():
+    """The engine's tree with a prompt-lookup branch (its token-by-slot buffer, written each round) gives the
+    reference loop's tokens and acceptance, greedy and sampled, and standard's tokens when greedy."""
+    from test_speculative import _bad_drafter
+
+    shape = TreeShape(4, 2, 6, 4)
+    for seed in range(2):
+        model = _bad_drafter(seed)
+        prompts = prompts_for(seed, 3)
+        engine = Engine(model, bucket=16)
+        for batch in [prompts[:1], prompts]:
+            want = tree(model, batch, max_new_tokens=50, shape=shape)
+            got = engine.decode("tree", batch, max_new_tokens=50, tree=shape, check_every=1 + seed * 4)
+            assert got.tokens == want.tokens == standard(model.base, batch, max_new_tokens=50).tokens
+            assert got.stats.tau > 1.5 and sum(got.stats.accept_hist) >= sum(want.stats.accept_hist)
+        sampling = SamplingParams(temperature=0.9, seed=seed)
+        want = tree(model, prompts, max_new_tokens=20, shape=shape, sampling=sampling)
+        assert engine.decode("tree", prompts, max_new_tokens=20, tree=shape, sampling=sampling).tokens == want.tokens
+
+
 def test_verified_rounds_near_the_end_of_the_cache():
     """Rounds past the budget (launched before a check) must not run off the cache."""
     model = predictable(0, 0.0)
@@ -209,6 +229,21 @@ def test_cuda_graphs_replay_the_verified_rounds(strategy):
     assert whole.decode(strategy, prompts, max_new_tokens=40, **opts).tokens == want
 
 
+@CUDA
+@pytest.mark.cuda
+def test_cuda_graphs_replay_tree_rounds_with_the_lookup_branch():
+    from test_speculative import _bad_drafter
+
+    model = _bad_drafter(1).cuda()
+    prompts = prompts_for(3, 3)
+    want = standard(model.base, prompts, max_new_tokens=48).tokens
+    shape = TreeShape(4, 2, 6, 4)
+    for engine in (Engine(model, graphs=True, bucket=16),
+                   Engine(model, graphs=True, bucket=128, compile=True, compile_steps=True)):
+        got = engine.decode("tree", prompts, max_new_tokens=48, tree=shape)
+        assert got.tokens == want and got.stats.tau > 1.5
+
+
 @pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
                     reason="torch.compile on the CPU needs a C++ compiler")
 def test_a_tree_round_compiled_whole_gives_the_reference_tokens(monkeypatch):
@@ -219,7 +254,7 @@ def test_a_tree_round_compiled_whole_gives_the_reference_tokens(monkeypatch):
     model = predictable(0, 0.05)
     prompts = prompts_for(0, 2)
     engine = Engine(model, bucket=64, compile=True, compile_steps=True)
-    got = engine.decode("tree", prompts, max_new_tokens=12, tree=TreeShape(2, 2, 4))
+    got = engine.decode("tree", prompts, max_new_tokens=12, tree=TreeShape(2, 2, 4, 2))
     assert got.tokens == standard(model.base, prompts, max_new_tokens=12).tokens
     assert sum(got.stats.accept_hist[1:]) > 0 and set(engine.decoder(2, 64)._whole) >= {"_tree_round"}
     with pytest.raises(ValueError, match="compile_steps needs compile"):

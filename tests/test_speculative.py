@@ -30,6 +30,7 @@ STRATEGIES = {
     "speculative-5": (speculative, dict(draft_len=5)),
     "tree-4x3x10": (tree, dict(shape=TreeShape(depth=4, topk=3, nodes=10))),
     "tree-6x2x12": (tree, dict(shape=TreeShape(depth=6, topk=2, nodes=12))),
+    "tree-4x3x10-lookup4": (tree, dict(shape=TreeShape(depth=4, topk=3, nodes=10, lookup=4))),
 }
 
 
@@ -130,7 +131,8 @@ def test_smollm2_greedy_equals_standard(smollm2_gguf):
 # -- caches after rejections -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name, noise", [("recycle-verified", 0.05), ("speculative-3", 0.05), ("tree-4x3x10", 0.1)])
+@pytest.mark.parametrize("name, noise", [("recycle-verified", 0.05), ("speculative-3", 0.05), ("tree-4x3x10", 0.1),
+                                         ("tree-4x3x10-lookup4", 0.1)])
 def test_caches_after_rejections_equal_standard_over_the_accepted_tokens(name, noise):
     fn, kw = STRATEGIES[name]
     model = predictable(2, noise)
@@ -281,6 +283,8 @@ def test_a_draft_vocabulary_keeps_greedy_output_exact(name, monkeypatch):
         assert res.tokens == standard(model.base, prompts, max_new_tokens=24).tokens
         accepted += sum(res.stats.accept_hist[1:])
     assert accepted > 0
+    lookup = kw["shape"].lookup if "shape" in kw else 0  # the lookup branch drafts text's tokens, not the module's
+    drafted = [d[:, :d.shape[1] - lookup] for d in drafted]
     assert drafted and all(bool((d % 2 == 0).all()) for d in drafted)  # only draft-vocabulary tokens were drafted
 
 
@@ -334,3 +338,47 @@ def test_adaptive_draft_length_keeps_sampling_exact(sampler_model):
     assert sum(sum(h[1:]) for h in hists) > 0.05 * rounds and sum(h[2] for h in hists) < 0.1 * rounds
     with pytest.raises(ValueError, match="min_draft_prob"):
         speculative(sampler_model, [PROMPT], max_new_tokens=2, min_draft_prob=1.0)
+
+
+# -- the tree's prompt-lookup branch -------------------------------------------------------------------------------
+
+
+def test_prompt_lookup_finds_the_latest_longest_match():
+    seq = torch.tensor([[5, 6, 7, 8, 9, 6, 7, 3, 5, 6, 7, 0, 0],  # suffix 5 6 7 (end 11): after slot 0..2 comes 8
+                        [1, 1, 4, 7, 2, 9, 4, 7, 3, 8, 4, 7, 0],  # suffix 3 8 4 and 8 4 nowhere; 4 latest at 6
+                        [7, 7, 2, 3, 9, 9, 9, 9, 9, 1, 2, 0, 0]])  # 1 2 nowhere in 2..10; 2 (slot 10) at 2: 3 9
+    pad = torch.tensor([0, 0, 2])
+    got = spec.prompt_lookup(seq, pad, torch.tensor([11]), 3)
+    assert got[0].tolist() == [8, 9, 6]  # the 3-token match wins over the later 2-token one (6 7 at 5..6)
+    assert got[1].tolist() == [7, 3, 8]  # slot 11 (a stale 7) is past the end: never matched
+    assert got[2].tolist() == [3, 9, 9]  # row 2's real tokens start at slot 2: the 7s before it are padding
+    assert spec.prompt_lookup(seq, None, 11, 2)[2].tolist() == [3, 9]  # an int end, no padding
+
+
+def _bad_drafter(seed: int) -> RecycleModel:
+    """A predictable base (its greedy text falls into cycles) with a module that drafts badly."""
+    model = predictable(seed, 0.05)
+    with torch.no_grad():
+        model.module.fc.weight.normal_(generator=torch.Generator().manual_seed(seed))
+    return model
+
+
+def test_the_lookup_branch_is_exact_and_accepts_repeats():
+    with_lookup, without = [], []
+    for seed in range(3):
+        model = _bad_drafter(seed)
+        prompts = prompts_for(seed, 2)
+        want = standard(model.base, prompts, max_new_tokens=60).tokens
+        a = tree(model, prompts, max_new_tokens=60, shape=TreeShape(4, 2, 6, 4))
+        b = tree(model, prompts, max_new_tokens=60, shape=TreeShape(4, 2, 6))
+        assert a.tokens == b.tokens == want
+        with_lookup.append(a.stats.tau)
+        without.append(b.stats.tau)
+    assert sum(with_lookup) > sum(without) + 0.5, (with_lookup, without)
+
+
+def test_bad_lookup_lengths_are_clear_errors():
+    with pytest.raises(ValueError, match="lookup .5. may not exceed the tree depth .4."):
+        TreeShape(4, 2, 6, 5).check()
+    with pytest.raises(ValueError, match="lookup must be an integer >= 0"):
+        TreeShape(4, 2, 6, -1).check()

@@ -168,13 +168,13 @@ class RecycleGPT:
                  top_k: int | None = None, top_p: float | None = None, seed: int | None = None, chat: bool = False,
                  ignore_eos: bool = False, stream: Callable[[list[list[int]]], None] | None = None,
                  engine: str = "auto", draft_len: int = DEFAULT_DRAFT_LEN,
-                 tree_shape: TreeShape | tuple[int, int, int] | None = None,
+                 tree_shape: TreeShape | tuple[int, ...] | None = None,
                  min_draft_prob: float | None = None) -> Generation:
         """Generate from one prompt or a batch: texts (encoded, chat-templated if `chat`) or token-id lists.
 
         strategy (`STRATEGY_NAMES`): "standard" (one full-model call per token); "recycle" (the paper's
         alternating schedule, lossy); "recycle-verified", "speculative" (chains of `draft_len` drafted tokens) and
-        "tree" (a draft tree of `tree_shape` = (depth, topk, nodes)) are lossless: their output is standard
+        "tree" (a draft tree of `tree_shape` = (depth, topk, nodes[, lookup])) are lossless: their output is standard
         decoding's, exactly when greedy, in distribution when sampling. All but standard need a recyclable module.
         ignore_eos: run to max_new_tokens (benchmarks). engine: how the decode loop runs (`ENGINES`; the tokens
         are the same): "auto" captures CUDA graphs on a GPU, runs the eager reference loop on the CPU. With

@@ -229,7 +229,7 @@ def run_bench(lm: RecycleGPT, prompts: list[str] | list[list[int]], *,
               ignore_eos: bool = True, warmup: int = 1, batch_size: int = 1, engine: str = "auto",
               alpha: bool = True, log: Callable[[str], None] | None = None, draft_len: int = DEFAULT_DRAFT_LEN,
               min_draft_prob: float | None = None,
-              tree_shape: tuple[int, int, int] | None = None, categories: Sequence[str] | None = None) -> dict:
+              tree_shape: tuple[int, ...] | None = None, categories: Sequence[str] | None = None) -> dict:
     """Run each strategy greedily on every prompt (texts, or token-id lists); return {"device", "model",
     "results", "speedup", "speedup_vs_hf_eager", ...}. HF strategies (`HF_STRATEGIES`) need batch_size 1.
     alpha: also measure the module's agreement α on these prompts (evaluation.evaluate_agreement).

@@ -38,7 +38,8 @@ import torch
 from .decoding import Collector, DecodeResult, DecodeStats, PromptBatch, StreamFn, _sync, check_budget
 from .model import KVCache, RecycleModel, Transformer, fuse_projections, prefill_attention
 from .sampling import SamplingParams, draw, logits_to_probs, sample
-from .speculative import DEFAULT_DRAFT_LEN, TreeShape, check_draft_len, draft_tree, tree_attention
+from .speculative import (DEFAULT_DRAFT_LEN, TreeShape, add_lookup_branch, check_draft_len, draft_tree,
+                          prompt_lookup, tree_attention)
 from .verify import verify_chain, verify_tree
 
 STEP_TOKENS = {"standard": 1, "recycle": 2}  # the fixed-schedule steps: tokens per step
@@ -109,6 +110,8 @@ class Decoder:
         self.g = torch.zeros(batch_size, 1, cfg.d_model, dtype=p.dtype, device=dev)
         self.d_logits = torch.zeros(batch_size, cfg.vocab_size, dtype=p.dtype, device=dev)
         self.hist = torch.zeros(MAX_ROUND_TOKENS, dtype=long, device=dev)
+        # the tree's lookup branch: tokens by cache slot (a round writes its table past p, hence the margin)
+        self.seq = torch.zeros(batch_size, self.max_len + MAX_ROUND_TOKENS + 1, dtype=long, device=dev)
         self._ar = torch.arange(self.max_len, dtype=long, device=dev)
         self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
         self._prompt: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}  # by length: ids, module state
@@ -201,15 +204,19 @@ class Decoder:
 
     def _tree_round(self, shape: TreeShape, kv_end: int, sampling: SamplingParams, gen) -> None:
         """Draft a tree from g, verify it in one full call, commit its path (speculative.tree)."""
-        D, _, N = shape
+        D, N = shape.depth, shape.verified
         t = draft_tree(self._recycle_fwd, self.rmodel.draft_top, self.mcache, self.pad, self.pos, kv_end, self.g,
                        shape)
+        if shape.lookup:
+            t = add_lookup_branch(t, prompt_lookup(self.seq, self.pad, self.pos + 1, shape.lookup))
         full = self._base_fwd(torch.cat((self.x_next, t.tokens), dim=1), input_pos=self.pos + self._ar[:N + 1],
                               cache=self.cache, kv_end=kv_end,
                               tree=tree_attention(self.pad, self.pos, t.positions, t.sees, kv_end), taps=self.taps)
         a, tokens, path = verify_tree(t.tokens, t.parent, t.depth, D, full.logits, sampling, gen)
         # every row's path moves to slots p+1..p+D; past the committed minimum it lands on rejected slots
         self.cache.move(self.pos + path, self.pos + 1 + self._ar[:D])
+        if shape.lookup:  # the round's tokens by slot, for the next lookup (those past the commit are rewritten)
+            self.seq.index_copy_(1, self.pos + 1 + self._ar[:D + 1], tokens)
         on_path = torch.cat((torch.zeros_like(path[:, :1]), path), dim=1)
         state = self.rmodel.state(full)
         self._commit(a, tokens, state.gather(1, on_path[..., None].expand(-1, -1, state.shape[-1])), kv_end,
@@ -289,6 +296,8 @@ class Decoder:
         self._emit(self.x_next)
         self.pos.fill_(L)
         self.hist.zero_()
+        self.seq[:, :L].copy_(batch.ids)  # tokens by slot, for the tree's lookup branch
+        self.seq[:, L:L + 1].copy_(self.x_next)
         return state
 
     def _prompt_buffers(self, L: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -497,7 +506,7 @@ class Plan(NamedTuple):
             t = (tree or TreeShape()).check()
             if t.depth + 1 > MAX_ROUND_TOKENS:
                 raise ValueError(f"tree depth must be below {MAX_ROUND_TOKENS}, got {t.depth}")
-            return cls(strategy, False, 1, t.depth + 1, max(t.nodes + 1, t.module_slots), t.depth, tree=t)
+            return cls(strategy, False, 1, t.depth + 1, max(t.verified + 1, t.module_slots), t.depth, tree=t)
         K = 1 if strategy == "recycle-verified" else check_draft_len(draft_len)
         if K + 1 > MAX_ROUND_TOKENS:
             raise ValueError(f"draft_len must be below {MAX_ROUND_TOKENS - 1}, got {K}")

@@ -98,9 +98,12 @@ def add_draft_args(p: argparse.ArgumentParser, *, tree_flag: bool = True) -> Non
                    help=f"tree: children per expanded node and nodes expanded per level (default {t.topk})")
     p.add_argument("--tree-nodes", type=int, default=t.nodes,
                    help=f"tree: drafted nodes the full model verifies per call (default {t.nodes})")
+    p.add_argument("--tree-lookup", type=int, default=t.lookup,
+                   help="tree: also verify this many tokens found by prompt lookup (the tokens after the latest "
+                        f"earlier occurrence of the text's last 1-3 tokens), up to the depth (default {t.lookup})")
 
 
 def draft_options(args: argparse.Namespace) -> dict:
     """generate()'s keyword arguments from the flags of `add_draft_args`."""
     return {"draft_len": args.draft_len, "min_draft_prob": args.min_draft_prob,
-            "tree_shape": TreeShape(args.tree_depth, args.tree_topk, args.tree_nodes).check()}
+            "tree_shape": TreeShape(args.tree_depth, args.tree_topk, args.tree_nodes, args.tree_lookup).check()}

@@ -49,7 +49,8 @@ DEFAULT_DRAFT_LEN = 3
 
 class TreeShape(NamedTuple):
     """A draft tree: `depth` levels below the pending token, `topk` children per expanded node and `topk` nodes
-    expanded per level, and the best `nodes` (by cumulative draft log-probability) sent to the full model."""
+    expanded per level, and the best `nodes` (by cumulative draft log-probability) sent to the full model; plus,
+    when `lookup` > 0, a chain of that many tokens found by prompt lookup (`prompt_lookup`) as one more branch."""
 
     # defaults: best of eight shapes in the ninth session's H100 sweep (v3 module, compiled whole rounds, sort-free
     # top-k, 20 prompts of four sets): (5, 4, 24) 1.93x, (5, 4, 20) 1.92x, (5, 4, 32) 1.91x, (5, 6, 32) 1.89x,
@@ -57,16 +58,24 @@ class TreeShape(NamedTuple):
     depth: int = 5
     topk: int = 4
     nodes: int = 24
+    lookup: int = 0  # off until timed on a GPU (τ +0.2 in a CPU replay: docs/speculative.md)
 
     def check(self) -> "TreeShape":
         for name, v in self._asdict().items():
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"tree {name} must be an integer >= 1, got {v!r}")
+            if not isinstance(v, int) or v < (0 if name == "lookup" else 1):
+                raise ValueError(f"tree {name} must be an integer >= {0 if name == 'lookup' else 1}, got {v!r}")
+        if self.lookup > self.depth:
+            raise ValueError(f"tree lookup ({self.lookup}) may not exceed the tree depth ({self.depth})")
         most = self.topk + (self.depth - 1) * self.topk ** 2
         if self.nodes > most:
             raise ValueError(f"a tree of depth {self.depth} and top-k {self.topk} has at most {most} nodes; "
                              f"got tree nodes {self.nodes}")
         return self
+
+    @property
+    def verified(self) -> int:
+        """Draft tokens the full model verifies per round: the drafted nodes and the lookup branch."""
+        return self.nodes + self.lookup
 
     @property
     def module_slots(self) -> int:
@@ -243,7 +252,7 @@ def draft_tree(recycle_fn, top_fn, mcache: KVCache, pad: torch.Tensor | None, p,
     (1,) device tensor; kv_end an upper bound for the module slots (>= p + (depth-1)*k). Shapes depend only on
     `shape`: graph-capturable.
     """
-    D, k, N = shape
+    D, k, N = shape.depth, shape.topk, shape.nodes
     B, dev = state.shape[0], state.device
     ar = torch.arange(k, device=dev)
     top_logp, top_ids = top_fn(state[:, 0], k)  # (B, k)
@@ -300,19 +309,70 @@ def draft_tree(recycle_fn, top_fn, mcache: KVCache, pad: torch.Tensor | None, p,
     return TreeDraft(tok.gather(1, keep), k_parent, k_depth, sees, positions)
 
 
+LOOKUP_NGRAM = 3  # the longest suffix prompt_lookup matches
+
+
+def prompt_lookup(seq: torch.Tensor, lo: torch.Tensor | None, end, length: int,
+                  ngram: int = LOOKUP_NGRAM) -> torch.Tensor:
+    """Prompt-lookup drafts on the device: per row, the `length` tokens that followed the latest earlier occurrence
+    of the longest suffix (up to `ngram` tokens) of the row's sequence seq[b, lo_b:end].
+
+    seq (B, S): tokens by cache slot (the prompt, left-padded, then every emitted token; slots past end are stale);
+    lo (B,): each row's first real slot (None: 0); end: an int or a (1,) device tensor, one past the last token.
+    Returns (B, length) token ids. Where nothing matches, or the continuation runs past end, the tokens are
+    whatever the slots hold: they are only proposals, which verification accepts or not. Shapes are fixed and no
+    value goes to the host, so a CUDA graph can hold it.
+    """
+    B, S = seq.shape
+    dev = seq.device
+    e = torch.arange(S, device=dev)  # the last slot of a candidate occurrence
+    last = torch.as_tensor(end, device=dev).view(1, 1) - 1
+    lo = lo.view(B, 1) if lo is not None else torch.zeros(B, 1, dtype=torch.long, device=dev)
+    run = (e < last) & (e >= lo)  # an earlier occurrence, inside the row's real tokens
+    score = torch.zeros(B, S, dtype=torch.long, device=dev)
+    for j in range(ngram):  # the occurrence's j-th token from its end against the sequence's
+        key = seq.gather(1, (last - j).clamp(min=0).expand(B, 1))
+        run = run & (e - j >= lo) & (last - j >= lo) & (seq.gather(1, (e - j).clamp(min=0).expand(B, S)) == key)
+        score = score + run.long()
+    best = (score * S + e).argmax(-1)  # the longest match, the latest among equals
+    return seq.gather(1, (best[:, None] + 1 + torch.arange(length, device=dev)).clamp(max=S - 1))
+
+
+def add_lookup_branch(t: TreeDraft, chain: torch.Tensor) -> TreeDraft:
+    """t with the chain (B, L) appended as one more branch below the root: node j at depth j+1, the child of node
+    j-1. Its first token may repeat a drafted sibling's; verification stays exact, since two nodes with the same
+    tokens on their paths get the same logits (`verify_tree`)."""
+    B, N = t.tokens.shape
+    L = chain.shape[1]
+    dev = chain.device
+    j = torch.arange(L, device=dev)
+    parent = torch.where(j == 0, 0, N + j).expand(B, L)  # into [root, nodes]: chain node j sits at N+1+j
+    depth = (j + 1).expand(B, L)
+    sees = torch.zeros(B, N + L + 1, N + L + 1, dtype=torch.bool, device=dev)
+    sees[:, :N + 1, :N + 1] = t.sees
+    sees[:, N + 1:, 0] = True
+    sees[:, N + 1:, N + 1:] = torch.ones(L, L, dtype=torch.bool, device=dev).tril()
+    positions = torch.cat((t.positions, t.positions[:, :1] + depth), 1)
+    return TreeDraft(torch.cat((t.tokens, chain), 1), torch.cat((t.parent, parent), 1),
+                     torch.cat((t.depth, depth), 1), sees, positions)
+
+
 @torch.inference_mode()
 def tree(model: RecycleModel, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
          shape: TreeShape = TreeShape(), sampling: SamplingParams = SamplingParams(), stop_ids: Sequence[int] = (),
          stream: StreamFn | None = None, name: str = "tree") -> DecodeResult:
     """A draft tree per round, verified in one full call under a tree mask (lossless, greedy and sampling)."""
-    D, k, N = shape.check()
+    D, N = shape.check().depth, shape.verified
     r = _Round(model, prompts, max_new_tokens, max(N, shape.module_slots) + 1, name, sampling, stop_ids, stream)
     r.stats.accept_hist = [0] * (D + 1)
     done = r.prefill()
+    seq = torch.cat((r.batch.ids, r.pending[:, None]), 1)  # tokens by slot, through the pending one at p
     while not done:
         p, B, dev = r.p, len(r.out.tokens), r.device
         _, state = r.catch_up(logits=False)
         t = draft_tree(model.recycle, model.draft_top, r.mcache, r.pad, p, p + shape.module_slots, state, shape)
+        if shape.lookup:
+            t = add_lookup_branch(t, prompt_lookup(seq, r.pad, p + 1, shape.lookup))
         r.stats.module_calls += D - 1
         full = r.base(torch.cat((r.pending[:, None], t.tokens), 1), input_pos=_slots(p, N + 1, dev), cache=r.cache,
                       kv_end=p + N + 1, tree=tree_attention(r.pad, p, t.positions, t.sees, p + N + 1),
@@ -324,4 +384,5 @@ def tree(model: RecycleModel, prompts: Sequence[Sequence[int]], *, max_new_token
         on_path = torch.cat((torch.zeros(B, 1, dtype=torch.long, device=dev), path[:, :m]), 1)
         state = model.state(full)
         done = r.commit(m, tokens, state.gather(1, on_path[..., None].expand(B, m + 1, state.shape[-1])))
+        seq = torch.cat((seq, tokens[:, :m + 1]), 1)
     return r.finish()
