@@ -215,10 +215,11 @@ def sampler_model():
 
 
 @pytest.mark.parametrize("name, batch", [("speculative-2", 1), ("recycle-verified", 1), ("tree", 1),
-                                         ("speculative-2", 4)])
+                                         ("tree-lookup", 1), ("speculative-2", 4)])
 def test_sampling_matches_the_full_models_distribution(sampler_model, name, batch):
     fn, kw = {"speculative-2": (speculative, dict(draft_len=2)), "recycle-verified": (recycle_verified, {}),
-              "tree": (tree, dict(shape=TreeShape(depth=3, topk=2, nodes=5)))}[name]
+              "tree": (tree, dict(shape=TreeShape(depth=3, topk=2, nodes=5))),
+              "tree-lookup": (tree, dict(shape=TreeShape(depth=3, topk=2, nodes=5, lookup=3)))}[name]
     hists: list = []
     counts, n = sample_counts(fn, kw, sampler_model, batch, hists)
     assert chi_square_pvalue(counts, exact_distribution(sampler_model), n) > 1e-3
@@ -375,6 +376,33 @@ def test_the_lookup_branch_is_exact_and_accepts_repeats():
         with_lookup.append(a.stats.tau)
         without.append(b.stats.tau)
     assert sum(with_lookup) > sum(without) + 0.5, (with_lookup, without)
+
+
+def test_the_lookup_branch_is_grafted_where_the_tree_already_spells_it():
+    # a drafted tree over [root, 1..4]: 1 (token 7) and 2 (token 8) under the root, 3 (token 9) under 1, 4 (token 5)
+    # under 3; row 0's chain 7 9 6 shares "7 9" with it, row 1's chain 4 4 4 shares nothing
+    tokens = torch.tensor([[7, 8, 9, 5]] * 2)
+    parent = torch.tensor([[0, 0, 1, 3]] * 2)
+    depth = torch.tensor([[1, 1, 2, 3]] * 2)
+    sees = torch.zeros(2, 5, 5, dtype=torch.bool)
+    for node, anc in {0: [0], 1: [0, 1], 2: [0, 2], 3: [0, 1, 3], 4: [0, 1, 3, 4]}.items():
+        sees[:, node, anc] = True
+    positions = torch.tensor([[10, 11, 11, 12, 13]] * 2)
+    t = spec.add_lookup_branch(spec.TreeDraft(tokens, parent, depth, sees, positions),
+                               torch.tensor([[7, 9, 6], [4, 4, 4]]))
+    # row 0: chain nodes 5, 6 (7, 9) are off (their own parents); node 7 (6) hangs under drafted node 3
+    assert t.parent[0, 4:].tolist() == [5, 6, 3] and t.parent[1, 4:].tolist() == [0, 5, 6]
+    assert t.depth[0, 4:].tolist() == [1, 2, 3] and t.positions[0, 5:].tolist() == [11, 12, 13]
+    assert t.sees[0, 7].nonzero().flatten().tolist() == [0, 1, 3, 7]  # its drafted ancestors and itself
+    assert t.sees[1, 7].nonzero().flatten().tolist() == [0, 5, 6, 7]
+    # verification: a node that is its own parent is never accepted, whatever its token
+    logits = torch.full((2, 8, 10), -9.0)
+    for node, nxt in {0: 7, 1: 9, 3: 6}.items():  # the full model would say 7, then 9, then 6
+        logits[0, node, nxt] = 9.0
+    logits[1, 0, 4] = logits[1, 5, 4] = logits[1, 6, 4] = logits[1, 7, 1] = 9.0
+    a, emitted, path = verify.verify_tree(t.tokens, t.parent, t.depth, 3, logits, SamplingParams())
+    assert a.tolist() == [3, 3] and path[0].tolist() == [1, 3, 7] and path[1].tolist() == [5, 6, 7]
+    assert emitted[0].tolist() == [7, 9, 6, 0] and emitted[1].tolist() == [4, 4, 4, 1]
 
 
 def test_bad_lookup_lengths_are_clear_errors():

@@ -339,19 +339,39 @@ def prompt_lookup(seq: torch.Tensor, lo: torch.Tensor | None, end, length: int,
 
 
 def add_lookup_branch(t: TreeDraft, chain: torch.Tensor) -> TreeDraft:
-    """t with the chain (B, L) appended as one more branch below the root: node j at depth j+1, the child of node
-    j-1. Its first token may repeat a drafted sibling's; verification stays exact, since two nodes with the same
-    tokens on their paths get the same logits (`verify_tree`)."""
+    """t with the chain (B, L) added as one more branch, grafted where the drafted tree already spells it.
+
+    Chain node j (index N+1+j in [root, nodes]) stands at depth j+1. The longest prefix chain[:q] that is a path of
+    drafted nodes from the root is already in the tree: those q chain nodes are switched off (each its own parent,
+    so `verify_tree` never accepts them), node q hangs under the drafted node that ends that path, and the rest
+    follow each other. Siblings thus keep distinct tokens, which sampling needs: two equal siblings would be two
+    independent draws of the same position. Shapes stay fixed (N + L nodes).
+    """
     B, N = t.tokens.shape
     L = chain.shape[1]
     dev = chain.device
+    cur = torch.zeros(B, dtype=torch.long, device=dev)  # the drafted path's end, into [root, nodes]
+    q = torch.zeros(B, dtype=torch.long, device=dev)
+    alive = torch.ones(B, dtype=torch.bool, device=dev)
+    for d in range(L):  # a drafted child of cur whose token is chain[d] extends the shared path
+        hit = (t.parent == cur[:, None]) & (t.tokens == chain[:, d:d + 1]) & alive[:, None]
+        found = hit.any(-1)
+        cur = torch.where(found, hit.long().argmax(-1) + 1, cur)
+        q, alive = q + found.long(), alive & found
     j = torch.arange(L, device=dev)
-    parent = torch.where(j == 0, 0, N + j).expand(B, L)  # into [root, nodes]: chain node j sits at N+1+j
+    live = j[None] >= q[:, None]  # (B, L): chain nodes that are not already drafted
+    parent = torch.where(~live, N + 1 + j[None], torch.where(j[None] == q[:, None], cur[:, None], N + j[None]))
     depth = (j + 1).expand(B, L)
-    sees = torch.zeros(B, N + L + 1, N + L + 1, dtype=torch.bool, device=dev)
-    sees[:, :N + 1, :N + 1] = t.sees
-    sees[:, N + 1:, 0] = True
-    sees[:, N + 1:, N + 1:] = torch.ones(L, L, dtype=torch.bool, device=dev).tril()
+    # what a live chain node sees: the drafted path to cur (its ancestors-or-self row), then chain nodes q..itself;
+    # a switched-off one: the root and the chain up to itself (it is never accepted; its keys are never kept)
+    root_only = torch.zeros(N + 1, dtype=torch.bool, device=dev)
+    root_only[0] = True
+    path_rows = t.sees.gather(1, cur[:, None, None].expand(B, 1, N + 1))  # (B, 1, N+1)
+    tree_part = torch.where(live[..., None], path_rows, root_only)  # (B, L, N+1)
+    tri = torch.ones(L, L, dtype=torch.bool, device=dev).tril()
+    chain_part = tri & (~live[..., None] | (j[None, None, :] >= q[:, None, None]))  # (B, L, L)
+    sees = torch.cat((torch.cat((t.sees, torch.zeros(B, N + 1, L, dtype=torch.bool, device=dev)), 2),
+                      torch.cat((tree_part, chain_part), 2)), 1)
     positions = torch.cat((t.positions, t.positions[:, :1] + depth), 1)
     return TreeDraft(torch.cat((t.tokens, chain), 1), torch.cat((t.parent, parent), 1),
                      torch.cat((t.depth, depth), 1), sees, positions)

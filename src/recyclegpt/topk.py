@@ -13,8 +13,8 @@ reductions, which inductor fuses into a few kernels:
 - `best_in_order`: the k best of a short row in index order (the tree keeps its best N candidates that way).
 
 Rows are the last dimension. Ties are broken towards the lower index in `stable_rank` and `top_k_small`; within
-`top_k_chunked` towards the better-ranked chunk. Indices are always distinct, which the tree's verification needs
-(siblings carry distinct tokens). `top_k` and `best_in_order` take the sort-free path on CUDA (`SORT_FREE`) and
+`top_k_chunked` towards the better-ranked chunk. Indices are always distinct, so a node's drafted children carry
+distinct tokens (no verification slot is spent twice). `top_k` and `best_in_order` take the sort-free path on CUDA (`SORT_FREE`) and
 torch's sort and topk elsewhere, where those are single fast calls; rows too long to rank whole whose length is not
 a multiple of `CHUNK` also use `torch.topk`.
 """

@@ -13,7 +13,7 @@ Both rules are lossless: the emitted tokens are distributed exactly as the full 
   argmax. Sampling: the speculative-sampling rule (Leviathan et al. 2023, Chen et al. 2023): accept draft d with
   probability min(1, p(d) / q(d)); at the first rejection draw from norm(max(p - q, 0)); after K acceptances draw
   a bonus token from p.
-- `verify_tree`: a tree of candidate tokens (several children per node). At every node
+- `verify_tree`: a tree of candidate tokens (several children per node, each with distinct tokens). At every node
   the full model's token y is drawn from its own distribution p (argmax when greedy); the walk moves to the child
   whose token is y and stops where no child matches. Every emitted token is a draw from p given exactly the
   emitted prefix, so the rule is lossless for any deterministic choice of candidates (here: the drafter's top-k).
@@ -71,10 +71,9 @@ def verify_tree(tokens: torch.Tensor, parent: torch.Tensor, depth: torch.Tensor,
     tokens (B, N): node tokens; parent (B, N): each node's parent as an index into [root, node 0, ..., node N-1]
     (0 is the root); depth (B, N): 1 for the root's children; levels: the tree's depth D (>= every depth; given,
     not read from `depth`, so that nothing syncs); logits (B, N+1, V): the full model's logits at
-    [root, nodes]. Siblings may repeat a token (a lookup branch may start with a drafted token): both are then
-    accepted together, and the path goes on under the first whose child is accepted at the next level. Nodes with
-    the same tokens on their paths get the same logits in exact arithmetic, so which one the path takes does not
-    change what is emitted (and their keys and values, which the commit moves, are the same).
+    [root, nodes]. Siblings must carry distinct tokens (with sampling, two equal siblings would be two independent
+    draws for one position). A node that is its own parent is never accepted (how `add_lookup_branch` switches off
+    chain nodes the drafted tree already holds).
     Returns (a (B,), tokens (B, D+1), path (B, D)): the accepted depth, the emitted-token table (the full model's
     token at the root and at each accepted node), and the accepted nodes' indices into [root, nodes] by depth
     (entries past a are 0).
