@@ -7,15 +7,12 @@ script with TRITON_INTERPRET=1.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 triton = pytest.importorskip("triton")
 
+from interpreted import needs_interpreter_3_7, run_interpreted  # noqa: E402
 from recyclegpt import triton_attention  # noqa: E402
 from recyclegpt.triton_attention import decode_attention  # noqa: E402
 
@@ -83,13 +80,9 @@ def check_interpreted_cases() -> None:
     assert (out - attend(q, cache, pos, new, mask)).abs().max().item() < 1e-6
 
 
-@pytest.mark.skipif(tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 7),
-                    reason="older Triton interpreters cannot loop over bounds computed in the kernel; the CUDA test "
-                           "below covers the kernel there")
+@needs_interpreter_3_7(triton)
 def test_interpreted_matches_reference():
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-    res = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stdout + res.stderr
+    run_interpreted(__file__)
 
 
 @pytest.mark.skipif(triton_attention._INTERPRETED, reason="TRITON_INTERPRET is set in this process")

@@ -8,7 +8,6 @@ script with TRITON_INTERPRET=1.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 
 import pytest
@@ -16,6 +15,7 @@ import torch
 
 triton = pytest.importorskip("triton")
 
+from interpreted import needs_interpreter_3_7, run_interpreted  # noqa: E402
 from recyclegpt import triton_draft_head  # noqa: E402
 from recyclegpt.triton_draft_head import head_top_k  # noqa: E402
 
@@ -101,13 +101,9 @@ def check_model_integration() -> None:
     assert any(calls) and not all(calls)
 
 
-@pytest.mark.skipif(tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 7),
-                    reason="older Triton interpreters cannot loop over bounds computed in the kernel; the CUDA test "
-                           "below covers the kernel there")
+@needs_interpreter_3_7(triton)
 def test_interpreted_matches_torch():
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-    res = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stdout + res.stderr
+    run_interpreted(__file__)
 
 
 @pytest.mark.skipif(triton_draft_head._INTERPRETED, reason="TRITON_INTERPRET is set in this process")
