@@ -517,16 +517,13 @@ class RecycleModel(nn.Module):
         float32, token ids (..., k)), most likely first. With a draft vocabulary the search runs over its N logits
         directly, not over V with the rest -inf as `draft_logits` gives them: the same values, with no V-wide fill
         and copy, and a third of the reductions (N = V/3 for the shipped module)."""
+        w = self.base.lm_head.weight if self.draft_weight is None else self.draft_weight
         if use_draft_head_kernel(out, k):  # norm, head and a first selection in one kernel
-            w = self.base.lm_head.weight if self.draft_weight is None else self.draft_weight
             logp, ids = triton_draft_head.head_top_k(out, self.base.norm.weight, self.base.norm.eps, w, k)
-            return logp, (ids if self.draft_weight is None else self.module.draft_ids[ids])
-        if self.draft_weight is None:
-            logits = self.base.head(out)
         else:
-            logits = linear(self.base.norm(out), self.draft_weight)
-        values, ids = top_k(logits, k)
-        logp = values.float() - torch.logsumexp(logits.float(), -1, keepdim=True)
+            logits = linear(self.base.norm(out), w)
+            values, ids = top_k(logits, k)
+            logp = values.float() - torch.logsumexp(logits.float(), -1, keepdim=True)
         return logp, (ids if self.draft_weight is None else self.module.draft_ids[ids])
 
     @property

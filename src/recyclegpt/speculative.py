@@ -364,8 +364,7 @@ def add_lookup_branch(t: TreeDraft, chain: torch.Tensor) -> TreeDraft:
     depth = (j + 1).expand(B, L)
     # what a live chain node sees: the drafted path to cur (its ancestors-or-self row), then chain nodes q..itself;
     # a switched-off one: the root and the chain up to itself (it is never accepted; its keys are never kept)
-    root_only = torch.zeros(N + 1, dtype=torch.bool, device=dev)
-    root_only[0] = True
+    root_only = torch.arange(N + 1, device=dev) == 0
     path_rows = t.sees.gather(1, cur[:, None, None].expand(B, 1, N + 1))  # (B, 1, N+1)
     tree_part = torch.where(live[..., None], path_rows, root_only)  # (B, L, N+1)
     tri = torch.ones(L, L, dtype=torch.bool, device=dev).tril()
@@ -386,7 +385,7 @@ def tree(model: RecycleModel, prompts: Sequence[Sequence[int]], *, max_new_token
     r = _Round(model, prompts, max_new_tokens, max(N, shape.module_slots) + 1, name, sampling, stop_ids, stream)
     r.stats.accept_hist = [0] * (D + 1)
     done = r.prefill()
-    seq = torch.cat((r.batch.ids, r.pending[:, None]), 1)  # tokens by slot, through the pending one at p
+    seq = torch.cat((r.batch.ids, r.pending[:, None]), 1) if shape.lookup else None  # tokens by slot, through p
     while not done:
         p, B, dev = r.p, len(r.out.tokens), r.device
         _, state = r.catch_up(logits=False)
@@ -404,5 +403,6 @@ def tree(model: RecycleModel, prompts: Sequence[Sequence[int]], *, max_new_token
         on_path = torch.cat((torch.zeros(B, 1, dtype=torch.long, device=dev), path[:, :m]), 1)
         state = model.state(full)
         done = r.commit(m, tokens, state.gather(1, on_path[..., None].expand(B, m + 1, state.shape[-1])))
-        seq = torch.cat((seq, tokens[:, :m + 1]), 1)
+        if shape.lookup:
+            seq = torch.cat((seq, tokens[:, :m + 1]), 1)
     return r.finish()
