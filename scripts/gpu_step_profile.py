@@ -121,6 +121,8 @@ def main() -> None:
     ap.add_argument("--shape", default=None, help="1.3b or 7b: random weights of that shape instead of --model")
     ap.add_argument("--preset", default=None, help="random weights of a recyclegpt.config preset (a quick check)")
     ap.add_argument("--recycle-layers", type=int, default=6, help="module layers with --shape or --preset")
+    ap.add_argument("--draft-vocab", type=int, default=0,
+                    help="with --preset: the module's draft vocabulary (the shipped SmolLM2 module: 2 layers, 16384)")
     ap.add_argument("--compile", nargs="?", const="default", default=None, help="torch.compile, with this mode")
     ap.add_argument("--compile-steps", action="store_true", help="with --compile: steps and rounds compiled whole")
     ap.add_argument("--prompt-len", type=int, default=128)
@@ -170,7 +172,8 @@ def run_profile(args) -> None:
     dev, dtype = (torch.device("cuda"), torch.bfloat16) if cuda else (torch.device("cpu"), torch.float32)
     if args.preset:
         torch.manual_seed(0)
-        model = RecycleModel.build(PRESETS[args.preset], RecycleConfig(n_layer=args.recycle_layers))
+        rcfg = RecycleConfig(n_layer=args.recycle_layers, draft_vocab=args.draft_vocab)
+        model = RecycleModel.build(PRESETS[args.preset], rcfg)
         model = model.to(device=dev, dtype=dtype).eval()
     elif args.shape:
         model = random_model(args.shape, module_layers=args.recycle_layers, device=dev, dtype=dtype).model
