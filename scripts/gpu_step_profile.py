@@ -143,9 +143,9 @@ def main() -> None:
                     help="cached calls attend with SDPA, not the Triton decode kernel (an A/B check of that kernel)")
     ap.add_argument("--torch-topk", action="store_true",
                     help="the tree drafts with torch.topk and torch.sort, not the sort-free selection (an A/B check)")
-    ap.add_argument("--draft-head-kernel", action="store_true",
-                    help="the tree's norm, draft head and top-k as one Triton kernel (model.DRAFT_HEAD_KERNEL; an A/B "
-                         "check)")
+    ap.add_argument("--no-draft-head-kernel", action="store_true",
+                    help="the tree's norm, draft head and top-k as separate operators, not one Triton kernel "
+                         "(model.DRAFT_HEAD_KERNEL; an A/B check of that kernel)")
     ap.add_argument("--top", type=int, default=8, help="kernel names listed per part, by GPU time")
     ap.add_argument("--sdpa", default=None,
                     help="attention backends allowed, comma-separated from cudnn, flash, efficient, math "
@@ -167,7 +167,7 @@ def run_profile(args) -> None:
     recyclegpt.model.FUSED_RMS_NORM = not args.manual_norm
     recyclegpt.model.DECODE_KERNEL = not args.sdpa_decode
     topk.SORT_FREE = "never" if args.torch_topk else "cuda"
-    recyclegpt.model.DRAFT_HEAD_KERNEL = args.draft_head_kernel
+    recyclegpt.model.DRAFT_HEAD_KERNEL = not args.no_draft_head_kernel
     cuda = torch.cuda.is_available()
     dev, dtype = (torch.device("cuda"), torch.bfloat16) if cuda else (torch.device("cpu"), torch.float32)
     if args.preset:
@@ -240,7 +240,7 @@ def run_profile(args) -> None:
           f"attention backends: {args.sdpa or 'any'}  decode attention: "
           f"{'triton' if cuda and triton_attention.available() and not args.sdpa_decode else 'sdpa'}  "
           f"tree top-k: {'torch' if args.torch_topk else 'sort-free'}, draft-head kernel: "
-          f"{'on' if args.draft_head_kernel else 'off'}  "
+          f"{'off' if args.no_draft_head_kernel else 'on'}  "
           f"prompt {L}, attention over {kv_end} slots")
     print(f"{'part':<20} {'replay ms':>9} {'kernels':>8} {'kernel ms':>9} {'gap ms':>7} {'floor ms':>8}  by kind (ms)")
     for r in rows:
@@ -270,7 +270,7 @@ def run_profile(args) -> None:
                       "torch": torch.__version__, "recycle_step_bound": bound,
                       "bool_mask": args.bool_mask, "repeat_kv": args.repeat_kv, "manual_norm": args.manual_norm,
                       "sdpa": args.sdpa, "sdpa_decode": args.sdpa_decode, "torch_topk": args.torch_topk,
-                      "draft_head_kernel": args.draft_head_kernel,
+                      "draft_head_kernel": not args.no_draft_head_kernel,
                       "parts": [{k: v for k, v in r.items() if k not in ("top", "counts")} for r in rows]}))
 
 

@@ -71,7 +71,7 @@ def check_model_integration() -> None:
     from test_speculative import predictable, prompts_for
 
     calls = []
-    allowed = model_mod.use_draft_head_kernel
+    allowed, default = model_mod.use_draft_head_kernel, model_mod.DRAFT_HEAD_KERNEL
 
     def on_cpu_too(out, k):
         calls.append(model_mod.DRAFT_HEAD_KERNEL)
@@ -97,7 +97,7 @@ def check_model_integration() -> None:
             assert t1.tokens == t0.tokens == standard(model.base, prompts, max_new_tokens=12).tokens
             assert t1.stats.accept_hist == t0.stats.accept_hist
     finally:
-        model_mod.use_draft_head_kernel, model_mod.DRAFT_HEAD_KERNEL = allowed, False
+        model_mod.use_draft_head_kernel, model_mod.DRAFT_HEAD_KERNEL = allowed, default
     assert any(calls) and not all(calls)
 
 

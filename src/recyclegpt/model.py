@@ -312,9 +312,10 @@ def use_decode_kernel(q: torch.Tensor, mask: torch.Tensor, T: int) -> bool:
             and 16 <= D <= 256 and D & (D - 1) == 0 and triton_attention.available())
 
 
-# the draft tree's norm, draft head and top-k as one Triton kernel on CUDA. Off until it has run and been timed on a
-# GPU (written and tested on the CPU under Triton's interpreter; `gpu_step_profile.py --draft-head-kernel` is the A/B)
-DRAFT_HEAD_KERNEL = False
+# the draft tree's norm, draft head and top-k as one Triton kernel on CUDA. Measured on an H100 (tenth session,
+# docs/engine.md): the compiled (5, 4, 24, 5) round 1.633 -> 1.583 ms, issue 5's tree 1.93x -> 1.98x over `standard`.
+# `gpu_step_profile.py --draft-head-kernel` is the A/B; False gives the norm, matmul and top-k as separate operators.
+DRAFT_HEAD_KERNEL = True
 
 
 def use_draft_head_kernel(out: torch.Tensor, k: int) -> bool:

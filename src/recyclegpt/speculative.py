@@ -54,11 +54,15 @@ class TreeShape(NamedTuple):
 
     # defaults: best of eight shapes in the ninth session's H100 sweep (v3 module, compiled whole rounds, sort-free
     # top-k, 20 prompts of four sets): (5, 4, 24) 1.93x, (5, 4, 20) 1.92x, (5, 4, 32) 1.91x, (5, 6, 32) 1.89x,
-    # (5, 8, 40) 1.87x, (6, 4, 32) 1.84x, (6, 5, 32) 1.83x, (4, 4, 16) 1.82x (BENCHMARKS.md, issue 5)
+    # (5, 8, 40) 1.87x, (6, 4, 32) 1.84x, (6, 5, 32) 1.83x, (4, 4, 16) 1.82x (BENCHMARKS.md, issue 5); re-checked in
+    # the tenth with the draft-head kernel: (5, 4, 24) 1.98x, (5, 4, 20) 1.97x, (5, 4, 28) 1.91x, (5, 5, 24) 1.91x,
+    # (6, 4, 24) 1.86x
     depth: int = 5
     topk: int = 4
     nodes: int = 24
-    lookup: int = 0  # off until timed on a GPU (τ +0.2 in a CPU replay: docs/speculative.md)
+    # off: on the H100 the 5-token branch gave τ +0.13 but made the verification dearer (30 tokens fuse worse than
+    # 25), 1.93x -> 1.90x (tenth session, docs/speculative.md)
+    lookup: int = 0
 
     def check(self) -> "TreeShape":
         for name, v in self._asdict().items():
