@@ -249,7 +249,8 @@ def test_cuda_graphs_replay_tree_rounds_with_the_lookup_branch():
                     reason="torch.compile on the CPU needs a C++ compiler")
 def test_a_tree_round_compiled_whole_gives_the_reference_tokens(monkeypatch):
     """compile_steps: the greedy round traces as one graph (draft, verification, commit, the cache move) and
-    inductor's code for it gives standard's tokens (on the CPU here; the CUDA-marked test above does it in graphs).
+    inductor's code for it gives standard's tokens (on the CPU here; the CUDA-marked test above does it in graphs);
+    so does the chain's round.
     The drafts' top-k is the sort-free one that CUDA uses."""
     from torch._inductor.utils import run_and_get_code
 
@@ -258,8 +259,12 @@ def test_a_tree_round_compiled_whole_gives_the_reference_tokens(monkeypatch):
     prompts = prompts_for(0, 2)
     engine = Engine(model, bucket=64, compile=True, compile_steps=True)
     got, code = run_and_get_code(engine.decode, "tree", prompts, max_new_tokens=12, tree=TreeShape(2, 2, 4, 2))
-    assert got.tokens == standard(model.base, prompts, max_new_tokens=12).tokens
+    want = standard(model.base, prompts, max_new_tokens=12).tokens
+    assert got.tokens == want
     assert sum(got.stats.accept_hist[1:]) > 0 and set(engine.decoder(2, 64)._whole) >= {"_tree_round"}
+    chain, more = run_and_get_code(engine.decode, "speculative", prompts, max_new_tokens=12, draft_len=2)
+    assert chain.tokens == want and sum(chain.stats.accept_hist[1:]) > 0
+    code += more
     # inductor ran everything itself but the attention: an aten fallback (topk, sort, the int64 index_put_ that an
     # int64 histogram's index_add_ becomes) is several extra kernels a round on CUDA
     fallbacks = set(re.findall(r"\baten\.(\w+)(?:\.\w+)?\(", "\n".join(code)))

@@ -78,6 +78,16 @@ def test_greedy_equals_standard(name, noise):
         assert accepted > 0 and rejected > 0
 
 
+def test_accepted_prefix_ends_at_the_first_rejection():
+    g = torch.Generator().manual_seed(0)
+    ok = torch.rand(64, 6, generator=g) < 0.7
+    got = verify.accepted_prefix(ok)
+    want = [next((j for j, x in enumerate(row) if not x), len(row)) for row in ok.tolist()]
+    assert got.tolist() == want and got.dtype == torch.long
+    assert verify.accepted_prefix(torch.ones(2, 3, dtype=torch.bool)).tolist() == [3, 3]
+    assert verify.accepted_prefix(torch.ones(2, 0, dtype=torch.bool)).tolist() == [0, 0]
+
+
 def test_tau_and_histogram():
     model = predictable(0, 0.0)
     res = speculative(model, [[5, 6, 7]], max_new_tokens=25, draft_len=4)

@@ -27,8 +27,13 @@ from .sampling import SamplingParams, draw, logits_to_probs
 
 
 def accepted_prefix(ok: torch.Tensor) -> torch.Tensor:
-    """(B, K) per-draft acceptance -> (B,) length of the accepted prefix (the first rejection ends it)."""
-    return ok.long().cumprod(dim=1).sum(dim=1)
+    """(B, K) per-draft acceptance -> (B,) length of the accepted prefix (the first rejection ends it): the index
+    of the first rejection, K where there is none. A min reduction, which inductor fuses on every backend (a
+    cumprod falls back to aten on the CPU)."""
+    B, K = ok.shape
+    if K == 0:
+        return torch.zeros(B, dtype=torch.long, device=ok.device)
+    return torch.where(ok, K, torch.arange(K, device=ok.device)).amin(dim=1)
 
 
 def verify_chain(draft: torch.Tensor, draft_probs: torch.Tensor | None, logits: torch.Tensor,
