@@ -100,7 +100,8 @@ def add_draft_args(p: argparse.ArgumentParser, *, tree_flag: bool = True) -> Non
                    help=f"tree: drafted nodes the full model verifies per call (default {t.nodes})")
     p.add_argument("--tree-lookup", type=int, default=t.lookup,
                    help="tree: also verify this many tokens found by prompt lookup (the tokens after the latest "
-                        f"earlier occurrence of the text's last 1-3 tokens), up to the depth (default {t.lookup})")
+                        "earlier occurrence of the text's last 1-3 tokens), up to the depth; lower --tree-nodes by as "
+                        f"many to keep the verification's size (default {t.lookup})")
 
 
 def draft_options(args: argparse.Namespace) -> dict:
