@@ -25,6 +25,9 @@ BLOCK_V = 128  # vocabulary rows a program: 128 programs for 16,384 rows, ~1 per
 BLOCK_K = 64  # the model dimension is read in steps of this many
 BLOCK_R = 16  # rows (tokens) a program, padded: tl.dot needs 16
 KTOP = 4  # candidates a block keeps per row; k may not exceed it
+NUM_WARPS = 4
+NUM_STAGES: int | None = None  # software pipelining of the K loop; None: Triton's default
+# (scripts/draft_head_bench.py times the kernel and its merge over these four settings on a GPU)
 
 
 def available() -> bool:
@@ -99,7 +102,8 @@ def _head_top_blocks(x: torch.Tensor, norm_weight: torch.Tensor, weight: torch.T
     _head_top_kernel[(nb, triton.cdiv(R, BLOCK_R))](
         x, norm_weight, weight, val, idx, mx, se, R, V, K, nb, eps, x.stride(0), weight.stride(0),
         KTOP=KTOP, BLOCK_R=BLOCK_R, BLOCK_V=BLOCK_V, BLOCK_K=BLOCK_K,
-        PRECISION="ieee" if weight.dtype == torch.float32 else "tf32", num_warps=4)  # fp32 stays fp32
+        PRECISION="ieee" if weight.dtype == torch.float32 else "tf32",  # fp32 stays fp32
+        num_warps=NUM_WARPS, **({} if NUM_STAGES is None else {"num_stages": NUM_STAGES}))
     return val, idx, mx, se
 
 
