@@ -39,15 +39,21 @@ def make_inputs(R, V, K, *, dtype=torch.float32, device="cpu", seed=0):
 
 
 def check_interpreted_cases() -> None:
-    """Run under TRITON_INTERPRET=1: every case in fp32 on the CPU, the same ids and log-probabilities to 1e-4."""
+    """Run under TRITON_INTERPRET=1: every case in fp32 on the CPU, the same ids and log-probabilities to 1e-4, with
+    the default launch settings and with the other block sizes that scripts/draft_head_bench.py sweeps."""
     assert triton_draft_head._INTERPRETED, "TRITON_INTERPRET=1 must be set before triton is imported"
-    for R, V, K, k in CASES:
-        x, nw, w = make_inputs(R, V, K)
-        logp, ids = head_top_k(x, nw, 1e-5, w, k)
-        want_logp, want_ids = reference(x, nw, 1e-5, w, k)
-        print(f"R={R} V={V} K={K} k={k}: max |dlogp| {(logp - want_logp).abs().max().item():.2e}")
-        assert ids.dtype == torch.int64 and torch.equal(ids, want_ids), (R, V, K, k)
-        assert (logp - want_logp).abs().max().item() < 1e-4
+    default = triton_draft_head.BLOCK_V, triton_draft_head.BLOCK_K
+    for block_v, block_k in (default, (32, 128), (64, 64)):
+        triton_draft_head.BLOCK_V, triton_draft_head.BLOCK_K = block_v, block_k
+        for R, V, K, k in CASES:
+            x, nw, w = make_inputs(R, V, K)
+            logp, ids = head_top_k(x, nw, 1e-5, w, k)
+            want_logp, want_ids = reference(x, nw, 1e-5, w, k)
+            print(f"BLOCK_V={block_v} BLOCK_K={block_k} R={R} V={V} K={K} k={k}: "
+                  f"max |dlogp| {(logp - want_logp).abs().max().item():.2e}")
+            assert ids.dtype == torch.int64 and torch.equal(ids, want_ids), (block_v, block_k, R, V, K, k)
+            assert (logp - want_logp).abs().max().item() < 1e-4
+    triton_draft_head.BLOCK_V, triton_draft_head.BLOCK_K = default
     x, nw, w = make_inputs(6, 500, 64)
     logp, ids = head_top_k(x.view(2, 3, 64), nw, 1e-5, w, 2)  # leading dims kept
     assert logp.shape == ids.shape == (2, 3, 2) and torch.equal(ids.view(6, 2), reference(x, nw, 1e-5, w, 2)[1])
