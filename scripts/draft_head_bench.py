@@ -2,15 +2,16 @@
 
     python scripts/draft_head_bench.py [--rows 1,4] [--vocab 16384] [--dim 576] [--calls 20] [--reps 100]
                                        [--block-v 32,64,128] [--block-k 64,128] [--warps 4,8] [--stages 0,2,4]
+                                       [--dtype bfloat16]
 
 One case is one drafting call of the tree: R rows (1 at the root's level, topk at the others; batch 1) through
-the final norm, the head over V draft-vocabulary rows of width K and the top-4, merge included
-(`head_top_k`). The torch path is what `RecycleModel.draft_top` runs without the kernel: F.rms_norm, the matmul,
-log_softmax and `topk.top_k`. Each is captured in a CUDA graph of --calls calls, replayed --reps times
-(attention_bench.graph_time); the time is per call. The floor is the head's bytes over --bandwidth. `ids ok`:
-the kernel's top-4 ids equal the torch path's and its log-probabilities are within 0.05 (a bf16 near-tie in the
-random weights could reorder two ids; a mismatch is reported, not hidden). Stages 0 means Triton's default. A
-table, then one JSON line.
+the final norm, the head over V draft-vocabulary rows of width K and the top-4, merge included (`head_top_k`;
+the default settings also with the torch merge, MERGE_KERNEL's A/B). The torch path is what
+`RecycleModel.draft_top` runs without the kernel: F.rms_norm, the matmul, log_softmax and `topk.top_k`. Each path
+is captured in a CUDA graph of --calls calls, replayed --reps times (attention_bench.graph_time); the time is per
+call. The floor is the head's bytes over --bandwidth. `ok`: the kernel's 4 distinct picks have, by an fp32
+reference, the reference's top-4 log-probabilities, and so do its own values (both within 0.03); a setting that
+fails is reported and never "best". Stages 0 means Triton's default. A table, then one JSON line.
 """
 
 from __future__ import annotations
@@ -41,21 +42,22 @@ def main() -> None:
     ap.add_argument("--block-k", type=ints, default=[64, 128])
     ap.add_argument("--warps", type=ints, default=[4, 8])
     ap.add_argument("--stages", type=ints, default=[0, 2, 4])
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--bandwidth", type=float, default=3.35e12, help="bytes/s for the floor (H100 SXM)")
     args = ap.parse_args()
     if not torch.cuda.is_available() or not dh.available():
         raise SystemExit("draft_head_bench: needs a CUDA device and triton")
     topk.SORT_FREE = "cuda"
-    dtype, k = torch.bfloat16, dh.KTOP
+    dtype, k = getattr(torch, args.dtype), dh.KTOP
     g = torch.Generator(device="cuda").manual_seed(0)
     weight = torch.randn(args.vocab, args.dim, device="cuda", dtype=dtype, generator=g) * 0.05
     norm_w = 1 + 0.1 * torch.randn(args.dim, device="cuda", dtype=dtype, generator=g)
     floor_us = weight.numel() * weight.element_size() / args.bandwidth * 1e6
-    defaults = (dh.BLOCK_V, dh.BLOCK_K, dh.NUM_WARPS, dh.NUM_STAGES)
+    defaults = (dh.BLOCK_V, dh.BLOCK_K, dh.NUM_WARPS, dh.NUM_STAGES, dh.MERGE_KERNEL)
     rows_out = []
-    print(f"device: {torch.cuda.get_device_name()}  head {args.vocab} x {args.dim} bf16  floor {floor_us:.2f} us  "
-          f"default BLOCK_V {defaults[0]}, BLOCK_K {defaults[1]}, warps {defaults[2]}, stages {defaults[3]}")
-    print(f"{'rows':>4} {'path':<34} {'us/call':>8} {'of floor':>8}  ids ok")
+    print(f"device: {torch.cuda.get_device_name()}  head {args.vocab} x {args.dim} {args.dtype}  "
+          f"floor {floor_us:.2f} us  default BLOCK_V {defaults[0]}, BLOCK_K {defaults[1]}, warps {defaults[2]}, stages {defaults[3]}")
+    print(f"{'rows':>4} {'path':<34} {'us/call':>8} {'of floor':>8}  ok")
     for R in args.rows:
         x = torch.randn(R, args.dim, device="cuda", dtype=dtype, generator=g)
 
@@ -63,24 +65,32 @@ def main() -> None:
             logits = F.linear(F.rms_norm(x, (args.dim,), norm_w, 1e-5), weight).float()
             return topk.top_k(torch.log_softmax(logits, -1), k)
 
-        want_lp, want_ids = torch_path()
+        # the reference in fp32 products: the kernel accumulates in fp32 and never rounds a logit to bf16, so its
+        # picks are checked by their reference log-probabilities, not by ids (bf16 rounding makes ties)
+        ref = torch.log_softmax(F.rms_norm(x, (args.dim,), norm_w, 1e-5).float() @ weight.float().T, -1)
+        want_lp = ref.topk(k, dim=-1).values
         t = graph_time(torch_path, calls=args.calls, reps=args.reps)
         rows_out.append({"rows": R, "path": "torch", "us": t})
         print(f"{R:>4} {'torch (norm, matmul, top-k)':<34} {t:>8.2f} {floor_us / t:>7.0%}")
-        for bv, bk, w, st in itertools.product(args.block_v, args.block_k, args.warps, args.stages):
-            dh.BLOCK_V, dh.BLOCK_K, dh.NUM_WARPS, dh.NUM_STAGES = bv, bk, w, (st or None)
+        settings = [(bv, bk, w, st, True) for bv, bk, w, st in
+                    itertools.product(args.block_v, args.block_k, args.warps, args.stages)]
+        settings.append((defaults[0], defaults[1], defaults[2], defaults[3] or 0, False))  # the torch merge
+        for bv, bk, w, st, merge in settings:
+            dh.BLOCK_V, dh.BLOCK_K, dh.NUM_WARPS, dh.NUM_STAGES, dh.MERGE_KERNEL = bv, bk, w, (st or None), merge
+            name = f"kernel V{bv} K{bk} w{w} s{st}" + ("" if merge else " + torch merge")
             try:
                 lp, ids = dh.head_top_k(x, norm_w, 1e-5, weight, k)
-                ok = bool(torch.equal(ids, want_ids)) and (lp - want_lp).abs().max().item() < 0.05
+                ok = ((ref.gather(-1, ids) - want_lp).abs().max().item() < 3e-2
+                      and (lp - want_lp).abs().max().item() < 3e-2 and all(len(set(r)) == k for r in ids.tolist()))
                 t = graph_time(lambda: dh.head_top_k(x, norm_w, 1e-5, weight, k), calls=args.calls, reps=args.reps)
             except Exception as e:  # a setting Triton cannot build (shared memory) is reported, not fatal
-                print(f"{R:>4} {f'kernel V{bv} K{bk} w{w} s{st}':<34} failed: {type(e).__name__}: {e}"[:160])
+                print(f"{R:>4} {name:<34} failed: {type(e).__name__}: {e}"[:160])
                 continue
             finally:
-                dh.BLOCK_V, dh.BLOCK_K, dh.NUM_WARPS, dh.NUM_STAGES = defaults
-            rows_out.append({"rows": R, "path": "kernel", "block_v": bv, "block_k": bk, "warps": w, "stages": st,
-                             "us": t, "ids_ok": ok})
-            print(f"{R:>4} {f'kernel V{bv} K{bk} w{w} s{st}':<34} {t:>8.2f} {floor_us / t:>7.0%}  {'yes' if ok else 'NO'}")
+                dh.BLOCK_V, dh.BLOCK_K, dh.NUM_WARPS, dh.NUM_STAGES, dh.MERGE_KERNEL = defaults
+            rows_out.append({"rows": R, "path": "kernel" if merge else "kernel, torch merge", "block_v": bv,
+                             "block_k": bk, "warps": w, "stages": st, "us": t, "ids_ok": ok})
+            print(f"{R:>4} {name:<34} {t:>8.2f} {floor_us / t:>7.0%}  {'yes' if ok else 'NO'}")
     best = {}
     for r in rows_out:
         if r["path"] == "kernel" and r["ids_ok"] and (r["rows"] not in best or r["us"] < best[r["rows"]]["us"]):

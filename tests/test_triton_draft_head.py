@@ -42,18 +42,27 @@ def check_interpreted_cases() -> None:
     """Run under TRITON_INTERPRET=1: every case in fp32 on the CPU, the same ids and log-probabilities to 1e-4, with
     the default launch settings and with the other block sizes that scripts/draft_head_bench.py sweeps."""
     assert triton_draft_head._INTERPRETED, "TRITON_INTERPRET=1 must be set before triton is imported"
-    default = triton_draft_head.BLOCK_V, triton_draft_head.BLOCK_K
-    for block_v, block_k in (default, (32, 128), (64, 64)):
-        triton_draft_head.BLOCK_V, triton_draft_head.BLOCK_K = block_v, block_k
+    default = triton_draft_head.BLOCK_V, triton_draft_head.BLOCK_K, triton_draft_head.MERGE_KERNEL
+    # equal best logits in three blocks and twice in one: the lowest ids first, as a stable top-k gives them (the
+    # torch merge's top-k is the sort-free one CUDA runs: torch.topk on the CPU does not order ties)
+    from recyclegpt import topk
+    topk.SORT_FREE = "always"
+    x_tie, nw_tie, w_tie = make_inputs(2, 300, 64)
+    w_tie[[10, 140, 141, 299]] = 0.2 * x_tie[0] / x_tie[0].norm() * 64 ** 0.5 * 4
+    for block_v, block_k, merge in ((default[0], default[1], True), (default[0], default[1], False), (32, 128, True),
+                                    (64, 64, False)):
+        triton_draft_head.BLOCK_V, triton_draft_head.BLOCK_K, triton_draft_head.MERGE_KERNEL = block_v, block_k, merge
         for R, V, K, k in CASES:
             x, nw, w = make_inputs(R, V, K)
             logp, ids = head_top_k(x, nw, 1e-5, w, k)
             want_logp, want_ids = reference(x, nw, 1e-5, w, k)
-            print(f"BLOCK_V={block_v} BLOCK_K={block_k} R={R} V={V} K={K} k={k}: "
+            print(f"BLOCK_V={block_v} BLOCK_K={block_k} merge kernel {merge} R={R} V={V} K={K} k={k}: "
                   f"max |dlogp| {(logp - want_logp).abs().max().item():.2e}")
-            assert ids.dtype == torch.int64 and torch.equal(ids, want_ids), (block_v, block_k, R, V, K, k)
+            assert ids.dtype == torch.int64 and torch.equal(ids, want_ids), (block_v, block_k, merge, R, V, K, k)
             assert (logp - want_logp).abs().max().item() < 1e-4
-    triton_draft_head.BLOCK_V, triton_draft_head.BLOCK_K = default
+        logp, ids = head_top_k(x_tie, nw_tie, 1e-5, w_tie, 4)
+        assert ids[0].tolist() == [10, 140, 141, 299] and torch.equal(logp[0], logp[0, :1].expand(4)), (ids, merge)
+    triton_draft_head.BLOCK_V, triton_draft_head.BLOCK_K, triton_draft_head.MERGE_KERNEL = default
     x, nw, w = make_inputs(6, 500, 64)
     logp, ids = head_top_k(x.view(2, 3, 64), nw, 1e-5, w, 2)  # leading dims kept
     assert logp.shape == ids.shape == (2, 3, 2) and torch.equal(ids.view(6, 2), reference(x, nw, 1e-5, w, 2)[1])
@@ -136,6 +145,9 @@ def test_cuda_bf16_graph_and_compile():
     for R, V, K, k in CASES + [(4, 16384, 576, 4), (32, 49152, 576, 4)]:
         inputs = make_inputs(R, V, K, dtype=torch.bfloat16, device="cuda")
         check(head_top_k(inputs[0], inputs[1], 1e-5, inputs[2], k), *inputs, k)
+    x, nw, w = make_inputs(2, 16384, 576, dtype=torch.bfloat16, device="cuda")
+    w[[10, 140, 141, 9000]] = 0.2 * x[0] / x[0].float().norm().to(x.dtype) * 576 ** 0.5 * 4  # equal best logits
+    assert head_top_k(x, nw, 1e-5, w, 4)[1][0].tolist() == [10, 140, 141, 9000]  # lowest ids first
 
     x, nw, w = inputs = make_inputs(4, 16384, 576, dtype=torch.bfloat16, device="cuda")
     head_top_k(x, nw, 1e-5, w, 4)  # compiles the kernel outside the capture

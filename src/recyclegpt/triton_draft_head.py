@@ -5,13 +5,13 @@ the shipped module) and a top-k with log-probabilities (`RecycleModel.draft_top`
 cuBLAS's product and four or five reductions of the sort-free top-k, in every one of a round's five module calls.
 Here one kernel does the norm, the product and a first selection: program j normalises the rows (RMSNorm in the
 order `model.RMSNorm` uses), multiplies them by vocabulary rows [j*BLOCK_V, (j+1)*BLOCK_V), and keeps per row its
-block's KTOP best logits with their ids, and the block's max and sum of exp(logit - max). `head_top_k` then merges
-the blocks with a few torch ops that inductor fuses: the k best of the n_blocks*KTOP candidates, and the log-sum-exp
-of the blocks for the log-probabilities. The k best of a row are among the candidates because each block
-contributes its KTOP >= k best.
+block's KTOP best logits with their ids, and the block's max and sum of exp(logit - max). A second small kernel,
+one program a row, then merges the blocks: the log-sum-exp of the blocks for the log-probabilities, and the k best
+of the n_blocks*KTOP candidates (`MERGE_KERNEL = False` merges with torch ops instead, a few kernels after
+inductor). The k best of a row are among the candidates because each block contributes its KTOP >= k best.
 
-The kernel is a torch custom op (opaque to torch.compile, captured in CUDA graphs as it is); on the CPU it runs only
-under Triton's interpreter (TRITON_INTERPRET=1 set before triton is imported), for the tests.
+Both kernels are torch custom ops (opaque to torch.compile, captured in CUDA graphs as they are); on the CPU they
+run only under Triton's interpreter (TRITON_INTERPRET=1 set before triton is imported), for the tests.
 """
 
 from __future__ import annotations
@@ -25,6 +25,9 @@ BLOCK_V = 128  # vocabulary rows a program: 128 programs for 16,384 rows, ~1 per
 BLOCK_K = 64  # the model dimension is read in steps of this many
 BLOCK_R = 16  # rows (tokens) a program, padded: tl.dot needs 16
 KTOP = 4  # candidates a block keeps per row; k may not exceed it
+# the blocks merged by a second small kernel (one launch) rather than by torch ops (a few fused kernels after
+# inductor); False is the A/B (`gpu_step_profile.py --torch-draft-merge`, `scripts/draft_head_bench.py`)
+MERGE_KERNEL = True
 NUM_WARPS = 4
 NUM_STAGES: int | None = None  # software pipelining of the K loop; None: Triton's default
 # (scripts/draft_head_bench.py times the kernel and its merge over these four settings on a GPU)
@@ -77,6 +80,26 @@ if triton is not None:
             tl.store(Idx + part * KTOP + j, vb * BLOCK_V + best, mask=row_ok)
             acc = tl.where(offs[None, :] == best[:, None], float("-inf"), acc)
 
+    @triton.jit
+    def _merge_kernel(Val, Idx, Mx, Se, LogP, Ids, NC, NB, KOUT: tl.constexpr, BLOCK_C: tl.constexpr,
+                      BLOCK_B: tl.constexpr):
+        # one program a row: the log-sum-exp of its blocks, then its KOUT best of the NC = n_blocks*KTOP candidates
+        r = tl.program_id(0)
+        b = tl.arange(0, BLOCK_B)
+        mx = tl.load(Mx + r * NB + b, mask=b < NB, other=float("-inf"))
+        se = tl.load(Se + r * NB + b, mask=b < NB, other=0.0)
+        m = tl.max(mx, 0)
+        lse = m + tl.log(tl.sum(se * tl.exp(mx - m), 0))
+        c = tl.arange(0, BLOCK_C)
+        val = tl.load(Val + r * NC + c, mask=c < NC, other=float("-inf"))
+        for j in tl.static_range(KOUT):
+            # candidates run in vocabulary order among equals (blocks in order, ties to the lower column within
+            # one), so the first maximum is the lowest id, as a stable top-k of the logits gives it
+            best = tl.argmax(val, 0)
+            tl.store(LogP + r * KOUT + j, tl.max(val, 0) - lse)
+            tl.store(Ids + r * KOUT + j, tl.load(Idx + r * NC + best))
+            val = tl.where(c == best, float("-inf"), val)
+
     _INTERPRETED = not isinstance(_head_top_kernel, triton.runtime.jit.JITFunction)
 else:
     _INTERPRETED = False
@@ -107,6 +130,19 @@ def _head_top_blocks(x: torch.Tensor, norm_weight: torch.Tensor, weight: torch.T
     return val, idx, mx, se
 
 
+def _merge_blocks(val: torch.Tensor, idx: torch.Tensor, mx: torch.Tensor, se: torch.Tensor, k: int
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The merge op's body: the blocks of `_head_top_blocks` -> (log-probabilities (R, k) float32, ids (R, k))."""
+    if not val.is_cuda and not _INTERPRETED:
+        raise RuntimeError("the draft-head merge kernel runs on CUDA tensors, or on the CPU under Triton's interpreter")
+    R, nb, ktop = val.shape
+    logp = torch.empty((R, k), dtype=torch.float32, device=val.device)
+    ids = torch.empty((R, k), dtype=torch.int64, device=val.device)
+    _merge_kernel[(R,)](val, idx, mx, se, logp, ids, nb * ktop, nb, KOUT=k,
+                        BLOCK_C=triton.next_power_of_2(nb * ktop), BLOCK_B=triton.next_power_of_2(nb), num_warps=4)
+    return logp, ids
+
+
 if triton is not None and hasattr(torch.library, "custom_op"):  # torch >= 2.4
     _op = torch.library.custom_op(
         "recyclegpt::draft_head_top", mutates_args=(),
@@ -118,8 +154,17 @@ if triton is not None and hasattr(torch.library, "custom_op"):  # torch >= 2.4
         R, nb = x.shape[0], -(-weight.shape[0] // BLOCK_V)
         return (x.new_empty((R, nb, KTOP), dtype=torch.float32), x.new_empty((R, nb, KTOP), dtype=torch.int64),
                 x.new_empty((R, nb), dtype=torch.float32), x.new_empty((R, nb), dtype=torch.float32))
+
+    _merge_op = torch.library.custom_op(
+        "recyclegpt::draft_head_merge", mutates_args=(),
+        schema="(Tensor val, Tensor idx, Tensor mx, Tensor se, int k) -> (Tensor, Tensor)",
+    )(_merge_blocks)
+
+    @_merge_op.register_fake
+    def _(val, idx, mx, se, k):
+        return val.new_empty((val.shape[0], k), dtype=torch.float32), val.new_empty((val.shape[0], k), dtype=torch.int64)
 else:
-    _op = _head_top_blocks
+    _op, _merge_op = _head_top_blocks, _merge_blocks
 
 
 def head_top_k(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor, k: int
@@ -130,6 +175,9 @@ def head_top_k(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: t
         raise ValueError(f"the draft-head kernel keeps {KTOP} candidates a block; top-{k} asked")
     lead = x.shape[:-1]
     val, idx, mx, se = _op(x.reshape(-1, x.shape[-1]), norm_weight, weight, float(eps))
+    if MERGE_KERNEL:
+        logp, ids = _merge_op(val, idx, mx, se, k)
+        return logp.reshape(*lead, k), ids.reshape(*lead, k)
     m = mx.amax(-1, keepdim=True)
     lse = m + torch.log((se * torch.exp(mx - m)).sum(-1, keepdim=True))
     values, j = topk.top_k(val.flatten(1), k)
