@@ -56,7 +56,8 @@ def main() -> None:
     defaults = (dh.BLOCK_V, dh.BLOCK_K, dh.NUM_WARPS, dh.NUM_STAGES, dh.MERGE_KERNEL)
     rows_out = []
     print(f"device: {torch.cuda.get_device_name()}  head {args.vocab} x {args.dim} {args.dtype}  "
-          f"floor {floor_us:.2f} us  default BLOCK_V {defaults[0]}, BLOCK_K {defaults[1]}, warps {defaults[2]}, stages {defaults[3]}")
+          f"floor {floor_us:.2f} us  default BLOCK_V {defaults[0]}, BLOCK_K {defaults[1]}, warps {defaults[2]}, "
+          f"stages {defaults[3]}")
     print(f"{'rows':>4} {'path':<34} {'us/call':>8} {'of floor':>8}  ok")
     for R in args.rows:
         x = torch.randn(R, args.dim, device="cuda", dtype=dtype, generator=g)
