@@ -132,7 +132,7 @@ def test_cpu_tensors_need_the_interpreter_and_bad_requests_are_clear():
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_bf16_graph_and_compile():
+def test_cuda_bf16_graph_and_compile(monkeypatch):
     def check(got, x, nw, w, k):
         logp, ids = got
         want_logp, _ = reference(x, nw, 1e-5, w, k)
@@ -142,12 +142,14 @@ def test_cuda_bf16_graph_and_compile():
         assert (picked - want_logp).abs().max().item() < 5e-2 and (logp - picked).abs().max().item() < 5e-2
         assert all(len(set(r.tolist())) == k for r in ids.view(-1, k))
 
-    for R, V, K, k in CASES + [(4, 16384, 576, 4), (32, 49152, 576, 4)]:
-        inputs = make_inputs(R, V, K, dtype=torch.bfloat16, device="cuda")
-        check(head_top_k(inputs[0], inputs[1], 1e-5, inputs[2], k), *inputs, k)
-    x, nw, w = make_inputs(2, 16384, 576, dtype=torch.bfloat16, device="cuda")
-    w[[10, 140, 141, 9000]] = 0.2 * x[0] / x[0].float().norm().to(x.dtype) * 576 ** 0.5 * 4  # equal best logits
-    assert head_top_k(x, nw, 1e-5, w, 4)[1][0].tolist() == [10, 140, 141, 9000]  # lowest ids first
+    for merge in (False, True):  # the torch merge and the merge kernel
+        monkeypatch.setattr(triton_draft_head, "MERGE_KERNEL", merge)
+        for R, V, K, k in CASES + [(4, 16384, 576, 4), (32, 49152, 576, 4)]:
+            inputs = make_inputs(R, V, K, dtype=torch.bfloat16, device="cuda")
+            check(head_top_k(inputs[0], inputs[1], 1e-5, inputs[2], k), *inputs, k)
+        x, nw, w = make_inputs(2, 16384, 576, dtype=torch.bfloat16, device="cuda")
+        w[[10, 140, 141, 9000]] = 0.2 * x[0] / x[0].float().norm().to(x.dtype) * 576 ** 0.5 * 4  # equal best logits
+        assert head_top_k(x, nw, 1e-5, w, 4)[1][0].tolist() == [10, 140, 141, 9000]  # lowest ids first
 
     x, nw, w = inputs = make_inputs(4, 16384, 576, dtype=torch.bfloat16, device="cuda")
     head_top_k(x, nw, 1e-5, w, 4)  # compiles the kernel outside the capture
@@ -168,8 +170,10 @@ def test_cuda_bf16_graph_and_compile():
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_tree_rounds_with_the_kernel(monkeypatch):
-    """The engine's tree rounds, graphs and compiled whole, with the kernel drafting: standard's tokens (fp32)."""
+@pytest.mark.parametrize("merge_kernel", [False, True])
+def test_cuda_tree_rounds_with_the_kernel(monkeypatch, merge_kernel):
+    """The engine's tree rounds, graphs and compiled whole, with the kernel drafting (its blocks merged by torch ops
+    or by the merge kernel): standard's tokens (fp32)."""
     import recyclegpt.model as model_mod
     from recyclegpt.decoding import standard
     from recyclegpt.engine import Engine
@@ -177,6 +181,7 @@ def test_cuda_tree_rounds_with_the_kernel(monkeypatch):
     from test_speculative import predictable, prompts_for
 
     monkeypatch.setattr(model_mod, "DRAFT_HEAD_KERNEL", True)
+    monkeypatch.setattr(triton_draft_head, "MERGE_KERNEL", merge_kernel)
     model = predictable(1, 0.05).cuda()
     prompts = prompts_for(3, 3)
     want = standard(model.base, prompts, max_new_tokens=40).tokens

@@ -7,8 +7,8 @@ Here one kernel does the norm, the product and a first selection: program j norm
 order `model.RMSNorm` uses), multiplies them by vocabulary rows [j*BLOCK_V, (j+1)*BLOCK_V), and keeps per row its
 block's KTOP best logits with their ids, and the block's max and sum of exp(logit - max). A second small kernel,
 one program a row, then merges the blocks: the log-sum-exp of the blocks for the log-probabilities, and the k best
-of the n_blocks*KTOP candidates (`MERGE_KERNEL = False` merges with torch ops instead, a few kernels after
-inductor). The k best of a row are among the candidates because each block contributes its KTOP >= k best.
+of the n_blocks*KTOP candidates (`MERGE_KERNEL`; off until timed on a GPU: torch ops merge instead, a few kernels
+after inductor). The k best of a row are among the candidates because each block contributes its KTOP >= k best.
 
 Both kernels are torch custom ops (opaque to torch.compile, captured in CUDA graphs as they are); on the CPU they
 run only under Triton's interpreter (TRITON_INTERPRET=1 set before triton is imported), for the tests.
@@ -26,8 +26,9 @@ BLOCK_K = 64  # the model dimension is read in steps of this many
 BLOCK_R = 16  # rows (tokens) a program, padded: tl.dot needs 16
 KTOP = 4  # candidates a block keeps per row; k may not exceed it
 # the blocks merged by a second small kernel (one launch) rather than by torch ops (a few fused kernels after
-# inductor); False is the A/B (`gpu_step_profile.py --torch-draft-merge`, `scripts/draft_head_bench.py`)
-MERGE_KERNEL = True
+# inductor). Off until timed on a GPU (built after the tenth session's window; `scripts/draft_head_bench.py` has the
+# A/B, and `gpu_step_profile.py --draft-merge-kernel`)
+MERGE_KERNEL = False
 NUM_WARPS = 4
 NUM_STAGES: int | None = None  # software pipelining of the K loop; None: Triton's default
 # (scripts/draft_head_bench.py times the kernel and its merge over these four settings on a GPU)
@@ -162,7 +163,8 @@ if triton is not None and hasattr(torch.library, "custom_op"):  # torch >= 2.4
 
     @_merge_op.register_fake
     def _(val, idx, mx, se, k):
-        return val.new_empty((val.shape[0], k), dtype=torch.float32), val.new_empty((val.shape[0], k), dtype=torch.int64)
+        R = val.shape[0]
+        return val.new_empty((R, k), dtype=torch.float32), val.new_empty((R, k), dtype=torch.int64)
 else:
     _op, _merge_op = _head_top_blocks, _merge_blocks
 
