@@ -109,8 +109,8 @@ class Decoder:
         # of accepted draft lengths
         self.g = torch.zeros(batch_size, 1, cfg.d_model, dtype=p.dtype, device=dev)
         self.d_logits = torch.zeros(batch_size, cfg.vocab_size, dtype=p.dtype, device=dev)
-        # int32: inductor lowers an int32 index_add_ to one atomic add; int64 has no Triton atomic add, so it falls back
-        # to aten's sort-based index_put_ (four kernels a round on CUDA, ~0.015 ms of a 1.5 ms tree round)
+        # int32: inductor lowers an int32 index_add_ to one atomic add; an int64 one falls back to aten's index_put_
+        # (seen in the CPU's compiled code; on CUDA most likely the few small aten kernels in every profiled round)
         self.hist = torch.zeros(MAX_ROUND_TOKENS, dtype=torch.int32, device=dev)
         # the tree's lookup branch: tokens by cache slot (a round writes its table past p, hence the margin)
         self.seq = torch.zeros(batch_size, self.max_len + MAX_ROUND_TOKENS + 1, dtype=long, device=dev)
