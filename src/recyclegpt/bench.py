@@ -364,15 +364,18 @@ def format_table(report: dict) -> str:
     lines = [f"device: {report['device']}  dtype: {report['dtype']}  model: {report['model']}  "
              f"module: {report['module']}  prompts: {report['prompts']}  batch: {report['batch_size']}  "
              f"max_new_tokens: {report['max_new_tokens']}", head, "-" * len(head)]
+    def ratio(x: float | None, width: int = 6) -> str:  # "-" where there is no baseline to divide by
+        return f"{x:>{width}.2f}x" if x is not None and x == x else f"{'-':>{width + 1}}"
+
     for r in report["results"]:
-        sp = report["speedup"].get(r["strategy"], float("nan"))
-        hf = report.get("speedup_vs_hf_eager", {}).get(r["strategy"], float("nan"))
+        sp = ratio(report["speedup"].get(r["strategy"]))
+        hf = ratio(report.get("speedup_vs_hf_eager", {}).get(r["strategy"]))
         mem = f"{r['peak_mem_mb']:>8.0f}" if r.get("peak_mem_mb") is not None else f"{'-':>8}"
         alpha = f"{r['alpha']:>6.3f}" if r.get("alpha") is not None else f"{'-':>6}"
         tau = f"{r['tau']:>5.2f}" if r.get("tau") is not None else f"{'-':>5}"
         lines.append(f"{r['strategy']:<17} {r['tokens_per_s']:>8.1f} {r['median_tokens_per_s']:>8.1f} "
                      f"{r['ttft_ms']:>8.1f} {r['step_ms']:>8.2f} {mem} {r['new_tokens']:>7} "
-                     f"{r['tokens_per_full_call']:>8.2f} {tau} {alpha} {sp:>6.2f}x {hf:>6.2f}x  {r.get('engine', '')}")
+                     f"{r['tokens_per_full_call']:>8.2f} {tau} {alpha} {sp} {hf}  {r.get('engine', '')}")
     same = [f"{r['strategy']} {r['same_as_standard']}/{report['prompts']}" for r in report["results"]
             if r.get("same_as_standard") is not None]
     if same:
@@ -393,5 +396,5 @@ def format_table(report: dict) -> str:
                 part = r["per_category"][c]
                 tau = f"{part['tau']:>5.2f}" if part.get("tau") is not None else f"{'-':>5}"
                 lines.append(f"{'':<14}{c:<20} {r['strategy']:<17} {part['tokens_per_s']:>8.1f} "
-                             f"{part.get('speedup', float('nan')):>6.2f}x {tau}")
+                             f"{ratio(part.get('speedup'))} {tau}")
     return "\n".join(lines)
