@@ -146,8 +146,8 @@ def main() -> None:
     ap.add_argument("--no-draft-head-kernel", action="store_true",
                     help="the tree's norm, draft head and top-k as separate operators, not one Triton kernel "
                          "(model.DRAFT_HEAD_KERNEL; an A/B check of that kernel)")
-    ap.add_argument("--draft-merge-kernel", action="store_true",
-                    help="the draft-head kernel's blocks merged by a second Triton kernel, not by torch ops (an A/B "
+    ap.add_argument("--torch-draft-merge", action="store_true",
+                    help="the draft-head kernel's blocks merged by torch ops, not by the second Triton kernel (an A/B "
                          "check of triton_draft_head.MERGE_KERNEL)")
     ap.add_argument("--top", type=int, default=8, help="kernel names listed per part, by GPU time")
     ap.add_argument("--sdpa", default=None,
@@ -171,7 +171,7 @@ def run_profile(args) -> None:
     recyclegpt.model.DECODE_KERNEL = not args.sdpa_decode
     topk.SORT_FREE = "never" if args.torch_topk else "cuda"
     recyclegpt.model.DRAFT_HEAD_KERNEL = not args.no_draft_head_kernel
-    triton_draft_head.MERGE_KERNEL = args.draft_merge_kernel
+    triton_draft_head.MERGE_KERNEL = not args.torch_draft_merge
     cuda = torch.cuda.is_available()
     dev, dtype = (torch.device("cuda"), torch.bfloat16) if cuda else (torch.device("cpu"), torch.float32)
     if args.preset:
@@ -244,7 +244,7 @@ def run_profile(args) -> None:
           f"attention backends: {args.sdpa or 'any'}  decode attention: "
           f"{'triton' if cuda and triton_attention.available() and not args.sdpa_decode else 'sdpa'}  "
           f"tree top-k: {'torch' if args.torch_topk else 'sort-free'}, draft-head kernel: "
-          f"{'off' if args.no_draft_head_kernel else 'on'} (merge: {'kernel' if args.draft_merge_kernel else 'torch'})  "
+          f"{'off' if args.no_draft_head_kernel else 'on'} (merge: {'torch' if args.torch_draft_merge else 'kernel'})  "
           f"prompt {L}, attention over {kv_end} slots")
     print(f"{'part':<20} {'replay ms':>9} {'kernels':>8} {'kernel ms':>9} {'gap ms':>7} {'floor ms':>8}  by kind (ms)")
     for r in rows:
@@ -275,7 +275,7 @@ def run_profile(args) -> None:
                       "bool_mask": args.bool_mask, "repeat_kv": args.repeat_kv, "manual_norm": args.manual_norm,
                       "sdpa": args.sdpa, "sdpa_decode": args.sdpa_decode, "torch_topk": args.torch_topk,
                       "draft_head_kernel": not args.no_draft_head_kernel,
-                      "draft_merge_kernel": args.draft_merge_kernel,
+                      "draft_merge_kernel": not args.torch_draft_merge,
                       "parts": [{k: v for k, v in r.items() if k not in ("top", "counts")} for r in rows]}))
 
 

@@ -313,7 +313,8 @@ def use_decode_kernel(q: torch.Tensor, mask: torch.Tensor, T: int) -> bool:
 
 
 # the draft tree's norm, draft head and top-k as one Triton kernel on CUDA. Measured on an H100 (tenth session,
-# docs/engine.md): the compiled (5, 4, 24, 5) round 1.633 -> 1.583 ms, issue 5's tree 1.93x -> 1.98x over `standard`.
+# docs/engine.md): the compiled (5, 4, 24, 5) round 1.633 -> 1.583 ms, issue 5's tree 1.93x -> 1.98x over `standard`
+# (2.04x in the eleventh session, with the fallbacks gone and the merge kernel).
 # `gpu_step_profile.py --no-draft-head-kernel` is the A/B; False gives the norm, matmul and top-k as separate ops.
 DRAFT_HEAD_KERNEL = True
 

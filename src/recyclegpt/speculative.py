@@ -56,12 +56,15 @@ class TreeShape(NamedTuple):
     # top-k, 20 prompts of four sets): (5, 4, 24) 1.93x, (5, 4, 20) 1.92x, (5, 4, 32) 1.91x, (5, 6, 32) 1.89x,
     # (5, 8, 40) 1.87x, (6, 4, 32) 1.84x, (6, 5, 32) 1.83x, (4, 4, 16) 1.82x (BENCHMARKS.md, issue 5); re-checked in
     # the tenth with the draft-head kernel: (5, 4, 24) 1.98x, (5, 4, 20) 1.97x, (5, 4, 28) 1.91x, (5, 5, 24) 1.91x,
-    # (6, 4, 24) 1.86x
+    # (6, 4, 24) 1.86x; and in the eleventh with the merge kernel: (5, 4, 24) 2.04x / 2.04x / 2.05x, (5, 4, 20) 2.03x,
+    # (5, 4, 28) 2.02x, (6, 4, 28) 1.92x
     depth: int = 5
     topk: int = 4
     nodes: int = 24
-    # off: on the H100 the 5-token branch gave τ +0.13 but made the verification dearer (30 tokens fuse worse than
-    # 25), 1.93x -> 1.90x (tenth session, docs/speculative.md)
+    # off: on the H100 the 5-token branch gave τ +0.13 but made the verification dearer, 1.93x -> 1.90x (tenth
+    # session); in place of five drafted nodes, (5, 4, 19, 5), the round still cost 0.073 ms more than (5, 4, 24):
+    # inductor splits the verification's per-layer rotary and mask work into three kernels when the tree carries
+    # the branch (eleventh session, docs/speculative.md)
     lookup: int = 0
 
     def check(self) -> "TreeShape":
