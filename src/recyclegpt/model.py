@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import triton_attention, triton_draft_head
+from . import triton_attention, triton_draft_head, triton_linear
 from .config import ModelConfig, RecycleConfig
 from .topk import top_k
 
@@ -166,18 +166,28 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
                 cache: KVCache | None, layer: int, input_pos: torch.Tensor | None, kv_end: int) -> torch.Tensor:
+        if self.wqkv is not None and not torch.is_grad_enabled():  # one matmul instead of three
+            return self.wo(self.attend(linear(x, self.wqkv), rope, mask, cache, layer, input_pos, kv_end))
         B, T, _ = x.shape
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
-        if self.wqkv is not None and not torch.is_grad_enabled():
-            # one matmul instead of three, and one rotary pass over the query and key heads together
-            qkv = linear(x, self.wqkv).view(B, T, H + 2 * Hkv, D).transpose(1, 2)  # (B, H + 2 Hkv, T, D)
-            q, k = apply_rotary(qkv[:, :H + Hkv], *rope).split((H, Hkv), dim=1)
-            v = qkv[:, H + Hkv:]
-        else:
-            q = self.wq(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
-            k = self.wk(x).view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
-            v = self.wv(x).view(B, T, Hkv, D).transpose(1, 2)
-            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        q = self.wq(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+        k = self.wk(x).view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.wv(x).view(B, T, Hkv, D).transpose(1, 2)
+        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        return self.wo(self._attend(q, k, v, mask, cache, layer, input_pos, kv_end))
+
+    def attend(self, qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
+               cache: KVCache | None, layer: int, input_pos: torch.Tensor | None, kv_end: int) -> torch.Tensor:
+        """The attention of the fused QKV product's output qkv (B, T, (H + 2 Hkv) D): (B, T, H D), before wo."""
+        B, T, _ = qkv.shape
+        H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
+        qkv = qkv.view(B, T, H + 2 * Hkv, D).transpose(1, 2)  # (B, H + 2 Hkv, T, D)
+        q, k = apply_rotary(qkv[:, :H + Hkv], *rope).split((H, Hkv), dim=1)  # one rotary pass over both
+        return self._attend(q, k, qkv[:, H + Hkv:], mask, cache, layer, input_pos, kv_end)
+
+    def _attend(self, q, k, v, mask, cache, layer, input_pos, kv_end) -> torch.Tensor:
+        B, H, T, D = q.shape
+        Hkv = self.n_kv_head
         if cache is not None:
             k, v = cache.write(layer, input_pos, k, v, kv_end)  # (B, Hkv, kv_end, D)
         groups = H // Hkv  # grouped-query attention: each kv head serves `groups` query heads
@@ -189,9 +199,9 @@ class Attention(nn.Module):
         elif groups > 1:
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         if folded and use_decode_kernel(q, mask, T):  # written as (B, T, H, D): no transpose to copy
-            return self.wo(triton_attention.decode_attention(q, k, v, mask, tokens=T).view(B, T, H * D))
+            return triton_attention.decode_attention(q, k, v, mask, tokens=T).view(B, T, H * D)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
-        return self.wo(y.reshape(B, H, T, D).transpose(1, 2).reshape(B, T, H * D))
+        return y.reshape(B, H, T, D).transpose(1, 2).reshape(B, T, H * D)
 
 
 class MLP(nn.Module):
@@ -220,6 +230,13 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x, rope, mask, cache, layer, input_pos, kv_end):
+        if use_fused_linear(x, self):
+            # four Triton kernels with the norms, SwiGLU and residual adds folded in (triton_linear)
+            qkv = triton_linear.linear(x, self.attn.wqkv, norm_weight=self.attn_norm.weight, eps=self.attn_norm.eps)
+            y = self.attn.attend(qkv, rope, mask, cache, layer, input_pos, kv_end)
+            x = triton_linear.linear(y, self.attn.wo.weight, residual=x)
+            gate_up = triton_linear.linear(x, self.mlp.w13, norm_weight=self.mlp_norm.weight, eps=self.mlp_norm.eps)
+            return triton_linear.linear(gate_up, self.mlp.w2.weight, swiglu=True, residual=x)
         x = x + self.attn(self.attn_norm(x), rope, mask, cache, layer, input_pos, kv_end)
         return x + self.mlp(self.mlp_norm(x))
 
@@ -323,6 +340,20 @@ def use_draft_head_kernel(out: torch.Tensor, k: int) -> bool:
     """Whether `RecycleModel.draft_top` runs `triton_draft_head.head_top_k` (CUDA, triton, k <= its KTOP) rather
     than the norm, the head's matmul and `topk.top_k` as separate operators."""
     return (DRAFT_HEAD_KERNEL and out.is_cuda and k <= triton_draft_head.KTOP and triton_draft_head.available())
+
+
+# a decode call's layer as four Triton kernels on CUDA (triton_linear). Off until timed on a GPU (built in the
+# eleventh session after its window); `gpu_step_profile.py --fused-linear` is the A/B
+FUSED_LINEAR = False
+
+
+def use_fused_linear(x: torch.Tensor, block: "Block") -> bool:
+    """Whether `block` runs its products through `triton_linear` for x (B, T, d): CUDA, triton, inference with the
+    fused QKV and gate-up weights (`fuse_projections`), and at most triton_linear.MAX_ROWS rows (a decode step, a
+    recycle pair, a short chain; wider calls keep cuBLAS)."""
+    return (FUSED_LINEAR and x.is_cuda and block.attn.wqkv is not None and block.mlp.w13 is not None
+            and x.numel() // x.shape[-1] <= triton_linear.MAX_ROWS and not torch.is_grad_enabled()
+            and triton_linear.available())
 
 
 def _stack(blocks, x, rope, mask, cache, input_pos, kv_end, taps):

@@ -1,0 +1,118 @@
+"""Time triton_linear's fused few-row products against what they replace, at SmolLM2's layer shapes, on CUDA.
+
+For each of a layer's four products (QKV with the attention norm before it; output with the residual after it;
+gate-up with the MLP norm before it; down with SwiGLU before it and the residual after it) this captures 50 calls
+in one CUDA graph and reports the replay time per call: the torch path (the norm or SwiGLU, cuBLAS's product and
+the add, each its own kernel, as in the compiled step without inductor's fusions) and the Triton kernel with each of
+a few launch settings (TILE, MAX_BLOCK_N, warps), checked against torch. Prints a table and a final JSON line.
+
+    python scripts/linear_bench.py [--rows 1] [--calls 50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src"))
+
+from recyclegpt import triton_linear as tl_  # noqa: E402
+
+D, FF, QKV = 576, 1536, 960  # SmolLM2-135M: d_model, d_ff, (9 + 2 * 3) heads * 64
+SHAPES = {  # name: (N, K, norm, swiglu, residual)
+    "qkv (norm before)": (QKV, D, True, False, False),
+    "out (+ residual)": (D, D, False, False, True),
+    "gate-up (norm before)": (2 * FF, D, True, False, False),
+    "down (swiglu before, + residual)": (D, FF, False, True, True),
+}
+# (TILE, MAX_BLOCK_N, warps); the eleventh session's sweep had (2048|1024|4096, 64, 4), (2048|4096, 64, 8),
+# (2048, 16, 4): 4096 won every product
+SETTINGS = [(4096, 64, 4), (8192, 64, 4), (16384, 64, 4), (4096, 8, 4), (8192, 8, 4), (8192, 64, 8), (2048, 64, 4)]
+
+
+def torch_path(x, w, nw, res, swiglu, eps=1e-5):
+    if nw is not None:
+        xf = x.float()
+        x = nw * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    if swiglu:
+        gate, up = x.chunk(2, dim=-1)
+        x = F.silu(gate) * up
+    y = F.linear(x, w)
+    return y if res is None else res + y
+
+
+def per_call_us(fn, calls: int) -> float:
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    best = float("inf")
+    for _ in range(5):
+        start.record()
+        for _ in range(10):
+            graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        best = min(best, start.elapsed_time(end) * 1000 / (10 * calls))
+    return best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, default=1)
+    ap.add_argument("--calls", type=int, default=50)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("linear_bench needs a CUDA device")
+    g = torch.Generator().manual_seed(0)
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    results = []
+    print(f"device: {torch.cuda.get_device_name(dev)}  torch {torch.__version__}  rows {args.rows}  bf16")
+    print(f"{'product':<34} {'path':<26} {'us/call':>8}  ok")
+    defaults = tl_.TILE, tl_.MAX_BLOCK_N, tl_.NUM_WARPS
+    for name, (N, K, norm, swiglu, residual) in SHAPES.items():
+        x = torch.randn(args.rows, 2 * K if swiglu else K, generator=g).to(dev, dt)
+        w = (torch.randn(N, K, generator=g) / K ** 0.5).to(dev, dt)
+        nw = (1 + 0.1 * torch.randn(K, generator=g)).to(dev, dt) if norm else None
+        res = torch.randn(args.rows, N, generator=g).to(dev, dt) if residual else None
+        want = torch_path(x, w, nw, res, swiglu)
+        us = per_call_us(lambda: torch_path(x, w, nw, res, swiglu), args.calls)
+        results.append({"product": name, "path": "torch", "us": us})
+        print(f"{name:<34} {'torch':<26} {us:8.2f}")
+        for tile, max_bn, warps in SETTINGS:
+            tl_.TILE, tl_.MAX_BLOCK_N, tl_.NUM_WARPS = tile, max_bn, warps
+            try:
+                def call():
+                    return tl_.linear(x, w, norm_weight=nw, eps=1e-5, residual=res, swiglu=swiglu)
+                err = (call().float() - want.float()).abs().max().item()
+                ok = err < 6e-2 * max(1.0, want.float().abs().max().item() / 8)
+                us = per_call_us(call, args.calls)
+                bn, bk = tl_.blocks(N, K, torch.cuda.get_device_properties(dev).multi_processor_count)
+            finally:
+                tl_.TILE, tl_.MAX_BLOCK_N, tl_.NUM_WARPS = defaults
+            path = f"kernel T{tile} N<={max_bn} w{warps}"
+            results.append({"product": name, "path": path, "tile": tile, "max_block_n": max_bn, "warps": warps,
+                            "us": us, "ok": ok, "max_err": err, "blocks": [bn, bk]})
+            print(f"{name:<34} {path:<26} {us:8.2f}  {'yes' if ok else 'NO'}")
+    best = {}
+    for r in results:
+        if r["path"] != "torch" and r["ok"] and r["us"] < best.get(r["product"], {"us": float("inf")})["us"]:
+            best[r["product"]] = r
+    for name, r in best.items():
+        print(f"best for {name}: {r['path']} {r['us']:.2f} us")
+    print(json.dumps({"device": torch.cuda.get_device_name(dev), "rows": args.rows, "results": results,
+                      "best": best}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,154 @@
+"""A decode step's matrix products in Triton, with the small operators around them folded in.
+
+A decoder layer at decode time multiplies 1-4 rows by four weights (QKV, output, gate-up, down). Compiled, each
+product is one cuBLAS kernel, and around them run an RMSNorm kernel before QKV and before gate-up, a SwiGLU kernel
+before down, and the residual adds (fused by inductor into the norms). Measured on an H100 (SmolLM2 shape, docs/
+engine.md): cuBLAS's few-row kernels take ~4 µs each where the bytes take 0.2-1.2 µs, and the norm and SwiGLU
+kernels ~1.2-1.5 µs each; the step is launch- and latency-bound, not bandwidth-bound.
+
+Here one kernel does a product and its neighbours: optionally RMSNorm of the input rows first (each program
+recomputes the rows' mean square: K values, cheap), or SwiGLU of a gate|up input, and optionally a residual added
+to the output. Per layer that is 4 kernels where there were 7 (the attention's own kernels unchanged). Each program
+owns BLOCK_N output columns for all rows, so the weight is read once; the rows are padded to a power of two.
+Off by default (`model.FUSED_LINEAR`) until a whole decode step has been timed with it on a GPU.
+
+Rounding follows the torch modules (`model.RMSNorm`, `MLP`, the residual add): normalised in float32 and cast to the
+activations' dtype before the norm weight, silu and the product rounded to the dtype, the product's output rounded
+before the residual is added. Accumulation is float32.
+
+A torch custom op (opaque to torch.compile, captured in CUDA graphs as it is); on the CPU it runs only under
+Triton's interpreter (TRITON_INTERPRET=1 set before triton is imported), for the tests.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .triton_attention import triton, tl
+
+MAX_ROWS = 4  # the most rows (tokens x batch) a call may have: decode steps, recycle's pairs, short chains
+# weight elements a program loads per step of its K loop: BLOCK_K = TILE // BLOCK_N. 4096 was the best of six
+# settings for each of SmolLM2's four products on an H100 (eleventh session, scripts/linear_bench.py: 2.2-5.6 µs a
+# product against 2.6-7.6 with 2048): fewer, wider loads per program
+TILE = 4096
+MAX_BLOCK_N = 64
+NUM_WARPS = 4
+DEFAULT_SMS = 132  # an H100 SXM's SM count, for the interpreter (CUDA asks the device)
+
+
+def available() -> bool:
+    return triton is not None
+
+
+if triton is not None:
+    @triton.jit
+    def _linear_kernel(X, NW, W, Res, Out, R, N, K, eps, sxr, swn, srr, sor,
+                       NORM: tl.constexpr, SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr,
+                       BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        # grid (column block,): every row against BLOCK_N weight rows
+        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = cols < N
+        rows = tl.arange(0, BLOCK_R)
+        row_ok = rows < R
+        if NORM:
+            ss = tl.zeros([BLOCK_R], tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                ks = k0 + tl.arange(0, BLOCK_K)
+                x = tl.load(X + rows[:, None] * sxr + ks[None, :], mask=row_ok[:, None] & (ks < K)[None, :],
+                            other=0.0).to(tl.float32)
+                ss += tl.sum(x * x, 1)
+            inv = tl.rsqrt(ss / K + eps)
+        acc = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_ok = ks < K
+            x_ok = row_ok[:, None] & k_ok[None, :]
+            x = tl.load(X + rows[:, None] * sxr + ks[None, :], mask=x_ok, other=0.0)
+            if NORM:  # as model.RMSNorm: normalised in float32, cast, then scaled
+                nw = tl.load(NW + ks, mask=k_ok, other=0.0)
+                x = (x.to(tl.float32) * inv[:, None]).to(X.dtype.element_ty)
+                x = (x.to(tl.float32) * nw.to(tl.float32)[None, :]).to(X.dtype.element_ty)
+            if SWIGLU:  # as MLP: silu(gate) * up, each rounded to the dtype; the up half starts at column K
+                up = tl.load(X + rows[:, None] * sxr + K + ks[None, :], mask=x_ok, other=0.0)
+                g = x.to(tl.float32)
+                x = (g / (1.0 + tl.exp(-g))).to(X.dtype.element_ty)
+                x = (x.to(tl.float32) * up.to(tl.float32)).to(X.dtype.element_ty)
+            w = tl.load(W + cols[:, None] * swn + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+            acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], 2)
+        y = acc.to(Out.dtype.element_ty)
+        out_ok = row_ok[:, None] & col_ok[None, :]
+        if RESIDUAL:
+            res = tl.load(Res + rows[:, None] * srr + cols[None, :], mask=out_ok, other=0.0)
+            y = (res.to(tl.float32) + y.to(tl.float32)).to(Out.dtype.element_ty)
+        tl.store(Out + rows[:, None] * sor + cols[None, :], y, mask=out_ok)
+
+    _INTERPRETED = not isinstance(_linear_kernel, triton.runtime.jit.JITFunction)
+else:
+    _INTERPRETED = False
+
+
+def _sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return DEFAULT_SMS
+
+
+def blocks(N: int, K: int, sms: int) -> tuple[int, int]:
+    """BLOCK_N, BLOCK_K for N output columns of width K: the widest power-of-two column block (4 to MAX_BLOCK_N)
+    that still gives every SM a program, and a K step of TILE // BLOCK_N (no wider than K needs)."""
+    bn = 4
+    while bn < MAX_BLOCK_N and -(-N // (2 * bn)) >= sms:
+        bn *= 2
+    bk = max(16, min(TILE // bn, triton.next_power_of_2(K)))
+    return bn, bk
+
+
+def _fused_linear(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor | None,
+                  residual: torch.Tensor | None, eps: float, swiglu: bool) -> torch.Tensor:
+    """The op's body: x (R, K) or (R, 2K) with swiglu; weight (N, K) -> (R, N) in x's dtype."""
+    if not x.is_cuda and not _INTERPRETED:
+        raise RuntimeError("the fused linear kernel runs on CUDA tensors, or on the CPU under Triton's interpreter")
+    R = x.shape[0]
+    N, K = weight.shape
+    if (R > MAX_ROWS or x.shape[1] != (2 * K if swiglu else K) or weight.stride(1) != 1
+            or (norm_weight is not None and norm_weight.shape != (K,))
+            or (residual is not None and residual.shape != (R, N))):
+        raise ValueError(f"fused linear: x {tuple(x.shape)} (at most {MAX_ROWS} rows), weight {tuple(weight.shape)} "
+                         f"(last dim contiguous), swiglu {swiglu}, norm weight "
+                         f"{None if norm_weight is None else tuple(norm_weight.shape)}, residual "
+                         f"{None if residual is None else tuple(residual.shape)}")
+    x = x if x.stride(1) == 1 else x.contiguous()
+    if residual is not None and residual.stride(1) != 1:
+        residual = residual.contiguous()
+    out = torch.empty((R, N), dtype=x.dtype, device=x.device)
+    bn, bk = blocks(N, K, _sms(x.device))
+    _linear_kernel[(triton.cdiv(N, bn),)](
+        x, x if norm_weight is None else norm_weight, weight, out if residual is None else residual, out,
+        R, N, K, eps, x.stride(0), weight.stride(0), 0 if residual is None else residual.stride(0), out.stride(0),
+        NORM=norm_weight is not None, SWIGLU=swiglu, RESIDUAL=residual is not None,
+        BLOCK_R=max(1, triton.next_power_of_2(R)), BLOCK_N=bn, BLOCK_K=bk, num_warps=NUM_WARPS)
+    return out
+
+
+if triton is not None and hasattr(torch.library, "custom_op"):  # torch >= 2.4
+    _op = torch.library.custom_op(
+        "recyclegpt::fused_linear", mutates_args=(),
+        schema="(Tensor x, Tensor weight, Tensor? norm_weight, Tensor? residual, float eps, bool swiglu) -> Tensor",
+    )(_fused_linear)
+
+    @_op.register_fake
+    def _(x, weight, norm_weight, residual, eps, swiglu):
+        return x.new_empty((x.shape[0], weight.shape[0]))
+else:
+    _op = _fused_linear
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, *, norm_weight: torch.Tensor | None = None, eps: float = 0.0,
+           residual: torch.Tensor | None = None, swiglu: bool = False) -> torch.Tensor:
+    """[residual +] f(x) @ weight.T, where f is RMSNorm with `norm_weight` and `eps` (norm_weight given), silu(gate) *
+    up of x = [gate | up] (swiglu), or nothing. x (..., K) or (..., 2K); weight (N, K); residual (..., N); at most
+    MAX_ROWS rows in all."""
+    lead = x.shape[:-1]
+    res = None if residual is None else residual.reshape(-1, residual.shape[-1])
+    out = _op(x.reshape(-1, x.shape[-1]), weight, norm_weight, res, float(eps), swiglu)
+    return out.reshape(*lead, weight.shape[0])

@@ -1,0 +1,214 @@
+"""The fused decode-step products (triton_linear: RMSNorm, SwiGLU and residual folded into a few-row product) against
+torch: on the CPU under Triton's interpreter, and on CUDA in bf16, in a CUDA graph, under torch.compile and in the
+engine. Skipped without triton.
+
+The interpreter must be chosen before triton is imported, so the CPU cases run in a subprocess: this file run as a
+script with TRITON_INTERPRET=1.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+triton = pytest.importorskip("triton")
+
+from interpreted import needs_interpreter_3_7, run_interpreted  # noqa: E402
+from recyclegpt import triton_linear  # noqa: E402
+
+# (rows, N, K): ragged column and K blocks, a square layer, SmolLM2's QKV / gate-up / down shapes
+CASES = [(1, 50, 72), (3, 96, 64), (4, 576, 576), (1, 960, 576), (2, 3072, 576), (1, 576, 1536)]
+MODES = {"plain": {}, "norm": {"norm": True}, "swiglu": {"swiglu": True}, "residual": {"residual": True},
+         "norm+residual": {"norm": True, "residual": True}}
+
+
+def make_inputs(R, N, K, *, norm=False, swiglu=False, residual=False, dtype=torch.float32, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(R, (2 * K if swiglu else K) + 3, generator=g)[:, :-3]  # a strided view, as model slices are
+    w = torch.randn(N, K, generator=g) / K ** 0.5
+    nw = 1 + 0.1 * torch.randn(K, generator=g) if norm else None
+    res = torch.randn(R, N, generator=g) if residual else None
+    to = lambda t: None if t is None else t.to(device=device, dtype=dtype)  # noqa: E731
+    return to(x), to(w), to(nw), to(res)
+
+
+def reference(x, w, nw, res, *, swiglu=False, eps=1e-5):
+    """The torch modules' order: model.RMSNorm, MLP's silu(gate) * up, F.linear, then the residual add."""
+    if nw is not None:
+        xf = x.float()
+        x = nw * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    if swiglu:
+        gate, up = x.chunk(2, dim=-1)
+        x = F.silu(gate) * up
+    y = F.linear(x, w)
+    return y if res is None else res + y
+
+
+def check_interpreted_cases() -> None:
+    """Run under TRITON_INTERPRET=1: every case and mode in fp32 on the CPU to 1e-5 of torch, leading dims kept, and
+    the custom op under dynamo."""
+    assert triton_linear._INTERPRETED, "TRITON_INTERPRET=1 must be set before triton is imported"
+    for R, N, K in CASES:
+        for name, mode in MODES.items():
+            x, w, nw, res = make_inputs(R, N, K, **mode)
+            got = triton_linear.linear(x, w, norm_weight=nw, eps=1e-5, residual=res, swiglu="swiglu" in mode)
+            err = (got - reference(x, w, nw, res, swiglu="swiglu" in mode)).abs().max().item()
+            print(f"R={R} N={N} K={K} {name}: max |d| {err:.2e}")
+            assert got.shape == (R, N) and err < 1e-5, (R, N, K, name, err)
+    x, w, nw, res = make_inputs(4, 50, 72, norm=True, residual=True)
+    got = triton_linear.linear(x.reshape(2, 2, 72), w, norm_weight=nw, eps=1e-5, residual=res.reshape(2, 2, 50))
+    assert got.shape == (2, 2, 50) and torch.allclose(got.reshape(4, 50), reference(x, w, nw, res), atol=1e-5)
+    # bf16 rounding in the torch modules' order: within a few bf16 ulps of torch (not equal: the sums' order differs)
+    for name, mode in MODES.items():
+        x, w, nw, res = make_inputs(2, 96, 64, dtype=torch.bfloat16, **mode)
+        got = triton_linear.linear(x, w, norm_weight=nw, eps=1e-5, residual=res, swiglu="swiglu" in mode)
+        want = reference(x, w, nw, res, swiglu="swiglu" in mode)
+        assert got.dtype == torch.bfloat16 and (got.float() - want.float()).abs().max().item() < 5e-2, name
+
+    x, w, _, _ = make_inputs(5, 50, 72)
+    try:
+        triton_linear.linear(x, w)
+        raise AssertionError("5 rows accepted")
+    except ValueError as e:
+        assert "at most 4 rows" in str(e), e
+
+    def layer_tail(x, w, nw, res):
+        return triton_linear.linear(x * 1.0, w, norm_weight=nw, eps=1e-5, residual=res)
+
+    x, w, nw, res = make_inputs(1, 96, 64, norm=True, residual=True)
+    got = torch.compile(layer_tail, fullgraph=True, backend="aot_eager")(x, w, nw, res)
+    assert torch.equal(got, layer_tail(x, w, nw, res))
+
+
+def check_model_integration() -> None:
+    """Run under TRITON_INTERPRET=1: with the fused products (allowed on the CPU here) a decode step's logits are
+    the torch path's to 1e-4, and standard, recycle, speculative and tree decoding give the same tokens; wider calls
+    (prompts, the tree's verification) keep the torch path."""
+    sys.path.insert(0, os.path.dirname(__file__))
+    import recyclegpt.model as model_mod
+    from recyclegpt.decoding import recycle, standard
+    from recyclegpt.model import fuse_projections
+    from recyclegpt.speculative import TreeShape, speculative, tree
+    from test_speculative import predictable, prompts_for
+
+    rows = []
+    allowed, default = model_mod.use_fused_linear, model_mod.FUSED_LINEAR
+
+    def on_cpu_too(x, block):
+        fused = (model_mod.FUSED_LINEAR and block.attn.wqkv is not None
+                 and x.numel() // x.shape[-1] <= triton_linear.MAX_ROWS and not torch.is_grad_enabled())
+        rows.append((x.numel() // x.shape[-1], fused))
+        return fused
+
+    model_mod.use_fused_linear = on_cpu_too
+    try:
+        model = fuse_projections(predictable(1, 0.1))
+        g = torch.Generator().manual_seed(3)
+        with torch.no_grad():  # norm weights other than ones, so that a norm with the wrong weight shows
+            for block in list(model.base.layers) + list(model.module.layers):
+                for norm in (block.attn_norm, block.mlp_norm):
+                    norm.weight.add_(0.2 * torch.randn(norm.weight.shape, generator=g))
+        prompts = prompts_for(1, 2)
+        got = {}
+        for fused in (True, False):
+            model_mod.FUSED_LINEAR = fused
+            with torch.no_grad():
+                cache = model.base.new_cache(1, 32)
+                out = model.base(torch.tensor([[5, 7, 11]]), input_pos=torch.arange(3), cache=cache)
+                step = model.base(torch.tensor([[13]]), input_pos=torch.tensor([3]), cache=cache)
+            got[fused] = (out.logits, step.logits,
+                          standard(model.base, prompts, max_new_tokens=10).tokens,
+                          recycle(model, prompts, max_new_tokens=10).tokens,
+                          speculative(model, prompts, max_new_tokens=10, draft_len=3).tokens,
+                          tree(model, prompts, max_new_tokens=10, shape=TreeShape(3, 2, 5)).tokens)
+        on, off = got[True], got[False]
+        assert (on[0] - off[0]).abs().max().item() < 1e-4 and (on[1] - off[1]).abs().max().item() < 1e-4
+        assert on[2:] == off[2:] and on[4] == on[2] and on[5] == on[2]
+    finally:
+        model_mod.use_fused_linear, model_mod.FUSED_LINEAR = allowed, default
+    assert any(f for n, f in rows) and any(n > triton_linear.MAX_ROWS and not f for n, f in rows)
+
+
+@needs_interpreter_3_7(triton)
+def test_interpreted_matches_torch():
+    run_interpreted(__file__)
+
+
+@pytest.mark.skipif(triton_linear._INTERPRETED, reason="TRITON_INTERPRET is set in this process")
+def test_cpu_tensors_need_the_interpreter():
+    x, w, _, _ = make_inputs(1, 50, 72)
+    with pytest.raises(RuntimeError, match="interpreter"):
+        triton_linear.linear(x, w)
+
+
+def test_block_sizes_give_every_sm_a_program():
+    for N, K in ((576, 576), (960, 576), (3072, 576), (576, 1536), (6144, 2048), (50, 72)):
+        bn, bk = triton_linear.blocks(N, K, 132)
+        assert 4 <= bn <= triton_linear.MAX_BLOCK_N and bn & (bn - 1) == 0 and bk & (bk - 1) == 0
+        assert -(-N // bn) >= 132 or bn == 4
+        assert bk <= max(16, triton.next_power_of_2(K))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_bf16_graph_and_compile():
+    def check(got, x, w, nw, res, swiglu=False):
+        want = reference(x, w, nw, res, swiglu=swiglu)
+        assert (got.float() - want.float()).abs().max().item() < 6e-2 * max(1.0, want.float().abs().max().item() / 8)
+
+    for R, N, K in CASES:
+        for name, mode in MODES.items():
+            x, w, nw, res = make_inputs(R, N, K, dtype=torch.bfloat16, device="cuda", **mode)
+            check(triton_linear.linear(x, w, norm_weight=nw, eps=1e-5, residual=res, swiglu="swiglu" in mode),
+                  x, w, nw, res, swiglu="swiglu" in mode)
+    inputs = make_inputs(1, 3072, 576, norm=True, residual=True, dtype=torch.bfloat16, device="cuda")
+    x, w, nw, res = inputs
+    triton_linear.linear(x, w, norm_weight=nw, eps=1e-5, residual=res)  # compiles outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = triton_linear.linear(x, w, norm_weight=nw, eps=1e-5, residual=res)
+    for a, b in zip(inputs, make_inputs(1, 3072, 576, norm=True, residual=True, dtype=torch.bfloat16,
+                                        device="cuda", seed=1)):
+        a.copy_(b)
+    graph.replay()
+    check(out, *inputs)
+
+    @torch.compile(fullgraph=True)
+    def tail(x, w, nw, res):
+        return triton_linear.linear(x * 1.0, w, norm_weight=nw, eps=1e-5, residual=res)
+
+    check(tail(*inputs), *inputs)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("compiled", [False, True])
+def test_cuda_engine_with_fused_products(monkeypatch, compiled):
+    """The engine's standard, recycle, speculative and tree decoding, graphs and compiled whole, with the fused
+    products: standard's tokens of the torch path (fp32)."""
+    sys.path.insert(0, os.path.dirname(__file__))
+    import recyclegpt.model as model_mod
+    from recyclegpt.decoding import standard
+    from recyclegpt.engine import Engine
+    from recyclegpt.speculative import TreeShape
+    from test_speculative import predictable, prompts_for
+
+    model = predictable(1, 0.05).cuda()
+    prompts = prompts_for(3, 3)
+    want = standard(model.base, prompts, max_new_tokens=40).tokens
+    monkeypatch.setattr(model_mod, "FUSED_LINEAR", True)
+    engine = (Engine(model, graphs=True, bucket=128, compile=True, compile_steps=True) if compiled
+              else Engine(model, graphs=True, bucket=16))
+    for strategy, kw in (("standard", {}), ("speculative", {"draft_len": 3}), ("tree", {"tree": TreeShape(4, 3, 10)})):
+        got = engine.decode(strategy, prompts, max_new_tokens=40, **kw)
+        assert got.tokens == want, strategy
+    engine.decode("recycle", prompts, max_new_tokens=40)
+
+
+if __name__ == "__main__":
+    check_interpreted_cases()
+    check_model_integration()
