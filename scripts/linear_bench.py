@@ -1,7 +1,8 @@
 """Time triton_linear's fused few-row products against what they replace, at SmolLM2's layer shapes, on CUDA.
 
 For each of a layer's four products (QKV with the attention norm before it; output with the residual after it;
-gate-up with the MLP norm before it; down with SwiGLU before it and the residual after it) this captures 50 calls
+gate-up with the MLP norm before it; down with SwiGLU before it and the residual after it), and for the QKV product
+with the rotary embedding folded in too (`qkv_rope`, the fused path's QKV kernel), this captures 50 calls
 in one CUDA graph and reports the replay time per call: the torch path (the norm or SwiGLU, cuBLAS's product and
 the add, each its own kernel, as in the compiled step without inductor's fusions) and the Triton kernel with each of
 a few launch settings (TILE, MAX_BLOCK_N, warps), checked against torch. Prints a table and a final JSON line.
@@ -104,6 +105,30 @@ def main() -> None:
             results.append({"product": name, "path": path, "tile": tile, "max_block_n": max_bn, "warps": warps,
                             "us": us, "ok": ok, "max_err": err, "blocks": [bn, bk]})
             print(f"{name:<34} {path:<26} {us:8.2f}  {'yes' if ok else 'NO'}")
+    # the QKV product with its norm and the rotary embedding of its 9 + 3 query and key heads folded in (the fused
+    # path's QKV kernel), each setting
+    from recyclegpt.model import apply_rotary, rotary
+    x = torch.randn(1, args.rows, D, generator=g).to(dev, dt)
+    w = (torch.randn(QKV, D, generator=g) / D ** 0.5).to(dev, dt)
+    nw = (1 + 0.1 * torch.randn(D, generator=g)).to(dev, dt)
+    rope = rotary(torch.arange(args.rows, device=dev)[None] + 100, 64, 10000.0, dt)
+    y = torch_path(x, w, nw, None, False).view(1, args.rows, 15, 64).transpose(1, 2)
+    want = torch.cat((apply_rotary(y[:, :12], *rope), y[:, 12:]), 1).transpose(1, 2).reshape(1, args.rows, QKV)
+    name = "qkv (norm before, rotary after)"
+    for tile, max_bn, warps in SETTINGS:
+        tl_.TILE, tl_.MAX_BLOCK_N, tl_.NUM_WARPS = tile, max_bn, warps
+        try:
+            def call():
+                return tl_.qkv_rope(x, w, nw, 1e-5, rope, 12)
+            err = (call().float() - want.float()).abs().max().item()
+            ok = err < 6e-2 * max(1.0, want.float().abs().max().item() / 8)
+            us = per_call_us(call, args.calls)
+        finally:
+            tl_.TILE, tl_.MAX_BLOCK_N, tl_.NUM_WARPS = defaults
+        path = f"kernel T{tile} N<={max_bn} w{warps}"
+        results.append({"product": name, "path": path, "tile": tile, "max_block_n": max_bn, "warps": warps,
+                        "us": us, "ok": ok, "max_err": err})
+        print(f"{name:<34} {path:<26} {us:8.2f}  {'yes' if ok else 'NO'}")
     best = {}
     for r in results:
         if r["path"] != "torch" and r["ok"] and r["us"] < best.get(r["product"], {"us": float("inf")})["us"]:

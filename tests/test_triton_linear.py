@@ -48,6 +48,32 @@ def reference(x, w, nw, res, *, swiglu=False, eps=1e-5):
     return y if res is None else res + y
 
 
+# (B, T, q + k heads rotated, v heads, D): a decode step, a recycle pair, a batch of two with their own positions,
+# SmolLM2's 9 + 3 + 3 heads of 64
+QKV_CASES = [(1, 1, 6, 2, 8), (1, 2, 6, 2, 16), (2, 2, 3, 1, 8), (1, 1, 12, 3, 64)]
+
+
+def qkv_inputs(B, T, rot, plain, D, K=40, *, dtype=torch.float32, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, T, K, generator=g)
+    w = torch.randn((rot + plain) * D, K, generator=g) / K ** 0.5
+    nw = 1 + 0.1 * torch.randn(K, generator=g)
+    positions = torch.randint(0, 100, (B, T), generator=g) if B > 1 else torch.arange(T)[None] + 17
+    from recyclegpt.model import rotary
+    rope = rotary(positions, D, 10000.0, dtype)
+    return tuple(t.to(device=device, dtype=dtype) for t in (x, w, nw)) + (tuple(r.to(device) for r in rope),)
+
+
+def qkv_reference(x, w, nw, rope, rot, eps=1e-5):
+    """Attention.attend's torch path after the norm: the product, then one rotary pass over the first rot heads."""
+    from recyclegpt.model import apply_rotary
+    B, T, _ = x.shape
+    D = rope[0].shape[-1]
+    y = reference(x, w, nw, None).view(B, T, -1, D).transpose(1, 2)
+    y = torch.cat((apply_rotary(y[:, :rot], *rope), y[:, rot:]), dim=1)
+    return y.transpose(1, 2).reshape(B, T, -1)
+
+
 def check_interpreted_cases() -> None:
     """Run under TRITON_INTERPRET=1: every case and mode in fp32 on the CPU to 1e-5 of torch, leading dims kept, and
     the custom op under dynamo."""
@@ -69,6 +95,15 @@ def check_interpreted_cases() -> None:
         want = reference(x, w, nw, res, swiglu="swiglu" in mode)
         assert got.dtype == torch.bfloat16 and (got.float() - want.float()).abs().max().item() < 5e-2, name
 
+    for B, T, rot, plain, D in QKV_CASES:  # the QKV product with its norm and rotary embedding
+        x, w, nw, rope = qkv_inputs(B, T, rot, plain, D)
+        got = triton_linear.qkv_rope(x, w, nw, 1e-5, rope, rot)
+        err = (got - qkv_reference(x, w, nw, rope, rot)).abs().max().item()
+        print(f"qkv_rope B={B} T={T} heads {rot}+{plain} D={D}: max |d| {err:.2e}")
+        assert got.shape == (B, T, (rot + plain) * D) and err < 1e-5, (B, T, rot, plain, D, err)
+    x, w, nw, rope = qkv_inputs(1, 2, 6, 2, 16, dtype=torch.bfloat16)
+    want = qkv_reference(x, w, nw, rope, 6)
+    assert (triton_linear.qkv_rope(x, w, nw, 1e-5, rope, 6).float() - want.float()).abs().max().item() < 5e-2
     x, w, _, _ = make_inputs(5, 50, 72)
     try:
         triton_linear.linear(x, w)
@@ -165,6 +200,11 @@ def test_cuda_bf16_graph_and_compile():
             x, w, nw, res = make_inputs(R, N, K, dtype=torch.bfloat16, device="cuda", **mode)
             check(triton_linear.linear(x, w, norm_weight=nw, eps=1e-5, residual=res, swiglu="swiglu" in mode),
                   x, w, nw, res, swiglu="swiglu" in mode)
+    for B, T, rot, plain, D in QKV_CASES:
+        x, w, nw, rope = qkv_inputs(B, T, rot, plain, D, K=576, dtype=torch.bfloat16, device="cuda")
+        want = qkv_reference(x, w, nw, rope, rot)
+        got = triton_linear.qkv_rope(x, w, nw, 1e-5, rope, rot)
+        assert (got.float() - want.float()).abs().max().item() < 6e-2 * max(1.0, want.float().abs().max().item() / 8)
     inputs = make_inputs(1, 3072, 576, norm=True, residual=True, dtype=torch.bfloat16, device="cuda")
     x, w, nw, res = inputs
     triton_linear.linear(x, w, norm_weight=nw, eps=1e-5, residual=res)  # compiles outside the capture

@@ -177,12 +177,15 @@ class Attention(nn.Module):
         return self.wo(self._attend(q, k, v, mask, cache, layer, input_pos, kv_end))
 
     def attend(self, qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
-               cache: KVCache | None, layer: int, input_pos: torch.Tensor | None, kv_end: int) -> torch.Tensor:
-        """The attention of the fused QKV product's output qkv (B, T, (H + 2 Hkv) D): (B, T, H D), before wo."""
+               cache: KVCache | None, layer: int, input_pos: torch.Tensor | None, kv_end: int,
+               rotated: bool = False) -> torch.Tensor:
+        """The attention of the fused QKV product's output qkv (B, T, (H + 2 Hkv) D): (B, T, H D), before wo.
+        rotated: the query and key heads of qkv are rotated already (triton_linear.qkv_rope)."""
         B, T, _ = qkv.shape
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
         qkv = qkv.view(B, T, H + 2 * Hkv, D).transpose(1, 2)  # (B, H + 2 Hkv, T, D)
-        q, k = apply_rotary(qkv[:, :H + Hkv], *rope).split((H, Hkv), dim=1)  # one rotary pass over both
+        qk = qkv[:, :H + Hkv] if rotated else apply_rotary(qkv[:, :H + Hkv], *rope)  # one pass over both
+        q, k = qk.split((H, Hkv), dim=1)
         return self._attend(q, k, qkv[:, H + Hkv:], mask, cache, layer, input_pos, kv_end)
 
     def _attend(self, q, k, v, mask, cache, layer, input_pos, kv_end) -> torch.Tensor:
@@ -231,9 +234,11 @@ class Block(nn.Module):
 
     def forward(self, x, rope, mask, cache, layer, input_pos, kv_end):
         if use_fused_linear(x, self):
-            # four Triton kernels with the norms, SwiGLU and residual adds folded in (triton_linear)
-            qkv = triton_linear.linear(x, self.attn.wqkv, norm_weight=self.attn_norm.weight, eps=self.attn_norm.eps)
-            y = self.attn.attend(qkv, rope, mask, cache, layer, input_pos, kv_end)
+            # four Triton kernels with the norms, the rotary embedding, SwiGLU and residual adds folded in
+            # (triton_linear)
+            qkv = triton_linear.qkv_rope(x, self.attn.wqkv, self.attn_norm.weight, self.attn_norm.eps, rope,
+                                         self.attn.n_head + self.attn.n_kv_head)
+            y = self.attn.attend(qkv, rope, mask, cache, layer, input_pos, kv_end, rotated=True)
             x = triton_linear.linear(y, self.attn.wo.weight, residual=x)
             gate_up = triton_linear.linear(x, self.mlp.w13, norm_weight=self.mlp_norm.weight, eps=self.mlp_norm.eps)
             return triton_linear.linear(gate_up, self.mlp.w2.weight, swiglu=True, residual=x)
@@ -351,9 +356,10 @@ def use_fused_linear(x: torch.Tensor, block: "Block") -> bool:
     """Whether `block` runs its products through `triton_linear` for x (B, T, d): CUDA, triton, inference with the
     fused QKV and gate-up weights (`fuse_projections`), and at most triton_linear.MAX_ROWS rows (a decode step, a
     recycle pair, a short chain; wider calls keep cuBLAS)."""
+    half = block.attn.head_dim // 2
     return (FUSED_LINEAR and x.is_cuda and block.attn.wqkv is not None and block.mlp.w13 is not None
             and x.numel() // x.shape[-1] <= triton_linear.MAX_ROWS and not torch.is_grad_enabled()
-            and triton_linear.available())
+            and half > 0 and half & (half - 1) == 0 and triton_linear.available())
 
 
 def _stack(blocks, x, rope, mask, cache, input_pos, kv_end, taps):

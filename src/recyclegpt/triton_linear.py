@@ -8,15 +8,19 @@ kernels ~1.2-1.5 µs each; the step is launch- and latency-bound, not bandwidth-
 
 Here one kernel does a product and its neighbours: optionally RMSNorm of the input rows first (each program
 recomputes the rows' mean square: K values, cheap), or SwiGLU of a gate|up input, and optionally a residual added
-to the output. Per layer that is 4 kernels where there were 7 (the attention's own kernels unchanged). Each program
-owns BLOCK_N output columns for all rows, so the weight is read once; the rows are padded to a power of two.
-Off by default (`model.FUSED_LINEAR`) until a whole decode step has been timed with it on a GPU.
+to the output. The QKV product (`qkv_rope`) also applies the rotary embedding to its query and key heads: each
+program computes column pairs (o, o + D/2) of a head, so rotate_half needs nothing from another program. Per layer
+that is 4 kernels where there were 7. The rotary embedding also leaves the pointwise kernels around the attention,
+which recomputed it (the eleventh session's inductor code). Each program owns BLOCK_N output columns (or column
+pairs) for all rows, so the weight is read once; the rows are padded to a power of two. Off by default
+(`model.FUSED_LINEAR`) until a whole decode step has been timed with it on a GPU.
 
 Rounding follows the torch modules (`model.RMSNorm`, `MLP`, the residual add): normalised in float32 and cast to the
 activations' dtype before the norm weight, silu and the product rounded to the dtype, the product's output rounded
-before the residual is added. Accumulation is float32.
+before the residual is added; the rotation in float32, rounded once, as inductor computes `apply_rotary`.
+Accumulation is float32.
 
-A torch custom op (opaque to torch.compile, captured in CUDA graphs as it is); on the CPU it runs only under
+Torch custom ops (opaque to torch.compile, captured in CUDA graphs as it is); on the CPU it runs only under
 Triton's interpreter (TRITON_INTERPRET=1 set before triton is imported), for the tests.
 """
 
@@ -42,6 +46,24 @@ def available() -> bool:
 
 if triton is not None:
     @triton.jit
+    def _inv_rms(X, rows, row_ok, K, eps, sxr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+        # 1 / RMS of each row, over its K values (each program recomputes it: no grid-wide sync)
+        ss = tl.zeros([BLOCK_R], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(X + rows[:, None] * sxr + ks[None, :], mask=row_ok[:, None] & (ks < K)[None, :],
+                        other=0.0).to(tl.float32)
+            ss += tl.sum(x * x, 1)
+        return tl.rsqrt(ss / K + eps)
+
+    @triton.jit
+    def _normed(x, NW, ks, k_ok, inv):
+        # as model.RMSNorm: normalised in float32, cast to the activations' dtype, then scaled
+        nw = tl.load(NW + ks, mask=k_ok, other=0.0)
+        xn = (x.to(tl.float32) * inv[:, None]).to(x.dtype)
+        return (xn.to(tl.float32) * nw.to(tl.float32)[None, :]).to(x.dtype)
+
+    @triton.jit
     def _linear_kernel(X, NW, W, Res, Out, R, N, K, eps, sxr, swn, srr, sor,
                        NORM: tl.constexpr, SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr,
                        BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -51,23 +73,15 @@ if triton is not None:
         rows = tl.arange(0, BLOCK_R)
         row_ok = rows < R
         if NORM:
-            ss = tl.zeros([BLOCK_R], tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                ks = k0 + tl.arange(0, BLOCK_K)
-                x = tl.load(X + rows[:, None] * sxr + ks[None, :], mask=row_ok[:, None] & (ks < K)[None, :],
-                            other=0.0).to(tl.float32)
-                ss += tl.sum(x * x, 1)
-            inv = tl.rsqrt(ss / K + eps)
+            inv = _inv_rms(X, rows, row_ok, K, eps, sxr, BLOCK_R, BLOCK_K)
         acc = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)
         for k0 in range(0, K, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             k_ok = ks < K
             x_ok = row_ok[:, None] & k_ok[None, :]
             x = tl.load(X + rows[:, None] * sxr + ks[None, :], mask=x_ok, other=0.0)
-            if NORM:  # as model.RMSNorm: normalised in float32, cast, then scaled
-                nw = tl.load(NW + ks, mask=k_ok, other=0.0)
-                x = (x.to(tl.float32) * inv[:, None]).to(X.dtype.element_ty)
-                x = (x.to(tl.float32) * nw.to(tl.float32)[None, :]).to(X.dtype.element_ty)
+            if NORM:
+                x = _normed(x, NW, ks, k_ok, inv)
             if SWIGLU:  # as MLP: silu(gate) * up, each rounded to the dtype; the up half starts at column K
                 up = tl.load(X + rows[:, None] * sxr + K + ks[None, :], mask=x_ok, other=0.0)
                 g = x.to(tl.float32)
@@ -81,6 +95,47 @@ if triton is not None:
             res = tl.load(Res + rows[:, None] * srr + cols[None, :], mask=out_ok, other=0.0)
             y = (res.to(tl.float32) + y.to(tl.float32)).to(Out.dtype.element_ty)
         tl.store(Out + rows[:, None] * sor + cols[None, :], y, mask=out_ok)
+
+    @triton.jit
+    def _qkv_rope_kernel(X, NW, W, Cos, Sin, Out, R, T, N, K, eps, sxr, swn, sor, scb, sct, ROT_HEADS,
+                         HALF: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        # grid (block of half-columns,): half-column u is column o of head hd's first half, computed with its
+        # partner o + HALF in the second half, so that the rotary embedding (rotate_half) is this program's own
+        u = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        u_ok = u < N // 2
+        hd, o = u // HALF, u % HALF
+        lo_cols = hd * 2 * HALF + o
+        hi_cols = lo_cols + HALF
+        rows = tl.arange(0, BLOCK_R)
+        row_ok = rows < R
+        inv = _inv_rms(X, rows, row_ok, K, eps, sxr, BLOCK_R, BLOCK_K)
+        acc_lo = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)
+        acc_hi = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_ok = ks < K
+            x = tl.load(X + rows[:, None] * sxr + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            x = _normed(x, NW, ks, k_ok, inv).to(tl.float32)[:, None, :]
+            w_ok = u_ok[:, None] & k_ok[None, :]
+            w_lo = tl.load(W + lo_cols[:, None] * swn + ks[None, :], mask=w_ok, other=0.0)
+            w_hi = tl.load(W + hi_cols[:, None] * swn + ks[None, :], mask=w_ok, other=0.0)
+            acc_lo += tl.sum(x * w_lo.to(tl.float32)[None, :, :], 2)
+            acc_hi += tl.sum(x * w_hi.to(tl.float32)[None, :, :], 2)
+        # the product rounded to the dtype, as F.linear's output; then x * cos + rotate_half(x) * sin in float32,
+        # rounded once (as inductor computes apply_rotary), for query and key heads (hd < ROT_HEADS) only
+        y_lo = acc_lo.to(Out.dtype.element_ty).to(tl.float32)
+        y_hi = acc_hi.to(Out.dtype.element_ty).to(tl.float32)
+        out_ok = row_ok[:, None] & u_ok[None, :]
+        at = (rows // T)[:, None] * scb + (rows % T)[:, None] * sct + o[None, :]  # row r is token (r // T, r % T)
+        c_lo = tl.load(Cos + at, mask=out_ok, other=0.0).to(tl.float32)
+        c_hi = tl.load(Cos + at + HALF, mask=out_ok, other=0.0).to(tl.float32)
+        s_lo = tl.load(Sin + at, mask=out_ok, other=0.0).to(tl.float32)
+        s_hi = tl.load(Sin + at + HALF, mask=out_ok, other=0.0).to(tl.float32)
+        rot = (hd < ROT_HEADS)[None, :]
+        out_lo = tl.where(rot, y_lo * c_lo - y_hi * s_lo, y_lo)
+        out_hi = tl.where(rot, y_hi * c_hi + y_lo * s_hi, y_hi)
+        tl.store(Out + rows[:, None] * sor + lo_cols[None, :], out_lo.to(Out.dtype.element_ty), mask=out_ok)
+        tl.store(Out + rows[:, None] * sor + hi_cols[None, :], out_hi.to(Out.dtype.element_ty), mask=out_ok)
 
     _INTERPRETED = not isinstance(_linear_kernel, triton.runtime.jit.JITFunction)
 else:
@@ -130,7 +185,44 @@ def _fused_linear(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tens
     return out
 
 
+def _fused_qkv_rope(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor, cos: torch.Tensor,
+                    sin: torch.Tensor, eps: float, tokens: int, rot_heads: int) -> torch.Tensor:
+    """The op's body: RMSNorm(x) (R, K) @ weight (N, K).T with the first rot_heads heads of the output rotated by
+    cos, sin (B or 1, tokens, D); row r of x is token r % tokens of batch row r // tokens."""
+    if not x.is_cuda and not _INTERPRETED:
+        raise RuntimeError("the fused QKV kernel runs on CUDA tensors, or on the CPU under Triton's interpreter")
+    R, K = x.shape
+    N = weight.shape[0]
+    D = cos.shape[-1]
+    half = D // 2
+    if (R > MAX_ROWS or R % tokens or weight.shape[1] != K or weight.stride(1) != 1 or norm_weight.shape != (K,)
+            or D % 2 or half & (half - 1) or N % D or not 0 <= rot_heads <= N // D or sin.shape != cos.shape
+            or cos.shape[-2] != tokens or cos.shape[0] not in (1, R // tokens) or cos.stride(-1) != 1
+            or cos.stride() != sin.stride()):
+        raise ValueError(f"fused QKV: x {tuple(x.shape)} (at most {MAX_ROWS} rows, {tokens} tokens a batch row), "
+                         f"weight {tuple(weight.shape)}, norm weight {tuple(norm_weight.shape)}, cos "
+                         f"{tuple(cos.shape)}, {rot_heads} rotated heads; the head dimension twice a power of two")
+    x = x if x.stride(1) == 1 else x.contiguous()
+    out = torch.empty((R, N), dtype=x.dtype, device=x.device)
+    bn, bk = blocks(N // 2, K, _sms(x.device))
+    _qkv_rope_kernel[(triton.cdiv(N // 2, bn),)](
+        x, norm_weight, weight, cos, sin, out, R, tokens, N, K, eps, x.stride(0), weight.stride(0), out.stride(0),
+        cos.stride(0) if cos.shape[0] > 1 else 0, cos.stride(-2), rot_heads,
+        HALF=half, BLOCK_R=max(1, triton.next_power_of_2(R)), BLOCK_N=bn, BLOCK_K=bk, num_warps=NUM_WARPS)
+    return out
+
+
 if triton is not None and hasattr(torch.library, "custom_op"):  # torch >= 2.4
+    _qkv_op = torch.library.custom_op(
+        "recyclegpt::fused_qkv_rope", mutates_args=(),
+        schema="(Tensor x, Tensor weight, Tensor norm_weight, Tensor cos, Tensor sin, float eps, int tokens, "
+               "int rot_heads) -> Tensor",
+    )(_fused_qkv_rope)
+
+    @_qkv_op.register_fake
+    def _(x, weight, norm_weight, cos, sin, eps, tokens, rot_heads):
+        return x.new_empty((x.shape[0], weight.shape[0]))
+
     _op = torch.library.custom_op(
         "recyclegpt::fused_linear", mutates_args=(),
         schema="(Tensor x, Tensor weight, Tensor? norm_weight, Tensor? residual, float eps, bool swiglu) -> Tensor",
@@ -140,7 +232,7 @@ if triton is not None and hasattr(torch.library, "custom_op"):  # torch >= 2.4
     def _(x, weight, norm_weight, residual, eps, swiglu):
         return x.new_empty((x.shape[0], weight.shape[0]))
 else:
-    _op = _fused_linear
+    _op, _qkv_op = _fused_linear, _fused_qkv_rope
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, *, norm_weight: torch.Tensor | None = None, eps: float = 0.0,
@@ -152,3 +244,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, *, norm_weight: torch.Tensor |
     res = None if residual is None else residual.reshape(-1, residual.shape[-1])
     out = _op(x.reshape(-1, x.shape[-1]), weight, norm_weight, res, float(eps), swiglu)
     return out.reshape(*lead, weight.shape[0])
+
+
+def qkv_rope(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+             rope: tuple[torch.Tensor, torch.Tensor], rot_heads: int) -> torch.Tensor:
+    """RMSNorm(x) @ weight.T, its first rot_heads heads (the query and key heads of a fused QKV weight) rotated by
+    rope = (cos, sin), each (B or 1, 1, T, D) as `model.rotary` makes them. x (B, T, K); returns (B, T, N)."""
+    B, T, K = x.shape
+    cos, sin = (c.reshape(c.shape[0], T, c.shape[-1]) for c in rope)
+    out = _qkv_op(x.reshape(B * T, K), weight, norm_weight, cos, sin, float(eps), T, rot_heads)
+    return out.view(B, T, weight.shape[0])
