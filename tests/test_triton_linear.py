@@ -118,6 +118,13 @@ def check_interpreted_cases() -> None:
     got = torch.compile(layer_tail, fullgraph=True, backend="aot_eager")(x, w, nw, res)
     assert torch.equal(got, layer_tail(x, w, nw, res))
 
+    def layer_head(x, w, nw, cos, sin):
+        return triton_linear.qkv_rope(x * 1.0, w, nw, 1e-5, (cos, sin), 6)
+
+    x, w, nw, rope = qkv_inputs(1, 2, 6, 2, 16)
+    got = torch.compile(layer_head, fullgraph=True, backend="aot_eager")(x, w, nw, *rope)
+    assert torch.equal(got, layer_head(x, w, nw, *rope))
+
 
 def check_model_integration() -> None:
     """Run under TRITON_INTERPRET=1: with the fused products (allowed on the CPU here) a decode step's logits are
