@@ -68,6 +68,25 @@ def per_call_us(fn, calls: int) -> float:
     return best
 
 
+def sweep(results: list, name: str, call, want: torch.Tensor, calls: int, n: int, k: int) -> None:
+    """Time `call` under each of SETTINGS (the module constants restored after each), checked against `want`; the
+    kernel's grid is over n columns (or column pairs) of width k."""
+    defaults = tl_.TILE, tl_.MAX_BLOCK_N, tl_.NUM_WARPS
+    for tile, max_bn, warps in SETTINGS:
+        tl_.TILE, tl_.MAX_BLOCK_N, tl_.NUM_WARPS = tile, max_bn, warps
+        try:
+            err = (call().float() - want.float()).abs().max().item()
+            ok = err < 6e-2 * max(1.0, want.float().abs().max().item() / 8)
+            us = per_call_us(call, calls)
+            bn, bk = tl_.blocks(n, k, torch.cuda.get_device_properties(want.device).multi_processor_count)
+        finally:
+            tl_.TILE, tl_.MAX_BLOCK_N, tl_.NUM_WARPS = defaults
+        path = f"kernel T{tile} N<={max_bn} w{warps}"
+        results.append({"product": name, "path": path, "tile": tile, "max_block_n": max_bn, "warps": warps,
+                        "us": us, "ok": ok, "max_err": err, "blocks": [bn, bk]})
+        print(f"{name:<34} {path:<26} {us:8.2f}  {'yes' if ok else 'NO'}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=1)
@@ -80,7 +99,6 @@ def main() -> None:
     results = []
     print(f"device: {torch.cuda.get_device_name(dev)}  torch {torch.__version__}  rows {args.rows}  bf16")
     print(f"{'product':<34} {'path':<26} {'us/call':>8}  ok")
-    defaults = tl_.TILE, tl_.MAX_BLOCK_N, tl_.NUM_WARPS
     for name, (N, K, norm, swiglu, residual) in SHAPES.items():
         x = torch.randn(args.rows, 2 * K if swiglu else K, generator=g).to(dev, dt)
         w = (torch.randn(N, K, generator=g) / K ** 0.5).to(dev, dt)
@@ -90,21 +108,8 @@ def main() -> None:
         us = per_call_us(lambda: torch_path(x, w, nw, res, swiglu), args.calls)
         results.append({"product": name, "path": "torch", "us": us})
         print(f"{name:<34} {'torch':<26} {us:8.2f}")
-        for tile, max_bn, warps in SETTINGS:
-            tl_.TILE, tl_.MAX_BLOCK_N, tl_.NUM_WARPS = tile, max_bn, warps
-            try:
-                def call():
-                    return tl_.linear(x, w, norm_weight=nw, eps=1e-5, residual=res, swiglu=swiglu)
-                err = (call().float() - want.float()).abs().max().item()
-                ok = err < 6e-2 * max(1.0, want.float().abs().max().item() / 8)
-                us = per_call_us(call, args.calls)
-                bn, bk = tl_.blocks(N, K, torch.cuda.get_device_properties(dev).multi_processor_count)
-            finally:
-                tl_.TILE, tl_.MAX_BLOCK_N, tl_.NUM_WARPS = defaults
-            path = f"kernel T{tile} N<={max_bn} w{warps}"
-            results.append({"product": name, "path": path, "tile": tile, "max_block_n": max_bn, "warps": warps,
-                            "us": us, "ok": ok, "max_err": err, "blocks": [bn, bk]})
-            print(f"{name:<34} {path:<26} {us:8.2f}  {'yes' if ok else 'NO'}")
+        sweep(results, name, lambda: tl_.linear(x, w, norm_weight=nw, eps=1e-5, residual=res, swiglu=swiglu), want,
+              args.calls, N, K)
     # the QKV product with its norm and the rotary embedding of its 9 + 3 query and key heads folded in (the fused
     # path's QKV kernel), each setting
     from recyclegpt.model import apply_rotary, rotary
@@ -114,21 +119,8 @@ def main() -> None:
     rope = rotary(torch.arange(args.rows, device=dev)[None] + 100, 64, 10000.0, dt)
     y = torch_path(x, w, nw, None, False).view(1, args.rows, 15, 64).transpose(1, 2)
     want = torch.cat((apply_rotary(y[:, :12], *rope), y[:, 12:]), 1).transpose(1, 2).reshape(1, args.rows, QKV)
-    name = "qkv (norm before, rotary after)"
-    for tile, max_bn, warps in SETTINGS:
-        tl_.TILE, tl_.MAX_BLOCK_N, tl_.NUM_WARPS = tile, max_bn, warps
-        try:
-            def call():
-                return tl_.qkv_rope(x, w, nw, 1e-5, rope, 12)
-            err = (call().float() - want.float()).abs().max().item()
-            ok = err < 6e-2 * max(1.0, want.float().abs().max().item() / 8)
-            us = per_call_us(call, args.calls)
-        finally:
-            tl_.TILE, tl_.MAX_BLOCK_N, tl_.NUM_WARPS = defaults
-        path = f"kernel T{tile} N<={max_bn} w{warps}"
-        results.append({"product": name, "path": path, "tile": tile, "max_block_n": max_bn, "warps": warps,
-                        "us": us, "ok": ok, "max_err": err})
-        print(f"{name:<34} {path:<26} {us:8.2f}  {'yes' if ok else 'NO'}")
+    sweep(results, "qkv (norm before, rotary after)", lambda: tl_.qkv_rope(x, w, nw, 1e-5, rope, 12), want,
+          args.calls, QKV // 2, D)
     best = {}
     for r in results:
         if r["path"] != "torch" and r["ok"] and r["us"] < best.get(r["product"], {"us": float("inf")})["us"]:
