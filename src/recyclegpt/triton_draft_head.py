@@ -41,6 +41,8 @@ def available() -> bool:
 
 
 if triton is not None:
+    from .triton_linear import inv_rms, rms_normed
+
     @triton.jit
     def _head_top_kernel(X, NW, W, Val, Idx, Mx, Se, R, V, K, n_blocks, eps, sxr, swv,
                          KTOP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -51,22 +53,13 @@ if triton is not None:
         row_ok = rows < R
         cols = vb * BLOCK_V + tl.arange(0, BLOCK_V)
         col_ok = cols < V
-        ss = tl.zeros([BLOCK_R], tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(X + rows[:, None] * sxr + ks[None, :], mask=row_ok[:, None] & (ks < K)[None, :], other=0.0)
-            x = x.to(tl.float32)
-            ss += tl.sum(x * x, 1)
-        inv = 1.0 / tl.sqrt(ss / K + eps)
+        inv = inv_rms(X, rows, row_ok, K, eps, sxr, BLOCK_R, BLOCK_K)
         acc = tl.zeros([BLOCK_R, BLOCK_V], tl.float32)
         for k0 in range(0, K, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             k_ok = ks < K
             x = tl.load(X + rows[:, None] * sxr + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            nw = tl.load(NW + ks, mask=k_ok, other=0.0)
-            # normalised in float32, cast to the activations' dtype, then scaled, as model.RMSNorm does
-            xn = (x.to(tl.float32) * inv[:, None]).to(X.dtype.element_ty)
-            xn = (xn.to(tl.float32) * nw.to(tl.float32)[None, :]).to(W.dtype.element_ty)
+            xn = rms_normed(x, NW, ks, k_ok, inv).to(W.dtype.element_ty)
             w = tl.load(W + cols[:, None] * swv + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
             acc += tl.dot(xn, tl.trans(w), input_precision=PRECISION)
         acc = tl.where(col_ok[None, :], acc, float("-inf"))

@@ -45,8 +45,9 @@ def available() -> bool:
 
 
 if triton is not None:
+    # the RMSNorm in two parts, shared with triton_draft_head's kernel
     @triton.jit
-    def _inv_rms(X, rows, row_ok, K, eps, sxr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    def inv_rms(X, rows, row_ok, K, eps, sxr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
         # 1 / RMS of each row, over its K values (each program recomputes it: no grid-wide sync)
         ss = tl.zeros([BLOCK_R], tl.float32)
         for k0 in range(0, K, BLOCK_K):
@@ -54,10 +55,10 @@ if triton is not None:
             x = tl.load(X + rows[:, None] * sxr + ks[None, :], mask=row_ok[:, None] & (ks < K)[None, :],
                         other=0.0).to(tl.float32)
             ss += tl.sum(x * x, 1)
-        return tl.rsqrt(ss / K + eps)
+        return 1.0 / tl.sqrt(ss / K + eps)
 
     @triton.jit
-    def _normed(x, NW, ks, k_ok, inv):
+    def rms_normed(x, NW, ks, k_ok, inv):
         # as model.RMSNorm: normalised in float32, cast to the activations' dtype, then scaled
         nw = tl.load(NW + ks, mask=k_ok, other=0.0)
         xn = (x.to(tl.float32) * inv[:, None]).to(x.dtype)
@@ -73,7 +74,7 @@ if triton is not None:
         rows = tl.arange(0, BLOCK_R)
         row_ok = rows < R
         if NORM:
-            inv = _inv_rms(X, rows, row_ok, K, eps, sxr, BLOCK_R, BLOCK_K)
+            inv = inv_rms(X, rows, row_ok, K, eps, sxr, BLOCK_R, BLOCK_K)
         acc = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)
         for k0 in range(0, K, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
@@ -81,7 +82,7 @@ if triton is not None:
             x_ok = row_ok[:, None] & k_ok[None, :]
             x = tl.load(X + rows[:, None] * sxr + ks[None, :], mask=x_ok, other=0.0)
             if NORM:
-                x = _normed(x, NW, ks, k_ok, inv)
+                x = rms_normed(x, NW, ks, k_ok, inv)
             if SWIGLU:  # as MLP: silu(gate) * up, each rounded to the dtype; the up half starts at column K
                 up = tl.load(X + rows[:, None] * sxr + K + ks[None, :], mask=x_ok, other=0.0)
                 g = x.to(tl.float32)
@@ -108,14 +109,14 @@ if triton is not None:
         hi_cols = lo_cols + HALF
         rows = tl.arange(0, BLOCK_R)
         row_ok = rows < R
-        inv = _inv_rms(X, rows, row_ok, K, eps, sxr, BLOCK_R, BLOCK_K)
+        inv = inv_rms(X, rows, row_ok, K, eps, sxr, BLOCK_R, BLOCK_K)
         acc_lo = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)
         acc_hi = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)
         for k0 in range(0, K, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             k_ok = ks < K
             x = tl.load(X + rows[:, None] * sxr + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            x = _normed(x, NW, ks, k_ok, inv).to(tl.float32)[:, None, :]
+            x = rms_normed(x, NW, ks, k_ok, inv).to(tl.float32)[:, None, :]
             w_ok = u_ok[:, None] & k_ok[None, :]
             w_lo = tl.load(W + lo_cols[:, None] * swn + ks[None, :], mask=w_ok, other=0.0)
             w_hi = tl.load(W + hi_cols[:, None] * swn + ks[None, :], mask=w_ok, other=0.0)
