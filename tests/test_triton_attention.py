@@ -80,6 +80,68 @@ def check_interpreted_cases() -> None:
     assert (out - attend(q, cache, pos, new, mask)).abs().max().item() < 1e-6
 
 
+# cached_attention: (B, H, Hkv, T, D, S, L, first new slot, n_split). A SmolLM2 step and recycle pair over a 512-slot
+# bucket (8 ranges merged by ticket), batch 2, no GQA, one range (no merge), MHA with 128 rows (two row blocks, only
+# the first writes), and new slots that are not the last ones (a draft's slots ahead of stale ones)
+CACHED_CASES = [
+    (1, 9, 3, 1, 64, 600, 512, 37, None),
+    (1, 9, 3, 2, 64, 600, 512, 480, None),
+    (2, 9, 3, 2, 64, 300, 256, 230, None),
+    (1, 4, 4, 3, 32, 100, 70, 66, None),
+    (1, 9, 3, 2, 64, 300, 256, 0, 1),
+    (1, 128, 1, 1, 16, 200, 200, 150, 3),
+    (2, 2, 1, 4, 16, 200, 192, 20, None),
+]
+
+
+def cached_inputs(B, H, Hkv, T, D, S, L, p0, *, dtype=torch.float32, device="cpu", seed=0):
+    """qkv of T new tokens, a 3-layer cache of noise, their slots p0.., a causal folded mask with holes."""
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(B, T, (H + 2 * Hkv) * D, generator=g)
+    k_cache, v_cache = torch.randn(2, 3, B, Hkv, S, D, generator=g)
+    pos = torch.arange(p0, p0 + T)
+    visible = (torch.arange(L)[None, :] <= pos[:, None]) & (torch.rand(B, 1, 1, T, L, generator=g) > 0.2)
+    visible[..., torch.arange(T), pos] = True  # every token sees its own slot
+    visible = visible.expand(B, 1, H // Hkv, T, L).reshape(B, 1, H // Hkv * T, L)
+    mask = torch.zeros(visible.shape).masked_fill(~visible, float("-inf"))
+    return tuple(x.to(device=device, dtype=dtype) for x in (qkv, k_cache, v_cache)) + (pos.to(device),
+                                                                                      mask.to(device, dtype))
+
+
+def cached_reference(qkv, k_cache, v_cache, pos, mask, layer, H):
+    """index_copy_ into copies of the cache, then the softmax reference: (out (B, T, H D), k_cache, v_cache)."""
+    B, T, _ = qkv.shape
+    _, _, Hkv, S, D = k_cache.shape
+    groups, L = H // Hkv, mask.shape[-1]
+    x = qkv.view(B, T, H + 2 * Hkv, D)
+    k_cache, v_cache = k_cache.clone(), v_cache.clone()
+    k_cache[layer].index_copy_(2, pos, x[:, :, H:H + Hkv].transpose(1, 2))
+    v_cache[layer].index_copy_(2, pos, x[:, :, H + Hkv:].transpose(1, 2))
+    q = x[:, :, :H].transpose(1, 2).reshape(B, Hkv, groups * T, D)  # row g*T + t: head h*groups + g, token t
+    out = reference(q, k_cache[layer, :, :, :L], v_cache[layer, :, :, :L], mask, D ** -0.5)
+    return out.view(B, Hkv, groups, T, D).permute(0, 3, 1, 2, 4).reshape(B, T, H * D), k_cache, v_cache
+
+
+def check_cached_cases() -> None:
+    """Run under TRITON_INTERPRET=1: cached_attention's output to 1e-4 of the reference, its cache writes exact and
+    nothing else in the cache touched, the tickets back at zero; bad shapes are named."""
+    for B, H, Hkv, T, D, S, L, p0, n_split in CACHED_CASES:
+        qkv, k_cache, v_cache, pos, mask = cached_inputs(B, H, Hkv, T, D, S, L, p0)
+        want, want_k, want_v = cached_reference(qkv, k_cache, v_cache, pos, mask, 1, H)
+        tickets = torch.zeros(B * Hkv * 4, dtype=torch.int32)
+        out = triton_attention.cached_attention(qkv, k_cache, v_cache, tickets, pos, mask, 1, H, n_split=n_split)
+        err = (out - want).abs().max().item()
+        print(f"cached B={B} H={H} Hkv={Hkv} T={T} D={D} L={L} n_split={n_split}: max abs err {err:.2e}")
+        assert out.shape == (B, T, H * D) and err < 1e-4, err
+        assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v) and not tickets.any()
+    for bad, name in (({"layer": 3}, "layer 3"), ({"H": 8}, "8 query heads"), ({"pos": torch.arange(3)}, "input_pos")):
+        qkv, k_cache, v_cache, pos, mask = cached_inputs(1, 9, 3, 2, 64, 100, 64, 10)
+        args = {"layer": 1, "H": 9, "pos": pos, **bad}
+        with pytest.raises(ValueError, match=name):
+            triton_attention.cached_attention(qkv, k_cache, v_cache, torch.zeros(12, dtype=torch.int32),
+                                              args["pos"], mask, args["layer"], args["H"])
+
+
 @needs_interpreter_3_7(triton)
 def test_interpreted_matches_reference():
     run_interpreted(__file__)
@@ -120,6 +182,54 @@ def test_cuda_bf16_graph_and_compile():
         return decode_attention(q * 1.0, k, v, mask) + 0.0
 
     check(attend(*inputs), *inputs)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_cached_attention_bf16_graph_and_compile():
+    """cached_attention on CUDA in bf16: the reference's output, exact cache writes and zeroed tickets, case by case
+    and over 200 replays of a CUDA graph (the ticket merge is where a race between a (row, head)'s ranges would
+    show); under torch.compile the cache stays the buffer that was passed (updated in place, not copied)."""
+    def check(out, want):
+        assert out.dtype == torch.bfloat16 and (out.float() - want).abs().max().item() < 2e-2
+
+    cases = CACHED_CASES + [(8, 9, 3, 2, 64, 2048, 2048, 1500, None), (32, 9, 3, 1, 64, 600, 512, 400, None)]
+    for B, H, Hkv, T, D, S, L, p0, n_split in cases:
+        qkv, k_cache, v_cache, pos, mask = cached_inputs(B, H, Hkv, T, D, S, L, p0, dtype=torch.bfloat16,
+                                                         device="cuda")
+        want, want_k, want_v = cached_reference(qkv, k_cache, v_cache, pos, mask, 1, H)
+        tickets = torch.zeros(B * Hkv * 4, dtype=torch.int32, device="cuda")
+        check(triton_attention.cached_attention(qkv, k_cache, v_cache, tickets, pos, mask, 1, H, n_split=n_split),
+              want)
+        assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v) and not tickets.any()
+
+    qkv, k_cache, v_cache, pos, mask = inputs = cached_inputs(1, 9, 3, 2, 64, 600, 512, 300, dtype=torch.bfloat16,
+                                                              device="cuda")
+    tickets = torch.zeros(12, dtype=torch.int32, device="cuda")
+    triton_attention.cached_attention(qkv, k_cache, v_cache, tickets, pos, mask, 1, 9)  # compiles outside capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = triton_attention.cached_attention(qkv, k_cache, v_cache, tickets, pos, mask, 1, 9)
+    for seed in range(200):
+        for x, y in zip(inputs, cached_inputs(1, 9, 3, 2, 64, 600, 512, 300 - seed, dtype=torch.bfloat16,
+                                              device="cuda", seed=seed)):
+            x.copy_(y)
+        want, want_k, want_v = cached_reference(*inputs, 1, 9)
+        graph.replay()
+        check(out, want)
+        assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v) and not tickets.any()
+
+    @torch.compile(fullgraph=True)
+    def two_layers(qkv, k_cache, v_cache, tickets, pos, mask):
+        y = triton_attention.cached_attention(qkv * 1.0, k_cache, v_cache, tickets, pos, mask, 0, 9)
+        return triton_attention.cached_attention(qkv + y.sum(), k_cache, v_cache, tickets, pos, mask, 1, 9)
+
+    k_before = k_cache.clone()
+    got = two_layers(qkv, k_cache, v_cache, tickets, pos, mask)
+    c0, _, _ = cached_reference(qkv, k_before, v_cache, pos, mask, 0, 9)
+    want, _, _ = cached_reference(qkv + c0.to(torch.bfloat16).sum(), k_before, v_cache, pos, mask, 1, 9)
+    assert (got.float() - want).abs().max().item() < 5e-2 * max(1.0, want.abs().max().item())
+    assert not torch.equal(k_cache, k_before)  # written through the buffer passed in
 
 
 def check_model_integration() -> None:
@@ -167,4 +277,5 @@ def check_model_integration() -> None:
 
 if __name__ == "__main__":
     check_interpreted_cases()
+    check_cached_cases()
     check_model_integration()

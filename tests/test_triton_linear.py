@@ -9,6 +9,8 @@ script with TRITON_INTERPRET=1.
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import sys
 
 import pytest
@@ -127,18 +129,21 @@ def check_interpreted_cases() -> None:
 
 
 def check_model_integration() -> None:
-    """Run under TRITON_INTERPRET=1: with the fused products (allowed on the CPU here) a decode step's logits are
-    the torch path's to 1e-4, and standard, recycle, speculative and tree decoding give the same tokens; wider calls
+    """Run under TRITON_INTERPRET=1: with the fused products (allowed on the CPU here), and with them and the
+    attention that writes the cache (triton_attention.cached_attention), a decode step's logits are the torch
+    path's to 1e-4, and standard, recycle, speculative and tree decoding give the same tokens; wider calls
     (prompts, the tree's verification) keep the torch path."""
     sys.path.insert(0, os.path.dirname(__file__))
     import recyclegpt.model as model_mod
+    from recyclegpt import triton_attention
     from recyclegpt.decoding import recycle, standard
     from recyclegpt.model import fuse_projections
     from recyclegpt.speculative import TreeShape, speculative, tree
     from test_speculative import predictable, prompts_for
 
-    rows = []
-    allowed, default = model_mod.use_fused_linear, model_mod.FUSED_LINEAR
+    rows, cached_calls = [], []
+    saved = (model_mod.use_fused_linear, model_mod.use_decode_kernel, model_mod.FUSED_LINEAR,
+             model_mod.CACHED_ATTENTION, triton_attention.cached_attention)
 
     def on_cpu_too(x, block):
         fused = (model_mod.FUSED_LINEAR and block.attn.wqkv is not None
@@ -146,9 +151,16 @@ def check_model_integration() -> None:
         rows.append((x.numel() // x.shape[-1], fused))
         return fused
 
+    def counted(qkv, *args, **kw):
+        cached_calls.append(qkv.shape[1])
+        return saved[-1](qkv, *args, **kw)
+
     model_mod.use_fused_linear = on_cpu_too
+    model_mod.use_decode_kernel = lambda q, mask, T: (mask.is_floating_point() and T <= model_mod.FOLD_MAX_TOKENS
+                                                      and q.shape[-1] >= 16)
+    triton_attention.cached_attention = counted
     try:
-        model = fuse_projections(predictable(1, 0.1))
+        model = fuse_projections(predictable(1, 0.1, d_model=64))  # head_dim 16: the attention kernels' least
         g = torch.Generator().manual_seed(3)
         with torch.no_grad():  # norm weights other than ones, so that a norm with the wrong weight shows
             for block in list(model.base.layers) + list(model.module.layers):
@@ -156,23 +168,65 @@ def check_model_integration() -> None:
                     norm.weight.add_(0.2 * torch.randn(norm.weight.shape, generator=g))
         prompts = prompts_for(1, 2)
         got = {}
-        for fused in (True, False):
-            model_mod.FUSED_LINEAR = fused
+        for fused, cached in ((True, True), (True, False), (False, False)):
+            model_mod.FUSED_LINEAR, model_mod.CACHED_ATTENTION = fused, cached
             with torch.no_grad():
                 cache = model.base.new_cache(1, 32)
                 out = model.base(torch.tensor([[5, 7, 11]]), input_pos=torch.arange(3), cache=cache)
                 step = model.base(torch.tensor([[13]]), input_pos=torch.tensor([3]), cache=cache)
-            got[fused] = (out.logits, step.logits,
-                          standard(model.base, prompts, max_new_tokens=10).tokens,
-                          recycle(model, prompts, max_new_tokens=10).tokens,
-                          speculative(model, prompts, max_new_tokens=10, draft_len=3).tokens,
-                          tree(model, prompts, max_new_tokens=10, shape=TreeShape(3, 2, 5)).tokens)
-        on, off = got[True], got[False]
-        assert (on[0] - off[0]).abs().max().item() < 1e-4 and (on[1] - off[1]).abs().max().item() < 1e-4
-        assert on[2:] == off[2:] and on[4] == on[2] and on[5] == on[2]
+            got[fused, cached] = (out.logits, step.logits,
+                                  standard(model.base, prompts, max_new_tokens=10).tokens,
+                                  recycle(model, prompts, max_new_tokens=10).tokens,
+                                  speculative(model, prompts, max_new_tokens=10, draft_len=3).tokens,
+                                  tree(model, prompts, max_new_tokens=10, shape=TreeShape(3, 2, 5)).tokens)
+            if cached:  # every fused call took the one-kernel attention, decode steps and recycle pairs among them
+                assert len(cached_calls) == sum(f for n, f in rows) and {1, 2} <= set(cached_calls), cached_calls
+        off = got[False, False]
+        for on in (got[True, True], got[True, False]):
+            assert (on[0] - off[0]).abs().max().item() < 1e-4 and (on[1] - off[1]).abs().max().item() < 1e-4
+            assert on[2:] == off[2:] and on[4] == on[2] and on[5] == on[2]
     finally:
-        model_mod.use_fused_linear, model_mod.FUSED_LINEAR = allowed, default
+        (model_mod.use_fused_linear, model_mod.use_decode_kernel, model_mod.FUSED_LINEAR,
+         model_mod.CACHED_ATTENTION, triton_attention.cached_attention) = saved
     assert any(f for n, f in rows) and any(n > triton_linear.MAX_ROWS and not f for n, f in rows)
+
+
+def check_compiled_steps_keep_the_cache_in_place() -> None:
+    """Run under TRITON_INTERPRET=1: the compiled engine's standard and recycle steps with the fused products and
+    the attention that writes the cache give standard's tokens, and inductor hands the op the cache buffers
+    themselves (graph inputs): no copy of the cache around it, which a separate write and read of the cache got."""
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        print("skipped: torch.compile on the CPU needs a C++ compiler")
+        return
+    sys.path.insert(0, os.path.dirname(__file__))
+    from torch._inductor.utils import run_and_get_code
+
+    import recyclegpt.model as model_mod
+    from recyclegpt.decoding import standard
+    from recyclegpt.engine import Engine
+    from test_speculative import predictable, prompts_for
+
+    saved = (model_mod.use_fused_linear, model_mod.use_decode_kernel, model_mod.FUSED_LINEAR,
+             model_mod.CACHED_ATTENTION)
+    model_mod.use_fused_linear = lambda x, block: (model_mod.FUSED_LINEAR and block.attn.wqkv is not None
+                                                   and x.numel() // x.shape[-1] <= triton_linear.MAX_ROWS)
+    model_mod.use_decode_kernel = lambda q, mask, T: mask.is_floating_point() and q.shape[-1] >= 16
+    model_mod.FUSED_LINEAR = model_mod.CACHED_ATTENTION = True
+    try:
+        model = predictable(1, 0.05, d_model=64)
+        prompts = prompts_for(0, 2)
+        want = standard(model.base, prompts, max_new_tokens=8).tokens
+        engine = Engine(model, bucket=64, compile=True, compile_steps=True, fuse=True)
+        got, code = run_and_get_code(engine.decode, "standard", prompts, max_new_tokens=8)
+        assert got.tokens == want
+        code += run_and_get_code(engine.decode, "recycle", prompts, max_new_tokens=8)[1]
+    finally:
+        (model_mod.use_fused_linear, model_mod.use_decode_kernel, model_mod.FUSED_LINEAR,
+         model_mod.CACHED_ATTENTION) = saved
+    calls = [line for c in code for line in c.splitlines() if "cached_attention.default(" in line]
+    assert len(calls) >= 2, "the op did not run in the compiled steps"
+    for line in calls:  # (qkv, k_cache, v_cache, tickets, ...): the last three are the graph's inputs, argN_1
+        assert re.search(r", arg\d+_1, arg\d+_1, arg\d+_1, \w+, \w+, \d+, \d+, ", line), line
 
 
 @needs_interpreter_3_7(triton)
@@ -234,9 +288,10 @@ def test_cuda_bf16_graph_and_compile():
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("compiled", [False, True])
-def test_cuda_engine_with_fused_products(monkeypatch, compiled):
+@pytest.mark.parametrize("cached", [False, True])
+def test_cuda_engine_with_fused_products(monkeypatch, compiled, cached):
     """The engine's standard, recycle, speculative and tree decoding, graphs and compiled whole, with the fused
-    products: standard's tokens of the torch path (fp32)."""
+    products (and the attention that writes the cache): standard's tokens of the torch path (fp32)."""
     sys.path.insert(0, os.path.dirname(__file__))
     import recyclegpt.model as model_mod
     from recyclegpt.decoding import standard
@@ -244,10 +299,11 @@ def test_cuda_engine_with_fused_products(monkeypatch, compiled):
     from recyclegpt.speculative import TreeShape
     from test_speculative import predictable, prompts_for
 
-    model = predictable(1, 0.05).cuda()
+    model = predictable(1, 0.05, d_model=64).cuda()  # head_dim 16: the attention kernels take the decode calls
     prompts = prompts_for(3, 3)
     want = standard(model.base, prompts, max_new_tokens=40).tokens
     monkeypatch.setattr(model_mod, "FUSED_LINEAR", True)
+    monkeypatch.setattr(model_mod, "CACHED_ATTENTION", cached)
     engine = (Engine(model, graphs=True, bucket=128, compile=True, compile_steps=True) if compiled
               else Engine(model, graphs=True, bucket=16))
     for strategy, kw in (("standard", {}), ("speculative", {"draft_len": 3}), ("tree", {"tree": TreeShape(4, 3, 10)})):
@@ -259,3 +315,4 @@ def test_cuda_engine_with_fused_products(monkeypatch, compiled):
 if __name__ == "__main__":
     check_interpreted_cases()
     check_model_integration()
+    check_compiled_steps_keep_the_cache_in_place()

@@ -44,6 +44,9 @@ class KVCache:
         self._layer = torch.arange(n_layer, device=device).view(n_layer, 1, 1, 1)
         self._row = torch.arange(batch, device=device).view(batch, 1, 1)
         self._head = torch.arange(n_kv_head, device=device).view(1, n_kv_head, 1)
+        # counters of triton_attention.cached_attention (the attention that also writes the cache): zero between
+        # calls; room for 4 query-row blocks per (row, head)
+        self.tickets = torch.zeros(batch * n_kv_head * 4, device=device, dtype=torch.int32)
 
     @property
     def batch(self) -> int:
@@ -183,6 +186,9 @@ class Attention(nn.Module):
         rotated: the query and key heads of qkv are rotated already (triton_linear.qkv_rope)."""
         B, T, _ = qkv.shape
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
+        if rotated and cache is not None and use_cached_attention(qkv, mask, T, H // Hkv, D):
+            # the cache write and the attention as one kernel (triton_attention.cached_attention)
+            return triton_attention.cached_attention(qkv, cache.k, cache.v, cache.tickets, input_pos, mask, layer, H)
         qkv = qkv.view(B, T, H + 2 * Hkv, D).transpose(1, 2)  # (B, H + 2 Hkv, T, D)
         qk = qkv[:, :H + Hkv] if rotated else apply_rotary(qkv[:, :H + Hkv], *rope)  # one pass over both
         q, k = qk.split((H, Hkv), dim=1)
@@ -360,6 +366,19 @@ def use_fused_linear(x: torch.Tensor, block: "Block") -> bool:
     return (FUSED_LINEAR and x.is_cuda and block.attn.wqkv is not None and block.mlp.w13 is not None
             and x.numel() // x.shape[-1] <= triton_linear.MAX_ROWS and not torch.is_grad_enabled()
             and half > 0 and half & (half - 1) == 0 and triton_linear.available())
+
+
+# a fused decode call's cache write and attention as one Triton kernel, its ranges merged in the same kernel
+# (triton_attention.cached_attention): 2-3 kernels a layer fewer. Off until timed on a GPU (built in the twelfth
+# session before its window); `gpu_step_profile.py --cached-attention` is the A/B
+CACHED_ATTENTION = False
+
+
+def use_cached_attention(qkv: torch.Tensor, mask: torch.Tensor | None, T: int, groups: int, head_dim: int) -> bool:
+    """Whether `Attention.attend` writes the cache and attends with `triton_attention.cached_attention`: a call of
+    the fused path (rotated qkv) whose mask has its query heads folded, where `use_decode_kernel` holds."""
+    return (CACHED_ATTENTION and mask is not None and mask.shape[-2] == groups * T
+            and use_decode_kernel(qkv.view(*qkv.shape[:2], -1, head_dim), mask, T))
 
 
 def _stack(blocks, x, rope, mask, cache, input_pos, kv_end, taps):

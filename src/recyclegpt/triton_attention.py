@@ -39,20 +39,30 @@ if triton is not None:
     LOG2E = tl.constexpr(1.4426950408889634)  # the kernels use exp2: exp(x) = exp2(x * log2(e))
 
     @triton.jit
-    def _attn_kernel(Q, K, V, Mask, O, Acc, Mx, Sm,
-                     sqb, sqh, sqr, skb, skh, skn, svb, svh, svn, smb, smr, sob, soh, sog, sot,
+    def _attn_kernel(Q, K, V, Mask, O, Acc, Mx, Sm, Kn, Vn, Pos, Tickets,
+                     sqb, sqh, sqg, sqt, skb, skh, skn, svb, svh, svn, smb, smr, sob, soh, sog, sot, snb, snt, snh,
                      Hkv, R, T, L, per_split, n_rb, n_split, scale,
                      D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
-                     PRECISION: tl.constexpr):
-        # grid ((b*Hkv + h)*n_rb + row block, KV range): BLOCK_R query rows against the range's slots [start, end)
+                     PRECISION: tl.constexpr, NEW: tl.constexpr, TP: tl.constexpr, TICKET: tl.constexpr):
+        # grid ((b*Hkv + h)*n_rb + row block, KV range): BLOCK_R query rows against the range's slots [start, end).
+        # Row g*T + t of KV head h is query head h*groups + g of token t (strides sqg, sqt).
+        # NEW: the T new tokens' keys and values are read from Kn, Vn (b, t, h at strides snb, snt, snh) for their
+        # slots Pos[t], and stored into the cache there by the range that holds the slot (row block 0 only).
+        # TICKET: the last range of a (b, h, row block) to finish merges the partials (no second kernel).
         pid, split = tl.program_id(0), tl.program_id(1)
         bh, rb = pid // n_rb, pid % n_rb
         b, h = bh // Hkv, bh % Hkv
         rows = rb * BLOCK_R + tl.arange(0, BLOCK_R)
         dims = tl.arange(0, D)
         row_ok = rows < R
-        q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqr + dims[None, :], mask=row_ok[:, None], other=0.0)
+        q = tl.load(Q + b * sqb + h * sqh + (rows // T)[:, None] * sqg + (rows % T)[:, None] * sqt + dims[None, :],
+                    mask=row_ok[:, None], other=0.0)
         k_base, v_base, m_base = K + b * skb + h * skh, V + b * svb + h * svh, Mask + b * smb + rows[:, None] * smr
+        if NEW:
+            toks = tl.arange(0, TP)
+            pos = tl.load(Pos + toks, mask=toks < T, other=-1)  # the new tokens' slots; -1 matches no slot
+            writer = (tl.zeros([BLOCK_N], tl.int32) + rb) == 0  # row block 0 stores (a vector: the interpreter
+            # cannot combine a scalar bool with a vector mask)
 
         start = split * per_split
         end = tl.minimum(start + per_split, L)
@@ -62,8 +72,22 @@ if triton is not None:
         for n0 in range(start, end, BLOCK_N):
             cols = n0 + tl.arange(0, BLOCK_N)
             col_ok = cols < end
-            k = tl.load(k_base + cols[:, None] * skn + dims[None, :], mask=col_ok[:, None], other=0.0)  # (N, D)
-            v = tl.load(v_base + cols[:, None] * svn + dims[None, :], mask=col_ok[:, None], other=0.0)
+            if NEW:
+                hit = cols[:, None] == pos[None, :]  # (N, TP): slot n holds new token t
+                fresh = (tl.max(hit.to(tl.int32), 1) > 0) & col_ok
+                t_of = tl.sum(tl.where(hit, toks[None, :], 0), 1)
+                new_at = b * snb + t_of[:, None] * snt + h * snh + dims[None, :]
+                kn = tl.load(Kn + new_at, mask=fresh[:, None], other=0.0)
+                vn = tl.load(Vn + new_at, mask=fresh[:, None], other=0.0)
+                old = col_ok & ~fresh
+                k = tl.load(k_base + cols[:, None] * skn + dims[None, :], mask=old[:, None], other=0.0) + kn
+                v = tl.load(v_base + cols[:, None] * svn + dims[None, :], mask=old[:, None], other=0.0) + vn
+                write = (fresh & writer)[:, None] & (dims[None, :] < D)  # (N, D)
+                tl.store(k_base + cols[:, None] * skn + dims[None, :], kn.to(K.dtype.element_ty), mask=write)
+                tl.store(v_base + cols[:, None] * svn + dims[None, :], vn.to(V.dtype.element_ty), mask=write)
+            else:
+                k = tl.load(k_base + cols[:, None] * skn + dims[None, :], mask=col_ok[:, None], other=0.0)  # (N, D)
+                v = tl.load(v_base + cols[:, None] * svn + dims[None, :], mask=col_ok[:, None], other=0.0)
             # padding rows and slots read -inf, so they add nothing
             bias = tl.load(m_base + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=float("-inf"))
             s = (tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale + bias.to(tl.float32)) * LOG2E  # (R, N)
@@ -81,6 +105,32 @@ if triton is not None:
             tl.store(Acc + part[:, None] * D + dims[None, :], acc, mask=row_ok[:, None])
             tl.store(Mx + part, m_i, mask=row_ok)
             tl.store(Sm + part, l_i, mask=row_ok)
+            if TICKET:
+                # every thread's stores are issued before the ticket is taken (release); the last range's program
+                # sees them all (acquire) and merges, reading around L1, then puts the ticket back to 0 for the
+                # next call (a CUDA graph replays the same counter)
+                tl.debug_barrier()
+                ticket = tl.atomic_add(Tickets + pid, 1, sem="acq_rel")
+                if ticket == n_split - 1:
+                    m_all = tl.full([BLOCK_R], float("-inf"), tl.float32)
+                    l_all = tl.zeros([BLOCK_R], tl.float32)
+                    acc = tl.zeros([BLOCK_R, D], tl.float32)
+                    for s in range(0, n_split):
+                        at = (bh * n_split + s) * R + rows
+                        m_s = tl.load(Mx + at, mask=row_ok, other=float("-inf"), cache_modifier=".cg")
+                        l_s = tl.load(Sm + at, mask=row_ok, other=0.0, cache_modifier=".cg")
+                        a_s = tl.load(Acc + at[:, None] * D + dims[None, :], mask=row_ok[:, None], other=0.0,
+                                      cache_modifier=".cg")
+                        m_new = tl.maximum(m_all, m_s)
+                        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+                        w_all, w_s = tl.exp2(m_all - m_ref), tl.exp2(m_s - m_ref)
+                        l_all = l_all * w_all + l_s * w_s
+                        acc = acc * w_all[:, None] + a_s * w_s[:, None]
+                        m_all = m_new
+                    tl.store(Tickets + pid, 0)
+                    out = acc / tl.where(row_ok, l_all, 1.0)[:, None]
+                    o = O + b * sob + h * soh + (rows // T) * sog + (rows % T) * sot
+                    tl.store(o[:, None] + dims[None, :], out.to(O.dtype.element_ty), mask=row_ok[:, None])
         else:  # every row has a visible slot, so l_i > 0 (padding rows have 0: divide them by 1, they are not stored)
             out = acc / tl.where(row_ok, l_i, 1.0)[:, None]
             # row g*T + t of KV head h: query head h*groups + g of token t, at the output's strides (`_out_layout`)
@@ -148,8 +198,6 @@ def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
     if mask.stride(-1) != 1:
         mask = mask.contiguous()
 
-    block_r, n_split, per_split = plan(B, Hkv, R, L, n_split)
-    n_rb = triton.cdiv(R, block_r)
     if tokens > 0 and R % tokens:
         raise ValueError(f"decode_attention: {R} query rows are not a whole number of groups of {tokens} tokens")
     T = tokens if tokens > 0 else R
@@ -157,22 +205,70 @@ def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
     # strides of (batch row, KV head, head within its group, token): row g*T + t of KV head h lands there
     so = (out.stride(0), out.stride(1), 0, out.stride(2)) if tokens <= 0 else \
         (out.stride(0), (R // T) * D, D, out.stride(1))
+    sq = (q.stride(0), q.stride(1), T * q.stride(2), q.stride(2))  # row g*T + t read at g*T*stride + t*stride
+    _launch(q, sq, k, v, mask, out, so, R, T, scale, n_split)
+    return out
+
+
+def _launch(q, sq, k, v, mask, out, so, R, T, scale, n_split, new=None, tickets=None) -> None:
+    """Run the kernels for R query rows a KV head (at strides sq: batch row, KV head, head in group, token) into
+    out (strides so); `new` = (kn, vn, pos, strides) for calls that also write the cache; `tickets` merges in the
+    attention kernel instead of a second one."""
+    B, Hkv, L, D = k.shape
+    block_r, n_split, per_split = plan(B, Hkv, R, L, n_split)
+    n_rb = triton.cdiv(R, block_r)
     if n_split > 1:
         acc = torch.empty((B * Hkv, n_split, R, D), dtype=torch.float32, device=q.device)
         mx, sm = torch.empty((2, B * Hkv, n_split, R), dtype=torch.float32, device=q.device)
     else:
         acc = mx = sm = out  # unused
+    kn, vn, pos, sn = new if new is not None else (out, out, out, (0, 0, 0))  # unused without NEW
+    ticket = tickets is not None and n_split > 1
+    if ticket and tickets.numel() < B * Hkv * n_rb:
+        raise ValueError(f"decode_attention: {tickets.numel()} tickets for {B * Hkv * n_rb} (row, head, row block)s")
     _attn_kernel[(B * Hkv * n_rb, n_split)](
-        q, k, v, mask, out, acc, mx, sm,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), mask.stride(0), mask.stride(2), *so,
+        q, k, v, mask, out, acc, mx, sm, kn, vn, pos, tickets if ticket else out,
+        *sq, k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), mask.stride(0), mask.stride(2), *so, *sn,
         Hkv, R, T, L, per_split, n_rb, n_split, scale,
         D=D, BLOCK_R=block_r, BLOCK_N=BLOCK_N, SPLIT=n_split > 1,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 stays fp32; half types ignore it
+        NEW=new is not None, TP=max(2, triton.next_power_of_2(T)) if new is not None else 2, TICKET=ticket,
         num_warps=4 if block_r * D <= 64 * 128 else 8)  # 8 for the largest tiles, whose fp32 acc would spill
-    if n_split > 1:
+    if n_split > 1 and not ticket:
         _merge_kernel[(B * Hkv * R,)](acc, mx, sm, out, *so, Hkv, R, T, n_split, D=D,
                                       BLOCK_S=max(2, triton.next_power_of_2(n_split)), num_warps=4)
+
+
+def _cached_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tickets: torch.Tensor,
+                      input_pos: torch.Tensor, mask: torch.Tensor, layer: int, n_head: int, scale: float,
+                      n_split: int) -> torch.Tensor:
+    """The op's body: `cached_attention` with the scale given and n_split 0 for the heuristic's."""
+    if not qkv.is_cuda and not _INTERPRETED:
+        raise RuntimeError("cached_attention runs on CUDA tensors, or on the CPU under Triton's interpreter "
+                           "(TRITON_INTERPRET=1 set before triton is imported)")
+    B, T, W = qkv.shape
+    n_layer, Bc, Hkv, S, D = k_cache.shape
+    H, L = n_head, mask.shape[-1]
+    R = (H // Hkv) * T
+    if (W != (H + 2 * Hkv) * D or Bc != B or v_cache.shape != k_cache.shape or H % Hkv or not 0 <= layer < n_layer
+            or L > S or D < 16 or D > 256 or D & (D - 1) or qkv.stride(-1) != 1 or input_pos.shape != (T,)
+            or mask.dim() != 4 or mask.shape[1:3] != (1, R) or mask.shape[0] not in (1, B)):
+        raise ValueError(f"cached_attention: qkv {tuple(qkv.shape)}, cache {tuple(k_cache.shape)}, input_pos "
+                         f"{tuple(input_pos.shape)}, mask {tuple(mask.shape)}, layer {layer}, {n_head} query heads: "
+                         "qkv must be (B, T, (H + 2 Hkv) D) with unit last stride, the cache (n_layer, B, Hkv, S, D) "
+                         "with D a power of two in 16..256, input_pos (T,), the mask (B or 1, 1, H/Hkv*T, L <= S)")
+    x = qkv.view(B, T, H + 2 * Hkv, D)
+    mask = mask.expand(B, 1, R, L)
+    if mask.stride(-1) != 1:
+        mask = mask.contiguous()
+    out = torch.empty((B, T, H * D), dtype=qkv.dtype, device=qkv.device)
+    groups = H // Hkv
+    sq = (x.stride(0), groups * x.stride(2), x.stride(2), x.stride(1))  # query head h*groups + g of token t
+    so = (out.stride(0), groups * D, D, out.stride(1))
+    new = (x[:, :, H:], x[:, :, H + Hkv:], input_pos, (x.stride(0), x.stride(1), x.stride(2)))
+    _launch(x, sq, k_cache[layer, :, :, :L], v_cache[layer, :, :, :L], mask, out, so, R, T, scale, n_split, new,
+            tickets)
     return out
 
 
@@ -186,8 +282,17 @@ if triton is not None and hasattr(torch.library, "custom_op"):  # torch >= 2.4
     @_op.register_fake
     def _(q, k, v, mask, scale, n_split, tokens):
         return q.new_empty(_out_shape(q, tokens))
+    _cached_op = torch.library.custom_op(
+        "recyclegpt::cached_attention", mutates_args=("k_cache", "v_cache", "tickets"),
+        schema="(Tensor qkv, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor(c!) tickets, Tensor input_pos, "
+               "Tensor mask, int layer, int n_head, float scale, int n_split) -> Tensor",
+    )(_cached_attention)
+
+    @_cached_op.register_fake
+    def _(qkv, k_cache, v_cache, tickets, input_pos, mask, layer, n_head, scale, n_split):
+        return qkv.new_empty((qkv.shape[0], qkv.shape[1], n_head * k_cache.shape[-1]))
 else:
-    _op = _decode_attention
+    _op, _cached_op = _decode_attention, _cached_attention
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
@@ -211,3 +316,25 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     fn = _op if torch.compiler.is_compiling() else _decode_attention
     return fn(q, k, v, mask, 1 / math.sqrt(q.shape[-1]) if scale is None else float(scale), n_split or 0,
               tokens or 0)
+
+
+def cached_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tickets: torch.Tensor,
+                     input_pos: torch.Tensor, mask: torch.Tensor, layer: int, n_head: int,
+                     scale: float | None = None, *, n_split: int | None = None) -> torch.Tensor:
+    """A cached decode call's attention and cache write in one kernel: (B, T, H D), the output projection's input.
+
+    qkv: (B, T, (H + 2 Hkv) D), the fused QKV product of T new tokens with the query and key heads rotated
+    (`triton_linear.qkv_rope`). k_cache, v_cache: the whole (n_layer, B, Hkv, S, D) buffers; the new keys and values
+    are stored at slots input_pos (T,) of `layer`, and every query row attends to slots [0, L) of that layer, L the
+    mask's last dim (the new tokens' slots must lie below it). mask: additive, (B or 1, 1, H/Hkv * T, L), rows
+    folded as in `decode_attention`. tickets: int32 zeros, at least B * Hkv (`KVCache.tickets`): the ranges of a
+    (batch row, KV head) count in on it and the last one merges, so the call is one kernel; it is zero again after.
+
+    The cache is mutated only through this op, so torch.compile keeps the buffers in place (a write into the cache
+    followed by a separate read of it made inductor copy the whole cache, docs/engine.md).
+    """
+    if triton is None:
+        raise RuntimeError("cached_attention needs triton (see available())")
+    fn = _cached_op if torch.compiler.is_compiling() else _cached_attention
+    return fn(qkv, k_cache, v_cache, tickets, input_pos, mask, layer, n_head,
+              1 / math.sqrt(k_cache.shape[-1]) if scale is None else float(scale), n_split or 0)
