@@ -155,6 +155,9 @@ def main() -> None:
     ap.add_argument("--cached-attention", action="store_true",
                     help="with --fused-linear: the cache write and the attention as one kernel, its ranges merged in "
                          "it (model.CACHED_ATTENTION; an A/B check)")
+    ap.add_argument("--pdl", action="store_true",
+                    help="with --fused-linear (and --cached-attention): the fused kernels launched with programmatic "
+                         "dependent launch (triton_attention.PDL; an A/B check)")
     ap.add_argument("--top", type=int, default=8, help="kernel names listed per part, by GPU time")
     ap.add_argument("--sdpa", default=None,
                     help="attention backends allowed, comma-separated from cudnn, flash, efficient, math "
@@ -180,6 +183,7 @@ def run_profile(args) -> None:
     triton_draft_head.MERGE_KERNEL = not args.torch_draft_merge
     recyclegpt.model.FUSED_LINEAR = args.fused_linear
     recyclegpt.model.CACHED_ATTENTION = args.cached_attention
+    triton_attention.PDL = args.pdl
     cuda = torch.cuda.is_available()
     dev, dtype = (torch.device("cuda"), torch.bfloat16) if cuda else (torch.device("cpu"), torch.float32)
     if args.preset:
@@ -254,7 +258,7 @@ def run_profile(args) -> None:
           f"tree top-k: {'torch' if args.torch_topk else 'sort-free'}, draft-head kernel: "
           f"{'off' if args.no_draft_head_kernel else 'on'} (merge: {'torch' if args.torch_draft_merge else 'kernel'})  "
           f"fused linear: {'on' if args.fused_linear else 'off'}  "
-          f"cached attention: {'on' if args.cached_attention else 'off'}  "
+          f"cached attention: {'on' if args.cached_attention else 'off'}  pdl: {'on' if args.pdl else 'off'}  "
           f"prompt {L}, attention over {kv_end} slots")
     print(f"{'part':<20} {'replay ms':>9} {'kernels':>8} {'kernel ms':>9} {'gap ms':>7} {'floor ms':>8}  by kind (ms)")
     for r in rows:
@@ -286,7 +290,7 @@ def run_profile(args) -> None:
                       "sdpa": args.sdpa, "sdpa_decode": args.sdpa_decode, "torch_topk": args.torch_topk,
                       "draft_head_kernel": not args.no_draft_head_kernel,
                       "draft_merge_kernel": not args.torch_draft_merge, "fused_linear": args.fused_linear,
-                      "cached_attention": args.cached_attention,
+                      "cached_attention": args.cached_attention, "pdl": args.pdl,
                       "parts": [{k: v for k, v in r.items() if k not in ("top", "counts")} for r in rows]}))
 
 

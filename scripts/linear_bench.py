@@ -5,7 +5,7 @@ gate-up with the MLP norm before it; down with SwiGLU before it and the residual
 with the rotary embedding folded in too (`qkv_rope`, the fused path's QKV kernel), this captures 50 calls
 in one CUDA graph and reports the replay time per call: the torch path (the norm or SwiGLU, cuBLAS's product and
 the add, each its own kernel, as in the compiled step without inductor's fusions) and the Triton kernel with each of
-a few launch settings (TILE, MAX_BLOCK_N, warps), checked against torch. Prints a table and a final JSON line.
+a few launch settings (TILE, MAX_BLOCK_N, warps, programmatic dependent launch), checked against torch. Prints a table and a final JSON line.
 
     python scripts/linear_bench.py [--rows 1] [--calls 50]
 """
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src"))
 
-from recyclegpt import triton_linear as tl_  # noqa: E402
+from recyclegpt import triton_attention, triton_linear as tl_  # noqa: E402
 
 D, FF, QKV = 576, 1536, 960  # SmolLM2-135M: d_model, d_ff, (9 + 2 * 3) heads * 64
 SHAPES = {  # name: (N, K, norm, swiglu, residual)
@@ -31,9 +31,12 @@ SHAPES = {  # name: (N, K, norm, swiglu, residual)
     "gate-up (norm before)": (2 * FF, D, True, False, False),
     "down (swiglu before, + residual)": (D, FF, False, True, True),
 }
-# (TILE, MAX_BLOCK_N, warps); the eleventh session's sweep had (2048|1024|4096, 64, 4), (2048|4096, 64, 8),
-# (2048, 16, 4): 4096 won every product
-SETTINGS = [(4096, 64, 4), (8192, 64, 4), (16384, 64, 4), (4096, 8, 4), (8192, 8, 4), (8192, 64, 8), (2048, 64, 4)]
+# (TILE, MAX_BLOCK_N, warps, programmatic dependent launch); the eleventh session's sweep had (2048|1024|4096, 64,
+# 4), (2048|4096, 64, 8), (2048, 16, 4), no PDL: 4096 won every product. With PDL each of the 50 calls in the graph
+# launches while the one before it runs and loads its first weight block before waiting on it
+SETTINGS = [(4096, 64, 4, False), (8192, 64, 4, False), (16384, 64, 4, False), (4096, 8, 4, False),
+            (8192, 8, 4, False), (2048, 64, 4, False), (4096, 64, 4, True), (8192, 64, 4, True),
+            (16384, 64, 4, True), (4096, 8, 4, True), (8192, 8, 4, True)]
 
 
 def torch_path(x, w, nw, res, swiglu, eps=1e-5):
@@ -71,19 +74,19 @@ def per_call_us(fn, calls: int) -> float:
 def sweep(results: list, name: str, call, want: torch.Tensor, calls: int, n: int, k: int) -> None:
     """Time `call` under each of SETTINGS (the module constants restored after each), checked against `want`; the
     kernel's grid is over n columns (or column pairs) of width k."""
-    defaults = tl_.TILE, tl_.MAX_BLOCK_N, tl_.NUM_WARPS
-    for tile, max_bn, warps in SETTINGS:
-        tl_.TILE, tl_.MAX_BLOCK_N, tl_.NUM_WARPS = tile, max_bn, warps
+    defaults = tl_.TILE, tl_.MAX_BLOCK_N, tl_.NUM_WARPS, triton_attention.PDL
+    for tile, max_bn, warps, pdl in SETTINGS:
+        tl_.TILE, tl_.MAX_BLOCK_N, tl_.NUM_WARPS, triton_attention.PDL = tile, max_bn, warps, pdl
         try:
             err = (call().float() - want.float()).abs().max().item()
             ok = err < 6e-2 * max(1.0, want.float().abs().max().item() / 8)
             us = per_call_us(call, calls)
             bn, bk = tl_.blocks(n, k, torch.cuda.get_device_properties(want.device).multi_processor_count)
         finally:
-            tl_.TILE, tl_.MAX_BLOCK_N, tl_.NUM_WARPS = defaults
-        path = f"kernel T{tile} N<={max_bn} w{warps}"
+            tl_.TILE, tl_.MAX_BLOCK_N, tl_.NUM_WARPS, triton_attention.PDL = defaults
+        path = f"kernel T{tile} N<={max_bn} w{warps}{' pdl' if pdl else ''}"
         results.append({"product": name, "path": path, "tile": tile, "max_block_n": max_bn, "warps": warps,
-                        "us": us, "ok": ok, "max_err": err, "blocks": [bn, bk]})
+                        "pdl": pdl, "us": us, "ok": ok, "max_err": err, "blocks": [bn, bk]})
         print(f"{name:<34} {path:<26} {us:8.2f}  {'yes' if ok else 'NO'}")
 
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 triton = pytest.importorskip("triton")
 
 from interpreted import needs_interpreter_3_7, run_interpreted  # noqa: E402
-from recyclegpt import triton_linear  # noqa: E402
+from recyclegpt import triton_attention, triton_linear  # noqa: E402
 
 # (rows, N, K): ragged column and K blocks, a square layer, SmolLM2's QKV / gate-up / down shapes
 CASES = [(1, 50, 72), (3, 96, 64), (4, 576, 576), (1, 960, 576), (2, 3072, 576), (1, 576, 1536)]
@@ -286,12 +286,70 @@ def test_cuda_bf16_graph_and_compile():
 
 
 @pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
+                    reason="needs a CUDA device with programmatic dependent launch (Hopper or later)")
+def test_cuda_pdl_changes_no_bit(monkeypatch):
+    """30 fused layers at SmolLM2's shapes (the QKV-rotary product, the attention that writes the cache, the three
+    other products) in one CUDA graph, launched with programmatic dependent launch and without: the same output and
+    the same cache, bit for bit, over 50 replays on new inputs. A kernel that read its input before the previous
+    kernel had written it would differ."""
+    from recyclegpt.model import rotary
+
+    g = torch.Generator().manual_seed(0)
+    dev, dt, layers, S = "cuda", torch.bfloat16, 30, 512
+    rnd = lambda *shape, scale=1.0: (scale * torch.randn(*shape, generator=g)).to(dev, dt)  # noqa: E731
+    weights = [(rnd(960, 576, scale=576 ** -0.5), rnd(576, 576, scale=576 ** -0.5), rnd(3072, 576, scale=576 ** -0.5),
+                rnd(576, 1536, scale=1536 ** -0.5), 1 + rnd(576, scale=0.1), 1 + rnd(576, scale=0.1))
+               for _ in range(layers)]
+    x = rnd(1, 1, 576)
+    pos = torch.tensor([300], device=dev)
+    mask = torch.zeros(1, 1, 3, S, device=dev, dtype=dt).masked_fill(torch.arange(S, device=dev) > 300, float("-inf"))
+    rope = rotary(pos[None], 64, 10000.0, dt)
+
+    def step(k_cache, v_cache, tickets):
+        h = x
+        for i, (wqkv, wo, w13, w2, n1, n2) in enumerate(weights):
+            qkv = triton_linear.qkv_rope(h, wqkv, n1, 1e-5, rope, 12)
+            y = triton_attention.cached_attention(qkv, k_cache, v_cache, tickets, pos, mask, i, 9)
+            h = triton_linear.linear(y, wo, residual=h)
+            h = triton_linear.linear(triton_linear.linear(h, w13, norm_weight=n2, eps=1e-5), w2, swiglu=True,
+                                     residual=h)
+        return h
+
+    caches, graphs, outs = [], [], []
+    for pdl in (False, True):
+        monkeypatch.setattr(triton_attention, "PDL", pdl)
+        kv = (torch.zeros(layers, 1, 3, S, 64, device=dev, dtype=dt), torch.zeros(layers, 1, 3, S, 64, device=dev,
+                                                                                  dtype=dt),
+              torch.zeros(12, device=dev, dtype=torch.int32))
+        step(*kv)  # compiles outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outs.append(step(*kv))
+        caches.append(kv)
+        graphs.append(graph)
+    for _ in range(50):
+        x.copy_(rnd(1, 1, 576))
+        k_old, v_old = rnd(layers, 1, 3, S, 64), rnd(layers, 1, 3, S, 64)
+        for k_cache, v_cache, _ in caches:
+            k_cache.copy_(k_old)
+            v_cache.copy_(v_old)
+        for graph in graphs:
+            graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(outs[0], outs[1]) and outs[0].abs().sum() > 0
+        assert torch.equal(caches[0][0], caches[1][0]) and torch.equal(caches[0][1], caches[1][1])
+        assert not caches[1][2].any()
+
+
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("compiled", [False, True])
-@pytest.mark.parametrize("cached", [False, True])
-def test_cuda_engine_with_fused_products(monkeypatch, compiled, cached):
+@pytest.mark.parametrize("compiled,cached,pdl", [(False, False, False), (True, False, False), (False, True, False),
+                                                 (True, True, False), (False, True, True), (True, True, True)])
+def test_cuda_engine_with_fused_products(monkeypatch, compiled, cached, pdl):
     """The engine's standard, recycle, speculative and tree decoding, graphs and compiled whole, with the fused
-    products (and the attention that writes the cache): standard's tokens of the torch path (fp32)."""
+    products (and the attention that writes the cache; and programmatic dependent launch): standard's tokens of the
+    torch path (fp32)."""
     sys.path.insert(0, os.path.dirname(__file__))
     import recyclegpt.model as model_mod
     from recyclegpt.decoding import standard
@@ -304,6 +362,7 @@ def test_cuda_engine_with_fused_products(monkeypatch, compiled, cached):
     want = standard(model.base, prompts, max_new_tokens=40).tokens
     monkeypatch.setattr(model_mod, "FUSED_LINEAR", True)
     monkeypatch.setattr(model_mod, "CACHED_ATTENTION", cached)
+    monkeypatch.setattr(triton_attention, "PDL", pdl)
     engine = (Engine(model, graphs=True, bucket=128, compile=True, compile_steps=True) if compiled
               else Engine(model, graphs=True, bucket=16))
     for strategy, kw in (("standard", {}), ("speculative", {"draft_len": 3}), ("tree", {"tree": TreeShape(4, 3, 10)})):

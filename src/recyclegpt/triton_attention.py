@@ -28,6 +28,13 @@ MAX_BLOCK_R = 64  # query rows per program; more rows are split across programs 
 TARGET_PROGRAMS = 256  # ~2 per SM of an H100: enough loads in flight to approach its bandwidth
 BLOCK_N = 64  # KV slots per step of a program's loop
 MIN_SLOTS = 64  # the fewest KV slots worth a program of their own (below it the merge costs more than it saves)
+# programmatic dependent launch (Hopper and later), for the kernels of a fused decode call (this module's
+# cached_attention, triton_linear's products): a kernel is launched while the previous one still runs, loads what no
+# kernel writes (its first weight block), then waits for the previous kernel's writes (griddepcontrol.wait) and lets
+# the next kernel launch. Inside a step's CUDA graph the launch gap and the weight loads' latency overlap the
+# previous kernel. Off until timed on a GPU (twelfth session; `gpu_step_profile.py --pdl` is the A/B); never under
+# the interpreter
+PDL = False
 
 
 def available() -> bool:
@@ -39,16 +46,26 @@ if triton is not None:
     LOG2E = tl.constexpr(1.4426950408889634)  # the kernels use exp2: exp(x) = exp2(x * log2(e))
 
     @triton.jit
+    def after_previous(PDL: tl.constexpr):
+        # with programmatic dependent launch: wait until the previous kernel is done and its writes are visible
+        # (and so, by induction, every earlier kernel's), then let the next kernel launch
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+
+    @triton.jit
     def _attn_kernel(Q, K, V, Mask, O, Acc, Mx, Sm, Kn, Vn, Pos, Tickets,
                      sqb, sqh, sqg, sqt, skb, skh, skn, svb, svh, svn, smb, smr, sob, soh, sog, sot, snb, snt, snh,
                      Hkv, R, T, L, per_split, n_rb, n_split, scale,
                      D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
-                     PRECISION: tl.constexpr, NEW: tl.constexpr, TP: tl.constexpr, TICKET: tl.constexpr):
+                     PRECISION: tl.constexpr, NEW: tl.constexpr, TP: tl.constexpr, TICKET: tl.constexpr,
+                     PDL: tl.constexpr):
         # grid ((b*Hkv + h)*n_rb + row block, KV range): BLOCK_R query rows against the range's slots [start, end).
         # Row g*T + t of KV head h is query head h*groups + g of token t (strides sqg, sqt).
         # NEW: the T new tokens' keys and values are read from Kn, Vn (b, t, h at strides snb, snt, snh) for their
         # slots Pos[t], and stored into the cache there by the range that holds the slot (row block 0 only).
         # TICKET: the last range of a (b, h, row block) to finish merges the partials (no second kernel).
+        after_previous(PDL)  # (PDL: every input may be the previous kernel's output)
         pid, split = tl.program_id(0), tl.program_id(1)
         bh, rb = pid // n_rb, pid % n_rb
         b, h = bh // Hkv, bh % Hkv
@@ -157,6 +174,14 @@ if triton is not None:
 
     # triton.jit built interpreted functions if TRITON_INTERPRET was set when it ran (just now), whatever it is later
     _INTERPRETED = not isinstance(_attn_kernel, triton.runtime.jit.JITFunction)
+else:
+    _INTERPRETED, after_previous = False, None
+
+
+def pdl_launch(enabled: bool | None = None) -> dict:
+    """A kernel call's PDL constexpr and launch option: on where asked (default: PDL), never interpreted."""
+    on = (PDL if enabled is None else enabled) and not _INTERPRETED
+    return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
 
 
 def plan(B: int, Hkv: int, R: int, L: int, n_split: int = 0) -> tuple[int, int, int]:
@@ -234,7 +259,8 @@ def _launch(q, sq, k, v, mask, out, so, R, T, scale, n_split, new=None, tickets=
         D=D, BLOCK_R=block_r, BLOCK_N=BLOCK_N, SPLIT=n_split > 1,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 stays fp32; half types ignore it
         NEW=new is not None, TP=max(2, triton.next_power_of_2(T)) if new is not None else 2, TICKET=ticket,
-        num_warps=4 if block_r * D <= 64 * 128 else 8)  # 8 for the largest tiles, whose fp32 acc would spill
+        num_warps=4 if block_r * D <= 64 * 128 else 8,  # 8 for the largest tiles, whose fp32 acc would spill
+        **pdl_launch(new is not None and ticket and PDL))  # the one-kernel form: no merge kernel to launch after
     if n_split > 1 and not ticket:
         _merge_kernel[(B * Hkv * R,)](acc, mx, sm, out, *so, Hkv, R, T, n_split, D=D,
                                       BLOCK_S=max(2, triton.next_power_of_2(n_split)), num_warps=4)

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from .triton_attention import triton, tl
+from .triton_attention import after_previous, pdl_launch, triton, tl
 
 MAX_ROWS = 4  # the most rows (tokens x batch) a call may have: decode steps, recycle's pairs, short chains
 # weight elements a program loads per step of its K loop: BLOCK_K = TILE // BLOCK_N. 4096 was the best of six
@@ -67,12 +67,16 @@ if triton is not None:
     @triton.jit
     def _linear_kernel(X, NW, W, Res, Out, R, N, K, eps, sxr, swn, srr, sor,
                        NORM: tl.constexpr, SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr,
-                       BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                       BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
         # grid (column block,): every row against BLOCK_N weight rows
         cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = cols < N
         rows = tl.arange(0, BLOCK_R)
         row_ok = rows < R
+        # the first K step's weights: no kernel writes them, so they load before the wait
+        ks = tl.arange(0, BLOCK_K)
+        w_first = tl.load(W + cols[:, None] * swn + ks[None, :], mask=col_ok[:, None] & (ks < K)[None, :], other=0.0)
+        after_previous(PDL)
         if NORM:
             inv = inv_rms(X, rows, row_ok, K, eps, sxr, BLOCK_R, BLOCK_K)
         acc = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)
@@ -88,7 +92,10 @@ if triton is not None:
                 g = x.to(tl.float32)
                 x = (g / (1.0 + tl.exp(-g))).to(X.dtype.element_ty)
                 x = (x.to(tl.float32) * up.to(tl.float32)).to(X.dtype.element_ty)
-            w = tl.load(W + cols[:, None] * swn + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+            if k0 == 0:
+                w = w_first
+            else:
+                w = tl.load(W + cols[:, None] * swn + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
             acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], 2)
         y = acc.to(Out.dtype.element_ty)
         out_ok = row_ok[:, None] & col_ok[None, :]
@@ -99,7 +106,8 @@ if triton is not None:
 
     @triton.jit
     def _qkv_rope_kernel(X, NW, W, Cos, Sin, Out, R, T, N, K, eps, sxr, swn, sor, scb, sct, ROT_HEADS,
-                         HALF: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                         HALF: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         PDL: tl.constexpr):
         # grid (block of half-columns,): half-column u is column o of head hd's first half, computed with its
         # partner o + HALF in the second half, so that the rotary embedding (rotate_half) is this program's own
         u = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -109,6 +117,11 @@ if triton is not None:
         hi_cols = lo_cols + HALF
         rows = tl.arange(0, BLOCK_R)
         row_ok = rows < R
+        ks = tl.arange(0, BLOCK_K)  # the first K step's weights before the wait (see _linear_kernel)
+        w_ok = u_ok[:, None] & (ks < K)[None, :]
+        lo_first = tl.load(W + lo_cols[:, None] * swn + ks[None, :], mask=w_ok, other=0.0)
+        hi_first = tl.load(W + hi_cols[:, None] * swn + ks[None, :], mask=w_ok, other=0.0)
+        after_previous(PDL)
         inv = inv_rms(X, rows, row_ok, K, eps, sxr, BLOCK_R, BLOCK_K)
         acc_lo = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)
         acc_hi = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)
@@ -117,9 +130,12 @@ if triton is not None:
             k_ok = ks < K
             x = tl.load(X + rows[:, None] * sxr + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             x = rms_normed(x, NW, ks, k_ok, inv).to(tl.float32)[:, None, :]
-            w_ok = u_ok[:, None] & k_ok[None, :]
-            w_lo = tl.load(W + lo_cols[:, None] * swn + ks[None, :], mask=w_ok, other=0.0)
-            w_hi = tl.load(W + hi_cols[:, None] * swn + ks[None, :], mask=w_ok, other=0.0)
+            if k0 == 0:
+                w_lo, w_hi = lo_first, hi_first
+            else:
+                w_ok = u_ok[:, None] & k_ok[None, :]
+                w_lo = tl.load(W + lo_cols[:, None] * swn + ks[None, :], mask=w_ok, other=0.0)
+                w_hi = tl.load(W + hi_cols[:, None] * swn + ks[None, :], mask=w_ok, other=0.0)
             acc_lo += tl.sum(x * w_lo.to(tl.float32)[None, :, :], 2)
             acc_hi += tl.sum(x * w_hi.to(tl.float32)[None, :, :], 2)
         # the product rounded to the dtype, as F.linear's output; then x * cos + rotate_half(x) * sin in float32,
@@ -182,7 +198,7 @@ def _fused_linear(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tens
         x, x if norm_weight is None else norm_weight, weight, out if residual is None else residual, out,
         R, N, K, eps, x.stride(0), weight.stride(0), 0 if residual is None else residual.stride(0), out.stride(0),
         NORM=norm_weight is not None, SWIGLU=swiglu, RESIDUAL=residual is not None,
-        BLOCK_R=max(1, triton.next_power_of_2(R)), BLOCK_N=bn, BLOCK_K=bk, num_warps=NUM_WARPS)
+        BLOCK_R=max(1, triton.next_power_of_2(R)), BLOCK_N=bn, BLOCK_K=bk, num_warps=NUM_WARPS, **pdl_launch())
     return out
 
 
@@ -209,7 +225,8 @@ def _fused_qkv_rope(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Te
     _qkv_rope_kernel[(triton.cdiv(N // 2, bn),)](
         x, norm_weight, weight, cos, sin, out, R, tokens, N, K, eps, x.stride(0), weight.stride(0), out.stride(0),
         cos.stride(0) if cos.shape[0] > 1 else 0, cos.stride(-2), rot_heads,
-        HALF=half, BLOCK_R=max(1, triton.next_power_of_2(R)), BLOCK_N=bn, BLOCK_K=bk, num_warps=NUM_WARPS)
+        HALF=half, BLOCK_R=max(1, triton.next_power_of_2(R)), BLOCK_N=bn, BLOCK_K=bk, num_warps=NUM_WARPS,
+        **pdl_launch())
     return out
 
 
