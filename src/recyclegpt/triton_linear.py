@@ -12,8 +12,10 @@ to the output. The QKV product (`qkv_rope`) also applies the rotary embedding to
 program computes column pairs (o, o + D/2) of a head, so rotate_half needs nothing from another program. Per layer
 that is 4 kernels where there were 7. The rotary embedding also leaves the pointwise kernels around the attention,
 which recomputed it (the eleventh session's inductor code). Each program owns BLOCK_N output columns (or column
-pairs) for all rows, so the weight is read once; the rows are padded to a power of two. Off by default
-(`model.FUSED_LINEAR`) until a whole decode step has been timed with it on a GPU.
+pairs) for all rows, so the weight is read once; the rows are padded to a power of two. On by default
+(`model.FUSED_LINEAR`); with the attention that writes the cache (`triton_attention.cached_attention`) a layer is 5
+kernels, launched with programmatic dependent launch on Hopper (`triton_attention.PDL`). Measured on an H100
+(docs/engine.md, twelfth session): SmolLM2's compiled standard step 0.977 -> 0.533 ms.
 
 Rounding follows the torch modules (`model.RMSNorm`, `MLP`, the residual add): normalised in float32 and cast to the
 activations' dtype before the norm weight, silu and the product rounded to the dtype, the product's output rounded
@@ -31,10 +33,12 @@ import torch
 from .triton_attention import after_previous, pdl_launch, triton, tl
 
 MAX_ROWS = 4  # the most rows (tokens x batch) a call may have: decode steps, recycle's pairs, short chains
-# weight elements a program loads per step of its K loop: BLOCK_K = TILE // BLOCK_N. 4096 was the best of six
-# settings for each of SmolLM2's four products on an H100 (eleventh session, scripts/linear_bench.py: 2.2-5.6 µs a
-# product against 2.6-7.6 with 2048): fewer, wider loads per program
-TILE = 4096
+# weight elements a program loads per step of its K loop: BLOCK_K = TILE // BLOCK_N. On an H100
+# (scripts/linear_bench.py, one row, bf16): 4096 was the best of six settings without PDL in the eleventh session;
+# with PDL (the first step's block loads before the wait) 16384 was the best or within 1% for every product in the
+# twelfth (gate-up 5.33 -> 2.82 µs, down 2.78 -> 2.15 against 4096), and the compiled standard step went from
+# 0.659 to 0.533 ms: the whole weight slab of most programs loads before the wait
+TILE = 16384
 MAX_BLOCK_N = 64
 NUM_WARPS = 4
 DEFAULT_SMS = 132  # an H100 SXM's SM count, for the interpreter (CUDA asks the device)
@@ -198,7 +202,8 @@ def _fused_linear(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tens
         x, x if norm_weight is None else norm_weight, weight, out if residual is None else residual, out,
         R, N, K, eps, x.stride(0), weight.stride(0), 0 if residual is None else residual.stride(0), out.stride(0),
         NORM=norm_weight is not None, SWIGLU=swiglu, RESIDUAL=residual is not None,
-        BLOCK_R=max(1, triton.next_power_of_2(R)), BLOCK_N=bn, BLOCK_K=bk, num_warps=NUM_WARPS, **pdl_launch())
+        BLOCK_R=max(1, triton.next_power_of_2(R)), BLOCK_N=bn, BLOCK_K=bk, num_warps=NUM_WARPS,
+        **pdl_launch(x.device))
     return out
 
 
@@ -226,7 +231,7 @@ def _fused_qkv_rope(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Te
         x, norm_weight, weight, cos, sin, out, R, tokens, N, K, eps, x.stride(0), weight.stride(0), out.stride(0),
         cos.stride(0) if cos.shape[0] > 1 else 0, cos.stride(-2), rot_heads,
         HALF=half, BLOCK_R=max(1, triton.next_power_of_2(R)), BLOCK_N=bn, BLOCK_K=bk, num_warps=NUM_WARPS,
-        **pdl_launch())
+        **pdl_launch(x.device))
     return out
 
 
