@@ -149,15 +149,15 @@ def main() -> None:
     ap.add_argument("--torch-draft-merge", action="store_true",
                     help="the draft-head kernel's blocks merged by torch ops, not by the second Triton kernel (an A/B "
                          "check of triton_draft_head.MERGE_KERNEL)")
-    ap.add_argument("--fused-linear", action="store_true",
+    ap.add_argument("--fused-linear", action=argparse.BooleanOptionalAction, default=None,
                     help="decode calls of at most 4 rows run each layer's products through triton_linear, with the "
-                         "norms, SwiGLU and residual adds folded in (model.FUSED_LINEAR; an A/B check)")
-    ap.add_argument("--cached-attention", action="store_true",
-                    help="with --fused-linear: the cache write and the attention as one kernel, its ranges merged in "
-                         "it (model.CACHED_ATTENTION; an A/B check)")
-    ap.add_argument("--pdl", action="store_true",
-                    help="with --fused-linear (and --cached-attention): the fused kernels launched with programmatic "
-                         "dependent launch (triton_attention.PDL; an A/B check)")
+                         "norms, SwiGLU and residual adds folded in (model.FUSED_LINEAR, on by default; an A/B check)")
+    ap.add_argument("--cached-attention", action=argparse.BooleanOptionalAction, default=None,
+                    help="with the fused products: the cache write and the attention as one kernel, its ranges merged "
+                         "in it (model.CACHED_ATTENTION, on by default; an A/B check)")
+    ap.add_argument("--pdl", action=argparse.BooleanOptionalAction, default=None,
+                    help="the fused kernels launched with programmatic dependent launch (triton_attention.PDL, on by "
+                         "default on Hopper; an A/B check)")
     ap.add_argument("--top", type=int, default=8, help="kernel names listed per part, by GPU time")
     ap.add_argument("--sdpa", default=None,
                     help="attention backends allowed, comma-separated from cudnn, flash, efficient, math "
@@ -181,9 +181,14 @@ def run_profile(args) -> None:
     topk.SORT_FREE = "never" if args.torch_topk else "cuda"
     recyclegpt.model.DRAFT_HEAD_KERNEL = not args.no_draft_head_kernel
     triton_draft_head.MERGE_KERNEL = not args.torch_draft_merge
-    recyclegpt.model.FUSED_LINEAR = args.fused_linear
-    recyclegpt.model.CACHED_ATTENTION = args.cached_attention
-    triton_attention.PDL = args.pdl
+    # the fused path's switches: the module defaults unless named (--no-... for the A/B)
+    for mod, name, value in ((recyclegpt.model, "FUSED_LINEAR", args.fused_linear),
+                             (recyclegpt.model, "CACHED_ATTENTION", args.cached_attention),
+                             (triton_attention, "PDL", args.pdl)):
+        if value is not None:
+            setattr(mod, name, value)
+    args.fused_linear, args.cached_attention, args.pdl = (recyclegpt.model.FUSED_LINEAR,
+                                                          recyclegpt.model.CACHED_ATTENTION, triton_attention.PDL)
     cuda = torch.cuda.is_available()
     dev, dtype = (torch.device("cuda"), torch.bfloat16) if cuda else (torch.device("cpu"), torch.float32)
     if args.preset:

@@ -125,21 +125,15 @@ def cached_reference(qkv, k_cache, v_cache, pos, mask, layer, H):
 def check_cached_cases() -> None:
     """Run under TRITON_INTERPRET=1: cached_attention's output to 1e-4 of the reference, its cache writes exact and
     nothing else in the cache touched, the tickets back at zero; bad shapes are named."""
-    default = triton_attention.MERGE_AT_ONCE
-    for at_once in (default, 0):  # the ticket merge's partials loaded at once, and range by range
-        triton_attention.MERGE_AT_ONCE = at_once
-        for B, H, Hkv, T, D, S, L, p0, n_split in CACHED_CASES:
-            qkv, k_cache, v_cache, pos, mask = cached_inputs(B, H, Hkv, T, D, S, L, p0)
-            want, want_k, want_v = cached_reference(qkv, k_cache, v_cache, pos, mask, 1, H)
-            tickets = torch.zeros(B * Hkv * 4, dtype=torch.int32)
-            out = triton_attention.cached_attention(qkv, k_cache, v_cache, tickets, pos, mask, 1, H,
-                                                    n_split=n_split)
-            err = (out - want).abs().max().item()
-            print(f"cached B={B} H={H} Hkv={Hkv} T={T} D={D} L={L} n_split={n_split} merge at once <= {at_once}: "
-                  f"max abs err {err:.2e}")
-            assert out.shape == (B, T, H * D) and err < 1e-4, err
-            assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v) and not tickets.any()
-    triton_attention.MERGE_AT_ONCE = default
+    for B, H, Hkv, T, D, S, L, p0, n_split in CACHED_CASES:
+        qkv, k_cache, v_cache, pos, mask = cached_inputs(B, H, Hkv, T, D, S, L, p0)
+        want, want_k, want_v = cached_reference(qkv, k_cache, v_cache, pos, mask, 1, H)
+        tickets = torch.zeros(B * Hkv * 4, dtype=torch.int32)
+        out = triton_attention.cached_attention(qkv, k_cache, v_cache, tickets, pos, mask, 1, H, n_split=n_split)
+        err = (out - want).abs().max().item()
+        print(f"cached B={B} H={H} Hkv={Hkv} T={T} D={D} L={L} n_split={n_split}: max abs err {err:.2e}")
+        assert out.shape == (B, T, H * D) and err < 1e-4, err
+        assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v) and not tickets.any()
     for bad, name in (({"layer": 3}, "layer 3"), ({"H": 8}, "8 query heads"), ({"pos": torch.arange(3)}, "input_pos")):
         qkv, k_cache, v_cache, pos, mask = cached_inputs(1, 9, 3, 2, 64, 100, 64, 10)
         args = {"layer": 1, "H": 9, "pos": pos, **bad}
