@@ -158,6 +158,9 @@ def main() -> None:
     ap.add_argument("--pdl", action=argparse.BooleanOptionalAction, default=None,
                     help="the fused kernels launched with programmatic dependent launch (triton_attention.PDL, on by "
                          "default on Hopper; an A/B check)")
+    ap.add_argument("--shared-tables", action=argparse.BooleanOptionalAction, default=None,
+                    help="compiled cached calls get the rotary tables and the mask as one copy for every layer "
+                         "(model.SHARED_TABLES; an A/B check)")
     ap.add_argument("--top", type=int, default=8, help="kernel names listed per part, by GPU time")
     ap.add_argument("--sdpa", default=None,
                     help="attention backends allowed, comma-separated from cudnn, flash, efficient, math "
@@ -184,7 +187,8 @@ def run_profile(args) -> None:
     # the fused path's switches: the module defaults unless named (--no-... for the A/B)
     for mod, name, value in ((recyclegpt.model, "FUSED_LINEAR", args.fused_linear),
                              (recyclegpt.model, "CACHED_ATTENTION", args.cached_attention),
-                             (triton_attention, "PDL", args.pdl)):
+                             (triton_attention, "PDL", args.pdl),
+                             (recyclegpt.model, "SHARED_TABLES", args.shared_tables)):
         if value is not None:
             setattr(mod, name, value)
     args.fused_linear, args.cached_attention, args.pdl = (recyclegpt.model.FUSED_LINEAR,
@@ -264,6 +268,7 @@ def run_profile(args) -> None:
           f"{'off' if args.no_draft_head_kernel else 'on'} (merge: {'torch' if args.torch_draft_merge else 'kernel'})  "
           f"fused linear: {'on' if args.fused_linear else 'off'}  "
           f"cached attention: {'on' if args.cached_attention else 'off'}  pdl: {'on' if args.pdl else 'off'}  "
+          f"shared tables: {'on' if recyclegpt.model.SHARED_TABLES else 'off'}  "
           f"prompt {L}, attention over {kv_end} slots")
     print(f"{'part':<20} {'replay ms':>9} {'kernels':>8} {'kernel ms':>9} {'gap ms':>7} {'floor ms':>8}  by kind (ms)")
     for r in rows:
@@ -296,6 +301,7 @@ def run_profile(args) -> None:
                       "draft_head_kernel": not args.no_draft_head_kernel,
                       "draft_merge_kernel": not args.torch_draft_merge, "fused_linear": args.fused_linear,
                       "cached_attention": args.cached_attention, "pdl": args.pdl,
+                      "shared_tables": recyclegpt.model.SHARED_TABLES,
                       "parts": [{k: v for k, v in r.items() if k not in ("top", "counts")} for r in rows]}))
 
 

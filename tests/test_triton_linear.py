@@ -229,6 +229,45 @@ def check_compiled_steps_keep_the_cache_in_place() -> None:
         assert re.search(r", arg\d+_1, arg\d+_1, arg\d+_1, \w+, \w+, \d+, \d+, ", line), line
 
 
+def check_shared_tables() -> None:
+    """Run under TRITON_INTERPRET=1: with model.SHARED_TABLES the compiled standard step makes the mask once for its
+    three layers' attention (one (1, 1, 3, 256) buffer, not three) through one `recyclegpt::shared` call, and gives
+    standard's tokens; without it, a mask per layer."""
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        print("skipped: torch.compile on the CPU needs a C++ compiler")
+        return
+    import dataclasses
+
+    from torch._inductor.utils import run_and_get_code
+
+    import recyclegpt.model as model_mod
+    from recyclegpt.config import PRESETS, RecycleConfig
+    from recyclegpt.decoding import standard
+    from recyclegpt.engine import Engine
+
+    saved = (model_mod.use_fused_linear, model_mod.use_decode_kernel, model_mod.SHARED_TABLES)
+    model_mod.use_fused_linear = lambda x, block: (block.attn.wqkv is not None
+                                                   and x.numel() // x.shape[-1] <= triton_linear.MAX_ROWS)
+    model_mod.use_decode_kernel = lambda q, mask, T: mask.is_floating_point() and q.shape[-1] >= 16
+    try:
+        cfg = dataclasses.replace(PRESETS["smollm2-135m"], n_layer=3, vocab_size=512)  # 9 / 3 heads of 64
+        torch.manual_seed(0)
+        model = model_mod.RecycleModel.build(cfg, RecycleConfig(n_layer=1)).eval()
+        want = standard(model.base, [[1, 2, 3, 4, 5]], max_new_tokens=4).tokens
+        masks = {}
+        for shared in (False, True):
+            model_mod.SHARED_TABLES = shared
+            engine = Engine(model, bucket=256, compile=True, compile_steps=True, fuse=True)
+            got, code = run_and_get_code(engine.decode, "standard", [[1, 2, 3, 4, 5]], max_new_tokens=4)
+            assert got.tokens == want
+            code = "\n".join(code)
+            masks[shared] = (len(re.findall(r"empty_strided_cpu\(\(1, 1, 3, 256\)", code)),
+                             code.count("recyclegpt.shared.default("))
+    finally:
+        model_mod.use_fused_linear, model_mod.use_decode_kernel, model_mod.SHARED_TABLES = saved
+    assert masks == {False: (3, 0), True: (1, 1)}, masks
+
+
 @needs_interpreter_3_7(triton)
 def test_interpreted_matches_torch():
     run_interpreted(__file__)
@@ -375,3 +414,4 @@ if __name__ == "__main__":
     check_interpreted_cases()
     check_model_integration()
     check_compiled_steps_keep_the_cache_in_place()
+    check_shared_tables()

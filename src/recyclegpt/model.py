@@ -383,7 +383,34 @@ def use_cached_attention(qkv: torch.Tensor, mask: torch.Tensor | None, T: int, g
             and use_decode_kernel(qkv.view(*qkv.shape[:2], -1, head_dim), mask, T))
 
 
+# under torch.compile, the rotary tables and the mask of a cached call made once for every layer, not once per layer.
+# Inductor recomputes a cheap pointwise result for each custom op that reads it (a CPU check: three ops reading one
+# cos gave three copies), so the fused path's 30 `qkv_rope` and `cached_attention` calls each got their own copy of
+# cos, sin and the mask, written by two wide kernels a step (9.3 and 7.6 µs in the twelfth session's H100 profile).
+# `shared` hands them to the layers as one opaque copy. Off until timed on a GPU (twelfth session, after its window;
+# `gpu_step_profile.py --shared-tables` is the A/B)
+SHARED_TABLES = False
+
+
+def _shared(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [t.clone() for t in tensors]
+
+
+if hasattr(torch.library, "custom_op"):  # torch >= 2.4
+    _shared_op = torch.library.custom_op("recyclegpt::shared", mutates_args=(),
+                                         schema="(Tensor[] tensors) -> Tensor[]")(_shared)
+
+    @_shared_op.register_fake
+    def _(tensors):
+        return [torch.empty_like(t) for t in tensors]
+else:
+    _shared_op = _shared
+
+
 def _stack(blocks, x, rope, mask, cache, input_pos, kv_end, taps):
+    if SHARED_TABLES and cache is not None and torch.compiler.is_compiling():
+        cos, sin, *rest = _shared_op([*rope, *([] if mask is None else [mask])])
+        rope, mask = (cos, sin), (rest[0] if rest else None)
     tapped = []
     for i, block in enumerate(blocks):
         x = block(x, rope, mask, cache, i, input_pos, kv_end)
