@@ -358,6 +358,7 @@ def test_cuda_pdl_changes_no_bit(monkeypatch):
     caches, graphs, outs = [], [], []
     for pdl in (False, True):
         monkeypatch.setattr(triton_attention, "PDL", pdl)
+    monkeypatch.setattr(model_mod, "SHARED_TABLES", shared)
         kv = (torch.zeros(layers, 1, 3, S, 64, device=dev, dtype=dt), torch.zeros(layers, 1, 3, S, 64, device=dev,
                                                                                   dtype=dt),
               torch.zeros(12, device=dev, dtype=torch.int32))
@@ -383,12 +384,13 @@ def test_cuda_pdl_changes_no_bit(monkeypatch):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("compiled,cached,pdl", [(False, False, False), (True, False, False), (False, True, False),
-                                                 (True, True, False), (False, True, True), (True, True, True)])
-def test_cuda_engine_with_fused_products(monkeypatch, compiled, cached, pdl):
+@pytest.mark.parametrize("compiled,cached,pdl,shared", [
+    (False, False, False, False), (True, False, False, False), (False, True, False, False),
+    (True, True, False, False), (False, True, True, False), (True, True, True, False), (True, True, True, True)])
+def test_cuda_engine_with_fused_products(monkeypatch, compiled, cached, pdl, shared):
     """The engine's standard, recycle, speculative and tree decoding, graphs and compiled whole, with the fused
-    products (and the attention that writes the cache; and programmatic dependent launch): standard's tokens of the
-    torch path (fp32)."""
+    products (and the attention that writes the cache; programmatic dependent launch; the rotary tables and mask
+    shared by the layers): standard's tokens of the torch path (fp32)."""
     sys.path.insert(0, os.path.dirname(__file__))
     import recyclegpt.model as model_mod
     from recyclegpt.decoding import standard
@@ -402,6 +404,7 @@ def test_cuda_engine_with_fused_products(monkeypatch, compiled, cached, pdl):
     monkeypatch.setattr(model_mod, "FUSED_LINEAR", True)
     monkeypatch.setattr(model_mod, "CACHED_ATTENTION", cached)
     monkeypatch.setattr(triton_attention, "PDL", pdl)
+    monkeypatch.setattr(model_mod, "SHARED_TABLES", shared)
     engine = (Engine(model, graphs=True, bucket=128, compile=True, compile_steps=True) if compiled
               else Engine(model, graphs=True, bucket=16))
     for strategy, kw in (("standard", {}), ("speculative", {"draft_len": 3}), ("tree", {"tree": TreeShape(4, 3, 10)})):
