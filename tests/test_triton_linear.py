@@ -358,7 +358,6 @@ def test_cuda_pdl_changes_no_bit(monkeypatch):
     caches, graphs, outs = [], [], []
     for pdl in (False, True):
         monkeypatch.setattr(triton_attention, "PDL", pdl)
-    monkeypatch.setattr(model_mod, "SHARED_TABLES", shared)
         kv = (torch.zeros(layers, 1, 3, S, 64, device=dev, dtype=dt), torch.zeros(layers, 1, 3, S, 64, device=dev,
                                                                                   dtype=dt),
               torch.zeros(12, device=dev, dtype=torch.int32))
@@ -404,6 +403,7 @@ def test_cuda_engine_with_fused_products(monkeypatch, compiled, cached, pdl, sha
     monkeypatch.setattr(model_mod, "FUSED_LINEAR", True)
     monkeypatch.setattr(model_mod, "CACHED_ATTENTION", cached)
     monkeypatch.setattr(triton_attention, "PDL", pdl)
+    monkeypatch.setattr(model_mod, "SHARED_TABLES", shared)
     monkeypatch.setattr(model_mod, "SHARED_TABLES", shared)
     engine = (Engine(model, graphs=True, bucket=128, compile=True, compile_steps=True) if compiled
               else Engine(model, graphs=True, bucket=16))
