@@ -404,7 +404,6 @@ def test_cuda_engine_with_fused_products(monkeypatch, compiled, cached, pdl, sha
     monkeypatch.setattr(model_mod, "CACHED_ATTENTION", cached)
     monkeypatch.setattr(triton_attention, "PDL", pdl)
     monkeypatch.setattr(model_mod, "SHARED_TABLES", shared)
-    monkeypatch.setattr(model_mod, "SHARED_TABLES", shared)
     engine = (Engine(model, graphs=True, bucket=128, compile=True, compile_steps=True) if compiled
               else Engine(model, graphs=True, bucket=16))
     for strategy, kw in (("standard", {}), ("speculative", {"draft_len": 3}), ("tree", {"tree": TreeShape(4, 3, 10)})):
