@@ -161,6 +161,9 @@ def main() -> None:
     ap.add_argument("--shared-tables", action=argparse.BooleanOptionalAction, default=None,
                     help="compiled cached calls get the rotary tables and the mask as one copy for every layer "
                          "(model.SHARED_TABLES; an A/B check)")
+    ap.add_argument("--merge-tile", action=argparse.BooleanOptionalAction, default=None,
+                    help="cached_attention's ranges merged from one tile of partials, not range by range "
+                         "(triton_attention.MERGE_TILE; an A/B check)")
     ap.add_argument("--top", type=int, default=8, help="kernel names listed per part, by GPU time")
     ap.add_argument("--sdpa", default=None,
                     help="attention backends allowed, comma-separated from cudnn, flash, efficient, math "
@@ -188,7 +191,8 @@ def run_profile(args) -> None:
     for mod, name, value in ((recyclegpt.model, "FUSED_LINEAR", args.fused_linear),
                              (recyclegpt.model, "CACHED_ATTENTION", args.cached_attention),
                              (triton_attention, "PDL", args.pdl),
-                             (recyclegpt.model, "SHARED_TABLES", args.shared_tables)):
+                             (recyclegpt.model, "SHARED_TABLES", args.shared_tables),
+                             (triton_attention, "MERGE_TILE", args.merge_tile)):
         if value is not None:
             setattr(mod, name, value)
     args.fused_linear, args.cached_attention, args.pdl = (recyclegpt.model.FUSED_LINEAR,
@@ -301,7 +305,7 @@ def run_profile(args) -> None:
                       "draft_head_kernel": not args.no_draft_head_kernel,
                       "draft_merge_kernel": not args.torch_draft_merge, "fused_linear": args.fused_linear,
                       "cached_attention": args.cached_attention, "pdl": args.pdl,
-                      "shared_tables": recyclegpt.model.SHARED_TABLES,
+                      "shared_tables": recyclegpt.model.SHARED_TABLES, "merge_tile": triton_attention.MERGE_TILE,
                       "parts": [{k: v for k, v in r.items() if k not in ("top", "counts")} for r in rows]}))
 
 

@@ -125,15 +125,21 @@ def cached_reference(qkv, k_cache, v_cache, pos, mask, layer, H):
 def check_cached_cases() -> None:
     """Run under TRITON_INTERPRET=1: cached_attention's output to 1e-4 of the reference, its cache writes exact and
     nothing else in the cache touched, the tickets back at zero; bad shapes are named."""
-    for B, H, Hkv, T, D, S, L, p0, n_split in CACHED_CASES:
-        qkv, k_cache, v_cache, pos, mask = cached_inputs(B, H, Hkv, T, D, S, L, p0)
-        want, want_k, want_v = cached_reference(qkv, k_cache, v_cache, pos, mask, 1, H)
-        tickets = torch.zeros(B * Hkv * 4, dtype=torch.int32)
-        out = triton_attention.cached_attention(qkv, k_cache, v_cache, tickets, pos, mask, 1, H, n_split=n_split)
-        err = (out - want).abs().max().item()
-        print(f"cached B={B} H={H} Hkv={Hkv} T={T} D={D} L={L} n_split={n_split}: max abs err {err:.2e}")
-        assert out.shape == (B, T, H * D) and err < 1e-4, err
-        assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v) and not tickets.any()
+    default = triton_attention.MERGE_TILE
+    for tile in (False, True):  # the ticket merge range by range, and in one tile
+        triton_attention.MERGE_TILE = tile
+        for B, H, Hkv, T, D, S, L, p0, n_split in CACHED_CASES:
+            qkv, k_cache, v_cache, pos, mask = cached_inputs(B, H, Hkv, T, D, S, L, p0)
+            want, want_k, want_v = cached_reference(qkv, k_cache, v_cache, pos, mask, 1, H)
+            tickets = torch.zeros(B * Hkv * 4, dtype=torch.int32)
+            out = triton_attention.cached_attention(qkv, k_cache, v_cache, tickets, pos, mask, 1, H,
+                                                    n_split=n_split)
+            err = (out - want).abs().max().item()
+            print(f"cached B={B} H={H} Hkv={Hkv} T={T} D={D} L={L} n_split={n_split} merge tile {tile}: max abs "
+                  f"err {err:.2e}")
+            assert out.shape == (B, T, H * D) and err < 1e-4, err
+            assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v) and not tickets.any()
+    triton_attention.MERGE_TILE = default
     for bad, name in (({"layer": 3}, "layer 3"), ({"H": 8}, "8 query heads"), ({"pos": torch.arange(3)}, "input_pos")):
         qkv, k_cache, v_cache, pos, mask = cached_inputs(1, 9, 3, 2, 64, 100, 64, 10)
         args = {"layer": 1, "H": 9, "pos": pos, **bad}
@@ -186,7 +192,7 @@ def test_cuda_bf16_graph_and_compile():
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_cached_attention_bf16_graph_and_compile():
+def test_cuda_cached_attention_bf16_graph_and_compile(monkeypatch):
     """cached_attention on CUDA in bf16: the reference's output, exact cache writes and zeroed tickets, case by case
     and over 200 replays of a CUDA graph (the ticket merge is where a race between a (row, head)'s ranges would
     show); under torch.compile the cache stays the buffer that was passed (updated in place, not copied)."""
@@ -194,7 +200,8 @@ def test_cuda_cached_attention_bf16_graph_and_compile():
         assert out.dtype == torch.bfloat16 and (out.float() - want).abs().max().item() < 2e-2
 
     cases = CACHED_CASES + [(8, 9, 3, 2, 64, 2048, 2048, 1500, None), (32, 9, 3, 1, 64, 600, 512, 400, None)]
-    for B, H, Hkv, T, D, S, L, p0, n_split in cases:
+    for (B, H, Hkv, T, D, S, L, p0, n_split), tile in [(c, t) for c in cases for t in (False, True)]:
+        monkeypatch.setattr(triton_attention, "MERGE_TILE", tile)
         qkv, k_cache, v_cache, pos, mask = cached_inputs(B, H, Hkv, T, D, S, L, p0, dtype=torch.bfloat16,
                                                          device="cuda")
         want, want_k, want_v = cached_reference(qkv, k_cache, v_cache, pos, mask, 1, H)
@@ -203,6 +210,7 @@ def test_cuda_cached_attention_bf16_graph_and_compile():
               want)
         assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v) and not tickets.any()
 
+    monkeypatch.setattr(triton_attention, "MERGE_TILE", False)  # the default; the tile's replays are next session's
     qkv, k_cache, v_cache, pos, mask = inputs = cached_inputs(1, 9, 3, 2, 64, 600, 512, 300, dtype=torch.bfloat16,
                                                               device="cuda")
     tickets = torch.zeros(12, dtype=torch.int32, device="cuda")

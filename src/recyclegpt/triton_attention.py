@@ -29,6 +29,11 @@ MAX_BLOCK_R = 64  # query rows per program; more rows are split across programs 
 TARGET_PROGRAMS = 256  # ~2 per SM of an H100: enough loads in flight to approach its bandwidth
 BLOCK_N = 64  # KV slots per step of a program's loop
 MIN_SLOTS = 64  # the fewest KV slots worth a program of their own (below it the merge costs more than it saves)
+# the ticket merge (cached_attention) loads every range's partials in one (ranges, rows, D) tile, for the call's own
+# rows only, when that tile holds at most MERGE_TILE_MAX values; else range by range, one L2 round trip each. Off
+# until timed on a GPU (twelfth session, after its window; `gpu_step_profile.py --merge-tile` is the A/B)
+MERGE_TILE = False
+MERGE_TILE_MAX = 4096
 # programmatic dependent launch (Hopper and later), for the kernels of a fused decode call (this module's
 # cached_attention, triton_linear's products): a kernel is launched while the previous one still runs, loads what no
 # kernel writes (its first weight block), then waits for the previous kernel's writes (griddepcontrol.wait) and lets
@@ -60,7 +65,7 @@ if triton is not None:
                      Hkv, R, T, L, per_split, n_rb, n_split, scale,
                      D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
                      PRECISION: tl.constexpr, NEW: tl.constexpr, TP: tl.constexpr, TICKET: tl.constexpr,
-                     PDL: tl.constexpr):
+                     MERGE_TILE: tl.constexpr, MR: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr):
         # grid ((b*Hkv + h)*n_rb + row block, KV range): BLOCK_R query rows against the range's slots [start, end).
         # Row g*T + t of KV head h is query head h*groups + g of token t (strides sqg, sqt).
         # NEW: the T new tokens' keys and values are read from Kn, Vn (b, t, h at strides snb, snt, snh) for their
@@ -130,27 +135,47 @@ if triton is not None:
                 tl.debug_barrier()
                 ticket = tl.atomic_add(Tickets + pid, 1, sem="acq_rel")
                 if ticket == n_split - 1:
-                    # range by range: loading every range's partials at once (a (ranges, rows, D) tile) was
-                    # slower on an H100 (twelfth session: the standard step ~1,525 against ~1,635 tok/s)
-                    m_all = tl.full([BLOCK_R], float("-inf"), tl.float32)
-                    l_all = tl.zeros([BLOCK_R], tl.float32)
-                    acc = tl.zeros([BLOCK_R, D], tl.float32)
-                    for s in range(0, n_split):
-                        at = (bh * n_split + s) * R + rows
-                        m_s = tl.load(Mx + at, mask=row_ok, other=float("-inf"), cache_modifier=".cg")
-                        l_s = tl.load(Sm + at, mask=row_ok, other=0.0, cache_modifier=".cg")
-                        a_s = tl.load(Acc + at[:, None] * D + dims[None, :], mask=row_ok[:, None], other=0.0,
-                                      cache_modifier=".cg")
-                        m_new = tl.maximum(m_all, m_s)
-                        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-                        w_all, w_s = tl.exp2(m_all - m_ref), tl.exp2(m_s - m_ref)
-                        l_all = l_all * w_all + l_s * w_s
-                        acc = acc * w_all[:, None] + a_s * w_s[:, None]
-                        m_all = m_new
-                    tl.store(Tickets + pid, 0)
-                    out = acc / tl.where(row_ok, l_all, 1.0)[:, None]
-                    o = O + b * sob + h * soh + (rows // T) * sog + (rows % T) * sot
-                    tl.store(o[:, None] + dims[None, :], out.to(O.dtype.element_ty), mask=row_ok[:, None])
+                    if MERGE_TILE:
+                        # every range's partials in one load, for the MR rows the call has (not BLOCK_R, which
+                        # tl.dot pads to 16 or more)
+                        mrows = rb * BLOCK_R + tl.arange(0, MR)
+                        mrow_ok = mrows < R
+                        splits = tl.arange(0, BLOCK_S)
+                        at = (bh * n_split + splits[:, None]) * R + mrows[None, :]  # (S, MR)
+                        ok = (splits < n_split)[:, None] & mrow_ok[None, :]
+                        m_s = tl.load(Mx + at, mask=ok, other=float("-inf"), cache_modifier=".cg")
+                        l_s = tl.load(Sm + at, mask=ok, other=0.0, cache_modifier=".cg")
+                        a_s = tl.load(Acc + at[:, :, None] * D + dims[None, None, :], mask=ok[:, :, None],
+                                      other=0.0, cache_modifier=".cg")  # (S, MR, D)
+                        m_all = tl.max(m_s, 0)
+                        w = tl.exp2(m_s - tl.where(m_all == float("-inf"), 0.0, m_all)[None, :])
+                        out = tl.sum(a_s * w[:, :, None], 0) / tl.where(mrow_ok, tl.sum(l_s * w, 0), 1.0)[:, None]
+                        tl.store(Tickets + pid, 0)
+                        o = O + b * sob + h * soh + (mrows // T) * sog + (mrows % T) * sot
+                        tl.store(o[:, None] + dims[None, :], out.to(O.dtype.element_ty), mask=mrow_ok[:, None])
+                    else:
+                        # range by range. Loading every range's partials at once for all BLOCK_R rows (a
+                        # (ranges, 16, D) tile for 3 rows) was slower on an H100 (twelfth session: the standard
+                        # step ~1,525 against ~1,635 tok/s)
+                        m_all = tl.full([BLOCK_R], float("-inf"), tl.float32)
+                        l_all = tl.zeros([BLOCK_R], tl.float32)
+                        acc = tl.zeros([BLOCK_R, D], tl.float32)
+                        for s in range(0, n_split):
+                            at = (bh * n_split + s) * R + rows
+                            m_s = tl.load(Mx + at, mask=row_ok, other=float("-inf"), cache_modifier=".cg")
+                            l_s = tl.load(Sm + at, mask=row_ok, other=0.0, cache_modifier=".cg")
+                            a_s = tl.load(Acc + at[:, None] * D + dims[None, :], mask=row_ok[:, None], other=0.0,
+                                          cache_modifier=".cg")
+                            m_new = tl.maximum(m_all, m_s)
+                            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+                            w_all, w_s = tl.exp2(m_all - m_ref), tl.exp2(m_s - m_ref)
+                            l_all = l_all * w_all + l_s * w_s
+                            acc = acc * w_all[:, None] + a_s * w_s[:, None]
+                            m_all = m_new
+                        tl.store(Tickets + pid, 0)
+                        out = acc / tl.where(row_ok, l_all, 1.0)[:, None]
+                        o = O + b * sob + h * soh + (rows // T) * sog + (rows % T) * sot
+                        tl.store(o[:, None] + dims[None, :], out.to(O.dtype.element_ty), mask=row_ok[:, None])
         else:  # every row has a visible slot, so l_i > 0 (padding rows have 0: divide them by 1, they are not stored)
             out = acc / tl.where(row_ok, l_i, 1.0)[:, None]
             # row g*T + t of KV head h: query head h*groups + g of token t, at the output's strides (`_out_layout`)
@@ -259,6 +284,9 @@ def _launch(q, sq, k, v, mask, out, so, R, T, scale, n_split, new=None, tickets=
         acc = mx = sm = out  # unused
     kn, vn, pos, sn = new if new is not None else (out, out, out, (0, 0, 0))  # unused without NEW
     ticket = tickets is not None and n_split > 1
+    # the ticket merge's form (MERGE_TILE): one (ranges, rows, D) load when that tile is small enough
+    mr, block_s = max(2, min(block_r, triton.next_power_of_2(R))), max(2, triton.next_power_of_2(n_split))
+    merge_tile = ticket and MERGE_TILE and block_s * mr * D <= MERGE_TILE_MAX
     if ticket and tickets.numel() < B * Hkv * n_rb:
         raise ValueError(f"decode_attention: {tickets.numel()} tickets for {B * Hkv * n_rb} (row, head, row block)s")
     _attn_kernel[(B * Hkv * n_rb, n_split)](
@@ -269,6 +297,7 @@ def _launch(q, sq, k, v, mask, out, so, R, T, scale, n_split, new=None, tickets=
         D=D, BLOCK_R=block_r, BLOCK_N=BLOCK_N, SPLIT=n_split > 1,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 stays fp32; half types ignore it
         NEW=new is not None, TP=max(2, triton.next_power_of_2(T)) if new is not None else 2, TICKET=ticket,
+        MERGE_TILE=merge_tile, MR=mr if merge_tile else 2, BLOCK_S=block_s if merge_tile else 2,
         num_warps=4 if block_r * D <= 64 * 128 else 8,  # 8 for the largest tiles, whose fp32 acc would spill
         **pdl_launch(q.device, new is not None and ticket and PDL))  # the one-kernel form (no merge kernel after)
     if n_split > 1 and not ticket:
