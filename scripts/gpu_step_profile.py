@@ -164,6 +164,9 @@ def main() -> None:
     ap.add_argument("--merge-tile", action=argparse.BooleanOptionalAction, default=None,
                     help="cached_attention's ranges merged from one tile of partials, not range by range "
                          "(triton_attention.MERGE_TILE; an A/B check)")
+    ap.add_argument("--fused-wide", action=argparse.BooleanOptionalAction, default=None,
+                    help="calls of 5-32 rows (the tree's verification) through the fused kernels on tensor cores "
+                         "(model.FUSED_WIDE; an A/B check)")
     ap.add_argument("--top", type=int, default=8, help="kernel names listed per part, by GPU time")
     ap.add_argument("--sdpa", default=None,
                     help="attention backends allowed, comma-separated from cudnn, flash, efficient, math "
@@ -192,7 +195,8 @@ def run_profile(args) -> None:
                              (recyclegpt.model, "CACHED_ATTENTION", args.cached_attention),
                              (triton_attention, "PDL", args.pdl),
                              (recyclegpt.model, "SHARED_TABLES", args.shared_tables),
-                             (triton_attention, "MERGE_TILE", args.merge_tile)):
+                             (triton_attention, "MERGE_TILE", args.merge_tile),
+                             (recyclegpt.model, "FUSED_WIDE", args.fused_wide)):
         if value is not None:
             setattr(mod, name, value)
     args.fused_linear, args.cached_attention, args.pdl = (recyclegpt.model.FUSED_LINEAR,
@@ -306,6 +310,7 @@ def run_profile(args) -> None:
                       "draft_merge_kernel": not args.torch_draft_merge, "fused_linear": args.fused_linear,
                       "cached_attention": args.cached_attention, "pdl": args.pdl,
                       "shared_tables": recyclegpt.model.SHARED_TABLES, "merge_tile": triton_attention.MERGE_TILE,
+                      "fused_wide": recyclegpt.model.FUSED_WIDE,
                       "parts": [{k: v for k, v in r.items() if k not in ("top", "counts")} for r in rows]}))
 
 

@@ -22,8 +22,10 @@ triton = pytest.importorskip("triton")
 from interpreted import needs_interpreter_3_7, run_interpreted  # noqa: E402
 from recyclegpt import triton_attention, triton_linear  # noqa: E402
 
-# (rows, N, K): ragged column and K blocks, a square layer, SmolLM2's QKV / gate-up / down shapes
-CASES = [(1, 50, 72), (3, 96, 64), (4, 576, 576), (1, 960, 576), (2, 3072, 576), (1, 576, 1536)]
+# (rows, N, K): ragged column and K blocks, a square layer, SmolLM2's QKV / gate-up / down shapes; then more than
+# MAX_ROWS rows (the tensor-core form): 5 (padded to 16), a 25-token tree verification, 32
+CASES = [(1, 50, 72), (3, 96, 64), (4, 576, 576), (1, 960, 576), (2, 3072, 576), (1, 576, 1536),
+         (5, 50, 72), (25, 576, 576), (32, 96, 1536)]
 MODES = {"plain": {}, "norm": {"norm": True}, "swiglu": {"swiglu": True}, "residual": {"residual": True},
          "norm+residual": {"norm": True, "residual": True}}
 
@@ -52,7 +54,8 @@ def reference(x, w, nw, res, *, swiglu=False, eps=1e-5):
 
 # (B, T, q + k heads rotated, v heads, D): a decode step, a recycle pair, a batch of two with their own positions,
 # SmolLM2's 9 + 3 + 3 heads of 64
-QKV_CASES = [(1, 1, 6, 2, 8), (1, 2, 6, 2, 16), (2, 2, 3, 1, 8), (1, 1, 12, 3, 64)]
+QKV_CASES = [(1, 1, 6, 2, 8), (1, 2, 6, 2, 16), (2, 2, 3, 1, 8), (1, 1, 12, 3, 64), (1, 25, 12, 3, 64),
+             (4, 2, 3, 1, 32)]  # and wider: a 25-token verification with tree positions, 4 rows of 2 tokens
 
 
 def qkv_inputs(B, T, rot, plain, D, K=40, *, dtype=torch.float32, device="cpu", seed=0):
@@ -106,12 +109,12 @@ def check_interpreted_cases() -> None:
     x, w, nw, rope = qkv_inputs(1, 2, 6, 2, 16, dtype=torch.bfloat16)
     want = qkv_reference(x, w, nw, rope, 6)
     assert (triton_linear.qkv_rope(x, w, nw, 1e-5, rope, 6).float() - want.float()).abs().max().item() < 5e-2
-    x, w, _, _ = make_inputs(5, 50, 72)
+    x, w, _, _ = make_inputs(33, 50, 72)
     try:
         triton_linear.linear(x, w)
-        raise AssertionError("5 rows accepted")
+        raise AssertionError("33 rows accepted")
     except ValueError as e:
-        assert "at most 4 rows" in str(e), e
+        assert f"at most {triton_linear.WIDE_ROWS} rows" in str(e), e
 
     def layer_tail(x, w, nw, res):
         return triton_linear.linear(x * 1.0, w, norm_weight=nw, eps=1e-5, residual=res)
@@ -143,12 +146,13 @@ def check_model_integration() -> None:
 
     rows, cached_calls = [], []
     saved = (model_mod.use_fused_linear, model_mod.use_decode_kernel, model_mod.FUSED_LINEAR,
-             model_mod.CACHED_ATTENTION, triton_attention.cached_attention)
+             model_mod.CACHED_ATTENTION, model_mod.FUSED_WIDE, triton_attention.cached_attention)
 
     def on_cpu_too(x, block):
+        limit = triton_linear.WIDE_ROWS if model_mod.FUSED_WIDE else triton_linear.MAX_ROWS
         fused = (model_mod.FUSED_LINEAR and block.attn.wqkv is not None
-                 and x.numel() // x.shape[-1] <= triton_linear.MAX_ROWS and not torch.is_grad_enabled())
-        rows.append((x.numel() // x.shape[-1], fused))
+                 and x.numel() // x.shape[-1] <= limit and not torch.is_grad_enabled())
+        rows.append((x.numel() // x.shape[-1], fused, model_mod.FUSED_WIDE))
         return fused
 
     def counted(qkv, *args, **kw):
@@ -167,28 +171,33 @@ def check_model_integration() -> None:
                 for norm in (block.attn_norm, block.mlp_norm):
                     norm.weight.add_(0.2 * torch.randn(norm.weight.shape, generator=g))
         prompts = prompts_for(1, 2)
-        got = {}
-        for fused, cached in ((True, True), (True, False), (False, False)):
-            model_mod.FUSED_LINEAR, model_mod.CACHED_ATTENTION = fused, cached
+        got, seen = {}, {}  # per variant: the outputs, and (rows, fused?, wide?) of every block call
+        for fused, cached, wide in ((True, True, True), (True, True, False), (True, False, False),
+                                    (False, False, False)):
+            model_mod.FUSED_LINEAR, model_mod.CACHED_ATTENTION, model_mod.FUSED_WIDE = fused, cached, wide
+            del cached_calls[:], rows[:]
             with torch.no_grad():
                 cache = model.base.new_cache(1, 32)
                 out = model.base(torch.tensor([[5, 7, 11]]), input_pos=torch.arange(3), cache=cache)
                 step = model.base(torch.tensor([[13]]), input_pos=torch.tensor([3]), cache=cache)
-            got[fused, cached] = (out.logits, step.logits,
-                                  standard(model.base, prompts, max_new_tokens=10).tokens,
-                                  recycle(model, prompts, max_new_tokens=10).tokens,
-                                  speculative(model, prompts, max_new_tokens=10, draft_len=3).tokens,
-                                  tree(model, prompts, max_new_tokens=10, shape=TreeShape(3, 2, 5)).tokens)
-            if cached:  # every fused call took the one-kernel attention, decode steps and recycle pairs among them
-                assert len(cached_calls) == sum(f for n, f in rows) and {1, 2} <= set(cached_calls), cached_calls
-        off = got[False, False]
-        for on in (got[True, True], got[True, False]):
+            got[fused, cached, wide] = (out.logits, step.logits,
+                                        standard(model.base, prompts, max_new_tokens=10).tokens,
+                                        recycle(model, prompts, max_new_tokens=10).tokens,
+                                        speculative(model, prompts, max_new_tokens=10, draft_len=3).tokens,
+                                        tree(model, prompts, max_new_tokens=10, shape=TreeShape(3, 2, 5)).tokens)
+            if cached:  # every fused cached call took the one-kernel attention, decode steps and recycle pairs
+                assert {1, 2} <= set(cached_calls), cached_calls  # among them
+            seen[fused, cached, wide] = list(rows)
+        off = got[False, False, False]
+        for on in (got[True, True, True], got[True, True, False], got[True, False, False]):
             assert (on[0] - off[0]).abs().max().item() < 1e-4 and (on[1] - off[1]).abs().max().item() < 1e-4
             assert on[2:] == off[2:] and on[4] == on[2] and on[5] == on[2]
     finally:
         (model_mod.use_fused_linear, model_mod.use_decode_kernel, model_mod.FUSED_LINEAR,
-         model_mod.CACHED_ATTENTION, triton_attention.cached_attention) = saved
-    assert any(f for n, f in rows) and any(n > triton_linear.MAX_ROWS and not f for n, f in rows)
+         model_mod.CACHED_ATTENTION, model_mod.FUSED_WIDE, triton_attention.cached_attention) = saved
+    few, wide = seen[True, True, False], seen[True, True, True]  # few rows fused, wider calls kept on torch ...
+    assert any(f for n, f, _ in few) and any(n > triton_linear.MAX_ROWS and not f for n, f, _ in few)
+    assert any(n > triton_linear.MAX_ROWS and f for n, f, _ in wide)  # ... or fused too, with FUSED_WIDE
 
 
 def check_compiled_steps_keep_the_cache_in_place() -> None:
@@ -383,10 +392,11 @@ def test_cuda_pdl_changes_no_bit(monkeypatch):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("compiled,cached,pdl,shared", [
-    (False, False, False, False), (True, False, False, False), (False, True, False, False),
-    (True, True, False, False), (False, True, True, False), (True, True, True, False), (True, True, True, True)])
-def test_cuda_engine_with_fused_products(monkeypatch, compiled, cached, pdl, shared):
+@pytest.mark.parametrize("compiled,cached,pdl,shared,wide", [
+    (False, False, False, False, False), (True, False, False, False, False), (False, True, False, False, False),
+    (True, True, False, False, False), (False, True, True, False, False), (True, True, True, False, False),
+    (True, True, True, True, False), (False, True, True, False, True), (True, True, True, False, True)])
+def test_cuda_engine_with_fused_products(monkeypatch, compiled, cached, pdl, shared, wide):
     """The engine's standard, recycle, speculative and tree decoding, graphs and compiled whole, with the fused
     products (and the attention that writes the cache; programmatic dependent launch; the rotary tables and mask
     shared by the layers): standard's tokens of the torch path (fp32)."""
@@ -404,6 +414,7 @@ def test_cuda_engine_with_fused_products(monkeypatch, compiled, cached, pdl, sha
     monkeypatch.setattr(model_mod, "CACHED_ATTENTION", cached)
     monkeypatch.setattr(triton_attention, "PDL", pdl)
     monkeypatch.setattr(model_mod, "SHARED_TABLES", shared)
+    monkeypatch.setattr(model_mod, "FUSED_WIDE", wide)
     engine = (Engine(model, graphs=True, bucket=128, compile=True, compile_steps=True) if compiled
               else Engine(model, graphs=True, bucket=16))
     for strategy, kw in (("standard", {}), ("speculative", {"draft_len": 3}), ("tree", {"tree": TreeShape(4, 3, 10)})):

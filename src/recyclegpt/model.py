@@ -357,6 +357,10 @@ def use_draft_head_kernel(out: torch.Tensor, k: int) -> bool:
 # `gpu_step_profile.py --fused-linear` is the A/B): SmolLM2's compiled standard step 0.977 -> 0.812 ms (366 -> 231
 # kernels), recycle's 1.075 -> 1.058
 FUSED_LINEAR = True
+# ... and calls of 5 to triton_linear.WIDE_ROWS rows (a draft tree's verification, batches of up to 32) through the
+# same kernels with the products on tensor cores. Off until timed on a GPU (twelfth session, after its window;
+# `gpu_step_profile.py --fused-wide` is the A/B)
+FUSED_WIDE = False
 
 
 def use_fused_linear(x: torch.Tensor, block: "Block") -> bool:
@@ -364,8 +368,9 @@ def use_fused_linear(x: torch.Tensor, block: "Block") -> bool:
     fused QKV and gate-up weights (`fuse_projections`), and at most triton_linear.MAX_ROWS rows (a decode step, a
     recycle pair, a short chain; wider calls keep cuBLAS)."""
     half = block.attn.head_dim // 2
+    rows = triton_linear.WIDE_ROWS if FUSED_WIDE else triton_linear.MAX_ROWS
     return (FUSED_LINEAR and x.is_cuda and block.attn.wqkv is not None and block.mlp.w13 is not None
-            and x.numel() // x.shape[-1] <= triton_linear.MAX_ROWS and not torch.is_grad_enabled()
+            and x.numel() // x.shape[-1] <= rows and not torch.is_grad_enabled()
             and half > 0 and half & (half - 1) == 0 and triton_linear.available())
 
 

@@ -32,7 +32,12 @@ import torch
 
 from .triton_attention import after_previous, pdl_launch, triton, tl
 
-MAX_ROWS = 4  # the most rows (tokens x batch) a call may have: decode steps, recycle's pairs, short chains
+MAX_ROWS = 4  # the most rows (tokens x batch) the few-row kernels take: decode steps, recycle's pairs, short chains
+# wider calls (a draft tree's verification, batches) up to this many rows take the same kernels with the product on
+# tensor cores (tl.dot over (16..WIDE_ROWS, DOT_BLOCK_K) x (DOT_BLOCK_K, 16..) tiles); `model.FUSED_WIDE` turns them
+# on (off until timed on a GPU: twelfth session, after its window)
+WIDE_ROWS = 32
+DOT_BLOCK_K = 128
 # weight elements a program loads per step of its K loop: BLOCK_K = TILE // BLOCK_N. On an H100
 # (scripts/linear_bench.py, one row, bf16): 4096 was the best of six settings without PDL in the eleventh session;
 # with PDL (the first step's block loads before the wait) 16384 was the best or within 1% for every product in the
@@ -71,7 +76,8 @@ if triton is not None:
     @triton.jit
     def _linear_kernel(X, NW, W, Res, Out, R, N, K, eps, sxr, swn, srr, sor,
                        NORM: tl.constexpr, SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr,
-                       BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+                       BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
+                       DOT: tl.constexpr, PRECISION: tl.constexpr):
         # grid (column block,): every row against BLOCK_N weight rows
         cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = cols < N
@@ -100,7 +106,10 @@ if triton is not None:
                 w = w_first
             else:
                 w = tl.load(W + cols[:, None] * swn + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-            acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], 2)
+            if DOT:  # tensor cores for 16+ (padded) rows
+                acc += tl.dot(x.to(w.dtype), tl.trans(w), input_precision=PRECISION)
+            else:
+                acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], 2)
         y = acc.to(Out.dtype.element_ty)
         out_ok = row_ok[:, None] & col_ok[None, :]
         if RESIDUAL:
@@ -111,7 +120,7 @@ if triton is not None:
     @triton.jit
     def _qkv_rope_kernel(X, NW, W, Cos, Sin, Out, R, T, N, K, eps, sxr, swn, sor, scb, sct, ROT_HEADS,
                          HALF: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         PDL: tl.constexpr):
+                         PDL: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr):
         # grid (block of half-columns,): half-column u is column o of head hd's first half, computed with its
         # partner o + HALF in the second half, so that the rotary embedding (rotate_half) is this program's own
         u = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -133,15 +142,20 @@ if triton is not None:
             ks = k0 + tl.arange(0, BLOCK_K)
             k_ok = ks < K
             x = tl.load(X + rows[:, None] * sxr + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            x = rms_normed(x, NW, ks, k_ok, inv).to(tl.float32)[:, None, :]
+            x = rms_normed(x, NW, ks, k_ok, inv)
             if k0 == 0:
                 w_lo, w_hi = lo_first, hi_first
             else:
                 w_ok = u_ok[:, None] & k_ok[None, :]
                 w_lo = tl.load(W + lo_cols[:, None] * swn + ks[None, :], mask=w_ok, other=0.0)
                 w_hi = tl.load(W + hi_cols[:, None] * swn + ks[None, :], mask=w_ok, other=0.0)
-            acc_lo += tl.sum(x * w_lo.to(tl.float32)[None, :, :], 2)
-            acc_hi += tl.sum(x * w_hi.to(tl.float32)[None, :, :], 2)
+            if DOT:
+                acc_lo += tl.dot(x.to(w_lo.dtype), tl.trans(w_lo), input_precision=PRECISION)
+                acc_hi += tl.dot(x.to(w_hi.dtype), tl.trans(w_hi), input_precision=PRECISION)
+            else:
+                xf = x.to(tl.float32)[:, None, :]
+                acc_lo += tl.sum(xf * w_lo.to(tl.float32)[None, :, :], 2)
+                acc_hi += tl.sum(xf * w_hi.to(tl.float32)[None, :, :], 2)
         # the product rounded to the dtype, as F.linear's output; then x * cos + rotate_half(x) * sin in float32,
         # rounded once (as inductor computes apply_rotary), for query and key heads (hd < ROT_HEADS) only
         y_lo = acc_lo.to(Out.dtype.element_ty).to(tl.float32)
@@ -169,14 +183,28 @@ def _sms(device: torch.device) -> int:
     return DEFAULT_SMS
 
 
-def blocks(N: int, K: int, sms: int) -> tuple[int, int]:
+def blocks(N: int, K: int, sms: int, rows: int = 1) -> tuple[int, int]:
     """BLOCK_N, BLOCK_K for N output columns of width K: the widest power-of-two column block (4 to MAX_BLOCK_N)
-    that still gives every SM a program, and a K step of TILE // BLOCK_N (no wider than K needs)."""
-    bn = 4
+    that still gives every SM a program, and a K step of TILE // BLOCK_N (no wider than K needs). Calls of more than
+    MAX_ROWS rows (tensor cores) take blocks of at least 16 columns and a K step of DOT_BLOCK_K."""
+    wide = rows > MAX_ROWS
+    bn = 16 if wide else 4
     while bn < MAX_BLOCK_N and -(-N // (2 * bn)) >= sms:
         bn *= 2
-    bk = max(16, min(TILE // bn, triton.next_power_of_2(K)))
+    bk = max(16, min(DOT_BLOCK_K if wide else TILE // bn, triton.next_power_of_2(K)))
     return bn, bk
+
+
+def _row_block(R: int) -> tuple[int, dict]:
+    """BLOCK_R and the product's constexprs for R rows: few rows reduce on CUDA cores; more, padded to 16 or more,
+    go through tl.dot (fp32 kept exact with "ieee")."""
+    if R <= MAX_ROWS:
+        return max(1, triton.next_power_of_2(R)), {"DOT": False, "PRECISION": "ieee"}
+    return max(16, triton.next_power_of_2(R)), {"DOT": True}
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def _fused_linear(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor | None,
@@ -186,10 +214,10 @@ def _fused_linear(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tens
         raise RuntimeError("the fused linear kernel runs on CUDA tensors, or on the CPU under Triton's interpreter")
     R = x.shape[0]
     N, K = weight.shape
-    if (R > MAX_ROWS or x.shape[1] != (2 * K if swiglu else K) or weight.stride(1) != 1
+    if (R > WIDE_ROWS or x.shape[1] != (2 * K if swiglu else K) or weight.stride(1) != 1
             or (norm_weight is not None and norm_weight.shape != (K,))
             or (residual is not None and residual.shape != (R, N))):
-        raise ValueError(f"fused linear: x {tuple(x.shape)} (at most {MAX_ROWS} rows), weight {tuple(weight.shape)} "
+        raise ValueError(f"fused linear: x {tuple(x.shape)} (at most {WIDE_ROWS} rows), weight {tuple(weight.shape)} "
                          f"(last dim contiguous), swiglu {swiglu}, norm weight "
                          f"{None if norm_weight is None else tuple(norm_weight.shape)}, residual "
                          f"{None if residual is None else tuple(residual.shape)}")
@@ -197,13 +225,14 @@ def _fused_linear(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tens
     if residual is not None and residual.stride(1) != 1:
         residual = residual.contiguous()
     out = torch.empty((R, N), dtype=x.dtype, device=x.device)
-    bn, bk = blocks(N, K, _sms(x.device))
+    bn, bk = blocks(N, K, _sms(x.device), R)
+    block_r, product = _row_block(R)
+    product.setdefault("PRECISION", _precision(x.dtype))
     _linear_kernel[(triton.cdiv(N, bn),)](
         x, x if norm_weight is None else norm_weight, weight, out if residual is None else residual, out,
         R, N, K, eps, x.stride(0), weight.stride(0), 0 if residual is None else residual.stride(0), out.stride(0),
         NORM=norm_weight is not None, SWIGLU=swiglu, RESIDUAL=residual is not None,
-        BLOCK_R=max(1, triton.next_power_of_2(R)), BLOCK_N=bn, BLOCK_K=bk, num_warps=NUM_WARPS,
-        **pdl_launch(x.device))
+        BLOCK_R=block_r, BLOCK_N=bn, BLOCK_K=bk, num_warps=NUM_WARPS, **product, **pdl_launch(x.device))
     return out
 
 
@@ -217,21 +246,22 @@ def _fused_qkv_rope(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Te
     N = weight.shape[0]
     D = cos.shape[-1]
     half = D // 2
-    if (R > MAX_ROWS or R % tokens or weight.shape[1] != K or weight.stride(1) != 1 or norm_weight.shape != (K,)
+    if (R > WIDE_ROWS or R % tokens or weight.shape[1] != K or weight.stride(1) != 1 or norm_weight.shape != (K,)
             or D % 2 or half & (half - 1) or N % D or not 0 <= rot_heads <= N // D or sin.shape != cos.shape
             or cos.shape[-2] != tokens or cos.shape[0] not in (1, R // tokens) or cos.stride(-1) != 1
             or cos.stride() != sin.stride()):
-        raise ValueError(f"fused QKV: x {tuple(x.shape)} (at most {MAX_ROWS} rows, {tokens} tokens a batch row), "
+        raise ValueError(f"fused QKV: x {tuple(x.shape)} (at most {WIDE_ROWS} rows, {tokens} tokens a batch row), "
                          f"weight {tuple(weight.shape)}, norm weight {tuple(norm_weight.shape)}, cos "
                          f"{tuple(cos.shape)}, {rot_heads} rotated heads; the head dimension twice a power of two")
     x = x if x.stride(1) == 1 else x.contiguous()
     out = torch.empty((R, N), dtype=x.dtype, device=x.device)
-    bn, bk = blocks(N // 2, K, _sms(x.device))
+    bn, bk = blocks(N // 2, K, _sms(x.device), R)
+    block_r, product = _row_block(R)
+    product.setdefault("PRECISION", _precision(x.dtype))
     _qkv_rope_kernel[(triton.cdiv(N // 2, bn),)](
         x, norm_weight, weight, cos, sin, out, R, tokens, N, K, eps, x.stride(0), weight.stride(0), out.stride(0),
         cos.stride(0) if cos.shape[0] > 1 else 0, cos.stride(-2), rot_heads,
-        HALF=half, BLOCK_R=max(1, triton.next_power_of_2(R)), BLOCK_N=bn, BLOCK_K=bk, num_warps=NUM_WARPS,
-        **pdl_launch(x.device))
+        HALF=half, BLOCK_R=block_r, BLOCK_N=bn, BLOCK_K=bk, num_warps=NUM_WARPS, **product, **pdl_launch(x.device))
     return out
 
 
@@ -262,7 +292,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, *, norm_weight: torch.Tensor |
            residual: torch.Tensor | None = None, swiglu: bool = False) -> torch.Tensor:
     """[residual +] f(x) @ weight.T, where f is RMSNorm with `norm_weight` and `eps` (norm_weight given), silu(gate) *
     up of x = [gate | up] (swiglu), or nothing. x (..., K) or (..., 2K); weight (N, K); residual (..., N); at most
-    MAX_ROWS rows in all."""
+    WIDE_ROWS rows in all (more than MAX_ROWS: the tensor-core form)."""
     lead = x.shape[:-1]
     res = None if residual is None else residual.reshape(-1, residual.shape[-1])
     out = _op(x.reshape(-1, x.shape[-1]), weight, norm_weight, res, float(eps), swiglu)
