@@ -115,6 +115,23 @@ def replay_ms(graph, reps: int, reset) -> float:
     return start.elapsed_time(end) / reps
 
 
+# the fused decode path's switches: flag -> (module, constant, what it does)
+FUSED_SWITCHES = {
+    "fused-linear": ("model", "FUSED_LINEAR", "decode calls of at most 4 rows run each layer's products through "
+                     "triton_linear, with the norms, SwiGLU and residual adds folded in; on by default"),
+    "cached-attention": ("model", "CACHED_ATTENTION", "with the fused products: the cache write and the attention "
+                         "as one kernel, its ranges merged in it; on by default"),
+    "pdl": ("triton_attention", "PDL", "the fused kernels launched with programmatic dependent launch; on by "
+            "default on Hopper"),
+    "shared-tables": ("model", "SHARED_TABLES", "compiled cached calls get the rotary tables and the mask as one "
+                      "copy for every layer"),
+    "merge-tile": ("triton_attention", "MERGE_TILE", "cached_attention's ranges merged from one tile of partials, "
+                   "not range by range"),
+    "fused-wide": ("model", "FUSED_WIDE", "calls of 5-32 rows (the tree's verification) through the fused kernels "
+                   "on tensor cores"),
+}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct")
@@ -149,24 +166,9 @@ def main() -> None:
     ap.add_argument("--torch-draft-merge", action="store_true",
                     help="the draft-head kernel's blocks merged by torch ops, not by the second Triton kernel (an A/B "
                          "check of triton_draft_head.MERGE_KERNEL)")
-    ap.add_argument("--fused-linear", action=argparse.BooleanOptionalAction, default=None,
-                    help="decode calls of at most 4 rows run each layer's products through triton_linear, with the "
-                         "norms, SwiGLU and residual adds folded in (model.FUSED_LINEAR, on by default; an A/B check)")
-    ap.add_argument("--cached-attention", action=argparse.BooleanOptionalAction, default=None,
-                    help="with the fused products: the cache write and the attention as one kernel, its ranges merged "
-                         "in it (model.CACHED_ATTENTION, on by default; an A/B check)")
-    ap.add_argument("--pdl", action=argparse.BooleanOptionalAction, default=None,
-                    help="the fused kernels launched with programmatic dependent launch (triton_attention.PDL, on by "
-                         "default on Hopper; an A/B check)")
-    ap.add_argument("--shared-tables", action=argparse.BooleanOptionalAction, default=None,
-                    help="compiled cached calls get the rotary tables and the mask as one copy for every layer "
-                         "(model.SHARED_TABLES; an A/B check)")
-    ap.add_argument("--merge-tile", action=argparse.BooleanOptionalAction, default=None,
-                    help="cached_attention's ranges merged from one tile of partials, not range by range "
-                         "(triton_attention.MERGE_TILE; an A/B check)")
-    ap.add_argument("--fused-wide", action=argparse.BooleanOptionalAction, default=None,
-                    help="calls of 5-32 rows (the tree's verification) through the fused kernels on tensor cores "
-                         "(model.FUSED_WIDE; an A/B check)")
+    for flag, (module, name, what) in FUSED_SWITCHES.items():  # --x / --no-x; unnamed: the module's default
+        ap.add_argument(f"--{flag}", action=argparse.BooleanOptionalAction, default=None,
+                        help=f"{what} ({module}.{name}; an A/B check)")
     ap.add_argument("--top", type=int, default=8, help="kernel names listed per part, by GPU time")
     ap.add_argument("--sdpa", default=None,
                     help="attention backends allowed, comma-separated from cudnn, flash, efficient, math "
@@ -191,16 +193,12 @@ def run_profile(args) -> None:
     recyclegpt.model.DRAFT_HEAD_KERNEL = not args.no_draft_head_kernel
     triton_draft_head.MERGE_KERNEL = not args.torch_draft_merge
     # the fused path's switches: the module defaults unless named (--no-... for the A/B)
-    for mod, name, value in ((recyclegpt.model, "FUSED_LINEAR", args.fused_linear),
-                             (recyclegpt.model, "CACHED_ATTENTION", args.cached_attention),
-                             (triton_attention, "PDL", args.pdl),
-                             (recyclegpt.model, "SHARED_TABLES", args.shared_tables),
-                             (triton_attention, "MERGE_TILE", args.merge_tile),
-                             (recyclegpt.model, "FUSED_WIDE", args.fused_wide)):
+    modules = {"model": recyclegpt.model, "triton_attention": triton_attention}
+    for flag, (module, name, _) in FUSED_SWITCHES.items():  # named switches set; then every one as it runs
+        value = getattr(args, flag.replace("-", "_"))
         if value is not None:
-            setattr(mod, name, value)
-    args.fused_linear, args.cached_attention, args.pdl = (recyclegpt.model.FUSED_LINEAR,
-                                                          recyclegpt.model.CACHED_ATTENTION, triton_attention.PDL)
+            setattr(modules[module], name, value)
+        setattr(args, flag.replace("-", "_"), getattr(modules[module], name))
     cuda = torch.cuda.is_available()
     dev, dtype = (torch.device("cuda"), torch.bfloat16) if cuda else (torch.device("cpu"), torch.float32)
     if args.preset:
@@ -274,9 +272,8 @@ def run_profile(args) -> None:
           f"{'triton' if cuda and triton_attention.available() and not args.sdpa_decode else 'sdpa'}  "
           f"tree top-k: {'torch' if args.torch_topk else 'sort-free'}, draft-head kernel: "
           f"{'off' if args.no_draft_head_kernel else 'on'} (merge: {'torch' if args.torch_draft_merge else 'kernel'})  "
-          f"fused linear: {'on' if args.fused_linear else 'off'}  "
-          f"cached attention: {'on' if args.cached_attention else 'off'}  pdl: {'on' if args.pdl else 'off'}  "
-          f"shared tables: {'on' if recyclegpt.model.SHARED_TABLES else 'off'}  "
+          + "".join(f"{flag.replace('-', ' ')}: {'on' if getattr(args, flag.replace('-', '_')) else 'off'}  "
+                    for flag in FUSED_SWITCHES) +
           f"prompt {L}, attention over {kv_end} slots")
     print(f"{'part':<20} {'replay ms':>9} {'kernels':>8} {'kernel ms':>9} {'gap ms':>7} {'floor ms':>8}  by kind (ms)")
     for r in rows:
@@ -307,10 +304,8 @@ def run_profile(args) -> None:
                       "bool_mask": args.bool_mask, "repeat_kv": args.repeat_kv, "manual_norm": args.manual_norm,
                       "sdpa": args.sdpa, "sdpa_decode": args.sdpa_decode, "torch_topk": args.torch_topk,
                       "draft_head_kernel": not args.no_draft_head_kernel,
-                      "draft_merge_kernel": not args.torch_draft_merge, "fused_linear": args.fused_linear,
-                      "cached_attention": args.cached_attention, "pdl": args.pdl,
-                      "shared_tables": recyclegpt.model.SHARED_TABLES, "merge_tile": triton_attention.MERGE_TILE,
-                      "fused_wide": recyclegpt.model.FUSED_WIDE,
+                      "draft_merge_kernel": not args.torch_draft_merge, 
+                      **{flag.replace("-", "_"): getattr(args, flag.replace("-", "_")) for flag in FUSED_SWITCHES},
                       "parts": [{k: v for k, v in r.items() if k not in ("top", "counts")} for r in rows]}))
 
 
