@@ -366,7 +366,7 @@ FUSED_WIDE = False
 def use_fused_linear(x: torch.Tensor, block: "Block") -> bool:
     """Whether `block` runs its products through `triton_linear` for x (B, T, d): CUDA, triton, inference with the
     fused QKV and gate-up weights (`fuse_projections`), and at most triton_linear.MAX_ROWS rows (a decode step, a
-    recycle pair, a short chain; wider calls keep cuBLAS)."""
+    recycle pair, a short chain), or triton_linear.WIDE_ROWS with FUSED_WIDE; wider calls keep cuBLAS."""
     half = block.attn.head_dim // 2
     rows = triton_linear.WIDE_ROWS if FUSED_WIDE else triton_linear.MAX_ROWS
     return (FUSED_LINEAR and x.is_cuda and block.attn.wqkv is not None and block.mlp.w13 is not None

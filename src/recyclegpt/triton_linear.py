@@ -195,16 +195,12 @@ def blocks(N: int, K: int, sms: int, rows: int = 1) -> tuple[int, int]:
     return bn, bk
 
 
-def _row_block(R: int) -> tuple[int, dict]:
+def _row_block(R: int, dtype: torch.dtype) -> tuple[int, dict]:
     """BLOCK_R and the product's constexprs for R rows: few rows reduce on CUDA cores; more, padded to 16 or more,
-    go through tl.dot (fp32 kept exact with "ieee")."""
-    if R <= MAX_ROWS:
-        return max(1, triton.next_power_of_2(R)), {"DOT": False, "PRECISION": "ieee"}
-    return max(16, triton.next_power_of_2(R)), {"DOT": True}
-
-
-def _precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"
+    go through tl.dot (fp32 kept exact with "ieee"; half types ignore the precision)."""
+    wide = R > MAX_ROWS
+    block_r = max(16 if wide else 1, triton.next_power_of_2(R))
+    return block_r, {"DOT": wide, "PRECISION": "ieee" if dtype == torch.float32 else "tf32"}
 
 
 def _fused_linear(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor | None,
@@ -226,8 +222,7 @@ def _fused_linear(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tens
         residual = residual.contiguous()
     out = torch.empty((R, N), dtype=x.dtype, device=x.device)
     bn, bk = blocks(N, K, _sms(x.device), R)
-    block_r, product = _row_block(R)
-    product.setdefault("PRECISION", _precision(x.dtype))
+    block_r, product = _row_block(R, x.dtype)
     _linear_kernel[(triton.cdiv(N, bn),)](
         x, x if norm_weight is None else norm_weight, weight, out if residual is None else residual, out,
         R, N, K, eps, x.stride(0), weight.stride(0), 0 if residual is None else residual.stride(0), out.stride(0),
@@ -256,8 +251,7 @@ def _fused_qkv_rope(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Te
     x = x if x.stride(1) == 1 else x.contiguous()
     out = torch.empty((R, N), dtype=x.dtype, device=x.device)
     bn, bk = blocks(N // 2, K, _sms(x.device), R)
-    block_r, product = _row_block(R)
-    product.setdefault("PRECISION", _precision(x.dtype))
+    block_r, product = _row_block(R, x.dtype)
     _qkv_rope_kernel[(triton.cdiv(N // 2, bn),)](
         x, norm_weight, weight, cos, sin, out, R, tokens, N, K, eps, x.stride(0), weight.stride(0), out.stride(0),
         cos.stride(0) if cos.shape[0] > 1 else 0, cos.stride(-2), rot_heads,
