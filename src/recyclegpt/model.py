@@ -361,17 +361,28 @@ FUSED_LINEAR = True
 # same kernels with the products on tensor cores. Off until timed on a GPU (twelfth session, after its window;
 # `gpu_step_profile.py --fused-wide` is the A/B)
 FUSED_WIDE = False
+# ... for models no wider than this. Measured on an H100 (thirteenth session, `recyclegpt bench --shape 1.3b`): the
+# fused path made the 1.3B shape's (d 2048) compiled standard step slower, 1.67 -> 2.73 ms (592.5 -> 364.4 tok/s),
+# and its recycle ratio 1.52x -> 1.11x, where SmolLM2's (d 576) went 0.977 -> 0.533 ms. Widths between are not
+# measured; 1024 keeps the measured gain and the measured loss on their sides
+FUSED_MAX_WIDTH = 1024
+
+
+def fused_linear_fits(width: int, rows: int, head_dim: int) -> bool:
+    """The shape part of `use_fused_linear`: model width d <= FUSED_MAX_WIDTH, at most triton_linear.MAX_ROWS rows
+    (a decode step, a recycle pair, a short chain) or triton_linear.WIDE_ROWS with FUSED_WIDE, and a head dimension
+    twice a power of two (the rotary embedding's column pairs)."""
+    half = head_dim // 2
+    return (width <= FUSED_MAX_WIDTH and rows <= (triton_linear.WIDE_ROWS if FUSED_WIDE else triton_linear.MAX_ROWS)
+            and half > 0 and half & (half - 1) == 0)
 
 
 def use_fused_linear(x: torch.Tensor, block: "Block") -> bool:
     """Whether `block` runs its products through `triton_linear` for x (B, T, d): CUDA, triton, inference with the
-    fused QKV and gate-up weights (`fuse_projections`), and at most triton_linear.MAX_ROWS rows (a decode step, a
-    recycle pair, a short chain), or triton_linear.WIDE_ROWS with FUSED_WIDE; wider calls keep cuBLAS."""
-    half = block.attn.head_dim // 2
-    rows = triton_linear.WIDE_ROWS if FUSED_WIDE else triton_linear.MAX_ROWS
+    fused QKV and gate-up weights (`fuse_projections`), and a shape `fused_linear_fits`; other calls keep cuBLAS."""
     return (FUSED_LINEAR and x.is_cuda and block.attn.wqkv is not None and block.mlp.w13 is not None
-            and x.numel() // x.shape[-1] <= rows and not torch.is_grad_enabled()
-            and half > 0 and half & (half - 1) == 0 and triton_linear.available())
+            and not torch.is_grad_enabled() and triton_linear.available()
+            and fused_linear_fits(x.shape[-1], x.numel() // x.shape[-1], block.attn.head_dim))
 
 
 # a fused decode call's cache write and attention as one Triton kernel, its ranges merged in the same kernel
@@ -392,9 +403,10 @@ def use_cached_attention(qkv: torch.Tensor, mask: torch.Tensor | None, T: int, g
 # Inductor recomputes a cheap pointwise result for each custom op that reads it (a CPU check: three ops reading one
 # cos gave three copies), so the fused path's 30 `qkv_rope` and `cached_attention` calls each got their own copy of
 # cos, sin and the mask, written by two wide kernels a step (9.3 and 7.6 µs in the twelfth session's H100 profile).
-# `shared` hands them to the layers as one opaque copy. Off until timed on a GPU (twelfth session, after its window;
-# `gpu_step_profile.py --shared-tables` is the A/B)
-SHARED_TABLES = False
+# `shared` hands them to the layers as one opaque copy, on the fused path only. Measured on an H100 (thirteenth
+# session, `gpu_step_profile.py --shared-tables` is the A/B): SmolLM2's compiled standard step 0.532 -> 0.508 ms
+# (171 -> 162 kernels), recycle's 0.684 -> 0.668
+SHARED_TABLES = True
 
 
 def _shared(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -413,7 +425,8 @@ else:
 
 
 def _stack(blocks, x, rope, mask, cache, input_pos, kv_end, taps):
-    if SHARED_TABLES and cache is not None and torch.compiler.is_compiling():
+    if (SHARED_TABLES and cache is not None and blocks and torch.compiler.is_compiling()
+            and use_fused_linear(x, blocks[0])):
         cos, sin, *rest = _shared_op([*rope, *([] if mask is None else [mask])])
         rope, mask = (cos, sin), (rest[0] if rest else None)
     tapped = []
