@@ -127,6 +127,8 @@ FUSED_SWITCHES = {
                       "copy for every layer"),
     "merge-tile": ("triton_attention", "MERGE_TILE", "cached_attention's ranges merged from one tile of partials, "
                    "not range by range"),
+    "prefetch": ("triton_attention", "PREFETCH", "cached_attention loads each range's first KV block before waiting "
+                 "on the previous kernel"),
     "fused-wide": ("model", "FUSED_WIDE", "calls of 5-32 rows (the tree's verification) through the fused kernels "
                    "on tensor cores"),
 }

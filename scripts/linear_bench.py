@@ -7,7 +7,7 @@ in one CUDA graph and reports the replay time per call: the torch path (the norm
 the add, each its own kernel, as in the compiled step without inductor's fusions) and the Triton kernel with each of
 a few launch settings (TILE, MAX_BLOCK_N, warps, programmatic dependent launch), checked against torch. Prints a table and a final JSON line.
 
-    python scripts/linear_bench.py [--rows 1] [--calls 50]
+    python scripts/linear_bench.py [--rows 1[,2,...]] [--calls 50]
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ SHAPES = {  # name: (N, K, norm, swiglu, residual)
 # launches while the one before it runs and loads its first weight block before waiting on it
 SETTINGS = [(4096, 64, 4, False), (8192, 64, 4, False), (16384, 64, 4, False), (4096, 8, 4, False),
             (8192, 8, 4, False), (2048, 64, 4, False), (4096, 64, 4, True), (8192, 64, 4, True),
-            (16384, 64, 4, True), (4096, 8, 4, True), (8192, 8, 4, True)]
+            (16384, 64, 4, True), (4096, 8, 4, True), (8192, 8, 4, True), (16384, 64, 8, True), (8192, 64, 8, True)]
 
 
 def torch_path(x, w, nw, res, swiglu, eps=1e-5):
@@ -74,64 +74,80 @@ def per_call_us(fn, calls: int) -> float:
 def sweep(results: list, name: str, call, want: torch.Tensor, calls: int, n: int, k: int) -> None:
     """Time `call` under each of SETTINGS (the module constants restored after each), checked against `want`; the
     kernel's grid is over n columns (or column pairs) of width k."""
-    defaults = tl_.TILE, tl_.MAX_BLOCK_N, tl_.NUM_WARPS, triton_attention.PDL
+    defaults = tl_.TILE, tl_.MAX_BLOCK_N, tl_.NUM_WARPS, tl_.MULTI_ROW_WARPS, triton_attention.PDL
     for tile, max_bn, warps, pdl in SETTINGS:
-        tl_.TILE, tl_.MAX_BLOCK_N, tl_.NUM_WARPS, triton_attention.PDL = tile, max_bn, warps, pdl
+        tl_.TILE, tl_.MAX_BLOCK_N, tl_.NUM_WARPS, tl_.MULTI_ROW_WARPS, triton_attention.PDL = (tile, max_bn, warps,
+                                                                                             warps, pdl)
         try:
             err = (call().float() - want.float()).abs().max().item()
             ok = err < 6e-2 * max(1.0, want.float().abs().max().item() / 8)
             us = per_call_us(call, calls)
             bn, bk = tl_.blocks(n, k, torch.cuda.get_device_properties(want.device).multi_processor_count)
         finally:
-            tl_.TILE, tl_.MAX_BLOCK_N, tl_.NUM_WARPS, triton_attention.PDL = defaults
+            tl_.TILE, tl_.MAX_BLOCK_N, tl_.NUM_WARPS, tl_.MULTI_ROW_WARPS, triton_attention.PDL = defaults
         path = f"kernel T{tile} N<={max_bn} w{warps}{' pdl' if pdl else ''}"
         results.append({"product": name, "path": path, "tile": tile, "max_block_n": max_bn, "warps": warps,
                         "pdl": pdl, "us": us, "ok": ok, "max_err": err, "blocks": [bn, bk]})
         print(f"{name:<34} {path:<26} {us:8.2f}  {'yes' if ok else 'NO'}")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rows", type=int, default=1)
-    ap.add_argument("--calls", type=int, default=50)
-    args = ap.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("linear_bench needs a CUDA device")
-    g = torch.Generator().manual_seed(0)
+def measure(rows: int, calls: int, g: torch.Generator) -> list:
+    """The table for calls of `rows` rows: each product's torch path, then each setting of its kernel."""
     dev, dt = torch.device("cuda"), torch.bfloat16
     results = []
-    print(f"device: {torch.cuda.get_device_name(dev)}  torch {torch.__version__}  rows {args.rows}  bf16")
+    print(f"device: {torch.cuda.get_device_name(dev)}  torch {torch.__version__}  rows {rows}  bf16")
     print(f"{'product':<34} {'path':<26} {'us/call':>8}  ok")
     for name, (N, K, norm, swiglu, residual) in SHAPES.items():
-        x = torch.randn(args.rows, 2 * K if swiglu else K, generator=g).to(dev, dt)
+        x = torch.randn(rows, 2 * K if swiglu else K, generator=g).to(dev, dt)
         w = (torch.randn(N, K, generator=g) / K ** 0.5).to(dev, dt)
         nw = (1 + 0.1 * torch.randn(K, generator=g)).to(dev, dt) if norm else None
-        res = torch.randn(args.rows, N, generator=g).to(dev, dt) if residual else None
+        res = torch.randn(rows, N, generator=g).to(dev, dt) if residual else None
         want = torch_path(x, w, nw, res, swiglu)
-        us = per_call_us(lambda: torch_path(x, w, nw, res, swiglu), args.calls)
+        us = per_call_us(lambda: torch_path(x, w, nw, res, swiglu), calls)
         results.append({"product": name, "path": "torch", "us": us})
         print(f"{name:<34} {'torch':<26} {us:8.2f}")
         sweep(results, name, lambda: tl_.linear(x, w, norm_weight=nw, eps=1e-5, residual=res, swiglu=swiglu), want,
-              args.calls, N, K)
+              calls, N, K)
     # the QKV product with its norm and the rotary embedding of its 9 + 3 query and key heads folded in (the fused
     # path's QKV kernel), each setting
     from recyclegpt.model import apply_rotary, rotary
-    x = torch.randn(1, args.rows, D, generator=g).to(dev, dt)
+    x = torch.randn(1, rows, D, generator=g).to(dev, dt)
     w = (torch.randn(QKV, D, generator=g) / D ** 0.5).to(dev, dt)
     nw = (1 + 0.1 * torch.randn(D, generator=g)).to(dev, dt)
-    rope = rotary(torch.arange(args.rows, device=dev)[None] + 100, 64, 10000.0, dt)
-    y = torch_path(x, w, nw, None, False).view(1, args.rows, 15, 64).transpose(1, 2)
-    want = torch.cat((apply_rotary(y[:, :12], *rope), y[:, 12:]), 1).transpose(1, 2).reshape(1, args.rows, QKV)
+    rope = rotary(torch.arange(rows, device=dev)[None] + 100, 64, 10000.0, dt)
+    y = torch_path(x, w, nw, None, False).view(1, rows, 15, 64).transpose(1, 2)
+    want = torch.cat((apply_rotary(y[:, :12], *rope), y[:, 12:]), 1).transpose(1, 2).reshape(1, rows, QKV)
     sweep(results, "qkv (norm before, rotary after)", lambda: tl_.qkv_rope(x, w, nw, 1e-5, rope, 12), want,
-          args.calls, QKV // 2, D)
+          calls, QKV // 2, D)
+    for r in results:
+        r["rows"] = rows
+    return results
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", default="1", help="rows a call, or several, comma-separated (one table each)")
+    ap.add_argument("--calls", type=int, default=50)
+    args = ap.parse_args()
+    try:
+        rows = [int(r) for r in args.rows.split(",")]
+    except ValueError:
+        raise SystemExit(f"--rows takes integers separated by commas, not {args.rows!r}") from None
+    if min(rows) < 1 or max(rows) > tl_.WIDE_ROWS:
+        raise SystemExit(f"--rows: each between 1 and {tl_.WIDE_ROWS} (the fused kernels' most), not {args.rows!r}")
+    if not torch.cuda.is_available():
+        raise SystemExit("linear_bench needs a CUDA device")
+    g = torch.Generator().manual_seed(0)
+    results = [r for n in rows for r in measure(n, args.calls, g)]
     best = {}
     for r in results:
-        if r["path"] != "torch" and r["ok"] and r["us"] < best.get(r["product"], {"us": float("inf")})["us"]:
-            best[r["product"]] = r
-    for name, r in best.items():
-        print(f"best for {name}: {r['path']} {r['us']:.2f} us")
-    print(json.dumps({"device": torch.cuda.get_device_name(dev), "rows": args.rows, "results": results,
-                      "best": best}))
+        key = f"{r['product']} @ {r['rows']} rows"
+        if r["path"] != "torch" and r["ok"] and r["us"] < best.get(key, {"us": float("inf")})["us"]:
+            best[key] = r
+    for key, r in best.items():
+        print(f"best for {key}: {r['path']} {r['us']:.2f} us")
+    print(json.dumps({"device": torch.cuda.get_device_name(torch.device("cuda")), "rows": rows,
+                      "results": results, "best": best}))
 
 
 if __name__ == "__main__":

@@ -125,9 +125,10 @@ def cached_reference(qkv, k_cache, v_cache, pos, mask, layer, H):
 def check_cached_cases() -> None:
     """Run under TRITON_INTERPRET=1: cached_attention's output to 1e-4 of the reference, its cache writes exact and
     nothing else in the cache touched, the tickets back at zero; bad shapes are named."""
-    default = triton_attention.MERGE_TILE
-    for tile in (False, True):  # the ticket merge range by range, and in one tile
-        triton_attention.MERGE_TILE = tile
+    default = triton_attention.MERGE_TILE, triton_attention.PREFETCH
+    # the ticket merge range by range and in one tile; the first KV block loaded before the wait or in the loop
+    for tile, prefetch in ((False, False), (True, False), (True, True), (False, True)):
+        triton_attention.MERGE_TILE, triton_attention.PREFETCH = tile, prefetch
         for B, H, Hkv, T, D, S, L, p0, n_split in CACHED_CASES:
             qkv, k_cache, v_cache, pos, mask = cached_inputs(B, H, Hkv, T, D, S, L, p0)
             want, want_k, want_v = cached_reference(qkv, k_cache, v_cache, pos, mask, 1, H)
@@ -135,11 +136,11 @@ def check_cached_cases() -> None:
             out = triton_attention.cached_attention(qkv, k_cache, v_cache, tickets, pos, mask, 1, H,
                                                     n_split=n_split)
             err = (out - want).abs().max().item()
-            print(f"cached B={B} H={H} Hkv={Hkv} T={T} D={D} L={L} n_split={n_split} merge tile {tile}: max abs "
-                  f"err {err:.2e}")
+            print(f"cached B={B} H={H} Hkv={Hkv} T={T} D={D} L={L} n_split={n_split} merge tile {tile} prefetch "
+                  f"{prefetch}: max abs err {err:.2e}")
             assert out.shape == (B, T, H * D) and err < 1e-4, err
             assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v) and not tickets.any()
-    triton_attention.MERGE_TILE = default
+    triton_attention.MERGE_TILE, triton_attention.PREFETCH = default
     for bad, name in (({"layer": 3}, "layer 3"), ({"H": 8}, "8 query heads"), ({"pos": torch.arange(3)}, "input_pos")):
         qkv, k_cache, v_cache, pos, mask = cached_inputs(1, 9, 3, 2, 64, 100, 64, 10)
         args = {"layer": 1, "H": 9, "pos": pos, **bad}
@@ -200,8 +201,10 @@ def test_cuda_cached_attention_bf16_graph_and_compile(monkeypatch):
         assert out.dtype == torch.bfloat16 and (out.float() - want).abs().max().item() < 2e-2
 
     cases = CACHED_CASES + [(8, 9, 3, 2, 64, 2048, 2048, 1500, None), (32, 9, 3, 1, 64, 600, 512, 400, None)]
-    for (B, H, Hkv, T, D, S, L, p0, n_split), tile in [(c, t) for c in cases for t in (False, True)]:
+    forms = ((False, False), (True, False), (True, True))  # (merge tile, prefetch)
+    for (B, H, Hkv, T, D, S, L, p0, n_split), (tile, prefetch) in [(c, f) for c in cases for f in forms]:
         monkeypatch.setattr(triton_attention, "MERGE_TILE", tile)
+        monkeypatch.setattr(triton_attention, "PREFETCH", prefetch)
         qkv, k_cache, v_cache, pos, mask = cached_inputs(B, H, Hkv, T, D, S, L, p0, dtype=torch.bfloat16,
                                                          device="cuda")
         want, want_k, want_v = cached_reference(qkv, k_cache, v_cache, pos, mask, 1, H)
@@ -210,22 +213,24 @@ def test_cuda_cached_attention_bf16_graph_and_compile(monkeypatch):
               want)
         assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v) and not tickets.any()
 
-    monkeypatch.setattr(triton_attention, "MERGE_TILE", False)  # the default; the tile's replays are next session's
-    qkv, k_cache, v_cache, pos, mask = inputs = cached_inputs(1, 9, 3, 2, 64, 600, 512, 300, dtype=torch.bfloat16,
-                                                              device="cuda")
-    tickets = torch.zeros(12, dtype=torch.int32, device="cuda")
-    triton_attention.cached_attention(qkv, k_cache, v_cache, tickets, pos, mask, 1, 9)  # compiles outside capture
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = triton_attention.cached_attention(qkv, k_cache, v_cache, tickets, pos, mask, 1, 9)
-    for seed in range(200):
-        for x, y in zip(inputs, cached_inputs(1, 9, 3, 2, 64, 600, 512, 300 - seed, dtype=torch.bfloat16,
-                                              device="cuda", seed=seed)):
-            x.copy_(y)
-        want, want_k, want_v = cached_reference(*inputs, 1, 9)
-        graph.replay()
-        check(out, want)
-        assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v) and not tickets.any()
+    for tile, prefetch in forms:  # 200 replays of each form, each on new inputs
+        monkeypatch.setattr(triton_attention, "MERGE_TILE", tile)
+        monkeypatch.setattr(triton_attention, "PREFETCH", prefetch)
+        qkv, k_cache, v_cache, pos, mask = inputs = cached_inputs(1, 9, 3, 2, 64, 600, 512, 300,
+                                                                  dtype=torch.bfloat16, device="cuda")
+        tickets = torch.zeros(12, dtype=torch.int32, device="cuda")
+        triton_attention.cached_attention(qkv, k_cache, v_cache, tickets, pos, mask, 1, 9)  # compiled before capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = triton_attention.cached_attention(qkv, k_cache, v_cache, tickets, pos, mask, 1, 9)
+        for seed in range(200):
+            for x, y in zip(inputs, cached_inputs(1, 9, 3, 2, 64, 600, 512, 300 - seed, dtype=torch.bfloat16,
+                                                  device="cuda", seed=seed)):
+                x.copy_(y)
+            want, want_k, want_v = cached_reference(*inputs, 1, 9)
+            graph.replay()
+            check(out, want)
+            assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v) and not tickets.any()
 
     @torch.compile(fullgraph=True)
     def two_layers(qkv, k_cache, v_cache, tickets, pos, mask):

@@ -35,6 +35,10 @@ MIN_SLOTS = 64  # the fewest KV slots worth a program of their own (below it the
 # standard step 0.532 -> 0.515 ms alone, 0.508 -> 0.489 with model.SHARED_TABLES; recycle's 0.684 -> 0.679
 MERGE_TILE = True
 MERGE_TILE_MAX = 4096
+# cached_attention loads each range's first block of cached keys and values before it waits on the previous kernel
+# (programmatic dependent launch), so that its longest load overlaps the QKV product before it. Off until timed on a
+# GPU (thirteenth session, after its window; `gpu_step_profile.py --prefetch` is the A/B)
+PREFETCH = False
 # programmatic dependent launch (Hopper and later), for the kernels of a fused decode call (this module's
 # cached_attention, triton_linear's products): a kernel is launched while the previous one still runs, loads what no
 # kernel writes (its first weight block), then waits for the previous kernel's writes (griddepcontrol.wait) and lets
@@ -66,30 +70,40 @@ if triton is not None:
                      Hkv, R, T, L, per_split, n_rb, n_split, scale,
                      D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
                      PRECISION: tl.constexpr, NEW: tl.constexpr, TP: tl.constexpr, TICKET: tl.constexpr,
-                     MERGE_TILE: tl.constexpr, MR: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr):
+                     MERGE_TILE: tl.constexpr, MR: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr,
+                     PREFETCH: tl.constexpr):
         # grid ((b*Hkv + h)*n_rb + row block, KV range): BLOCK_R query rows against the range's slots [start, end).
         # Row g*T + t of KV head h is query head h*groups + g of token t (strides sqg, sqt).
         # NEW: the T new tokens' keys and values are read from Kn, Vn (b, t, h at strides snb, snt, snh) for their
         # slots Pos[t], and stored into the cache there by the range that holds the slot (row block 0 only).
         # TICKET: the last range of a (b, h, row block) to finish merges the partials (no second kernel).
-        after_previous(PDL)  # (PDL: every input may be the previous kernel's output)
+        # PREFETCH (with NEW): the range's first block of cached keys and values loads before the wait. No kernel
+        # of this call writes them: the cache's slots were written by earlier steps (or, two or more kernels back,
+        # a commit), and the new tokens' slots, which this kernel writes, take Kn, Vn below instead
         pid, split = tl.program_id(0), tl.program_id(1)
         bh, rb = pid // n_rb, pid % n_rb
         b, h = bh // Hkv, bh % Hkv
-        rows = rb * BLOCK_R + tl.arange(0, BLOCK_R)
         dims = tl.arange(0, D)
+        k_base, v_base = K + b * skb + h * skh, V + b * svb + h * svh
+        start = split * per_split
+        end = tl.minimum(start + per_split, L)
+        if PREFETCH:
+            first = start + tl.arange(0, BLOCK_N)
+            first_ok = (first < end)[:, None]
+            k_first = tl.load(k_base + first[:, None] * skn + dims[None, :], mask=first_ok, other=0.0)
+            v_first = tl.load(v_base + first[:, None] * svn + dims[None, :], mask=first_ok, other=0.0)
+        after_previous(PDL)  # (PDL: every other input may be the previous kernel's output)
+        rows = rb * BLOCK_R + tl.arange(0, BLOCK_R)
         row_ok = rows < R
         q = tl.load(Q + b * sqb + h * sqh + (rows // T)[:, None] * sqg + (rows % T)[:, None] * sqt + dims[None, :],
                     mask=row_ok[:, None], other=0.0)
-        k_base, v_base, m_base = K + b * skb + h * skh, V + b * svb + h * svh, Mask + b * smb + rows[:, None] * smr
+        m_base = Mask + b * smb + rows[:, None] * smr
         if NEW:
             toks = tl.arange(0, TP)
             pos = tl.load(Pos + toks, mask=toks < T, other=-1)  # the new tokens' slots; -1 matches no slot
             writer = (tl.zeros([BLOCK_N], tl.int32) + rb) == 0  # row block 0 stores (a vector: the interpreter
             # cannot combine a scalar bool with a vector mask)
 
-        start = split * per_split
-        end = tl.minimum(start + per_split, L)
         m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)  # running max of the scores (log2 units)
         l_i = tl.zeros([BLOCK_R], tl.float32)  # running sum of exp2(score - m_i)
         acc = tl.zeros([BLOCK_R, D], tl.float32)  # running sum of exp2(score - m_i) * v
@@ -103,9 +117,13 @@ if triton is not None:
                 new_at = b * snb + t_of[:, None] * snt + h * snh + dims[None, :]
                 kn = tl.load(Kn + new_at, mask=fresh[:, None], other=0.0)
                 vn = tl.load(Vn + new_at, mask=fresh[:, None], other=0.0)
-                old = col_ok & ~fresh
-                k = tl.load(k_base + cols[:, None] * skn + dims[None, :], mask=old[:, None], other=0.0) + kn
-                v = tl.load(v_base + cols[:, None] * svn + dims[None, :], mask=old[:, None], other=0.0) + vn
+                if PREFETCH and n0 == start:
+                    k = tl.where(fresh[:, None], kn, k_first)
+                    v = tl.where(fresh[:, None], vn, v_first)
+                else:
+                    old = col_ok & ~fresh
+                    k = tl.load(k_base + cols[:, None] * skn + dims[None, :], mask=old[:, None], other=0.0) + kn
+                    v = tl.load(v_base + cols[:, None] * svn + dims[None, :], mask=old[:, None], other=0.0) + vn
                 write = (fresh & writer)[:, None] & (dims[None, :] < D)  # (N, D)
                 tl.store(k_base + cols[:, None] * skn + dims[None, :], kn.to(K.dtype.element_ty), mask=write)
                 tl.store(v_base + cols[:, None] * svn + dims[None, :], vn.to(V.dtype.element_ty), mask=write)
@@ -299,7 +317,7 @@ def _launch(q, sq, k, v, mask, out, so, R, T, scale, n_split, new=None, tickets=
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 stays fp32; half types ignore it
         NEW=new is not None, TP=max(2, triton.next_power_of_2(T)) if new is not None else 2, TICKET=ticket,
         MERGE_TILE=merge_tile, MR=mr if merge_tile else 2, BLOCK_S=block_s if merge_tile else 2,
-        num_warps=4 if block_r * D <= 64 * 128 else 8,  # 8 for the largest tiles, whose fp32 acc would spill
+        PREFETCH=PREFETCH and new is not None, num_warps=4 if block_r * D <= 64 * 128 else 8,  # 8 for the largest tiles, whose fp32 acc would spill
         **pdl_launch(q.device, new is not None and ticket and PDL))  # the one-kernel form (no merge kernel after)
     if n_split > 1 and not ticket:
         _merge_kernel[(B * Hkv * R,)](acc, mx, sm, out, *so, Hkv, R, T, n_split, D=D,

@@ -46,6 +46,12 @@ DOT_BLOCK_K = 128
 TILE = 16384
 MAX_BLOCK_N = 64
 NUM_WARPS = 4
+# warps for calls of 2 to MAX_ROWS rows (a recycle pair, a short chain). Each program holds an (R, BLOCK_N, BLOCK_K)
+# float32 product, so its registers grow with the rows: compiled for sm_90a (ptxas, on the CPU), at 4 warps the
+# SmolLM2 gate-up kernel uses 255 registers and spills 72 bytes at one row, 172 at two, 416 at four, and down goes
+# from 168 registers to 255; at 8 warps none of them spills. On an H100 a layer's products cost 8.82 us at one row
+# and 11.07 at two (thirteenth session). 4 until 8 is timed (`scripts/linear_bench.py --rows 1,2` sweeps it)
+MULTI_ROW_WARPS = 4
 DEFAULT_SMS = 132  # an H100 SXM's SM count, for the interpreter (CUDA asks the device)
 
 
@@ -196,11 +202,13 @@ def blocks(N: int, K: int, sms: int, rows: int = 1) -> tuple[int, int]:
 
 
 def _row_block(R: int, dtype: torch.dtype) -> tuple[int, dict]:
-    """BLOCK_R and the product's constexprs for R rows: few rows reduce on CUDA cores; more, padded to 16 or more,
-    go through tl.dot (fp32 kept exact with "ieee"; half types ignore the precision)."""
+    """BLOCK_R and the product's launch settings for R rows: few rows reduce on CUDA cores (NUM_WARPS for one,
+    MULTI_ROW_WARPS for more); more than MAX_ROWS, padded to 16 or more, go through tl.dot (fp32 kept exact with
+    "ieee"; half types ignore the precision)."""
     wide = R > MAX_ROWS
     block_r = max(16 if wide else 1, triton.next_power_of_2(R))
-    return block_r, {"DOT": wide, "PRECISION": "ieee" if dtype == torch.float32 else "tf32"}
+    warps = MULTI_ROW_WARPS if 1 < R <= MAX_ROWS else NUM_WARPS
+    return block_r, {"DOT": wide, "PRECISION": "ieee" if dtype == torch.float32 else "tf32", "num_warps": warps}
 
 
 def _fused_linear(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor | None,
@@ -227,7 +235,7 @@ def _fused_linear(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tens
         x, x if norm_weight is None else norm_weight, weight, out if residual is None else residual, out,
         R, N, K, eps, x.stride(0), weight.stride(0), 0 if residual is None else residual.stride(0), out.stride(0),
         NORM=norm_weight is not None, SWIGLU=swiglu, RESIDUAL=residual is not None,
-        BLOCK_R=block_r, BLOCK_N=bn, BLOCK_K=bk, num_warps=NUM_WARPS, **product, **pdl_launch(x.device))
+        BLOCK_R=block_r, BLOCK_N=bn, BLOCK_K=bk, **product, **pdl_launch(x.device))
     return out
 
 
@@ -255,7 +263,7 @@ def _fused_qkv_rope(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Te
     _qkv_rope_kernel[(triton.cdiv(N // 2, bn),)](
         x, norm_weight, weight, cos, sin, out, R, tokens, N, K, eps, x.stride(0), weight.stride(0), out.stride(0),
         cos.stride(0) if cos.shape[0] > 1 else 0, cos.stride(-2), rot_heads,
-        HALF=half, BLOCK_R=block_r, BLOCK_N=bn, BLOCK_K=bk, num_warps=NUM_WARPS, **product, **pdl_launch(x.device))
+        HALF=half, BLOCK_R=block_r, BLOCK_N=bn, BLOCK_K=bk, **product, **pdl_launch(x.device))
     return out
 
 
