@@ -31,12 +31,14 @@ SHAPES = {  # name: (N, K, norm, swiglu, residual)
     "gate-up (norm before)": (2 * FF, D, True, False, False),
     "down (swiglu before, + residual)": (D, FF, False, True, True),
 }
-# (TILE, MAX_BLOCK_N, warps, programmatic dependent launch); the eleventh session's sweep had (2048|1024|4096, 64,
+# (TILE, MAX_BLOCK_N, warps, programmatic dependent launch, rows a program); the eleventh session's sweep had (2048|1024|4096, 64,
 # 4), (2048|4096, 64, 8), (2048, 16, 4), no PDL: 4096 won every product. With PDL each of the 50 calls in the graph
 # launches while the one before it runs and loads its first weight block before waiting on it
 SETTINGS = [(4096, 64, 4, False), (8192, 64, 4, False), (16384, 64, 4, False), (4096, 8, 4, False),
             (8192, 8, 4, False), (2048, 64, 4, False), (4096, 64, 4, True), (8192, 64, 4, True),
             (16384, 64, 4, True), (4096, 8, 4, True), (8192, 8, 4, True), (16384, 64, 8, True), (8192, 64, 8, True)]
+SETTINGS = [s + (tl_.MAX_ROWS,) for s in SETTINGS]  # ... and the rows a program takes (ROWS_PER_PROGRAM): all
+SETTINGS += [(16384, 64, 4, True, 1), (16384, 64, 8, True, 1)]  # or one row a program (more than one row only)
 
 
 def torch_path(x, w, nw, res, swiglu, eps=1e-5):
@@ -74,21 +76,29 @@ def per_call_us(fn, calls: int) -> float:
 def sweep(results: list, name: str, call, want: torch.Tensor, calls: int, n: int, k: int) -> None:
     """Time `call` under each of SETTINGS (the module constants restored after each), checked against `want`; the
     kernel's grid is over n columns (or column pairs) of width k."""
-    defaults = tl_.TILE, tl_.MAX_BLOCK_N, tl_.NUM_WARPS, tl_.MULTI_ROW_WARPS, triton_attention.PDL
-    for tile, max_bn, warps, pdl in SETTINGS:
-        tl_.TILE, tl_.MAX_BLOCK_N, tl_.NUM_WARPS, tl_.MULTI_ROW_WARPS, triton_attention.PDL = (tile, max_bn, warps,
-                                                                                             warps, pdl)
+    names = "TILE", "MAX_BLOCK_N", "NUM_WARPS", "MULTI_ROW_WARPS", "ROWS_PER_PROGRAM"
+    defaults = [getattr(tl_, attr) for attr in names], triton_attention.PDL
+    for tile, max_bn, warps, pdl, per_program in SETTINGS:
+        if per_program < tl_.MAX_ROWS and want.numel() // want.shape[-1] == 1:
+            continue  # a one-row call has one row block either way
+        for attr, v in zip(names, (tile, max_bn, warps, warps, per_program)):
+            setattr(tl_, attr, v)
+        triton_attention.PDL = pdl
         try:
             err = (call().float() - want.float()).abs().max().item()
             ok = err < 6e-2 * max(1.0, want.float().abs().max().item() / 8)
             us = per_call_us(call, calls)
             bn, bk = tl_.blocks(n, k, torch.cuda.get_device_properties(want.device).multi_processor_count)
         finally:
-            tl_.TILE, tl_.MAX_BLOCK_N, tl_.NUM_WARPS, tl_.MULTI_ROW_WARPS, triton_attention.PDL = defaults
-        path = f"kernel T{tile} N<={max_bn} w{warps}{' pdl' if pdl else ''}"
+            for attr, v in zip(names, defaults[0]):
+                setattr(tl_, attr, v)
+            triton_attention.PDL = defaults[1]
+        split = f" {per_program}r" if per_program < tl_.MAX_ROWS else ""  # rows a program, where not all
+        path = f"kernel T{tile} N<={max_bn} w{warps}{' pdl' if pdl else ''}{split}"
         results.append({"product": name, "path": path, "tile": tile, "max_block_n": max_bn, "warps": warps,
-                        "pdl": pdl, "us": us, "ok": ok, "max_err": err, "blocks": [bn, bk]})
-        print(f"{name:<34} {path:<26} {us:8.2f}  {'yes' if ok else 'NO'}")
+                        "pdl": pdl, "rows_per_program": per_program, "us": us, "ok": ok, "max_err": err,
+                        "blocks": [bn, bk]})
+        print(f"{name:<34} {path:<29} {us:8.2f}  {'yes' if ok else 'NO'}")
 
 
 def measure(rows: int, calls: int, g: torch.Generator) -> list:
@@ -96,7 +106,7 @@ def measure(rows: int, calls: int, g: torch.Generator) -> list:
     dev, dt = torch.device("cuda"), torch.bfloat16
     results = []
     print(f"device: {torch.cuda.get_device_name(dev)}  torch {torch.__version__}  rows {rows}  bf16")
-    print(f"{'product':<34} {'path':<26} {'us/call':>8}  ok")
+    print(f"{'product':<34} {'path':<29} {'us/call':>8}  ok")
     for name, (N, K, norm, swiglu, residual) in SHAPES.items():
         x = torch.randn(rows, 2 * K if swiglu else K, generator=g).to(dev, dt)
         w = (torch.randn(N, K, generator=g) / K ** 0.5).to(dev, dt)
@@ -105,7 +115,7 @@ def measure(rows: int, calls: int, g: torch.Generator) -> list:
         want = torch_path(x, w, nw, res, swiglu)
         us = per_call_us(lambda: torch_path(x, w, nw, res, swiglu), calls)
         results.append({"product": name, "path": "torch", "us": us})
-        print(f"{name:<34} {'torch':<26} {us:8.2f}")
+        print(f"{name:<34} {'torch':<29} {us:8.2f}")
         sweep(results, name, lambda: tl_.linear(x, w, norm_weight=nw, eps=1e-5, residual=res, swiglu=swiglu), want,
               calls, N, K)
     # the QKV product with its norm and the rotary embedding of its 9 + 3 query and key heads folded in (the fused

@@ -90,6 +90,22 @@ def check_interpreted_cases() -> None:
             err = (got - reference(x, w, nw, res, swiglu="swiglu" in mode)).abs().max().item()
             print(f"R={R} N={N} K={K} {name}: max |d| {err:.2e}")
             assert got.shape == (R, N) and err < 1e-5, (R, N, K, name, err)
+    default = triton_linear.ROWS_PER_PROGRAM
+    for per_program in (1, 2):  # the rows of a few-row call split over programs (a row block each)
+        triton_linear.ROWS_PER_PROGRAM = per_program
+        for R, N, K in [c for c in CASES if 1 < c[0] <= triton_linear.MAX_ROWS]:
+            for name in ("norm+residual", "swiglu"):
+                x, w, nw, res = make_inputs(R, N, K, **MODES[name])
+                got = triton_linear.linear(x, w, norm_weight=nw, eps=1e-5, residual=res, swiglu=name == "swiglu")
+                err = (got - reference(x, w, nw, res, swiglu=name == "swiglu")).abs().max().item()
+                print(f"R={R} N={N} K={K} {name}, {per_program} rows a program: max |d| {err:.2e}")
+                assert got.shape == (R, N) and err < 1e-5, (R, N, K, name, per_program, err)
+        for B, T, rot, plain, D in [c for c in QKV_CASES if 1 < c[0] * c[1] <= triton_linear.MAX_ROWS]:
+            x, w, nw, rope = qkv_inputs(B, T, rot, plain, D)
+            err = (triton_linear.qkv_rope(x, w, nw, 1e-5, rope, rot) - qkv_reference(x, w, nw, rope, rot)).abs().max()
+            print(f"qkv_rope B={B} T={T}, {per_program} rows a program: max |d| {err.item():.2e}")
+            assert err.item() < 1e-5, (B, T, per_program, err)
+    triton_linear.ROWS_PER_PROGRAM = default
     x, w, nw, res = make_inputs(4, 50, 72, norm=True, residual=True)
     got = triton_linear.linear(x.reshape(2, 2, 72), w, norm_weight=nw, eps=1e-5, residual=res.reshape(2, 2, 50))
     assert got.shape == (2, 2, 50) and torch.allclose(got.reshape(4, 50), reference(x, w, nw, res), atol=1e-5)

@@ -52,6 +52,10 @@ NUM_WARPS = 4
 # from 168 registers to 255; at 8 warps none of them spills. On an H100 a layer's products cost 8.82 us at one row
 # and 11.07 at two (thirteenth session). 4 until 8 is timed (`scripts/linear_bench.py --rows 1,2` sweeps it)
 MULTI_ROW_WARPS = 4
+# the rows one program takes in calls of 2 to MAX_ROWS rows: MAX_ROWS, every row in one program (the weight block
+# read once), or fewer, a row block a program (each program as cheap as a one-row call's, the weight block read
+# once per row block, from L2 after the first). MAX_ROWS until the split is timed (`scripts/linear_bench.py`)
+ROWS_PER_PROGRAM = MAX_ROWS
 DEFAULT_SMS = 132  # an H100 SXM's SM count, for the interpreter (CUDA asks the device)
 
 
@@ -84,10 +88,10 @@ if triton is not None:
                        NORM: tl.constexpr, SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr,
                        BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
                        DOT: tl.constexpr, PRECISION: tl.constexpr):
-        # grid (column block,): every row against BLOCK_N weight rows
+        # grid (column block, row block): BLOCK_R rows against BLOCK_N weight rows
         cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = cols < N
-        rows = tl.arange(0, BLOCK_R)
+        rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)  # this program's row block
         row_ok = rows < R
         # the first K step's weights: no kernel writes them, so they load before the wait
         ks = tl.arange(0, BLOCK_K)
@@ -134,7 +138,7 @@ if triton is not None:
         hd, o = u // HALF, u % HALF
         lo_cols = hd * 2 * HALF + o
         hi_cols = lo_cols + HALF
-        rows = tl.arange(0, BLOCK_R)
+        rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)  # this program's row block
         row_ok = rows < R
         ks = tl.arange(0, BLOCK_K)  # the first K step's weights before the wait (see _linear_kernel)
         w_ok = u_ok[:, None] & (ks < K)[None, :]
@@ -206,8 +210,8 @@ def _row_block(R: int, dtype: torch.dtype) -> tuple[int, dict]:
     MULTI_ROW_WARPS for more); more than MAX_ROWS, padded to 16 or more, go through tl.dot (fp32 kept exact with
     "ieee"; half types ignore the precision)."""
     wide = R > MAX_ROWS
-    block_r = max(16 if wide else 1, triton.next_power_of_2(R))
-    warps = MULTI_ROW_WARPS if 1 < R <= MAX_ROWS else NUM_WARPS
+    block_r = max(16, triton.next_power_of_2(R)) if wide else triton.next_power_of_2(min(R, ROWS_PER_PROGRAM))
+    warps = MULTI_ROW_WARPS if 1 < block_r and not wide else NUM_WARPS
     return block_r, {"DOT": wide, "PRECISION": "ieee" if dtype == torch.float32 else "tf32", "num_warps": warps}
 
 
@@ -231,7 +235,7 @@ def _fused_linear(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tens
     out = torch.empty((R, N), dtype=x.dtype, device=x.device)
     bn, bk = blocks(N, K, _sms(x.device), R)
     block_r, product = _row_block(R, x.dtype)
-    _linear_kernel[(triton.cdiv(N, bn),)](
+    _linear_kernel[(triton.cdiv(N, bn), triton.cdiv(R, block_r))](
         x, x if norm_weight is None else norm_weight, weight, out if residual is None else residual, out,
         R, N, K, eps, x.stride(0), weight.stride(0), 0 if residual is None else residual.stride(0), out.stride(0),
         NORM=norm_weight is not None, SWIGLU=swiglu, RESIDUAL=residual is not None,
@@ -260,7 +264,7 @@ def _fused_qkv_rope(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Te
     out = torch.empty((R, N), dtype=x.dtype, device=x.device)
     bn, bk = blocks(N // 2, K, _sms(x.device), R)
     block_r, product = _row_block(R, x.dtype)
-    _qkv_rope_kernel[(triton.cdiv(N // 2, bn),)](
+    _qkv_rope_kernel[(triton.cdiv(N // 2, bn), triton.cdiv(R, block_r))](
         x, norm_weight, weight, cos, sin, out, R, tokens, N, K, eps, x.stride(0), weight.stride(0), out.stride(0),
         cos.stride(0) if cos.shape[0] > 1 else 0, cos.stride(-2), rot_heads,
         HALF=half, BLOCK_R=block_r, BLOCK_N=bn, BLOCK_K=bk, **product, **pdl_launch(x.device))
