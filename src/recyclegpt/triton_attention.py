@@ -77,9 +77,10 @@ if triton is not None:
         # NEW: the T new tokens' keys and values are read from Kn, Vn (b, t, h at strides snb, snt, snh) for their
         # slots Pos[t], and stored into the cache there by the range that holds the slot (row block 0 only).
         # TICKET: the last range of a (b, h, row block) to finish merges the partials (no second kernel).
-        # PREFETCH (with NEW): the range's first block of cached keys and values loads before the wait. No kernel
-        # of this call writes them: the cache's slots were written by earlier steps (or, two or more kernels back,
-        # a commit), and the new tokens' slots, which this kernel writes, take Kn, Vn below instead
+        # PREFETCH (with NEW): the range's first block of cached keys and values loads before the wait. Under PDL
+        # every kernel two or more launches back has finished by then (the one before lets this one launch only
+        # after its own wait), and the cache's slots were written by earlier steps' kernels or a commit's, with at
+        # least a QKV kernel in between; the new tokens' slots, which this kernel writes, take Kn, Vn instead
         pid, split = tl.program_id(0), tl.program_id(1)
         bh, rb = pid // n_rb, pid % n_rb
         b, h = bh // Hkv, bh % Hkv
@@ -317,7 +318,8 @@ def _launch(q, sq, k, v, mask, out, so, R, T, scale, n_split, new=None, tickets=
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 stays fp32; half types ignore it
         NEW=new is not None, TP=max(2, triton.next_power_of_2(T)) if new is not None else 2, TICKET=ticket,
         MERGE_TILE=merge_tile, MR=mr if merge_tile else 2, BLOCK_S=block_s if merge_tile else 2,
-        PREFETCH=PREFETCH and new is not None, num_warps=4 if block_r * D <= 64 * 128 else 8,  # 8 for the largest tiles, whose fp32 acc would spill
+        PREFETCH=PREFETCH and new is not None,
+        num_warps=4 if block_r * D <= 64 * 128 else 8,  # 8 for the largest tiles, whose fp32 acc would spill
         **pdl_launch(q.device, new is not None and ticket and PDL))  # the one-kernel form (no merge kernel after)
     if n_split > 1 and not ticket:
         _merge_kernel[(B * Hkv * R,)](acc, mx, sm, out, *so, Hkv, R, T, n_split, D=D,

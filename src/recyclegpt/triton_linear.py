@@ -52,9 +52,9 @@ NUM_WARPS = 4
 # from 168 registers to 255; at 8 warps none of them spills. On an H100 a layer's products cost 8.82 us at one row
 # and 11.07 at two (thirteenth session). 4 until 8 is timed (`scripts/linear_bench.py --rows 1,2` sweeps it)
 MULTI_ROW_WARPS = 4
-# the rows one program takes in calls of 2 to MAX_ROWS rows: MAX_ROWS, every row in one program (the weight block
-# read once), or fewer, a row block a program (each program as cheap as a one-row call's, the weight block read
-# once per row block, from L2 after the first). MAX_ROWS until the split is timed (`scripts/linear_bench.py`)
+# the rows one program takes in calls of 2 to MAX_ROWS rows, a power of two: MAX_ROWS, every row in one program (the
+# weight block read once), or fewer, a row block a program (1: each program as cheap as a one-row call's, the weight
+# block read once per row block, from L2 after the first). MAX_ROWS until the split is timed (`linear_bench.py`)
 ROWS_PER_PROGRAM = MAX_ROWS
 DEFAULT_SMS = 132  # an H100 SXM's SM count, for the interpreter (CUDA asks the device)
 
