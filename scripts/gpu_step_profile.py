@@ -306,7 +306,7 @@ def run_profile(args) -> None:
                       "bool_mask": args.bool_mask, "repeat_kv": args.repeat_kv, "manual_norm": args.manual_norm,
                       "sdpa": args.sdpa, "sdpa_decode": args.sdpa_decode, "torch_topk": args.torch_topk,
                       "draft_head_kernel": not args.no_draft_head_kernel,
-                      "draft_merge_kernel": not args.torch_draft_merge, 
+                      "draft_merge_kernel": not args.torch_draft_merge,
                       **{flag.replace("-", "_"): getattr(args, flag.replace("-", "_")) for flag in FUSED_SWITCHES},
                       "parts": [{k: v for k, v in r.items() if k not in ("top", "counts")} for r in rows]}))
 

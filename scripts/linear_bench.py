@@ -5,7 +5,8 @@ gate-up with the MLP norm before it; down with SwiGLU before it and the residual
 with the rotary embedding folded in too (`qkv_rope`, the fused path's QKV kernel), this captures 50 calls
 in one CUDA graph and reports the replay time per call: the torch path (the norm or SwiGLU, cuBLAS's product and
 the add, each its own kernel, as in the compiled step without inductor's fusions) and the Triton kernel with each of
-a few launch settings (TILE, MAX_BLOCK_N, warps, programmatic dependent launch), checked against torch. Prints a table and a final JSON line.
+a few launch settings (TILE, MAX_BLOCK_N, warps, programmatic dependent launch, rows a program), checked against
+torch. Prints a table for each row count and a final JSON line.
 
     python scripts/linear_bench.py [--rows 1[,2,...]] [--calls 50]
 """
@@ -31,14 +32,15 @@ SHAPES = {  # name: (N, K, norm, swiglu, residual)
     "gate-up (norm before)": (2 * FF, D, True, False, False),
     "down (swiglu before, + residual)": (D, FF, False, True, True),
 }
-# (TILE, MAX_BLOCK_N, warps, programmatic dependent launch, rows a program); the eleventh session's sweep had (2048|1024|4096, 64,
-# 4), (2048|4096, 64, 8), (2048, 16, 4), no PDL: 4096 won every product. With PDL each of the 50 calls in the graph
-# launches while the one before it runs and loads its first weight block before waiting on it
-SETTINGS = [(4096, 64, 4, False), (8192, 64, 4, False), (16384, 64, 4, False), (4096, 8, 4, False),
-            (8192, 8, 4, False), (2048, 64, 4, False), (4096, 64, 4, True), (8192, 64, 4, True),
-            (16384, 64, 4, True), (4096, 8, 4, True), (8192, 8, 4, True), (16384, 64, 8, True), (8192, 64, 8, True)]
-SETTINGS = [s + (tl_.MAX_ROWS,) for s in SETTINGS]  # ... and the rows a program takes (ROWS_PER_PROGRAM): all
-SETTINGS += [(16384, 64, 4, True, 1), (16384, 64, 8, True, 1)]  # or one row a program (more than one row only)
+# (TILE, MAX_BLOCK_N, warps, programmatic dependent launch, rows a program). The eleventh session's sweep had
+# (2048|1024|4096, 64, 4), (2048|4096, 64, 8), (2048, 16, 4), no PDL: 4096 won every product. With PDL each of the 50
+# calls in the graph launches while the one before it runs and loads its first weight block before waiting on it.
+# One row a program (ROWS_PER_PROGRAM 1) is timed for calls of more than one row only
+ALL = tl_.MAX_ROWS  # every row of a call in one program
+SETTINGS = [(4096, 64, 4, False, ALL), (8192, 64, 4, False, ALL), (16384, 64, 4, False, ALL),
+            (4096, 8, 4, False, ALL), (8192, 8, 4, False, ALL), (2048, 64, 4, False, ALL), (4096, 64, 4, True, ALL),
+            (8192, 64, 4, True, ALL), (16384, 64, 4, True, ALL), (4096, 8, 4, True, ALL), (8192, 8, 4, True, ALL),
+            (16384, 64, 8, True, ALL), (8192, 64, 8, True, ALL), (16384, 64, 4, True, 1), (16384, 64, 8, True, 1)]
 
 
 def torch_path(x, w, nw, res, swiglu, eps=1e-5):
@@ -79,7 +81,7 @@ def sweep(results: list, name: str, call, want: torch.Tensor, calls: int, n: int
     names = "TILE", "MAX_BLOCK_N", "NUM_WARPS", "MULTI_ROW_WARPS", "ROWS_PER_PROGRAM"
     defaults = [getattr(tl_, attr) for attr in names], triton_attention.PDL
     for tile, max_bn, warps, pdl, per_program in SETTINGS:
-        if per_program < tl_.MAX_ROWS and want.numel() // want.shape[-1] == 1:
+        if per_program < ALL and want.numel() // want.shape[-1] == 1:
             continue  # a one-row call has one row block either way
         for attr, v in zip(names, (tile, max_bn, warps, warps, per_program)):
             setattr(tl_, attr, v)
@@ -93,7 +95,7 @@ def sweep(results: list, name: str, call, want: torch.Tensor, calls: int, n: int
             for attr, v in zip(names, defaults[0]):
                 setattr(tl_, attr, v)
             triton_attention.PDL = defaults[1]
-        split = f" {per_program}r" if per_program < tl_.MAX_ROWS else ""  # rows a program, where not all
+        split = f" {per_program}r" if per_program < ALL else ""  # rows a program, where not all
         path = f"kernel T{tile} N<={max_bn} w{warps}{' pdl' if pdl else ''}{split}"
         results.append({"product": name, "path": path, "tile": tile, "max_block_n": max_bn, "warps": warps,
                         "pdl": pdl, "rows_per_program": per_program, "us": us, "ok": ok, "max_err": err,

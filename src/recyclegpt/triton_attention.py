@@ -413,8 +413,9 @@ def cached_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
     (`triton_linear.qkv_rope`). k_cache, v_cache: the whole (n_layer, B, Hkv, S, D) buffers; the new keys and values
     are stored at slots input_pos (T,) of `layer`, and every query row attends to slots [0, L) of that layer, L the
     mask's last dim (the new tokens' slots must lie below it). mask: additive, (B or 1, 1, H/Hkv * T, L), rows
-    folded as in `decode_attention`. tickets: int32 zeros, at least B * Hkv (`KVCache.tickets`): the ranges of a
-    (batch row, KV head) count in on it and the last one merges, so the call is one kernel; it is zero again after.
+    folded as in `decode_attention`. tickets: int32 zeros, one per (batch row, KV head, query-row block)
+    (`KVCache.tickets` has room for 4 row blocks): the ranges of each count in on theirs and the last one merges, so
+    the call is one kernel; they are zero again after.
 
     The cache is mutated only through this op, so torch.compile keeps the buffers in place (a write into the cache
     followed by a separate read of it made inductor copy the whole cache, docs/engine.md).

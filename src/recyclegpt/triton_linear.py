@@ -131,8 +131,8 @@ if triton is not None:
     def _qkv_rope_kernel(X, NW, W, Cos, Sin, Out, R, T, N, K, eps, sxr, swn, sor, scb, sct, ROT_HEADS,
                          HALF: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                          PDL: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr):
-        # grid (block of half-columns,): half-column u is column o of head hd's first half, computed with its
-        # partner o + HALF in the second half, so that the rotary embedding (rotate_half) is this program's own
+        # grid (block of half-columns, row block): half-column u is column o of head hd's first half, computed with
+        # its partner o + HALF in the second half, so that the rotary embedding (rotate_half) is this program's own
         u = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         u_ok = u < N // 2
         hd, o = u // HALF, u % HALF
