@@ -149,6 +149,31 @@ def check_cached_cases() -> None:
                                               args["pos"], mask, args["layer"], args["H"])
 
 
+def check_row_invariance(device: str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+    """A token's cached_attention output has the same bits alone (a standard step: 3 query rows a KV head) and as
+    the first token of a verifying call (6 or 15 rows), in every merge and prefetch form: the engine's bf16 chains
+    equal `standard` only if this holds. Its later tokens' new keys sit in slots the first token cannot see."""
+    B, H, Hkv, D, S, L, p0 = 1, 9, 3, 64, 600, 512, 300
+    default = triton_attention.MERGE_TILE, triton_attention.PREFETCH
+    try:
+        for tile, prefetch in ((False, False), (True, False), (True, True), (False, True)):
+            triton_attention.MERGE_TILE, triton_attention.PREFETCH = tile, prefetch
+            firsts = []
+            for T in (1, 2, 5):
+                qkv, k_cache, v_cache, pos, mask = cached_inputs(B, H, Hkv, 5, D, S, L, p0, dtype=dtype,
+                                                                 device=device)
+                mask = mask.view(B, 1, H // Hkv, 5, L)[:, :, :, :T].reshape(B, 1, H // Hkv * T, L)
+                tickets = torch.zeros(B * Hkv * 4, dtype=torch.int32, device=device)
+                out = triton_attention.cached_attention(qkv[:, :T].contiguous(), k_cache, v_cache, tickets,
+                                                        pos[:T], mask, 1, H)
+                firsts.append(out[:, 0])
+            assert all(torch.equal(firsts[0], f) for f in firsts[1:]), (
+                f"merge tile {tile} prefetch {prefetch}: the first token's output differs between calls of 1, 2 "
+                f"and 5 tokens, by up to {max((f.float() - firsts[0].float()).abs().max().item() for f in firsts)}")
+    finally:
+        triton_attention.MERGE_TILE, triton_attention.PREFETCH = default
+
+
 @needs_interpreter_3_7(triton)
 def test_interpreted_matches_reference():
     run_interpreted(__file__)
@@ -201,10 +226,12 @@ def test_cuda_cached_attention_bf16_graph_and_compile(monkeypatch):
         assert out.dtype == torch.bfloat16 and (out.float() - want).abs().max().item() < 2e-2
 
     cases = CACHED_CASES + [(8, 9, 3, 2, 64, 2048, 2048, 1500, None), (32, 9, 3, 1, 64, 600, 512, 400, None)]
-    forms = ((False, False), (True, False), (True, True))  # (merge tile, prefetch)
-    for (B, H, Hkv, T, D, S, L, p0, n_split), (tile, prefetch) in [(c, f) for c in cases for f in forms]:
+    # (merge tile, prefetch, CACHED_WARPS)
+    forms = ((False, False, 4), (True, False, 4), (True, True, 4), (False, True, 8), (True, True, 8))
+    for (B, H, Hkv, T, D, S, L, p0, n_split), (tile, prefetch, warps) in [(c, f) for c in cases for f in forms]:
         monkeypatch.setattr(triton_attention, "MERGE_TILE", tile)
         monkeypatch.setattr(triton_attention, "PREFETCH", prefetch)
+        monkeypatch.setattr(triton_attention, "CACHED_WARPS", warps)
         qkv, k_cache, v_cache, pos, mask = cached_inputs(B, H, Hkv, T, D, S, L, p0, dtype=torch.bfloat16,
                                                          device="cuda")
         want, want_k, want_v = cached_reference(qkv, k_cache, v_cache, pos, mask, 1, H)
@@ -213,9 +240,10 @@ def test_cuda_cached_attention_bf16_graph_and_compile(monkeypatch):
               want)
         assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v) and not tickets.any()
 
-    for tile, prefetch in forms:  # 200 replays of each form, each on new inputs
+    for tile, prefetch, warps in forms:  # 200 replays of each form, each on new inputs
         monkeypatch.setattr(triton_attention, "MERGE_TILE", tile)
         monkeypatch.setattr(triton_attention, "PREFETCH", prefetch)
+        monkeypatch.setattr(triton_attention, "CACHED_WARPS", warps)
         qkv, k_cache, v_cache, pos, mask = inputs = cached_inputs(1, 9, 3, 2, 64, 600, 512, 300,
                                                                   dtype=torch.bfloat16, device="cuda")
         tickets = torch.zeros(12, dtype=torch.int32, device="cuda")
@@ -243,6 +271,14 @@ def test_cuda_cached_attention_bf16_graph_and_compile(monkeypatch):
     want, _, _ = cached_reference(qkv + c0.to(torch.bfloat16).sum(), k_before, v_cache, pos, mask, 1, 9)
     assert (got.float() - want).abs().max().item() < 5e-2 * max(1.0, want.abs().max().item())
     assert not torch.equal(k_cache, k_before)  # written through the buffer passed in
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_rows_get_the_same_bits_in_any_call(monkeypatch):
+    for warps in (4, 8):
+        monkeypatch.setattr(triton_attention, "CACHED_WARPS", warps)
+        check_row_invariance("cuda", torch.bfloat16)
 
 
 def check_model_integration() -> None:
@@ -291,4 +327,5 @@ def check_model_integration() -> None:
 if __name__ == "__main__":
     check_interpreted_cases()
     check_cached_cases()
+    check_row_invariance()
     check_model_integration()

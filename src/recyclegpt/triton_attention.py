@@ -29,16 +29,26 @@ MAX_BLOCK_R = 64  # query rows per program; more rows are split across programs 
 TARGET_PROGRAMS = 256  # ~2 per SM of an H100: enough loads in flight to approach its bandwidth
 BLOCK_N = 64  # KV slots per step of a program's loop
 MIN_SLOTS = 64  # the fewest KV slots worth a program of their own (below it the merge costs more than it saves)
-# the ticket merge (cached_attention) loads every range's partials in one (ranges, rows, D) tile, for the call's own
-# rows only, when that tile holds at most MERGE_TILE_MAX values; else range by range, one L2 round trip each.
-# Measured on an H100 (thirteenth session, `gpu_step_profile.py --merge-tile` is the A/B): SmolLM2's compiled
-# standard step 0.532 -> 0.515 ms alone, 0.508 -> 0.489 with model.SHARED_TABLES; recycle's 0.684 -> 0.679
-MERGE_TILE = True
+# the ticket merge (cached_attention) loads every range's partials at once, for the call's own rows only, when they
+# hold at most MERGE_TILE_MAX values, and sums them range by range in a fixed order; else it loads and merges them
+# range by range in a loop, one L2 round trip each. Either form gives a row the same bits whatever the call's row
+# count, as long as the KV ranges are the same (`plan`: up to MAX_BLOCK_R rows a KV head).
+# Off. The first tile form (a tl.sum over a (ranges, rows, D) tile) timed 0.508 -> 0.489 ms on SmolLM2's standard
+# step (thirteenth session, H100, with model.SHARED_TABLES), but broke that invariance: bf16 recycle-verified equalled
+# `standard` on 8 of 20 prompts with it, 20 of 20 without (fourteenth session). This ordered form is untimed:
+# `gpu_step_profile.py --merge-tile` is the A/B, and the bench's "tokens equal standard's" line is the check
+MERGE_TILE = False
 MERGE_TILE_MAX = 4096
 # cached_attention loads each range's first block of cached keys and values before it waits on the previous kernel
-# (programmatic dependent launch), so that its longest load overlaps the QKV product before it. Off until timed on a
-# GPU (thirteenth session, after its window; `gpu_step_profile.py --prefetch` is the A/B)
-PREFETCH = False
+# (programmatic dependent launch), so that its longest load overlaps the QKV product before it. Measured on an H100
+# (fourteenth session, `gpu_step_profile.py --prefetch` is the A/B, with the first tile merge on): SmolLM2's
+# compiled standard step 0.493 -> 0.471 ms, recycle's 0.673 -> 0.649. In the bench on the same lease, with the merge
+# tile off, standard went from 1,708 to 1,844-1,877 tok/s
+PREFETCH = True
+# warps of a cached_attention program (up to 64 x 128 query values; larger tiles take 8). Compiled for sm_90a (ptxas,
+# on the CPU; fourteenth session), SmolLM2's kernel (16 x 64, a cache write) uses 255 registers at 4 warps and spills
+# 428 bytes, 480 with PREFETCH; at 8 warps it uses 254 and spills none. 4 until 8 is timed
+CACHED_WARPS = 4
 # programmatic dependent launch (Hopper and later), for the kernels of a fused decode call (this module's
 # cached_attention, triton_linear's products): a kernel is launched while the previous one still runs, loads what no
 # kernel writes (its first weight block), then waits for the previous kernel's writes (griddepcontrol.wait) and lets
@@ -63,6 +73,18 @@ if triton is not None:
         if PDL:
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
+
+    @triton.jit
+    def merge_range(m_all, l_all, acc, Mx, Sm, Acc, at, ok, dims, D: tl.constexpr):
+        # one KV range's partials for the rows at `at` folded into the running (max, sum, weighted values): the
+        # rescaling of online softmax, in log2 units
+        m_s = tl.load(Mx + at, mask=ok, other=float("-inf"), cache_modifier=".cg")
+        l_s = tl.load(Sm + at, mask=ok, other=0.0, cache_modifier=".cg")
+        a_s = tl.load(Acc + at[:, None] * D + dims[None, :], mask=ok[:, None], other=0.0, cache_modifier=".cg")
+        m_new = tl.maximum(m_all, m_s)
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet: 0 rather than NaN
+        w_all, w_s = tl.exp2(m_all - m_ref), tl.exp2(m_s - m_ref)
+        return m_new, l_all * w_all + l_s * w_s, acc * w_all[:, None] + a_s * w_s[:, None]
 
     @triton.jit
     def _attn_kernel(Q, K, V, Mask, O, Acc, Mx, Sm, Kn, Vn, Pos, Tickets,
@@ -155,47 +177,39 @@ if triton is not None:
                 tl.debug_barrier()
                 ticket = tl.atomic_add(Tickets + pid, 1, sem="acq_rel")
                 if ticket == n_split - 1:
+                    # the ranges' partials folded in range order, by the same arithmetic in either form, so that a
+                    # row gets the same bits whatever the call's row count (and so form). A tl.sum over a (ranges,
+                    # rows, D) tile summed in an order set by the tile's layout, which changes with the row count:
+                    # bf16 chains drifted from `standard` (fourteenth session: 8 of 20 prompts equal, 20 of 20
+                    # without it)
                     if MERGE_TILE:
-                        # every range's partials in one load, for the MR rows the call has (not BLOCK_R, which
-                        # tl.dot pads to 16 or more)
+                        # unrolled over BLOCK_S ranges (those past n_split masked: they multiply by 1 and add 0),
+                        # for the MR rows the call has (not BLOCK_R, which tl.dot pads to 16 or more): the loads do
+                        # not depend on the running sums, so they are in flight together
                         mrows = rb * BLOCK_R + tl.arange(0, MR)
                         mrow_ok = mrows < R
-                        splits = tl.arange(0, BLOCK_S)
-                        at = (bh * n_split + splits[:, None]) * R + mrows[None, :]  # (S, MR)
-                        ok = (splits < n_split)[:, None] & mrow_ok[None, :]
-                        m_s = tl.load(Mx + at, mask=ok, other=float("-inf"), cache_modifier=".cg")
-                        l_s = tl.load(Sm + at, mask=ok, other=0.0, cache_modifier=".cg")
-                        a_s = tl.load(Acc + at[:, :, None] * D + dims[None, None, :], mask=ok[:, :, None],
-                                      other=0.0, cache_modifier=".cg")  # (S, MR, D)
-                        m_all = tl.max(m_s, 0)
-                        w = tl.exp2(m_s - tl.where(m_all == float("-inf"), 0.0, m_all)[None, :])
-                        out = tl.sum(a_s * w[:, :, None], 0) / tl.where(mrow_ok, tl.sum(l_s * w, 0), 1.0)[:, None]
-                        tl.store(Tickets + pid, 0)
-                        o = O + b * sob + h * soh + (mrows // T) * sog + (mrows % T) * sot
-                        tl.store(o[:, None] + dims[None, :], out.to(O.dtype.element_ty), mask=mrow_ok[:, None])
+                        m_all = tl.full([MR], float("-inf"), tl.float32)
+                        l_all = tl.zeros([MR], tl.float32)
+                        vals = tl.zeros([MR, D], tl.float32)
+                        for j in tl.static_range(BLOCK_S):
+                            ok = mrow_ok & (tl.full([MR], j, tl.int32) < n_split)  # (a vector: see `writer`)
+                            m_all, l_all, vals = merge_range(m_all, l_all, vals, Mx, Sm, Acc,
+                                                            (bh * n_split + j) * R + mrows, ok, dims, D)
                     else:
-                        # range by range. Loading every range's partials at once for all BLOCK_R rows (a
-                        # (ranges, 16, D) tile for 3 rows) was slower on an H100 (twelfth session: the standard
-                        # step ~1,525 against ~1,635 tok/s)
+                        # range by range in a loop, one L2 round trip each. Loading every range's partials at once
+                        # for all BLOCK_R rows (a (ranges, 16, D) tile for 3 rows) was slower on an H100 (twelfth
+                        # session: the standard step ~1,525 against ~1,635 tok/s)
+                        mrows, mrow_ok = rows, row_ok
                         m_all = tl.full([BLOCK_R], float("-inf"), tl.float32)
                         l_all = tl.zeros([BLOCK_R], tl.float32)
-                        acc = tl.zeros([BLOCK_R, D], tl.float32)
+                        vals = tl.zeros([BLOCK_R, D], tl.float32)
                         for s in range(0, n_split):
-                            at = (bh * n_split + s) * R + rows
-                            m_s = tl.load(Mx + at, mask=row_ok, other=float("-inf"), cache_modifier=".cg")
-                            l_s = tl.load(Sm + at, mask=row_ok, other=0.0, cache_modifier=".cg")
-                            a_s = tl.load(Acc + at[:, None] * D + dims[None, :], mask=row_ok[:, None], other=0.0,
-                                          cache_modifier=".cg")
-                            m_new = tl.maximum(m_all, m_s)
-                            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-                            w_all, w_s = tl.exp2(m_all - m_ref), tl.exp2(m_s - m_ref)
-                            l_all = l_all * w_all + l_s * w_s
-                            acc = acc * w_all[:, None] + a_s * w_s[:, None]
-                            m_all = m_new
-                        tl.store(Tickets + pid, 0)
-                        out = acc / tl.where(row_ok, l_all, 1.0)[:, None]
-                        o = O + b * sob + h * soh + (rows // T) * sog + (rows % T) * sot
-                        tl.store(o[:, None] + dims[None, :], out.to(O.dtype.element_ty), mask=row_ok[:, None])
+                            m_all, l_all, vals = merge_range(m_all, l_all, vals, Mx, Sm, Acc,
+                                                            (bh * n_split + s) * R + rows, row_ok, dims, D)
+                    tl.store(Tickets + pid, 0)
+                    out = vals / tl.where(mrow_ok, l_all, 1.0)[:, None]
+                    o = O + b * sob + h * soh + (mrows // T) * sog + (mrows % T) * sot
+                    tl.store(o[:, None] + dims[None, :], out.to(O.dtype.element_ty), mask=mrow_ok[:, None])
         else:  # every row has a visible slot, so l_i > 0 (padding rows have 0: divide them by 1, they are not stored)
             out = acc / tl.where(row_ok, l_i, 1.0)[:, None]
             # row g*T + t of KV head h: query head h*groups + g of token t, at the output's strides (`_out_layout`)
@@ -304,9 +318,11 @@ def _launch(q, sq, k, v, mask, out, so, R, T, scale, n_split, new=None, tickets=
         acc = mx = sm = out  # unused
     kn, vn, pos, sn = new if new is not None else (out, out, out, (0, 0, 0))  # unused without NEW
     ticket = tickets is not None and n_split > 1
-    # the ticket merge's form (MERGE_TILE): one (ranges, rows, D) load when that tile is small enough
+    # the ticket merge's form (MERGE_TILE): every range's partials loaded at once when they are few enough
     mr, block_s = max(2, min(block_r, triton.next_power_of_2(R))), max(2, triton.next_power_of_2(n_split))
     merge_tile = ticket and MERGE_TILE and block_s * mr * D <= MERGE_TILE_MAX
+    # 8 warps for the largest tiles, whose fp32 acc would spill at 4; cached_attention's small ones CACHED_WARPS
+    warps = 8 if block_r * D > 64 * 128 else CACHED_WARPS if new is not None else 4
     if ticket and tickets.numel() < B * Hkv * n_rb:
         raise ValueError(f"decode_attention: {tickets.numel()} tickets for {B * Hkv * n_rb} (row, head, row block)s")
     _attn_kernel[(B * Hkv * n_rb, n_split)](
@@ -319,7 +335,7 @@ def _launch(q, sq, k, v, mask, out, so, R, T, scale, n_split, new=None, tickets=
         NEW=new is not None, TP=max(2, triton.next_power_of_2(T)) if new is not None else 2, TICKET=ticket,
         MERGE_TILE=merge_tile, MR=mr if merge_tile else 2, BLOCK_S=block_s if merge_tile else 2,
         PREFETCH=PREFETCH and new is not None,
-        num_warps=4 if block_r * D <= 64 * 128 else 8,  # 8 for the largest tiles, whose fp32 acc would spill
+        num_warps=warps,
         **pdl_launch(q.device, new is not None and ticket and PDL))  # the one-kernel form (no merge kernel after)
     if n_split > 1 and not ticket:
         _merge_kernel[(B * Hkv * R,)](acc, mx, sm, out, *so, Hkv, R, T, n_split, D=D,
