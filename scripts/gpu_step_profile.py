@@ -125,8 +125,8 @@ FUSED_SWITCHES = {
             "default on Hopper"),
     "shared-tables": ("model", "SHARED_TABLES", "compiled cached calls get the rotary tables and the mask as one "
                       "copy for every layer"),
-    "merge-tile": ("triton_attention", "MERGE_TILE", "cached_attention's ranges merged from one tile of partials, "
-                   "not range by range"),
+    "merge-tile": ("triton_attention", "MERGE_TILE", "cached_attention's ranges' partials loaded at once and folded "
+                   "in order, not one range a loop step"),
     "prefetch": ("triton_attention", "PREFETCH", "cached_attention loads each range's first KV block before waiting "
                  "on the previous kernel"),
     "fused-wide": ("model", "FUSED_WIDE", "calls of 5-32 rows (the tree's verification) through the fused kernels "
@@ -171,6 +171,8 @@ def main() -> None:
     for flag, (module, name, what) in FUSED_SWITCHES.items():  # --x / --no-x; unnamed: the module's default
         ap.add_argument(f"--{flag}", action=argparse.BooleanOptionalAction, default=None,
                         help=f"{what} ({module}.{name}; an A/B check)")
+    ap.add_argument("--cached-warps", type=int, default=None,
+                    help="warps of a cached_attention program (triton_attention.CACHED_WARPS; an A/B check)")
     ap.add_argument("--top", type=int, default=8, help="kernel names listed per part, by GPU time")
     ap.add_argument("--sdpa", default=None,
                     help="attention backends allowed, comma-separated from cudnn, flash, efficient, math "
@@ -201,6 +203,9 @@ def run_profile(args) -> None:
         if value is not None:
             setattr(modules[module], name, value)
         setattr(args, flag.replace("-", "_"), getattr(modules[module], name))
+    if args.cached_warps is not None:
+        triton_attention.CACHED_WARPS = args.cached_warps
+    args.cached_warps = triton_attention.CACHED_WARPS
     cuda = torch.cuda.is_available()
     dev, dtype = (torch.device("cuda"), torch.bfloat16) if cuda else (torch.device("cpu"), torch.float32)
     if args.preset:
@@ -276,7 +281,7 @@ def run_profile(args) -> None:
           f"{'off' if args.no_draft_head_kernel else 'on'} (merge: {'torch' if args.torch_draft_merge else 'kernel'})  "
           + "".join(f"{flag.replace('-', ' ')}: {'on' if getattr(args, flag.replace('-', '_')) else 'off'}  "
                     for flag in FUSED_SWITCHES) +
-          f"prompt {L}, attention over {kv_end} slots")
+          f"cached warps: {args.cached_warps}  prompt {L}, attention over {kv_end} slots")
     print(f"{'part':<20} {'replay ms':>9} {'kernels':>8} {'kernel ms':>9} {'gap ms':>7} {'floor ms':>8}  by kind (ms)")
     for r in rows:
         floor = f"{r['floor_ms']:>8.3f}" if r["floor_ms"] is not None else f"{'-':>8}"
@@ -308,6 +313,7 @@ def run_profile(args) -> None:
                       "draft_head_kernel": not args.no_draft_head_kernel,
                       "draft_merge_kernel": not args.torch_draft_merge,
                       **{flag.replace("-", "_"): getattr(args, flag.replace("-", "_")) for flag in FUSED_SWITCHES},
+                      "cached_warps": args.cached_warps,
                       "parts": [{k: v for k, v in r.items() if k not in ("top", "counts")} for r in rows]}))
 
 
