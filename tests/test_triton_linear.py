@@ -106,6 +106,24 @@ def check_interpreted_cases() -> None:
             print(f"qkv_rope B={B} T={T}, {per_program} rows a program: max |d| {err.item():.2e}")
             assert err.item() < 1e-5, (B, T, per_program, err)
     triton_linear.ROWS_PER_PROGRAM = default
+    # K as whole steps and a tail (K_TAIL): a tail of 8 (tile 16), 36, SmolLM2's 576 = 512 + 64, K below one step
+    # (no whole step), and on tensor cores (5 and 25 rows) with tails of 8 and 72
+    triton_linear.K_TAIL = True
+    try:
+        for R, N, K in ((1, 50, 72), (3, 96, 100), (2, 960, 576), (2, 20, 10), (5, 50, 72), (25, 96, 200)):
+            for name, mode in MODES.items():
+                x, w, nw, res = make_inputs(R, N, K, **mode)
+                got = triton_linear.linear(x, w, norm_weight=nw, eps=1e-5, residual=res, swiglu="swiglu" in mode)
+                err = (got - reference(x, w, nw, res, swiglu="swiglu" in mode)).abs().max().item()
+                print(f"R={R} N={N} K={K} {name}, K tail: max |d| {err:.2e}")
+                assert got.shape == (R, N) and err < 1e-5, (R, N, K, name, "K tail", err)
+        for (B, T, rot, plain, D), K in [(c, 40) for c in QKV_CASES] + [((1, 2, 12, 3, 64), 576)]:
+            x, w, nw, rope = qkv_inputs(B, T, rot, plain, D, K)
+            err = (triton_linear.qkv_rope(x, w, nw, 1e-5, rope, rot) - qkv_reference(x, w, nw, rope, rot)).abs().max()
+            print(f"qkv_rope B={B} T={T} K={K}, K tail: max |d| {err.item():.2e}")
+            assert err.item() < 1e-5, (B, T, K, "K tail", err)
+    finally:
+        triton_linear.K_TAIL = False
     x, w, nw, res = make_inputs(4, 50, 72, norm=True, residual=True)
     got = triton_linear.linear(x.reshape(2, 2, 72), w, norm_weight=nw, eps=1e-5, residual=res.reshape(2, 2, 50))
     assert got.shape == (2, 2, 50) and torch.allclose(got.reshape(4, 50), reference(x, w, nw, res), atol=1e-5)
@@ -305,12 +323,22 @@ def test_cpu_tensors_need_the_interpreter():
         triton_linear.linear(x, w)
 
 
-def test_block_sizes_give_every_sm_a_program():
-    for N, K in ((576, 576), (960, 576), (3072, 576), (576, 1536), (6144, 2048), (50, 72)):
-        bn, bk = triton_linear.blocks(N, K, 132)
-        assert 4 <= bn <= triton_linear.MAX_BLOCK_N and bn & (bn - 1) == 0 and bk & (bk - 1) == 0
-        assert -(-N // bn) >= 132 or bn == 4
-        assert bk <= max(16, triton.next_power_of_2(K))
+def test_block_sizes_give_every_sm_a_program(monkeypatch):
+    for k_tail in (False, True):
+        monkeypatch.setattr(triton_linear, "K_TAIL", k_tail)
+        for N, K in ((576, 576), (960, 576), (3072, 576), (576, 1536), (6144, 2048), (50, 72), (20, 10)):
+            bn, bk, bt = triton_linear.blocks(N, K, 132)
+            assert 4 <= bn <= triton_linear.MAX_BLOCK_N and bn & (bn - 1) == 0 and bk & (bk - 1) == 0
+            assert -(-N // bn) >= 132 or bn == 4
+            if not k_tail:
+                assert bk <= max(16, triton.next_power_of_2(K)) and bt == 0
+            else:  # whole steps no wider than K (16 at least), then the smallest power-of-two tail (16+) for the rest
+                rest = K % bk
+                assert bk <= max(16, K) and bt & (bt - 1) == 0 and (bt == 0) == (rest == 0)
+                assert bt == 0 or rest <= bt and (bt == 16 or bt < 2 * rest)
+    monkeypatch.setattr(triton_linear, "K_TAIL", True)
+    assert triton_linear.blocks(3072, 576, 132)[1:] == (512, 64)  # SmolLM2's gate-up: 576 = 512 + 64
+    assert triton_linear.blocks(576, 1536, 132)[1:] == (1024, 512)  # down: 1,536 = 1,024 + 512
 
 
 @pytest.mark.cuda

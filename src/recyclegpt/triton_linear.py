@@ -49,13 +49,22 @@ NUM_WARPS = 4
 # warps for calls of 2 to MAX_ROWS rows (a recycle pair, a short chain). Each program holds an (R, BLOCK_N, BLOCK_K)
 # float32 product, so its registers grow with the rows: compiled for sm_90a (ptxas, on the CPU), at 4 warps the
 # SmolLM2 gate-up kernel uses 255 registers and spills 72 bytes at one row, 172 at two, 416 at four, and down goes
-# from 168 registers to 255; at 8 warps none of them spills. On an H100 a layer's products cost 8.82 us at one row
-# and 11.07 at two (thirteenth session). 4 until 8 is timed (`scripts/linear_bench.py --rows 1,2` sweeps it)
+# from 168 registers to 255; at 8 warps none of them spills. Measured on an H100 (fourteenth session,
+# `linear_bench.py --rows 1,2`, `gpu_step_profile.py`): 8 warps were slower all the same (gate-up at two rows 4.55
+# against 3.57 us; the recycle step 0.649 -> 0.718 ms), so 4
 MULTI_ROW_WARPS = 4
 # the rows one program takes in calls of 2 to MAX_ROWS rows, a power of two: MAX_ROWS, every row in one program (the
 # weight block read once), or fewer, a row block a program (1: each program as cheap as a one-row call's, the weight
-# block read once per row block, from L2 after the first). MAX_ROWS until the split is timed (`linear_bench.py`)
+# block read once per row block, from L2 after the first). Measured on an H100 (fourteenth session): 1 was slower
+# (gate-up at two rows 5.28 against 3.57 us; the recycle step 0.673 -> 0.735 ms), so MAX_ROWS
 ROWS_PER_PROGRAM = MAX_ROWS
+# the K loop's tiles. Without K_TAIL a step is a power of two at least as wide as K needs, so SmolLM2's K = 576 takes
+# 1,024-wide tiles: 44% of each program's lanes hold masked zeros, in registers and in the product. With it, K is
+# whole steps of BLOCK_K (the largest power of two <= K that TILE allows) and then a tail of BLOCK_T (a power of two
+# >= the rest): 576 = 512 + 64, 1,536 = 1,024 + 512. The tail's weights load before the PDL wait with the first
+# step's. Compiled for sm_90a (ptxas, on the CPU; fourteenth session), SmolLM2's gate-up kernel at 4 warps uses 255
+# registers and spills 180 bytes at two rows with 1,024-wide tiles; a 512-wide tile alone: 230, none. Off until timed
+K_TAIL = False
 DEFAULT_SMS = 132  # an H100 SXM's SM count, for the interpreter (CUDA asks the device)
 
 
@@ -84,42 +93,67 @@ if triton is not None:
         return (xn.to(tl.float32) * nw.to(tl.float32)[None, :]).to(x.dtype)
 
     @triton.jit
-    def _linear_kernel(X, NW, W, Res, Out, R, N, K, eps, sxr, swn, srr, sor,
+    def x_block(X, NW, rows, row_ok, ks, k_ok, K, sxr, inv, NORM: tl.constexpr, SWIGLU: tl.constexpr):
+        # the rows' inputs at columns ks as the product takes them: RMS-normalised (NORM), or silu(gate) * up of
+        # [gate | up] (SWIGLU, as MLP: each rounded to the dtype; the up half starts at column K)
+        x_ok = row_ok[:, None] & k_ok[None, :]
+        x = tl.load(X + rows[:, None] * sxr + ks[None, :], mask=x_ok, other=0.0)
+        if NORM:
+            x = rms_normed(x, NW, ks, k_ok, inv)
+        if SWIGLU:
+            up = tl.load(X + rows[:, None] * sxr + K + ks[None, :], mask=x_ok, other=0.0)
+            g = x.to(tl.float32)
+            x = (g / (1.0 + tl.exp(-g))).to(X.dtype.element_ty)
+            x = (x.to(tl.float32) * up.to(tl.float32)).to(X.dtype.element_ty)
+        return x
+
+    @triton.jit
+    def product(acc, x, w, DOT: tl.constexpr, PRECISION: tl.constexpr):
+        # acc (rows, columns) + x (rows, k) @ w (columns, k).T: on tensor cores (DOT, 16+ padded rows), else a
+        # broadcast product reduced over k in float32
+        if DOT:
+            acc += tl.dot(x.to(w.dtype), tl.trans(w), input_precision=PRECISION)
+        else:
+            acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], 2)
+        return acc
+
+    @triton.jit
+    def _linear_kernel(X, NW, W, Res, Out, R, N, K, K_MAIN, eps, sxr, swn, srr, sor,
                        NORM: tl.constexpr, SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr,
-                       BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
-                       DOT: tl.constexpr, PRECISION: tl.constexpr):
-        # grid (column block, row block): BLOCK_R rows against BLOCK_N weight rows
+                       BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TAIL: tl.constexpr,
+                       BLOCK_T: tl.constexpr, PDL: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr):
+        # grid (column block, row block): BLOCK_R rows against BLOCK_N weight rows, over K in steps of BLOCK_K up to
+        # K_MAIN, then (TAIL) the rest in one tile of BLOCK_T
         cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = cols < N
         rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)  # this program's row block
         row_ok = rows < R
-        # the first K step's weights: no kernel writes them, so they load before the wait
+        # the first K step's weights (and the tail's): no kernel writes them, so they load before the wait
         ks = tl.arange(0, BLOCK_K)
-        w_first = tl.load(W + cols[:, None] * swn + ks[None, :], mask=col_ok[:, None] & (ks < K)[None, :], other=0.0)
+        w_first = tl.load(W + cols[:, None] * swn + ks[None, :], mask=col_ok[:, None] & (ks < K_MAIN)[None, :],
+                          other=0.0)
+        if TAIL:
+            kt = K_MAIN + tl.arange(0, BLOCK_T)
+            w_tail = tl.load(W + cols[:, None] * swn + kt[None, :], mask=col_ok[:, None] & (kt < K)[None, :],
+                             other=0.0)
         after_previous(PDL)
         if NORM:
             inv = inv_rms(X, rows, row_ok, K, eps, sxr, BLOCK_R, BLOCK_K)
+        else:
+            inv = tl.zeros([BLOCK_R], tl.float32)  # unused
         acc = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in range(0, K_MAIN, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
-            k_ok = ks < K
-            x_ok = row_ok[:, None] & k_ok[None, :]
-            x = tl.load(X + rows[:, None] * sxr + ks[None, :], mask=x_ok, other=0.0)
-            if NORM:
-                x = rms_normed(x, NW, ks, k_ok, inv)
-            if SWIGLU:  # as MLP: silu(gate) * up, each rounded to the dtype; the up half starts at column K
-                up = tl.load(X + rows[:, None] * sxr + K + ks[None, :], mask=x_ok, other=0.0)
-                g = x.to(tl.float32)
-                x = (g / (1.0 + tl.exp(-g))).to(X.dtype.element_ty)
-                x = (x.to(tl.float32) * up.to(tl.float32)).to(X.dtype.element_ty)
+            k_ok = ks < K_MAIN
+            x = x_block(X, NW, rows, row_ok, ks, k_ok, K, sxr, inv, NORM, SWIGLU)
             if k0 == 0:
                 w = w_first
             else:
                 w = tl.load(W + cols[:, None] * swn + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-            if DOT:  # tensor cores for 16+ (padded) rows
-                acc += tl.dot(x.to(w.dtype), tl.trans(w), input_precision=PRECISION)
-            else:
-                acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], 2)
+            acc = product(acc, x, w, DOT, PRECISION)
+        if TAIL:
+            acc = product(acc, x_block(X, NW, rows, row_ok, kt, kt < K, K, sxr, inv, NORM, SWIGLU), w_tail, DOT,
+                          PRECISION)
         y = acc.to(Out.dtype.element_ty)
         out_ok = row_ok[:, None] & col_ok[None, :]
         if RESIDUAL:
@@ -128,11 +162,13 @@ if triton is not None:
         tl.store(Out + rows[:, None] * sor + cols[None, :], y, mask=out_ok)
 
     @triton.jit
-    def _qkv_rope_kernel(X, NW, W, Cos, Sin, Out, R, T, N, K, eps, sxr, swn, sor, scb, sct, ROT_HEADS,
+    def _qkv_rope_kernel(X, NW, W, Cos, Sin, Out, R, T, N, K, K_MAIN, eps, sxr, swn, sor, scb, sct, ROT_HEADS,
                          HALF: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         PDL: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr):
+                         TAIL: tl.constexpr, BLOCK_T: tl.constexpr, PDL: tl.constexpr, DOT: tl.constexpr,
+                         PRECISION: tl.constexpr):
         # grid (block of half-columns, row block): half-column u is column o of head hd's first half, computed with
-        # its partner o + HALF in the second half, so that the rotary embedding (rotate_half) is this program's own
+        # its partner o + HALF in the second half, so that the rotary embedding (rotate_half) is this program's own.
+        # K in steps and a tail as in _linear_kernel
         u = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         u_ok = u < N // 2
         hd, o = u // HALF, u % HALF
@@ -140,32 +176,35 @@ if triton is not None:
         hi_cols = lo_cols + HALF
         rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)  # this program's row block
         row_ok = rows < R
-        ks = tl.arange(0, BLOCK_K)  # the first K step's weights before the wait (see _linear_kernel)
-        w_ok = u_ok[:, None] & (ks < K)[None, :]
+        ks = tl.arange(0, BLOCK_K)  # the first K step's weights (and the tail's) before the wait
+        w_ok = u_ok[:, None] & (ks < K_MAIN)[None, :]
         lo_first = tl.load(W + lo_cols[:, None] * swn + ks[None, :], mask=w_ok, other=0.0)
         hi_first = tl.load(W + hi_cols[:, None] * swn + ks[None, :], mask=w_ok, other=0.0)
+        if TAIL:
+            kt = K_MAIN + tl.arange(0, BLOCK_T)
+            t_ok = u_ok[:, None] & (kt < K)[None, :]
+            lo_tail = tl.load(W + lo_cols[:, None] * swn + kt[None, :], mask=t_ok, other=0.0)
+            hi_tail = tl.load(W + hi_cols[:, None] * swn + kt[None, :], mask=t_ok, other=0.0)
         after_previous(PDL)
         inv = inv_rms(X, rows, row_ok, K, eps, sxr, BLOCK_R, BLOCK_K)
         acc_lo = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)
         acc_hi = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in range(0, K_MAIN, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
-            k_ok = ks < K
-            x = tl.load(X + rows[:, None] * sxr + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            x = rms_normed(x, NW, ks, k_ok, inv)
+            k_ok = ks < K_MAIN
+            x = x_block(X, NW, rows, row_ok, ks, k_ok, K, sxr, inv, True, False)
             if k0 == 0:
                 w_lo, w_hi = lo_first, hi_first
             else:
                 w_ok = u_ok[:, None] & k_ok[None, :]
                 w_lo = tl.load(W + lo_cols[:, None] * swn + ks[None, :], mask=w_ok, other=0.0)
                 w_hi = tl.load(W + hi_cols[:, None] * swn + ks[None, :], mask=w_ok, other=0.0)
-            if DOT:
-                acc_lo += tl.dot(x.to(w_lo.dtype), tl.trans(w_lo), input_precision=PRECISION)
-                acc_hi += tl.dot(x.to(w_hi.dtype), tl.trans(w_hi), input_precision=PRECISION)
-            else:
-                xf = x.to(tl.float32)[:, None, :]
-                acc_lo += tl.sum(xf * w_lo.to(tl.float32)[None, :, :], 2)
-                acc_hi += tl.sum(xf * w_hi.to(tl.float32)[None, :, :], 2)
+            acc_lo = product(acc_lo, x, w_lo, DOT, PRECISION)
+            acc_hi = product(acc_hi, x, w_hi, DOT, PRECISION)
+        if TAIL:
+            x = x_block(X, NW, rows, row_ok, kt, kt < K, K, sxr, inv, True, False)
+            acc_lo = product(acc_lo, x, lo_tail, DOT, PRECISION)
+            acc_hi = product(acc_hi, x, hi_tail, DOT, PRECISION)
         # the product rounded to the dtype, as F.linear's output; then x * cos + rotate_half(x) * sin in float32,
         # rounded once (as inductor computes apply_rotary), for query and key heads (hd < ROT_HEADS) only
         y_lo = acc_lo.to(Out.dtype.element_ty).to(tl.float32)
@@ -193,16 +232,27 @@ def _sms(device: torch.device) -> int:
     return DEFAULT_SMS
 
 
-def blocks(N: int, K: int, sms: int, rows: int = 1) -> tuple[int, int]:
-    """BLOCK_N, BLOCK_K for N output columns of width K: the widest power-of-two column block (4 to MAX_BLOCK_N)
-    that still gives every SM a program, and a K step of TILE // BLOCK_N (no wider than K needs). Calls of more than
-    MAX_ROWS rows (tensor cores) take blocks of at least 16 columns and a K step of DOT_BLOCK_K."""
+def blocks(N: int, K: int, sms: int, rows: int = 1) -> tuple[int, int, int]:
+    """BLOCK_N, BLOCK_K, BLOCK_T for N output columns of width K: the widest power-of-two column block (4 to
+    MAX_BLOCK_N) that still gives every SM a program, and a K step of TILE // BLOCK_N (calls of more than MAX_ROWS
+    rows, on tensor cores: blocks of at least 16 columns and a K step of DOT_BLOCK_K). Without K_TAIL the step is no
+    wider than the power of two K needs and BLOCK_T is 0; with it the step is no wider than K, and what whole steps
+    leave is a tail of BLOCK_T (0 if none)."""
     wide = rows > MAX_ROWS
     bn = 16 if wide else 4
     while bn < MAX_BLOCK_N and -(-N // (2 * bn)) >= sms:
         bn *= 2
-    bk = max(16, min(DOT_BLOCK_K if wide else TILE // bn, triton.next_power_of_2(K)))
-    return bn, bk
+    cap = DOT_BLOCK_K if wide else TILE // bn
+    if not K_TAIL:
+        return bn, max(16, min(cap, triton.next_power_of_2(K))), 0
+    bk = max(16, min(cap, 1 << (K.bit_length() - 1)))  # the largest power of two <= K
+    rest = K % bk
+    return bn, bk, max(16, triton.next_power_of_2(rest)) if rest else 0
+
+
+def _k_split(K: int, bk: int, bt: int) -> dict:
+    """The kernels' K arguments: K_MAIN, the K that whole BLOCK_K steps cover, and the tail's (`blocks`)."""
+    return {"K_MAIN": K - K % bk if bt else K, "BLOCK_K": bk, "TAIL": bt > 0, "BLOCK_T": max(bt, 16)}
 
 
 def _row_block(R: int, dtype: torch.dtype) -> tuple[int, dict]:
@@ -233,13 +283,15 @@ def _fused_linear(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tens
     if residual is not None and residual.stride(1) != 1:
         residual = residual.contiguous()
     out = torch.empty((R, N), dtype=x.dtype, device=x.device)
-    bn, bk = blocks(N, K, _sms(x.device), R)
+    bn, bk, bt = blocks(N, K, _sms(x.device), R)
     block_r, product = _row_block(R, x.dtype)
+    split = _k_split(K, bk, bt)
     _linear_kernel[(triton.cdiv(N, bn), triton.cdiv(R, block_r))](
         x, x if norm_weight is None else norm_weight, weight, out if residual is None else residual, out,
-        R, N, K, eps, x.stride(0), weight.stride(0), 0 if residual is None else residual.stride(0), out.stride(0),
+        R, N, K, split.pop("K_MAIN"), eps, x.stride(0), weight.stride(0),
+        0 if residual is None else residual.stride(0), out.stride(0),
         NORM=norm_weight is not None, SWIGLU=swiglu, RESIDUAL=residual is not None,
-        BLOCK_R=block_r, BLOCK_N=bn, BLOCK_K=bk, **product, **pdl_launch(x.device))
+        BLOCK_R=block_r, BLOCK_N=bn, **split, **product, **pdl_launch(x.device))
     return out
 
 
@@ -262,12 +314,13 @@ def _fused_qkv_rope(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Te
                          f"{tuple(cos.shape)}, {rot_heads} rotated heads; the head dimension twice a power of two")
     x = x if x.stride(1) == 1 else x.contiguous()
     out = torch.empty((R, N), dtype=x.dtype, device=x.device)
-    bn, bk = blocks(N // 2, K, _sms(x.device), R)
+    bn, bk, bt = blocks(N // 2, K, _sms(x.device), R)
     block_r, product = _row_block(R, x.dtype)
+    split = _k_split(K, bk, bt)
     _qkv_rope_kernel[(triton.cdiv(N // 2, bn), triton.cdiv(R, block_r))](
-        x, norm_weight, weight, cos, sin, out, R, tokens, N, K, eps, x.stride(0), weight.stride(0), out.stride(0),
-        cos.stride(0) if cos.shape[0] > 1 else 0, cos.stride(-2), rot_heads,
-        HALF=half, BLOCK_R=block_r, BLOCK_N=bn, BLOCK_K=bk, **product, **pdl_launch(x.device))
+        x, norm_weight, weight, cos, sin, out, R, tokens, N, K, split.pop("K_MAIN"), eps, x.stride(0),
+        weight.stride(0), out.stride(0), cos.stride(0) if cos.shape[0] > 1 else 0, cos.stride(-2), rot_heads,
+        HALF=half, BLOCK_R=block_r, BLOCK_N=bn, **split, **product, **pdl_launch(x.device))
     return out
 
 
