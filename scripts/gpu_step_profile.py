@@ -22,7 +22,7 @@ from collections import defaultdict
 
 import torch
 
-from recyclegpt import topk, triton_attention, triton_draft_head
+from recyclegpt import topk, triton_attention, triton_draft_head, triton_linear
 from recyclegpt.api import RecycleGPT
 from recyclegpt.bench import random_model
 from recyclegpt.config import PRESETS, RecycleConfig
@@ -131,6 +131,8 @@ FUSED_SWITCHES = {
                  "on the previous kernel"),
     "fused-wide": ("model", "FUSED_WIDE", "calls of 5-32 rows (the tree's verification) through the fused kernels "
                    "on tensor cores"),
+    "k-tail": ("triton_linear", "K_TAIL", "the fused products' K as whole power-of-two steps and a tail tile, not "
+               "one padded tile"),
 }
 
 
@@ -197,7 +199,7 @@ def run_profile(args) -> None:
     recyclegpt.model.DRAFT_HEAD_KERNEL = not args.no_draft_head_kernel
     triton_draft_head.MERGE_KERNEL = not args.torch_draft_merge
     # the fused path's switches: the module defaults unless named (--no-... for the A/B)
-    modules = {"model": recyclegpt.model, "triton_attention": triton_attention}
+    modules = {"model": recyclegpt.model, "triton_attention": triton_attention, "triton_linear": triton_linear}
     for flag, (module, name, _) in FUSED_SWITCHES.items():  # named switches set; then every one as it runs
         value = getattr(args, flag.replace("-", "_"))
         if value is not None:

@@ -165,6 +165,30 @@ def check_interpreted_cases() -> None:
     assert torch.equal(got, layer_head(x, w, nw, *rope))
 
 
+def check_rows_get_the_same_bits(device: str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+    """A row's product has the same bits alone (a standard step) and as the first row of 2- and 4-row calls (a recycle
+    pair, a chain's verification), for every product at SmolLM2's shapes, with and without K_TAIL: the engine's bf16
+    chains equal `standard` only if this holds."""
+    default = triton_linear.K_TAIL
+    try:
+        for k_tail in (False, True):
+            triton_linear.K_TAIL = k_tail
+            for name, mode, N, K in (("qkv", {"norm": True}, 960, 576), ("out", {"residual": True}, 576, 576),
+                                     ("gate-up", {"norm": True}, 3072, 576),
+                                     ("down", {"swiglu": True, "residual": True}, 576, 1536)):
+                x, w, nw, res = make_inputs(4, N, K, dtype=dtype, device=device, **mode)
+                firsts = [triton_linear.linear(x[:R], w, norm_weight=nw, eps=1e-5,
+                                               residual=None if res is None else res[:R], swiglu="swiglu" in mode)[0]
+                          for R in (1, 2, 4)]
+                assert all(torch.equal(firsts[0], f) for f in firsts[1:]), (name, "K tail" if k_tail else "")
+            x, w, nw, rope = qkv_inputs(1, 4, 12, 3, 64, 576, dtype=dtype, device=device)  # positions 17..20
+            firsts = [triton_linear.qkv_rope(x[:, :T], w, nw, 1e-5, tuple(r[:, :, :T] for r in rope), 12)[0, 0]
+                      for T in (1, 2, 4)]
+            assert all(torch.equal(firsts[0], f) for f in firsts[1:]), ("qkv_rope", "K tail" if k_tail else "")
+    finally:
+        triton_linear.K_TAIL = default
+
+
 def check_model_integration() -> None:
     """Run under TRITON_INTERPRET=1: with the fused products (allowed on the CPU here), and with them and the
     attention that writes the cache (triton_attention.cached_attention), a decode step's logits are the torch
@@ -378,6 +402,12 @@ def test_cuda_bf16_graph_and_compile():
 
 
 @pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_rows_get_the_same_bits_in_any_call():
+    check_rows_get_the_same_bits("cuda", torch.bfloat16)
+
+
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
                     reason="needs a CUDA device with programmatic dependent launch (Hopper or later)")
 def test_cuda_pdl_changes_no_bit(monkeypatch):
@@ -469,6 +499,7 @@ def test_cuda_engine_with_fused_products(monkeypatch, compiled, cached, pdl, sha
 
 if __name__ == "__main__":
     check_interpreted_cases()
+    check_rows_get_the_same_bits()
     check_model_integration()
     check_compiled_steps_keep_the_cache_in_place()
     check_shared_tables()
