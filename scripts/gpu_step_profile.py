@@ -147,6 +147,9 @@ def main() -> None:
     ap.add_argument("--compile", nargs="?", const="default", default=None, help="torch.compile, with this mode")
     ap.add_argument("--compile-steps", action="store_true", help="with --compile: steps and rounds compiled whole")
     ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--kv-bucket", type=int, default=None,
+                    help="attention buckets of this many slots (the engine's default unless given; the bench's "
+                         "issue-4 rows use 512: the steps then attend over 512 slots, as there)")
     ap.add_argument("--reps", type=int, default=200)
     ap.add_argument("--parts", default="all",
                     help="comma-separated: full1, full2, module, standard, recycle, chain, tree, draft_head (default all)")
@@ -222,7 +225,8 @@ def run_profile(args) -> None:
     mode = None if args.compile in (None, "default") else args.compile
     compile_arg: bool | str = False if args.compile is None else (mode or True)
     L = args.prompt_len
-    dec = Decoder(model, 1, L + 512, graphs=cuda, compile=compile_arg, compile_steps=args.compile_steps)
+    bucket = {} if args.kv_bucket is None else {"bucket": args.kv_bucket}
+    dec = Decoder(model, 1, L + 512, graphs=cuda, compile=compile_arg, compile_steps=args.compile_steps, **bucket)
     gen = None
     sampling = SamplingParams()
     ids = torch.randint(0, model.base.cfg.vocab_size, (L,), generator=torch.Generator().manual_seed(0)).tolist()
@@ -315,7 +319,7 @@ def run_profile(args) -> None:
                       "draft_head_kernel": not args.no_draft_head_kernel,
                       "draft_merge_kernel": not args.torch_draft_merge,
                       **{flag.replace("-", "_"): getattr(args, flag.replace("-", "_")) for flag in FUSED_SWITCHES},
-                      "cached_warps": args.cached_warps,
+                      "cached_warps": args.cached_warps, "prompt_len": L, "kv_end": kv_end,
                       "parts": [{k: v for k, v in r.items() if k not in ("top", "counts")} for r in rows]}))
 
 
