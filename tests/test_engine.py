@@ -47,6 +47,17 @@ def test_engine_equals_reference_greedy_across_seeds_lengths_and_buckets(strateg
 
 
 @pytest.mark.parametrize("strategy", ["standard", "recycle"])
+def test_split_argmax_gives_the_reference_tokens(monkeypatch, strategy):
+    monkeypatch.setattr(topk, "SPLIT_ARGMAX", "always")
+    monkeypatch.setattr(topk, "ARGMAX_CHUNK", 16)  # the tiny vocabulary in several chunks and a partial one
+    model = build(2, n_layer=1)
+    assert model.base.cfg.vocab_size % 16
+    prompts = random_prompts(2, 3, model.base.cfg.vocab_size)
+    got = Engine(model, bucket=8).decode(strategy, prompts, max_new_tokens=29)
+    assert got.tokens == reference(model, strategy, prompts, max_new_tokens=29).tokens
+
+
+@pytest.mark.parametrize("strategy", ["standard", "recycle"])
 def test_engine_equals_reference_with_sampling_and_stop_tokens(strategy):
     model = build(1)
     prompts = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 12, 13, 14, 15, 16, 17]]
@@ -251,10 +262,12 @@ def test_a_tree_round_compiled_whole_gives_the_reference_tokens(monkeypatch):
     """compile_steps: the greedy round traces as one graph (draft, verification, commit, the cache move) and
     inductor's code for it gives standard's tokens (on the CPU here; the CUDA-marked test above does it in graphs);
     so does the chain's round.
-    The drafts' top-k is the sort-free one that CUDA uses."""
+    The drafts' top-k is the sort-free one that CUDA uses, and the argmaxes split in chunks (topk.SPLIT_ARGMAX)."""
     from torch._inductor.utils import run_and_get_code
 
     monkeypatch.setattr(topk, "SORT_FREE", "always")
+    monkeypatch.setattr(topk, "SPLIT_ARGMAX", "always")  # greedy argmaxes in two reductions, as CUDA may take them
+    monkeypatch.setattr(topk, "ARGMAX_CHUNK", 16)
     model = predictable(0, 0.05)
     prompts = prompts_for(0, 2)
     engine = Engine(model, bucket=64, compile=True, compile_steps=True)

@@ -69,6 +69,30 @@ def test_bad_requests_are_clear_errors():
         topk.top_k_chunked(torch.zeros(2, 1000), 4)
 
 
+@pytest.mark.parametrize("shape", [(3, 49152), (2, 5, 3000), (4, 1025), (1, 1024), (2, 7)])
+def test_split_argmax_equals_torch_argmax(shape):
+    """Chunk maxima, then the best chunk: the first index among equal maxima, as torch.argmax, with ties, -inf rows
+    and a last partial chunk."""
+    g = torch.Generator().manual_seed(shape[-1])
+    for x in (torch.randn(shape, generator=g), torch.randint(0, 3, shape, generator=g).float(),
+              torch.full(shape, float("-inf"))):
+        for chunk in (None, 16, 1000):
+            assert torch.equal(topk.split_argmax(x, chunk), x.argmax(-1)), (shape, chunk)
+    x = torch.full(shape, float("-inf"))
+    x[..., -1] = 1.0  # the maximum in the padded last chunk
+    assert torch.equal(topk.split_argmax(x, 16), x.argmax(-1))
+
+
+def test_argmax_splits_where_asked(monkeypatch):
+    x = torch.randint(0, 3, (4, 2048), generator=torch.Generator().manual_seed(0)).float()
+    calls = []
+    monkeypatch.setattr(topk, "split_argmax", lambda t: calls.append(t) or t.argmax(-1))
+    for mode, split in (("never", False), ("cuda", False), ("always", True)):  # x is on the CPU
+        monkeypatch.setattr(topk, "SPLIT_ARGMAX", mode)
+        calls.clear()
+        assert torch.equal(topk.argmax(x), x.argmax(-1)) and bool(calls) == split, mode
+
+
 @pytest.mark.parametrize("vocab", [97, 2048])  # 2048: past SMALL, so the vocabulary is chunked
 def test_the_tree_drafts_the_same_with_either_selection(monkeypatch, vocab):
     """The sort-free path drafts the very trees torch's topk and sort did (random scores: no ties), so rounds accept

@@ -35,6 +35,7 @@ from typing import Callable, NamedTuple, Sequence
 
 import torch
 
+from . import topk
 from .decoding import Collector, DecodeResult, DecodeStats, PromptBatch, StreamFn, _sync, check_budget
 from .model import KVCache, RecycleModel, Transformer, fuse_projections, prefill_attention
 from .sampling import SamplingParams, draw, logits_to_probs, sample
@@ -156,7 +157,7 @@ class Decoder:
 
     def _standard_greedy(self, kv_end: int) -> None:
         self._standard_forward(kv_end)
-        self._standard_select(self.logits.argmax(-1))
+        self._standard_select(topk.argmax(self.logits))
 
     def _full_pair(self, kv_end: int) -> None:
         """The full model on [x_p, x̂_{p+1}]: logits at slot p+1 (for x_{p+2}) and both hidden states."""
@@ -182,8 +183,8 @@ class Decoder:
 
     def _recycle_greedy(self, kv_end: int) -> None:
         self._full_pair(kv_end)
-        self._module_pair(kv_end, self.logits.argmax(-1))
-        self._module_select(self.logits.argmax(-1))
+        self._module_pair(kv_end, topk.argmax(self.logits))
+        self._module_select(topk.argmax(self.logits))
 
     def _chain_round(self, K: int, kv_end: int, sampling: SamplingParams, gen) -> None:
         """Draft K tokens from (g, d_logits), verify them in one full call, commit (speculative.speculative)."""
@@ -191,7 +192,7 @@ class Decoder:
         drafts, probs = [], []
         for j in range(K):
             q = None if sampling.greedy else logits_to_probs(logits, sampling)
-            drafts.append(logits.argmax(-1) if q is None else draw(q, gen))
+            drafts.append(topk.argmax(logits) if q is None else draw(q, gen))
             probs.append(q)
             if j < K - 1:  # the module rolls on at slot p + j, fed its own output state
                 rec = self._recycle_fwd(g, drafts[-1][:, None], input_pos=self.pos + j, cache=self.mcache,

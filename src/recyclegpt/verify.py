@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import torch
 
+from . import topk
 from .sampling import SamplingParams, draw, logits_to_probs
 
 
@@ -48,7 +49,7 @@ def verify_chain(draft: torch.Tensor, draft_probs: torch.Tensor | None, logits: 
     """
     K = draft.shape[1]
     if params.greedy:
-        target = logits.argmax(-1)  # (B, K+1); where the draft is accepted it equals the target
+        target = topk.argmax(logits)  # (B, K+1); where the draft is accepted it equals the target
         return accepted_prefix(draft == target[:, :K]), target
     if draft_probs is None and K:
         raise ValueError("sampling verification needs the draft distributions (draft_probs)")
@@ -85,7 +86,7 @@ def verify_tree(tokens: torch.Tensor, parent: torch.Tensor, depth: torch.Tensor,
     """
     B, N = tokens.shape
     D = levels
-    y = logits.argmax(-1) if params.greedy else draw(logits_to_probs(logits, params), generator)  # (B, N+1)
+    y = topk.argmax(logits) if params.greedy else draw(logits_to_probs(logits, params), generator)  # (B, N+1)
     ok = torch.ones(B, N + 1, dtype=torch.bool, device=tokens.device)  # ok[:, 0]: the root
     ok[:, 1:] = False
     for _ in range(D):  # a fixed point after D rounds: one tree level settles per round
