@@ -292,7 +292,8 @@ def run_profile(args) -> None:
           f"{'off' if args.no_draft_head_kernel else 'on'} (merge: {'torch' if args.torch_draft_merge else 'kernel'})  "
           + "".join(f"{flag.replace('-', ' ')}: {'on' if getattr(args, flag.replace('-', '_')) else 'off'}  "
                     for flag in FUSED_SWITCHES) +
-          f"cached warps: {args.cached_warps}  split argmax: {topk.SPLIT_ARGMAX}  prompt {L}, attention over {kv_end} slots")
+          f"cached warps: {args.cached_warps}  split argmax: {topk.SPLIT_ARGMAX}  "
+          f"prompt {L}, attention over {kv_end} slots")
     print(f"{'part':<20} {'replay ms':>9} {'kernels':>8} {'kernel ms':>9} {'gap ms':>7} {'floor ms':>8}  by kind (ms)")
     for r in rows:
         floor = f"{r['floor_ms']:>8.3f}" if r["floor_ms"] is not None else f"{'-':>8}"
@@ -324,7 +325,8 @@ def run_profile(args) -> None:
                       "draft_head_kernel": not args.no_draft_head_kernel,
                       "draft_merge_kernel": not args.torch_draft_merge,
                       **{flag.replace("-", "_"): getattr(args, flag.replace("-", "_")) for flag in FUSED_SWITCHES},
-                      "cached_warps": args.cached_warps, "split_argmax": topk.SPLIT_ARGMAX, "prompt_len": L, "kv_end": kv_end,
+                      "cached_warps": args.cached_warps, "split_argmax": topk.SPLIT_ARGMAX, "prompt_len": L,
+                      "kv_end": kv_end,
                       "parts": [{k: v for k, v in r.items() if k not in ("top", "counts")} for r in rows]}))
 
 

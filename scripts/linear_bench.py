@@ -92,7 +92,8 @@ def sweep(results: list, name: str, call, want: torch.Tensor, calls: int, n: int
             err = (call().float() - want.float()).abs().max().item()
             ok = err < 6e-2 * max(1.0, want.float().abs().max().item() / 8)
             us = per_call_us(call, calls)
-            bn, bk, bt = tl_.blocks(n, k, torch.cuda.get_device_properties(want.device).multi_processor_count)
+            bn, bk, bt = tl_.blocks(n, k, torch.cuda.get_device_properties(want.device).multi_processor_count,
+                                    want.numel() // want.shape[-1])
         finally:
             for attr, v in zip(names, defaults[0]):
                 setattr(tl_, attr, v)

@@ -250,9 +250,10 @@ def blocks(N: int, K: int, sms: int, rows: int = 1) -> tuple[int, int, int]:
     return bn, bk, max(16, triton.next_power_of_2(rest)) if rest else 0
 
 
-def _k_split(K: int, bk: int, bt: int) -> dict:
-    """The kernels' K arguments: K_MAIN, the K that whole BLOCK_K steps cover, and the tail's (`blocks`)."""
-    return {"K_MAIN": K - K % bk if bt else K, "BLOCK_K": bk, "TAIL": bt > 0, "BLOCK_T": max(bt, 16)}
+def _k_split(K: int, bk: int, bt: int) -> tuple[int, dict]:
+    """The kernels' K arguments: K_MAIN, the K that whole BLOCK_K steps cover, and the constexprs of the steps and
+    the tail (`blocks`)."""
+    return K - K % bk if bt else K, {"BLOCK_K": bk, "TAIL": bt > 0, "BLOCK_T": max(bt, 16)}
 
 
 def _row_block(R: int, dtype: torch.dtype) -> tuple[int, dict]:
@@ -285,10 +286,10 @@ def _fused_linear(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tens
     out = torch.empty((R, N), dtype=x.dtype, device=x.device)
     bn, bk, bt = blocks(N, K, _sms(x.device), R)
     block_r, product = _row_block(R, x.dtype)
-    split = _k_split(K, bk, bt)
+    k_main, split = _k_split(K, bk, bt)
     _linear_kernel[(triton.cdiv(N, bn), triton.cdiv(R, block_r))](
         x, x if norm_weight is None else norm_weight, weight, out if residual is None else residual, out,
-        R, N, K, split.pop("K_MAIN"), eps, x.stride(0), weight.stride(0),
+        R, N, K, k_main, eps, x.stride(0), weight.stride(0),
         0 if residual is None else residual.stride(0), out.stride(0),
         NORM=norm_weight is not None, SWIGLU=swiglu, RESIDUAL=residual is not None,
         BLOCK_R=block_r, BLOCK_N=bn, **split, **product, **pdl_launch(x.device))
@@ -316,9 +317,9 @@ def _fused_qkv_rope(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Te
     out = torch.empty((R, N), dtype=x.dtype, device=x.device)
     bn, bk, bt = blocks(N // 2, K, _sms(x.device), R)
     block_r, product = _row_block(R, x.dtype)
-    split = _k_split(K, bk, bt)
+    k_main, split = _k_split(K, bk, bt)
     _qkv_rope_kernel[(triton.cdiv(N // 2, bn), triton.cdiv(R, block_r))](
-        x, norm_weight, weight, cos, sin, out, R, tokens, N, K, split.pop("K_MAIN"), eps, x.stride(0),
+        x, norm_weight, weight, cos, sin, out, R, tokens, N, K, k_main, eps, x.stride(0),
         weight.stride(0), out.stride(0), cos.stride(0) if cos.shape[0] > 1 else 0, cos.stride(-2), rot_heads,
         HALF=half, BLOCK_R=block_r, BLOCK_N=bn, **split, **product, **pdl_launch(x.device))
     return out
