@@ -176,8 +176,11 @@ def main() -> None:
     for flag, (module, name, what) in FUSED_SWITCHES.items():  # --x / --no-x; unnamed: the module's default
         ap.add_argument(f"--{flag}", action=argparse.BooleanOptionalAction, default=None,
                         help=f"{what} ({module}.{name}; an A/B check)")
-    ap.add_argument("--split-argmax", action="store_true",
-                    help="greedy argmaxes as chunk maxima then the best chunk (topk.SPLIT_ARGMAX = 'cuda'; an A/B "
+    ap.add_argument("--split-argmax", action=argparse.BooleanOptionalAction, default=None,
+                    help="greedy argmaxes as chunk maxima then the best chunk (topk.SPLIT_ARGMAX 'cuda', the default; "
+                         "--no-split-argmax: one torch.argmax; an A/B check)")
+    ap.add_argument("--swiglu-warps", type=int, default=None,
+                    help="warps of the down product's programs (triton_linear.SWIGLU_WARPS; 0: as the others; an A/B "
                          "check)")
     ap.add_argument("--cached-warps", type=int, default=None,
                     help="warps of a cached_attention program (triton_attention.CACHED_WARPS; an A/B check)")
@@ -211,8 +214,11 @@ def run_profile(args) -> None:
         if value is not None:
             setattr(modules[module], name, value)
         setattr(args, flag.replace("-", "_"), getattr(modules[module], name))
-    if args.split_argmax:
-        topk.SPLIT_ARGMAX = "cuda"
+    if args.split_argmax is not None:
+        topk.SPLIT_ARGMAX = "cuda" if args.split_argmax else "never"
+    if args.swiglu_warps is not None:
+        triton_linear.SWIGLU_WARPS = args.swiglu_warps
+    args.swiglu_warps = triton_linear.SWIGLU_WARPS
     if args.cached_warps is not None:
         triton_attention.CACHED_WARPS = args.cached_warps
     args.cached_warps = triton_attention.CACHED_WARPS
@@ -292,7 +298,7 @@ def run_profile(args) -> None:
           f"{'off' if args.no_draft_head_kernel else 'on'} (merge: {'torch' if args.torch_draft_merge else 'kernel'})  "
           + "".join(f"{flag.replace('-', ' ')}: {'on' if getattr(args, flag.replace('-', '_')) else 'off'}  "
                     for flag in FUSED_SWITCHES) +
-          f"cached warps: {args.cached_warps}  split argmax: {topk.SPLIT_ARGMAX}  "
+          f"cached warps: {args.cached_warps}  swiglu warps: {args.swiglu_warps}  split argmax: {topk.SPLIT_ARGMAX}  "
           f"prompt {L}, attention over {kv_end} slots")
     print(f"{'part':<20} {'replay ms':>9} {'kernels':>8} {'kernel ms':>9} {'gap ms':>7} {'floor ms':>8}  by kind (ms)")
     for r in rows:
@@ -325,7 +331,8 @@ def run_profile(args) -> None:
                       "draft_head_kernel": not args.no_draft_head_kernel,
                       "draft_merge_kernel": not args.torch_draft_merge,
                       **{flag.replace("-", "_"): getattr(args, flag.replace("-", "_")) for flag in FUSED_SWITCHES},
-                      "cached_warps": args.cached_warps, "split_argmax": topk.SPLIT_ARGMAX, "prompt_len": L,
+                      "cached_warps": args.cached_warps, "swiglu_warps": args.swiglu_warps,
+                      "split_argmax": topk.SPLIT_ARGMAX, "prompt_len": L,
                       "kv_end": kv_end,
                       "parts": [{k: v for k, v in r.items() if k not in ("top", "counts")} for r in rows]}))
 

@@ -80,12 +80,12 @@ def per_call_us(fn, calls: int) -> float:
 def sweep(results: list, name: str, call, want: torch.Tensor, calls: int, n: int, k: int) -> None:
     """Time `call` under each of SETTINGS (the module constants restored after each), checked against `want`; the
     kernel's grid is over n columns (or column pairs) of width k."""
-    names = "TILE", "MAX_BLOCK_N", "NUM_WARPS", "MULTI_ROW_WARPS", "ROWS_PER_PROGRAM", "K_TAIL"
+    names = "TILE", "MAX_BLOCK_N", "NUM_WARPS", "MULTI_ROW_WARPS", "SWIGLU_WARPS", "ROWS_PER_PROGRAM", "K_TAIL"
     defaults = [getattr(tl_, attr) for attr in names], triton_attention.PDL
     for tile, max_bn, warps, pdl, per_program, k_tail in SETTINGS:
         if per_program < ALL and want.numel() // want.shape[-1] == 1:
             continue  # a one-row call has one row block either way
-        for attr, v in zip(names, (tile, max_bn, warps, warps, per_program, k_tail)):
+        for attr, v in zip(names, (tile, max_bn, warps, warps, warps, per_program, k_tail)):  # one warp count
             setattr(tl_, attr, v)
         triton_attention.PDL = pdl
         try:

@@ -167,12 +167,12 @@ def check_interpreted_cases() -> None:
 
 def check_rows_get_the_same_bits(device: str = "cpu", dtype: torch.dtype = torch.float32) -> None:
     """A row's product has the same bits alone (a standard step) and as the first row of 2- and 4-row calls (a recycle
-    pair, a chain's verification), for every product at SmolLM2's shapes, with and without K_TAIL: the engine's bf16
-    chains equal `standard` only if this holds."""
-    default = triton_linear.K_TAIL
+    pair, a chain's verification), for every product at SmolLM2's shapes, with and without K_TAIL and SWIGLU_WARPS:
+    the engine's bf16 chains equal `standard` only if this holds."""
+    default = triton_linear.K_TAIL, triton_linear.SWIGLU_WARPS
     try:
-        for k_tail in (False, True):
-            triton_linear.K_TAIL = k_tail
+        for k_tail, swiglu_warps in ((False, 0), (True, 0), (False, 8)):
+            triton_linear.K_TAIL, triton_linear.SWIGLU_WARPS = k_tail, swiglu_warps
             for name, mode, N, K in (("qkv", {"norm": True}, 960, 576), ("out", {"residual": True}, 576, 576),
                                      ("gate-up", {"norm": True}, 3072, 576),
                                      ("down", {"swiglu": True, "residual": True}, 576, 1536)):
@@ -180,13 +180,13 @@ def check_rows_get_the_same_bits(device: str = "cpu", dtype: torch.dtype = torch
                 firsts = [triton_linear.linear(x[:R], w, norm_weight=nw, eps=1e-5,
                                                residual=None if res is None else res[:R], swiglu="swiglu" in mode)[0]
                           for R in (1, 2, 4)]
-                assert all(torch.equal(firsts[0], f) for f in firsts[1:]), (name, "K tail" if k_tail else "")
+                assert all(torch.equal(firsts[0], f) for f in firsts[1:]), (name, k_tail, swiglu_warps)
             x, w, nw, rope = qkv_inputs(1, 4, 12, 3, 64, 576, dtype=dtype, device=device)  # positions 17..20
             firsts = [triton_linear.qkv_rope(x[:, :T], w, nw, 1e-5, tuple(r[:, :, :T] for r in rope), 12)[0, 0]
                       for T in (1, 2, 4)]
-            assert all(torch.equal(firsts[0], f) for f in firsts[1:]), ("qkv_rope", "K tail" if k_tail else "")
+            assert all(torch.equal(firsts[0], f) for f in firsts[1:]), ("qkv_rope", k_tail, swiglu_warps)
     finally:
-        triton_linear.K_TAIL = default
+        triton_linear.K_TAIL, triton_linear.SWIGLU_WARPS = default
 
 
 def check_model_integration() -> None:

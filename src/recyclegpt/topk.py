@@ -29,9 +29,10 @@ SORT_FREE = "cuda"  # "cuda": the sort-free path on CUDA tensors only; "always";
 # greedy selection's argmax over a vocabulary in two reductions (`argmax`): "cuda", "always" or "never" (one
 # torch.argmax). Compiled, a step's argmax over SmolLM2's 49,152 logits is one inductor reduction that a single
 # program loops through: 9.2 us of a 0.471 ms standard step on an H100 (fourteenth session's profile), two of them in
-# a recycle step. Chunk maxima first spread the reading over many programs. "never" until timed on a GPU
+# a recycle step. Chunk maxima first spread the reading over many programs. Measured on an H100 (fifteenth session,
+# `gpu_step_profile.py --split-argmax` is the A/B): standard 0.489 -> 0.482 ms, recycle 0.654 -> 0.642
 ARGMAX_CHUNK = 1024
-SPLIT_ARGMAX = "never"
+SPLIT_ARGMAX = "cuda"
 
 
 def stable_rank(x: torch.Tensor) -> torch.Tensor:

@@ -33,11 +33,11 @@ MIN_SLOTS = 64  # the fewest KV slots worth a program of their own (below it the
 # hold at most MERGE_TILE_MAX values, and sums them range by range in a fixed order; else it loads and merges them
 # range by range in a loop, one L2 round trip each. Either form gives a row the same bits whatever the call's row
 # count, as long as the KV ranges are the same (`plan`: up to MAX_BLOCK_R rows a KV head).
-# Off. The first tile form (a tl.sum over a (ranges, rows, D) tile) timed 0.508 -> 0.489 ms on SmolLM2's standard
-# step (thirteenth session, H100, with model.SHARED_TABLES), but broke that invariance: bf16 recycle-verified equalled
-# `standard` on 8 of 20 prompts with it, 20 of 20 without (fourteenth session). This ordered form is untimed:
-# `gpu_step_profile.py --merge-tile` is the A/B, and the bench's "tokens equal standard's" line is the check
-MERGE_TILE = False
+# The first tile form (a tl.sum over a (ranges, rows, D) tile) broke that invariance: bf16 recycle-verified equalled
+# `standard` on 8 of 20 prompts with it, 20 of 20 without (fourteenth session). This ordered form, measured on an H100
+# (fifteenth session, `gpu_step_profile.py --merge-tile` is the A/B): SmolLM2's compiled standard step 0.489 -> 0.465
+# ms, recycle's 0.654 -> 0.631, and 20 of 20 prompts equal in bf16 for recycle-verified and speculative
+MERGE_TILE = True
 MERGE_TILE_MAX = 4096
 # cached_attention loads each range's first block of cached keys and values before it waits on the previous kernel
 # (programmatic dependent launch), so that its longest load overlaps the QKV product before it. Measured on an H100
@@ -47,7 +47,9 @@ MERGE_TILE_MAX = 4096
 PREFETCH = True
 # warps of a cached_attention program (up to 64 x 128 query values; larger tiles take 8). Compiled for sm_90a (ptxas,
 # on the CPU; fourteenth session), SmolLM2's kernel (16 x 64, a cache write) uses 255 registers at 4 warps and spills
-# 428 bytes, 480 with PREFETCH; at 8 warps it uses 254 and spills none. 4 until 8 is timed
+# 428 bytes, 480 with PREFETCH; at 8 warps it uses 254 and spills none. Measured on an H100 (fifteenth session,
+# `gpu_step_profile.py --cached-warps 8`): standard 0.489 -> 0.485 ms, recycle 0.654 -> 0.657; the spills cost
+# nothing that shows, so 4
 CACHED_WARPS = 4
 # programmatic dependent launch (Hopper and later), for the kernels of a fused decode call (this module's
 # cached_attention, triton_linear's products): a kernel is launched while the previous one still runs, loads what no

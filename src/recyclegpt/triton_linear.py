@@ -63,8 +63,19 @@ ROWS_PER_PROGRAM = MAX_ROWS
 # whole steps of BLOCK_K (the largest power of two <= K that TILE allows) and then a tail of BLOCK_T (a power of two
 # >= the rest): 576 = 512 + 64, 1,536 = 1,024 + 512. The tail's weights load before the PDL wait with the first
 # step's. Compiled for sm_90a (ptxas, on the CPU; fourteenth session), SmolLM2's gate-up kernel at 4 warps uses 255
-# registers and spills 180 bytes at two rows with 1,024-wide tiles; a 512-wide tile alone: 230, none. Off until timed
+# registers and spills 180 bytes at two rows with 1,024-wide tiles; a 512-wide tile alone: 230, none. Measured on an
+# H100 (fifteenth session, `linear_bench.py --rows 1,2`, `gpu_step_profile.py --k-tail`): slower for every product but
+# down at one row (gate-up 2.77 -> 3.53 us at one row, 3.59 -> 4.32 at two; QKV with rotary 2.28 -> 3.19), standard
+# 0.489 -> 0.545 ms, recycle 0.654 -> 0.731: the second, narrow step costs more than the masked lanes did. Off
 K_TAIL = False
+# warps for the down product (SwiGLU folded in before it: each program reads 2K of x per row). Measured on an H100
+# (fifteenth session, `linear_bench.py --rows 1,2`): at SmolLM2's shape 8 warps took 2.15 us at one row against 2.60
+# at 4, and 3.17 against 3.37 at two rows, where the other products were slower at 8 (gate-up 2.77 -> 3.45 at one
+# row). The compiled SmolLM2 steps (`gpu_step_profile.py --swiglu-warps 8` is the A/B; two calls on one machine):
+# standard 0.484 -> 0.463 ms and recycle 0.644 -> 0.620 attending over 512 slots (the bench's), 0.463 -> 0.456 and
+# 0.620 -> 0.613 over 256; the bits a row gets stay the same in calls of 1, 2 and 4 rows (CUDA test). 0: NUM_WARPS /
+# MULTI_ROW_WARPS as for the other products
+SWIGLU_WARPS = 8
 DEFAULT_SMS = 132  # an H100 SXM's SM count, for the interpreter (CUDA asks the device)
 
 
@@ -256,13 +267,15 @@ def _k_split(K: int, bk: int, bt: int) -> tuple[int, dict]:
     return K - K % bk if bt else K, {"BLOCK_K": bk, "TAIL": bt > 0, "BLOCK_T": max(bt, 16)}
 
 
-def _row_block(R: int, dtype: torch.dtype) -> tuple[int, dict]:
+def _row_block(R: int, dtype: torch.dtype, swiglu: bool = False) -> tuple[int, dict]:
     """BLOCK_R and the product's launch settings for R rows: few rows reduce on CUDA cores (NUM_WARPS for one,
-    MULTI_ROW_WARPS for more); more than MAX_ROWS, padded to 16 or more, go through tl.dot (fp32 kept exact with
-    "ieee"; half types ignore the precision)."""
+    MULTI_ROW_WARPS for more, SWIGLU_WARPS for the down product at any few-row count where set); more than MAX_ROWS,
+    padded to 16 or more, go through tl.dot (fp32 kept exact with "ieee"; half types ignore the precision)."""
     wide = R > MAX_ROWS
     block_r = max(16, triton.next_power_of_2(R)) if wide else triton.next_power_of_2(min(R, ROWS_PER_PROGRAM))
     warps = MULTI_ROW_WARPS if 1 < block_r and not wide else NUM_WARPS
+    if swiglu and SWIGLU_WARPS and not wide:
+        warps = SWIGLU_WARPS
     return block_r, {"DOT": wide, "PRECISION": "ieee" if dtype == torch.float32 else "tf32", "num_warps": warps}
 
 
@@ -285,7 +298,7 @@ def _fused_linear(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tens
         residual = residual.contiguous()
     out = torch.empty((R, N), dtype=x.dtype, device=x.device)
     bn, bk, bt = blocks(N, K, _sms(x.device), R)
-    block_r, product = _row_block(R, x.dtype)
+    block_r, product = _row_block(R, x.dtype, swiglu)
     k_main, split = _k_split(K, bk, bt)
     _linear_kernel[(triton.cdiv(N, bn), triton.cdiv(R, block_r))](
         x, x if norm_weight is None else norm_weight, weight, out if residual is None else residual, out,
