@@ -1,0 +1,22 @@
+# Sourced from the repository root on the device, by each call's script: the carried wheels unzipped to /tmp/site,
+# the GGUF joined in the cache once its three parts have come (one a call, .gguf3/part_a{a,b,c}), and the switches
+# in $SET (module.NAME=value ..., written into the carried copy of src/ only; the copy is fresh each call).
+export PYTHONPATH=$PWD/src:/tmp/site RECYCLEGPT_CACHE=/tmp/rc
+if [ ! -f /tmp/site/.done ]; then
+  mkdir -p /tmp/site && for w in .whl/*.whl; do python3 -m zipfile -e "$w" /tmp/site; done && touch /tmp/site/.done
+fi
+mkdir -p /tmp/gg /tmp/rc
+for p in .gguf3/part_a?; do [ -f "$p" ] && cp "$p" /tmp/gg/ && echo "carried $p"; done
+G=/tmp/rc/SmolLM2-135M-Instruct.Q4_1.gguf
+if [ ! -f $G ] && [ -f /tmp/gg/part_aa ] && [ -f /tmp/gg/part_ab ] && [ -f /tmp/gg/part_ac ]; then
+  cat /tmp/gg/part_aa /tmp/gg/part_ab /tmp/gg/part_ac > $G && sha256sum $G
+fi
+for kv in $SET; do
+  mod=${kv%%.*}; rest=${kv#*.}; name=${rest%%=*}; val=${rest#*=}
+  sed -i "s/^$name = .*/$name = $val/" src/recyclegpt/$mod.py && grep -H "^$name = " src/recyclegpt/$mod.py
+done
+D=.data/device
+I4="--prompts $D/alpaca_eval_instructions.jsonl"
+I5="--prompts $D/alpaca_eval_instructions.jsonl --prompts $D/WizardLM_testset.jsonl --prompts $D/gsm8k.jsonl --prompts $D/code_alpaca.jsonl"
+BENCH="python3 -m recyclegpt.cli bench --limit 20 --max-new-tokens 256 --engine compiled --compile-steps --kv-bucket 512 --no-alpha --json"
+PROFILE="python3 scripts/gpu_step_profile.py --preset smollm2-135m --recycle-layers 2 --draft-vocab 16384 --compile --compile-steps --parts standard,recycle"
