@@ -133,6 +133,10 @@ FUSED_SWITCHES = {
                    "on tensor cores"),
     "k-tail": ("triton_linear", "K_TAIL", "the fused products' K as whole power-of-two steps and a tail tile, not "
                "one padded tile"),
+    "few-rows-dot": ("triton_linear", "FEW_ROWS_DOT", "few-row products with column blocks of 16+ (gate-up) on tensor "
+                     "cores, rows padded to 16"),
+    "fused-module-input": ("model", "FUSED_MODULE_INPUT", "the module's input product as two fused products with the "
+                           "norms folded in"),
 }
 
 

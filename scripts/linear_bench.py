@@ -5,8 +5,8 @@ gate-up with the MLP norm before it; down with SwiGLU before it and the residual
 with the rotary embedding folded in too (`qkv_rope`, the fused path's QKV kernel), this captures 50 calls
 in one CUDA graph and reports the replay time per call: the torch path (the norm or SwiGLU, cuBLAS's product and
 the add, each its own kernel, as in the compiled step without inductor's fusions) and the Triton kernel with each of
-a few launch settings (TILE, MAX_BLOCK_N, warps, programmatic dependent launch, rows a program, K tail), checked against
-torch. Prints a table for each row count and a final JSON line.
+a few launch settings (TILE, MAX_BLOCK_N, warps, programmatic dependent launch, rows a program, K tail, few rows
+on tensor cores), checked against torch. Prints a table for each row count and a final JSON line.
 
     python scripts/linear_bench.py [--rows 1[,2,...]] [--calls 50]
 """
@@ -32,17 +32,22 @@ SHAPES = {  # name: (N, K, norm, swiglu, residual)
     "gate-up (norm before)": (2 * FF, D, True, False, False),
     "down (swiglu before, + residual)": (D, FF, False, True, True),
 }
-# (TILE, MAX_BLOCK_N, warps, programmatic dependent launch, rows a program, K tail). The eleventh session's sweep had
-# (2048|1024|4096, 64, 4), (2048|4096, 64, 8), (2048, 16, 4), no PDL: 4096 won every product. With PDL each of the 50
-# calls in the graph launches while the one before it runs and loads its first weight block before waiting on it.
-# One row a program (ROWS_PER_PROGRAM 1) is timed for calls of more than one row only; K tail: K_TAIL on
+# (TILE, MAX_BLOCK_N, warps, programmatic dependent launch, rows a program, K tail, few rows on tensor cores). The
+# eleventh session's sweep had (2048|1024|4096, 64, 4), (2048|4096, 64, 8), (2048, 16, 4), no PDL: 4096 won every
+# product. With PDL each of the 50 calls in the graph launches while the one before it runs and loads its first weight
+# block before waiting on it. One row a program (ROWS_PER_PROGRAM 1) is timed for calls of more than one row only;
+# K tail: K_TAIL on; dot: FEW_ROWS_DOT on (only products whose column block is 16 or more change)
 ALL = tl_.MAX_ROWS  # every row of a call in one program
-SETTINGS = [(4096, 64, 4, False, ALL, False), (8192, 64, 4, False, ALL, False), (16384, 64, 4, False, ALL, False),
-            (4096, 8, 4, False, ALL, False), (8192, 8, 4, False, ALL, False), (2048, 64, 4, False, ALL, False),
-            (4096, 64, 4, True, ALL, False), (8192, 64, 4, True, ALL, False), (16384, 64, 4, True, ALL, False),
-            (4096, 8, 4, True, ALL, False), (8192, 8, 4, True, ALL, False), (16384, 64, 8, True, ALL, False),
-            (8192, 64, 8, True, ALL, False), (16384, 64, 4, True, 1, False), (16384, 64, 8, True, 1, False),
-            (16384, 64, 4, True, ALL, True), (16384, 64, 8, True, ALL, True)]
+SETTINGS = [(4096, 64, 4, False, ALL, False, False), (8192, 64, 4, False, ALL, False, False),
+            (16384, 64, 4, False, ALL, False, False), (4096, 8, 4, False, ALL, False, False),
+            (8192, 8, 4, False, ALL, False, False), (2048, 64, 4, False, ALL, False, False),
+            (4096, 64, 4, True, ALL, False, False), (8192, 64, 4, True, ALL, False, False),
+            (16384, 64, 4, True, ALL, False, False), (4096, 8, 4, True, ALL, False, False),
+            (8192, 8, 4, True, ALL, False, False), (16384, 64, 8, True, ALL, False, False),
+            (8192, 64, 8, True, ALL, False, False), (16384, 64, 4, True, 1, False, False),
+            (16384, 64, 8, True, 1, False, False), (16384, 64, 4, True, ALL, True, False),
+            (16384, 64, 8, True, ALL, True, False), (16384, 64, 4, True, ALL, False, True),
+            (16384, 64, 8, True, ALL, False, True)]
 
 
 def torch_path(x, w, nw, res, swiglu, eps=1e-5):
@@ -80,12 +85,13 @@ def per_call_us(fn, calls: int) -> float:
 def sweep(results: list, name: str, call, want: torch.Tensor, calls: int, n: int, k: int) -> None:
     """Time `call` under each of SETTINGS (the module constants restored after each), checked against `want`; the
     kernel's grid is over n columns (or column pairs) of width k."""
-    names = "TILE", "MAX_BLOCK_N", "NUM_WARPS", "MULTI_ROW_WARPS", "SWIGLU_WARPS", "ROWS_PER_PROGRAM", "K_TAIL"
+    names = ("TILE", "MAX_BLOCK_N", "NUM_WARPS", "MULTI_ROW_WARPS", "SWIGLU_WARPS", "FEW_ROWS_DOT_WARPS",
+             "ROWS_PER_PROGRAM", "K_TAIL", "FEW_ROWS_DOT")
     defaults = [getattr(tl_, attr) for attr in names], triton_attention.PDL
-    for tile, max_bn, warps, pdl, per_program, k_tail in SETTINGS:
+    for tile, max_bn, warps, pdl, per_program, k_tail, dot in SETTINGS:
         if per_program < ALL and want.numel() // want.shape[-1] == 1:
             continue  # a one-row call has one row block either way
-        for attr, v in zip(names, (tile, max_bn, warps, warps, warps, per_program, k_tail)):  # one warp count
+        for attr, v in zip(names, (tile, max_bn, warps, warps, warps, warps, per_program, k_tail, dot)):  # one count
             setattr(tl_, attr, v)
         triton_attention.PDL = pdl
         try:
@@ -99,9 +105,11 @@ def sweep(results: list, name: str, call, want: torch.Tensor, calls: int, n: int
                 setattr(tl_, attr, v)
             triton_attention.PDL = defaults[1]
         split = f" {per_program}r" if per_program < ALL else ""  # rows a program, where not all
-        path = f"kernel T{tile} N<={max_bn} w{warps}{' pdl' if pdl else ''}{split}{' kt' if k_tail else ''}"
+        path = f"kernel T{tile} N<={max_bn} w{warps}{' pdl' if pdl else ''}{split}{' kt' if k_tail else ''}" + \
+            (" dot" if dot else "")
         results.append({"product": name, "path": path, "tile": tile, "max_block_n": max_bn, "warps": warps,
-                        "pdl": pdl, "rows_per_program": per_program, "k_tail": k_tail, "us": us, "ok": ok,
+                        "pdl": pdl, "rows_per_program": per_program, "k_tail": k_tail, "few_rows_dot": dot,
+                        "us": us, "ok": ok,
                         "max_err": err, "blocks": [bn, bk, bt]})
         print(f"{name:<34} {path:<29} {us:8.2f}  {'yes' if ok else 'NO'}")
 

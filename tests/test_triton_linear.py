@@ -106,6 +106,17 @@ def check_interpreted_cases() -> None:
             print(f"qkv_rope B={B} T={T}, {per_program} rows a program: max |d| {err.item():.2e}")
             assert err.item() < 1e-5, (B, T, per_program, err)
     triton_linear.ROWS_PER_PROGRAM = default
+    triton_linear.FEW_ROWS_DOT = True  # few-row calls with column blocks of 16+ (N >= 2,112 here) on tensor cores
+    try:
+        for R, N, K in ((1, 3072, 576), (2, 3072, 576), (3, 2200, 100), (4, 3072, 40)):
+            for name, mode in MODES.items():
+                x, w, nw, res = make_inputs(R, N, K, **mode)
+                got = triton_linear.linear(x, w, norm_weight=nw, eps=1e-5, residual=res, swiglu="swiglu" in mode)
+                err = (got - reference(x, w, nw, res, swiglu="swiglu" in mode)).abs().max().item()
+                print(f"R={R} N={N} K={K} {name}, few rows on tensor cores: max |d| {err:.2e}")
+                assert got.shape == (R, N) and err < 1e-5, (R, N, K, name, "few rows dot", err)
+    finally:
+        triton_linear.FEW_ROWS_DOT = False
     # K as whole steps and a tail (K_TAIL): a tail of 8 (tile 16), 36, SmolLM2's 576 = 512 + 64, K below one step
     # (no whole step), and on tensor cores (5 and 25 rows) with tails of 8 and 72
     triton_linear.K_TAIL = True
@@ -167,12 +178,12 @@ def check_interpreted_cases() -> None:
 
 def check_rows_get_the_same_bits(device: str = "cpu", dtype: torch.dtype = torch.float32) -> None:
     """A row's product has the same bits alone (a standard step) and as the first row of 2- and 4-row calls (a recycle
-    pair, a chain's verification), for every product at SmolLM2's shapes, with and without K_TAIL and SWIGLU_WARPS:
-    the engine's bf16 chains equal `standard` only if this holds."""
-    default = triton_linear.K_TAIL, triton_linear.SWIGLU_WARPS
+    pair, a chain's verification), for every product at SmolLM2's shapes, with and without K_TAIL, SWIGLU_WARPS and
+    FEW_ROWS_DOT (gate-up on tensor cores): the engine's bf16 chains equal `standard` only if this holds."""
+    default = triton_linear.K_TAIL, triton_linear.SWIGLU_WARPS, triton_linear.FEW_ROWS_DOT
     try:
-        for k_tail, swiglu_warps in ((False, 0), (True, 0), (False, 8)):
-            triton_linear.K_TAIL, triton_linear.SWIGLU_WARPS = k_tail, swiglu_warps
+        for k_tail, swiglu_warps, dot in ((False, 0, False), (True, 0, False), (False, 8, False), (False, 8, True)):
+            triton_linear.K_TAIL, triton_linear.SWIGLU_WARPS, triton_linear.FEW_ROWS_DOT = k_tail, swiglu_warps, dot
             for name, mode, N, K in (("qkv", {"norm": True}, 960, 576), ("out", {"residual": True}, 576, 576),
                                      ("gate-up", {"norm": True}, 3072, 576),
                                      ("down", {"swiglu": True, "residual": True}, 576, 1536)):
@@ -180,13 +191,13 @@ def check_rows_get_the_same_bits(device: str = "cpu", dtype: torch.dtype = torch
                 firsts = [triton_linear.linear(x[:R], w, norm_weight=nw, eps=1e-5,
                                                residual=None if res is None else res[:R], swiglu="swiglu" in mode)[0]
                           for R in (1, 2, 4)]
-                assert all(torch.equal(firsts[0], f) for f in firsts[1:]), (name, k_tail, swiglu_warps)
+                assert all(torch.equal(firsts[0], f) for f in firsts[1:]), (name, k_tail, swiglu_warps, dot)
             x, w, nw, rope = qkv_inputs(1, 4, 12, 3, 64, 576, dtype=dtype, device=device)  # positions 17..20
             firsts = [triton_linear.qkv_rope(x[:, :T], w, nw, 1e-5, tuple(r[:, :, :T] for r in rope), 12)[0, 0]
                       for T in (1, 2, 4)]
-            assert all(torch.equal(firsts[0], f) for f in firsts[1:]), ("qkv_rope", k_tail, swiglu_warps)
+            assert all(torch.equal(firsts[0], f) for f in firsts[1:]), ("qkv_rope", k_tail, swiglu_warps, dot)
     finally:
-        triton_linear.K_TAIL, triton_linear.SWIGLU_WARPS = default
+        triton_linear.K_TAIL, triton_linear.SWIGLU_WARPS, triton_linear.FEW_ROWS_DOT = default
 
 
 def check_model_integration() -> None:
@@ -233,6 +244,7 @@ def check_model_integration() -> None:
         for fused, cached, wide in ((True, True, True), (True, True, False), (True, False, False),
                                     (False, False, False)):
             model_mod.FUSED_LINEAR, model_mod.CACHED_ATTENTION, model_mod.FUSED_WIDE = fused, cached, wide
+            model_mod.FUSED_MODULE_INPUT = fused and not wide  # the module's input product fused too, in one variant
             del cached_calls[:], rows[:]
             with torch.no_grad():
                 cache = model.base.new_cache(1, 32)
@@ -253,9 +265,34 @@ def check_model_integration() -> None:
     finally:
         (model_mod.use_fused_linear, model_mod.use_decode_kernel, model_mod.FUSED_LINEAR,
          model_mod.CACHED_ATTENTION, model_mod.FUSED_WIDE, triton_attention.cached_attention) = saved
+        model_mod.FUSED_MODULE_INPUT = False
     few, wide = seen[True, True, False], seen[True, True, True]  # few rows fused, wider calls kept on torch ...
     assert any(f for n, f, _ in few) and any(n > triton_linear.MAX_ROWS and not f for n, f, _ in few)
     assert any(n > triton_linear.MAX_ROWS and f for n, f, _ in wide)  # ... or fused too, with FUSED_WIDE
+
+
+def check_module_input() -> None:
+    """Run under TRITON_INTERPRET=1: the module's input product as two fused products (RecyclableModule.fused_input)
+    is fc(concat(norm_h(s), norm_e(e))) to 1e-5, with and without the input norms, at 1, 2 and 4 rows."""
+    import dataclasses
+
+    from recyclegpt.config import PRESETS, RecycleConfig
+    from recyclegpt.model import RecyclableModule
+
+    cfg = dataclasses.replace(PRESETS["tiny"], d_model=64, n_head=4, n_kv_head=4)
+    for input_norm in (True, False):
+        torch.manual_seed(0)
+        module = RecyclableModule(cfg, RecycleConfig(n_layer=1, input_norm=input_norm)).eval()
+        with torch.no_grad():
+            for norm in (module.norm_h, module.norm_e):
+                if input_norm:
+                    norm.weight.add_(0.2 * torch.randn(norm.weight.shape))
+            for T in (1, 2, 4):
+                s, e = torch.randn(1, T, 64), torch.randn(1, T, 64)
+                want = module.fc(torch.cat((module.norm_h(s), module.norm_e(e)), dim=-1))
+                err = (module.fused_input(s, e) - want).abs().max().item()
+                print(f"module input, norms {input_norm}, T={T}: max |d| {err:.2e}")
+                assert err < 1e-5, (input_norm, T, err)
 
 
 def check_compiled_steps_keep_the_cache_in_place() -> None:
@@ -363,6 +400,17 @@ def test_block_sizes_give_every_sm_a_program(monkeypatch):
     monkeypatch.setattr(triton_linear, "K_TAIL", True)
     assert triton_linear.blocks(3072, 576, 132)[1:] == (512, 64)  # SmolLM2's gate-up: 576 = 512 + 64
     assert triton_linear.blocks(576, 1536, 132)[1:] == (1024, 512)  # down: 1,536 = 1,024 + 512
+    # FEW_ROWS_DOT: SmolLM2's gate-up (16 columns a program) takes tensor cores at 1 to 4 rows, 16 padded rows, one
+    # K step; QKV, out and down (4 columns a program) keep CUDA cores
+    monkeypatch.setattr(triton_linear, "K_TAIL", False)
+    monkeypatch.setattr(triton_linear, "FEW_ROWS_DOT", True)
+    for R in (1, 2, 4):
+        bn, bk, _ = triton_linear.blocks(3072, 576, 132, R)
+        assert (bn, bk) == (16, 1024) and triton_linear._row_block(R, torch.bfloat16, False, bn)[0] == 16
+        assert triton_linear._row_block(R, torch.bfloat16, False, bn)[1]["DOT"]
+        for N, K in ((576, 576), (576, 1536)):
+            bn = triton_linear.blocks(N, K, 132, R)[0]
+            assert bn == 4 and not triton_linear._row_block(R, torch.bfloat16, False, bn)[1]["DOT"]
 
 
 @pytest.mark.cuda
@@ -501,5 +549,6 @@ if __name__ == "__main__":
     check_interpreted_cases()
     check_rows_get_the_same_bits()
     check_model_integration()
+    check_module_input()
     check_compiled_steps_keep_the_cache_in_place()
     check_shared_tables()

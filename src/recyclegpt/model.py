@@ -385,6 +385,14 @@ def use_fused_linear(x: torch.Tensor, block: "Block") -> bool:
             and fused_linear_fits(x.shape[-1], x.numel() // x.shape[-1], block.attn.head_dim))
 
 
+# with the fused path, the module's input product (fc over the normed state and token embedding, 2d -> d) as two
+# triton_linear products with their norms folded in (RecyclableModule.fused_input), launched with PDL like the layers'
+# products, not an inductor kernel for the norms and the concatenation and then cuBLAS's product. Built after the
+# fifteenth session's window, where the recycle step spent 4.4 us in that cuBLAS product: off until timed
+# (`gpu_step_profile.py --fused-module-input` is the A/B)
+FUSED_MODULE_INPUT = False
+
+
 # a fused decode call's cache write and attention as one Triton kernel, its ranges merged in the same kernel
 # (triton_attention.cached_attention): two kernels a layer fewer. Measured on an H100 (twelfth session,
 # `gpu_step_profile.py --cached-attention` is the A/B): SmolLM2's compiled standard step 0.812 -> 0.789 ms (231 ->
@@ -552,6 +560,18 @@ class RecyclableModule(nn.Module):
                                  f"({base_cfg.vocab_size})")
             self.register_buffer("draft_ids", torch.arange(cfg.draft_vocab))  # saved with the weights
 
+    def fused_input(self, state: torch.Tensor, tok_emb: torch.Tensor) -> torch.Tensor:
+        """fc(concat(norm_h(s), norm_e(e))) as two triton_linear products over the halves of fc's weight, each with
+        its norm folded in, the second adding the first as its residual (`FUSED_MODULE_INPUT`)."""
+        d = self.base_cfg.d_model
+        w = self.fc.weight
+
+        def norm_of(m: nn.Module) -> dict:
+            return {"norm_weight": m.weight, "eps": m.eps} if isinstance(m, RMSNorm) else {}
+
+        y = triton_linear.linear(state, w[:, :d], **norm_of(self.norm_h))
+        return triton_linear.linear(tok_emb, w[:, d:], residual=y, **norm_of(self.norm_e))
+
     def new_cache(self, batch: int, max_len: int, *, device=None, dtype=None) -> KVCache:
         p = self.fc.weight
         return KVCache(self.cfg.n_layer, batch, self.base_cfg.n_kv_head, max_len, self.base_cfg.head_dim,
@@ -565,7 +585,10 @@ class RecyclableModule(nn.Module):
     def forward(self, state: torch.Tensor, tok_emb: torch.Tensor, *, input_pos: torch.Tensor | None = None,
                 cache: KVCache | None = None, pad: torch.Tensor | None = None,
                 kv_end: int | None = None, tree: Tree | None = None) -> torch.Tensor:
-        x = self.fc(torch.cat((self.norm_h(state), self.norm_e(tok_emb)), dim=-1))
+        if FUSED_MODULE_INPUT and tree is None and use_fused_linear(state, self.layers[0]):
+            x = self.fused_input(state, tok_emb)
+        else:
+            x = self.fc(torch.cat((self.norm_h(state), self.norm_e(tok_emb)), dim=-1))
         return run_blocks(self.layers, x, self.base_cfg, input_pos=input_pos, cache=cache, pad=pad, kv_end=kv_end,
                           tree=tree)[0]
 

@@ -76,6 +76,16 @@ K_TAIL = False
 # 0.620 -> 0.613 over 256; the bits a row gets stay the same in calls of 1, 2 and 4 rows (CUDA test). 0: NUM_WARPS /
 # MULTI_ROW_WARPS as for the other products
 SWIGLU_WARPS = 8
+# few-row calls on tensor cores too, where their column block is already 16 or wider (SmolLM2: gate-up only, 16 x 1,024
+# weights a program): rows padded to 16 and tl.dot over the same one K step, its weights loaded before the PDL wait
+# as now. On CUDA cores a row's float32 products and sums come again for every row (gate-up 2.77 us at one row, 3.59
+# at two: fifteenth session); on tensor cores up to 16 rows cost one row's. Every few-row call of such a product takes
+# this form, so that a row gets the same bits in calls of 1 to 4 rows. Built after the fifteenth session's window:
+# off until timed (`linear_bench.py` has the setting; `gpu_step_profile.py --few-rows-dot` is the A/B). Its warps:
+# compiled for sm_90a (triton 3.6's ptxas, on the CPU), the gate-up kernel in this form spills 352 bytes at 4 warps and
+# none at 8 (244 registers), so 8 until timed
+FEW_ROWS_DOT = False
+FEW_ROWS_DOT_WARPS = 8
 DEFAULT_SMS = 132  # an H100 SXM's SM count, for the interpreter (CUDA asks the device)
 
 
@@ -267,13 +277,15 @@ def _k_split(K: int, bk: int, bt: int) -> tuple[int, dict]:
     return K - K % bk if bt else K, {"BLOCK_K": bk, "TAIL": bt > 0, "BLOCK_T": max(bt, 16)}
 
 
-def _row_block(R: int, dtype: torch.dtype, swiglu: bool = False) -> tuple[int, dict]:
+def _row_block(R: int, dtype: torch.dtype, swiglu: bool = False, block_n: int = 0) -> tuple[int, dict]:
     """BLOCK_R and the product's launch settings for R rows: few rows reduce on CUDA cores (NUM_WARPS for one,
     MULTI_ROW_WARPS for more, SWIGLU_WARPS for the down product at any few-row count where set); more than MAX_ROWS,
-    padded to 16 or more, go through tl.dot (fp32 kept exact with "ieee"; half types ignore the precision)."""
-    wide = R > MAX_ROWS
+    and few rows with FEW_ROWS_DOT where the column block `block_n` is 16 or more, padded to 16 or more, go through
+    tl.dot (fp32 kept exact with "ieee"; half types ignore the precision)."""
+    few_dot = R <= MAX_ROWS and FEW_ROWS_DOT and block_n >= 16
+    wide = R > MAX_ROWS or few_dot
     block_r = max(16, triton.next_power_of_2(R)) if wide else triton.next_power_of_2(min(R, ROWS_PER_PROGRAM))
-    warps = MULTI_ROW_WARPS if 1 < block_r and not wide else NUM_WARPS
+    warps = FEW_ROWS_DOT_WARPS if few_dot else MULTI_ROW_WARPS if 1 < block_r and not wide else NUM_WARPS
     if swiglu and SWIGLU_WARPS and not wide:
         warps = SWIGLU_WARPS
     return block_r, {"DOT": wide, "PRECISION": "ieee" if dtype == torch.float32 else "tf32", "num_warps": warps}
@@ -298,7 +310,7 @@ def _fused_linear(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tens
         residual = residual.contiguous()
     out = torch.empty((R, N), dtype=x.dtype, device=x.device)
     bn, bk, bt = blocks(N, K, _sms(x.device), R)
-    block_r, product = _row_block(R, x.dtype, swiglu)
+    block_r, product = _row_block(R, x.dtype, swiglu, bn)
     k_main, split = _k_split(K, bk, bt)
     _linear_kernel[(triton.cdiv(N, bn), triton.cdiv(R, block_r))](
         x, x if norm_weight is None else norm_weight, weight, out if residual is None else residual, out,
@@ -329,7 +341,7 @@ def _fused_qkv_rope(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Te
     x = x if x.stride(1) == 1 else x.contiguous()
     out = torch.empty((R, N), dtype=x.dtype, device=x.device)
     bn, bk, bt = blocks(N // 2, K, _sms(x.device), R)
-    block_r, product = _row_block(R, x.dtype)
+    block_r, product = _row_block(R, x.dtype, block_n=bn)
     k_main, split = _k_split(K, bk, bt)
     _qkv_rope_kernel[(triton.cdiv(N // 2, bn), triton.cdiv(R, block_r))](
         x, norm_weight, weight, cos, sin, out, R, tokens, N, K, k_main, eps, x.stride(0),
