@@ -79,17 +79,22 @@ def qkv_reference(x, w, nw, rope, rot, eps=1e-5):
     return y.transpose(1, 2).reshape(B, T, -1)
 
 
-def check_interpreted_cases() -> None:
-    """Run under TRITON_INTERPRET=1: every case and mode in fp32 on the CPU to 1e-5 of torch, leading dims kept, and
-    the custom op under dynamo."""
-    assert triton_linear._INTERPRETED, "TRITON_INTERPRET=1 must be set before triton is imported"
-    for R, N, K in CASES:
+def check_all_modes(cases, what: str = "") -> None:
+    """Every mode of each (rows, N, K) case in fp32 against torch to 1e-5 (under the interpreter)."""
+    for R, N, K in cases:
         for name, mode in MODES.items():
             x, w, nw, res = make_inputs(R, N, K, **mode)
             got = triton_linear.linear(x, w, norm_weight=nw, eps=1e-5, residual=res, swiglu="swiglu" in mode)
             err = (got - reference(x, w, nw, res, swiglu="swiglu" in mode)).abs().max().item()
-            print(f"R={R} N={N} K={K} {name}: max |d| {err:.2e}")
-            assert got.shape == (R, N) and err < 1e-5, (R, N, K, name, err)
+            print(f"R={R} N={N} K={K} {name}{what}: max |d| {err:.2e}")
+            assert got.shape == (R, N) and err < 1e-5, (R, N, K, name, what, err)
+
+
+def check_interpreted_cases() -> None:
+    """Run under TRITON_INTERPRET=1: every case and mode in fp32 on the CPU to 1e-5 of torch, leading dims kept, and
+    the custom op under dynamo."""
+    assert triton_linear._INTERPRETED, "TRITON_INTERPRET=1 must be set before triton is imported"
+    check_all_modes(CASES)
     default = triton_linear.ROWS_PER_PROGRAM
     for per_program in (1, 2):  # the rows of a few-row call split over programs (a row block each)
         triton_linear.ROWS_PER_PROGRAM = per_program
@@ -108,26 +113,14 @@ def check_interpreted_cases() -> None:
     triton_linear.ROWS_PER_PROGRAM = default
     triton_linear.FEW_ROWS_DOT = True  # few-row calls with column blocks of 16+ (N >= 2,112 here) on tensor cores
     try:
-        for R, N, K in ((1, 3072, 576), (2, 3072, 576), (3, 2200, 100), (4, 3072, 40)):
-            for name, mode in MODES.items():
-                x, w, nw, res = make_inputs(R, N, K, **mode)
-                got = triton_linear.linear(x, w, norm_weight=nw, eps=1e-5, residual=res, swiglu="swiglu" in mode)
-                err = (got - reference(x, w, nw, res, swiglu="swiglu" in mode)).abs().max().item()
-                print(f"R={R} N={N} K={K} {name}, few rows on tensor cores: max |d| {err:.2e}")
-                assert got.shape == (R, N) and err < 1e-5, (R, N, K, name, "few rows dot", err)
+        check_all_modes(((1, 3072, 576), (2, 3072, 576), (3, 2200, 100), (4, 3072, 40)), ", few rows on tensor cores")
     finally:
         triton_linear.FEW_ROWS_DOT = False
     # K as whole steps and a tail (K_TAIL): a tail of 8 (tile 16), 36, SmolLM2's 576 = 512 + 64, K below one step
     # (no whole step), and on tensor cores (5 and 25 rows) with tails of 8 and 72
     triton_linear.K_TAIL = True
     try:
-        for R, N, K in ((1, 50, 72), (3, 96, 100), (2, 960, 576), (2, 20, 10), (5, 50, 72), (25, 96, 200)):
-            for name, mode in MODES.items():
-                x, w, nw, res = make_inputs(R, N, K, **mode)
-                got = triton_linear.linear(x, w, norm_weight=nw, eps=1e-5, residual=res, swiglu="swiglu" in mode)
-                err = (got - reference(x, w, nw, res, swiglu="swiglu" in mode)).abs().max().item()
-                print(f"R={R} N={N} K={K} {name}, K tail: max |d| {err:.2e}")
-                assert got.shape == (R, N) and err < 1e-5, (R, N, K, name, "K tail", err)
+        check_all_modes(((1, 50, 72), (3, 96, 100), (2, 960, 576), (2, 20, 10), (5, 50, 72), (25, 96, 200)), ", K tail")
         for (B, T, rot, plain, D), K in [(c, 40) for c in QKV_CASES] + [((1, 2, 12, 3, 64), 576)]:
             x, w, nw, rope = qkv_inputs(B, T, rot, plain, D, K)
             err = (triton_linear.qkv_rope(x, w, nw, 1e-5, rope, rot) - qkv_reference(x, w, nw, rope, rot)).abs().max()
