@@ -36,7 +36,8 @@ SHAPES = {  # name: (N, K, norm, swiglu, residual)
 # eleventh session's sweep had (2048|1024|4096, 64, 4), (2048|4096, 64, 8), (2048, 16, 4), no PDL: 4096 won every
 # product. With PDL each of the 50 calls in the graph launches while the one before it runs and loads its first weight
 # block before waiting on it. One row a program (ROWS_PER_PROGRAM 1) is timed for calls of more than one row only;
-# K tail: K_TAIL on; dot: FEW_ROWS_DOT on (only products whose column block is 16 or more change)
+# K tail: K_TAIL on; dot: FEW_ROWS_DOT on (only products whose column block is 16 or more change); dot-all: every
+# product on tensor cores, 16 columns a program at least
 ALL = tl_.MAX_ROWS  # every row of a call in one program
 SETTINGS = [(4096, 64, 4, False, ALL, False, False), (8192, 64, 4, False, ALL, False, False),
             (16384, 64, 4, False, ALL, False, False), (4096, 8, 4, False, ALL, False, False),
@@ -47,7 +48,8 @@ SETTINGS = [(4096, 64, 4, False, ALL, False, False), (8192, 64, 4, False, ALL, F
             (8192, 64, 8, True, ALL, False, False), (16384, 64, 4, True, 1, False, False),
             (16384, 64, 8, True, 1, False, False), (16384, 64, 4, True, ALL, True, False),
             (16384, 64, 8, True, ALL, True, False), (16384, 64, 4, True, ALL, False, True),
-            (16384, 64, 8, True, ALL, False, True)]
+            (16384, 64, 8, True, ALL, False, True), (16384, 64, 4, True, ALL, False, "all"),
+            (16384, 64, 8, True, ALL, False, "all")]
 
 
 def torch_path(x, w, nw, res, swiglu, eps=1e-5):
@@ -106,7 +108,7 @@ def sweep(results: list, name: str, call, want: torch.Tensor, calls: int, n: int
             triton_attention.PDL = defaults[1]
         split = f" {per_program}r" if per_program < ALL else ""  # rows a program, where not all
         path = f"kernel T{tile} N<={max_bn} w{warps}{' pdl' if pdl else ''}{split}{' kt' if k_tail else ''}" + \
-            (" dot" if dot else "")
+            (f" dot{'-all' if dot == 'all' else ''}" if dot else "")
         results.append({"product": name, "path": path, "tile": tile, "max_block_n": max_bn, "warps": warps,
                         "pdl": pdl, "rows_per_program": per_program, "k_tail": k_tail, "few_rows_dot": dot,
                         "us": us, "ok": ok,

@@ -114,6 +114,13 @@ def check_interpreted_cases() -> None:
     triton_linear.FEW_ROWS_DOT = True  # few-row calls with column blocks of 16+ (N >= 2,112 here) on tensor cores
     try:
         check_all_modes(((1, 3072, 576), (2, 3072, 576), (3, 2200, 100), (4, 3072, 40)), ", few rows on tensor cores")
+        triton_linear.FEW_ROWS_DOT = "all"  # every few-row product, 16 columns a program at least
+        check_all_modes([c for c in CASES if c[0] <= triton_linear.MAX_ROWS], ", all few rows on tensor cores")
+        for B, T, rot, plain, D in [c for c in QKV_CASES if c[0] * c[1] <= triton_linear.MAX_ROWS]:
+            x, w, nw, rope = qkv_inputs(B, T, rot, plain, D)
+            err = (triton_linear.qkv_rope(x, w, nw, 1e-5, rope, rot) - qkv_reference(x, w, nw, rope, rot)).abs().max()
+            print(f"qkv_rope B={B} T={T}, all few rows on tensor cores: max |d| {err.item():.2e}")
+            assert err.item() < 1e-5, (B, T, "dot all", err)
     finally:
         triton_linear.FEW_ROWS_DOT = False
     # K as whole steps and a tail (K_TAIL): a tail of 8 (tile 16), 36, SmolLM2's 576 = 512 + 64, K below one step
@@ -172,10 +179,12 @@ def check_interpreted_cases() -> None:
 def check_rows_get_the_same_bits(device: str = "cpu", dtype: torch.dtype = torch.float32) -> None:
     """A row's product has the same bits alone (a standard step) and as the first row of 2- and 4-row calls (a recycle
     pair, a chain's verification), for every product at SmolLM2's shapes, with and without K_TAIL, SWIGLU_WARPS and
-    FEW_ROWS_DOT (gate-up on tensor cores): the engine's bf16 chains equal `standard` only if this holds."""
+    FEW_ROWS_DOT (gate-up, or every product, on tensor cores): the engine's bf16 chains equal `standard` only if this
+    holds."""
     default = triton_linear.K_TAIL, triton_linear.SWIGLU_WARPS, triton_linear.FEW_ROWS_DOT
     try:
-        for k_tail, swiglu_warps, dot in ((False, 0, False), (True, 0, False), (False, 8, False), (False, 8, True)):
+        for k_tail, swiglu_warps, dot in ((False, 0, False), (True, 0, False), (False, 8, False), (False, 8, True),
+                                          (False, 8, "all")):
             triton_linear.K_TAIL, triton_linear.SWIGLU_WARPS, triton_linear.FEW_ROWS_DOT = k_tail, swiglu_warps, dot
             for name, mode, N, K in (("qkv", {"norm": True}, 960, 576), ("out", {"residual": True}, 576, 576),
                                      ("gate-up", {"norm": True}, 3072, 576),

@@ -83,8 +83,9 @@ SWIGLU_WARPS = 8
 # this form, so that a row gets the same bits in calls of 1 to 4 rows. Built after the fifteenth session's window:
 # off until timed (`linear_bench.py` has the setting; `gpu_step_profile.py --few-rows-dot` is the A/B). Its warps:
 # compiled for sm_90a (triton 3.6's ptxas, on the CPU), the gate-up kernel in this form spills 352 bytes at 4 warps and
-# none at 8 (244 registers), so 8 until timed
-FEW_ROWS_DOT = False
+# none at 8 (244 registers), so 8 until timed. "all": every few-row product, its column block widened to 16 (SmolLM2's
+# QKV, out and down: 30 to 60 programs instead of 120 to 144), for the A/B of the tensor-core form where it is not free
+FEW_ROWS_DOT: bool | str = False
 FEW_ROWS_DOT_WARPS = 8
 DEFAULT_SMS = 132  # an H100 SXM's SM count, for the interpreter (CUDA asks the device)
 
@@ -260,7 +261,7 @@ def blocks(N: int, K: int, sms: int, rows: int = 1) -> tuple[int, int, int]:
     wider than the power of two K needs and BLOCK_T is 0; with it the step is no wider than K, and what whole steps
     leave is a tail of BLOCK_T (0 if none)."""
     wide = rows > MAX_ROWS
-    bn = 16 if wide else 4
+    bn = 16 if wide or FEW_ROWS_DOT == "all" else 4
     while bn < MAX_BLOCK_N and -(-N // (2 * bn)) >= sms:
         bn *= 2
     cap = DOT_BLOCK_K if wide else TILE // bn
@@ -282,7 +283,7 @@ def _row_block(R: int, dtype: torch.dtype, swiglu: bool = False, block_n: int = 
     MULTI_ROW_WARPS for more, SWIGLU_WARPS for the down product at any few-row count where set); more than MAX_ROWS,
     and few rows with FEW_ROWS_DOT where the column block `block_n` is 16 or more, padded to 16 or more, go through
     tl.dot (fp32 kept exact with "ieee"; half types ignore the precision)."""
-    few_dot = R <= MAX_ROWS and FEW_ROWS_DOT and block_n >= 16
+    few_dot = R <= MAX_ROWS and (FEW_ROWS_DOT == "all" or (FEW_ROWS_DOT and block_n >= 16))
     wide = R > MAX_ROWS or few_dot
     block_r = max(16, triton.next_power_of_2(R)) if wide else triton.next_power_of_2(min(R, ROWS_PER_PROGRAM))
     warps = FEW_ROWS_DOT_WARPS if few_dot else MULTI_ROW_WARPS if 1 < block_r and not wide else NUM_WARPS
