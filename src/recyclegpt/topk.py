@@ -26,11 +26,12 @@ import torch
 SMALL = 1024  # rows up to this long are ranked whole (n^2 comparisons); longer ones are chunked
 CHUNK = 128
 SORT_FREE = "cuda"  # "cuda": the sort-free path on CUDA tensors only; "always"; "never" (torch.topk everywhere)
-# greedy selection's argmax over a vocabulary in two reductions (`argmax`): "cuda", "always" or "never" (one
-# torch.argmax). Compiled, a step's argmax over SmolLM2's 49,152 logits is one inductor reduction that a single
+# greedy selection's argmax over a vocabulary in two reductions (`argmax`): "cuda" (CUDA tensors in compiled code),
+# "always" or "never" (one torch.argmax). Compiled, a step's argmax over SmolLM2's 49,152 logits is one inductor reduction that a single
 # program loops through: 9.2 us of a 0.471 ms standard step on an H100 (fourteenth session's profile), two of them in
 # a recycle step. Chunk maxima first spread the reading over many programs. Measured on an H100 (fifteenth session,
-# `gpu_step_profile.py --split-argmax` is the A/B): standard 0.489 -> 0.482 ms, recycle 0.654 -> 0.642
+# `gpu_step_profile.py --split-argmax` is the A/B): standard 0.489 -> 0.482 ms, recycle 0.654 -> 0.642. Eager CUDA
+# code (the `graphs` engine, the reference loops) keeps torch.argmax, whose one kernel already spreads over the GPU
 ARGMAX_CHUNK = 1024
 SPLIT_ARGMAX = "cuda"
 
@@ -103,9 +104,9 @@ def _sort_free(x: torch.Tensor) -> bool:
 
 
 def argmax(x: torch.Tensor) -> torch.Tensor:
-    """torch.argmax(x, -1), the first index among equal maxima; on CUDA with SPLIT_ARGMAX in two reductions
-    (`split_argmax`), which give the same indices."""
-    if SPLIT_ARGMAX == "always" or (SPLIT_ARGMAX == "cuda" and x.is_cuda):
+    """torch.argmax(x, -1), the first index among equal maxima; with SPLIT_ARGMAX (on CUDA under torch.compile, by
+    default) in two reductions (`split_argmax`), which give the same indices."""
+    if SPLIT_ARGMAX == "always" or (SPLIT_ARGMAX == "cuda" and x.is_cuda and torch.compiler.is_compiling()):
         return split_argmax(x)
     return x.argmax(-1)
 
