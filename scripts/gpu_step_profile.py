@@ -138,6 +138,11 @@ FUSED_SWITCHES = {
     "fused-module-input": ("model", "FUSED_MODULE_INPUT", "the module's input product as two fused products with the "
                            "norms folded in"),
 }
+# launch settings of the fused kernels, as --x N (an A/B check; unnamed: the module's default)
+WARP_SETTINGS = {
+    "cached-warps": ("triton_attention", "CACHED_WARPS", "warps of a cached_attention program"),
+    "swiglu-warps": ("triton_linear", "SWIGLU_WARPS", "warps of the down product's programs (0: as the others)"),
+}
 
 
 def main() -> None:
@@ -183,11 +188,8 @@ def main() -> None:
     ap.add_argument("--split-argmax", action=argparse.BooleanOptionalAction, default=None,
                     help="greedy argmaxes as chunk maxima then the best chunk (topk.SPLIT_ARGMAX 'cuda', the default; "
                          "--no-split-argmax: one torch.argmax; an A/B check)")
-    ap.add_argument("--swiglu-warps", type=int, default=None,
-                    help="warps of the down product's programs (triton_linear.SWIGLU_WARPS; 0: as the others; an A/B "
-                         "check)")
-    ap.add_argument("--cached-warps", type=int, default=None,
-                    help="warps of a cached_attention program (triton_attention.CACHED_WARPS; an A/B check)")
+    for flag, (module, name, what) in WARP_SETTINGS.items():
+        ap.add_argument(f"--{flag}", type=int, default=None, help=f"{what} ({module}.{name}; an A/B check)")
     ap.add_argument("--top", type=int, default=8, help="kernel names listed per part, by GPU time")
     ap.add_argument("--sdpa", default=None,
                     help="attention backends allowed, comma-separated from cudnn, flash, efficient, math "
@@ -213,19 +215,13 @@ def run_profile(args) -> None:
     triton_draft_head.MERGE_KERNEL = not args.torch_draft_merge
     # the fused path's switches: the module defaults unless named (--no-... for the A/B)
     modules = {"model": recyclegpt.model, "triton_attention": triton_attention, "triton_linear": triton_linear}
-    for flag, (module, name, _) in FUSED_SWITCHES.items():  # named switches set; then every one as it runs
+    for flag, (module, name, _) in {**FUSED_SWITCHES, **WARP_SETTINGS}.items():  # named ones set; then as it runs
         value = getattr(args, flag.replace("-", "_"))
         if value is not None:
             setattr(modules[module], name, value)
         setattr(args, flag.replace("-", "_"), getattr(modules[module], name))
     if args.split_argmax is not None:
         topk.SPLIT_ARGMAX = "cuda" if args.split_argmax else "never"
-    if args.swiglu_warps is not None:
-        triton_linear.SWIGLU_WARPS = args.swiglu_warps
-    args.swiglu_warps = triton_linear.SWIGLU_WARPS
-    if args.cached_warps is not None:
-        triton_attention.CACHED_WARPS = args.cached_warps
-    args.cached_warps = triton_attention.CACHED_WARPS
     cuda = torch.cuda.is_available()
     dev, dtype = (torch.device("cuda"), torch.bfloat16) if cuda else (torch.device("cpu"), torch.float32)
     if args.preset:
@@ -302,7 +298,8 @@ def run_profile(args) -> None:
           f"{'off' if args.no_draft_head_kernel else 'on'} (merge: {'torch' if args.torch_draft_merge else 'kernel'})  "
           + "".join(f"{flag.replace('-', ' ')}: {'on' if getattr(args, flag.replace('-', '_')) else 'off'}  "
                     for flag in FUSED_SWITCHES) +
-          f"cached warps: {args.cached_warps}  swiglu warps: {args.swiglu_warps}  split argmax: {topk.SPLIT_ARGMAX}  "
+          "".join(f"{flag.replace('-', ' ')}: {getattr(args, flag.replace('-', '_'))}  " for flag in WARP_SETTINGS) +
+          f"split argmax: {topk.SPLIT_ARGMAX}  "
           f"prompt {L}, attention over {kv_end} slots")
     print(f"{'part':<20} {'replay ms':>9} {'kernels':>8} {'kernel ms':>9} {'gap ms':>7} {'floor ms':>8}  by kind (ms)")
     for r in rows:
@@ -335,7 +332,7 @@ def run_profile(args) -> None:
                       "draft_head_kernel": not args.no_draft_head_kernel,
                       "draft_merge_kernel": not args.torch_draft_merge,
                       **{flag.replace("-", "_"): getattr(args, flag.replace("-", "_")) for flag in FUSED_SWITCHES},
-                      "cached_warps": args.cached_warps, "swiglu_warps": args.swiglu_warps,
+                      **{flag.replace("-", "_"): getattr(args, flag.replace("-", "_")) for flag in WARP_SETTINGS},
                       "split_argmax": topk.SPLIT_ARGMAX, "prompt_len": L,
                       "kv_end": kv_end,
                       "parts": [{k: v for k, v in r.items() if k not in ("top", "counts")} for r in rows]}))
