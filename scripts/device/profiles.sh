@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A call on the device: the products alone (linear_bench.py, 1 and 2 rows), then SmolLM2's step profiles (random
 # weights), the defaults and each switch of $SWITCHES (lines "name<TAB>SET entry<TAB>profile flags"), then the winners
-# together (pick.py), over 256 and 512 slots. Leaves /tmp/winners.sh for bench.sh and tests.sh; returns p_prof.tgz.
+# together (pick.py), over 256 and 512 slots. Leaves /tmp/winners.sh for bench.sh and tests_engines.sh; returns p_prof.tgz.
 #   SWITCHES=$'merge_tile\ttriton_attention.MERGE_TILE=True\t--merge-tile' bash scripts/device/profiles.sh
 source scripts/device/env.sh
 rm -rf /tmp/prof && mkdir -p /tmp/prof
