@@ -62,6 +62,7 @@ def test_bench_json(tiny_ckpt, capsys):
     assert 0.0 <= rep["results"][1]["alpha"] <= 1.0 and "alpha" not in rep["results"][0]
     assert set(rep["speedup"]) == {"standard", "recycle"} and rep["speedup"]["standard"] == 1.0
     assert rep["speedup_vs_hf_eager"] == {}  # no HF run asked for
+    assert rep["recycle_vocab"] == "full"
 
 
 def test_kv_bucket_reaches_the_engine_and_keeps_the_tokens(tiny_ckpt, capsys, monkeypatch):
@@ -204,6 +205,9 @@ def test_distill_halves_a_batch_that_runs_out_of_memory(tiny_ckpt, tmp_path, cap
     (["generate", "--model", "{ckpt}", "--compile-mode", "max-autotune-no-cudagraphs", "hi"], "--engine compiled"),
     (["bench", "--model", "{ckpt}", "--compile-mode", "default"], "--engine compiled"),
     (["bench", "--model", "{ckpt}", "--engine", "static", "--compile-steps"], "--compile-steps applies"),
+    (["generate", "--model", "{ckpt}", "--strategy", "recycle", "--recycle-vocab", "draft", "hi"],
+     "needs a module with a draft vocabulary"),
+    (["bench", "--model", "{ckpt}", "--recycle", "none", "--recycle-vocab", "draft"], "needs a recyclable module"),
 ])
 def test_bad_input_exits_2_with_one_line(tiny_ckpt, capsys, argv, message):
     _, _, ckpt = tiny_ckpt

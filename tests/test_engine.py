@@ -355,3 +355,67 @@ def test_cuda_graphs_with_a_draft_vocabulary(strategy):
     for _ in range(2):  # capture, then replay
         assert graphs.decode(strategy, prompts, max_new_tokens=40, **opts).tokens == want
     assert ref(model, prompts, max_new_tokens=40).tokens == want
+
+
+# -- recycle over the module's draft vocabulary (RecycleModel.recycle_vocab "draft") ------------------------------
+
+
+def module_tokens(tokens: list[list[int]]) -> list[int]:
+    """The tokens `recycle` took from the module: offsets 1, 3, 5, ... of each output."""
+    return [t for row in tokens for t in row[1::2]]
+
+
+@pytest.mark.parametrize("sampling", [SamplingParams(), SamplingParams(temperature=1.0, top_k=30, seed=5)])
+def test_recycle_over_the_draft_vocabulary_equals_the_reference_loop(sampling):
+    from test_speculative import with_draft_vocab
+
+    allowed = list(range(0, 97, 2))
+    model = with_draft_vocab(build(3, n_layer=2), allowed)
+    prompts = random_prompts(3, 3, model.base.cfg.vocab_size)
+    full = reference(model, "recycle", prompts, max_new_tokens=41, sampling=sampling).tokens
+    model.recycle_vocab = "draft"
+    want = reference(model, "recycle", prompts, max_new_tokens=41, sampling=sampling).tokens
+    got = Engine(model, bucket=8).decode("recycle", prompts, max_new_tokens=41, sampling=sampling, check_every=3)
+    assert got.tokens == want
+    assert set(module_tokens(want)) <= set(allowed)
+    assert not set(module_tokens(full)) <= set(allowed)  # the option changed what the module may yield
+    model.recycle_vocab = "full"  # a reused engine follows the model's setting again
+    again = Engine(model, bucket=8)
+    assert again.decode("recycle", prompts, max_new_tokens=41, sampling=sampling).tokens == full
+
+
+def test_recycle_vocab_errors_are_clear():
+    model = build(0)
+    with pytest.raises(ValueError, match="needs a module with a draft vocabulary"):
+        model.recycle_vocab = "draft"
+    with pytest.raises(ValueError, match="must be one of full, draft"):
+        model.recycle_vocab = "tiny"
+    assert model.recycle_vocab == "full"
+
+
+@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
+                    reason="torch.compile on the CPU needs a C++ compiler")
+def test_recycle_over_the_draft_vocabulary_compiled_whole():
+    """The greedy step compiled whole (as the GPU bench runs it) takes the draft head's argmax (draft_argmax) and
+    gives the reference loop's tokens."""
+    from test_speculative import with_draft_vocab
+
+    model = with_draft_vocab(build(4, n_layer=1), list(range(1, 97, 3)))
+    model.recycle_vocab = "draft"
+    prompts = random_prompts(4, 2, model.base.cfg.vocab_size)
+    got = Engine(model, bucket=64, compile=True, compile_steps=True).decode("recycle", prompts, max_new_tokens=20)
+    assert got.tokens == reference(model, "recycle", prompts, max_new_tokens=20).tokens
+
+
+@CUDA
+@pytest.mark.cuda
+def test_cuda_graphs_replay_recycle_over_the_draft_vocabulary():
+    from test_speculative import with_draft_vocab
+
+    model = with_draft_vocab(build(3, n_layer=2), list(range(0, 97, 2))).cuda()
+    model.recycle_vocab = "draft"
+    prompts = random_prompts(3, 3, model.base.cfg.vocab_size)
+    want = reference(model, "recycle", prompts, max_new_tokens=40).tokens
+    graphs = Engine(model, graphs=True, bucket=16)
+    for _ in range(2):  # capture, then replay
+        assert graphs.decode("recycle", prompts, max_new_tokens=40).tokens == want

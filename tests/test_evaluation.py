@@ -72,6 +72,31 @@ def test_token_logprobs_equal_explicit_forwards(tok, scoring):
             assert sc.greedy.tolist() == ref_greedy and sc.by_module.tolist() == ref_mod
 
 
+def test_module_scoring_over_the_draft_vocabulary(tok):
+    """recycle_vocab "draft": the module's rows score over its draft vocabulary (as `recycle` then decodes), the
+    full model's rows as before."""
+    from recyclegpt.train import add_draft_vocab
+
+    lm = make_lm(tok, seed=2)
+    allowed = list(range(0, tok.vocab_size, 3))
+    lm.model = RecycleModel(lm.base, add_draft_vocab(lm.model.module, allowed)).eval()
+    g = torch.Generator().manual_seed(1)
+    seqs = [torch.randint(0, tok.vocab_size, (n,), generator=g).tolist() for n in (30, 24)]
+    full = token_logprobs(lm, seqs, [4, 4], "recycle")
+    lm.model.recycle_vocab = "draft"
+    draft = token_logprobs(lm, seqs, [4, 4], "recycle")
+    for seq, a, b in zip(seqs, full, draft):
+        cont = torch.tensor(seq[4:])
+        inside = torch.tensor([t in allowed for t in seq[4:]])
+        assert torch.equal(a.logprobs[~b.by_module], b.logprobs[~b.by_module])  # the full model's rows unchanged
+        mod = b.by_module
+        assert torch.isneginf(b.logprobs[mod & ~inside]).all()
+        # inside: renormalised over the draft vocabulary, so at least as likely as over the whole head
+        assert (b.logprobs[mod & inside] >= a.logprobs[mod & inside] - 1e-6).all()
+        assert not b.greedy[mod & ~inside].any() and cont.numel() == len(b.greedy)
+        assert (b.greedy[mod & inside] >= a.greedy[mod & inside]).all()
+
+
 def test_recycle_scoring_alternates_from_the_first_continuation_token(tok):
     lm = make_lm(tok)
     (sc,) = token_logprobs(lm, [list(range(10, 20))], [4], "recycle")

@@ -314,6 +314,7 @@ def run_bench(lm: RecycleGPT, prompts: list[str] | list[list[int]], *,
                            else default_min_draft_prob(lm.device, kind))
         if {"speculative", "recycle-verified"} & set(strategies) else None,
         "tree": list(tree_shape) if "tree" in strategies and tree_shape is not None else None,
+        "recycle_vocab": lm.model.recycle_vocab if "recycle" in strategies and lm.model is not None else None,
         "results": results,
         "speedup": ratios("standard"),
         "speedup_vs_hf_eager": ratios("hf_eager"),
@@ -363,7 +364,9 @@ def format_table(report: dict) -> str:
            f"{'tok/full':>8} {'tau':>5} {'alpha':>6} {'vs std':>7} {'vs HF':>7}  engine"
     lines = [f"device: {report['device']}  dtype: {report['dtype']}  model: {report['model']}  "
              f"module: {report['module']}  prompts: {report['prompts']}  batch: {report['batch_size']}  "
-             f"max_new_tokens: {report['max_new_tokens']}", head, "-" * len(head)]
+             f"max_new_tokens: {report['max_new_tokens']}"
+             + (f"  recycle vocab: {report['recycle_vocab']}" if report.get("recycle_vocab") == "draft" else ""),
+             head, "-" * len(head)]
     def ratio(x: float | None, width: int = 6) -> str:  # "-" where there is no baseline to divide by
         return f"{x:>{width}.2f}x" if x is not None and x == x else f"{'-':>{width + 1}}"
 

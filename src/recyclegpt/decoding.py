@@ -232,8 +232,12 @@ def recycle(model: RecycleModel, prompts: Sequence[Sequence[int]], *, max_new_to
     So each full call after the prefill yields two tokens, and both KV caches hold every slot: the base's from the
     two-token calls, the module's from step 4, which also feeds it the slot whose token it produced itself.
     The call stops as soon as every row has its tokens or a stop token, so no model runs for a token nobody wants.
+    With `model.recycle_vocab` "draft" the module's tokens come from its draft vocabulary only (`draft_logits`).
     """
     base = model.base
+    draft = model.recycles_over_draft
+    if draft:
+        model.refresh_draft_head()
     device = base.tok_emb.weight.device
     batch = PromptBatch.build(prompts, vocab_size=base.cfg.vocab_size, device=device)
     max_len = check_budget(base, batch, max_new_tokens, extra_slots=1)
@@ -255,7 +259,7 @@ def recycle(model: RecycleModel, prompts: Sequence[Sequence[int]], *, max_new_to
     stats.prefill_seconds = time.perf_counter() - t0
     next_tokens = torch.cat((batch.ids[:, 1:], x_next[:, None]), dim=1)  # x_{t+1} for t = 0..p-1
     rec = model.recycle(model.state(full), next_tokens, input_pos=_slots(0, p, device), cache=module_cache,
-                        pad=batch.pad, kv_end=p, num_logits=1)
+                        pad=batch.pad, kv_end=p, num_logits=1, draft=draft)
     x_rec = sample(rec.logits[:, -1], sampling, gen)  # x̂_{p+1}
     stats.module_calls += 1
     if out.emit(x_rec[:, None]):
@@ -272,7 +276,7 @@ def recycle(model: RecycleModel, prompts: Sequence[Sequence[int]], *, max_new_to
             break
         # 4: the module on the same two slots
         rec = model.recycle(model.state(full), torch.stack((x_rec, x_next), dim=1), input_pos=_slots(p, 2, device),
-                            cache=module_cache, pad=batch.pad, kv_end=p + 2, num_logits=1)
+                            cache=module_cache, pad=batch.pad, kv_end=p + 2, num_logits=1, draft=draft)
         x_rec = sample(rec.logits[:, -1], sampling, gen)  # x̂_{p+3}
         stats.module_calls += 1
         p += 2

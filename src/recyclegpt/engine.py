@@ -119,6 +119,7 @@ class Decoder:
         self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
         self._prompt: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}  # by length: ids, module state
         self._pool = torch.cuda.graph_pool_handle() if graphs else None
+        self.rec_draft = False  # recycle takes the module's tokens over its draft vocabulary (set by decode)
         self._base_fwd, self._recycle_fwd = self.base.forward, (self.rmodel.recycle if self.rmodel else None)
         if compile:  # inductor fuses the element-wise chains; the graphs then hold far fewer kernels
             # every step kind and bucket is a shape of its own (a tree round calls the module with three): allow
@@ -167,14 +168,17 @@ class Decoder:
         self.logits.copy_(out.logits[:, -1])
         self.hidden2.copy_(self.rmodel.state(out))
 
-    def _module_pair(self, kv_end: int, x_new: torch.Tensor) -> None:
-        """Given x_{p+2} (B,): the module on slots p, p+1; its logits (for x̂_{p+3}) into `logits`."""
+    def _module_pair(self, kv_end: int, x_new: torch.Tensor, head: bool = True) -> torch.Tensor:
+        """Given x_{p+2} (B,): the module on slots p, p+1; its logits (for x̂_{p+3}) into `logits` (over the draft
+        vocabulary with `rec_draft`). head=False leaves the head to the caller: returns the output at p+1 (B, d)."""
         rec = self._recycle_fwd(self.hidden2, torch.cat((self.x_rec, x_new[:, None]), dim=1),
                                 input_pos=self.pos + self.offsets, cache=self.mcache, pad=self.pad, kv_end=kv_end,
-                                num_logits=1)
+                                num_logits=1 if head else 0, draft=self.rec_draft)
         self.x_next.copy_(x_new[:, None])
         self._emit(self.x_next)
-        self.logits.copy_(rec.logits[:, -1])
+        if head:
+            self.logits.copy_(rec.logits[:, -1])
+        return rec.hidden[:, -1]
 
     def _module_select(self, token: torch.Tensor) -> None:
         self.x_rec.copy_(token[:, None])
@@ -183,8 +187,12 @@ class Decoder:
 
     def _recycle_greedy(self, kv_end: int) -> None:
         self._full_pair(kv_end)
-        self._module_pair(kv_end, topk.argmax(self.logits))
-        self._module_select(topk.argmax(self.logits))
+        if self.rec_draft:  # the draft head's argmax, without V-wide logits (the same token: RecycleModel.draft_argmax)
+            out = self._module_pair(kv_end, topk.argmax(self.logits), head=False)
+            self._module_select(self.rmodel.draft_argmax(out))
+        else:
+            self._module_pair(kv_end, topk.argmax(self.logits))
+            self._module_select(topk.argmax(self.logits))
 
     def _chain_round(self, K: int, kv_end: int, sampling: SamplingParams, gen) -> None:
         """Draft K tokens from (g, d_logits), verify them in one full call, commit (speculative.speculative)."""
@@ -332,23 +340,24 @@ class Decoder:
         """The module over the prompt's slots (state: what `prefill` returned). recycle: `out` gets x̂_{L+1}; the
         verified rounds keep its output at slot L-1 (g, d_logits), which the first round drafts from."""
         L = batch.length
-        draft = strategy in VERIFIED
+        verified = strategy in VERIFIED
         if self._captures_prompt(L):
             ids, _ = self._prompt_buffers(L)
-            self._run(("prefill_module", L, draft), lambda: self._module_prefill(ids, state, draft))
+            self._run(("prefill_module", L, verified, self.rec_draft),
+                      lambda: self._module_prefill(ids, state, verified))
         else:
-            self._module_prefill(batch.ids, state, draft)
-        if not draft:
+            self._module_prefill(batch.ids, state, verified)
+        if not verified:
             self.x_rec.copy_(sample(self.logits, sampling, gen)[:, None])
             self._emit(self.x_rec)
 
-    def _module_prefill(self, ids: torch.Tensor, state: torch.Tensor, draft: bool) -> None:
+    def _module_prefill(self, ids: torch.Tensor, state: torch.Tensor, verified: bool) -> None:
         L = ids.shape[1]
         next_tokens = torch.cat((ids[:, 1:], self.x_next), dim=1)
         with prefill_attention():
             rec = self.rmodel.recycle(state, next_tokens, input_pos=self._ar[:L], cache=self.mcache, pad=self.pad,
-                                      kv_end=L, num_logits=1, draft=draft)
-        if draft:
+                                      kv_end=L, num_logits=1, draft=verified or self.rec_draft)
+        if verified:
             self.g.copy_(rec.hidden[:, -1:])
             self.d_logits.copy_(rec.logits[:, -1])
         else:
@@ -382,12 +391,12 @@ class Decoder:
                 self._run(("standard_fwd", kv_end), lambda: self._standard_forward(kv_end))
                 self._standard_select(sample(self.logits, sampling, gen))
         elif sampling.greedy:
-            self._run(("recycle", kv_end), lambda: self.step_fn("_recycle_greedy")(kv_end))
+            self._run(("recycle", kv_end, self.rec_draft), lambda: self.step_fn("_recycle_greedy")(kv_end))
         else:
             self._run(("full_pair", kv_end), lambda: self._full_pair(kv_end))
             # a graph reads its inputs from fixed addresses: stage the eagerly sampled token in a persistent buffer
             self.x_new.copy_(sample(self.logits, sampling, gen))
-            self._run(("module_pair", kv_end), lambda: self._module_pair(kv_end, self.x_new))
+            self._run(("module_pair", kv_end, self.rec_draft), lambda: self._module_pair(kv_end, self.x_new))
             self._module_select(sample(self.logits, sampling, gen))
 
     def decode(self, strategy: str, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
@@ -420,6 +429,7 @@ class Decoder:
         with torch.inference_mode():
             if self.rmodel is not None:
                 self.rmodel.refresh_draft_head()  # before any graph reads it
+                self.rec_draft = self.rmodel.recycles_over_draft
             _sync(self.device)
             t0 = time.perf_counter()
             state = self.prefill(batch, sampling, gen)

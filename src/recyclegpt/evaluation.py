@@ -85,9 +85,15 @@ def token_logprobs(model: RecycleGPT | RecycleModel | Transformer, sequences: Se
     scoring: "standard" scores every token with the full model (logits at i-1); "module" with the module (at
     position i-2, from h_{i-2} and s_{i-1}); "recycle" alternates as decoding does: the full model at even offsets
     i - L, the module at odd ones. Sequences are sorted by length and run in right-padded batches of `batch_size`:
-    causal attention never lets padding reach a real position, so no cache and no mask are needed.
+    causal attention never lets padding reach a real position, so no cache and no mask are needed. With
+    `recycle_vocab` "draft" the module scores over its draft vocabulary, as `recycle` then decodes: a token outside
+    it gets log-probability -inf from the module (so the perplexity is infinite) and is never its argmax.
     """
     base, pair = _parts(model, scoring)
+    outside = None  # (V,) bool: the tokens the module may not yield
+    if pair is not None and scoring != "standard" and pair.recycles_over_draft:
+        outside = torch.ones(base.cfg.vocab_size, dtype=torch.bool, device=base.tok_emb.weight.device)
+        outside[pair.module.draft_ids] = False
     if len(sequences) != len(context_lengths):
         raise ValueError(f"{len(sequences)} sequences but {len(context_lengths)} context lengths")
     if batch_size < 1:
@@ -135,6 +141,8 @@ def token_logprobs(model: RecycleGPT | RecycleModel | Transformer, sequences: Se
         lp, greedy = [], []
         for s in range(0, len(targets), HEAD_ROWS):
             logits = base.head(states[s:s + HEAD_ROWS]).float()  # (n, V)
+            if outside is not None:
+                logits.masked_fill_(use_mod[s:s + HEAD_ROWS, None] & outside, float("-inf"))
             tgt = targets[s:s + HEAD_ROWS]
             lp.append(torch.log_softmax(logits, dim=-1).gather(1, tgt[:, None])[:, 0])
             greedy.append(logits.argmax(-1) == tgt)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import triton_attention, triton_draft_head, triton_linear
+from . import topk, triton_attention, triton_draft_head, triton_linear
 from .config import ModelConfig, RecycleConfig
 from .topk import top_k
 
@@ -593,6 +593,10 @@ class RecyclableModule(nn.Module):
                           tree=tree)[0]
 
 
+# what `recycle` may take from the module (RecycleModel.recycle_vocab): the full head, or the draft vocabulary
+RECYCLE_VOCABS = ("full", "draft")
+
+
 class RecycleModel(nn.Module):
     """A base LM plus its recyclable module, which shares the base's embedding, final norm and LM head."""
 
@@ -603,6 +607,7 @@ class RecycleModel(nn.Module):
                              f"d_model {base.cfg.d_model}")
         self.base, self.module = base, module
         self.use_draft_vocab = True  # draft over the module's draft vocabulary, if it has one
+        self.recycle_vocab = "full"  # `recycle`'s own tokens: over the full head, or its draft vocabulary ("draft")
         self.register_buffer("draft_weight", None, persistent=False)  # its LM head rows: refresh_draft_head
         self._draft_key: tuple | None = None  # what draft_weight was copied from
 
@@ -639,6 +644,35 @@ class RecycleModel(nn.Module):
         small = linear(self.base.norm(out), self.draft_weight)
         full = small.new_full((*small.shape[:-1], self.base.cfg.vocab_size), float("-inf"))
         return full.index_copy_(-1, self.module.draft_ids, small)
+
+    @property
+    def recycle_vocab(self) -> str:
+        """Which tokens the lossy `recycle` schedule may take from the module: "full" (the whole LM head, as the
+        paper does) or "draft" (its draft vocabulary only: a head a third the size for one of every two tokens,
+        and the module can no longer yield a token outside it; docs/engine.md has both sides of the trade). The
+        lossless strategies are not affected: they draft over the draft vocabulary whenever `use_draft_vocab`."""
+        return self._recycle_vocab
+
+    @recycle_vocab.setter
+    def recycle_vocab(self, value: str) -> None:
+        if value not in RECYCLE_VOCABS:
+            raise ValueError(f"recycle_vocab must be one of {', '.join(RECYCLE_VOCABS)}, got {value!r}")
+        if value == "draft" and getattr(self.module, "draft_ids", None) is None:
+            raise ValueError("recycle_vocab 'draft' needs a module with a draft vocabulary (RecycleConfig.draft_vocab;"
+                             " scripts/draft_vocab.py adds one); this module has none")
+        self._recycle_vocab = value
+
+    @property
+    def recycles_over_draft(self) -> bool:
+        """`recycle` takes the module's tokens over the draft vocabulary (recycle_vocab "draft", and the draft
+        head in use: `use_draft_vocab`)."""
+        return self._recycle_vocab == "draft" and self.use_draft_vocab
+
+    def draft_argmax(self, out: torch.Tensor) -> torch.Tensor:
+        """The module's greedy token ids (...,) over the draft vocabulary from its output `out` (..., d), with
+        `draft_weight` set: the index `draft_logits(out).argmax(-1)` gives, without the V-wide logits (the draft
+        ids are sorted, so the first of equal maxima is the same token)."""
+        return self.module.draft_ids[topk.argmax(linear(self.base.norm(out), self.draft_weight))]
 
     def draft_top(self, out: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The k most likely draft tokens from the module's output `out` (..., d): (log-probabilities (..., k) in

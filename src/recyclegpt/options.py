@@ -9,6 +9,7 @@ import torch
 
 from .api import DEFAULT_DRAFT_LEN, DEFAULT_KV_BUCKET, DEFAULT_MODEL, RecycleGPT
 from .config import RecycleConfig
+from .model import RECYCLE_VOCABS
 from .speculative import TreeShape
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -39,15 +40,23 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "built-in --model, if any), a checkpoint directory, 'random' (untrained; speed measurements "
                         "only) or 'none' (default: default)")
     p.add_argument("--recycle-layers", type=int, default=1, help="layers of a --recycle random module (default 1)")
+    p.add_argument("--recycle-vocab", default="full", choices=RECYCLE_VOCABS,
+                   help="the tokens `recycle` may take from the module: full (the whole LM head) or draft (the "
+                        "module's draft vocabulary: a cheaper head, slightly lower α; docs/engine.md) (default: full)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bf16 on CUDA, fp32 on CPU)")
 
 
 def load_model(args: argparse.Namespace) -> RecycleGPT:
     """The RecycleGPT that the flags of `add_model_args` describe."""
-    return RecycleGPT.from_pretrained(args.model, recycle=args.recycle, device=args.device,
-                                      dtype=parse_dtype(args.dtype),
-                                      random_module=RecycleConfig(n_layer=args.recycle_layers))
+    lm = RecycleGPT.from_pretrained(args.model, recycle=args.recycle, device=args.device,
+                                    dtype=parse_dtype(args.dtype), random_module=RecycleConfig(n_layer=args.recycle_layers))
+    vocab = getattr(args, "recycle_vocab", "full")
+    if vocab != "full":
+        if lm.model is None:
+            raise ValueError(f"--recycle-vocab {vocab} needs a recyclable module; this run loads none")
+        lm.model.recycle_vocab = vocab
+    return lm
 
 
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")  # inductor modes that run inside the engine's own graphs
