@@ -137,6 +137,8 @@ FUSED_SWITCHES = {
                      "cores, rows padded to 16"),
     "fused-module-input": ("model", "FUSED_MODULE_INPUT", "the module's input product as two fused products with the "
                            "norms folded in"),
+    "l2-persist": ("engine", "L2_PERSIST", "the module's weights and draft head in one window kept in a persisting "
+                   "part of L2 (graphs only)"),
 }
 # launch settings of the fused kernels, as --x N (an A/B check; unnamed: the module's default)
 WARP_SETTINGS = {
@@ -190,6 +192,8 @@ def main() -> None:
                          "--no-split-argmax: one torch.argmax; an A/B check)")
     for flag, (module, name, what) in WARP_SETTINGS.items():
         ap.add_argument(f"--{flag}", type=int, default=None, help=f"{what} ({module}.{name}; an A/B check)")
+    ap.add_argument("--recycle-vocab", default="full", choices=("full", "draft"),
+                    help="the recycle step's module token over the full head or the draft vocabulary (an A/B check)")
     ap.add_argument("--top", type=int, default=8, help="kernel names listed per part, by GPU time")
     ap.add_argument("--sdpa", default=None,
                     help="attention backends allowed, comma-separated from cudnn, flash, efficient, math "
@@ -205,6 +209,7 @@ def main() -> None:
 
 
 def run_profile(args) -> None:
+    import recyclegpt.engine
     import recyclegpt.model
     recyclegpt.model.ADDITIVE_MASK = not args.bool_mask
     recyclegpt.model.FOLD_GROUPS = not args.repeat_kv
@@ -214,7 +219,8 @@ def run_profile(args) -> None:
     recyclegpt.model.DRAFT_HEAD_KERNEL = not args.no_draft_head_kernel
     triton_draft_head.MERGE_KERNEL = not args.torch_draft_merge
     # the fused path's switches: the module defaults unless named (--no-... for the A/B)
-    modules = {"model": recyclegpt.model, "triton_attention": triton_attention, "triton_linear": triton_linear}
+    modules = {"model": recyclegpt.model, "triton_attention": triton_attention, "triton_linear": triton_linear,
+               "engine": recyclegpt.engine}
     for flag, (module, name, _) in {**FUSED_SWITCHES, **WARP_SETTINGS}.items():  # named ones set; then as it runs
         value = getattr(args, flag.replace("-", "_"))
         if value is not None:
@@ -233,6 +239,7 @@ def run_profile(args) -> None:
         model = random_model(args.shape, module_layers=args.recycle_layers, device=dev, dtype=dtype).model
     else:
         model = RecycleGPT.from_pretrained(args.model, device=dev, dtype=dtype).model
+    model.recycle_vocab = args.recycle_vocab
     mode = None if args.compile in (None, "default") else args.compile
     compile_arg: bool | str = False if args.compile is None else (mode or True)
     L = args.prompt_len
@@ -248,7 +255,7 @@ def run_profile(args) -> None:
         dec.n.zero_()
 
     with torch.inference_mode():
-        model.refresh_draft_head()
+        dec.prepare()  # as Decoder.decode does: the draft head's rows, recycle's vocabulary, the L2 window
         hidden = dec.prefill(batch, sampling, gen)
         dec.prefill_module("recycle", batch, hidden, sampling, gen)
         dec.x_new.copy_(dec.x_next[:, 0])
@@ -299,7 +306,7 @@ def run_profile(args) -> None:
           + "".join(f"{flag.replace('-', ' ')}: {'on' if getattr(args, flag.replace('-', '_')) else 'off'}  "
                     for flag in FUSED_SWITCHES) +
           "".join(f"{flag.replace('-', ' ')}: {getattr(args, flag.replace('-', '_'))}  " for flag in WARP_SETTINGS) +
-          f"split argmax: {topk.SPLIT_ARGMAX}  "
+          f"split argmax: {topk.SPLIT_ARGMAX}  recycle vocab: {args.recycle_vocab}  "
           f"prompt {L}, attention over {kv_end} slots")
     print(f"{'part':<20} {'replay ms':>9} {'kernels':>8} {'kernel ms':>9} {'gap ms':>7} {'floor ms':>8}  by kind (ms)")
     for r in rows:
@@ -333,7 +340,7 @@ def run_profile(args) -> None:
                       "draft_merge_kernel": not args.torch_draft_merge,
                       **{flag.replace("-", "_"): getattr(args, flag.replace("-", "_")) for flag in FUSED_SWITCHES},
                       **{flag.replace("-", "_"): getattr(args, flag.replace("-", "_")) for flag in WARP_SETTINGS},
-                      "split_argmax": topk.SPLIT_ARGMAX, "prompt_len": L,
+                      "split_argmax": topk.SPLIT_ARGMAX, "recycle_vocab": args.recycle_vocab, "prompt_len": L,
                       "kv_end": kv_end,
                       "parts": [{k: v for k, v in r.items() if k not in ("top", "counts")} for r in rows]}))
 

@@ -1,5 +1,5 @@
 # Sourced from the repository root on the device, by each call's script: the carried wheels unzipped to /tmp/site,
-# the GGUF joined in the cache once its three parts have come (one a call, .gguf3/part_a{a,b,c}), and the switches
+# the GGUF joined in the cache once its parts have come (one a call, .gguf3/part_a?; sha256 checked), and the switches
 # in $SET (module.NAME=value ..., written into the carried copy of src/ only; the copy is fresh each call).
 export PYTHONPATH=$PWD/src:/tmp/site RECYCLEGPT_CACHE=/tmp/rc
 if [ ! -f /tmp/site/.done ]; then
@@ -8,8 +8,13 @@ fi
 mkdir -p /tmp/gg /tmp/rc
 for p in .gguf3/part_a?; do [ -f "$p" ] && cp "$p" /tmp/gg/ && echo "carried $p"; done
 G=/tmp/rc/SmolLM2-135M-Instruct.Q4_1.gguf
-if [ ! -f $G ] && [ -f /tmp/gg/part_aa ] && [ -f /tmp/gg/part_ab ] && [ -f /tmp/gg/part_ac ]; then
-  cat /tmp/gg/part_aa /tmp/gg/part_ab /tmp/gg/part_ac > $G && sha256sum $G
+if [ ! -f $G ] && ls /tmp/gg/part_a? > /dev/null 2>&1; then  # joined once the parts so far hash right
+  cat /tmp/gg/part_a? > $G.part
+  if echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  $G.part" | sha256sum -c --status; then
+    mv $G.part $G && echo "joined $G, sha256 checked"
+  else
+    rm -f $G.part
+  fi
 fi
 for kv in $SET; do
   mod=${kv%%.*}; rest=${kv#*.}; name=${rest%%=*}; val=${rest#*=}

@@ -1,6 +1,6 @@
 """Which switches to turn on, from profiles.sh's step profiles: a switch is on when neither step (standard, recycle)
 is slower than the default's by more than 2 us and the two together are at least 3 us faster. Reads FOLDER/switches.tsv
-(name, SET entry, profile flags) and FOLDER/prof_NAME.txt; prints shell lines: SET (for env.sh) and FLAGS (for the
+(name, SET entry or "-", profile flags) and FOLDER/prof_NAME.txt; prints shell lines: SET (for env.sh) and FLAGS (for the
 profile) of the winners.
 
     python3 scripts/device/pick.py /tmp/prof > /tmp/winners.sh
@@ -32,7 +32,8 @@ for line in (folder / "switches.tsv").read_text().splitlines():
     on = ds <= 0.002 and dr <= 0.002 and ds + dr <= -0.003
     print(f"# {name}: standard {got[0]:.3f} ({ds:+.3f}), recycle {got[1]:.3f} ({dr:+.3f}) -> {'on' if on else 'off'}")
     if on:
-        sets.append(entry)
+        if entry != "-":  # "-": a profile flag only, no module constant (e.g. --recycle-vocab draft)
+            sets.append(entry)
         flags.append(flag)
 print(f"export SET='{' '.join(sets)}'")
 print(f"FLAGS='{' '.join(flags)}'")

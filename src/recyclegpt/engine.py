@@ -35,7 +35,7 @@ from typing import Callable, NamedTuple, Sequence
 
 import torch
 
-from . import topk
+from . import l2_persist, topk
 from .decoding import Collector, DecodeResult, DecodeStats, PromptBatch, StreamFn, _sync, check_budget
 from .model import KVCache, RecycleModel, Transformer, fuse_projections, prefill_attention
 from .sampling import SamplingParams, draw, logits_to_probs, sample
@@ -49,6 +49,9 @@ STRATEGIES = tuple(STEP_TOKENS) + VERIFIED
 MAX_ROUND_TOKENS = 64  # a verified round keeps at most this many tokens (draft length or tree depth + 1)
 KV_BUCKET = 256  # attention reads the cache up to a multiple of this many slots: one graph (and compile) per bucket
 PREFILL_BUCKET = 64  # with graphs, prompts are left-padded to a multiple of this many tokens: one graph per length
+# with graphs and a module, keep the module's weights and draft head in a persisting part of L2 across steps
+# (l2_persist.py). Built in the sixteenth session; off until timed (`gpu_step_profile.py --l2-persist` is the A/B)
+L2_PERSIST = False
 
 
 def round_up(n: int, m: int) -> int:
@@ -120,6 +123,7 @@ class Decoder:
         self._prompt: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}  # by length: ids, module state
         self._pool = torch.cuda.graph_pool_handle() if graphs else None
         self.rec_draft = False  # recycle takes the module's tokens over its draft vocabulary (set by decode)
+        self.l2_window: l2_persist.Window | None = None  # the module's weights kept in L2 (L2_PERSIST; prepare)
         self._base_fwd, self._recycle_fwd = self.base.forward, (self.rmodel.recycle if self.rmodel else None)
         if compile:  # inductor fuses the element-wise chains; the graphs then hold far fewer kernels
             # every step kind and bucket is a shape of its own (a tree round calls the module with three): allow
@@ -276,10 +280,24 @@ class Decoder:
         torch.cuda.current_stream(self.device).wait_stream(stream)
         for t, s in zip(small, state):
             t.copy_(s)
-        graph = torch.cuda.CUDAGraph()
+        graph = torch.cuda.CUDAGraph(keep_graph=True) if self.l2_window is not None else torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
             fn()
+        if self.l2_window is not None:  # the window on every kernel node, before the graph is instantiated
+            l2_persist.apply_window(graph, self.l2_window)
+            graph.instantiate()
         return graph
+
+    def prepare(self) -> None:
+        """Before a call's first step: the draft head's rows (`refresh_draft_head`), whether `recycle` takes the
+        module's tokens over them, and, with L2_PERSIST and graphs, the module's weights in one L2-persisting window
+        (before any graph of this Decoder is captured, since it moves them)."""
+        if self.rmodel is None:
+            return
+        self.rmodel.refresh_draft_head()  # before any graph reads it
+        self.rec_draft = self.rmodel.recycles_over_draft
+        if L2_PERSIST and self.graphs_enabled:
+            self.l2_window = l2_persist.pin_module(self.rmodel)
 
     def _kv_end(self, pos_after: int) -> int:
         return min(self.max_len, round_up(pos_after, self.bucket))
@@ -427,9 +445,7 @@ class Decoder:
         step_seconds: list[float] = []  # per decode step: CUDA events on the GPU (no sync), host clock on CPU
         cuda = self.device.type == "cuda"
         with torch.inference_mode():
-            if self.rmodel is not None:
-                self.rmodel.refresh_draft_head()  # before any graph reads it
-                self.rec_draft = self.rmodel.recycles_over_draft
+            self.prepare()
             _sync(self.device)
             t0 = time.perf_counter()
             state = self.prefill(batch, sampling, gen)
