@@ -388,8 +388,8 @@ def use_fused_linear(x: torch.Tensor, block: "Block") -> bool:
 # with the fused path, the module's input product (fc over the normed state and token embedding, 2d -> d) as two
 # triton_linear products with their norms folded in (RecyclableModule.fused_input), launched with PDL like the layers'
 # products, not an inductor kernel for the norms and the concatenation and then cuBLAS's product. Built after the
-# fifteenth session's window, where the recycle step spent 4.4 us in that cuBLAS product: off until timed
-# (`gpu_step_profile.py --fused-module-input` is the A/B)
+# fifteenth session's window, where the recycle step spent 4.4 us in that cuBLAS product. Measured in the sixteenth
+# (H100, `gpu_step_profile.py --fused-module-input`): standard 0.455 -> 0.457 ms, recycle 0.612 -> 0.613: off
 FUSED_MODULE_INPUT = False
 
 

@@ -80,8 +80,9 @@ SWIGLU_WARPS = 8
 # weights a program): rows padded to 16 and tl.dot over the same one K step, its weights loaded before the PDL wait
 # as now. On CUDA cores a row's float32 products and sums come again for every row (gate-up 2.77 us at one row, 3.59
 # at two: fifteenth session); on tensor cores up to 16 rows cost one row's. Every few-row call of such a product takes
-# this form, so that a row gets the same bits in calls of 1 to 4 rows. Built after the fifteenth session's window:
-# off until timed (`linear_bench.py` has the setting; `gpu_step_profile.py --few-rows-dot` is the A/B). Its warps:
+# this form, so that a row gets the same bits in calls of 1 to 4 rows. Built after the fifteenth session's window and
+# measured in the sixteenth (H100, `gpu_step_profile.py --few-rows-dot`): SmolLM2's standard step 0.455 -> 0.622 ms,
+# recycle 0.612 -> 0.797 (one program an SM with 64 KB of shared memory each; 16 padded rows): off. Its warps:
 # compiled for sm_90a (triton 3.6's ptxas, on the CPU), the gate-up kernel in this form spills 352 bytes at 4 warps and
 # none at 8 (244 registers), so 8 until timed. "all": every few-row product, its column block widened to 16 (SmolLM2's
 # QKV, out and down: 30 to 60 programs instead of 120 to 144), for the A/B of the tensor-core form where it is not free
