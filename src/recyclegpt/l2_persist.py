@@ -90,8 +90,8 @@ def device_limits(device: torch.device) -> tuple[int, int]:
 
 
 def gather(tensors: dict[tuple[nn.Module, str], torch.Tensor]) -> torch.Tensor:
-    """Copy the storages behind `tensors` ({(owner, attribute name): tensor}, one device) into one uint8 buffer and
-    rebind each attribute to the same view of its new place (a Parameter keeps its identity: its .data moves).
+    """Copy the storages behind `tensors` ({(owner, parameter or buffer name): tensor}, one device) into one uint8
+    buffer and rebind each to the same view of its new place (a Parameter keeps its identity: its .data moves).
     Tensors that share a storage share it again afterwards. Returns the buffer."""
     groups: dict[int, tuple[torch.UntypedStorage, list]] = {}
     for key, t in tensors.items():
@@ -113,10 +113,8 @@ def gather(tensors: dict[tuple[nn.Module, str], torch.Tensor]) -> torch.Tensor:
             new = buf.view(t.dtype).as_strided(t.shape, t.stride(), start // t.element_size() + t.storage_offset())
             if name in owner._parameters:
                 owner._parameters[name].data = new
-            elif name in owner._buffers:
+            else:  # a buffer (draft_weight is one too)
                 owner._buffers[name] = new
-            else:
-                setattr(owner, name, new)
     return buf
 
 
