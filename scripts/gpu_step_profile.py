@@ -139,6 +139,12 @@ FUSED_SWITCHES = {
                            "norms folded in"),
     "l2-persist": ("engine", "L2_PERSIST", "the module's weights and draft head in one window kept in a persisting "
                    "part of L2 (graphs only)"),
+    "swiglu-epilogue": ("triton_linear", "SWIGLU_EPILOGUE", "SwiGLU in the gate-up kernel's epilogue; the down "
+                        "product reads the activation"),
+    "module-last-only": ("engine", "MODULE_LAST_ONLY", "recycle's module calls run their last layer's products on "
+                         "the one position they read; on by default"),
+    "step-tables": ("engine", "STEP_TABLES", "the greedy steps' slots, rotary tables and mask made once, apart, "
+                    "for the base and the module; on by default"),
 }
 # launch settings of the fused kernels, as --x N (an A/B check; unnamed: the module's default)
 WARP_SETTINGS = {
@@ -269,8 +275,10 @@ def run_profile(args) -> None:
         parts = {"full1": ("full, 1 token", lambda: dec._standard_forward(kv_end)),
                  "full2": ("full, 2 tokens", lambda: dec._full_pair(kv_end)),
                  "module": ("module, 2 slots", lambda: dec._module_pair(kv_end, dec.x_new)),
-                 "standard": ("standard step", again(lambda: dec.step_fn("_standard_greedy")(kv_end))),
-                 "recycle": ("recycle step", again(lambda: dec.step_fn("_recycle_greedy")(kv_end))),
+                 "standard": ("standard step",
+                              again(lambda: dec.step_fn("_standard_greedy")(kv_end, dec._step_tables(1, kv_end)))),
+                 "recycle": ("recycle step",
+                             again(lambda: dec.step_fn("_recycle_greedy")(kv_end, dec._step_tables(2, kv_end)))),
                  "chain": (f"chain round K={args.draft_len}",
                            again(lambda: dec.step_fn("_chain_round")(args.draft_len, kv_round, sampling, gen))),
                  "tree": (f"tree round {tuple(shape)}",

@@ -6,9 +6,10 @@ with the rotary embedding folded in too (`qkv_rope`, the fused path's QKV kernel
 in one CUDA graph and reports the replay time per call: the torch path (the norm or SwiGLU, cuBLAS's product and
 the add, each its own kernel, as in the compiled step without inductor's fusions) and the Triton kernel with each of
 a few launch settings (TILE, MAX_BLOCK_N, warps, programmatic dependent launch, rows a program, K tail, few rows
-on tensor cores), checked against torch. Prints a table for each row count and a final JSON line.
+on tensor cores), checked against torch. Then SWIGLU_EPILOGUE's two kernels and the MLP both ways. Prints a table
+for each row count and a final JSON line.
 
-    python scripts/linear_bench.py [--rows 1[,2,...]] [--calls 50]
+    python scripts/linear_bench.py [--rows 1[,2,...]] [--calls 50] [--settings all|default]
 """
 
 from __future__ import annotations
@@ -84,17 +85,24 @@ def per_call_us(fn, calls: int) -> float:
     return best
 
 
-def sweep(results: list, name: str, call, want: torch.Tensor, calls: int, n: int, k: int) -> None:
-    """Time `call` under each of SETTINGS (the module constants restored after each), checked against `want`; the
-    kernel's grid is over n columns (or column pairs) of width k."""
+def sweep(results: list, name: str, call, want: torch.Tensor, calls: int, n: int, k: int,
+          settings: list | None = None) -> None:
+    """Time `call` under each of `settings` (default SETTINGS; the module constants restored after each; None in a
+    setting: the module's default), checked against `want`; the kernel's grid is over n columns (or column pairs)
+    of width k."""
     names = ("TILE", "MAX_BLOCK_N", "NUM_WARPS", "MULTI_ROW_WARPS", "SWIGLU_WARPS", "FEW_ROWS_DOT_WARPS",
              "ROWS_PER_PROGRAM", "K_TAIL", "FEW_ROWS_DOT")
     defaults = [getattr(tl_, attr) for attr in names], triton_attention.PDL
-    for tile, max_bn, warps, pdl, per_program, k_tail, dot in SETTINGS:
+    for setting in SETTINGS if settings is None else settings:
+        if setting is None:  # the modules' defaults, as the engine runs them
+            setting = (tl_.TILE, tl_.MAX_BLOCK_N, None, triton_attention.PDL, tl_.ROWS_PER_PROGRAM, tl_.K_TAIL,
+                       tl_.FEW_ROWS_DOT)
+        tile, max_bn, warps, pdl, per_program, k_tail, dot = setting
         if per_program < ALL and want.numel() // want.shape[-1] == 1:
             continue  # a one-row call has one row block either way
         for attr, v in zip(names, (tile, max_bn, warps, warps, warps, warps, per_program, k_tail, dot)):  # one count
-            setattr(tl_, attr, v)
+            if v is not None:  # warps None: each product's own default
+                setattr(tl_, attr, v)
         triton_attention.PDL = pdl
         try:
             err = (call().float() - want.float()).abs().max().item()
@@ -107,7 +115,7 @@ def sweep(results: list, name: str, call, want: torch.Tensor, calls: int, n: int
                 setattr(tl_, attr, v)
             triton_attention.PDL = defaults[1]
         split = f" {per_program}r" if per_program < ALL else ""  # rows a program, where not all
-        path = f"kernel T{tile} N<={max_bn} w{warps}{' pdl' if pdl else ''}{split}{' kt' if k_tail else ''}" + \
+        path = f"kernel T{tile} N<={max_bn} w{warps or '*'}{' pdl' if pdl else ''}{split}{' kt' if k_tail else ''}" + \
             (f" dot{'-all' if dot == 'all' else ''}" if dot else "")
         results.append({"product": name, "path": path, "tile": tile, "max_block_n": max_bn, "warps": warps,
                         "pdl": pdl, "rows_per_program": per_program, "k_tail": k_tail, "few_rows_dot": dot,
@@ -116,7 +124,31 @@ def sweep(results: list, name: str, call, want: torch.Tensor, calls: int, n: int
         print(f"{name:<34} {path:<29} {us:8.2f}  {'yes' if ok else 'NO'}")
 
 
-def measure(rows: int, calls: int, g: torch.Generator) -> list:
+def mlp(results: list, rows: int, calls: int, g: torch.Generator, settings: list | None) -> None:
+    """triton_linear.SWIGLU_EPILOGUE's kernels (gate-up with SwiGLU after it; down reading the activation) and the MLP
+    both ways, its two kernels a call: gate-up then down with SwiGLU before it, and the epilogue form."""
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    x = torch.randn(rows, D, generator=g).to(dev, dt)
+    w13 = (torch.randn(2 * FF, D, generator=g) / D ** 0.5).to(dev, dt)
+    nw = (1 + 0.1 * torch.randn(D, generator=g)).to(dev, dt)
+    w2 = (torch.randn(D, FF, generator=g) / FF ** 0.5).to(dev, dt)
+    res = torch.randn(rows, D, generator=g).to(dev, dt)
+    gate, up = torch_path(x, w13, nw, None, False).chunk(2, dim=-1)
+    act = F.silu(gate) * up
+    want = torch_path(act, w2, None, res, False)
+    sweep(results, "gate-up with swiglu after", lambda: tl_.gate_up_swiglu(x, w13, nw, 1e-5), act, calls, FF, D,
+          settings)
+    sweep(results, "down (activation, + residual)",
+          lambda: tl_.linear(act, w2, residual=res, num_warps=tl_.SWIGLU_WARPS), want, calls, D, FF, settings)
+    sweep(results, "mlp: gate-up, down with swiglu",
+          lambda: tl_.linear(tl_.linear(x, w13, norm_weight=nw, eps=1e-5), w2, residual=res, swiglu=True), want,
+          calls, 2 * FF, D, settings)
+    sweep(results, "mlp: swiglu in gate-up's epilogue",
+          lambda: tl_.linear(tl_.gate_up_swiglu(x, w13, nw, 1e-5), w2, residual=res, num_warps=tl_.SWIGLU_WARPS),
+          want, calls, FF, D, settings)
+
+
+def measure(rows: int, calls: int, g: torch.Generator, settings: list | None = None) -> list:
     """The table for calls of `rows` rows: each product's torch path, then each setting of its kernel."""
     dev, dt = torch.device("cuda"), torch.bfloat16
     results = []
@@ -132,7 +164,7 @@ def measure(rows: int, calls: int, g: torch.Generator) -> list:
         results.append({"product": name, "path": "torch", "us": us})
         print(f"{name:<34} {'torch':<29} {us:8.2f}")
         sweep(results, name, lambda: tl_.linear(x, w, norm_weight=nw, eps=1e-5, residual=res, swiglu=swiglu), want,
-              calls, N, K)
+              calls, N, K, settings)
     # the QKV product with its norm and the rotary embedding of its 9 + 3 query and key heads folded in (the fused
     # path's QKV kernel), each setting
     from recyclegpt.model import apply_rotary, rotary
@@ -143,7 +175,8 @@ def measure(rows: int, calls: int, g: torch.Generator) -> list:
     y = torch_path(x, w, nw, None, False).view(1, rows, 15, 64).transpose(1, 2)
     want = torch.cat((apply_rotary(y[:, :12], *rope), y[:, 12:]), 1).transpose(1, 2).reshape(1, rows, QKV)
     sweep(results, "qkv (norm before, rotary after)", lambda: tl_.qkv_rope(x, w, nw, 1e-5, rope, 12), want,
-          calls, QKV // 2, D)
+          calls, QKV // 2, D, settings)
+    mlp(results, rows, calls, g, settings)
     for r in results:
         r["rows"] = rows
     return results
@@ -153,6 +186,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", default="1", help="rows a call, or several, comma-separated (one table each)")
     ap.add_argument("--calls", type=int, default=50)
+    ap.add_argument("--settings", default="all", choices=("all", "default"),
+                    help="every launch setting of SETTINGS, or only the modules' defaults as the engine runs them")
     args = ap.parse_args()
     try:
         rows = [int(r) for r in args.rows.split(",")]
@@ -163,7 +198,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("linear_bench needs a CUDA device")
     g = torch.Generator().manual_seed(0)
-    results = [r for n in rows for r in measure(n, args.calls, g)]
+    results = [r for n in rows for r in measure(n, args.calls, g, None if args.settings == "all" else [None])]
     best = {}
     for r in results:
         key = f"{r['product']} @ {r['rows']} rows"

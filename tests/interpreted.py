@@ -17,7 +17,7 @@ def needs_interpreter_3_7(triton):
                                      "CUDA tests cover the kernels there")
 
 
-def run_interpreted(path: str, timeout: int = 600) -> None:
+def run_interpreted(path: str, timeout: int = 1200) -> None:
     """Run `path` as a script under TRITON_INTERPRET=1 and fail with its output if it fails."""
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
     res = subprocess.run([sys.executable, path], env=env, capture_output=True, text=True, timeout=timeout)

@@ -419,3 +419,71 @@ def test_cuda_graphs_replay_recycle_over_the_draft_vocabulary():
     graphs = Engine(model, graphs=True, bucket=16)
     for _ in range(2):  # capture, then replay
         assert graphs.decode("recycle", prompts, max_new_tokens=40).tokens == want
+
+
+def test_module_outputs_at_the_last_position_only():
+    """recycle(outputs=1): the module's last layer runs its products on the last position alone, yet caches every
+    position's keys and values; its output there and both caches are those of the call on every position."""
+    model = build(5, n_layer=2)
+    cfg = model.base.cfg
+    g = torch.Generator().manual_seed(5)
+    state = torch.randn(2, 3, cfg.d_model, generator=g)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 3), generator=g)
+    outs, caches = [], []
+    for outputs in (None, 1, 2):
+        cache = model.module.new_cache(2, 8)
+        with torch.no_grad():
+            out = model.recycle(state, tokens, input_pos=torch.arange(3), cache=cache, num_logits=1, outputs=outputs)
+        assert out.hidden.shape == (2, 3 if outputs is None else outputs, cfg.d_model)
+        outs.append(out)
+        caches.append(cache)
+    for out, cache in zip(outs[1:], caches[1:]):
+        torch.testing.assert_close(out.hidden[:, -1], outs[0].hidden[:, -1], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(out.logits, outs[0].logits, rtol=1e-5, atol=1e-5)
+        assert torch.equal(cache.k, caches[0].k) and torch.equal(cache.v, caches[0].v)
+    with pytest.raises(ValueError, match="num_logits=2 needs at least as many outputs"):
+        model.recycle(state, tokens, input_pos=torch.arange(3), cache=model.module.new_cache(2, 8), num_logits=2,
+                      outputs=1)
+    with pytest.raises(ValueError, match="keep=4"):
+        model.recycle(state, tokens, input_pos=torch.arange(3), cache=model.module.new_cache(2, 8), outputs=4)
+
+
+@pytest.mark.parametrize("last_only,step_tables", [(False, True), (True, False), (False, False)])
+@pytest.mark.parametrize("strategy", ["standard", "recycle"])
+def test_step_switches_keep_the_reference_tokens(monkeypatch, strategy, last_only, step_tables):
+    """engine.MODULE_LAST_ONLY and engine.STEP_TABLES (both on by default) change what the steps compute, not their
+    tokens: every combination gives the reference loop's, eager and compiled whole."""
+    import recyclegpt.engine as engine_mod
+
+    monkeypatch.setattr(engine_mod, "MODULE_LAST_ONLY", last_only)
+    monkeypatch.setattr(engine_mod, "STEP_TABLES", step_tables)
+    model = build(6, n_layer=2)
+    prompts = random_prompts(6, 3, model.base.cfg.vocab_size)
+    want = reference(model, strategy, prompts, max_new_tokens=23).tokens
+    assert Engine(model, bucket=8).decode(strategy, prompts, max_new_tokens=23).tokens == want
+    if shutil.which("c++") or shutil.which("g++"):
+        got = Engine(model, bucket=16, compile=True, compile_steps=True).decode(strategy, prompts, max_new_tokens=23)
+        assert got.tokens == want
+
+
+def test_call_tables_are_the_calls_own():
+    """Tables made apart (model.call_tables, as the engine's steps make them) give a cached call the outputs and
+    cache of the call that makes its own; a mismatched set is refused."""
+    from recyclegpt.model import call_tables
+
+    model = build(7, n_layer=2)
+    base, cfg = model.base, model.base.cfg
+    ids = torch.randint(0, cfg.vocab_size, (2, 2), generator=torch.Generator().manual_seed(7))
+    pad, pos = torch.tensor([0, 1]), torch.tensor([3, 4])
+    runs = []
+    for made_apart in (False, True):
+        cache = base.new_cache(2, 16)
+        with torch.no_grad():
+            base(torch.randint(0, cfg.vocab_size, (2, 3), generator=torch.Generator().manual_seed(8)),
+                 input_pos=torch.arange(3), cache=cache, pad=pad, kv_end=8)
+            tables = call_tables(cfg, pos, pad, 8, torch.float32) if made_apart else None
+            out = base(ids, input_pos=None if made_apart else pos, cache=cache, pad=pad, kv_end=8, tables=tables)
+        runs.append((out.logits, cache.k.clone()))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+    with pytest.raises(ValueError, match="tables for \\(1,\\) slots given to a call on 2 tokens"):
+        base(ids, cache=base.new_cache(2, 16), tables=call_tables(cfg, torch.tensor([3]), pad, 8, torch.float32))

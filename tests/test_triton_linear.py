@@ -178,9 +178,9 @@ def check_interpreted_cases() -> None:
 
 def check_rows_get_the_same_bits(device: str = "cpu", dtype: torch.dtype = torch.float32) -> None:
     """A row's product has the same bits alone (a standard step) and as the first row of 2- and 4-row calls (a recycle
-    pair, a chain's verification), for every product at SmolLM2's shapes, with and without K_TAIL, SWIGLU_WARPS and
-    FEW_ROWS_DOT (gate-up, or every product, on tensor cores): the engine's bf16 chains equal `standard` only if this
-    holds."""
+    pair, a chain's verification), for every product at SmolLM2's shapes (and SWIGLU_EPILOGUE's gate-up and down),
+    with and without K_TAIL, SWIGLU_WARPS and FEW_ROWS_DOT (gate-up, or every product, on tensor cores): the engine's
+    bf16 chains equal `standard` only if this holds."""
     default = triton_linear.K_TAIL, triton_linear.SWIGLU_WARPS, triton_linear.FEW_ROWS_DOT
     try:
         for k_tail, swiglu_warps, dot in ((False, 0, False), (True, 0, False), (False, 8, False), (False, 8, True),
@@ -194,12 +194,59 @@ def check_rows_get_the_same_bits(device: str = "cpu", dtype: torch.dtype = torch
                                                residual=None if res is None else res[:R], swiglu="swiglu" in mode)[0]
                           for R in (1, 2, 4)]
                 assert all(torch.equal(firsts[0], f) for f in firsts[1:]), (name, k_tail, swiglu_warps, dot)
+            x, w, nw, _ = make_inputs(4, 3072, 576, norm=True, dtype=dtype, device=device)  # SWIGLU_EPILOGUE's pair
+            acts = [triton_linear.gate_up_swiglu(x[:R], w, nw, 1e-5) for R in (1, 2, 4)]
+            assert all(torch.equal(acts[0][0], a[0]) for a in acts[1:]), ("gate-up swiglu", k_tail, swiglu_warps, dot)
+            x, w, _, res = make_inputs(4, 576, 1536, residual=True, dtype=dtype, device=device)
+            firsts = [triton_linear.linear(x[:R], w, residual=res[:R], num_warps=swiglu_warps)[0] for R in (1, 2, 4)]
+            assert all(torch.equal(firsts[0], f) for f in firsts[1:]), ("down after it", k_tail, swiglu_warps, dot)
             x, w, nw, rope = qkv_inputs(1, 4, 12, 3, 64, 576, dtype=dtype, device=device)  # positions 17..20
             firsts = [triton_linear.qkv_rope(x[:, :T], w, nw, 1e-5, tuple(r[:, :, :T] for r in rope), 12)[0, 0]
                       for T in (1, 2, 4)]
             assert all(torch.equal(firsts[0], f) for f in firsts[1:]), ("qkv_rope", k_tail, swiglu_warps, dot)
     finally:
         triton_linear.K_TAIL, triton_linear.SWIGLU_WARPS, triton_linear.FEW_ROWS_DOT = default
+
+
+def check_swiglu_epilogue(device: str = "cpu", dtype: torch.dtype = torch.float32, exact: bool = True) -> None:
+    """gate_up_swiglu (SWIGLU_EPILOGUE's gate-up) gives silu(gate) * up of the plain gate-up product, and the down
+    product of that activation is the down product with SwiGLU folded in: bit for bit where `exact` (under the
+    interpreter, whose float ops are the same on both paths), else to bf16's rounding; at 1 to 4 rows (SmolLM2's
+    shape at 2), with a ragged column block, with K_TAIL, and in the tensor-core form of wider calls (5 and 25
+    rows)."""
+    shapes = ((1, 50, 72), (3, 50, 72), (4, 40, 100), (5, 40, 100), (25, 96, 64))  # the interpreter is slow:
+    if dtype == torch.float32 or device != "cpu":  # SmolLM2's shape once there
+        shapes = ((2, 1536, 576),) + shapes
+    for R, width, K in shapes:
+        for k_tail in (False, True) if width < 1536 else (False,):
+            triton_linear.K_TAIL = k_tail
+            try:
+                x, w, nw, _ = make_inputs(R, 2 * width, K, norm=True, dtype=dtype, device=device, seed=R)
+                _, w2, _, res = make_inputs(R, K, width, residual=True, dtype=dtype, device=device, seed=R + 1)
+                act = triton_linear.gate_up_swiglu(x, w, nw, 1e-5)
+                gate_up = triton_linear.linear(x, w, norm_weight=nw, eps=1e-5)
+                out = triton_linear.linear(act, w2, residual=res)
+                want = triton_linear.linear(gate_up, w2, residual=res, swiglu=True)
+            finally:
+                triton_linear.K_TAIL = False
+            gate, up = gate_up.float().chunk(2, dim=-1)
+            want_act = (F.silu(gate).to(dtype).float() * up).to(dtype)
+            assert act.shape == (R, width) and act.dtype == dtype
+            # a bf16 step apart at most: torch's silu and exp are not the kernel's to the last bit, and round twice
+            rtol, atol = (1e-6, 1e-6) if dtype == torch.float32 else (2 ** -6, 1e-2)
+            torch.testing.assert_close(act.float(), want_act.float(), rtol=rtol, atol=atol,
+                                       msg=lambda m: f"{(R, width, K, k_tail)}: {m}")
+            if exact:
+                assert torch.equal(out, want), (R, width, K, k_tail)
+            else:
+                tol = 2e-2 * max(1.0, want.float().abs().max().item() / 8)
+                assert (out.float() - want.float()).abs().max().item() < tol, (R, width, K, k_tail)
+    x, w, nw, _ = make_inputs(2, 7, 16, norm=True, dtype=dtype, device=device)
+    try:
+        triton_linear.gate_up_swiglu(x, w, nw, 1e-5)
+        raise AssertionError("an odd gate-up width accepted")
+    except ValueError as e:
+        assert "gate rows then up rows" in str(e)
 
 
 def check_model_integration() -> None:
@@ -247,6 +294,7 @@ def check_model_integration() -> None:
                                     (False, False, False)):
             model_mod.FUSED_LINEAR, model_mod.CACHED_ATTENTION, model_mod.FUSED_WIDE = fused, cached, wide
             model_mod.FUSED_MODULE_INPUT = fused and not wide  # the module's input product fused too, in one variant
+            triton_linear.SWIGLU_EPILOGUE = fused and cached and not wide  # and SwiGLU in gate-up's epilogue
             del cached_calls[:], rows[:]
             with torch.no_grad():
                 cache = model.base.new_cache(1, 32)
@@ -268,6 +316,7 @@ def check_model_integration() -> None:
         (model_mod.use_fused_linear, model_mod.use_decode_kernel, model_mod.FUSED_LINEAR,
          model_mod.CACHED_ATTENTION, model_mod.FUSED_WIDE, triton_attention.cached_attention) = saved
         model_mod.FUSED_MODULE_INPUT = False
+        triton_linear.SWIGLU_EPILOGUE = False
     few, wide = seen[True, True, False], seen[True, True, True]  # few rows fused, wider calls kept on torch ...
     assert any(f for n, f, _ in few) and any(n > triton_linear.MAX_ROWS and not f for n, f, _ in few)
     assert any(n > triton_linear.MAX_ROWS and f for n, f, _ in wide)  # ... or fused too, with FUSED_WIDE
@@ -338,7 +387,7 @@ def check_compiled_steps_keep_the_cache_in_place() -> None:
 def check_shared_tables() -> None:
     """Run under TRITON_INTERPRET=1: with model.SHARED_TABLES the compiled standard step makes the mask once for its
     three layers' attention (one (1, 1, 3, 256) buffer, not three) through one `recyclegpt::shared` call, and gives
-    standard's tokens; without it, a mask per layer."""
+    standard's tokens; without it, a mask per layer; with engine.STEP_TABLES too, one mask and no copy."""
     if shutil.which("c++") is None and shutil.which("g++") is None:
         print("skipped: torch.compile on the CPU needs a C++ compiler")
         return
@@ -351,7 +400,9 @@ def check_shared_tables() -> None:
     from recyclegpt.decoding import standard
     from recyclegpt.engine import Engine
 
-    saved = (model_mod.use_fused_linear, model_mod.use_decode_kernel, model_mod.SHARED_TABLES)
+    import recyclegpt.engine as engine_mod
+
+    saved = (model_mod.use_fused_linear, model_mod.use_decode_kernel, model_mod.SHARED_TABLES, engine_mod.STEP_TABLES)
     model_mod.use_fused_linear = lambda x, block: (block.attn.wqkv is not None
                                                    and x.numel() // x.shape[-1] <= triton_linear.MAX_ROWS)
     model_mod.use_decode_kernel = lambda q, mask, T: mask.is_floating_point() and q.shape[-1] >= 16
@@ -361,17 +412,19 @@ def check_shared_tables() -> None:
         model = model_mod.RecycleModel.build(cfg, RecycleConfig(n_layer=1)).eval()
         want = standard(model.base, [[1, 2, 3, 4, 5]], max_new_tokens=4).tokens
         masks = {}
-        for shared in (False, True):
-            model_mod.SHARED_TABLES = shared
+        for shared, step_tables in ((False, False), (True, False), (True, True)):
+            model_mod.SHARED_TABLES, engine_mod.STEP_TABLES = shared, step_tables
             engine = Engine(model, bucket=256, compile=True, compile_steps=True, fuse=True)
             got, code = run_and_get_code(engine.decode, "standard", [[1, 2, 3, 4, 5]], max_new_tokens=4)
             assert got.tokens == want
             code = "\n".join(code)
-            masks[shared] = (len(re.findall(r"empty_strided_cpu\(\(1, 1, 3, 256\)", code)),
-                             code.count("recyclegpt.shared.default("))
+            masks[shared, step_tables] = (len(re.findall(r"empty_strided_cpu\(\(1, 1, 3, 256\)", code)),
+                                          code.count("recyclegpt.shared.default("))
     finally:
-        model_mod.use_fused_linear, model_mod.use_decode_kernel, model_mod.SHARED_TABLES = saved
-    assert masks == {False: (3, 0), True: (1, 1)}, masks
+        (model_mod.use_fused_linear, model_mod.use_decode_kernel, model_mod.SHARED_TABLES,
+         engine_mod.STEP_TABLES) = saved
+    # with STEP_TABLES the step's tables come made (by Decoder._tables, compiled apart): no copy for the layers
+    assert masks == {(False, False): (3, 0), (True, False): (1, 1), (True, True): (1, 0)}, masks
 
 
 @needs_interpreter_3_7(triton)
@@ -455,6 +508,12 @@ def test_cuda_bf16_graph_and_compile():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_rows_get_the_same_bits_in_any_call():
     check_rows_get_the_same_bits("cuda", torch.bfloat16)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_swiglu_epilogue():
+    check_swiglu_epilogue("cuda", torch.bfloat16, exact=False)
 
 
 @pytest.mark.cuda
@@ -550,6 +609,8 @@ def test_cuda_engine_with_fused_products(monkeypatch, compiled, cached, pdl, sha
 if __name__ == "__main__":
     check_interpreted_cases()
     check_rows_get_the_same_bits()
+    check_swiglu_epilogue()
+    check_swiglu_epilogue(dtype=torch.bfloat16)
     check_model_integration()
     check_module_input()
     check_compiled_steps_keep_the_cache_in_place()

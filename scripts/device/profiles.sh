@@ -6,8 +6,8 @@
 source scripts/device/env.sh
 rm -rf /tmp/prof && mkdir -p /tmp/prof
 printf '%s\n' "$SWITCHES" | grep -v '^$' > /tmp/prof/switches.tsv
-timeout 120 python3 scripts/linear_bench.py --rows 1,2 > /tmp/prof/linear_bench_rows1_2.txt 2>&1
-grep "^best" /tmp/prof/linear_bench_rows1_2.txt
+timeout 120 python3 scripts/linear_bench.py --rows 1,2 --settings ${LINEAR_SETTINGS:-default} > /tmp/prof/linear_bench_rows1_2.txt 2>&1
+grep -E "^(best|mlp|gate-up with|down \(act)" /tmp/prof/linear_bench_rows1_2.txt
 run() { name=$1; shift; timeout 150 $PROFILE "$@" > /tmp/prof/prof_$name.txt 2>&1
         echo "== $name: $(grep -E '^(standard|recycle) step' /tmp/prof/prof_$name.txt | awk '{print $1, $3}' | tr '\n' ' ')"
         tar czf $OUT/p_prof.tgz -C /tmp prof; }

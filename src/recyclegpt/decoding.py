@@ -259,7 +259,7 @@ def recycle(model: RecycleModel, prompts: Sequence[Sequence[int]], *, max_new_to
     stats.prefill_seconds = time.perf_counter() - t0
     next_tokens = torch.cat((batch.ids[:, 1:], x_next[:, None]), dim=1)  # x_{t+1} for t = 0..p-1
     rec = model.recycle(model.state(full), next_tokens, input_pos=_slots(0, p, device), cache=module_cache,
-                        pad=batch.pad, kv_end=p, num_logits=1, draft=draft)
+                        pad=batch.pad, kv_end=p, num_logits=1, draft=draft, outputs=1)
     x_rec = sample(rec.logits[:, -1], sampling, gen)  # x̂_{p+1}
     stats.module_calls += 1
     if out.emit(x_rec[:, None]):
@@ -276,7 +276,7 @@ def recycle(model: RecycleModel, prompts: Sequence[Sequence[int]], *, max_new_to
             break
         # 4: the module on the same two slots
         rec = model.recycle(model.state(full), torch.stack((x_rec, x_next), dim=1), input_pos=_slots(p, 2, device),
-                            cache=module_cache, pad=batch.pad, kv_end=p + 2, num_logits=1, draft=draft)
+                            cache=module_cache, pad=batch.pad, kv_end=p + 2, num_logits=1, draft=draft, outputs=1)
         x_rec = sample(rec.logits[:, -1], sampling, gen)  # x̂_{p+3}
         stats.module_calls += 1
         p += 2

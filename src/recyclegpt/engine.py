@@ -37,7 +37,7 @@ import torch
 
 from . import l2_persist, topk
 from .decoding import Collector, DecodeResult, DecodeStats, PromptBatch, StreamFn, _sync, check_budget
-from .model import KVCache, RecycleModel, Transformer, fuse_projections, prefill_attention
+from .model import KVCache, RecycleModel, Tables, Transformer, call_tables, fuse_projections, prefill_attention
 from .sampling import SamplingParams, draw, logits_to_probs, sample
 from .speculative import (DEFAULT_DRAFT_LEN, TreeShape, add_lookup_branch, check_draft_len, draft_tree,
                           prompt_lookup, tree_attention)
@@ -53,6 +53,22 @@ PREFILL_BUCKET = 64  # with graphs, prompts are left-padded to a multiple of thi
 # (l2_persist.py). Built and measured in the sixteenth session (H100, `gpu_step_profile.py --l2-persist`): SmolLM2's
 # recycle step 0.612 -> 0.621 ms, standard unchanged (0.455): off
 L2_PERSIST = False
+# recycle's module calls compute their last layer's products for the one position whose output they read (the
+# attention still caches both): `RecycleModel.recycle(outputs=1)`. A row's bits do not depend on the rows beside it
+# in the fused products (tested), so the tokens are the same. Seventeenth session; `gpu_step_profile.py
+# --no-module-last-only` is the A/B
+MODULE_LAST_ONLY = True
+# the greedy fixed steps make their slots, rotary tables and mask in a function of their own (`Decoder._tables`,
+# compiled apart) and hand them to their forwards as inputs: one set for a recycle step's full call and module call,
+# where each call made its own, and inductor no longer copies them for the custom ops that read them (the
+# `recyclegpt::shared` copies and one slots tensor per layer that the pair's `pos + offsets` got). Seventeenth
+# session; `gpu_step_profile.py --no-step-tables` is the A/B
+STEP_TABLES = True
+
+
+def _last_only() -> int | None:
+    """`outputs` for recycle's module calls, which read the module's last output only (MODULE_LAST_ONLY)."""
+    return 1 if MODULE_LAST_ONLY else None
 
 
 def round_up(n: int, m: int) -> int:
@@ -126,6 +142,7 @@ class Decoder:
         self.rec_draft = False  # recycle takes the module's tokens over its draft vocabulary (set by decode)
         self.l2_window: l2_persist.Window | None = None  # the module's weights kept in L2 (L2_PERSIST; prepare)
         self._base_fwd, self._recycle_fwd = self.base.forward, (self.rmodel.recycle if self.rmodel else None)
+        self._tables_fn = self._tables
         if compile:  # inductor fuses the element-wise chains; the graphs then hold far fewer kernels
             # every step kind and bucket is a shape of its own (a tree round calls the module with three): allow
             # more than dynamo's default of 8 specialisations per function before it falls back to eager
@@ -134,6 +151,7 @@ class Decoder:
             setattr(cfg_, name, max(getattr(cfg_, name), 64))
             mode = compile if isinstance(compile, str) and compile != "default" else None
             self._base_fwd = torch.compile(self._base_fwd, dynamic=False, mode=mode)
+            self._tables_fn = torch.compile(self._tables, dynamic=False, mode=mode)
             if self.rmodel is not None:
                 self._recycle_fwd = torch.compile(self._recycle_fwd, dynamic=False, mode=mode)
         self._whole: dict[str, Callable] = {}  # greedy steps compiled whole (compile_steps)
@@ -151,9 +169,17 @@ class Decoder:
         self.out.index_copy_(1, self.n + self.offsets[:k], tokens)
         self.n.add_(k)
 
-    def _standard_forward(self, kv_end: int) -> None:
+    def _tables(self, T: int, kv_end: int) -> Tables:
+        """The slots p..p+T-1 of a fixed step, with their rotary tables and mask (`model.call_tables`)."""
+        input_pos = self.pos if T == 1 else self.pos + self.offsets[:T]
+        return call_tables(self.base.cfg, input_pos, self.pad, kv_end, self.logits.dtype)
+
+    def _step_tables(self, T: int, kv_end: int) -> Tables | None:
+        return self._tables_fn(T, kv_end) if STEP_TABLES else None
+
+    def _standard_forward(self, kv_end: int, tables: Tables | None = None) -> None:
         out = self._base_fwd(self.x_next, input_pos=self.pos, cache=self.cache, pad=self.pad, kv_end=kv_end,
-                             num_logits=1)
+                             num_logits=1, tables=tables)
         self.logits.copy_(out.logits[:, -1])
 
     def _standard_select(self, token: torch.Tensor) -> None:
@@ -161,24 +187,26 @@ class Decoder:
         self._emit(self.x_next)
         self.pos.add_(1)
 
-    def _standard_greedy(self, kv_end: int) -> None:
-        self._standard_forward(kv_end)
+    def _standard_greedy(self, kv_end: int, tables: Tables | None = None) -> None:
+        self._standard_forward(kv_end, tables)
         self._standard_select(topk.argmax(self.logits))
 
-    def _full_pair(self, kv_end: int) -> None:
+    def _full_pair(self, kv_end: int, tables: Tables | None = None) -> None:
         """The full model on [x_p, x̂_{p+1}]: logits at slot p+1 (for x_{p+2}) and both hidden states."""
         pair = torch.cat((self.x_next, self.x_rec), dim=1)
-        out = self._base_fwd(pair, input_pos=self.pos + self.offsets, cache=self.cache, pad=self.pad,
-                             kv_end=kv_end, num_logits=1, taps=self.taps)
+        out = self._base_fwd(pair, input_pos=None if tables else self.pos + self.offsets, cache=self.cache,
+                             pad=self.pad, kv_end=kv_end, num_logits=1, taps=self.taps, tables=tables)
         self.logits.copy_(out.logits[:, -1])
         self.hidden2.copy_(self.rmodel.state(out))
 
-    def _module_pair(self, kv_end: int, x_new: torch.Tensor, head: bool = True) -> torch.Tensor:
+    def _module_pair(self, kv_end: int, x_new: torch.Tensor, head: bool = True,
+                     tables: Tables | None = None) -> torch.Tensor:
         """Given x_{p+2} (B,): the module on slots p, p+1; its logits (for x̂_{p+3}) into `logits` (over the draft
         vocabulary with `rec_draft`). head=False leaves the head to the caller: returns the output at p+1 (B, d)."""
         rec = self._recycle_fwd(self.hidden2, torch.cat((self.x_rec, x_new[:, None]), dim=1),
-                                input_pos=self.pos + self.offsets, cache=self.mcache, pad=self.pad, kv_end=kv_end,
-                                num_logits=1 if head else 0, draft=self.rec_draft)
+                                input_pos=None if tables else self.pos + self.offsets, cache=self.mcache,
+                                pad=self.pad, kv_end=kv_end, num_logits=1 if head else 0, draft=self.rec_draft,
+                                outputs=_last_only(), tables=tables)
         self.x_next.copy_(x_new[:, None])
         self._emit(self.x_next)
         if head:
@@ -190,13 +218,13 @@ class Decoder:
         self._emit(self.x_rec)
         self.pos.add_(2)
 
-    def _recycle_greedy(self, kv_end: int) -> None:
-        self._full_pair(kv_end)
+    def _recycle_greedy(self, kv_end: int, tables: Tables | None = None) -> None:
+        self._full_pair(kv_end, tables)
         if self.rec_draft:  # the draft head's argmax, without V-wide logits (the same token: RecycleModel.draft_argmax)
-            out = self._module_pair(kv_end, topk.argmax(self.logits), head=False)
+            out = self._module_pair(kv_end, topk.argmax(self.logits), head=False, tables=tables)
             self._module_select(self.rmodel.draft_argmax(out))
         else:
-            self._module_pair(kv_end, topk.argmax(self.logits))
+            self._module_pair(kv_end, topk.argmax(self.logits), tables=tables)
             self._module_select(topk.argmax(self.logits))
 
     def _chain_round(self, K: int, kv_end: int, sampling: SamplingParams, gen) -> None:
@@ -375,7 +403,8 @@ class Decoder:
         next_tokens = torch.cat((ids[:, 1:], self.x_next), dim=1)
         with prefill_attention():
             rec = self.rmodel.recycle(state, next_tokens, input_pos=self._ar[:L], cache=self.mcache, pad=self.pad,
-                                      kv_end=L, num_logits=1, draft=verified or self.rec_draft)
+                                      kv_end=L, num_logits=1, draft=verified or self.rec_draft,
+                                      outputs=None if verified else _last_only())
         if verified:
             self.g.copy_(rec.hidden[:, -1:])
             self.d_logits.copy_(rec.logits[:, -1])
@@ -405,12 +434,14 @@ class Decoder:
                 fn()
         elif strategy == "standard":
             if sampling.greedy:
-                self._run(("standard", kv_end), lambda: self.step_fn("_standard_greedy")(kv_end))
+                self._run(("standard", kv_end),
+                          lambda: self.step_fn("_standard_greedy")(kv_end, self._step_tables(1, kv_end)))
             else:
                 self._run(("standard_fwd", kv_end), lambda: self._standard_forward(kv_end))
                 self._standard_select(sample(self.logits, sampling, gen))
         elif sampling.greedy:
-            self._run(("recycle", kv_end, self.rec_draft), lambda: self.step_fn("_recycle_greedy")(kv_end))
+            self._run(("recycle", kv_end, self.rec_draft),
+                      lambda: self.step_fn("_recycle_greedy")(kv_end, self._step_tables(2, kv_end)))
         else:
             self._run(("full_pair", kv_end), lambda: self._full_pair(kv_end))
             # a graph reads its inputs from fixed addresses: stage the eagerly sampled token in a persistent buffer

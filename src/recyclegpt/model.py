@@ -238,17 +238,28 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, rope, mask, cache, layer, input_pos, kv_end):
+    def forward(self, x, rope, mask, cache, layer, input_pos, kv_end, keep=None):
+        """keep: the output of the last `keep` positions only (the attention still writes every position's keys and
+        values to the cache); None: all."""
         if use_fused_linear(x, self):
             # four Triton kernels with the norms, the rotary embedding, SwiGLU and residual adds folded in
             # (triton_linear)
             qkv = triton_linear.qkv_rope(x, self.attn.wqkv, self.attn_norm.weight, self.attn_norm.eps, rope,
                                          self.attn.n_head + self.attn.n_kv_head)
             y = self.attn.attend(qkv, rope, mask, cache, layer, input_pos, kv_end, rotated=True)
+            if keep is not None:
+                x, y = x[:, x.shape[1] - keep:], y[:, y.shape[1] - keep:]
             x = triton_linear.linear(y, self.attn.wo.weight, residual=x)
+            if triton_linear.SWIGLU_EPILOGUE:  # SwiGLU once, in gate-up's epilogue; down reads the activation
+                act = triton_linear.gate_up_swiglu(x, self.mlp.w13, self.mlp_norm.weight, self.mlp_norm.eps)
+                return triton_linear.linear(act, self.mlp.w2.weight, residual=x,
+                                            num_warps=triton_linear.SWIGLU_WARPS)
             gate_up = triton_linear.linear(x, self.mlp.w13, norm_weight=self.mlp_norm.weight, eps=self.mlp_norm.eps)
             return triton_linear.linear(gate_up, self.mlp.w2.weight, swiglu=True, residual=x)
-        x = x + self.attn(self.attn_norm(x), rope, mask, cache, layer, input_pos, kv_end)
+        a = self.attn(self.attn_norm(x), rope, mask, cache, layer, input_pos, kv_end)
+        if keep is not None:
+            x, a = x[:, x.shape[1] - keep:], a[:, a.shape[1] - keep:]
+        x = x + a
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -263,32 +274,23 @@ class Tree(NamedTuple):
     mask: torch.Tensor
 
 
-def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, cfg: ModelConfig, *, input_pos: torch.Tensor | None,
-               cache: KVCache | None, pad: torch.Tensor | None, kv_end: int | None,
-               tree: Tree | None = None, taps: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Run a stack of decoder blocks over x (B, T, d) at cache slots `input_pos` (T,). Returns the last block's
-    output and, when `taps` names blocks, their outputs concatenated on the feature axis (B, T, k*d); else None.
+class Tables(NamedTuple):
+    """What every layer of a cached call reads besides its input, made once for the call (`call_tables`): the new
+    tokens' cache slots (T,), the rotary tables (cos, sin) and the attention mask as `attention_mask` makes it."""
 
-    Without a cache: plain causal attention over x at positions 0..T-1 (training; the fast SDPA kernels).
-    With a cache: slot s is visible to the query at slot t when s <= t and s >= pad[b] (row b's left padding).
-    A padding query also sees itself, so that no row of the mask is empty (an empty row gives NaN, and a NaN in a
-    cached value would leak through the zero attention weight of every later query).
-    With a `tree`, its positions and mask replace those (the slots still come from input_pos).
-    """
-    B, T, _ = x.shape
-    if cache is None:
-        if pad is not None:
-            raise ValueError("left padding (pad) needs a KV cache; train on unpadded sequences")
-        positions = torch.arange(T, device=x.device)[None]
-        rope = rotary(positions, cfg.head_dim, cfg.rope_theta, x.dtype)
-        return _stack(blocks, x, rope, None, None, None, 0, taps)
-    if input_pos is None:
-        raise ValueError("cached decoding needs input_pos, the cache slots of the T new tokens")
-    kv_end = cache.max_len if kv_end is None else kv_end
-    if tree is not None:
-        rope = rotary(tree.positions, cfg.head_dim, cfg.rope_theta, x.dtype)
-        return _stack(blocks, x, rope, attention_mask(tree.mask, x.dtype, cfg), cache, input_pos, kv_end, taps)
-    slots = torch.arange(kv_end, device=x.device)
+    input_pos: torch.Tensor
+    rope: tuple[torch.Tensor, torch.Tensor]
+    mask: torch.Tensor
+
+
+def call_tables(cfg: ModelConfig, input_pos: torch.Tensor, pad: torch.Tensor | None, kv_end: int,
+                dtype: torch.dtype) -> Tables:
+    """The tables of a cached call on the tokens at slots `input_pos` (T,), attending over slots 0..kv_end-1: slot s
+    is visible to the query at slot t when s <= t and s >= pad[b] (row b's left padding). A padding query also sees
+    itself, so that no row of the mask is empty (an empty row gives NaN, and a NaN in a cached value would leak
+    through the zero attention weight of every later query). Calls on the same slots share them: the engine makes one
+    set for a recycle step's full call and module call."""
+    slots = torch.arange(kv_end, device=input_pos.device)
     mask = slots[None, :] <= input_pos[:, None]  # (T, S)
     if pad is None:
         positions = input_pos[None]
@@ -297,8 +299,46 @@ def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, cfg: ModelConfig, *, inpu
         positions = (input_pos[None] - pad[:, None]).clamp(min=0)  # (B, T)
         visible = (slots[None, None, :] >= pad[:, None, None]) | (slots[None, None, :] == input_pos[None, :, None])
         mask = (mask[None] & visible)[:, None]  # (B, 1, T, S)
-    rope = rotary(positions, cfg.head_dim, cfg.rope_theta, x.dtype)
-    return _stack(blocks, x, rope, attention_mask(mask, x.dtype, cfg), cache, input_pos, kv_end, taps)
+    rope = rotary(positions, cfg.head_dim, cfg.rope_theta, dtype)
+    return Tables(input_pos, rope, attention_mask(mask, dtype, cfg))
+
+
+def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, cfg: ModelConfig, *, input_pos: torch.Tensor | None,
+               cache: KVCache | None, pad: torch.Tensor | None, kv_end: int | None,
+               tree: Tree | None = None, taps: tuple[int, ...] = (), keep: int | None = None,
+               tables: Tables | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Run a stack of decoder blocks over x (B, T, d) at cache slots `input_pos` (T,). Returns the last block's
+    output and, when `taps` names blocks, their outputs concatenated on the feature axis (B, T, k*d); else None.
+    keep: the last block's output for the last `keep` positions only (B, keep, d); its attention still writes the
+    keys and values of all T.
+
+    Without a cache: plain causal attention over x at positions 0..T-1 (training; the fast SDPA kernels).
+    With a cache: the slots, rotary positions and mask of `call_tables`, or `tables` made by it for this call (its
+    input_pos replaces the argument's; kv_end is its mask's width).
+    With a `tree`, its positions and mask replace those (the slots still come from input_pos).
+    """
+    B, T, _ = x.shape
+    if cache is None:
+        if pad is not None:
+            raise ValueError("left padding (pad) needs a KV cache; train on unpadded sequences")
+        positions = torch.arange(T, device=x.device)[None]
+        rope = rotary(positions, cfg.head_dim, cfg.rope_theta, x.dtype)
+        return _stack(blocks, x, rope, None, None, None, 0, taps, keep)
+    if tables is not None:
+        if tree is not None or tables.input_pos.shape != (T,):
+            raise ValueError(f"tables for {tuple(tables.input_pos.shape)} slots given to a call on {T} tokens"
+                             + (" with a tree" if tree is not None else ""))
+        return _stack(blocks, x, tables.rope, tables.mask, cache, tables.input_pos, tables.mask.shape[-1], taps,
+                      keep, share=False)  # made outside this call: nothing for inductor to recompute per layer
+    if input_pos is None:
+        raise ValueError("cached decoding needs input_pos, the cache slots of the T new tokens")
+    kv_end = cache.max_len if kv_end is None else kv_end
+    if tree is not None:
+        rope = rotary(tree.positions, cfg.head_dim, cfg.rope_theta, x.dtype)
+        return _stack(blocks, x, rope, attention_mask(tree.mask, x.dtype, cfg), cache, input_pos, kv_end, taps,
+                      keep)
+    t = call_tables(cfg, input_pos, pad, kv_end, x.dtype)
+    return _stack(blocks, x, t.rope, t.mask, cache, input_pos, kv_end, taps, keep)
 
 
 # A/B switches of scripts/gpu_step_profile.py (--bool-mask, --repeat-kv, --manual-norm): the ways before these changes
@@ -432,14 +472,16 @@ else:
     _shared_op = _shared
 
 
-def _stack(blocks, x, rope, mask, cache, input_pos, kv_end, taps):
-    if (SHARED_TABLES and cache is not None and blocks and torch.compiler.is_compiling()
+def _stack(blocks, x, rope, mask, cache, input_pos, kv_end, taps, keep=None, share=True):
+    if (share and SHARED_TABLES and cache is not None and blocks and torch.compiler.is_compiling()
             and use_fused_linear(x, blocks[0])):
         cos, sin, *rest = _shared_op([*rope, *([] if mask is None else [mask])])
         rope, mask = (cos, sin), (rest[0] if rest else None)
     tapped = []
+    if keep is not None and (taps or not 0 < keep <= x.shape[1]):
+        raise ValueError(f"keep={keep}: the last block's output for 1 to {x.shape[1]} positions, without taps")
     for i, block in enumerate(blocks):
-        x = block(x, rope, mask, cache, i, input_pos, kv_end)
+        x = block(x, rope, mask, cache, i, input_pos, kv_end, keep if i == len(blocks) - 1 else None)
         if i in taps:
             tapped.append(x)
     return x, (torch.cat(tapped, dim=-1) if tapped else None)
@@ -520,12 +562,13 @@ class Transformer(nn.Module):
 
     def forward(self, idx: torch.Tensor, *, input_pos: torch.Tensor | None = None, cache: KVCache | None = None,
                 pad: torch.Tensor | None = None, kv_end: int | None = None, num_logits: int | None = None,
-                tree: Tree | None = None, taps: tuple[int, ...] = ()) -> ModelOutput:
+                tree: Tree | None = None, taps: tuple[int, ...] = (), tables: Tables | None = None) -> ModelOutput:
         """idx (B, T) token ids. num_logits: compute the LM head for the last n positions only (decoding; 0: none).
         tree: draft-tree attention (see `Tree`), for verifying a tree of candidate tokens in one call.
-        taps: layers whose outputs to return as well (ModelOutput.taps), for a module that reads them."""
+        taps: layers whose outputs to return as well (ModelOutput.taps), for a module that reads them.
+        tables: this cached call's slots, rotary tables and mask, made by `call_tables` (else made here)."""
         hidden, tapped = run_blocks(self.layers, self.tok_emb(idx), self.cfg, input_pos=input_pos, cache=cache,
-                                    pad=pad, kv_end=kv_end, tree=tree, taps=taps)
+                                    pad=pad, kv_end=kv_end, tree=tree, taps=taps, tables=tables)
         logits = self.head(hidden if num_logits is None else hidden[:, hidden.shape[1] - num_logits:])
         return ModelOutput(logits, hidden, tapped)
 
@@ -584,13 +627,16 @@ class RecyclableModule(nn.Module):
 
     def forward(self, state: torch.Tensor, tok_emb: torch.Tensor, *, input_pos: torch.Tensor | None = None,
                 cache: KVCache | None = None, pad: torch.Tensor | None = None,
-                kv_end: int | None = None, tree: Tree | None = None) -> torch.Tensor:
+                kv_end: int | None = None, tree: Tree | None = None, outputs: int | None = None,
+                tables: Tables | None = None) -> torch.Tensor:
+        """outputs: the output at the last `outputs` positions only (B, outputs, d), every position's keys and values
+        still cached (`run_blocks`' keep); None: all. tables: as `Transformer.forward`'s."""
         if FUSED_MODULE_INPUT and tree is None and use_fused_linear(state, self.layers[0]):
             x = self.fused_input(state, tok_emb)
         else:
             x = self.fc(torch.cat((self.norm_h(state), self.norm_e(tok_emb)), dim=-1))
         return run_blocks(self.layers, x, self.base_cfg, input_pos=input_pos, cache=cache, pad=pad, kv_end=kv_end,
-                          tree=tree)[0]
+                          tree=tree, keep=outputs, tables=tables)[0]
 
 
 # what `recycle` may take from the module (RecycleModel.recycle_vocab): the full head, or the draft vocabulary
@@ -704,15 +750,22 @@ class RecycleModel(nn.Module):
 
     def recycle(self, state: torch.Tensor, next_tokens: torch.Tensor, *, input_pos: torch.Tensor | None = None,
                 cache: KVCache | None = None, pad: torch.Tensor | None = None, kv_end: int | None = None,
-                num_logits: int | None = None, tree: Tree | None = None, draft: bool = False) -> ModelOutput:
+                num_logits: int | None = None, tree: Tree | None = None, draft: bool = False,
+                outputs: int | None = None, tables: Tables | None = None) -> ModelOutput:
         """state (B, T, d): s_t at positions t (`state`); next_tokens (B, T): x_{t+1}. draft: logits for drafting
-        (`draft_logits`: over the draft vocabulary, if any) instead of the full head's.
+        (`draft_logits`: over the draft vocabulary, if any) instead of the full head's. outputs: the module's output
+        (and so `hidden`) at the last `outputs` positions only, at least num_logits; the module's last layer then
+        runs its products on those rows alone, while its attention still caches every position (decoding, which
+        reads the last output only); None: all. tables: the cached call's slots, rotary tables and mask
+        (`call_tables`), e.g. those of the full call on the same slots.
 
         Returns logits for x_{t+2} and the module's output hidden. That output plays the role of s_{t+1} (both go
         through the head to predict x_{t+2}), so a multi-step drafter feeds it back as the next step's `state`, as
         it is (EAGLE-3 feeds its draft's output in place of the fused features the same way).
         """
+        if outputs is not None and num_logits is not None and num_logits > outputs:
+            raise ValueError(f"num_logits={num_logits} needs at least as many outputs, got outputs={outputs}")
         out = self.module(state, self.base.tok_emb(next_tokens), input_pos=input_pos, cache=cache, pad=pad,
-                          kv_end=kv_end, tree=tree)
+                          kv_end=kv_end, tree=tree, outputs=outputs, tables=tables)
         last = out if num_logits is None else out[:, out.shape[1] - num_logits:]
         return ModelOutput(self.draft_logits(last) if draft else self.base.head(last), out)

@@ -86,6 +86,14 @@ SWIGLU_WARPS = 8
 # compiled for sm_90a (triton 3.6's ptxas, on the CPU), the gate-up kernel in this form spills 352 bytes at 4 warps and
 # none at 8 (244 registers), so 8 until timed. "all": every few-row product, its column block widened to 16 (SmolLM2's
 # QKV, out and down: 30 to 60 programs instead of 120 to 144), for the A/B of the tensor-core form where it is not free
+# SwiGLU in the gate-up kernel's epilogue (`gate_up_swiglu`): each program multiplies a block of gate columns and
+# their partner up columns of the fused weight (as `qkv_rope` pairs a head's rotary halves) and writes silu(gate) *
+# up, F wide, with MLP's rounding. The down product then reads that activation as it is. Without it the down kernel's
+# every program (144 at SmolLM2's shape) recomputes SwiGLU over the whole 2F-wide gate|up row of each of its rows
+# after the PDL wait: 1,536 exponentials a row, redundantly, on the critical path, and twice as many at a recycle pair.
+# The activations' bits are the same either way (interpreter and CUDA tests). Built in the seventeenth session; off
+# until timed on a GPU (`gpu_step_profile.py --swiglu-epilogue`, `linear_bench.py`'s "mlp" rows)
+SWIGLU_EPILOGUE = False
 FEW_ROWS_DOT: bool | str = False
 FEW_ROWS_DOT_WARPS = 8
 DEFAULT_SMS = 132  # an H100 SXM's SM count, for the interpreter (CUDA asks the device)
@@ -125,10 +133,15 @@ if triton is not None:
             x = rms_normed(x, NW, ks, k_ok, inv)
         if SWIGLU:
             up = tl.load(X + rows[:, None] * sxr + K + ks[None, :], mask=x_ok, other=0.0)
-            g = x.to(tl.float32)
-            x = (g / (1.0 + tl.exp(-g))).to(X.dtype.element_ty)
-            x = (x.to(tl.float32) * up.to(tl.float32)).to(X.dtype.element_ty)
+            x = silu_mul(x, up)
         return x
+
+    @triton.jit
+    def silu_mul(gate, up):
+        # silu(gate) * up as MLP rounds it: silu in float32 rounded to the dtype, then the product rounded
+        g = gate.to(tl.float32)
+        a = (g / (1.0 + tl.exp(-g))).to(gate.dtype)
+        return (a.to(tl.float32) * up.to(tl.float32)).to(gate.dtype)
 
     @triton.jit
     def product(acc, x, w, DOT: tl.constexpr, PRECISION: tl.constexpr):
@@ -185,21 +198,13 @@ if triton is not None:
         tl.store(Out + rows[:, None] * sor + cols[None, :], y, mask=out_ok)
 
     @triton.jit
-    def _qkv_rope_kernel(X, NW, W, Cos, Sin, Out, R, T, N, K, K_MAIN, eps, sxr, swn, sor, scb, sct, ROT_HEADS,
-                         HALF: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         TAIL: tl.constexpr, BLOCK_T: tl.constexpr, PDL: tl.constexpr, DOT: tl.constexpr,
-                         PRECISION: tl.constexpr):
-        # grid (block of half-columns, row block): half-column u is column o of head hd's first half, computed with
-        # its partner o + HALF in the second half, so that the rotary embedding (rotate_half) is this program's own.
-        # K in steps and a tail as in _linear_kernel
-        u = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        u_ok = u < N // 2
-        hd, o = u // HALF, u % HALF
-        lo_cols = hd * 2 * HALF + o
-        hi_cols = lo_cols + HALF
-        rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)  # this program's row block
-        row_ok = rows < R
-        ks = tl.arange(0, BLOCK_K)  # the first K step's weights (and the tail's) before the wait
+    def paired_products(X, NW, W, lo_cols, hi_cols, u_ok, rows, row_ok, K, K_MAIN, eps, sxr, swn,
+                        BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TAIL: tl.constexpr,
+                        BLOCK_T: tl.constexpr, PDL: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr):
+        # RMSNorm(x) of the rows against two sets of weight rows, lo_cols and hi_cols (paired columns: a head's two
+        # rotary halves, or gate and up), float32 accumulators (BLOCK_R, BLOCK_N) each. The first K step's weights
+        # (and the tail's) load before the PDL wait; K in steps and a tail as in _linear_kernel
+        ks = tl.arange(0, BLOCK_K)
         w_ok = u_ok[:, None] & (ks < K_MAIN)[None, :]
         lo_first = tl.load(W + lo_cols[:, None] * swn + ks[None, :], mask=w_ok, other=0.0)
         hi_first = tl.load(W + hi_cols[:, None] * swn + ks[None, :], mask=w_ok, other=0.0)
@@ -228,6 +233,25 @@ if triton is not None:
             x = x_block(X, NW, rows, row_ok, kt, kt < K, K, sxr, inv, True, False)
             acc_lo = product(acc_lo, x, lo_tail, DOT, PRECISION)
             acc_hi = product(acc_hi, x, hi_tail, DOT, PRECISION)
+        return acc_lo, acc_hi
+
+    @triton.jit
+    def _qkv_rope_kernel(X, NW, W, Cos, Sin, Out, R, T, N, K, K_MAIN, eps, sxr, swn, sor, scb, sct, ROT_HEADS,
+                         HALF: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         TAIL: tl.constexpr, BLOCK_T: tl.constexpr, PDL: tl.constexpr, DOT: tl.constexpr,
+                         PRECISION: tl.constexpr):
+        # grid (block of half-columns, row block): half-column u is column o of head hd's first half, computed with
+        # its partner o + HALF in the second half, so that the rotary embedding (rotate_half) is this program's own.
+        # K in steps and a tail as in _linear_kernel
+        u = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        u_ok = u < N // 2
+        hd, o = u // HALF, u % HALF
+        lo_cols = hd * 2 * HALF + o
+        hi_cols = lo_cols + HALF
+        rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)  # this program's row block
+        row_ok = rows < R
+        acc_lo, acc_hi = paired_products(X, NW, W, lo_cols, hi_cols, u_ok, rows, row_ok, K, K_MAIN, eps, sxr, swn,
+                                         BLOCK_R, BLOCK_N, BLOCK_K, TAIL, BLOCK_T, PDL, DOT, PRECISION)
         # the product rounded to the dtype, as F.linear's output; then x * cos + rotate_half(x) * sin in float32,
         # rounded once (as inductor computes apply_rotary), for query and key heads (hd < ROT_HEADS) only
         y_lo = acc_lo.to(Out.dtype.element_ty).to(tl.float32)
@@ -243,6 +267,24 @@ if triton is not None:
         out_hi = tl.where(rot, y_hi * c_hi + y_lo * s_hi, y_hi)
         tl.store(Out + rows[:, None] * sor + lo_cols[None, :], out_lo.to(Out.dtype.element_ty), mask=out_ok)
         tl.store(Out + rows[:, None] * sor + hi_cols[None, :], out_hi.to(Out.dtype.element_ty), mask=out_ok)
+
+    @triton.jit
+    def _gate_up_swiglu_kernel(X, NW, W, Out, R, F, K, K_MAIN, eps, sxr, swn, sor,
+                               BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                               TAIL: tl.constexpr, BLOCK_T: tl.constexpr, PDL: tl.constexpr, DOT: tl.constexpr,
+                               PRECISION: tl.constexpr):
+        # grid (block of columns of the F-wide activation, row block): column u of silu(gate) * up is gate column u
+        # of the fused gate-up weight with its partner up column F + u, both this program's, so the down product
+        # reads the activation (F wide) and computes no SwiGLU of its own
+        u = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        u_ok = u < F
+        rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)  # this program's row block
+        row_ok = rows < R
+        acc_gate, acc_up = paired_products(X, NW, W, u, u + F, u_ok, rows, row_ok, K, K_MAIN, eps, sxr, swn,
+                                           BLOCK_R, BLOCK_N, BLOCK_K, TAIL, BLOCK_T, PDL, DOT, PRECISION)
+        # each product rounded to the dtype, as F.linear's output, then SwiGLU as the down kernel's x_block has it
+        y = silu_mul(acc_gate.to(Out.dtype.element_ty), acc_up.to(Out.dtype.element_ty))
+        tl.store(Out + rows[:, None] * sor + u[None, :], y, mask=row_ok[:, None] & u_ok[None, :])
 
     _INTERPRETED = not isinstance(_linear_kernel, triton.runtime.jit.JITFunction)
 else:
@@ -279,22 +321,26 @@ def _k_split(K: int, bk: int, bt: int) -> tuple[int, dict]:
     return K - K % bk if bt else K, {"BLOCK_K": bk, "TAIL": bt > 0, "BLOCK_T": max(bt, 16)}
 
 
-def _row_block(R: int, dtype: torch.dtype, swiglu: bool = False, block_n: int = 0) -> tuple[int, dict]:
+def _row_block(R: int, dtype: torch.dtype, swiglu: bool = False, block_n: int = 0,
+               num_warps: int = 0) -> tuple[int, dict]:
     """BLOCK_R and the product's launch settings for R rows: few rows reduce on CUDA cores (NUM_WARPS for one,
     MULTI_ROW_WARPS for more, SWIGLU_WARPS for the down product at any few-row count where set); more than MAX_ROWS,
     and few rows with FEW_ROWS_DOT where the column block `block_n` is 16 or more, padded to 16 or more, go through
-    tl.dot (fp32 kept exact with "ieee"; half types ignore the precision)."""
+    tl.dot (fp32 kept exact with "ieee"; half types ignore the precision). num_warps > 0 overrides the warps of
+    few-row calls on CUDA cores."""
     few_dot = R <= MAX_ROWS and (FEW_ROWS_DOT == "all" or (FEW_ROWS_DOT and block_n >= 16))
     wide = R > MAX_ROWS or few_dot
     block_r = max(16, triton.next_power_of_2(R)) if wide else triton.next_power_of_2(min(R, ROWS_PER_PROGRAM))
     warps = FEW_ROWS_DOT_WARPS if few_dot else MULTI_ROW_WARPS if 1 < block_r and not wide else NUM_WARPS
     if swiglu and SWIGLU_WARPS and not wide:
         warps = SWIGLU_WARPS
+    if num_warps and not wide:  # the caller's choice for its few-row calls (the down product after gate_up_swiglu)
+        warps = num_warps
     return block_r, {"DOT": wide, "PRECISION": "ieee" if dtype == torch.float32 else "tf32", "num_warps": warps}
 
 
 def _fused_linear(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor | None,
-                  residual: torch.Tensor | None, eps: float, swiglu: bool) -> torch.Tensor:
+                  residual: torch.Tensor | None, eps: float, swiglu: bool, num_warps: int = 0) -> torch.Tensor:
     """The op's body: x (R, K) or (R, 2K) with swiglu; weight (N, K) -> (R, N) in x's dtype."""
     if not x.is_cuda and not _INTERPRETED:
         raise RuntimeError("the fused linear kernel runs on CUDA tensors, or on the CPU under Triton's interpreter")
@@ -312,7 +358,7 @@ def _fused_linear(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tens
         residual = residual.contiguous()
     out = torch.empty((R, N), dtype=x.dtype, device=x.device)
     bn, bk, bt = blocks(N, K, _sms(x.device), R)
-    block_r, product = _row_block(R, x.dtype, swiglu, bn)
+    block_r, product = _row_block(R, x.dtype, swiglu, bn, num_warps)
     k_main, split = _k_split(K, bk, bt)
     _linear_kernel[(triton.cdiv(N, bn), triton.cdiv(R, block_r))](
         x, x if norm_weight is None else norm_weight, weight, out if residual is None else residual, out,
@@ -352,6 +398,28 @@ def _fused_qkv_rope(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Te
     return out
 
 
+def _fused_gate_up_swiglu(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor,
+                          eps: float) -> torch.Tensor:
+    """The op's body: silu(g) * u of [g | u] = RMSNorm(x) (R, K) @ weight (2F, K).T -> (R, F) in x's dtype."""
+    if not x.is_cuda and not _INTERPRETED:
+        raise RuntimeError("the fused gate-up kernel runs on CUDA tensors, or on the CPU under Triton's interpreter")
+    R, K = x.shape
+    N = weight.shape[0]
+    if (R > WIDE_ROWS or N % 2 or weight.shape[1] != K or weight.stride(1) != 1 or norm_weight.shape != (K,)):
+        raise ValueError(f"fused gate-up: x {tuple(x.shape)} (at most {WIDE_ROWS} rows), weight {tuple(weight.shape)} "
+                         f"(gate rows then up rows, last dim contiguous), norm weight {tuple(norm_weight.shape)}")
+    x = x if x.stride(1) == 1 else x.contiguous()
+    F = N // 2
+    out = torch.empty((R, F), dtype=x.dtype, device=x.device)
+    bn, bk, bt = blocks(F, K, _sms(x.device), R)
+    block_r, product = _row_block(R, x.dtype, block_n=bn)
+    k_main, split = _k_split(K, bk, bt)
+    _gate_up_swiglu_kernel[(triton.cdiv(F, bn), triton.cdiv(R, block_r))](
+        x, norm_weight, weight, out, R, F, K, k_main, eps, x.stride(0), weight.stride(0), out.stride(0),
+        BLOCK_R=block_r, BLOCK_N=bn, **split, **product, **pdl_launch(x.device))
+    return out
+
+
 if triton is not None and hasattr(torch.library, "custom_op"):  # torch >= 2.4
     _qkv_op = torch.library.custom_op(
         "recyclegpt::fused_qkv_rope", mutates_args=(),
@@ -365,25 +433,45 @@ if triton is not None and hasattr(torch.library, "custom_op"):  # torch >= 2.4
 
     _op = torch.library.custom_op(
         "recyclegpt::fused_linear", mutates_args=(),
-        schema="(Tensor x, Tensor weight, Tensor? norm_weight, Tensor? residual, float eps, bool swiglu) -> Tensor",
+        schema="(Tensor x, Tensor weight, Tensor? norm_weight, Tensor? residual, float eps, bool swiglu, "
+               "int num_warps) -> Tensor",
     )(_fused_linear)
 
     @_op.register_fake
-    def _(x, weight, norm_weight, residual, eps, swiglu):
+    def _(x, weight, norm_weight, residual, eps, swiglu, num_warps):
         return x.new_empty((x.shape[0], weight.shape[0]))
+
+    _gate_up_op = torch.library.custom_op(
+        "recyclegpt::fused_gate_up_swiglu", mutates_args=(),
+        schema="(Tensor x, Tensor weight, Tensor norm_weight, float eps) -> Tensor",
+    )(_fused_gate_up_swiglu)
+
+    @_gate_up_op.register_fake
+    def _(x, weight, norm_weight, eps):
+        return x.new_empty((x.shape[0], weight.shape[0] // 2))
 else:
-    _op, _qkv_op = _fused_linear, _fused_qkv_rope
+    _op, _qkv_op, _gate_up_op = _fused_linear, _fused_qkv_rope, _fused_gate_up_swiglu
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, *, norm_weight: torch.Tensor | None = None, eps: float = 0.0,
-           residual: torch.Tensor | None = None, swiglu: bool = False) -> torch.Tensor:
+           residual: torch.Tensor | None = None, swiglu: bool = False, num_warps: int = 0) -> torch.Tensor:
     """[residual +] f(x) @ weight.T, where f is RMSNorm with `norm_weight` and `eps` (norm_weight given), silu(gate) *
     up of x = [gate | up] (swiglu), or nothing. x (..., K) or (..., 2K); weight (N, K); residual (..., N); at most
-    WIDE_ROWS rows in all (more than MAX_ROWS: the tensor-core form)."""
+    WIDE_ROWS rows in all (more than MAX_ROWS: the tensor-core form). num_warps: the warps of few-row calls (0: the
+    rule of `_row_block`)."""
     lead = x.shape[:-1]
     res = None if residual is None else residual.reshape(-1, residual.shape[-1])
-    out = _op(x.reshape(-1, x.shape[-1]), weight, norm_weight, res, float(eps), swiglu)
+    out = _op(x.reshape(-1, x.shape[-1]), weight, norm_weight, res, float(eps), swiglu, int(num_warps))
     return out.reshape(*lead, weight.shape[0])
+
+
+def gate_up_swiglu(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """silu(gate) * up, where [gate | up] = RMSNorm(x) @ weight.T with `norm_weight` and `eps`: the fused gate-up
+    product (weight (2F, K): the gate's rows, then the up's) with SwiGLU in its epilogue. x (..., K); returns (..., F),
+    what `linear(..., swiglu=True)` reads as [gate | up], already combined, with the same bits."""
+    lead = x.shape[:-1]
+    out = _gate_up_op(x.reshape(-1, x.shape[-1]), weight, norm_weight, float(eps))
+    return out.reshape(*lead, weight.shape[0] // 2)
 
 
 def qkv_rope(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor, eps: float,
