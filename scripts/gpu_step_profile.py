@@ -149,7 +149,8 @@ FUSED_SWITCHES = {
 # launch settings of the fused kernels, as --x N (an A/B check; unnamed: the module's default)
 WARP_SETTINGS = {
     "cached-warps": ("triton_attention", "CACHED_WARPS", "warps of a cached_attention program"),
-    "swiglu-warps": ("triton_linear", "SWIGLU_WARPS", "warps of the down product's programs (0: as the others)"),
+    "swiglu-warps": ("triton_linear", "SWIGLU_WARPS", "warps of the down product's programs with SwiGLU folded in, "
+                     "i.e. with --no-swiglu-epilogue (0: as the others)"),
 }
 
 

@@ -139,12 +139,12 @@ def mlp(results: list, rows: int, calls: int, g: torch.Generator, settings: list
     sweep(results, "gate-up with swiglu after", lambda: tl_.gate_up_swiglu(x, w13, nw, 1e-5), act, calls, FF, D,
           settings)
     sweep(results, "down (activation, + residual)",
-          lambda: tl_.linear(act, w2, residual=res, num_warps=tl_.SWIGLU_WARPS), want, calls, D, FF, settings)
+          lambda: tl_.linear(act, w2, residual=res), want, calls, D, FF, settings)
     sweep(results, "mlp: gate-up, down with swiglu",
           lambda: tl_.linear(tl_.linear(x, w13, norm_weight=nw, eps=1e-5), w2, residual=res, swiglu=True), want,
           calls, 2 * FF, D, settings)
     sweep(results, "mlp: swiglu in gate-up's epilogue",
-          lambda: tl_.linear(tl_.gate_up_swiglu(x, w13, nw, 1e-5), w2, residual=res, num_warps=tl_.SWIGLU_WARPS),
+          lambda: tl_.linear(tl_.gate_up_swiglu(x, w13, nw, 1e-5), w2, residual=res),
           want, calls, FF, D, settings)
 
 

@@ -198,7 +198,7 @@ def check_rows_get_the_same_bits(device: str = "cpu", dtype: torch.dtype = torch
             acts = [triton_linear.gate_up_swiglu(x[:R], w, nw, 1e-5) for R in (1, 2, 4)]
             assert all(torch.equal(acts[0][0], a[0]) for a in acts[1:]), ("gate-up swiglu", k_tail, swiglu_warps, dot)
             x, w, _, res = make_inputs(4, 576, 1536, residual=True, dtype=dtype, device=device)
-            firsts = [triton_linear.linear(x[:R], w, residual=res[:R], num_warps=swiglu_warps)[0] for R in (1, 2, 4)]
+            firsts = [triton_linear.linear(x[:R], w, residual=res[:R])[0] for R in (1, 2, 4)]
             assert all(torch.equal(firsts[0], f) for f in firsts[1:]), ("down after it", k_tail, swiglu_warps, dot)
             x, w, nw, rope = qkv_inputs(1, 4, 12, 3, 64, 576, dtype=dtype, device=device)  # positions 17..20
             firsts = [triton_linear.qkv_rope(x[:, :T], w, nw, 1e-5, tuple(r[:, :, :T] for r in rope), 12)[0, 0]
@@ -263,6 +263,7 @@ def check_model_integration() -> None:
     from test_speculative import predictable, prompts_for
 
     rows, cached_calls = [], []
+    epilogue = triton_linear.SWIGLU_EPILOGUE
     saved = (model_mod.use_fused_linear, model_mod.use_decode_kernel, model_mod.FUSED_LINEAR,
              model_mod.CACHED_ATTENTION, model_mod.FUSED_WIDE, triton_attention.cached_attention)
 
@@ -294,7 +295,7 @@ def check_model_integration() -> None:
                                     (False, False, False)):
             model_mod.FUSED_LINEAR, model_mod.CACHED_ATTENTION, model_mod.FUSED_WIDE = fused, cached, wide
             model_mod.FUSED_MODULE_INPUT = fused and not wide  # the module's input product fused too, in one variant
-            triton_linear.SWIGLU_EPILOGUE = fused and cached and not wide  # and SwiGLU in gate-up's epilogue
+            triton_linear.SWIGLU_EPILOGUE = fused and cached and not wide  # SwiGLU in gate-up's epilogue, or not
             del cached_calls[:], rows[:]
             with torch.no_grad():
                 cache = model.base.new_cache(1, 32)
@@ -316,7 +317,7 @@ def check_model_integration() -> None:
         (model_mod.use_fused_linear, model_mod.use_decode_kernel, model_mod.FUSED_LINEAR,
          model_mod.CACHED_ATTENTION, model_mod.FUSED_WIDE, triton_attention.cached_attention) = saved
         model_mod.FUSED_MODULE_INPUT = False
-        triton_linear.SWIGLU_EPILOGUE = False
+        triton_linear.SWIGLU_EPILOGUE = epilogue
     few, wide = seen[True, True, False], seen[True, True, True]  # few rows fused, wider calls kept on torch ...
     assert any(f for n, f, _ in few) and any(n > triton_linear.MAX_ROWS and not f for n, f, _ in few)
     assert any(n > triton_linear.MAX_ROWS and f for n, f, _ in wide)  # ... or fused too, with FUSED_WIDE

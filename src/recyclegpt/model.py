@@ -252,8 +252,7 @@ class Block(nn.Module):
             x = triton_linear.linear(y, self.attn.wo.weight, residual=x)
             if triton_linear.SWIGLU_EPILOGUE:  # SwiGLU once, in gate-up's epilogue; down reads the activation
                 act = triton_linear.gate_up_swiglu(x, self.mlp.w13, self.mlp_norm.weight, self.mlp_norm.eps)
-                return triton_linear.linear(act, self.mlp.w2.weight, residual=x,
-                                            num_warps=triton_linear.SWIGLU_WARPS)
+                return triton_linear.linear(act, self.mlp.w2.weight, residual=x)
             gate_up = triton_linear.linear(x, self.mlp.w13, norm_weight=self.mlp_norm.weight, eps=self.mlp_norm.eps)
             return triton_linear.linear(gate_up, self.mlp.w2.weight, swiglu=True, residual=x)
         a = self.attn(self.attn_norm(x), rope, mask, cache, layer, input_pos, kv_end)

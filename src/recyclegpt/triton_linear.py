@@ -74,7 +74,8 @@ K_TAIL = False
 # row). The compiled SmolLM2 steps (`gpu_step_profile.py --swiglu-warps 8` is the A/B; two calls on one machine):
 # standard 0.484 -> 0.463 ms and recycle 0.644 -> 0.620 attending over 512 slots (the bench's), 0.463 -> 0.456 and
 # 0.620 -> 0.613 over 256; the bits a row gets stay the same in calls of 1, 2 and 4 rows (CUDA test). 0: NUM_WARPS /
-# MULTI_ROW_WARPS as for the other products
+# MULTI_ROW_WARPS as for the other products. Since the seventeenth session the down product reads SwiGLU's output
+# (SWIGLU_EPILOGUE) and takes the other products' warps; this applies with SWIGLU_EPILOGUE off
 SWIGLU_WARPS = 8
 # few-row calls on tensor cores too, where their column block is already 16 or wider (SmolLM2: gate-up only, 16 x 1,024
 # weights a program): rows padded to 16 and tl.dot over the same one K step, its weights loaded before the PDL wait
@@ -88,12 +89,15 @@ SWIGLU_WARPS = 8
 # QKV, out and down: 30 to 60 programs instead of 120 to 144), for the A/B of the tensor-core form where it is not free
 # SwiGLU in the gate-up kernel's epilogue (`gate_up_swiglu`): each program multiplies a block of gate columns and
 # their partner up columns of the fused weight (as `qkv_rope` pairs a head's rotary halves) and writes silu(gate) *
-# up, F wide, with MLP's rounding. The down product then reads that activation as it is. Without it the down kernel's
-# every program (144 at SmolLM2's shape) recomputes SwiGLU over the whole 2F-wide gate|up row of each of its rows
-# after the PDL wait: 1,536 exponentials a row, redundantly, on the critical path, and twice as many at a recycle pair.
-# The activations' bits are the same either way (interpreter and CUDA tests). Built in the seventeenth session; off
-# until timed on a GPU (`gpu_step_profile.py --swiglu-epilogue`, `linear_bench.py`'s "mlp" rows)
-SWIGLU_EPILOGUE = False
+# up, F wide, with MLP's rounding. The down product then reads that activation as it is, at the warps of the other
+# products. Before, every program of the down kernel (144 at SmolLM2's shape) recomputed SwiGLU over the whole 2F-wide
+# gate|up row of each of its rows after the PDL wait: 1,536 exponentials a row, redundantly, on the critical path,
+# twice as many in a recycle pair. The activations' bits are the same either way (interpreter and CUDA tests).
+# Built and measured in the seventeenth session (H100, `gpu_step_profile.py --swiglu-epilogue`, 256 slots): SmolLM2's
+# standard step 0.448 -> 0.438 ms and recycle 0.583 -> 0.562 with down at 4 warps; at 8 (SWIGLU_WARPS) 0.448 and 0.570.
+# In `linear_bench.py` the MLP's two kernels took 5.66 -> 5.45 us at one row and 7.93 -> 7.00 at two (down alone,
+# 8 warps: 2.12 -> 1.93 and 3.17 -> 2.30). On
+SWIGLU_EPILOGUE = True
 FEW_ROWS_DOT: bool | str = False
 FEW_ROWS_DOT_WARPS = 8
 DEFAULT_SMS = 132  # an H100 SXM's SM count, for the interpreter (CUDA asks the device)
@@ -321,26 +325,22 @@ def _k_split(K: int, bk: int, bt: int) -> tuple[int, dict]:
     return K - K % bk if bt else K, {"BLOCK_K": bk, "TAIL": bt > 0, "BLOCK_T": max(bt, 16)}
 
 
-def _row_block(R: int, dtype: torch.dtype, swiglu: bool = False, block_n: int = 0,
-               num_warps: int = 0) -> tuple[int, dict]:
+def _row_block(R: int, dtype: torch.dtype, swiglu: bool = False, block_n: int = 0) -> tuple[int, dict]:
     """BLOCK_R and the product's launch settings for R rows: few rows reduce on CUDA cores (NUM_WARPS for one,
     MULTI_ROW_WARPS for more, SWIGLU_WARPS for the down product at any few-row count where set); more than MAX_ROWS,
     and few rows with FEW_ROWS_DOT where the column block `block_n` is 16 or more, padded to 16 or more, go through
-    tl.dot (fp32 kept exact with "ieee"; half types ignore the precision). num_warps > 0 overrides the warps of
-    few-row calls on CUDA cores."""
+    tl.dot (fp32 kept exact with "ieee"; half types ignore the precision)."""
     few_dot = R <= MAX_ROWS and (FEW_ROWS_DOT == "all" or (FEW_ROWS_DOT and block_n >= 16))
     wide = R > MAX_ROWS or few_dot
     block_r = max(16, triton.next_power_of_2(R)) if wide else triton.next_power_of_2(min(R, ROWS_PER_PROGRAM))
     warps = FEW_ROWS_DOT_WARPS if few_dot else MULTI_ROW_WARPS if 1 < block_r and not wide else NUM_WARPS
     if swiglu and SWIGLU_WARPS and not wide:
         warps = SWIGLU_WARPS
-    if num_warps and not wide:  # the caller's choice for its few-row calls (the down product after gate_up_swiglu)
-        warps = num_warps
     return block_r, {"DOT": wide, "PRECISION": "ieee" if dtype == torch.float32 else "tf32", "num_warps": warps}
 
 
 def _fused_linear(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor | None,
-                  residual: torch.Tensor | None, eps: float, swiglu: bool, num_warps: int = 0) -> torch.Tensor:
+                  residual: torch.Tensor | None, eps: float, swiglu: bool) -> torch.Tensor:
     """The op's body: x (R, K) or (R, 2K) with swiglu; weight (N, K) -> (R, N) in x's dtype."""
     if not x.is_cuda and not _INTERPRETED:
         raise RuntimeError("the fused linear kernel runs on CUDA tensors, or on the CPU under Triton's interpreter")
@@ -358,7 +358,7 @@ def _fused_linear(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tens
         residual = residual.contiguous()
     out = torch.empty((R, N), dtype=x.dtype, device=x.device)
     bn, bk, bt = blocks(N, K, _sms(x.device), R)
-    block_r, product = _row_block(R, x.dtype, swiglu, bn, num_warps)
+    block_r, product = _row_block(R, x.dtype, swiglu, bn)
     k_main, split = _k_split(K, bk, bt)
     _linear_kernel[(triton.cdiv(N, bn), triton.cdiv(R, block_r))](
         x, x if norm_weight is None else norm_weight, weight, out if residual is None else residual, out,
@@ -433,12 +433,11 @@ if triton is not None and hasattr(torch.library, "custom_op"):  # torch >= 2.4
 
     _op = torch.library.custom_op(
         "recyclegpt::fused_linear", mutates_args=(),
-        schema="(Tensor x, Tensor weight, Tensor? norm_weight, Tensor? residual, float eps, bool swiglu, "
-               "int num_warps) -> Tensor",
+        schema="(Tensor x, Tensor weight, Tensor? norm_weight, Tensor? residual, float eps, bool swiglu) -> Tensor",
     )(_fused_linear)
 
     @_op.register_fake
-    def _(x, weight, norm_weight, residual, eps, swiglu, num_warps):
+    def _(x, weight, norm_weight, residual, eps, swiglu):
         return x.new_empty((x.shape[0], weight.shape[0]))
 
     _gate_up_op = torch.library.custom_op(
@@ -454,14 +453,13 @@ else:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, *, norm_weight: torch.Tensor | None = None, eps: float = 0.0,
-           residual: torch.Tensor | None = None, swiglu: bool = False, num_warps: int = 0) -> torch.Tensor:
+           residual: torch.Tensor | None = None, swiglu: bool = False) -> torch.Tensor:
     """[residual +] f(x) @ weight.T, where f is RMSNorm with `norm_weight` and `eps` (norm_weight given), silu(gate) *
     up of x = [gate | up] (swiglu), or nothing. x (..., K) or (..., 2K); weight (N, K); residual (..., N); at most
-    WIDE_ROWS rows in all (more than MAX_ROWS: the tensor-core form). num_warps: the warps of few-row calls (0: the
-    rule of `_row_block`)."""
+    WIDE_ROWS rows in all (more than MAX_ROWS: the tensor-core form)."""
     lead = x.shape[:-1]
     res = None if residual is None else residual.reshape(-1, residual.shape[-1])
-    out = _op(x.reshape(-1, x.shape[-1]), weight, norm_weight, res, float(eps), swiglu, int(num_warps))
+    out = _op(x.reshape(-1, x.shape[-1]), weight, norm_weight, res, float(eps), swiglu)
     return out.reshape(*lead, weight.shape[0])
 
 
