@@ -140,7 +140,9 @@ FUSED_SWITCHES = {
     "l2-persist": ("engine", "L2_PERSIST", "the module's weights and draft head in one window kept in a persisting "
                    "part of L2 (graphs only)"),
     "swiglu-epilogue": ("triton_linear", "SWIGLU_EPILOGUE", "SwiGLU in the gate-up kernel's epilogue; the down "
-                        "product reads the activation"),
+                        "product reads the activation; on by default"),
+    "row-loop": ("triton_linear", "ROW_LOOP", "few-row products of one K step take their rows one after another, "
+                 "each as a one-row call computes it"),
     "module-last-only": ("engine", "MODULE_LAST_ONLY", "recycle's module calls run their last layer's products on "
                          "the one position they read; on by default"),
     "step-tables": ("engine", "STEP_TABLES", "the greedy steps' slots, rotary tables and mask made once, apart, "

@@ -9,7 +9,7 @@ a few launch settings (TILE, MAX_BLOCK_N, warps, programmatic dependent launch, 
 on tensor cores), checked against torch. Then SWIGLU_EPILOGUE's two kernels and the MLP both ways. Prints a table
 for each row count and a final JSON line.
 
-    python scripts/linear_bench.py [--rows 1[,2,...]] [--calls 50] [--settings all|default]
+    python scripts/linear_bench.py [--rows 1[,2,...]] [--calls 50] [--settings all|default|rows]
 """
 
 from __future__ import annotations
@@ -94,7 +94,8 @@ def sweep(results: list, name: str, call, want: torch.Tensor, calls: int, n: int
              "ROWS_PER_PROGRAM", "K_TAIL", "FEW_ROWS_DOT")
     defaults = [getattr(tl_, attr) for attr in names], triton_attention.PDL
     for setting in SETTINGS if settings is None else settings:
-        if setting is None:  # the modules' defaults, as the engine runs them
+        row_loop = setting == "row-loop"  # the defaults with triton_linear.ROW_LOOP on
+        if setting is None or row_loop:  # the modules' defaults, as the engine runs them
             setting = (tl_.TILE, tl_.MAX_BLOCK_N, None, triton_attention.PDL, tl_.ROWS_PER_PROGRAM, tl_.K_TAIL,
                        tl_.FEW_ROWS_DOT)
         tile, max_bn, warps, pdl, per_program, k_tail, dot = setting
@@ -104,6 +105,7 @@ def sweep(results: list, name: str, call, want: torch.Tensor, calls: int, n: int
             if v is not None:  # warps None: each product's own default
                 setattr(tl_, attr, v)
         triton_attention.PDL = pdl
+        tl_.ROW_LOOP = row_loop
         try:
             err = (call().float() - want.float()).abs().max().item()
             ok = err < 6e-2 * max(1.0, want.float().abs().max().item() / 8)
@@ -114,11 +116,13 @@ def sweep(results: list, name: str, call, want: torch.Tensor, calls: int, n: int
             for attr, v in zip(names, defaults[0]):
                 setattr(tl_, attr, v)
             triton_attention.PDL = defaults[1]
+            tl_.ROW_LOOP = False
         split = f" {per_program}r" if per_program < ALL else ""  # rows a program, where not all
         path = f"kernel T{tile} N<={max_bn} w{warps or '*'}{' pdl' if pdl else ''}{split}{' kt' if k_tail else ''}" + \
-            (f" dot{'-all' if dot == 'all' else ''}" if dot else "")
+            (f" dot{'-all' if dot == 'all' else ''}" if dot else "") + (" row-loop" if row_loop else "")
         results.append({"product": name, "path": path, "tile": tile, "max_block_n": max_bn, "warps": warps,
                         "pdl": pdl, "rows_per_program": per_program, "k_tail": k_tail, "few_rows_dot": dot,
+                        "row_loop": row_loop,
                         "us": us, "ok": ok,
                         "max_err": err, "blocks": [bn, bk, bt]})
         print(f"{name:<34} {path:<29} {us:8.2f}  {'yes' if ok else 'NO'}")
@@ -186,8 +190,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", default="1", help="rows a call, or several, comma-separated (one table each)")
     ap.add_argument("--calls", type=int, default=50)
-    ap.add_argument("--settings", default="all", choices=("all", "default"),
-                    help="every launch setting of SETTINGS, or only the modules' defaults as the engine runs them")
+    ap.add_argument("--settings", default="all", choices=("all", "default", "rows"),
+                    help="every launch setting of SETTINGS, only the modules' defaults as the engine runs them, or "
+                         "those and the same with triton_linear.ROW_LOOP on")
     args = ap.parse_args()
     try:
         rows = [int(r) for r in args.rows.split(",")]
@@ -198,7 +203,8 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("linear_bench needs a CUDA device")
     g = torch.Generator().manual_seed(0)
-    results = [r for n in rows for r in measure(n, args.calls, g, None if args.settings == "all" else [None])]
+    chosen = {"all": None, "default": [None], "rows": [None, "row-loop"]}[args.settings]
+    results = [r for n in rows for r in measure(n, args.calls, g, chosen)]
     best = {}
     for r in results:
         key = f"{r['product']} @ {r['rows']} rows"

@@ -111,6 +111,17 @@ def check_interpreted_cases() -> None:
             print(f"qkv_rope B={B} T={T}, {per_program} rows a program: max |d| {err.item():.2e}")
             assert err.item() < 1e-5, (B, T, per_program, err)
     triton_linear.ROWS_PER_PROGRAM = default
+    triton_linear.ROW_LOOP = True  # the rows of a one-K-step call one after another
+    try:
+        check_all_modes([c for c in CASES if 1 < c[0] <= triton_linear.MAX_ROWS and c[2] <= 576], ", row loop")
+        for B, T, rot, plain, D in [c for c in QKV_CASES if 1 < c[0] * c[1] <= triton_linear.MAX_ROWS]:
+            x, w, nw, rope = qkv_inputs(B, T, rot, plain, D)
+            err = (triton_linear.qkv_rope(x, w, nw, 1e-5, rope, rot) - qkv_reference(x, w, nw, rope, rot)).abs().max()
+            print(f"qkv_rope B={B} T={T}, row loop: max |d| {err.item():.2e}")
+            assert err.item() < 1e-5, (B, T, "row loop", err)
+        check_swiglu_epilogue()
+    finally:
+        triton_linear.ROW_LOOP = False
     triton_linear.FEW_ROWS_DOT = True  # few-row calls with column blocks of 16+ (N >= 2,112 here) on tensor cores
     try:
         check_all_modes(((1, 3072, 576), (2, 3072, 576), (3, 2200, 100), (4, 3072, 40)), ", few rows on tensor cores")
@@ -179,13 +190,15 @@ def check_interpreted_cases() -> None:
 def check_rows_get_the_same_bits(device: str = "cpu", dtype: torch.dtype = torch.float32) -> None:
     """A row's product has the same bits alone (a standard step) and as the first row of 2- and 4-row calls (a recycle
     pair, a chain's verification), for every product at SmolLM2's shapes (and SWIGLU_EPILOGUE's gate-up and down),
-    with and without K_TAIL, SWIGLU_WARPS and FEW_ROWS_DOT (gate-up, or every product, on tensor cores): the engine's
-    bf16 chains equal `standard` only if this holds."""
-    default = triton_linear.K_TAIL, triton_linear.SWIGLU_WARPS, triton_linear.FEW_ROWS_DOT
+    with and without K_TAIL, SWIGLU_WARPS, FEW_ROWS_DOT (gate-up, or every product, on tensor cores) and ROW_LOOP:
+    the engine's bf16 chains equal `standard` only if this holds."""
+    default = triton_linear.K_TAIL, triton_linear.SWIGLU_WARPS, triton_linear.FEW_ROWS_DOT, triton_linear.ROW_LOOP
     try:
-        for k_tail, swiglu_warps, dot in ((False, 0, False), (True, 0, False), (False, 8, False), (False, 8, True),
-                                          (False, 8, "all")):
+        for k_tail, swiglu_warps, dot, row_loop in ((False, 0, False, False), (True, 0, False, False),
+                                                    (False, 8, False, False), (False, 8, True, False),
+                                                    (False, 8, "all", False), (False, 8, False, True)):
             triton_linear.K_TAIL, triton_linear.SWIGLU_WARPS, triton_linear.FEW_ROWS_DOT = k_tail, swiglu_warps, dot
+            triton_linear.ROW_LOOP = row_loop
             for name, mode, N, K in (("qkv", {"norm": True}, 960, 576), ("out", {"residual": True}, 576, 576),
                                      ("gate-up", {"norm": True}, 3072, 576),
                                      ("down", {"swiglu": True, "residual": True}, 576, 1536)):
@@ -205,7 +218,8 @@ def check_rows_get_the_same_bits(device: str = "cpu", dtype: torch.dtype = torch
                       for T in (1, 2, 4)]
             assert all(torch.equal(firsts[0], f) for f in firsts[1:]), ("qkv_rope", k_tail, swiglu_warps, dot)
     finally:
-        triton_linear.K_TAIL, triton_linear.SWIGLU_WARPS, triton_linear.FEW_ROWS_DOT = default
+        (triton_linear.K_TAIL, triton_linear.SWIGLU_WARPS, triton_linear.FEW_ROWS_DOT,
+         triton_linear.ROW_LOOP) = default
 
 
 def check_swiglu_epilogue(device: str = "cpu", dtype: torch.dtype = torch.float32, exact: bool = True) -> None:

@@ -98,6 +98,12 @@ SWIGLU_WARPS = 8
 # In `linear_bench.py` the MLP's two kernels took 5.66 -> 5.45 us at one row and 7.93 -> 7.00 at two (down alone,
 # 8 warps: 2.12 -> 1.93 and 3.17 -> 2.30). On
 SWIGLU_EPILOGUE = True
+# calls of 2 to MAX_ROWS rows whose K is one step (every SmolLM2 product), on CUDA cores: the program's rows one after
+# another, each computed by the code of a one-row call (the same bits), against the weights loaded once before the
+# PDL wait. Without it the program multiplies an (R, BLOCK_N, BLOCK_K) broadcast at once. The fourteenth session
+# judged this form by ptxas's register count alone (255 and spills at two rows, no fewer) and never timed it. Built
+# in the seventeenth session; off until timed (`gpu_step_profile.py --row-loop`, `linear_bench.py --settings rows`)
+ROW_LOOP = False
 FEW_ROWS_DOT: bool | str = False
 FEW_ROWS_DOT_WARPS = 8
 DEFAULT_SMS = 132  # an H100 SXM's SM count, for the interpreter (CUDA asks the device)
@@ -158,25 +164,12 @@ if triton is not None:
         return acc
 
     @triton.jit
-    def _linear_kernel(X, NW, W, Res, Out, R, N, K, K_MAIN, eps, sxr, swn, srr, sor,
-                       NORM: tl.constexpr, SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr,
-                       BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TAIL: tl.constexpr,
-                       BLOCK_T: tl.constexpr, PDL: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr):
-        # grid (column block, row block): BLOCK_R rows against BLOCK_N weight rows, over K in steps of BLOCK_K up to
-        # K_MAIN, then (TAIL) the rest in one tile of BLOCK_T
-        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        col_ok = cols < N
-        rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)  # this program's row block
-        row_ok = rows < R
-        # the first K step's weights (and the tail's): no kernel writes them, so they load before the wait
-        ks = tl.arange(0, BLOCK_K)
-        w_first = tl.load(W + cols[:, None] * swn + ks[None, :], mask=col_ok[:, None] & (ks < K_MAIN)[None, :],
-                          other=0.0)
-        if TAIL:
-            kt = K_MAIN + tl.arange(0, BLOCK_T)
-            w_tail = tl.load(W + cols[:, None] * swn + kt[None, :], mask=col_ok[:, None] & (kt < K)[None, :],
-                             other=0.0)
-        after_previous(PDL)
+    def linear_rows(X, NW, W, Res, Out, rows, row_ok, cols, col_ok, w_first, w_tail, kt, R, K, K_MAIN, eps, sxr, swn,
+                    srr, sor, NORM: tl.constexpr, SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr,
+                    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TAIL: tl.constexpr,
+                    DOT: tl.constexpr, PRECISION: tl.constexpr):
+        # the rows' product against the program's weight rows (the first K step's and the tail's already loaded),
+        # the residual added, stored
         if NORM:
             inv = inv_rms(X, rows, row_ok, K, eps, sxr, BLOCK_R, BLOCK_K)
         else:
@@ -202,12 +195,41 @@ if triton is not None:
         tl.store(Out + rows[:, None] * sor + cols[None, :], y, mask=out_ok)
 
     @triton.jit
-    def paired_products(X, NW, W, lo_cols, hi_cols, u_ok, rows, row_ok, K, K_MAIN, eps, sxr, swn,
-                        BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TAIL: tl.constexpr,
-                        BLOCK_T: tl.constexpr, PDL: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr):
-        # RMSNorm(x) of the rows against two sets of weight rows, lo_cols and hi_cols (paired columns: a head's two
-        # rotary halves, or gate and up), float32 accumulators (BLOCK_R, BLOCK_N) each. The first K step's weights
-        # (and the tail's) load before the PDL wait; K in steps and a tail as in _linear_kernel
+    def _linear_kernel(X, NW, W, Res, Out, R, N, K, K_MAIN, eps, sxr, swn, srr, sor,
+                       NORM: tl.constexpr, SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr,
+                       BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TAIL: tl.constexpr,
+                       BLOCK_T: tl.constexpr, PDL: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
+                       ROW_LOOP: tl.constexpr):
+        # grid (column block, row block): BLOCK_R rows against BLOCK_N weight rows, over K in steps of BLOCK_K up to
+        # K_MAIN, then (TAIL) the rest in one tile of BLOCK_T. ROW_LOOP: the rows one after another, each as a
+        # one-row call computes it (same code, same bits), against the weights loaded once
+        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = cols < N
+        # the first K step's weights (and the tail's): no kernel writes them, so they load before the wait
+        ks = tl.arange(0, BLOCK_K)
+        w_first = tl.load(W + cols[:, None] * swn + ks[None, :], mask=col_ok[:, None] & (ks < K_MAIN)[None, :],
+                          other=0.0)
+        kt = K_MAIN + tl.arange(0, BLOCK_T)
+        if TAIL:
+            w_tail = tl.load(W + cols[:, None] * swn + kt[None, :], mask=col_ok[:, None] & (kt < K)[None, :],
+                             other=0.0)
+        else:
+            w_tail = w_first  # unused
+        after_previous(PDL)
+        if ROW_LOOP:
+            for r in tl.static_range(BLOCK_R):
+                row = tl.program_id(1) * BLOCK_R + r + tl.arange(0, 1)
+                linear_rows(X, NW, W, Res, Out, row, row < R, cols, col_ok, w_first, w_tail, kt, R, K, K_MAIN, eps,
+                            sxr, swn, srr, sor, NORM, SWIGLU, RESIDUAL, 1, BLOCK_N, BLOCK_K, TAIL, DOT, PRECISION)
+        else:
+            rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)  # this program's row block
+            linear_rows(X, NW, W, Res, Out, rows, rows < R, cols, col_ok, w_first, w_tail, kt, R, K, K_MAIN, eps,
+                        sxr, swn, srr, sor, NORM, SWIGLU, RESIDUAL, BLOCK_R, BLOCK_N, BLOCK_K, TAIL, DOT, PRECISION)
+
+    @triton.jit
+    def paired_weights(W, lo_cols, hi_cols, u_ok, K, K_MAIN, swn, BLOCK_K: tl.constexpr, TAIL: tl.constexpr,
+                       BLOCK_T: tl.constexpr):
+        # the first K step's weights of both column sets (and the tail's), loaded before the PDL wait
         ks = tl.arange(0, BLOCK_K)
         w_ok = u_ok[:, None] & (ks < K_MAIN)[None, :]
         lo_first = tl.load(W + lo_cols[:, None] * swn + ks[None, :], mask=w_ok, other=0.0)
@@ -217,7 +239,18 @@ if triton is not None:
             t_ok = u_ok[:, None] & (kt < K)[None, :]
             lo_tail = tl.load(W + lo_cols[:, None] * swn + kt[None, :], mask=t_ok, other=0.0)
             hi_tail = tl.load(W + hi_cols[:, None] * swn + kt[None, :], mask=t_ok, other=0.0)
-        after_previous(PDL)
+        else:
+            lo_tail, hi_tail = lo_first, hi_first  # unused
+        return lo_first, hi_first, lo_tail, hi_tail
+
+    @triton.jit
+    def paired_products(X, NW, W, lo_cols, hi_cols, u_ok, rows, row_ok, K, K_MAIN, eps, sxr, swn,
+                        lo_first, hi_first, lo_tail, hi_tail,
+                        BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TAIL: tl.constexpr,
+                        BLOCK_T: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr):
+        # RMSNorm(x) of the rows against two sets of weight rows, lo_cols and hi_cols (paired columns: a head's two
+        # rotary halves, or gate and up), float32 accumulators (BLOCK_R, BLOCK_N) each; the first K step's weights
+        # (and the tail's) come loaded (`paired_weights`). K in steps and a tail as in _linear_kernel
         inv = inv_rms(X, rows, row_ok, K, eps, sxr, BLOCK_R, BLOCK_K)
         acc_lo = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)
         acc_hi = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)
@@ -234,28 +267,20 @@ if triton is not None:
             acc_lo = product(acc_lo, x, w_lo, DOT, PRECISION)
             acc_hi = product(acc_hi, x, w_hi, DOT, PRECISION)
         if TAIL:
+            kt = K_MAIN + tl.arange(0, BLOCK_T)
             x = x_block(X, NW, rows, row_ok, kt, kt < K, K, sxr, inv, True, False)
             acc_lo = product(acc_lo, x, lo_tail, DOT, PRECISION)
             acc_hi = product(acc_hi, x, hi_tail, DOT, PRECISION)
         return acc_lo, acc_hi
 
     @triton.jit
-    def _qkv_rope_kernel(X, NW, W, Cos, Sin, Out, R, T, N, K, K_MAIN, eps, sxr, swn, sor, scb, sct, ROT_HEADS,
-                         HALF: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         TAIL: tl.constexpr, BLOCK_T: tl.constexpr, PDL: tl.constexpr, DOT: tl.constexpr,
-                         PRECISION: tl.constexpr):
-        # grid (block of half-columns, row block): half-column u is column o of head hd's first half, computed with
-        # its partner o + HALF in the second half, so that the rotary embedding (rotate_half) is this program's own.
-        # K in steps and a tail as in _linear_kernel
-        u = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        u_ok = u < N // 2
-        hd, o = u // HALF, u % HALF
-        lo_cols = hd * 2 * HALF + o
-        hi_cols = lo_cols + HALF
-        rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)  # this program's row block
-        row_ok = rows < R
+    def rope_rows(X, NW, W, Cos, Sin, Out, rows, row_ok, T, u_ok, hd, o, lo_cols, hi_cols, K, K_MAIN, eps, sxr, swn,
+                  sor, scb, sct, ROT_HEADS, lo_first, hi_first, lo_tail, hi_tail, HALF: tl.constexpr,
+                  BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TAIL: tl.constexpr,
+                  BLOCK_T: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr):
         acc_lo, acc_hi = paired_products(X, NW, W, lo_cols, hi_cols, u_ok, rows, row_ok, K, K_MAIN, eps, sxr, swn,
-                                         BLOCK_R, BLOCK_N, BLOCK_K, TAIL, BLOCK_T, PDL, DOT, PRECISION)
+                                         lo_first, hi_first, lo_tail, hi_tail, BLOCK_R, BLOCK_N, BLOCK_K, TAIL,
+                                         BLOCK_T, DOT, PRECISION)
         # the product rounded to the dtype, as F.linear's output; then x * cos + rotate_half(x) * sin in float32,
         # rounded once (as inductor computes apply_rotary), for query and key heads (hd < ROT_HEADS) only
         y_lo = acc_lo.to(Out.dtype.element_ty).to(tl.float32)
@@ -273,22 +298,67 @@ if triton is not None:
         tl.store(Out + rows[:, None] * sor + hi_cols[None, :], out_hi.to(Out.dtype.element_ty), mask=out_ok)
 
     @triton.jit
-    def _gate_up_swiglu_kernel(X, NW, W, Out, R, F, K, K_MAIN, eps, sxr, swn, sor,
-                               BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                               TAIL: tl.constexpr, BLOCK_T: tl.constexpr, PDL: tl.constexpr, DOT: tl.constexpr,
-                               PRECISION: tl.constexpr):
-        # grid (block of columns of the F-wide activation, row block): column u of silu(gate) * up is gate column u
-        # of the fused gate-up weight with its partner up column F + u, both this program's, so the down product
-        # reads the activation (F wide) and computes no SwiGLU of its own
+    def _qkv_rope_kernel(X, NW, W, Cos, Sin, Out, R, T, N, K, K_MAIN, eps, sxr, swn, sor, scb, sct, ROT_HEADS,
+                         HALF: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         TAIL: tl.constexpr, BLOCK_T: tl.constexpr, PDL: tl.constexpr, DOT: tl.constexpr,
+                         PRECISION: tl.constexpr, ROW_LOOP: tl.constexpr):
+        # grid (block of half-columns, row block): half-column u is column o of head hd's first half, computed with
+        # its partner o + HALF in the second half, so that the rotary embedding (rotate_half) is this program's own.
+        # ROW_LOOP as in _linear_kernel
         u = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        u_ok = u < F
-        rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)  # this program's row block
-        row_ok = rows < R
+        u_ok = u < N // 2
+        hd, o = u // HALF, u % HALF
+        lo_cols = hd * 2 * HALF + o
+        hi_cols = lo_cols + HALF
+        lo_first, hi_first, lo_tail, hi_tail = paired_weights(W, lo_cols, hi_cols, u_ok, K, K_MAIN, swn, BLOCK_K,
+                                                              TAIL, BLOCK_T)
+        after_previous(PDL)
+        if ROW_LOOP:
+            for r in tl.static_range(BLOCK_R):
+                row = tl.program_id(1) * BLOCK_R + r + tl.arange(0, 1)
+                rope_rows(X, NW, W, Cos, Sin, Out, row, row < R, T, u_ok, hd, o, lo_cols, hi_cols, K, K_MAIN, eps,
+                          sxr, swn, sor, scb, sct, ROT_HEADS, lo_first, hi_first, lo_tail, hi_tail, HALF, 1, BLOCK_N,
+                          BLOCK_K, TAIL, BLOCK_T, DOT, PRECISION)
+        else:
+            rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)  # this program's row block
+            rope_rows(X, NW, W, Cos, Sin, Out, rows, rows < R, T, u_ok, hd, o, lo_cols, hi_cols, K, K_MAIN, eps,
+                      sxr, swn, sor, scb, sct, ROT_HEADS, lo_first, hi_first, lo_tail, hi_tail, HALF, BLOCK_R,
+                      BLOCK_N, BLOCK_K, TAIL, BLOCK_T, DOT, PRECISION)
+
+    @triton.jit
+    def swiglu_rows(X, NW, W, Out, rows, row_ok, u, u_ok, F, K, K_MAIN, eps, sxr, swn, sor,
+                    lo_first, hi_first, lo_tail, hi_tail, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_K: tl.constexpr, TAIL: tl.constexpr, BLOCK_T: tl.constexpr, DOT: tl.constexpr,
+                    PRECISION: tl.constexpr):
         acc_gate, acc_up = paired_products(X, NW, W, u, u + F, u_ok, rows, row_ok, K, K_MAIN, eps, sxr, swn,
-                                           BLOCK_R, BLOCK_N, BLOCK_K, TAIL, BLOCK_T, PDL, DOT, PRECISION)
+                                           lo_first, hi_first, lo_tail, hi_tail, BLOCK_R, BLOCK_N, BLOCK_K, TAIL,
+                                           BLOCK_T, DOT, PRECISION)
         # each product rounded to the dtype, as F.linear's output, then SwiGLU as the down kernel's x_block has it
         y = silu_mul(acc_gate.to(Out.dtype.element_ty), acc_up.to(Out.dtype.element_ty))
         tl.store(Out + rows[:, None] * sor + u[None, :], y, mask=row_ok[:, None] & u_ok[None, :])
+
+    @triton.jit
+    def _gate_up_swiglu_kernel(X, NW, W, Out, R, F, K, K_MAIN, eps, sxr, swn, sor,
+                               BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                               TAIL: tl.constexpr, BLOCK_T: tl.constexpr, PDL: tl.constexpr, DOT: tl.constexpr,
+                               PRECISION: tl.constexpr, ROW_LOOP: tl.constexpr):
+        # grid (block of columns of the F-wide activation, row block): column u of silu(gate) * up is gate column u
+        # of the fused gate-up weight with its partner up column F + u, both this program's, so the down product
+        # reads the activation (F wide) and computes no SwiGLU of its own. ROW_LOOP as in _linear_kernel
+        u = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        u_ok = u < F
+        lo_first, hi_first, lo_tail, hi_tail = paired_weights(W, u, u + F, u_ok, K, K_MAIN, swn, BLOCK_K, TAIL,
+                                                              BLOCK_T)
+        after_previous(PDL)
+        if ROW_LOOP:
+            for r in tl.static_range(BLOCK_R):
+                row = tl.program_id(1) * BLOCK_R + r + tl.arange(0, 1)
+                swiglu_rows(X, NW, W, Out, row, row < R, u, u_ok, F, K, K_MAIN, eps, sxr, swn, sor, lo_first,
+                            hi_first, lo_tail, hi_tail, 1, BLOCK_N, BLOCK_K, TAIL, BLOCK_T, DOT, PRECISION)
+        else:
+            rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)  # this program's row block
+            swiglu_rows(X, NW, W, Out, rows, rows < R, u, u_ok, F, K, K_MAIN, eps, sxr, swn, sor, lo_first,
+                        hi_first, lo_tail, hi_tail, BLOCK_R, BLOCK_N, BLOCK_K, TAIL, BLOCK_T, DOT, PRECISION)
 
     _INTERPRETED = not isinstance(_linear_kernel, triton.runtime.jit.JITFunction)
 else:
@@ -317,6 +387,12 @@ def blocks(N: int, K: int, sms: int, rows: int = 1) -> tuple[int, int, int]:
     bk = max(16, min(cap, 1 << (K.bit_length() - 1)))  # the largest power of two <= K
     rest = K % bk
     return bn, bk, max(16, triton.next_power_of_2(rest)) if rest else 0
+
+
+def _row_loop(R: int, block_r: int, K: int, bk: int, bt: int, product: dict) -> dict:
+    """The ROW_LOOP constexpr of a call: on where ROW_LOOP is, the program has several rows, K is one step and the
+    product runs on CUDA cores."""
+    return {"ROW_LOOP": bool(ROW_LOOP and block_r > 1 and not bt and K <= bk and not product["DOT"])}
 
 
 def _k_split(K: int, bk: int, bt: int) -> tuple[int, dict]:
@@ -365,7 +441,8 @@ def _fused_linear(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tens
         R, N, K, k_main, eps, x.stride(0), weight.stride(0),
         0 if residual is None else residual.stride(0), out.stride(0),
         NORM=norm_weight is not None, SWIGLU=swiglu, RESIDUAL=residual is not None,
-        BLOCK_R=block_r, BLOCK_N=bn, **split, **product, **pdl_launch(x.device))
+        BLOCK_R=block_r, BLOCK_N=bn, **split, **product, **_row_loop(R, block_r, K, bk, bt, product),
+        **pdl_launch(x.device))
     return out
 
 
@@ -394,7 +471,8 @@ def _fused_qkv_rope(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Te
     _qkv_rope_kernel[(triton.cdiv(N // 2, bn), triton.cdiv(R, block_r))](
         x, norm_weight, weight, cos, sin, out, R, tokens, N, K, k_main, eps, x.stride(0),
         weight.stride(0), out.stride(0), cos.stride(0) if cos.shape[0] > 1 else 0, cos.stride(-2), rot_heads,
-        HALF=half, BLOCK_R=block_r, BLOCK_N=bn, **split, **product, **pdl_launch(x.device))
+        HALF=half, BLOCK_R=block_r, BLOCK_N=bn, **split, **product, **_row_loop(R, block_r, K, bk, bt, product),
+        **pdl_launch(x.device))
     return out
 
 
@@ -416,7 +494,8 @@ def _fused_gate_up_swiglu(x: torch.Tensor, weight: torch.Tensor, norm_weight: to
     k_main, split = _k_split(K, bk, bt)
     _gate_up_swiglu_kernel[(triton.cdiv(F, bn), triton.cdiv(R, block_r))](
         x, norm_weight, weight, out, R, F, K, k_main, eps, x.stride(0), weight.stride(0), out.stride(0),
-        BLOCK_R=block_r, BLOCK_N=bn, **split, **product, **pdl_launch(x.device))
+        BLOCK_R=block_r, BLOCK_N=bn, **split, **product, **_row_loop(R, block_r, K, bk, bt, product),
+        **pdl_launch(x.device))
     return out
 
 
