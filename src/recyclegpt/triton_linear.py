@@ -102,7 +102,9 @@ SWIGLU_EPILOGUE = True
 # another, each computed by the code of a one-row call (the same bits), against the weights loaded once before the
 # PDL wait. Without it the program multiplies an (R, BLOCK_N, BLOCK_K) broadcast at once. The fourteenth session
 # judged this form by ptxas's register count alone (255 and spills at two rows, no fewer) and never timed it. Built
-# in the seventeenth session; off until timed (`gpu_step_profile.py --row-loop`, `linear_bench.py --settings rows`)
+# and measured in the seventeenth session (H100; `linear_bench.py --settings rows`, `gpu_step_profile.py
+# --row-loop`): at two rows gate-up with SwiGLU 3.73 -> 5.11 us and down 2.05 -> 2.86; the recycle step 0.563 ->
+# 0.693 ms (one-row calls, and so standard, unchanged). Off
 ROW_LOOP = False
 FEW_ROWS_DOT: bool | str = False
 FEW_ROWS_DOT_WARPS = 8
