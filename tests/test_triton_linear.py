@@ -442,6 +442,45 @@ def check_shared_tables() -> None:
     assert masks == {(False, False): (3, 0), (True, False): (1, 1), (True, True): (1, 0)}, masks
 
 
+def check_shared_slots() -> None:
+    """Run under TRITON_INTERPRET=1: with model.SHARED_SLOTS a compiled chain round hands its computed slots to the
+    layers in the tables' one `recyclegpt::shared` copy (four tensors, not three) and keeps the reference loop's
+    tokens."""
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        print("skipped: torch.compile on the CPU needs a C++ compiler")
+        return
+    import dataclasses
+
+    from torch._inductor.utils import run_and_get_code
+
+    import recyclegpt.model as model_mod
+    from recyclegpt.config import PRESETS, RecycleConfig
+    from recyclegpt.engine import Engine
+    from recyclegpt.speculative import speculative
+
+    saved = (model_mod.use_fused_linear, model_mod.use_decode_kernel, model_mod.SHARED_SLOTS)
+    model_mod.use_fused_linear = lambda x, block: (block.attn.wqkv is not None
+                                                   and x.numel() // x.shape[-1] <= triton_linear.MAX_ROWS)
+    model_mod.use_decode_kernel = lambda q, mask, T: mask.is_floating_point() and q.shape[-1] >= 16
+    try:
+        cfg = dataclasses.replace(PRESETS["smollm2-135m"], n_layer=2, vocab_size=512)
+        torch.manual_seed(0)
+        model = model_mod.RecycleModel.build(cfg, RecycleConfig(n_layer=1)).eval()
+        want = speculative(model, [[1, 2, 3, 4, 5]], max_new_tokens=6, draft_len=2).tokens
+        lists = {}
+        for on in (False, True):
+            model_mod.SHARED_SLOTS = on
+            engine = Engine(model, bucket=256, compile=True, compile_steps=True, fuse=True)
+            got, code = run_and_get_code(engine.decode, "speculative", [[1, 2, 3, 4, 5]], max_new_tokens=6,
+                                         draft_len=2)
+            assert got.tokens == want, on
+            lists[on] = sorted({len(m.split(",")) for m in re.findall(r"recyclegpt\.shared\.default\(\[([^\]]*)\]",
+                                                                          "\n".join(code))})
+    finally:
+        model_mod.use_fused_linear, model_mod.use_decode_kernel, model_mod.SHARED_SLOTS = saved
+    assert lists[False] and max(lists[False]) == 3 and 4 in lists[True], lists
+
+
 @needs_interpreter_3_7(triton)
 def test_interpreted_matches_torch():
     run_interpreted(__file__)
@@ -630,3 +669,4 @@ if __name__ == "__main__":
     check_module_input()
     check_compiled_steps_keep_the_cache_in_place()
     check_shared_tables()
+    check_shared_slots()

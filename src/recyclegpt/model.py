@@ -454,6 +454,11 @@ def use_cached_attention(qkv: torch.Tensor, mask: torch.Tensor | None, T: int, g
 # session, `gpu_step_profile.py --shared-tables` is the A/B): SmolLM2's compiled standard step 0.532 -> 0.508 ms
 # (171 -> 162 kernels), recycle's 0.684 -> 0.668
 SHARED_TABLES = True
+# ... and the call's cache slots with them, when the caller computed them (a verified round's `pos + arange`):
+# inductor otherwise writes a copy of the slots for every layer's `cached_attention` that reads them (seen in the
+# compiled recycle step's code before engine.STEP_TABLES). Built in the seventeenth session; off until timed
+# (`gpu_step_profile.py --shared-slots --parts chain,tree`)
+SHARED_SLOTS = False
 
 
 def _shared(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -474,8 +479,11 @@ else:
 def _stack(blocks, x, rope, mask, cache, input_pos, kv_end, taps, keep=None, share=True):
     if (share and SHARED_TABLES and cache is not None and blocks and torch.compiler.is_compiling()
             and use_fused_linear(x, blocks[0])):
-        cos, sin, *rest = _shared_op([*rope, *([] if mask is None else [mask])])
-        rope, mask = (cos, sin), (rest[0] if rest else None)
+        slots = [input_pos] if SHARED_SLOTS and input_pos is not None else []
+        cos, sin, *rest = _shared_op([*rope, *([] if mask is None else [mask]), *slots])
+        rope, mask = (cos, sin), (rest[0] if mask is not None else None)
+        if slots:
+            input_pos = rest[-1]
     tapped = []
     if keep is not None and (taps or not 0 < keep <= x.shape[1]):
         raise ValueError(f"keep={keep}: the last block's output for 1 to {x.shape[1]} positions, without taps")
