@@ -142,7 +142,7 @@ FUSED_SWITCHES = {
     "swiglu-epilogue": ("triton_linear", "SWIGLU_EPILOGUE", "SwiGLU in the gate-up kernel's epilogue; the down "
                         "product reads the activation; on by default"),
     "shared-slots": ("model", "SHARED_SLOTS", "compiled cached calls get their computed cache slots in the same one "
-                     "copy as the tables (the verified rounds)"),
+                     "copy as the tables (the verified rounds); on by default"),
     "row-loop": ("triton_linear", "ROW_LOOP", "few-row products of one K step take their rows one after another, "
                  "each as a one-row call computes it"),
     "module-last-only": ("engine", "MODULE_LAST_ONLY", "recycle's module calls run their last layer's products on "

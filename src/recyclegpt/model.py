@@ -456,9 +456,10 @@ def use_cached_attention(qkv: torch.Tensor, mask: torch.Tensor | None, T: int, g
 SHARED_TABLES = True
 # ... and the call's cache slots with them, when the caller computed them (a verified round's `pos + arange`):
 # inductor otherwise writes a copy of the slots for every layer's `cached_attention` that reads them (seen in the
-# compiled recycle step's code before engine.STEP_TABLES). Built in the seventeenth session; off until timed
-# (`gpu_step_profile.py --shared-slots --parts chain,tree`)
-SHARED_SLOTS = False
+# compiled recycle step's code before engine.STEP_TABLES). Built and measured in the seventeenth session (H100,
+# `gpu_step_profile.py --shared-slots --parts standard,recycle,chain,tree`, 512 slots): the chain round (K 3) 0.911 ->
+# 0.893 ms (243 -> 240 kernels), the tree round 1.452 -> 1.447, the fixed steps unchanged (they take STEP_TABLES)
+SHARED_SLOTS = True
 
 
 def _shared(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
