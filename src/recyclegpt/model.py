@@ -454,9 +454,10 @@ def use_cached_attention(qkv: torch.Tensor, mask: torch.Tensor | None, T: int, g
 # session, `gpu_step_profile.py --shared-tables` is the A/B): SmolLM2's compiled standard step 0.532 -> 0.508 ms
 # (171 -> 162 kernels), recycle's 0.684 -> 0.668
 SHARED_TABLES = True
-# ... and the call's cache slots with them, when the caller computed them (a verified round's `pos + arange`):
+# ... and the call's cache slots with them: where the caller computed them (a verified round's `pos + arange`),
 # inductor otherwise writes a copy of the slots for every layer's `cached_attention` that reads them (seen in the
-# compiled recycle step's code before engine.STEP_TABLES). Built and measured in the seventeenth session (H100,
+# compiled recycle step's code before engine.STEP_TABLES); where they are a graph input already (a prompt's `_ar[:L]`)
+# this costs one small copy. Built and measured in the seventeenth session (H100,
 # `gpu_step_profile.py --shared-slots --parts standard,recycle,chain,tree`, 512 slots): the chain round (K 3) 0.911 ->
 # 0.893 ms (243 -> 240 kernels), the tree round 1.452 -> 1.447, the fixed steps unchanged (they take STEP_TABLES)
 SHARED_SLOTS = True

@@ -166,8 +166,8 @@ if triton is not None:
         return acc
 
     @triton.jit
-    def linear_rows(X, NW, W, Res, Out, rows, row_ok, cols, col_ok, w_first, w_tail, kt, R, K, K_MAIN, eps, sxr, swn,
-                    srr, sor, NORM: tl.constexpr, SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr,
+    def linear_rows(X, NW, W, Res, Out, rows, row_ok, cols, col_ok, w_first, w_tail, kt, K, K_MAIN, eps, sxr, swn, srr,
+                    sor, NORM: tl.constexpr, SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr,
                     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TAIL: tl.constexpr,
                     DOT: tl.constexpr, PRECISION: tl.constexpr):
         # the rows' product against the program's weight rows (the first K step's and the tail's already loaded),
@@ -221,11 +221,11 @@ if triton is not None:
         if ROW_LOOP:
             for r in tl.static_range(BLOCK_R):
                 row = tl.program_id(1) * BLOCK_R + r + tl.arange(0, 1)
-                linear_rows(X, NW, W, Res, Out, row, row < R, cols, col_ok, w_first, w_tail, kt, R, K, K_MAIN, eps,
+                linear_rows(X, NW, W, Res, Out, row, row < R, cols, col_ok, w_first, w_tail, kt, K, K_MAIN, eps,
                             sxr, swn, srr, sor, NORM, SWIGLU, RESIDUAL, 1, BLOCK_N, BLOCK_K, TAIL, DOT, PRECISION)
         else:
             rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)  # this program's row block
-            linear_rows(X, NW, W, Res, Out, rows, rows < R, cols, col_ok, w_first, w_tail, kt, R, K, K_MAIN, eps,
+            linear_rows(X, NW, W, Res, Out, rows, rows < R, cols, col_ok, w_first, w_tail, kt, K, K_MAIN, eps,
                         sxr, swn, srr, sor, NORM, SWIGLU, RESIDUAL, BLOCK_R, BLOCK_N, BLOCK_K, TAIL, DOT, PRECISION)
 
     @triton.jit
@@ -391,7 +391,7 @@ def blocks(N: int, K: int, sms: int, rows: int = 1) -> tuple[int, int, int]:
     return bn, bk, max(16, triton.next_power_of_2(rest)) if rest else 0
 
 
-def _row_loop(R: int, block_r: int, K: int, bk: int, bt: int, product: dict) -> dict:
+def _row_loop(block_r: int, K: int, bk: int, bt: int, product: dict) -> dict:
     """The ROW_LOOP constexpr of a call: on where ROW_LOOP is, the program has several rows, K is one step and the
     product runs on CUDA cores."""
     return {"ROW_LOOP": bool(ROW_LOOP and block_r > 1 and not bt and K <= bk and not product["DOT"])}
@@ -443,7 +443,7 @@ def _fused_linear(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tens
         R, N, K, k_main, eps, x.stride(0), weight.stride(0),
         0 if residual is None else residual.stride(0), out.stride(0),
         NORM=norm_weight is not None, SWIGLU=swiglu, RESIDUAL=residual is not None,
-        BLOCK_R=block_r, BLOCK_N=bn, **split, **product, **_row_loop(R, block_r, K, bk, bt, product),
+        BLOCK_R=block_r, BLOCK_N=bn, **split, **product, **_row_loop(block_r, K, bk, bt, product),
         **pdl_launch(x.device))
     return out
 
@@ -473,7 +473,7 @@ def _fused_qkv_rope(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Te
     _qkv_rope_kernel[(triton.cdiv(N // 2, bn), triton.cdiv(R, block_r))](
         x, norm_weight, weight, cos, sin, out, R, tokens, N, K, k_main, eps, x.stride(0),
         weight.stride(0), out.stride(0), cos.stride(0) if cos.shape[0] > 1 else 0, cos.stride(-2), rot_heads,
-        HALF=half, BLOCK_R=block_r, BLOCK_N=bn, **split, **product, **_row_loop(R, block_r, K, bk, bt, product),
+        HALF=half, BLOCK_R=block_r, BLOCK_N=bn, **split, **product, **_row_loop(block_r, K, bk, bt, product),
         **pdl_launch(x.device))
     return out
 
@@ -496,7 +496,7 @@ def _fused_gate_up_swiglu(x: torch.Tensor, weight: torch.Tensor, norm_weight: to
     k_main, split = _k_split(K, bk, bt)
     _gate_up_swiglu_kernel[(triton.cdiv(F, bn), triton.cdiv(R, block_r))](
         x, norm_weight, weight, out, R, F, K, k_main, eps, x.stride(0), weight.stride(0), out.stride(0),
-        BLOCK_R=block_r, BLOCK_N=bn, **split, **product, **_row_loop(R, block_r, K, bk, bt, product),
+        BLOCK_R=block_r, BLOCK_N=bn, **split, **product, **_row_loop(block_r, K, bk, bt, product),
         **pdl_launch(x.device))
     return out
 
