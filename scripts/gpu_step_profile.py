@@ -22,7 +22,7 @@ from collections import defaultdict
 
 import torch
 
-from recyclegpt import topk, triton_attention, triton_draft_head, triton_linear
+from recyclegpt import topk, triton_attention, triton_draft_head, triton_head, triton_linear
 from recyclegpt.api import RecycleGPT
 from recyclegpt.bench import random_model
 from recyclegpt.config import PRESETS, RecycleConfig
@@ -34,7 +34,8 @@ from recyclegpt.speculative import TreeShape
 
 # (an inductor kernel whose name mentions the attention op it feeds counts as attention too, as in earlier runs)
 KINDS = (("attention", ("fmha", "flash", "attention", "cudnn", "sdpa", "_attn_kernel", "_merge_kernel")),
-         ("matmul", ("gemm", "gemv", "cutlass", "nvjet", "sm90_", "cublas", "splitk", "mm_", "_head_top_kernel")),
+         ("matmul", ("gemm", "gemv", "cutlass", "nvjet", "sm90_", "cublas", "splitk", "mm_", "_head_top_kernel",
+                 "_head_argmax_kernel")),
          ("fused", ("triton",)),
          ("copy/index", ("copy", "index", "scatter", "gather", "cat", "fill")))
 
@@ -149,12 +150,21 @@ FUSED_SWITCHES = {
                          "the one position they read; on by default"),
     "step-tables": ("engine", "STEP_TABLES", "the greedy steps' slots, rotary tables and mask made once, apart, "
                     "for the base and the module; on by default"),
+    "head-argmax-kernel": ("model", "HEAD_ARGMAX_KERNEL", "recycle's greedy module token by one kernel: the norm, "
+                           "the LM head and the argmax (triton_head)"),
+    "head-reverse": ("triton_head", "REVERSE", "the head-argmax kernel reads the head's blocks back to front, after "
+                     "the base's head read them front to back"),
+    "draft-rows-gathered": ("model", "DRAFT_ROWS_GATHERED", "with the head-argmax kernel over the draft vocabulary: "
+                            "its rows read in place from the tied head, not from their copy"),
 }
 # launch settings of the fused kernels, as --x N (an A/B check; unnamed: the module's default)
 WARP_SETTINGS = {
     "cached-warps": ("triton_attention", "CACHED_WARPS", "warps of a cached_attention program"),
     "swiglu-warps": ("triton_linear", "SWIGLU_WARPS", "warps of the down product's programs with SwiGLU folded in, "
                      "i.e. with --no-swiglu-epilogue (0: as the others)"),
+    "head-block-v": ("triton_head", "BLOCK_V", "vocabulary rows a head-argmax program"),
+    "head-block-k": ("triton_head", "BLOCK_K", "the head-argmax kernel's K step"),
+    "head-warps": ("triton_head", "NUM_WARPS", "warps of a head-argmax program"),
 }
 
 
@@ -231,7 +241,7 @@ def run_profile(args) -> None:
     triton_draft_head.MERGE_KERNEL = not args.torch_draft_merge
     # the fused path's switches: the module defaults unless named (--no-... for the A/B)
     modules = {"model": recyclegpt.model, "triton_attention": triton_attention, "triton_linear": triton_linear,
-               "engine": recyclegpt.engine}
+               "engine": recyclegpt.engine, "triton_head": triton_head}
     for flag, (module, name, _) in {**FUSED_SWITCHES, **WARP_SETTINGS}.items():  # named ones set; then as it runs
         value = getattr(args, flag.replace("-", "_"))
         if value is not None:

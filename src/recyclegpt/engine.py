@@ -222,12 +222,10 @@ class Decoder:
 
     def _recycle_greedy(self, kv_end: int, tables: Tables | None = None) -> None:
         self._full_pair(kv_end, tables)
-        if self.rec_draft:  # the draft head's argmax, without V-wide logits (the same token: RecycleModel.draft_argmax)
-            out = self._module_pair(kv_end, topk.argmax(self.logits), head=False, tables=tables)
-            self._module_select(self.rmodel.draft_argmax(out))
-        else:
-            self._module_pair(kv_end, topk.argmax(self.logits), tables=tables)
-            self._module_select(topk.argmax(self.logits))
+        # the module's token as every greedy recycle path takes it (RecycleModel.module_argmax: over the draft
+        # vocabulary without V-wide logits where it recycles over it; one kernel with HEAD_ARGMAX_KERNEL)
+        out = self._module_pair(kv_end, topk.argmax(self.logits), head=False, tables=tables)
+        self._module_select(self.rmodel.module_argmax(out, self.mcache))
 
     def _chain_round(self, K: int, kv_end: int, sampling: SamplingParams, gen) -> None:
         """Draft K tokens from (g, d_logits), verify them in one full call, commit (speculative.speculative)."""

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import topk, triton_attention, triton_draft_head, triton_linear
+from . import topk, triton_attention, triton_draft_head, triton_head, triton_linear
 from .config import ModelConfig, RecycleConfig
 from .topk import top_k
 
@@ -47,6 +47,9 @@ class KVCache:
         # counters of triton_attention.cached_attention (the attention that also writes the cache): zero between
         # calls; room for 4 query-row blocks per (row, head)
         self.tickets = torch.zeros(batch * n_kv_head * 4, device=device, dtype=torch.int32)
+        # the counter of triton_head.head_argmax, the module's greedy token (RecycleModel.module_argmax; the
+        # module's cache holds the one it uses): zero between calls
+        self.head_tickets = torch.zeros(1, device=device, dtype=torch.int32)
 
     @property
     def batch(self) -> int:
@@ -384,6 +387,24 @@ def use_decode_kernel(q: torch.Tensor, mask: torch.Tensor, T: int) -> bool:
 # (2.04x in the eleventh session, with the fallbacks gone and the merge kernel).
 # `gpu_step_profile.py --no-draft-head-kernel` is the A/B; False gives the norm, matmul and top-k as separate ops.
 DRAFT_HEAD_KERNEL = True
+
+
+# recycle's greedy module token (RecycleModel.module_argmax) by one kernel on CUDA: the final norm, the LM head and the
+# argmax (triton_head.head_argmax), where they were a norm, cuBLAS's product and two reductions. Off until timed.
+# "always": on CPU tensors too (under Triton's interpreter: the tests)
+HEAD_ARGMAX_KERNEL: bool | str = False
+# ... and over the draft vocabulary, its rows read in place from the tied head (triton_head's `gather`), not from
+# the copy `refresh_draft_head` makes: the base's head, a few kernels earlier, may have left them in L2. Off until
+# timed
+DRAFT_ROWS_GATHERED = False
+
+
+def use_head_argmax_kernel(out: torch.Tensor) -> bool:
+    """Whether `RecycleModel.module_argmax` runs `triton_head.head_argmax` (HEAD_ARGMAX_KERNEL, CUDA, triton, at
+    most its MAX_ROWS rows)."""
+    rows = out.numel() // out.shape[-1]
+    return (bool(HEAD_ARGMAX_KERNEL) and (out.is_cuda or HEAD_ARGMAX_KERNEL == "always")
+            and 0 < rows <= triton_head.MAX_ROWS and triton_head.available())
 
 
 def use_draft_head_kernel(out: torch.Tensor, k: int) -> bool:
@@ -728,6 +749,26 @@ class RecycleModel(nn.Module):
         `draft_weight` set: the index `draft_logits(out).argmax(-1)` gives, without the V-wide logits (the draft
         ids are sorted, so the first of equal maxima is the same token)."""
         return self.module.draft_ids[topk.argmax(linear(self.base.norm(out), self.draft_weight))]
+
+    def module_argmax(self, out: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """`recycle`'s greedy token ids (...,) from the module's output `out` (..., d): over the full head, or over
+        the draft vocabulary when `recycles_over_draft` (then `draft_weight` must be set: refresh_draft_head). Every
+        greedy recycle path takes its module tokens here, so they are the same whichever runs them. With
+        `use_head_argmax_kernel` the norm, the head and the argmax are one kernel (its counter: cache.head_tickets,
+        the module's cache); its logits are summed in another order than the product's, so a near-tie may go the
+        other way than in the operators' path."""
+        draft = self.recycles_over_draft
+        if use_head_argmax_kernel(out):
+            norm = self.base.norm
+            if not draft:
+                return triton_head.head_argmax(out, norm.weight, norm.eps, self.base.lm_head.weight,
+                                               cache.head_tickets)
+            if DRAFT_ROWS_GATHERED:
+                return triton_head.head_argmax(out, norm.weight, norm.eps, self.base.lm_head.weight,
+                                               cache.head_tickets, ids=self.module.draft_ids, gather=True)
+            return triton_head.head_argmax(out, norm.weight, norm.eps, self.draft_weight, cache.head_tickets,
+                                           ids=self.module.draft_ids)
+        return self.draft_argmax(out) if draft else topk.argmax(self.base.head(out))
 
     def draft_top(self, out: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The k most likely draft tokens from the module's output `out` (..., d): (log-probabilities (..., k) in
