@@ -395,6 +395,25 @@ def test_recycle_vocab_errors_are_clear():
 
 @pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
                     reason="torch.compile on the CPU needs a C++ compiler")
+def test_compiled_prompt_forwards_serve_every_length(monkeypatch):
+    """engine.COMPILE_PREFILL: the prompt's forwards, compiled with dynamic shapes, give the reference loops' tokens
+    for prompts of several lengths."""
+    import recyclegpt.engine as engine_mod
+
+    monkeypatch.setattr(engine_mod, "COMPILE_PREFILL", True)
+    model = build(5, n_layer=2)
+    engine = Engine(model, compile=True, bucket=64)
+    for length in (7, 13, 30):
+        prompts = [[(3 * length + i) % 90 + 1 for i in range(length)]]
+        for strategy in ("standard", "recycle"):
+            got = engine.decode(strategy, prompts, max_new_tokens=12).tokens
+            assert got == reference(model, strategy, prompts, max_new_tokens=12).tokens, (length, strategy)
+    dec = next(iter(engine._decoders.values()))
+    assert dec._prompt_base != dec.base.forward and dec._prompt_module != model.recycle  # the compiled ones ran
+
+
+@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
+                    reason="torch.compile on the CPU needs a C++ compiler")
 def test_recycle_over_the_draft_vocabulary_compiled_whole():
     """The greedy step compiled whole (as the GPU bench runs it) takes the draft head's argmax (draft_argmax) and
     gives the reference loop's tokens."""

@@ -66,6 +66,11 @@ MODULE_LAST_ONLY = True
 # seventeenth session (H100, `gpu_step_profile.py --no-step-tables`, 256 slots): SmolLM2's standard step 0.456 ->
 # 0.448 ms, recycle 0.611 -> 0.583 (163 -> 160 and 193 -> 179 kernels over 512 slots)
 STEP_TABLES = True
+# with compile, the prompt's forwards (the base's and the module's) are compiled too, with dynamic shapes: one
+# compile serves every padded prompt length, each still replayed as a CUDA graph of its length. Without it the
+# prompt's graph holds the eager operators (~1,700 kernels for SmolLM2), about 2.4 ms of the time to first token
+# measured on an H100 (seventeenth session's bench). Off until timed
+COMPILE_PREFILL = False
 
 
 def _last_only() -> int | None:
@@ -144,6 +149,7 @@ class Decoder:
         self.rec_draft = False  # recycle takes the module's tokens over its draft vocabulary (set by decode)
         self.l2_window: l2_persist.Window | None = None  # the module's weights kept in L2 (L2_PERSIST; prepare)
         self._base_fwd, self._recycle_fwd = self.base.forward, (self.rmodel.recycle if self.rmodel else None)
+        self._prompt_base, self._prompt_module = self._base_fwd, self._recycle_fwd  # the prompt's forwards
         self._tables_fn = self._tables
         if compile:  # inductor fuses the element-wise chains; the graphs then hold far fewer kernels
             # every step kind and bucket is a shape of its own (a tree round calls the module with three): allow
@@ -156,6 +162,10 @@ class Decoder:
             self._tables_fn = torch.compile(self._tables, dynamic=False, mode=mode)
             if self.rmodel is not None:
                 self._recycle_fwd = torch.compile(self._recycle_fwd, dynamic=False, mode=mode)
+            if COMPILE_PREFILL:  # one dynamic-shape compile for every prompt length
+                self._prompt_base = torch.compile(self.base.forward, dynamic=True, mode=mode)
+                if self.rmodel is not None:
+                    self._prompt_module = torch.compile(self.rmodel.recycle, dynamic=True, mode=mode)
         self._whole: dict[str, Callable] = {}  # greedy steps compiled whole (compile_steps)
         if compile_steps:
             if not compile:
@@ -372,8 +382,8 @@ class Decoder:
         returned, when state is None)."""
         L = ids.shape[1]
         with prefill_attention():
-            full = self.base(ids, input_pos=self._ar[:L], cache=self.cache, pad=self.pad, kv_end=L, num_logits=1,
-                             taps=self.taps)
+            full = self._prompt_base(ids, input_pos=self._ar[:L], cache=self.cache, pad=self.pad, kv_end=L,
+                                     num_logits=1, taps=self.taps)
         self.logits.copy_(full.logits[:, -1])
         if self.rmodel is None:
             return None
@@ -402,7 +412,7 @@ class Decoder:
         L = ids.shape[1]
         next_tokens = torch.cat((ids[:, 1:], self.x_next), dim=1)
         with prefill_attention():
-            rec = self.rmodel.recycle(state, next_tokens, input_pos=self._ar[:L], cache=self.mcache, pad=self.pad,
+            rec = self._prompt_module(state, next_tokens, input_pos=self._ar[:L], cache=self.mcache, pad=self.pad,
                                       kv_end=L, num_logits=1, draft=verified or self.rec_draft,
                                       outputs=None if verified else _last_only())
         if verified:
