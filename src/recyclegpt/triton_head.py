@@ -18,6 +18,12 @@ Two choices for the head's bytes, both switches of this module:
   vocabulary), read in place from the tied weight instead of from a copy of those rows, so that the L2 reuse above
   applies to it too. The token is the id, not the subset's index.
 
+Measured on an H100 (eighteenth session; docs/engine.md): slower than what it replaces, so `model.HEAD_ARGMAX_KERNEL`
+is off. Over the full head at one row it took 36.7 µs at its best shape (32 x 256, 4 warps) where the operators took
+28.7 (`scripts/head_bench.py`), and 44.9 µs in the profiled recycle step against cuBLAS's 22.5 for the product
+alone: its CUDA-core products reach ~1.5 TB/s where cuBLAS's tensor-core GEMV (384 x 8 tiles) reaches ~2.5. The
+block order made no difference (36.7 / 37.2 µs; recycle step 0.607 / 0.605 ms).
+
 A torch custom op (opaque to torch.compile, captured in CUDA graphs as it is); on the CPU it runs only under
 Triton's interpreter (TRITON_INTERPRET=1 set before triton is imported), for the tests. Its logits are summed in
 another order than cuBLAS's, so a near-tie may go the other way than in `lm_head(norm(out)).argmax(-1)`: every
