@@ -51,7 +51,7 @@ def available() -> bool:
 
 
 if triton is not None:
-    from .triton_linear import inv_rms, rms_normed
+    from .triton_linear import inv_rms, product, x_block
 
     @triton.jit
     def _head_argmax_kernel(X, NW, W, Ids, Best, At, Tickets, Out, R, V, K, n_blocks, eps, sxr, swv,
@@ -77,13 +77,12 @@ if triton is not None:
         for k0 in range(0, K, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             k_ok = ks < K
-            x = tl.load(X + rows[:, None] * sxr + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            xn = rms_normed(x, NW, ks, k_ok, inv)
+            xn = x_block(X, NW, rows, row_ok, ks, k_ok, K, sxr, inv, True, False)  # RMS-normalised
             if k0 == 0:
                 w = w_first
             else:
                 w = tl.load(W + wrow[:, None] * swv + ks[None, :], mask=v_ok[:, None] & k_ok[None, :], other=0.0)
-            acc += tl.sum(xn.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], 2)
+            acc = product(acc, xn, w, False, "ieee")
         # each logit rounded to the activations' dtype, as the product's output is, before the comparison
         logit = acc.to(X.dtype.element_ty).to(tl.float32)
         logit = tl.where(v_ok[None, :], logit, float("-inf"))
