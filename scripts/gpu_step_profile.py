@@ -165,6 +165,8 @@ WARP_SETTINGS = {
     "head-block-v": ("triton_head", "BLOCK_V", "vocabulary rows a head-argmax program"),
     "head-block-k": ("triton_head", "BLOCK_K", "the head-argmax kernel's K step"),
     "head-warps": ("triton_head", "NUM_WARPS", "warps of a head-argmax program"),
+    "head-k-split": ("model", "HEAD_K_SPLIT", "recycle's module head over the full vocabulary as this many products "
+                     "over slices of the model dimension, the last first (1: one product)"),
 }
 
 

@@ -11,6 +11,7 @@ some form), minus the same graph without the module's head:
 - `K halves, back first` / `front first`: the product as two, over the second and the first half of the model
   dimension (strided views, no copy), the half cuBLAS's base-head kernel read last first or second;
 - `row halves, back first`: over the second half of the vocabulary, then the first.
+- `model, N K parts`: `model.head_k_split` in N parts with the argmax, compiled (N = 1: one product).
 Each on the same weight as the base's head and on a separate copy (nothing in L2 from the base's read). A table, then
 one JSON line.
 """
@@ -24,6 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from attention_bench import graph_time
+from recyclegpt import topk
+from recyclegpt.model import head_k_split
 
 
 def floats(s: str) -> list[float]:
@@ -37,6 +40,8 @@ def main() -> None:
     ap.add_argument("--between", type=floats, default=[0.0, 15.0], help="MB read between the two heads")
     ap.add_argument("--calls", type=int, default=20)
     ap.add_argument("--reps", type=int, default=50)
+    ap.add_argument("--k-parts", type=lambda v: [int(p) for p in v.split(",") if p], default=[1, 2, 3, 4],
+                    help="model.head_k_split with these part counts, with the argmax, compiled")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("head_l2_probe: needs a CUDA device")
@@ -53,18 +58,20 @@ def main() -> None:
         "K halves, front first": lambda w: F.linear(x[:, :h], w[:, :h]) + F.linear(x[:, h:], w[:, h:]),
         "row halves, back first": lambda w: torch.cat((F.linear(x, w[hv:]), F.linear(x, w[:hv])), -1),
     }
+    for parts in args.k_parts:  # what the model runs (model.head_k_split), compiled as in the step
+        forms[f"model, {parts} K parts"] = torch.compile(
+            lambda w, parts=parts: topk.argmax(head_k_split(x, w, parts)), dynamic=False)
     print(f"device: {torch.cuda.get_device_name()}  head {args.vocab} x {args.dim} bf16 "
           f"({weight.numel() * 2 / 1e6:.1f} MB); µs a round after the base's head")
     print(f"{'between MB':>10}  {'form':<24} {'same weight':>12} {'a copy':>8}")
     results = []
     for mb in args.between:
         between = torch.randn(max(1, int(mb * 2 ** 20) // 2), device=dev, dtype=dtype, generator=g)
-        sink = torch.zeros((), device=dev, dtype=dtype)
 
         def before():
             F.linear(x0, weight)
             if mb:
-                torch.sum(between, out=sink)  # reads the buffer, writes one value
+                between.sum()  # reads the buffer, writes one value
 
         t0 = graph_time(before, calls=args.calls, reps=args.reps)
         for name, form in forms.items():

@@ -506,3 +506,37 @@ def test_call_tables_are_the_calls_own():
     assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
     with pytest.raises(ValueError, match="tables for \\(1,\\) slots given to a call on 2 tokens"):
         base(ids, cache=base.new_cache(2, 16), tables=call_tables(cfg, torch.tensor([3]), pad, 8, torch.float32))
+
+
+def test_head_in_k_slices_is_the_product():
+    """model.head_k_split: the head's product as slices of the model dimension, summed in float32, is the one product
+    to rounding (fp32), for slice counts that do and do not divide K."""
+    from recyclegpt.model import head_k_split
+
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(3, 2, 40, generator=g), torch.randn(97, 40, generator=g)
+    for parts in (1, 2, 3, 7):
+        got = head_k_split(x, w, parts)
+        assert got.dtype == torch.float32 and got.shape == (3, 2, 97)
+        torch.testing.assert_close(got, x @ w.T, rtol=1e-5, atol=1e-5)
+
+
+@CUDA
+@pytest.mark.cuda
+def test_cuda_recycle_with_the_head_in_k_slices(monkeypatch):
+    """model.HEAD_K_SPLIT: the greedy module token from the full head in K slices; the engine (graphs, and compiled
+    whole) gives the reference loop's tokens (fp32), and bf16 graphs the eager engine's."""
+    import recyclegpt.model as model_mod
+
+    monkeypatch.setattr(model_mod, "HEAD_K_SPLIT", 2)
+    model = build(3, n_layer=2).cuda()
+    prompts = random_prompts(3, 3, model.base.cfg.vocab_size)
+    want = reference(model, "recycle", prompts, max_new_tokens=40).tokens
+    for engine in (Engine(model, graphs=True, bucket=16),
+                   Engine(model, graphs=True, bucket=128, compile=True, compile_steps=True)):
+        assert engine.decode("recycle", prompts, max_new_tokens=40).tokens == want
+    model.to(torch.bfloat16)
+    bf = Engine(model, graphs=True, bucket=16).decode("recycle", prompts, max_new_tokens=40).tokens
+    static = Engine(model, graphs=False, bucket=16, fuse=True, prefill_bucket=64)
+    assert bf == static.decode("recycle", prompts, max_new_tokens=40).tokens
+

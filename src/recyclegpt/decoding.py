@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .model import RecycleModel, Transformer, prefill_attention, use_head_argmax_kernel
+from .model import RecycleModel, Transformer, prefill_attention
 from .sampling import SamplingParams, sample
 
 StreamFn = Callable[[list[list[int]]], None]
@@ -274,11 +274,12 @@ def recycle(model: RecycleModel, prompts: Sequence[Sequence[int]], *, max_new_to
         stats.full_calls += 1
         if out.emit(x_next[:, None]):
             break
-        # 4: the module on the same two slots (greedy, with the head-argmax kernel, its token as the engine takes it)
+        # 4: the module on the same two slots (greedy, where module_argmax takes a route of its own, its token as
+        # the engine takes it)
         rec = model.recycle(model.state(full), torch.stack((x_rec, x_next), dim=1), input_pos=_slots(p, 2, device),
                             cache=module_cache, pad=batch.pad, kv_end=p + 2, num_logits=1, draft=draft, outputs=1)
         x_rec = (model.module_argmax(rec.hidden[:, -1], module_cache)
-                 if sampling.greedy and use_head_argmax_kernel(rec.hidden)
+                 if sampling.greedy and model.own_module_argmax(rec.hidden)
                  else sample(rec.logits[:, -1], sampling, gen))  # x̂_{p+3}
         stats.module_calls += 1
         p += 2

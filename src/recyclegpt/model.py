@@ -403,6 +403,34 @@ HEAD_ARGMAX_KERNEL: bool | str = False
 DRAFT_ROWS_GATHERED = False
 
 
+# recycle's greedy module token over the full head (RecycleModel.module_argmax, CUDA): the head's product as this
+# many products over slices of the model dimension, the last slice first (`head_k_split`). The base's head read the
+# same tied weight a few kernels earlier, and cuBLAS's kernel reads every row block at once, K chunk by K chunk, so
+# the chunks it read last are the ones an H100's 50 MB L2 still holds of the 56.6 MB head; one product starts on
+# the first chunks, which are gone. Measured in `scripts/head_l2_probe.py` (eighteenth session, H100, nothing
+# between the two heads): one product 23.0 µs on the same weight and 22.7 on a copy; two halves, the back one
+# first, 16.1 and 30.7; the front one first 28.6 and 28.9. 1: one product. Off until timed in the step
+HEAD_K_SPLIT = 1
+
+
+def head_k_split(x: torch.Tensor, weight: torch.Tensor, parts: int) -> torch.Tensor:
+    """x @ weight.T (float32) as `parts` products over slices of the model dimension, the last slice first; each
+    product is rounded to x's dtype, as F.linear's output, and the sum is taken in float32."""
+    K = weight.shape[1]
+    edges = [K * i // parts for i in range(parts + 1)]
+    out = None
+    for i in reversed(range(parts)):
+        a, b = edges[i], edges[i + 1]
+        part = F.linear(x[..., a:b], weight[:, a:b]).float()
+        out = part if out is None else out + part
+    return out
+
+
+def use_head_k_split(out: torch.Tensor) -> bool:
+    """Whether `RecycleModel.module_argmax` takes the full head as HEAD_K_SPLIT products (CUDA)."""
+    return HEAD_K_SPLIT > 1 and out.is_cuda
+
+
 def use_head_argmax_kernel(out: torch.Tensor) -> bool:
     """Whether `RecycleModel.module_argmax` runs `triton_head.head_argmax` (HEAD_ARGMAX_KERNEL, CUDA, triton, at
     most its MAX_ROWS rows)."""
@@ -759,8 +787,9 @@ class RecycleModel(nn.Module):
         the draft vocabulary when `recycles_over_draft` (then `draft_weight` must be set: refresh_draft_head). Every
         greedy recycle path takes its module tokens here, so they are the same whichever runs them. With
         `use_head_argmax_kernel` the norm, the head and the argmax are one kernel (its counter: cache.head_tickets,
-        the module's cache); its logits are summed in another order than the product's, so a near-tie may go the
-        other way than in the operators' path."""
+        the module's cache); with `use_head_k_split` the full head is several products over slices of the model
+        dimension. Either sums the logits in another order than the one product, so a near-tie may go the other
+        way than in the operators' path."""
         draft = self.recycles_over_draft
         if use_head_argmax_kernel(out):
             norm = self.base.norm
@@ -772,7 +801,17 @@ class RecycleModel(nn.Module):
                                                cache.head_tickets, ids=self.module.draft_ids, gather=True)
             return triton_head.head_argmax(out, norm.weight, norm.eps, self.draft_weight, cache.head_tickets,
                                            ids=self.module.draft_ids)
-        return self.draft_argmax(out) if draft else topk.argmax(self.base.head(out))
+        if draft:
+            return self.draft_argmax(out)
+        if use_head_k_split(out):
+            return topk.argmax(head_k_split(self.base.norm(out), self.base.lm_head.weight, HEAD_K_SPLIT))
+        return topk.argmax(self.base.head(out))
+
+    def own_module_argmax(self, out: torch.Tensor) -> bool:
+        """Whether `module_argmax` takes its own route for output `out` (the one kernel, or the head in K slices),
+        so that its token may differ in a near-tie from the argmax of `recycle`'s logits: greedy loops then take
+        the module's token from `module_argmax`."""
+        return use_head_argmax_kernel(out) or (use_head_k_split(out) and not self.recycles_over_draft)
 
     def draft_top(self, out: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The k most likely draft tokens from the module's output `out` (..., d): (log-probabilities (..., k) in
