@@ -407,9 +407,12 @@ DRAFT_ROWS_GATHERED = False
 # many products over slices of the model dimension, the last slice first (`head_k_split`). The base's head read the
 # same tied weight a few kernels earlier, and cuBLAS's kernel reads every row block at once, K chunk by K chunk, so
 # the chunks it read last are the ones an H100's 50 MB L2 still holds of the 56.6 MB head; one product starts on
-# the first chunks, which are gone. Measured in `scripts/head_l2_probe.py` (eighteenth session, H100, nothing
-# between the two heads): one product 23.0 µs on the same weight and 22.7 on a copy; two halves, the back one
-# first, 16.1 and 30.7; the front one first 28.6 and 28.9. 1: one product. Off until timed in the step
+# the first chunks, which are gone. Measured in `scripts/head_l2_probe.py` (eighteenth session, H100; µs after the
+# base's head, on the same weight / on a copy): one product 23.0 / 22.7; two halves, the back one first, 16.1 / 30.7,
+# the front one first 28.6 / 28.9. With the argmax, compiled as here: 26.8 in one product; 18.1, 17.6 and 21.9 in 2,
+# 3 and 4 parts with nothing between the heads; with 15 MB read between them (the module's layers read ~15 MB)
+# 26.7 against 25.4, 22.6 and 27.2. Not timed in the step (the lease's last profiles timed out compiling); the
+# prediction for 3 parts is recycle −0.004 ms. 1: one product. Off
 HEAD_K_SPLIT = 1
 
 
