@@ -215,6 +215,9 @@ def main() -> None:
                          "--no-split-argmax: one torch.argmax; an A/B check)")
     for flag, (module, name, what) in WARP_SETTINGS.items():
         ap.add_argument(f"--{flag}", type=int, default=None, help=f"{what} ({module}.{name}; an A/B check)")
+    ap.add_argument("--compile-prefill", action="store_true",
+                    help="also compile the prompt's forwards (engine.COMPILE_PREFILL; off here: the parts profiled "
+                         "are steps, and the dynamic compile takes minutes on a cold inductor cache)")
     ap.add_argument("--recycle-vocab", default="full", choices=("full", "draft"),
                     help="the recycle step's module token over the full head or the draft vocabulary (an A/B check)")
     ap.add_argument("--top", type=int, default=8, help="kernel names listed per part, by GPU time")
@@ -240,6 +243,7 @@ def run_profile(args) -> None:
     recyclegpt.model.DECODE_KERNEL = not args.sdpa_decode
     topk.SORT_FREE = "never" if args.torch_topk else "cuda"
     recyclegpt.model.DRAFT_HEAD_KERNEL = not args.no_draft_head_kernel
+    recyclegpt.engine.COMPILE_PREFILL = args.compile_prefill
     triton_draft_head.MERGE_KERNEL = not args.torch_draft_merge
     # the fused path's switches: the module defaults unless named (--no-... for the A/B)
     modules = {"model": recyclegpt.model, "triton_attention": triton_attention, "triton_linear": triton_linear,

@@ -411,8 +411,9 @@ DRAFT_ROWS_GATHERED = False
 # base's head, on the same weight / on a copy): one product 23.0 / 22.7; two halves, the back one first, 16.1 / 30.7,
 # the front one first 28.6 / 28.9. With the argmax, compiled as here: 26.8 in one product; 18.1, 17.6 and 21.9 in 2,
 # 3 and 4 parts with nothing between the heads; with 15 MB read between them (the module's layers read ~15 MB)
-# 26.7 against 25.4, 22.6 and 27.2. Not timed in the step (the lease's last profiles timed out compiling); the
-# prediction for 3 parts is recycle −0.004 ms. 1: one product. Off
+# 26.7 against 25.4, 22.6 and 27.2. In the step (`gpu_step_profile.py --head-k-split 3`, 512 slots) recycle went
+# 0.589 -> 0.591 ms: the module's three products took 25.5 µs where its one took 22.7, so the step's own traffic
+# leaves too little of the base's read in L2. 1: one product. Off
 HEAD_K_SPLIT = 1
 
 
