@@ -69,8 +69,8 @@ STEP_TABLES = True
 # with compile, the prompt's forwards (the base's and the module's) are compiled too, with dynamic shapes: one
 # compile serves every padded prompt length, each still replayed as a CUDA graph of its length. Without it the
 # prompt's graph holds the eager operators (~1,700 kernels for SmolLM2). Measured on an H100 (eighteenth session,
-# SmolLM2, 20 alpaca_eval prompts, `bench --engine compiled`): time to first token 2.4 -> 1.2 ms, standard 2,075 ->
-# 2,144 tok/s, recycle 1.56x -> 1.57x. The cost is compile time: the first dynamic compile took more than 150 s on
+# SmolLM2, 20 alpaca_eval prompts, `bench --engine compiled`, two calls on one machine): time to first token 2.4 ->
+# 1.2 ms, standard 2,075 -> 2,144 tok/s, recycle 1.56x -> 1.57x. The cost is compile time: the first dynamic compile took more than 150 s on
 # a cold inductor cache (a bench run timed out in its warm-up), and each process traces it again (+~35 s a bench
 # process with the cache warm). On
 COMPILE_PREFILL = True
@@ -236,7 +236,8 @@ class Decoder:
     def _recycle_greedy(self, kv_end: int, tables: Tables | None = None) -> None:
         self._full_pair(kv_end, tables)
         # the module's token as every greedy recycle path takes it (RecycleModel.module_argmax: over the draft
-        # vocabulary without V-wide logits where it recycles over it; one kernel with HEAD_ARGMAX_KERNEL)
+        # vocabulary without V-wide logits where it recycles over it; model.HEAD_ARGMAX_KERNEL and HEAD_K_SPLIT are
+        # its other routes, both off)
         out = self._module_pair(kv_end, topk.argmax(self.logits), head=False, tables=tables)
         self._module_select(self.rmodel.module_argmax(out, self.mcache))
 
