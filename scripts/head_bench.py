@@ -8,10 +8,11 @@ Heads: the full head (V rows), a draft head as a copy of N evenly spaced rows, a
 from the full head. Paths: the operators (compiled F.rms_norm, F.linear and topk.split_argmax: what
 `RecycleModel.module_argmax` runs without the kernel) and the kernel.
 
-Each path is timed where a recycle step runs it: after the base's head. A CUDA graph holds --calls rounds of (the
-base's head product over the full weight on one row, by cuBLAS as in the step; a read of --between MB standing for
-the module's layers; the path), and the time of the same graph without the path is subtracted. So the path meets the
-L2 state it meets in the step, as far as such a graph can make it. First the kernel's shapes (BLOCK_V x BLOCK_K)
+Each path is timed after the base's head: a CUDA graph holds --calls rounds of (the base's head product over the
+full weight on one row, by cuBLAS as in the step; --between MB of bf16 summed in float32, which writes and reads a
+float32 copy as well, ~5x the MB in traffic, more than an H100's L2 holds; the path), and the time of the same graph
+without the path is subtracted. The path so meets an L2 that holds little of the base's read (`head_l2_probe.py`
+asks what it holds). First the kernel's shapes (BLOCK_V x BLOCK_K)
 and warps are swept on the full head at one row, blocks back to front; then the best shape runs every head, row
 count and block order. `ok`: the kernel's token is the operators' or its logit is the best to a bf16 step. A table,
 then one JSON line.
@@ -43,7 +44,8 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=49152)
     ap.add_argument("--draft", type=int, default=16384, help="rows of the draft head (every V/N-th row)")
     ap.add_argument("--dim", type=int, default=576)
-    ap.add_argument("--between", type=float, default=16.0, help="MB read between the base's head and the path")
+    ap.add_argument("--between", type=float, default=16.0,
+                    help="MB of bf16 summed in float32 between the base's head and the path (a float32 copy too)")
     ap.add_argument("--calls", type=int, default=20)
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument("--shapes", type=shapes, default=shapes("32x256,64x128,64x256,128x128,32x512,64x512,128x256"))

@@ -70,9 +70,9 @@ STEP_TABLES = True
 # compile serves every padded prompt length, each still replayed as a CUDA graph of its length. Without it the
 # prompt's graph holds the eager operators (~1,700 kernels for SmolLM2). Measured on an H100 (eighteenth session,
 # SmolLM2, 20 alpaca_eval prompts, `bench --engine compiled`, two calls on one machine): time to first token 2.4 ->
-# 1.2 ms, standard 2,075 -> 2,144 tok/s, recycle 1.56x -> 1.57x. The cost is compile time: the first dynamic compile took more than 150 s on
-# a cold inductor cache (a bench run timed out in its warm-up), and each process traces it again (+~35 s a bench
-# process with the cache warm). On
+# 1.2 ms, standard 2,075 -> 2,144 tok/s, recycle 1.56x -> 1.57x. The cost is compile time, once per process: on a
+# cold inductor cache a bench run with a 200 s limit timed out in its warm-up, compiling it; with the cache warm,
+# `scripts/device/bench.sh` (two bench processes) took 338 s, against 268 s in the seventeenth session without it. On
 COMPILE_PREFILL = True
 
 
