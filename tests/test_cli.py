@@ -157,6 +157,13 @@ def test_distill_writes_jsonl_and_never_overwrites(tiny_ckpt, tmp_path, capsys):
     before = out.read_text()
     assert main(args) == 2  # exists: refused without --force
     assert "exists" in capsys.readouterr().err and out.read_text() == before
+    # the engine is named: eager gives the same records; graphs needs CUDA, said before anything is written
+    out2 = tmp_path / "eager.jsonl"
+    assert main(args[:6] + [str(out2)] + args[7:] + ["--engine", "eager"]) == 0
+    assert out2.read_text() == before
+    if not torch.cuda.is_available():
+        assert main(args[:6] + [str(tmp_path / "g.jsonl")] + args[7:] + ["--engine", "graphs"]) == 2
+        assert "needs a CUDA device" in capsys.readouterr().err and not (tmp_path / "g.jsonl.partial").exists()
 
 
 def test_distill_halves_a_batch_that_runs_out_of_memory(tiny_ckpt, tmp_path, capsys, monkeypatch):

@@ -1,12 +1,14 @@
 # Sourced from the repository root on the device, by each call's script: the carried wheels unzipped to /tmp/site,
-# the GGUF joined in the cache once its parts have come (one a call, .gguf3/part_a?; sha256 checked), and the switches
-# in $SET (module.NAME=value ..., written into the carried copy of src/ only; the copy is fresh each call).
+# the GGUF joined in the cache once its parts have come (one a call, .gguf3/part_a? or .gguf4/part_a?, never both
+# in one lease; sha256 checked), and the switches in $SET (module.NAME=value ..., written into the carried copy of
+# src/ only; the copy is fresh each call).
 export PYTHONPATH=$PWD/src:/tmp/site RECYCLEGPT_CACHE=/tmp/rc
 if [ ! -f /tmp/site/.done ]; then
   mkdir -p /tmp/site && for w in .whl/*.whl; do python3 -m zipfile -e "$w" /tmp/site; done && touch /tmp/site/.done
 fi
 mkdir -p /tmp/gg /tmp/rc
-for p in .gguf3/part_a?; do [ -f "$p" ] && cp "$p" /tmp/gg/ && echo "carried $p"; done
+# three parts, or four where a call carries data beside one
+for p in .gguf3/part_a? .gguf4/part_a?; do [ -f "$p" ] && cp "$p" /tmp/gg/ && echo "carried $p"; done
 G=/tmp/rc/SmolLM2-135M-Instruct.Q4_1.gguf
 if [ ! -f $G ] && ls /tmp/gg/part_a? > /dev/null 2>&1; then  # joined once the parts so far hash right
   cat /tmp/gg/part_a? > $G.part
@@ -16,7 +18,7 @@ if [ ! -f $G ] && ls /tmp/gg/part_a? > /dev/null 2>&1; then  # joined once the p
     rm -f $G.part
   fi
 fi
-for kv in $SET; do
+for kv in ${SET:-}; do
   mod=${kv%%.*}; rest=${kv#*.}; name=${rest%%=*}; val=${rest#*=}
   sed -i "s/^$name = .*/$name = $val/" src/recyclegpt/$mod.py && grep -H "^$name = " src/recyclegpt/$mod.py
 done

@@ -195,6 +195,10 @@ def cmd_distill(args) -> None:
             done = {json.loads(line)["prompt"] for line in f if line.strip()}
     todo = [p for p in prompts if p not in done]
     lm = load_model(args)
+    try:
+        lm.resolve_engine(args.engine)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     chat = lm.tokenizer.chat_template is not None and not args.no_chat
     limit = args.max_prompt_tokens or lm.base.cfg.context_length - args.max_new_tokens
     lengths = {p: len(lm.encode(p, chat=chat)) for p in todo}
@@ -226,7 +230,8 @@ def _responses(lm: RecycleGPT, prompts: list[str], args, *, seed: int, chat: boo
     """
     try:
         gen = lm.generate(prompts, strategy="standard", max_new_tokens=args.max_new_tokens,
-                          temperature=args.temperature, top_p=args.top_p, seed=seed, chat=chat)
+                          temperature=args.temperature, top_p=args.top_p, seed=seed, chat=chat,
+                          engine=args.engine)
     except torch.cuda.OutOfMemoryError:
         if len(prompts) == 1:
             raise UsageError("out of GPU memory on a single prompt: lower --max-prompt-tokens or --max-new-tokens")
@@ -415,6 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue the prompts as plain text instead of answering them in the chat template (plain "
                         "continuations; new instructions for scripts/self_instruct_prompts.py); records get "
                         "\"chat\": false and retrofit encodes them as plain text")
+    d.add_argument("--engine", default="auto", choices=ENGINES,
+                   help="decode loop (default auto: CUDA graphs on a GPU, eager on CPU); the tokens are the same")
     d.add_argument("--resume", action="store_true", help="continue OUT.partial from an interrupted run")
     d.add_argument("--force", action="store_true", help="overwrite an existing OUT")
     t = add("train", cmd_train)
