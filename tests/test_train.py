@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from recyclegpt.config import PRESETS, ConfigError, RecycleConfig
-from recyclegpt.data import ChatExamples, DataError, TextWindows, load_dataset, train_bpe
+from recyclegpt.data import (ChatExamples, DataError, TextWindows, encode_example, load_dataset, read_jsonl,
+                             train_bpe)
 from recyclegpt.model import RecycleModel, Transformer
 from recyclegpt.objectives import recycle_losses
 from recyclegpt.train import TrainConfig, lr_at, retrofit, train_joint
@@ -285,6 +286,24 @@ def test_plain_continuation_records_skip_the_chat_template(corpus, tmp_path):
     # without a template, a prompt/response pair ends with the separator and a continuation does not
     data = load_dataset([path], tok, seq_len=64, val_fraction=0.0)
     assert data.train[0][0][-1] == tok.eos_ids[0] and data.train[1][0][-1] != tok.eos_ids[0]
+
+
+def test_examples_are_batch_encoded_as_one_at_a_time(corpus, tmp_path):
+    _, tok = corpus
+    templated = dataclasses.replace(tok, add_bos=True, chat_template="{% for m in messages %}[{{ m.role }}] "
+                                    "{{ m.content }} {% endfor %}{% if add_generation_prompt %}[assistant] {% endif %}")
+    texts = ["the cat", "", " sat on the mat.", "a dog ran"]
+    assert templated.encode_batch(texts) == [templated.encode(t) for t in texts]
+    assert templated.encode_batch(texts, add_bos=False) == [templated.encode(t, add_bos=False) for t in texts]
+    pairs = [{"prompt": f"the cat {i}", "response": f"sat on mat {i}."} for i in range(6)] + [
+        {"prompt": "a dog", "response": " ran away", "chat": False}]
+    turns = [{"role": r, "content": c} for r, c in [("user", "hi"), ("assistant", "yo"), ("user", "and?"),
+                                                     ("assistant", "done.")]]
+    for t, records in ((templated, pairs + [{"messages": turns}]), (tok, pairs)):  # multi-turn needs a template
+        path = tmp_path / "mixed.jsonl"
+        path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+        data = load_dataset([path], t, seq_len=64, val_fraction=0.0)
+        assert data.train == [encode_example(m, t, w, chat=c) for m, w, c in read_jsonl([path])]
 
 
 def test_text_mixed_into_chat_examples(corpus, tmp_path):

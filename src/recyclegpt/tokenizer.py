@@ -47,6 +47,11 @@ class Tokenizer:
             ids = [self.bos_id] + ids
         return ids
 
+    def encode_batch(self, texts: list[str], *, add_bos: bool | None = None) -> list[list[int]]:
+        """`encode` of each text, the texts split over the tokenizer's threads (the same ids as one at a time)."""
+        bos = [self.bos_id] if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None else []
+        return [bos + e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
+
     def decode(self, ids: list[int], *, skip_special: bool = True) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special)
 
