@@ -8,6 +8,8 @@
 #   GPU 2 l2:        two layers, from scratch, as the shipped module was made (on this data instead of its own);
 #   GPU 3 l2_cont:   the shipped module trained on, on this data (lr 3e-4); beside it, the shipped module's own α.
 #   bash scripts/device/retrofit_gpus.sh DATA OUT [L1_INIT]
+# VARIANTS replaces the four (a line each: NAME GPU STEPS RETROFIT_ARGS, INIT standing for L1_INIT); SCORE_SHIPPED=0
+# skips the shipped module's α.
 # DATA holds distill_gpus.sh's OUT/<stream>/*.jsonl. STEPS_L1 / STEPS_L2 / TRAIN_LIMIT (seconds) / WIZ_LIMIT /
 # ALP_LIMIT (prompts) shorten a trial; TRIAL_ARGS, retrofit flags last on its line, too.
 set -uo pipefail
@@ -40,12 +42,16 @@ variant() {  # NAME GPU STEPS RETROFIT_ARGS
   cp /tmp/m/$1/metrics.jsonl "/tmp/m/$1.metrics.jsonl" 2>/dev/null
   tar cf "$out/$1.tar" -C /tmp ship/$1 $(cd /tmp && ls m/$1.*)
 }
-variant l1 0 $s1 "--recycle-layers 1 --lr 1e-3 --min-lr 1e-4 --warmup 100" &
-variant l1_init 1 $s1 "--init-module $init --lr 5e-4 --min-lr 5e-5 --warmup 50" &
-variant l2 2 $s2 "--recycle-layers 2 --lr 1e-3 --min-lr 1e-4 --warmup 100" &
-score shipped 3 $shipped &  # beside l2_cont's start on the same GPU (it slows that run a little)
-variant l2_cont 3 $s2 "--init-module $shipped --lr 3e-4 --min-lr 3e-5 --warmup 50" &
+# VARIANTS: one "NAME GPU STEPS RETROFIT_ARGS..." a line, to train others (INIT and SHIPPED in them are expanded)
+default_variants="l1 0 $s1 --recycle-layers 1 --lr 1e-3 --min-lr 1e-4 --warmup 100
+l1_init 1 $s1 --init-module $init --lr 5e-4 --min-lr 5e-5 --warmup 50
+l2 2 $s2 --recycle-layers 2 --lr 1e-3 --min-lr 1e-4 --warmup 100
+l2_cont 3 $s2 --init-module $shipped --lr 3e-4 --min-lr 3e-5 --warmup 50"
+while read -r name gpu steps args; do
+  [ -n "$name" ] && variant "$name" "$gpu" "$steps" "${args//INIT/$init}" < /dev/null &
+done <<< "${VARIANTS:-$default_variants}"
+[ "${SCORE_SHIPPED:-1}" = 1 ] && score shipped 3 $shipped &  # beside GPU 3's run (it slows that run a little)
 wait
-tar cf "$out/shipped_alpha.tar" -C /tmp $(cd /tmp && ls m/shipped.*)
+[ "${SCORE_SHIPPED:-1}" = 1 ] && tar cf "$out/shipped_alpha.tar" -C /tmp $(cd /tmp && ls m/shipped.*)
 for f in /tmp/m/*.alpha_*.txt; do echo "$(basename $f): $(grep -h "^eval agreement" $f | tail -1)"; done
 grep -h "train_s\|sha256" /tmp/m/*.train.log
