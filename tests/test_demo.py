@@ -51,12 +51,12 @@ def builtin(tok, monkeypatch, tmp_path) -> Path:
     return shipped
 
 
-def ship_module(tok, shipped: Path) -> Path:
-    """A trained-looking module for NAME in the shipped folder (bf16, as the real one is stored)."""
+def ship_module(tok, shipped: Path, folder: str = NAME) -> Path:
+    """A trained-looking module for NAME in the shipped folder (bf16, as the real one is stored), under `folder`."""
     base = tiny_base(tok)
     torch.manual_seed(1)
     module = RecyclableModule(base.cfg, RecycleConfig()).eval()
-    return save_checkpoint(shipped / NAME, RecycleModel(base, module).to(torch.bfloat16), base_ref=NAME)
+    return save_checkpoint(shipped / folder, RecycleModel(base, module).to(torch.bfloat16), base_ref=NAME)
 
 
 def test_shipped_module_is_found_only_with_recycle_json(monkeypatch, tmp_path):
@@ -71,6 +71,23 @@ def test_shipped_module_is_found_only_with_recycle_json(monkeypatch, tmp_path):
     (tmp_path / "not-a-builtin").mkdir()
     (tmp_path / "not-a-builtin" / "recycle.json").write_text("{}")
     assert registry.shipped_module("not-a-builtin") is None  # only built-in names have shipped modules
+
+
+def test_other_shipped_modules_load_by_name(tok, builtin, capsys):
+    ship_module(tok, builtin)  # the default, NAME
+    other = ship_module(tok, builtin, NAME + "-1layer")
+    (builtin / "tiny-builtin-empty").mkdir()  # no recycle.json: not a module
+    (builtin / "unrelated").mkdir()
+    (builtin / "unrelated" / "recycle.json").write_text("{}")  # not this model's name
+    assert list(registry.shipped_modules(NAME)) == [NAME, NAME + "-1layer"]
+    assert registry.shipped_module_named(NAME + "-1layer") == other and registry.shipped_module_named("unrelated") is None
+    lm = RecycleGPT.from_pretrained(NAME, recycle=NAME + "-1layer", device="cpu")
+    assert lm.module_source == str(other) and lm.model is not None
+    with pytest.raises(FileNotFoundError, match="a shipped module .tiny-builtin, tiny-builtin-1layer."):
+        RecycleGPT.from_pretrained(NAME, recycle=NAME + "-2layer", device="cpu")
+    assert main(["generate", "--model", NAME, "--recycle", "none", "--strategy", "recycle", "--max-new-tokens", "4",
+                 "hi"]) == 2
+    assert "also shipped: tiny-builtin-1layer (--recycle NAME)" in capsys.readouterr().err
 
 
 def test_default_loads_the_shipped_module_and_none_does_not(tok, builtin):

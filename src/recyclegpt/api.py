@@ -21,7 +21,7 @@ from .decoding import DecodeStats, recycle, standard
 from .engine import KV_BUCKET as DEFAULT_KV_BUCKET, Engine
 from .speculative import DEFAULT_DRAFT_LEN, TreeShape, recycle_verified, speculative, tree
 from .model import RecyclableModule, RecycleModel, Transformer
-from .registry import shipped_module
+from .registry import shipped_module, shipped_module_named, shipped_modules
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer
 
@@ -55,9 +55,11 @@ def module_hint(model: str) -> str:
     how = ("--recycle PATH (a checkpoint from `recyclegpt retrofit`), or --recycle random for an untrained one "
            "(speed measurements only)")
     shipped = shipped_module(model)
+    others = [n for n in shipped_modules(model) if n != model]
+    also = f"; also shipped: {', '.join(others)} (--recycle NAME)" if others else ""
     if shipped is not None:
-        return f"pass --recycle default for the one shipped for {model} ({shipped}), or {how}"
-    return f"no module is shipped for {model}: pass {how}"
+        return f"pass --recycle default for the one shipped for {model} ({shipped}){also}, or {how}"
+    return f"no module is shipped for {model}{also}: pass {how}"
 
 
 @dataclass
@@ -112,7 +114,8 @@ class RecycleGPT:
 
         recycle: "default" is a checkpoint's own module when `model` is a checkpoint that has one, else the module
             shipped with the package for built-in `model` (registry.shipped_module), else none; a RecycleGPT
-            checkpoint directory puts its module on this base; "random" an untrained module shaped by
+            checkpoint directory puts its module on this base, as does a shipped module's name
+            (registry.shipped_modules: `<model>-<variant>`); "random" an untrained module shaped by
             `random_module` (speed measurements only); None or "none" loads no module. `module_source` records
             which: the directory's path, "random", or None.
         """
@@ -139,10 +142,14 @@ class RecycleGPT:
             module = RecyclableModule(base.cfg, random_module).to(device=device, dtype=dtype).eval()
             source = "random"
         elif recycle not in NO_MODULE:
+            if not Path(recycle).exists() and shipped_module_named(str(recycle)) is not None:
+                recycle = shipped_module_named(str(recycle))  # a shipped module's name
             if not Path(recycle).exists():
+                names = list(shipped_modules(str(model)))
                 raise FileNotFoundError(f"recyclable module checkpoint {recycle!r} does not exist (give a directory "
-                                        f"written by `recyclegpt retrofit` or `recyclegpt train`, or 'default', "
-                                        f"'random' or 'none')")
+                                        f"written by `recyclegpt retrofit` or `recyclegpt train`, "
+                                        f"{'a shipped module (' + ', '.join(names) + '), ' if names else ''}"
+                                        f"'default', 'random' or 'none')")
             module = load_module(recycle, base).to(device=device, dtype=dtype).eval()
             source = str(recycle)
         return cls(base, tokenizer, module=module, name=str(model), module_source=source)

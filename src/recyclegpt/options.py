@@ -37,8 +37,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help=f"built-in name, .gguf file, Hugging Face folder or RecycleGPT checkpoint (default: {DEFAULT_MODEL})")
     p.add_argument("--recycle", default="default",
                    help="recyclable module: 'default' (a checkpoint --model's own, else the one shipped for a "
-                        "built-in --model, if any), a checkpoint directory, 'random' (untrained; speed measurements "
-                        "only) or 'none' (default: default)")
+                        "built-in --model, if any), a checkpoint directory, another shipped module by name "
+                        "(<model>-<variant>), 'random' (untrained; speed measurements only) or 'none' "
+                        "(default: default)")
     p.add_argument("--recycle-layers", type=int, default=1, help="layers of a --recycle random module (default 1)")
     p.add_argument("--recycle-vocab", default="full", choices=RECYCLE_VOCABS,
                    help="the tokens `recycle` may take from the module: full (the whole LM head) or draft (the "

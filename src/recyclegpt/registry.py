@@ -7,6 +7,8 @@ small marker (size, mtime, sha256) in the cache so later loads skip the hash.
 
 A built-in model may also have a trained recyclable module shipped inside this package, as a RecycleGPT checkpoint
 directory `modules/<name>/` (recycle.json, module.safetensors, MODEL_CARD.md); `shipped_module(name)` finds it.
+Other modules for the same model sit beside it as `modules/<name>-<variant>/` (`shipped_modules`), loaded by that
+folder name (`--recycle <name>-<variant>`).
 """
 
 from __future__ import annotations
@@ -86,6 +88,23 @@ def shipped_module(model: str) -> Path | None:
         return None
     folder = SHIPPED_MODULES / model
     return folder if (folder / "recycle.json").is_file() else None
+
+
+def shipped_modules(model: str) -> dict[str, Path]:
+    """Every module shipped for built-in `model`, by name: `model` itself (the default, `shipped_module`) and any
+    `model-VARIANT` beside it (another depth or training run, chosen with `--recycle model-VARIANT`)."""
+    if model not in MODELS or not SHIPPED_MODULES.is_dir():
+        return {}
+    return {p.name: p for p in sorted(SHIPPED_MODULES.iterdir())
+            if (p.name == model or p.name.startswith(model + "-")) and (p / "recycle.json").is_file()}
+
+
+def shipped_module_named(name: str) -> Path | None:
+    """The folder of the shipped module called `name` (a key of `shipped_modules` for some built-in model)."""
+    for model in MODELS:
+        if name in (found := shipped_modules(model)):
+            return found[name]
+    return None
 
 
 def resolve_gguf(name: str, *, fetch: bool = True) -> Path:
