@@ -6,7 +6,7 @@
 #   GPU 1: the chat sets (greedy, then sampled with new seeds), GSM8K greedy, two book streams (eager, batch 256);
 #   GPU 2: self-written instructions and their answers, GSM8K sampled, two book streams;
 #   GPU 3: PROFILES (a command, if set) first, then two book streams.
-# The records land in OUT/<stream>/*.jsonl (torn last lines dropped); OUT/stats.json counts them per stream.
+# The records land in OUT/<stream>/*.jsonl (torn last lines dropped); the last lines printed count them per stream.
 #   bash scripts/device/distill_gpus.sh DEADLINE OUT [INPUTS]
 # INPUTS holds gutenberg.tar.xz and prompts.tar.xz (scripts/device/prep_distill.sh; default /tmp/stash/distill).
 set -uo pipefail
@@ -19,7 +19,10 @@ P=$w/prompts
 python3 scripts/book_prompts.py "$w/gutenberg" --n 1000000 --seed 5 --out "$w/books.jsonl"  # every passage
 split -n l/8 -d -a 1 "$w/books.jsonl" "$w/books_part_"
 B=${BATCH:-256} BG=${BATCH_GRAPHS:-128} NEW=${NEW_TOKENS:-256}  # smaller for a trial on the CPU
-export P w out B BG NEW
+# the engine of the streams on GPUs 1-3: eager as in the nineteenth session; its two graph streams made 88 records a
+# second each against an eager stream's 30, so ENGINE=graphs (at BATCH) for a later round
+E=${ENGINE:-eager}
+export P w out B BG NEW E
 d() { python3 -m recyclegpt.cli distill --max-new-tokens $NEW --max-prompt-tokens 1024 --force "$@"; }
 export -f d
 start=$(date +%s)
@@ -33,27 +36,27 @@ books() { stream "books_$1" "$2" "d --prompts $w/books_part_$1 --out $out/books_
 books 0 0 "--engine graphs --batch-size $BG" &
 books 1 0 "--engine graphs --batch-size $BG" &
 stream chat 1 "for f in $(echo $chat); do n=\$(basename \$f)
-    d --prompts $P/\$f.jsonl --out $out/chat/\${n}_greedy.jsonl --engine eager --batch-size $B; done
+    d --prompts $P/\$f.jsonl --out $out/chat/\${n}_greedy.jsonl --engine $E --batch-size $B; done
   for seed in 31 32 33 34 35 36 37 38; do for f in $(echo $chat); do n=\$(basename \$f)
-    d --prompts $P/\$f.jsonl --out $out/chat/\${n}_s\$seed.jsonl --engine eager --batch-size $B \
+    d --prompts $P/\$f.jsonl --out $out/chat/\${n}_s\$seed.jsonl --engine $E --batch-size $B \
       --temperature 0.7 --top-p 0.95 --seed \$seed; done; done" &
-stream gsm8k_greedy 1 "d --prompts $P/gsm8k/train.jsonl --out $out/gsm8k_greedy/train.jsonl --engine eager \
+stream gsm8k_greedy 1 "d --prompts $P/gsm8k/train.jsonl --out $out/gsm8k_greedy/train.jsonl --engine $E \
   --batch-size $B" &
-books 2 1 "--engine eager --batch-size $B" &
-books 3 1 "--engine eager --batch-size $B" &
+books 2 1 "--engine $E --batch-size $B" &
+books 3 1 "--engine $E --batch-size $B" &
 stream self_instruct 2 "set -e
   python3 scripts/self_instruct_prompts.py meta $P/self_instruct/seed_tasks.jsonl --n ${N_META:-24000} --seed 7 --out $w/meta.jsonl
   python3 -m recyclegpt.cli distill --prompts $w/meta.jsonl --out $w/made.jsonl --no-chat --temperature 0.9 \
-    --top-p 0.95 --max-new-tokens 48 --batch-size $((2 * B)) --seed 7 --engine eager --force
+    --top-p 0.95 --max-new-tokens 48 --batch-size $((2 * B)) --seed 7 --engine $E --force
   python3 scripts/self_instruct_prompts.py extract $w/made.jsonl --seeds $P/self_instruct/seed_tasks.jsonl \
     --out $w/new_instructions.jsonl
-  d --prompts $w/new_instructions.jsonl --out $out/self_instruct/self_instruct.jsonl --engine eager --batch-size $B" &
-stream gsm8k_sampled 2 "d --prompts $P/gsm8k/train.jsonl --out $out/gsm8k_sampled/train_t07.jsonl --engine eager \
+  d --prompts $w/new_instructions.jsonl --out $out/self_instruct/self_instruct.jsonl --engine $E --batch-size $B" &
+stream gsm8k_sampled 2 "d --prompts $P/gsm8k/train.jsonl --out $out/gsm8k_sampled/train_t07.jsonl --engine $E \
   --batch-size $B --temperature 0.7 --top-p 0.95 --seed 41" &
-books 4 2 "--engine eager --batch-size $B" &
-books 5 2 "--engine eager --batch-size $B" &
+books 4 2 "--engine $E --batch-size $B" &
+books 5 2 "--engine $E --batch-size $B" &
 ( if [ -n "${PROFILES:-}" ]; then CUDA_VISIBLE_DEVICES=3 bash -c "$PROFILES" > "$out/../profiles.txt" 2>&1; fi
-  books 6 3 "--engine eager --batch-size $B" & books 7 3 "--engine eager --batch-size $B" & wait ) &
+  books 6 3 "--engine $E --batch-size $B" & books 7 3 "--engine $E --batch-size $B" & wait ) &
 wait
 python3 scripts/keep_whole_records.py "$out" > /dev/null
 python3 - "$out" "$deadline" <<'EOF'

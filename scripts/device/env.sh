@@ -25,5 +25,6 @@ done
 D=.data/device
 I4="--prompts $D/alpaca_eval_instructions.jsonl"
 I5="--prompts $D/alpaca_eval_instructions.jsonl --prompts $D/WizardLM_testset.jsonl --prompts $D/gsm8k.jsonl --prompts $D/code_alpaca.jsonl"
-BENCH="python3 -m recyclegpt.cli bench --limit 20 --max-new-tokens 256 --engine compiled --compile-steps --kv-bucket 512 --no-alpha --json"
+# MODULE: another module for the benches (a checkpoint folder or a shipped name), else the shipped default
+BENCH="python3 -m recyclegpt.cli bench --limit 20 --max-new-tokens 256 --engine compiled --compile-steps --kv-bucket 512 --no-alpha --json${MODULE:+ --recycle $MODULE}"
 PROFILE="python3 scripts/gpu_step_profile.py --preset smollm2-135m --recycle-layers 2 --draft-vocab 16384 --compile --compile-steps --parts standard,recycle"
