@@ -80,7 +80,8 @@ def test_other_shipped_modules_load_by_name(tok, builtin, capsys):
     (builtin / "unrelated").mkdir()
     (builtin / "unrelated" / "recycle.json").write_text("{}")  # not this model's name
     assert list(registry.shipped_modules(NAME)) == [NAME, NAME + "-1layer"]
-    assert registry.shipped_module_named(NAME + "-1layer") == other and registry.shipped_module_named("unrelated") is None
+    assert registry.shipped_module_named(NAME + "-1layer") == other
+    assert registry.shipped_module_named("unrelated") is None
     lm = RecycleGPT.from_pretrained(NAME, recycle=NAME + "-1layer", device="cpu")
     assert lm.module_source == str(other) and lm.model is not None
     with pytest.raises(FileNotFoundError, match="a shipped module .tiny-builtin, tiny-builtin-1layer."):

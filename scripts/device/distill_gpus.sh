@@ -45,7 +45,8 @@ stream gsm8k_greedy 1 "d --prompts $P/gsm8k/train.jsonl --out $out/gsm8k_greedy/
 books 2 1 "--engine $E --batch-size $B" &
 books 3 1 "--engine $E --batch-size $B" &
 stream self_instruct 2 "set -e
-  python3 scripts/self_instruct_prompts.py meta $P/self_instruct/seed_tasks.jsonl --n ${N_META:-24000} --seed 7 --out $w/meta.jsonl
+  python3 scripts/self_instruct_prompts.py meta $P/self_instruct/seed_tasks.jsonl --n ${N_META:-24000} --seed 7 \
+    --out $w/meta.jsonl
   python3 -m recyclegpt.cli distill --prompts $w/meta.jsonl --out $w/made.jsonl --no-chat --temperature 0.9 \
     --top-p 0.95 --max-new-tokens 48 --batch-size $((2 * B)) --seed 7 --engine $E --force
   python3 scripts/self_instruct_prompts.py extract $w/made.jsonl --seeds $P/self_instruct/seed_tasks.jsonl \

@@ -15,7 +15,8 @@ cat .gguf3/part_a? > /tmp/smollm2.gguf
 echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  /tmp/smollm2.gguf" | sha256sum -c -
 rm -f .gguf4/part_* && split -n 4 /tmp/smollm2.gguf .gguf4/part_ && rm /tmp/smollm2.gguf
 tar cf - -C "$DATA/corpora" gutenberg | xz -9 > .data/distill/gutenberg.tar.xz
-(cd "$DATA" && tar cf - prompts/arena_hard/arena-hard-v0.1_question.jsonl prompts/arena_hard/arena-hard-v2.0_question.jsonl \
+(cd "$DATA" && tar cf - prompts/arena_hard/arena-hard-v0.1_question.jsonl \
+  prompts/arena_hard/arena-hard-v2.0_question.jsonl \
   prompts/self_instruct/seed_tasks.jsonl prompts/self_instruct/user_oriented_instructions.jsonl \
   prompts/open_assistant/prompt_lottery_en_250_text.jsonl prompts/open_assistant/en_100_text.jsonl \
   prompts/gsm8k/train.jsonl prompts/wizardlm/WizardLM_testset.jsonl \

@@ -23,8 +23,9 @@ it eagerly from the graph's logits (a few kernels), with the same `sampling.samp
 
 The host learns the tokens every `check_every` steps (one sync), when it also checks stop tokens and budgets;
 the steps already launched past a stop are wasted work, never wrong output. With LOOKAHEAD the fixed steps keep the
-next check's steps launched while the host reads the last check's tokens (asynchronously, through pinned memory). On the CPU the same steps run eagerly
-(graphs=False): the test oracle of the captured path, and of batched against per-prompt decoding.
+next check's steps launched while the host reads the last check's tokens (asynchronously, through pinned memory).
+On the CPU the same steps run eagerly (graphs=False): the test oracle of the captured path, and of batched against
+per-prompt decoding.
 """
 
 from __future__ import annotations
@@ -570,7 +571,6 @@ class Decoder:
         if not plan.fixed:
             stats.accept_hist = self.hist[:plan.max_tokens].tolist()
         return DecodeResult(out.tokens, stats, out.finished)
-
 
     def _decode_ahead(self, plan: "Plan", out: Collector, read: int, pos: int, check_every: int,
                       run: Callable[[int, int], None]) -> None:
