@@ -12,7 +12,8 @@ import pytest
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
 
-@pytest.mark.parametrize("path", sorted(SCRIPTS.glob("*.sh")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted(SCRIPTS.glob("*.sh")) + sorted(SCRIPTS.glob("device/*.sh")),
+                         ids=lambda p: str(p.relative_to(SCRIPTS)))
 def test_shell_scripts_parse(path):
     subprocess.run(["bash", "-n", str(path)], check=True)
 
@@ -79,3 +80,26 @@ def test_gpu_step_profile_runs_every_part():
     assert parts[:5] == ["full, 1 token", "full, 2 tokens", "module, 2 slots", "standard step", "recycle step"]
     assert any(p.startswith("tree round") for p in parts) and report["recycle_step_bound"] > 0
     assert all(p["replay_ms"] > 0 and p["kernels"] > 0 for p in report["parts"])  # CPU: operators, not kernels
+
+
+def test_truncate_module_keeps_the_first_layers(tmp_path):
+    import safetensors.torch
+    import torch
+
+    from recyclegpt.checkpoint import load_module, save_checkpoint
+    from recyclegpt.config import PRESETS, RecycleConfig
+    from recyclegpt.model import RecycleModel
+
+    torch.manual_seed(0)
+    model = RecycleModel.build(PRESETS["tiny"], RecycleConfig(n_layer=3)).eval()
+    src = save_checkpoint(tmp_path / "l3", model, base_ref="tiny-base")
+    run = [sys.executable, str(SCRIPTS / "truncate_module.py"), str(src), str(tmp_path / "l1")]
+    subprocess.run(run + ["--layers", "1"], check=True, capture_output=True)
+    cut = load_module(tmp_path / "l1", model.base)
+    assert cut.cfg.n_layer == 1 and len(cut.layers) == 1
+    want = {k: v for k, v in safetensors.torch.load_file(str(src / "module.safetensors")).items()
+            if not k.startswith(("layers.1.", "layers.2."))}
+    got = safetensors.torch.load_file(str(tmp_path / "l1" / "module.safetensors"))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    bad = subprocess.run(run + ["--layers", "3"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "between 1 and 2" in bad.stderr
