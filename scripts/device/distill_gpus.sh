@@ -3,6 +3,7 @@
 # `recyclegpt distill` streams side by side, as scripts/make_smollm2_module.sh's rounds made it on one GPU (the same
 # permissive prompt sets, every Gutenberg passage as a chat prompt, instructions the model writes itself).
 #   GPU 0: two streams through the CUDA-graph engine (batch 128): its throughput against the eager streams';
+#   every book stream samples more answers to its passages once it has answered them all;
 #   GPU 1: the chat sets (greedy, then sampled with new seeds), GSM8K greedy, two book streams (eager, batch 256);
 #   GPU 2: self-written instructions and their answers, GSM8K sampled, two book streams;
 #   GPU 3: PROFILES (a command, if set) first, then two book streams.
@@ -32,7 +33,11 @@ stream() {  # stream NAME GPU COMMAND: COMMAND on that GPU until the deadline
 }
 chat="arena_hard/arena-hard-v0.1_question arena_hard/arena-hard-v2.0_question self_instruct/seed_tasks
       self_instruct/user_oriented_instructions open_assistant/prompt_lottery_en_250_text open_assistant/en_100_text"
-books() { stream "books_$1" "$2" "d --prompts $w/books_part_$1 --out $out/books_$1/books_$1.jsonl $3"; }
+# a book stream answers its passages greedily, then (if time is left: six of eight ran out of passages in the
+# nineteenth session) samples new answers to them, a seed at a time
+books() { stream "books_$1" "$2" "d --prompts $w/books_part_$1 --out $out/books_$1/books_$1.jsonl $3
+  for seed in 51 52 53 54 55 56 57 58; do d --prompts $w/books_part_$1 --out $out/books_$1/books_$1_s\$seed.jsonl $3 \
+    --temperature 0.7 --top-p 0.95 --seed \$seed; done"; }
 books 0 0 "--engine graphs --batch-size $BG" &
 books 1 0 "--engine graphs --batch-size $BG" &
 stream chat 1 "for f in $(echo $chat); do n=\$(basename \$f)
