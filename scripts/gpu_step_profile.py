@@ -138,6 +138,8 @@ FUSED_SWITCHES = {
                      "cores, rows padded to 16"),
     "fused-module-input": ("model", "FUSED_MODULE_INPUT", "the module's input product as two fused products with the "
                            "norms folded in"),
+    "module-input-table": ("model", "MODULE_INPUT_TABLE", "the token half of the module's input product from a "
+                           "per-token table; the state half in one fused product with the table's rows added"),
     "l2-persist": ("engine", "L2_PERSIST", "the module's weights and draft head in one window kept in a persisting "
                    "part of L2 (graphs only)"),
     "swiglu-epilogue": ("triton_linear", "SWIGLU_EPILOGUE", "SwiGLU in the gate-up kernel's epilogue; the down "

@@ -338,10 +338,12 @@ def check_model_integration() -> None:
 
 
 def check_module_input() -> None:
-    """Run under TRITON_INTERPRET=1: the module's input product as two fused products (RecyclableModule.fused_input)
-    is fc(concat(norm_h(s), norm_e(e))) to 1e-5, with and without the input norms, at 1, 2 and 4 rows."""
+    """Run under TRITON_INTERPRET=1: the module's input product as two fused products (RecyclableModule.fused_input),
+    and as one with table rows for the token half (table_input, MODULE_INPUT_TABLE), is fc(concat(norm_h(s),
+    norm_e(e))) to 1e-5, with and without the input norms, at 1, 2 and 4 rows."""
     import dataclasses
 
+    import recyclegpt.model as model_mod
     from recyclegpt.config import PRESETS, RecycleConfig
     from recyclegpt.model import RecyclableModule
 
@@ -358,6 +360,15 @@ def check_module_input() -> None:
                 want = module.fc(torch.cat((module.norm_h(s), module.norm_e(e)), dim=-1))
                 err = (module.fused_input(s, e) - want).abs().max().item()
                 print(f"module input, norms {input_norm}, T={T}: max |d| {err:.2e}")
+                assert err < 1e-5, (input_norm, T, err)
+                # MODULE_INPUT_TABLE's form: the state's half fused, the token half's rows added as the residual
+                saved, model_mod.use_fused_linear = model_mod.use_fused_linear, lambda x, block: True
+                try:
+                    table_rows = module.token_part(e).to(e.dtype)
+                    err = (module.table_input(s, table_rows) - want).abs().max().item()
+                finally:
+                    model_mod.use_fused_linear = saved
+                print(f"module input from table rows, norms {input_norm}, T={T}: max |d| {err:.2e}")
                 assert err < 1e-5, (input_norm, T, err)
 
 

@@ -238,6 +238,7 @@ def recycle(model: RecycleModel, prompts: Sequence[Sequence[int]], *, max_new_to
     draft = model.recycles_over_draft
     if draft:
         model.refresh_draft_head()
+    model.refresh_input_table()
     device = base.tok_emb.weight.device
     batch = PromptBatch.build(prompts, vocab_size=base.cfg.vocab_size, device=device)
     max_len = check_budget(base, batch, max_new_tokens, extra_slots=1)

@@ -347,6 +347,7 @@ class Decoder:
         if self.rmodel is None:
             return
         self.rmodel.refresh_draft_head()  # before any graph reads it
+        self.rmodel.refresh_input_table()  # likewise (MODULE_INPUT_TABLE)
         self.rec_draft = self.rmodel.recycles_over_draft
         if L2_PERSIST and self.graphs_enabled:
             self.l2_window = l2_persist.pin_module(self.rmodel)

@@ -487,6 +487,15 @@ def use_fused_linear(x: torch.Tensor, block: "Block") -> bool:
 # fifteenth session's window, where the recycle step spent 4.4 us in that cuBLAS product. Measured in the sixteenth
 # (H100, `gpu_step_profile.py --fused-module-input`): standard 0.455 -> 0.457 ms, recycle 0.612 -> 0.613: off
 FUSED_MODULE_INPUT = False
+# decoding takes the token half of the module's input from a table: fc(concat(norm_h(s), norm_e(e))) is
+# W_h norm_h(s) + W_e norm_e(e), and the second term depends on the token id alone, so `refresh_input_table` computes
+# it for every id once (V x d, in float32, rounded once: 57 MB for SmolLM2 in bf16) and a step gathers its rows.
+# The module's input product then reads half the weight (K = d, not 2d) in one few-row kernel with the gathered rows
+# as its residual, where a recycle step ran an inductor kernel for the norms and cuBLAS's product (4.3 us on an H200,
+# nineteenth session). The two halves are rounded apart, so the module's bits move slightly (recycle's tokens may
+# differ; the lossless strategies stay exact). Training never uses it (the table is dropped in train mode). Off until
+# timed on a GPU (`gpu_step_profile.py --module-input-table`)
+MODULE_INPUT_TABLE = False
 
 
 # a fused decode call's cache write and attention as one Triton kernel, its ranges merged in the same kernel
@@ -691,13 +700,33 @@ class RecyclableModule(nn.Module):
         parts = taps.split(self.base_cfg.d_model, dim=-1)
         return hidden + self.tap_fc(torch.cat([norm(t) for norm, t in zip(self.tap_norms, parts)], dim=-1))
 
-    def forward(self, state: torch.Tensor, tok_emb: torch.Tensor, *, input_pos: torch.Tensor | None = None,
+    def token_part(self, tok_emb: torch.Tensor) -> torch.Tensor:
+        """W_e norm_e(e) for embeddings e (..., d), in float32: the token half of the input product
+        (`MODULE_INPUT_TABLE`'s table rows, rounded to the module's dtype by the caller)."""
+        d = self.base_cfg.d_model
+        return F.linear(self.norm_e(tok_emb).float(), self.fc.weight[:, d:].float())
+
+    def table_input(self, state: torch.Tensor, tok_part: torch.Tensor) -> torch.Tensor:
+        """W_h norm_h(s) + tok_part: the input product over the state's half of fc's weight, the token half given
+        (rows of `RecycleModel.input_table`); one few-row kernel with its norm and the residual folded in where the
+        fused path runs."""
+        w = self.fc.weight[:, :self.base_cfg.d_model]
+        if use_fused_linear(state, self.layers[0]):
+            norm = self.norm_h
+            folded = {"norm_weight": norm.weight, "eps": norm.eps} if isinstance(norm, RMSNorm) else {}
+            return triton_linear.linear(state, w, residual=tok_part, **folded)
+        return F.linear(self.norm_h(state), w) + tok_part
+
+    def forward(self, state: torch.Tensor, tok_emb: torch.Tensor | None, *, input_pos: torch.Tensor | None = None,
                 cache: KVCache | None = None, pad: torch.Tensor | None = None,
                 kv_end: int | None = None, tree: Tree | None = None, outputs: int | None = None,
-                tables: Tables | None = None) -> torch.Tensor:
+                tables: Tables | None = None, tok_part: torch.Tensor | None = None) -> torch.Tensor:
         """outputs: the output at the last `outputs` positions only (B, outputs, d), every position's keys and values
-        still cached (`run_blocks`' keep); None: all. tables: as `Transformer.forward`'s."""
-        if FUSED_MODULE_INPUT and tree is None and use_fused_linear(state, self.layers[0]):
+        still cached (`run_blocks`' keep); None: all. tables: as `Transformer.forward`'s. tok_part: the token half
+        of the input product, given (`table_input`; then tok_emb is not read)."""
+        if tok_part is not None:
+            x = self.table_input(state, tok_part)
+        elif FUSED_MODULE_INPUT and tree is None and use_fused_linear(state, self.layers[0]):
             x = self.fused_input(state, tok_emb)
         else:
             x = self.fc(torch.cat((self.norm_h(state), self.norm_e(tok_emb)), dim=-1))
@@ -722,6 +751,37 @@ class RecycleModel(nn.Module):
         self.recycle_vocab = "full"  # `recycle`'s own tokens: over the full head, or its draft vocabulary ("draft")
         self.register_buffer("draft_weight", None, persistent=False)  # its LM head rows: refresh_draft_head
         self._draft_key: tuple | None = None  # what draft_weight was copied from
+        self.register_buffer("input_table", None, persistent=False)  # MODULE_INPUT_TABLE: refresh_input_table
+        self._table_key: tuple | None = None
+
+    def train(self, mode: bool = True) -> "RecycleModel":
+        if mode:  # the weights may change from here on: decoding makes the table again (refresh_input_table)
+            self.input_table, self._table_key = None, None
+        return super().train(mode)
+
+    def refresh_input_table(self) -> None:
+        """With MODULE_INPUT_TABLE (and the module in eval mode), make `input_table`: the token half of the module's
+        input product for every token id (`RecyclableModule.token_part`), in the module's dtype. Decoding calls this
+        before its first step; it is redone only when the embedding or the module's weights changed, in place when
+        the shape holds, so that captured CUDA graphs stay valid. Without the switch the table is dropped."""
+        if not MODULE_INPUT_TABLE or self.module.training:
+            self.input_table, self._table_key = None, None
+            return
+        emb, fc = self.base.tok_emb.weight, self.module.fc.weight
+        norm_e = getattr(self.module.norm_e, "weight", None)
+        key = (emb.data_ptr(), emb._version, fc.data_ptr(), fc._version, fc.dtype,
+               None if norm_e is None else (norm_e.data_ptr(), norm_e._version))
+        if self.input_table is not None and key == self._table_key:
+            return
+        with torch.no_grad():
+            table = torch.cat([self.module.token_part(emb[i:i + 8192]) for i in range(0, emb.shape[0], 8192)])
+        table = table.to(fc.dtype)
+        self._table_key = key
+        if self.input_table is not None and self.input_table.shape == table.shape \
+                and self.input_table.device == table.device and self.input_table.dtype == table.dtype:
+            self.input_table.copy_(table)
+        else:
+            self.input_table = table
 
     @classmethod
     def build(cls, cfg: ModelConfig, rcfg: RecycleConfig) -> "RecycleModel":
@@ -862,7 +922,11 @@ class RecycleModel(nn.Module):
         """
         if outputs is not None and num_logits is not None and num_logits > outputs:
             raise ValueError(f"num_logits={num_logits} needs at least as many outputs, got outputs={outputs}")
-        out = self.module(state, self.base.tok_emb(next_tokens), input_pos=input_pos, cache=cache, pad=pad,
-                          kv_end=kv_end, tree=tree, outputs=outputs, tables=tables)
+        if self.input_table is not None and not torch.is_grad_enabled():  # MODULE_INPUT_TABLE, decoding
+            out = self.module(state, None, tok_part=self.input_table[next_tokens], input_pos=input_pos, cache=cache,
+                              pad=pad, kv_end=kv_end, tree=tree, outputs=outputs, tables=tables)
+        else:
+            out = self.module(state, self.base.tok_emb(next_tokens), input_pos=input_pos, cache=cache, pad=pad,
+                              kv_end=kv_end, tree=tree, outputs=outputs, tables=tables)
         last = out if num_logits is None else out[:, out.shape[1] - num_logits:]
         return ModelOutput(self.draft_logits(last) if draft else self.base.head(last), out)
