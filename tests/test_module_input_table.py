@@ -85,3 +85,17 @@ def test_lossless_strategies_stay_exact_with_the_table(table_on):
     assert tree(model, prompts, max_new_tokens=30).tokens == want
     for strategy in ("speculative", "tree", "recycle-verified"):
         assert Engine(model, bucket=16).decode(strategy, prompts, max_new_tokens=30).tokens == want
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.cuda
+@pytest.mark.parametrize("strategy", ["recycle", "speculative"])
+def test_cuda_graphs_with_the_table(table_on, strategy):
+    """Captured graphs read the table made before capture; the fused path gives the eager reference's tokens."""
+    model = build(5, 2).cuda() if strategy == "recycle" else predictable(1, 0.05).cuda()
+    prompts = [[1, 2, 3, 4], [5, 6, 7]]
+    ref = recycle(model, prompts, max_new_tokens=40).tokens if strategy == "recycle" else \
+        standard(model.base, prompts, max_new_tokens=40).tokens
+    graphs = Engine(model, graphs=True, bucket=16)
+    first = graphs.decode(strategy, prompts, max_new_tokens=40).tokens
+    assert first == graphs.decode(strategy, prompts, max_new_tokens=40).tokens == ref
