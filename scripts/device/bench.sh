@@ -8,7 +8,7 @@ B4=${BENCH/ --no-alpha/}
 # WARM=1: a short run first, so that the compiles (the prompt's dynamic one takes minutes on a cold inductor cache)
 # are cached on disk before the timed runs start, on a fresh machine
 [ -n "${WARM:-}" ] && timeout 420 $BENCH $I4 --limit 1 --strategies standard,recycle \
-  > $OUT/warm.txt 2>&1
+  > /tmp/warm.txt 2>&1  # not in $OUT: a call brings back at most 8 files
 timeout 330 $B4 $I4 --strategies hf_eager,standard,recycle --chart $OUT/issue4.png > $OUT/issue4.txt 2>&1
 grep -v "^bench:" $OUT/issue4.txt | grep -v "^{" | tail -8
 timeout 200 $B4 $I4 --strategies standard,recycle --recycle-vocab draft --chart $OUT/issue4_draft.png \
