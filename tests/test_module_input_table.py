@@ -10,11 +10,10 @@ import pytest
 import torch
 
 from recyclegpt import model as model_module
-from recyclegpt.config import PRESETS, RecycleConfig
 from recyclegpt.decoding import recycle, standard
 from recyclegpt.engine import Engine
-from recyclegpt.model import RecycleModel
 from recyclegpt.speculative import speculative, tree
+from test_engine import build
 from test_speculative import predictable
 
 
@@ -23,13 +22,8 @@ def table_on(monkeypatch):
     monkeypatch.setattr(model_module, "MODULE_INPUT_TABLE", True)
 
 
-def build(seed: int = 0, n_layer: int = 1) -> RecycleModel:
-    torch.manual_seed(seed)
-    return RecycleModel.build(PRESETS["tiny"], RecycleConfig(n_layer=n_layer)).eval()
-
-
 def test_table_rows_give_the_module_the_same_input(table_on):
-    model = build()
+    model = build(0)
     model.refresh_input_table()
     V, d = model.base.cfg.vocab_size, model.base.cfg.d_model
     assert model.input_table.shape == (V, d) and model.input_table.dtype == torch.float32
@@ -45,7 +39,7 @@ def test_table_rows_give_the_module_the_same_input(table_on):
 
 
 def test_switch_off_training_and_changed_weights(monkeypatch, table_on):
-    model = build()
+    model = build(0)
     model.refresh_input_table()
     assert model.input_table is not None
     model.train()

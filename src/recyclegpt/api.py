@@ -142,8 +142,8 @@ class RecycleGPT:
             module = RecyclableModule(base.cfg, random_module).to(device=device, dtype=dtype).eval()
             source = "random"
         elif recycle not in NO_MODULE:
-            if not Path(recycle).exists() and shipped_module_named(str(recycle)) is not None:
-                recycle = shipped_module_named(str(recycle))  # a shipped module's name
+            if not Path(recycle).exists():  # a shipped module's name, else the path that is missing
+                recycle = shipped_module_named(str(recycle)) or recycle
             if not Path(recycle).exists():
                 names = list(shipped_modules(str(model)))
                 raise FileNotFoundError(f"recyclable module checkpoint {recycle!r} does not exist (give a directory "

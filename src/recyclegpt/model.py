@@ -648,6 +648,19 @@ class Transformer(nn.Module):
         return ModelOutput(logits, hidden, tapped)
 
 
+def _folded(norm: nn.Module) -> dict:
+    """An input norm as `triton_linear.linear` folds it in (nothing for an identity)."""
+    return {"norm_weight": norm.weight, "eps": norm.eps} if isinstance(norm, RMSNorm) else {}
+
+
+def _in_place(old: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
+    """`new` written into `old` where their shape, device and dtype agree (captured CUDA graphs keep reading `old`),
+    else `new` itself."""
+    if old is not None and old.shape == new.shape and old.device == new.device and old.dtype == new.dtype:
+        return old.copy_(new)
+    return new
+
+
 class RecyclableModule(nn.Module):
     """At position t: concat(s_t, emb(x_{t+1})) (B, T, 2d) -> Linear -> decoder blocks -> (B, T, d).
 
@@ -683,12 +696,8 @@ class RecyclableModule(nn.Module):
         its norm folded in, the second adding the first as its residual (`FUSED_MODULE_INPUT`)."""
         d = self.base_cfg.d_model
         w = self.fc.weight
-
-        def norm_of(m: nn.Module) -> dict:
-            return {"norm_weight": m.weight, "eps": m.eps} if isinstance(m, RMSNorm) else {}
-
-        y = triton_linear.linear(state, w[:, :d], **norm_of(self.norm_h))
-        return triton_linear.linear(tok_emb, w[:, d:], residual=y, **norm_of(self.norm_e))
+        y = triton_linear.linear(state, w[:, :d], **_folded(self.norm_h))
+        return triton_linear.linear(tok_emb, w[:, d:], residual=y, **_folded(self.norm_e))
 
     def new_cache(self, batch: int, max_len: int, *, device=None, dtype=None) -> KVCache:
         p = self.fc.weight
@@ -712,9 +721,7 @@ class RecyclableModule(nn.Module):
         fused path runs."""
         w = self.fc.weight[:, :self.base_cfg.d_model]
         if use_fused_linear(state, self.layers[0]):
-            norm = self.norm_h
-            folded = {"norm_weight": norm.weight, "eps": norm.eps} if isinstance(norm, RMSNorm) else {}
-            return triton_linear.linear(state, w, residual=tok_part, **folded)
+            return triton_linear.linear(state, w, residual=tok_part, **_folded(self.norm_h))
         return F.linear(self.norm_h(state), w) + tok_part
 
     def forward(self, state: torch.Tensor, tok_emb: torch.Tensor | None, *, input_pos: torch.Tensor | None = None,
@@ -773,15 +780,11 @@ class RecycleModel(nn.Module):
                None if norm_e is None else (norm_e.data_ptr(), norm_e._version))
         if self.input_table is not None and key == self._table_key:
             return
-        with torch.no_grad():
-            table = torch.cat([self.module.token_part(emb[i:i + 8192]) for i in range(0, emb.shape[0], 8192)])
-        table = table.to(fc.dtype)
+        with torch.no_grad():  # in chunks of ids, each rounded to the dtype as it is made
+            table = torch.cat([self.module.token_part(emb[i:i + 8192]).to(fc.dtype)
+                               for i in range(0, emb.shape[0], 8192)])
         self._table_key = key
-        if self.input_table is not None and self.input_table.shape == table.shape \
-                and self.input_table.device == table.device and self.input_table.dtype == table.dtype:
-            self.input_table.copy_(table)
-        else:
-            self.input_table = table
+        self.input_table = _in_place(self.input_table, table)
 
     @classmethod
     def build(cls, cfg: ModelConfig, rcfg: RecycleConfig) -> "RecycleModel":
@@ -801,11 +804,7 @@ class RecycleModel(nn.Module):
             return  # still a copy of the current rows: nothing to redo
         rows = head.detach().index_select(0, ids.to(head.device))
         self._draft_key = key
-        w = self.draft_weight
-        if w is not None and w.shape == rows.shape and w.device == rows.device and w.dtype == rows.dtype:
-            w.copy_(rows)
-        else:
-            self.draft_weight = rows
+        self.draft_weight = _in_place(self.draft_weight, rows)
 
     def draft_logits(self, out: torch.Tensor) -> torch.Tensor:
         """The module's logits (..., V) for drafting from its output `out`: over the draft vocabulary when
@@ -923,10 +922,10 @@ class RecycleModel(nn.Module):
         if outputs is not None and num_logits is not None and num_logits > outputs:
             raise ValueError(f"num_logits={num_logits} needs at least as many outputs, got outputs={outputs}")
         if self.input_table is not None and not torch.is_grad_enabled():  # MODULE_INPUT_TABLE, decoding
-            out = self.module(state, None, tok_part=self.input_table[next_tokens], input_pos=input_pos, cache=cache,
-                              pad=pad, kv_end=kv_end, tree=tree, outputs=outputs, tables=tables)
+            tok_emb, tok_part = None, self.input_table[next_tokens]
         else:
-            out = self.module(state, self.base.tok_emb(next_tokens), input_pos=input_pos, cache=cache, pad=pad,
-                              kv_end=kv_end, tree=tree, outputs=outputs, tables=tables)
+            tok_emb, tok_part = self.base.tok_emb(next_tokens), None
+        out = self.module(state, tok_emb, tok_part=tok_part, input_pos=input_pos, cache=cache, pad=pad,
+                          kv_end=kv_end, tree=tree, outputs=outputs, tables=tables)
         last = out if num_logits is None else out[:, out.shape[1] - num_logits:]
         return ModelOutput(self.draft_logits(last) if draft else self.base.head(last), out)
