@@ -83,7 +83,8 @@ COMPILE_PREFILL = True
 # of both, so the ratio should not move. At a stop token up to a check's steps more run than without it (wasted work,
 # never output); the launched tokens never pass the budget. Timed in the twentieth session (H100, one-layer module,
 # 20 prompts x 256 tokens, one run each way): standard 2,156.1 -> 2,193.2 tok/s (+1.7%), recycle 3,467.9 -> 3,509.3
-# (+1.2%), the ratio 1.608x -> 1.600x. Within the lease's run-to-run spread (standard 2,134-2,179 over five runs, two prompt sets), so off
+# (+1.2%), the ratio 1.608x -> 1.600x. Within the lease's run-to-run spread (standard 2,134-2,179 over five runs on
+# two prompt sets), so off
 LOOKAHEAD = False
 
 
