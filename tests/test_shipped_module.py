@@ -2,7 +2,7 @@
 their agreement α with the full model.
 
 α on four fixed prompts (the demo's first four, 64 greedy tokens, CPU fp32) was measured at 0.617 for the first
-shipped module, 0.648 for the second and 0.633 for the third (2026-11-26), and at ALPHA_L1 for the one-layer variant
+shipped module, 0.648 for the second and 0.633 for the third (2026-11-26), and at 0.586 for the one-layer variant
 (2026-11-27) (an untrained module gives ~0.0, the first small-data module ~0.48 on held-out prompts); the floor of
 0.5 fails if a file is swapped for a weaker or broken module or if loading mangles it (dtype, layout).
 """
