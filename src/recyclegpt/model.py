@@ -592,9 +592,14 @@ def fuse_projections(module: nn.Module) -> nn.Module:
 
     The separate weights become views into the fused matrices, so no memory is added and in-place weight updates
     (load_state_dict, copy_) stay visible to both. The fused path runs only without autograd (inference); after
-    `.to()` or `.half()` the views and the fused copies part, so call this again. Idempotent. Returns the module.
+    `.to()` or `.half()` the views and the fused copies part, so call this again. Idempotent: where the weights are
+    still views into their fused matrix, that matrix stays as it is. Captured CUDA graphs read it at its address, so
+    a second engine on the same model must not replace it (the first engine's graphs would read freed memory).
+    Returns the module.
     """
-    def fuse(linears: list[nn.Linear]) -> torch.Tensor:
+    def fuse(linears: list[nn.Linear], fused: torch.Tensor | None) -> torch.Tensor:
+        if fused is not None and _views_into(fused, [m.weight for m in linears]):
+            return fused
         fused = torch.cat([m.weight.detach() for m in linears])
         start = 0
         for m in linears:
@@ -605,10 +610,25 @@ def fuse_projections(module: nn.Module) -> nn.Module:
 
     for m in module.modules():
         if isinstance(m, Attention):
-            m.wqkv = fuse([m.wq, m.wk, m.wv])
+            m.wqkv = fuse([m.wq, m.wk, m.wv], m.wqkv)
         elif isinstance(m, MLP):
-            m.w13 = fuse([m.w1, m.w3])
+            m.w13 = fuse([m.w1, m.w3], m.w13)
     return module
+
+
+def _views_into(fused: torch.Tensor, weights: list[torch.Tensor]) -> bool:
+    """Whether `weights` are, in order, the consecutive row blocks of `fused` (as `fuse_projections` made them)."""
+    if fused.dim() != 2 or not fused.is_contiguous():
+        return False
+    row, start = fused.stride(0) * fused.element_size(), 0
+    for w in weights:
+        if (w.device != fused.device or w.dtype != fused.dtype or w.dim() != 2 or w.shape[1] != fused.shape[1]
+                or w.stride() != fused.stride()
+                or w.untyped_storage().data_ptr() != fused.untyped_storage().data_ptr()
+                or w.data_ptr() != fused.data_ptr() + start * row):
+            return False
+        start += w.shape[0]
+    return start == fused.shape[0]
 
 
 class Transformer(nn.Module):

@@ -1,0 +1,319 @@
+"""Differential testing: the engines against the eager reference loops, on sequences of requests like real traffic.
+
+A server, a chat session or an evaluation run sends one process prompts of every length, one after another, in
+batches whose size and lengths change from call to call, with stops hit early and late. Engines keep state across
+calls (captured graphs, static caches, compiled functions, Decoders of several cache lengths on one model), so a
+bug can hide from every test that decodes one batch in a fresh process and show only after a long prompt. This
+module drives each engine and the reference with the same randomised sequence of requests, interleaved in one
+process (request by request, engine by engine, strategy by strategy), and compares tokens.
+
+Two ways to compare (`Check`):
+- exact (fp32): every engine's tokens equal the reference's for every request: greedy `standard` and the lossless
+  strategies equal the reference's `standard`, `recycle` the reference's `recycle`; sampled requests equal the same
+  strategy's reference loop under the same seed (the engine draws from the same generator in the same order).
+- near-ties (bf16, where fused kernels sum in another order than the eager operators): greedy lossless strategies
+  equal the same engine's `standard`; a difference is reported with its position and the base model's top-2 logit
+  margin there, so that a near-tie (a margin of a few bf16 ulps) can be told from a wrong token. `standard` equals the
+  reference on its first `prefix` tokens; a sampled request repeated on one engine gives the same tokens.
+
+`tests/test_differential.py` runs a short sequence on the CPU (and a CUDA variant); `scripts/differential.py` runs
+the long version on a GPU.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .decoding import DecodeResult, recycle, standard
+from .engine import KV_BUCKET, PREFILL_BUCKET, STRATEGIES, Engine, Plan
+from .model import RecycleModel
+from .sampling import SamplingParams
+from .speculative import DEFAULT_DRAFT_LEN, TreeShape, recycle_verified, speculative, tree
+
+ENGINE_KINDS = ("static", "graphs", "compiled")
+LOSSLESS = ("recycle-verified", "speculative", "tree")
+
+
+@dataclass(frozen=True)
+class Request:
+    """One call: a batch of prompts (token ids), a budget, how to sample, and where a stop token falls ("" none,
+    "early" or "late": a token the reference emits near the start or the end of row 0's output becomes a stop)."""
+
+    prompts: tuple[tuple[int, ...], ...]
+    max_new_tokens: int
+    sampling: SamplingParams = SamplingParams()
+    stop: str = ""
+
+    def describe(self) -> str:
+        lengths = ",".join(str(len(p)) for p in self.prompts)
+        how = "greedy" if self.sampling.greedy else f"T={self.sampling.temperature} seed={self.sampling.seed}"
+        return f"prompts [{lengths}] new {self.max_new_tokens} {how}" + (f" stop {self.stop}" if self.stop else "")
+
+
+def boundary_lengths(limit: int, buckets: Sequence[int]) -> list[int]:
+    """Prompt or budget lengths at and beside every multiple of each bucket, from 1 to `limit`."""
+    out = {1, 2, 3, limit}
+    for b in buckets:
+        if b <= 0:
+            continue
+        for k in range(b, limit + 2, b):
+            out.update((k - 1, k, k + 1))
+    return sorted(n for n in out if 1 <= n <= limit)
+
+
+def make_requests(seed: int, n: int, *, vocab_size: int, context_length: int, max_new_tokens: int,
+                  span: int, max_batch: int = 4, buckets: Sequence[int] = (PREFILL_BUCKET, KV_BUCKET),
+                  sampled: float = 0.25, stops: float = 0.3, corpus: Sequence[int] | None = None,
+                  max_prompt: int | None = None) -> list[Request]:
+    """A random sequence of n requests: prompt lengths from 1 token to near the context (`max_prompt`, default the
+    context less the budget and the widest strategy's `span`), at and beside every bucket boundary and at random, in
+    random order but starting long -> short -> long; budgets from 1 to `max_new_tokens`, crossing the buckets too;
+    batches of 1 to `max_batch` prompts of mixed lengths; a share `sampled` of seeded sampling and `stops` of stop
+    tokens. Prompts are random token ids, or slices of `corpus` (a token stream) when given."""
+    rng = random.Random(seed)
+    top = context_length - max_new_tokens - span if max_prompt is None else max_prompt
+    if top < 1:
+        raise ValueError(f"context {context_length} leaves no room for a prompt beside {max_new_tokens} new tokens")
+    lengths = boundary_lengths(top, buckets)
+    budgets = boundary_lengths(max_new_tokens, buckets)
+
+    def prompt(length: int) -> tuple[int, ...]:
+        if corpus is not None and len(corpus) > length:
+            start = rng.randrange(len(corpus) - length)
+            return tuple(corpus[start:start + length])
+        return tuple(rng.randrange(vocab_size) for _ in range(length))
+
+    requests = []
+    for i in range(n):
+        if i < 3:  # long -> short -> long first: the sequence that broke captured graphs shared across Decoders
+            first = (top, rng.randint(1, 16), top - rng.randint(0, max(1, top // 8)))[i]
+        else:
+            first = rng.choice(lengths) if rng.random() < 0.6 else rng.randint(1, top)
+        first = max(1, min(first, top))
+        size = 1 if i < 3 else rng.randint(1, max_batch)
+        rows = [first] + [rng.randint(1, top) if rng.random() < 0.5 else rng.randint(1, max(1, first))
+                          for _ in range(size - 1)]
+        rng.shuffle(rows)
+        new = rng.choice(budgets) if rng.random() < 0.5 else rng.randint(1, max_new_tokens)
+        new = min(new, context_length - span - max(rows))
+        sampling = (SamplingParams(temperature=rng.choice((0.7, 1.0)), top_k=rng.choice((None, 20)),
+                                   seed=rng.randrange(1 << 16)) if rng.random() < sampled else SamplingParams())
+        stop = rng.choice(("early", "late")) if rng.random() < stops and new >= 4 else ""
+        requests.append(Request(tuple(prompt(L) for L in rows), new, sampling, stop))
+    return requests
+
+
+@dataclass
+class Options:
+    """The strategies' shapes: the chain's draft length and the tree, as every engine and reference runs them."""
+
+    draft_len: int = DEFAULT_DRAFT_LEN
+    tree: TreeShape = TreeShape()
+
+    def span(self, strategies: Sequence[str]) -> int:
+        return max(Plan.make(s, self.draft_len, self.tree).span for s in strategies)
+
+
+def reference(model: RecycleModel, strategy: str, req: Request, opts: Options, stop_ids=()) -> DecodeResult:
+    """The eager reference loop of `strategy` (decoding.py, speculative.py) on one request."""
+    kw = dict(max_new_tokens=req.max_new_tokens, sampling=req.sampling, stop_ids=stop_ids)
+    prompts = [list(p) for p in req.prompts]
+    with torch.inference_mode():
+        if strategy == "standard":
+            return standard(model.base, prompts, **kw)
+        if strategy == "recycle":
+            return recycle(model, prompts, **kw)
+        if strategy == "recycle-verified":
+            return recycle_verified(model, prompts, **kw)
+        if strategy == "speculative":
+            return speculative(model, prompts, draft_len=opts.draft_len, **kw)
+        if strategy == "tree":
+            return tree(model, prompts, shape=opts.tree, **kw)
+    raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+
+
+def truncate(tokens: list[list[int]], max_new_tokens: int, stop_ids: set[int]) -> tuple[list[list[int]], list[bool]]:
+    """What a run with `stop_ids` emits, given the run without them: each row up to its first stop token (not
+    included, as `decoding.Collector` emits), and whether the row stopped. Stops end a row's output and change no
+    token before them, so this is exact."""
+    out, finished = [], []
+    for row in tokens:
+        cut = next((i for i, t in enumerate(row[:max_new_tokens]) if t in stop_ids), None)
+        out.append(row[:max_new_tokens] if cut is None else row[:cut])
+        finished.append(cut is not None)
+    return out, finished
+
+
+def stop_token(tokens: list[list[int]], where: str) -> int | None:
+    """A token of row 0's output near its start ("early") or its end ("late")."""
+    row = tokens[0]
+    if not row:
+        return None
+    return row[min(len(row) - 1, max(0, len(row) // 6))] if where == "early" else row[max(0, len(row) - 2)]
+
+
+def first_difference(a: list[int], b: list[int]) -> int | None:
+    n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+    if n is None and len(a) != len(b):
+        return min(len(a), len(b))
+    return n
+
+
+def top2_margin(model: RecycleModel, ids: list[int]) -> float:
+    """The base model's top-1 minus top-2 logit after `ids` (no cache, the model's dtype): how near a tie the
+    greedy choice there is."""
+    with torch.inference_mode():
+        x = torch.tensor([ids], device=model.base.tok_emb.weight.device)
+        logits = model.base(x, num_logits=1).logits[0, -1].float()
+    top = logits.topk(2).values
+    return float(top[0] - top[1])
+
+
+@dataclass
+class Mismatch:
+    request: int
+    row: int
+    index: int  # first differing output token
+    margin: float | None  # the base's top-2 margin there (greedy), or None
+    description: str
+
+
+@dataclass
+class Tally:
+    """One (engine, strategy) pair's outcome over a sequence."""
+
+    requests: int = 0
+    identical: int = 0
+    tokens: int = 0
+    mismatches: list[Mismatch] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"requests": self.requests, "identical": self.identical, "tokens": self.tokens,
+                "mismatches": [vars(m) for m in self.mismatches[:20]]}
+
+
+@dataclass
+class Check:
+    """How tokens are compared: "exact" (fp32: every request equals the reference) or "near-ties" (bf16: see the
+    module's docstring; `prefix` tokens of `standard` against the reference)."""
+
+    mode: str = "exact"
+    prefix: int = 16
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("exact", "near-ties"):
+            raise ValueError(f"check mode must be 'exact' or 'near-ties', got {self.mode!r}")
+
+
+def make_engine(model: RecycleModel, kind: str, *, kv_bucket: int = KV_BUCKET,
+                prefill_bucket: int | None = None) -> Engine:
+    """An engine as `RecycleGPT.engine` builds it: "static" (eager steps), "graphs", or "compiled"."""
+    if kind not in ENGINE_KINDS:
+        raise ValueError(f"unknown engine {kind!r}; choose one of {', '.join(ENGINE_KINDS)}")
+    return Engine(model, graphs=kind != "static", compile=kind == "compiled", bucket=kv_bucket,
+                  prefill_bucket=prefill_bucket)
+
+
+def run_sequence(model: RecycleModel, engines: dict[str, Engine], requests: Sequence[Request], *,
+                 strategies: Sequence[str] = STRATEGIES, opts: Options = Options(), check: Check = Check(),
+                 progress: Callable | None = None) -> dict[tuple[str, str], Tally]:
+    """Run every request through the reference and through each engine with each strategy, in one process and in
+    order, and compare (`Check`). Returns a Tally per (engine, strategy)."""
+    tallies = {(e, s): Tally() for e in engines for s in strategies}
+    seq = enumerate(requests) if progress is None else progress(list(enumerate(requests)))
+    for i, req in seq:
+        refs: dict[str, DecodeResult] = {}
+
+        def ref(strategy: str) -> DecodeResult:
+            if strategy not in refs:
+                refs[strategy] = reference(model, strategy, req, opts)
+            return refs[strategy]
+
+        # the stop token comes from the reference's own output, so that it is hit (early or late)
+        stop = stop_token(ref("standard").tokens, req.stop) if req.stop else None
+        stop_ids = {stop} if stop is not None else set()
+        for kind, engine in engines.items():
+            own: dict[str, list[list[int]]] = {}
+            for strategy in strategies:
+                res = engine.decode(strategy, [list(p) for p in req.prompts], max_new_tokens=req.max_new_tokens,
+                                    sampling=req.sampling, stop_ids=tuple(stop_ids), draft_len=opts.draft_len,
+                                    tree=opts.tree)
+                own[strategy] = res.tokens
+                t = tallies[(kind, strategy)]
+                t.requests += 1
+                t.tokens += sum(len(r) for r in res.tokens)
+                want, finished = _expected(model, engine, strategy, req, opts, check, ref, own, stop_ids)
+                bad = _compare(model, req, i, res, want, finished, check, strategy)
+                if bad:
+                    t.mismatches.extend(bad)
+                else:
+                    t.identical += 1
+    return tallies
+
+
+def _expected(model, engine, strategy, req, opts, check, ref, own, stop_ids):
+    """The tokens a request must give (and whether each row stopped; None: not compared)."""
+    target = strategy
+    if req.sampling.greedy and strategy in LOSSLESS:
+        target = "standard"  # lossless: greedy tokens are standard decoding's
+    if check.mode == "exact":
+        want = ref(target).tokens
+    elif strategy == "standard" or (strategy == "recycle" and req.sampling.greedy):
+        want = [r[:check.prefix] for r in ref(target).tokens]  # the first tokens, against the reference
+    elif req.sampling.greedy:
+        want = own["standard"]  # the same engine's standard: the kernels sum alike
+    else:  # sampled, bf16: the same engine, the same seed, again
+        again = engine.decode(strategy, [list(p) for p in req.prompts], max_new_tokens=req.max_new_tokens,
+                              sampling=req.sampling, stop_ids=tuple(stop_ids), draft_len=opts.draft_len,
+                              tree=opts.tree)
+        return again.tokens, None
+    if check.mode == "near-ties" and strategy in ("standard", "recycle"):
+        if stop_ids:
+            want, _ = truncate(want, req.max_new_tokens, stop_ids)
+        return want, None
+    if want is own.get("standard") and strategy != "standard":
+        return want, None  # the same engine's own run already stopped where it stops
+    return truncate(want, req.max_new_tokens, stop_ids)
+
+
+def _compare(model, req, i, res, want, finished, check, strategy) -> list[Mismatch]:
+    bad = []
+    for row, (got, exp) in enumerate(zip(res.tokens, want)):
+        got_cmp = got[:len(exp)] if check.mode == "near-ties" and strategy in ("standard", "recycle") else got
+        n = first_difference(got_cmp, exp)
+        if n is None and finished is not None and res.finished[row] != finished[row]:
+            n = len(got)
+        if n is None:
+            continue
+        margin = None
+        if req.sampling.greedy and strategy != "recycle" and n < len(exp):
+            margin = top2_margin(model, list(req.prompts[row]) + exp[:n])
+        bad.append(Mismatch(i, row, n, margin, req.describe()))
+    return bad
+
+
+def summary_rows(tallies: dict[tuple[str, str], Tally]) -> list[dict]:
+    rows = []
+    for (kind, strategy), t in tallies.items():
+        margins = [m.margin for m in t.mismatches if m.margin is not None]
+        rows.append({"engine": kind, "strategy": strategy, "requests": t.requests, "identical": t.identical,
+                     "tokens": t.tokens, "mismatched_rows": len(t.mismatches),
+                     "first_difference": min((m.index for m in t.mismatches), default=None),
+                     "largest_margin": max(margins, default=None)})
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    head = f"{'engine':<9} {'strategy':<17} {'requests':>8} {'identical':>9} {'tokens':>8} {'diff rows':>9} " \
+           f"{'first diff':>10} {'max margin':>10}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        first = "-" if r["first_difference"] is None else str(r["first_difference"])
+        margin = "-" if r["largest_margin"] is None else f"{r['largest_margin']:.4f}"
+        lines.append(f"{r['engine']:<9} {r['strategy']:<17} {r['requests']:>8} {r['identical']:>9} "
+                     f"{r['tokens']:>8} {r['mismatched_rows']:>9} {first:>10} {margin:>10}")
+    return "\n".join(lines)
