@@ -222,3 +222,50 @@ def test_bad_input_exits_2_with_one_line(tiny_ckpt, capsys, argv, message):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_bench_checks_its_tokens_against_the_reference(tiny_ckpt, capsys, tmp_path):
+    """A bench run on an engine that is not the reference loop decodes a sample of its prompts again with the eager
+    loop and says so; prompts that carry a category are reported per category with α and the lossless share."""
+    _, _, ckpt = tiny_ckpt
+    f = tmp_path / "suite.jsonl"
+    f.write_text('{"category": "short", "prompt": "the quick"}\n{"category": "long", "prompt": "'
+                 + "a stitch in time saves nine. " * 6 + '"}\n{"category": "short", "prompt": "the lazy"}\n')
+    assert main(["bench", "--model", str(ckpt), "--prompts", str(f), "--max-new-tokens", "8", "--no-chat",
+                 "--engine", "static", "--check-prompts", "2", "--json",
+                 "--strategies", "standard,recycle,recycle-verified"]) == 0
+    out = capsys.readouterr().out
+    rep = json.loads(out.strip().splitlines()[-1])
+    assert rep["check"]["checked"] == 2 and rep["check"]["tokens"] == "all" and rep["check"]["strategy"] == "standard"
+    assert rep["check"]["prompts"] == [0, 1]  # the shortest and the longest
+    assert "checked 2/2: standard's tokens (all) equal the eager reference loop" in out
+    rec, ver = rep["results"][1], rep["results"][2]
+    assert set(rec["per_category"]) == {"short", "long"} and "alpha" in rec["per_category"]["long"]
+    assert ver["same_token_share"] == 1.0 and ver["per_category"]["short"]["same_token_share"] == 1.0
+
+
+def test_bench_refuses_a_run_whose_tokens_differ_from_the_reference(tiny_ckpt, capsys, monkeypatch):
+    from recyclegpt import engine as engine_module
+
+    _, _, ckpt = tiny_ckpt
+    real = engine_module.Engine.decode
+
+    def wrong(self, strategy, prompts, **kw):  # an engine that emits a wrong token on one prompt
+        res = real(self, strategy, prompts, **kw)
+        if len(prompts[0]) > 3 and res.tokens[0]:
+            res.tokens[0][-1] = (res.tokens[0][-1] + 1) % 300
+        return res
+
+    monkeypatch.setattr(engine_module.Engine, "decode", wrong)
+    rc = main(["bench", "--model", str(ckpt), "--max-new-tokens", "6", "--no-chat", "--engine", "static",
+               "--strategies", "standard", "--limit", "3"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "differ from the eager reference" in err and "no speed is reported" in err
+
+
+def test_check_sample_spans_the_lengths():
+    from recyclegpt.bench import check_sample, same_token_share
+
+    ids = [[1] * n for n in (5, 1, 9, 3, 7)]
+    assert check_sample(ids, 2) == [1, 2] and check_sample(ids, 3) == [0, 1, 2] and check_sample(ids, 9) == list(range(5))
+    assert same_token_share([[1, 2, 3], [4]], [[1, 2, 4], [4]]) == 3 / 4

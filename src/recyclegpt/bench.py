@@ -42,17 +42,25 @@ PROMPT_FIELDS = ("prompt", "instruction", "question", "Instruction")
 def read_prompts(path: str | Path, *, limit: int | None = None) -> list[str]:
     """Prompts from a JSONL file: each line an object with a "prompt" field (or, as the shared prompt sets have
     it, "instruction", "question" or "Instruction"), or a bare JSON string. Blank lines are skipped."""
+    return [p for _, p in read_prompt_records(path, limit=limit)]
+
+
+def read_prompt_records(path: str | Path, *, limit: int | None = None) -> list[tuple[str | None, str]]:
+    """(category, prompt) from a JSONL file as `read_prompts` reads it; the category is a record's "category"
+    string field (as `recyclegpt suite --out` writes), else None."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"prompts file {str(path)!r} does not exist")
     prompts = []
     for where, rec in iter_jsonl(path):
+        category = None
         if isinstance(rec, dict):
+            category = rec.get("category") if isinstance(rec.get("category"), str) else None
             rec = next((rec[k] for k in PROMPT_FIELDS if isinstance(rec.get(k), str)), None)
         if not isinstance(rec, str) or not rec.strip():
             raise ValueError(f"{where}: expected a JSON string or an object with a non-empty string field "
                              f"{' / '.join(PROMPT_FIELDS)}")
-        prompts.append(rec)
+        prompts.append((category, rec))
         if limit is not None and len(prompts) >= limit:
             break
     if not prompts:
@@ -229,12 +237,15 @@ def run_bench(lm: RecycleGPT, prompts: list[str] | list[list[int]], *,
               ignore_eos: bool = True, warmup: int = 1, batch_size: int = 1, engine: str = "auto",
               alpha: bool = True, log: Callable[[str], None] | None = None, draft_len: int = DEFAULT_DRAFT_LEN,
               min_draft_prob: float | None = None,
-              tree_shape: tuple[int, ...] | None = None, categories: Sequence[str] | None = None) -> dict:
+              tree_shape: tuple[int, ...] | None = None, categories: Sequence[str] | None = None,
+              check_prompts: int = 4) -> dict:
     """Run each strategy greedily on every prompt (texts, or token-id lists); return {"device", "model",
     "results", "speedup", "speedup_vs_hf_eager", ...}. HF strategies (`HF_STRATEGIES`) need batch_size 1.
     alpha: also measure the module's agreement α on these prompts (evaluation.evaluate_agreement).
     draft_len, tree_shape: the options of speculative and tree. categories: a label per prompt (batch size 1);
-    then every result also carries "per_category": {label: {tokens_per_s, median_tokens_per_s, speedup, tau}}."""
+    then every result also carries "per_category": {label: {tokens_per_s, median_tokens_per_s, speedup, tau,
+    alpha (recycle), same_token_share (lossless)}}. check_prompts: how many prompts (`check_sample`) are decoded
+    again by the eager reference loop and compared (`check_tokens`: a difference raises CheckFailed)."""
     from .evaluation import evaluate_agreement
 
     unknown = [s for s in strategies if s not in PROJECT_STRATEGIES and s not in HF_STRATEGIES]
@@ -282,13 +293,34 @@ def run_bench(lm: RecycleGPT, prompts: list[str] | list[list[int]], *,
         ref = runs["standard"].outputs
         for r in results:
             if r["strategy"] in VERIFIED:  # lossless: greedy, their tokens are standard's
-                r["same_as_standard"] = sum(a == b for a, b in zip(runs[r["strategy"]].outputs, ref))
+                outs = runs[r["strategy"]].outputs
+                r["same_as_standard"] = sum(a == b for a, b in zip(outs, ref))
+                r["same_token_share"] = same_token_share(outs, ref)
+                if categories is not None:
+                    for c, part in r["per_category"].items():
+                        idx = [i for i, x in enumerate(categories) if x == c]
+                        part["same_token_share"] = same_token_share([outs[i] for i in idx], [ref[i] for i in idx])
     if alpha and "recycle" in strategies and lm.model is not None and lm.module_source != "random":
         (log or (lambda line: None))("alpha")
         # the full model's greedy output is standard's, when it ran (no second decode); else decoded here
         conts = runs["standard"].outputs if "standard" in runs else None
-        a = evaluate_agreement(lm, ids, max_new_tokens=max_new_tokens, scoring="recycle", continuations=conts)
-        next(r for r in results if r["strategy"] == "recycle")["alpha"] = a["alpha"]
+        rec = next(r for r in results if r["strategy"] == "recycle")
+        groups = {None: list(range(len(ids)))} if categories is None else \
+            {c: [i for i, x in enumerate(categories) if x == c] for c in dict.fromkeys(categories)}
+        hits = n = 0
+        for c, idx in groups.items():
+            try:
+                a = evaluate_agreement(lm, [ids[i] for i in idx], max_new_tokens=max_new_tokens, scoring="recycle",
+                                       continuations=None if conts is None else [conts[i] for i in idx])
+            except ValueError:  # no position to compare (every answer under two tokens)
+                continue
+            hits, n = hits + a["alpha"] * a["n"], n + a["n"]
+            if c is not None:
+                rec["per_category"][c]["alpha"] = a["alpha"]
+        if n:
+            rec["alpha"] = hits / n
+    check = check_tokens(lm, ids, runs, strategies, max_new_tokens=max_new_tokens, ignore_eos=ignore_eos,
+                         engine=engine, batch_size=batch_size, sample=check_prompts, draft=draft, log=log)
 
     def ratios(ref: str) -> dict:
         base = next((r for r in results if r["strategy"] == ref), None)
@@ -318,7 +350,76 @@ def run_bench(lm: RecycleGPT, prompts: list[str] | list[list[int]], *,
         "results": results,
         "speedup": ratios("standard"),
         "speedup_vs_hf_eager": ratios("hf_eager"),
+        "check": check,
     }
+
+
+# bench checks a sample of its prompts against the eager reference loop; in 16-bit dtypes the fused kernels sum in
+# another order than the eager operators, so a near-tie late in a long answer may go the other way: the first
+# CHECK_PREFIX tokens must agree there, every token in float32
+CHECK_PREFIX = 32
+
+
+class CheckFailed(ValueError):
+    """A bench run whose checked tokens differ from the reference's: its speeds measure wrong output."""
+
+
+def check_sample(ids: Sequence[Sequence[int]], n: int) -> list[int]:
+    """n prompt indices spread over the prompts sorted by length: the shortest, the longest and evenly between."""
+    order = sorted(range(len(ids)), key=lambda i: (len(ids[i]), i))
+    n = min(n, len(order))
+    if n <= 1:
+        return order[-1:] if n else []
+    return sorted({order[round(k * (len(order) - 1) / (n - 1))] for k in range(n)})
+
+
+def same_token_share(outputs: Sequence[Sequence[int]], reference: Sequence[Sequence[int]]) -> float:
+    """The share of the reference's tokens that `outputs` reproduce before their first difference, per prompt."""
+    same = total = 0
+    for a, b in zip(outputs, reference):
+        n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        same, total = same + n, total + len(b)
+    return same / total if total else 1.0
+
+
+def check_tokens(lm: RecycleGPT, ids: list[list[int]], runs: dict[str, StrategyRun], strategies: Sequence[str], *,
+                 max_new_tokens: int, ignore_eos: bool, engine: str, batch_size: int, sample: int,
+                 draft: dict, log: Callable[[str], None] | None = None) -> dict | None:
+    """Decode `sample` of the prompts (`check_sample`) with the eager reference loop and compare with the run's
+    tokens of `standard` (else its first project strategy): every token in float32, the first CHECK_PREFIX in 16-bit
+    dtypes. Raises CheckFailed naming the prompts that differ; returns what was checked (None: no project strategy,
+    nothing of ours to check)."""
+    ours = [s for s in strategies if s in PROJECT_STRATEGIES]
+    if not ours:
+        return None
+    strategy = "standard" if "standard" in ours else ours[0]
+    exact = lm.base.tok_emb.weight.dtype == torch.float32
+    kind = lm.resolve_engine(engine)
+    picked = check_sample(ids, sample)
+    if kind == "eager":  # the run is the reference loop
+        return {"strategy": strategy, "checked": len(ids), "of": len(ids), "tokens": "all",
+                "against": "the eager reference loop (the run itself)"}
+    if sample < 1:
+        raise ValueError("the bench checks its tokens on at least one prompt (--check-prompts >= 1)")
+    (log or (lambda line: None))(f"check: {len(picked)} prompts against the eager reference")
+    outputs = runs[strategy].outputs
+    bad = []
+    for i in picked:
+        want = lm.generate([ids[i]], strategy=strategy, max_new_tokens=max_new_tokens, ignore_eos=ignore_eos,
+                           engine="eager", draft_len=draft["draft_len"], tree_shape=draft["tree_shape"],
+                           min_draft_prob=0.0).token_ids[0]
+        got = outputs[i]  # a batched run's outputs are in prompt order too
+        n = len(want) if exact else min(CHECK_PREFIX, len(want))
+        if got[:n] != want[:n]:
+            first = next((k for k, (x, y) in enumerate(zip(got, want)) if x != y), min(len(got), len(want)))
+            bad.append(f"prompt {i} ({len(ids[i])} tokens): first difference at new token {first}")
+    if bad:
+        raise CheckFailed(f"{strategy}'s tokens differ from the eager reference on {len(bad)} of {len(picked)} "
+                          f"checked prompts ({'; '.join(bad)}): the engine decodes wrong output, so no speed is "
+                          f"reported")
+    return {"strategy": strategy, "checked": len(picked), "of": len(picked),
+            "tokens": "all" if exact else f"first {CHECK_PREFIX}", "against": "the eager reference loop",
+            "prompts": picked}
 
 
 def _version(package: str) -> str | None:
@@ -379,8 +480,13 @@ def format_table(report: dict) -> str:
         lines.append(f"{r['strategy']:<17} {r['tokens_per_s']:>8.1f} {r['median_tokens_per_s']:>8.1f} "
                      f"{r['ttft_ms']:>8.1f} {r['step_ms']:>8.2f} {mem} {r['new_tokens']:>7} "
                      f"{r['tokens_per_full_call']:>8.2f} {tau} {alpha} {sp} {hf}  {r.get('engine', '')}")
-    same = [f"{r['strategy']} {r['same_as_standard']}/{report['prompts']}" for r in report["results"]
-            if r.get("same_as_standard") is not None]
+    check = report.get("check")
+    if check:
+        lines.append("")
+        lines.append(f"checked {check['checked']}/{check['of']}: {check['strategy']}'s tokens ({check['tokens']}) "
+                     f"equal {check['against']}")
+    same = [f"{r['strategy']} {r['same_as_standard']}/{report['prompts']} ({r['same_token_share']:.1%} of tokens)"
+            for r in report["results"] if r.get("same_as_standard") is not None]
     if same:
         lines.append("")
         lines.append("prompts whose tokens equal standard's: " + ", ".join(same))
@@ -393,11 +499,14 @@ def format_table(report: dict) -> str:
             lines.append(f"  {name:<17} " + "  ".join(f"{k}: {c / total:5.1%}" for k, c in enumerate(h)))
     cats = [r for r in report["results"] if r.get("per_category")]
     if cats:
-        lines += ["", f"per category: {'category':<20} {'strategy':<17} {'tok/s':>8} {'vs std':>7} {'tau':>5}"]
+        lines += ["", f"per category: {'category':<20} {'strategy':<17} {'tok/s':>8} {'vs std':>7} {'tau':>5} "
+                      f"{'alpha':>6} {'same':>6}"]
         for c in cats[0]["per_category"]:
             for r in cats:
                 part = r["per_category"][c]
                 tau = f"{part['tau']:>5.2f}" if part.get("tau") is not None else f"{'-':>5}"
+                alpha = f"{part['alpha']:>6.3f}" if part.get("alpha") is not None else f"{'-':>6}"
+                same = f"{part['same_token_share']:>6.1%}" if part.get("same_token_share") is not None else f"{'-':>6}"
                 lines.append(f"{'':<14}{c:<20} {r['strategy']:<17} {part['tokens_per_s']:>8.1f} "
-                             f"{ratio(part.get('speedup'))} {tau}")
+                             f"{ratio(part.get('speedup'))} {tau} {alpha} {same}")
     return "\n".join(lines)

@@ -3,6 +3,7 @@
     recyclegpt demo                   a few chat prompts with `standard` and `recycle`: texts, speed-up, α
     recyclegpt generate PROMPT        decode with `standard` or `recycle`
     recyclegpt bench                  standard vs recycle on the same prompts, table + JSON line
+    recyclegpt suite [NAME]           the named prompt suites; one of them written as JSONL (--out)
     recyclegpt train                  joint training from scratch on text files
     recyclegpt retrofit               train a recyclable module on a frozen base
     recyclegpt distill                the base model's responses to a prompt file, as JSONL (self-distillation data)
@@ -103,7 +104,7 @@ def _text_streamer(lm: RecycleGPT):
 def cmd_bench(args) -> None:
     """Run strategies greedily on the same prompts in one process, side by side; print a table (and JSON)."""
     from .bench import (BUILTIN_PROMPTS, HF_STRATEGIES, PROJECT_STRATEGIES, RANDOM_NOTE, format_table,
-                        random_model, random_prompts, read_prompts, run_bench)
+                        random_model, random_prompts, read_prompt_records, run_bench)
 
     strategies = tuple(s for s in args.strategies.split(",") if s)
     known = PROJECT_STRATEGIES + tuple(HF_STRATEGIES)
@@ -122,14 +123,26 @@ def cmd_bench(args) -> None:
                           dtype=parse_dtype(args.dtype) or default_dtype(device))
         prompts = random_prompts(args.limit or 20, lm.base.cfg.vocab_size)
     else:
-        if args.prompts:
-            per_file = [read_prompts(f, limit=args.limit) for f in args.prompts]
-            prompts = [p for ps in per_file for p in ps]
-            if len(args.prompts) > 1:  # each file is a category: tok/s, speed-up and tau also per file
+        if args.suite and args.prompts:
+            raise UsageError("give --suite or --prompts, not both")
+        if args.suite:
+            from .suites import load_suite
+
+            try:
+                records = load_suite(args.suite, args.data, per_category=args.limit)
+            except (ValueError, FileNotFoundError) as e:
+                raise UsageError(str(e)) from None
+            categories, prompts = [c for c, _ in records], [p for _, p in records]
+        elif args.prompts:
+            per_file = [read_prompt_records(f, limit=args.limit) for f in args.prompts]
+            prompts = [p for recs in per_file for _, p in recs]
+            if all(c is not None for recs in per_file for c, _ in recs):  # the records name their categories
+                categories = [c for recs in per_file for c, _ in recs]
+            elif len(args.prompts) > 1:  # each file is a category: tok/s, speed-up and tau also per file
                 stems = [Path(f).stem for f in args.prompts]
                 if len(set(stems)) < len(stems):
                     raise UsageError(f"--prompts files need distinct names to label their categories: {stems}")
-                categories = [stem for stem, ps in zip(stems, per_file) for _ in ps]
+                categories = [stem for stem, recs in zip(stems, per_file) for _ in recs]
         else:
             prompts = BUILTIN_PROMPTS[: args.limit]
         lm = load_model(args)
@@ -145,6 +158,7 @@ def cmd_bench(args) -> None:
                            engine=args.engine, alpha=not args.no_alpha, draft_len=draft["draft_len"],
                            min_draft_prob=draft["min_draft_prob"],
                            tree_shape=tuple(draft["tree_shape"]), categories=categories,
+                           check_prompts=args.check_prompts,
                            log=lambda line: print(f"bench: {line}", file=sys.stderr, flush=True))
     except ValueError as e:
         raise UsageError(str(e)) from None
@@ -173,6 +187,32 @@ def cmd_bench(args) -> None:
 
 
 # -- distill -----------------------------------------------------------------------------------------------------
+
+
+def cmd_suite(args) -> None:
+    """List the named prompt suites, or write one as JSONL ({category, prompt} per line) for `bench --prompts`."""
+    from .suites import SUITES, load_suite
+
+    if args.name is None:
+        for name, what in SUITES.items():
+            print(f"{name:<20} {what}")
+        return
+    try:
+        records = load_suite(args.name, args.data, per_category=args.limit)
+    except (ValueError, FileNotFoundError) as e:
+        raise UsageError(str(e)) from None
+    lines = "".join(json.dumps({"category": c, "prompt": p}) + "\n" for c, p in records)
+    if args.out is None:
+        sys.stdout.write(lines)
+        return
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise UsageError(f"{out} exists; pass --force to overwrite it")
+    tmp = out.with_name(f".{out.name}.partial")
+    tmp.write_text(lines, encoding="utf-8")
+    os.replace(tmp, out)
+    cats = dict.fromkeys(c for c, _ in records)
+    print(f"{out}: {len(records)} prompts in {len(cats)} categories ({', '.join(cats)})")
 
 
 def cmd_distill(args) -> None:
@@ -383,7 +423,17 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--prompts", action="append", default=None,
                    help="JSONL with a 'prompt' field per line (default: built-in set); repeat for several files, "
                         "which are then also reported per file (category)")
-    b.add_argument("--limit", type=int, default=None, help="use the first N prompts (of each file)")
+    b.add_argument("--suite", default=None,
+                   help="a named prompt suite (`recyclegpt suite` lists them: short instructions, 13 mixed task kinds "
+                        "with long prompts among them, 1-4k-token contexts), built from the data folder --data; "
+                        "reported per category")
+    b.add_argument("--data", default=None,
+                   help="the data folder the suites are built from (default: $RECYCLEGPT_DATA, else ../shared/data)")
+    b.add_argument("--limit", type=int, default=None,
+                   help="use the first N prompts (of each file; with --suite, N per category)")
+    b.add_argument("--check-prompts", type=int, default=4,
+                   help="prompts (shortest, longest and between) decoded again by the eager reference loop and "
+                        "compared with the run's tokens; a difference stops the bench (default 4)")
     b.add_argument("--max-new-tokens", type=int, default=128)
     b.add_argument("--strategies", default="standard,recycle",
                    help="comma-separated, from standard, recycle, recycle-verified, speculative, tree, hf_eager, "
@@ -403,6 +453,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--stop-at-eos", action="store_true", help="stop at EOS (default: always max-new-tokens)")
     b.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
     b.add_argument("--json", action="store_true", help="print the results as one JSON line at the end")
+
+    su = add("suite", cmd_suite)
+    su.add_argument("name", nargs="?", default=None, help="the suite to write (none: list them)")
+    su.add_argument("--data", default=None,
+                    help="the data folder the suites are built from (default: $RECYCLEGPT_DATA, else ../shared/data)")
+    su.add_argument("--limit", type=int, default=None, help="prompts per category (default: the suite's)")
+    su.add_argument("--out", default=None, help="write the JSONL here (default: standard output)")
+    su.add_argument("--force", action="store_true", help="overwrite --out")
 
     d = add("distill", cmd_distill)
     add_model_args(d)

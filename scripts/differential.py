@@ -1,0 +1,104 @@
+"""The differential harness's long run (recyclegpt.differential): every engine against the eager reference on a
+randomised sequence of requests in one process, on a real model. Prints a table and a final JSON line.
+
+    python scripts/differential.py --device cuda --dtype float32 --engines static,graphs --requests 200
+    python scripts/differential.py --device cuda --dtype bfloat16 --engines graphs --check near-ties \
+        --recycle smollm2-135m-instruct-l1 --recycle-vocab draft
+
+Prompts are slices of a token stream: `--corpus FILE` (plain text, tokenized with the model's tokenizer), else
+random token ids. Lengths run from 1 token to near the context (`--max-prompt`), with every prefill and KV bucket
+boundary among them; see differential.make_requests for the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+
+import torch
+from tqdm import tqdm
+
+from recyclegpt import differential as dt
+from recyclegpt.api import RecycleGPT
+from recyclegpt.engine import KV_BUCKET, PREFILL_BUCKET, STRATEGIES
+from recyclegpt.registry import DEFAULT_MODEL
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=DEFAULT_MODEL)
+    ap.add_argument("--recycle", default="default", help="the module (default, a shipped name, or a path)")
+    ap.add_argument("--recycle-vocab", choices=("full", "draft"), default="full")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
+    ap.add_argument("--engines", default="static,graphs", help=f"comma-separated: {', '.join(dt.ENGINE_KINDS)}")
+    ap.add_argument("--strategies", default=",".join(STRATEGIES))
+    ap.add_argument("--check", choices=("exact", "near-ties"), default=None,
+                    help="exact (default for float32) or near-ties (default for bfloat16)")
+    ap.add_argument("--requests", type=int, default=200)
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--max-batch", type=int, default=4)
+    ap.add_argument("--max-prompt", type=int, default=None, help="longest prompt (default: near the context)")
+    ap.add_argument("--kv-bucket", type=int, default=KV_BUCKET)
+    ap.add_argument("--corpus", default=None, help="a text file whose tokens the prompts are cut from")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json-out", default=None, help="also write the report here")
+    args = ap.parse_args(argv)
+
+    strategies = [s for s in args.strategies.split(",") if s]
+    kinds = [k for k in args.engines.split(",") if k]
+    for k in kinds:
+        if k not in dt.ENGINE_KINDS:
+            ap.error(f"unknown engine {k!r}; choose from {', '.join(dt.ENGINE_KINDS)}")
+    for s in strategies:
+        if s not in STRATEGIES:
+            ap.error(f"unknown strategy {s!r}; choose from {', '.join(STRATEGIES)}")
+    if args.requests < 1 or args.max_new_tokens < 1:
+        ap.error("--requests and --max-new-tokens must be at least 1")
+    check = dt.Check(args.check or ("exact" if args.dtype == "float32" else "near-ties"))
+
+    lm = RecycleGPT.from_pretrained(args.model, recycle=args.recycle, device=args.device, dtype=DTYPES[args.dtype])
+    if lm.model is None:
+        ap.error("the harness needs a recyclable module (--recycle)")
+    model = lm.model
+    model.recycle_vocab = args.recycle_vocab
+    corpus = None
+    if args.corpus:
+        with open(args.corpus, encoding="utf-8") as f:
+            corpus = lm.tokenizer.encode(f.read())
+    opts = dt.Options()
+    reqs = dt.make_requests(args.seed, args.requests, vocab_size=model.base.cfg.vocab_size,
+                            context_length=model.base.cfg.context_length, max_new_tokens=args.max_new_tokens,
+                            span=opts.span(strategies), max_batch=args.max_batch,
+                            buckets=(PREFILL_BUCKET, args.kv_bucket), corpus=corpus, max_prompt=args.max_prompt)
+    engines = {k: dt.make_engine(model, k, kv_bucket=args.kv_bucket) for k in kinds}
+    t0 = time.perf_counter()
+    tallies = dt.run_sequence(model, engines, reqs, strategies=strategies, opts=opts, check=check,
+                              progress=lambda items: tqdm(items, desc="requests", file=sys.stderr))
+    seconds = time.perf_counter() - t0
+    rows = dt.summary_rows(tallies)
+    print(f"{args.model} + {lm.module_source} ({args.recycle_vocab} vocabulary), {args.dtype} on "
+          f"{torch.cuda.get_device_name() if args.device.startswith('cuda') else platform.processor() or 'CPU'}, "
+          f"{len(reqs)} requests, check {check.mode}, {seconds:.0f} s")
+    print(dt.format_table(rows))
+    report = {"model": args.model, "module": lm.module_source, "recycle_vocab": args.recycle_vocab,
+              "dtype": args.dtype, "device": args.device, "torch": torch.__version__, "check": check.mode,
+              "requests": len(reqs), "max_new_tokens": args.max_new_tokens, "seed": args.seed,
+              "prompt_lengths": sorted(len(p) for r in reqs for p in r.prompts),
+              "seconds": round(seconds, 1), "rows": rows,
+              "mismatches": {f"{k[0]}/{k[1]}": t.to_dict()["mismatches"] for k, t in tallies.items() if t.mismatches}}
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(report, f, indent=1)
+    print(json.dumps({k: v for k, v in report.items() if k != "prompt_lengths"}))
+    exact = check.mode == "exact"
+    return 1 if exact and any(r["identical"] != r["requests"] for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
