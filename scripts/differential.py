@@ -47,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kv-bucket", type=int, default=KV_BUCKET)
     ap.add_argument("--corpus", default=None, help="a text file whose tokens the prompts are cut from")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--deadline", type=float, default=None,
+                    help="start no request after this many seconds (the report covers the requests run)")
     ap.add_argument("--json-out", default=None, help="also write the report here")
     args = ap.parse_args(argv)
 
@@ -78,17 +80,19 @@ def main(argv: list[str] | None = None) -> int:
                             buckets=(PREFILL_BUCKET, args.kv_bucket), corpus=corpus, max_prompt=args.max_prompt)
     engines = {k: dt.make_engine(model, k, kv_bucket=args.kv_bucket) for k in kinds}
     t0 = time.perf_counter()
+    deadline = None if args.deadline is None else time.monotonic() + args.deadline
     tallies = dt.run_sequence(model, engines, reqs, strategies=strategies, opts=opts, check=check,
-                              progress=lambda items: tqdm(items, desc="requests", file=sys.stderr))
+                              progress=lambda items: tqdm(items, desc="requests", file=sys.stderr, mininterval=10),
+                              deadline=deadline)
     seconds = time.perf_counter() - t0
     rows = dt.summary_rows(tallies)
     print(f"{args.model} + {lm.module_source} ({args.recycle_vocab} vocabulary), {args.dtype} on "
           f"{torch.cuda.get_device_name() if args.device.startswith('cuda') else platform.processor() or 'CPU'}, "
-          f"{len(reqs)} requests, check {check.mode}, {seconds:.0f} s")
+          f"{max(r['requests'] for r in rows)} of {len(reqs)} requests run, check {check.mode}, {seconds:.0f} s")
     print(dt.format_table(rows))
     report = {"model": args.model, "module": lm.module_source, "recycle_vocab": args.recycle_vocab,
               "dtype": args.dtype, "device": args.device, "torch": torch.__version__, "check": check.mode,
-              "requests": len(reqs), "max_new_tokens": args.max_new_tokens, "seed": args.seed,
+              "requests": len(reqs), "requests_run": max(r["requests"] for r in rows), "max_new_tokens": args.max_new_tokens, "seed": args.seed,
               "prompt_lengths": sorted(len(p) for r in reqs for p in r.prompts),
               "seconds": round(seconds, 1), "rows": rows,
               "mismatches": {f"{k[0]}/{k[1]}": t.to_dict()["mismatches"] for k, t in tallies.items() if t.mismatches}}

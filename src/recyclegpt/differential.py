@@ -23,6 +23,7 @@ the long version on a GPU.
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -220,12 +221,15 @@ def make_engine(model: RecycleModel, kind: str, *, kv_bucket: int = KV_BUCKET,
 
 def run_sequence(model: RecycleModel, engines: dict[str, Engine], requests: Sequence[Request], *,
                  strategies: Sequence[str] = STRATEGIES, opts: Options = Options(), check: Check = Check(),
-                 progress: Callable | None = None) -> dict[tuple[str, str], Tally]:
+                 progress: Callable | None = None, deadline: float | None = None) -> dict[tuple[str, str], Tally]:
     """Run every request through the reference and through each engine with each strategy, in one process and in
-    order, and compare (`Check`). Returns a Tally per (engine, strategy)."""
+    order, and compare (`Check`). Returns a Tally per (engine, strategy). deadline: a time.monotonic() after which
+    no further request starts (the tallies then cover the requests run)."""
     tallies = {(e, s): Tally() for e in engines for s in strategies}
     seq = enumerate(requests) if progress is None else progress(list(enumerate(requests)))
     for i, req in seq:
+        if deadline is not None and time.monotonic() > deadline:
+            break
         refs: dict[str, DecodeResult] = {}
 
         def ref(strategy: str) -> DecodeResult:
