@@ -157,7 +157,9 @@ def cmd_bench(args) -> None:
                            chat=not args.no_chat, ignore_eos=not args.stop_at_eos, batch_size=args.batch_size,
                            engine=args.engine, alpha=not args.no_alpha, draft_len=draft["draft_len"],
                            min_draft_prob=draft["min_draft_prob"],
-                           tree_shape=tuple(draft["tree_shape"]), categories=categories,
+                           tree_shape=tuple(draft["tree_shape"]),
+                           # per category needs one prompt a call: a batch mixes categories
+                           categories=categories if args.batch_size == 1 else None,
                            check_prompts=args.check_prompts,
                            log=lambda line: print(f"bench: {line}", file=sys.stderr, flush=True))
     except ValueError as e:
