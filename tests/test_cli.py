@@ -267,5 +267,42 @@ def test_check_sample_spans_the_lengths():
     from recyclegpt.bench import check_sample, same_token_share
 
     ids = [[1] * n for n in (5, 1, 9, 3, 7)]
-    assert check_sample(ids, 2) == [1, 2] and check_sample(ids, 3) == [0, 1, 2] and check_sample(ids, 9) == list(range(5))
+    assert check_sample(ids, 2) == [1, 2] and check_sample(ids, 3) == [0, 1, 2]
+    assert check_sample(ids, 9) == list(range(5))
     assert same_token_share([[1, 2, 3], [4]], [[1, 2, 4], [4]]) == 3 / 4
+
+
+def test_the_check_passes_a_16_bit_near_tie_and_names_it_but_not_a_wrong_token(tiny_ckpt):
+    """In bf16 a difference from the eager reference passes only where the engine's token ties with the reference's
+    choice (within a few ulps), and the report lists it; a token the reference did not nearly choose stops the
+    bench."""
+    from recyclegpt.bench import CheckFailed, StrategyRun, check_tokens
+
+    _, _, ckpt = tiny_ckpt
+    lm = RecycleGPT.from_pretrained(str(ckpt), device="cpu", dtype=torch.bfloat16)
+    head = lm.base.lm_head.weight
+    with torch.no_grad():
+        head.mul_(20.0)  # sharp: distinct tokens are far apart
+    ids = [lm.encode("the quick")]
+    want = lm.generate(ids, max_new_tokens=6, ignore_eos=True, engine="eager").token_ids[0]
+    t = want[2]
+    u = (t + 1) % head.shape[0]
+    with torch.no_grad():
+        head[u] = head[t]  # u ties with t exactly wherever t is the choice
+    want = lm.generate(ids, max_new_tokens=6, ignore_eos=True, engine="eager").token_ids[0]
+    k = next(i for i, x in enumerate(want) if x in (t, u))
+    draft = {"draft_len": 3, "tree_shape": (5, 4, 24)}
+
+    def check(got):
+        run = StrategyRun("standard")
+        run.outputs = [got]
+        return check_tokens(lm, ids, {"standard": run}, ["standard"], max_new_tokens=6, ignore_eos=True,
+                            engine="static", batch_size=1, sample=1, draft=draft)
+
+    tied = want[:k] + [u if want[k] == t else t] + want[k + 1:]
+    rep = check(tied)
+    assert rep["near_ties"] and rep["near_ties"][0]["new_token"] == k and rep["near_ties"][0]["margin"] == 0.0
+    assert check(want)["near_ties"] == []
+    lowest = int(lm.base(torch.tensor([ids[0] + want[:1]])).logits[0, -1].float().argmin())
+    with pytest.raises(CheckFailed, match="below the top's"):
+        check(want[:1] + [lowest] + want[2:])
