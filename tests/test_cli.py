@@ -259,8 +259,11 @@ def test_bench_refuses_a_run_whose_tokens_differ_from_the_reference(tiny_ckpt, c
     monkeypatch.setattr(engine_module.Engine, "decode", wrong)
     rc = main(["bench", "--model", str(ckpt), "--max-new-tokens", "6", "--no-chat", "--engine", "static",
                "--strategies", "standard", "--limit", "3"])
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     assert rc == 2 and "differ from the eager reference" in err and "no speed is reported" in err
+    assert "tok/s" not in out  # no table
+    rc = main(["bench", "--model", str(ckpt), "--engine", "static", "--check-prompts", "0"])
+    assert rc == 2 and "--check-prompts must be >= 1" in capsys.readouterr().err
 
 
 def test_check_sample_spans_the_lengths():

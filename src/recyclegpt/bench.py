@@ -397,12 +397,12 @@ def check_tokens(lm: RecycleGPT, ids: list[list[int]], runs: dict[str, StrategyR
     strategy = "standard" if "standard" in ours else ours[0]
     exact = lm.base.tok_emb.weight.dtype == torch.float32
     kind = lm.resolve_engine(engine)
-    picked = check_sample(ids, sample)
     if kind == "eager":  # the run is the reference loop
         return {"strategy": strategy, "checked": len(ids), "of": len(ids), "tokens": "all",
                 "against": "the eager reference loop (the run itself)"}
     if sample < 1:
         raise ValueError("the bench checks its tokens on at least one prompt (--check-prompts >= 1)")
+    picked = check_sample(ids, sample)
     (log or (lambda line: None))(f"check: {len(picked)} prompts against the eager reference")
     outputs = runs[strategy].outputs
     bad, ties = [], []

@@ -113,6 +113,9 @@ def cmd_bench(args) -> None:
             raise UsageError(f"unknown strategy {s!r}; choose from {', '.join(known)}")
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.check_prompts < 1:
+        raise UsageError(f"--check-prompts must be >= 1 (bench reports no speed it has not checked), got "
+                         f"{args.check_prompts}")
     if args.threads:
         torch.set_num_threads(args.threads)
     categories = None
