@@ -51,8 +51,11 @@ def render_bench(rep: dict) -> list[str]:
                      f"{r['tokens_per_full_call']:.2f} | {same} | {r['ttft_ms']:.1f} |")
     check = rep.get("check")
     if check:
+        ties = check.get("near_ties") or []
         lines += ["", f"Checked {check['checked']}/{check['of']}: `{check['strategy']}`'s tokens ({check['tokens']}) "
-                      f"equal {check['against']}."]
+                      f"equal {check['against']}" + (", but for near-ties: " + "; ".join(
+                          f"prompt {t['prompt']} ({t['prompt_tokens']} tokens), new token {t['new_token']}, logit "
+                          f"margin {t['margin']:.4f}" for t in ties) if ties else "") + "."]
     cats = [r for r in rep["results"] if r.get("per_category")]
     if cats:
         names = [r["strategy"] for r in cats]

@@ -103,3 +103,21 @@ def test_truncate_module_keeps_the_first_layers(tmp_path):
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
     bad = subprocess.run(run + ["--layers", "3"], capture_output=True, text=True)
     assert bad.returncode != 0 and "between 1 and 2" in bad.stderr
+
+
+def test_benchmarks_md_is_what_its_records_render():
+    """BENCHMARKS.md is generated: every table comes from a record in benchmarks/records (date, commit, hardware,
+    command, report), and the file matches what scripts/render_benchmarks.py makes of them."""
+    assert subprocess.run([sys.executable, str(SCRIPTS / "render_benchmarks.py"), "--check"]).returncode == 0
+
+
+def test_render_benchmarks_names_a_record_without_its_command(tmp_path):
+    sys.path.insert(0, str(SCRIPTS))
+    try:
+        import render_benchmarks
+    finally:
+        sys.path.remove(str(SCRIPTS))
+    (tmp_path / "a.json").write_text(json.dumps({"title": "t", "date": "d", "commit": "c", "hardware": "h",
+                                                 "kind": "bench", "report": {}}))
+    with pytest.raises(ValueError, match="a.json: record lacks command"):
+        render_benchmarks.load(tmp_path)
