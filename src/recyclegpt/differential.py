@@ -78,7 +78,7 @@ def make_requests(seed: int, n: int, *, vocab_size: int, context_length: int, ma
     batches of 1 to `max_batch` prompts of mixed lengths; a share `sampled` of seeded sampling and `stops` of stop
     tokens. Prompts are random token ids, or slices of `corpus` (a token stream) when given."""
     rng = random.Random(seed)
-    top = context_length - max_new_tokens - span if max_prompt is None else max_prompt
+    top = context_length - max_new_tokens - span if max_prompt is None else min(max_prompt, context_length - span - 1)
     if top < 1:
         raise ValueError(f"context {context_length} leaves no room for a prompt beside {max_new_tokens} new tokens")
     lengths = boundary_lengths(top, buckets)
