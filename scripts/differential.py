@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
               "dtype": args.dtype, "device": args.device, "torch": torch.__version__, "check": check.mode,
               "requests": len(reqs), "requests_run": max(r["requests"] for r in rows),
               "max_new_tokens": args.max_new_tokens, "seed": args.seed,
-              "prompt_lengths": sorted(len(p) for r in reqs for p in r.prompts),
+              "prompt_lengths": sorted(len(p) for r in reqs[:max(r["requests"] for r in rows)] for p in r.prompts),
               "seconds": round(seconds, 1), "rows": rows,
               "mismatches": {f"{k[0]}/{k[1]}": t.to_dict()["mismatches"] for k, t in tallies.items() if t.mismatches}}
     if args.json_out:
