@@ -22,7 +22,7 @@ from collections import defaultdict
 
 import torch
 
-from recyclegpt import topk, triton_attention, triton_draft_head, triton_head, triton_linear
+from recyclegpt import topk, triton_attention, triton_draft_head, triton_linear
 from recyclegpt.api import RecycleGPT
 from recyclegpt.bench import random_model
 from recyclegpt.config import PRESETS, RecycleConfig
@@ -34,8 +34,7 @@ from recyclegpt.speculative import TreeShape
 
 # (an inductor kernel whose name mentions the attention op it feeds counts as attention too, as in earlier runs)
 KINDS = (("attention", ("fmha", "flash", "attention", "cudnn", "sdpa", "_attn_kernel", "_merge_kernel")),
-         ("matmul", ("gemm", "gemv", "cutlass", "nvjet", "sm90_", "cublas", "splitk", "mm_", "_head_top_kernel",
-                 "_head_argmax_kernel")),
+         ("matmul", ("gemm", "gemv", "cutlass", "nvjet", "sm90_", "cublas", "splitk", "mm_", "_head_top_kernel")),
          ("fused", ("triton",)),
          ("copy/index", ("copy", "index", "scatter", "gather", "cat", "fill")))
 
@@ -136,12 +135,6 @@ FUSED_SWITCHES = {
                "one padded tile"),
     "few-rows-dot": ("triton_linear", "FEW_ROWS_DOT", "few-row products with column blocks of 16+ (gate-up) on tensor "
                      "cores, rows padded to 16"),
-    "fused-module-input": ("model", "FUSED_MODULE_INPUT", "the module's input product as two fused products with the "
-                           "norms folded in"),
-    "module-input-table": ("model", "MODULE_INPUT_TABLE", "the token half of the module's input product from a "
-                           "per-token table; the state half in one fused product with the table's rows added"),
-    "l2-persist": ("engine", "L2_PERSIST", "the module's weights and draft head in one window kept in a persisting "
-                   "part of L2 (graphs only)"),
     "swiglu-epilogue": ("triton_linear", "SWIGLU_EPILOGUE", "SwiGLU in the gate-up kernel's epilogue; the down "
                         "product reads the activation; on by default"),
     "shared-slots": ("model", "SHARED_SLOTS", "compiled cached calls get their computed cache slots in the same one "
@@ -152,23 +145,12 @@ FUSED_SWITCHES = {
                          "the one position they read; on by default"),
     "step-tables": ("engine", "STEP_TABLES", "the greedy steps' slots, rotary tables and mask made once, apart, "
                     "for the base and the module; on by default"),
-    "head-argmax-kernel": ("model", "HEAD_ARGMAX_KERNEL", "recycle's greedy module token by one kernel: the norm, "
-                           "the LM head and the argmax (triton_head)"),
-    "head-reverse": ("triton_head", "REVERSE", "the head-argmax kernel reads the head's blocks back to front, after "
-                     "the base's head read them front to back"),
-    "draft-rows-gathered": ("model", "DRAFT_ROWS_GATHERED", "with the head-argmax kernel over the draft vocabulary: "
-                            "its rows read in place from the tied head, not from their copy"),
 }
 # launch settings of the fused kernels, as --x N (an A/B check; unnamed: the module's default)
 WARP_SETTINGS = {
     "cached-warps": ("triton_attention", "CACHED_WARPS", "warps of a cached_attention program"),
     "swiglu-warps": ("triton_linear", "SWIGLU_WARPS", "warps of the down product's programs with SwiGLU folded in, "
                      "i.e. with --no-swiglu-epilogue (0: as the others)"),
-    "head-block-v": ("triton_head", "BLOCK_V", "vocabulary rows a head-argmax program"),
-    "head-block-k": ("triton_head", "BLOCK_K", "the head-argmax kernel's K step"),
-    "head-warps": ("triton_head", "NUM_WARPS", "warps of a head-argmax program"),
-    "head-k-split": ("model", "HEAD_K_SPLIT", "recycle's module head over the full vocabulary as this many products "
-                     "over slices of the model dimension, the last first (1: one product)"),
 }
 
 
@@ -249,7 +231,7 @@ def run_profile(args) -> None:
     triton_draft_head.MERGE_KERNEL = not args.torch_draft_merge
     # the fused path's switches: the module defaults unless named (--no-... for the A/B)
     modules = {"model": recyclegpt.model, "triton_attention": triton_attention, "triton_linear": triton_linear,
-               "engine": recyclegpt.engine, "triton_head": triton_head}
+               "engine": recyclegpt.engine}
     for flag, (module, name, _) in {**FUSED_SWITCHES, **WARP_SETTINGS}.items():  # named ones set; then as it runs
         value = getattr(args, flag.replace("-", "_"))
         if value is not None:
@@ -284,7 +266,7 @@ def run_profile(args) -> None:
         dec.n.zero_()
 
     with torch.inference_mode():
-        dec.prepare()  # as Decoder.decode does: the draft head's rows, recycle's vocabulary, the L2 window
+        dec.prepare()  # as Decoder.decode does: the draft head's rows, recycle's vocabulary
         hidden = dec.prefill(batch, sampling, gen)
         dec.prefill_module("recycle", batch, hidden, sampling, gen)
         dec.x_new.copy_(dec.x_next[:, 0])

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from recyclegpt import differential as dt
-from recyclegpt.config import PRESETS, RecycleConfig
+from recyclegpt.config import RecycleConfig
 from recyclegpt.engine import STRATEGIES, Decoder, Engine
 from recyclegpt.model import RecycleModel, fuse_projections
 from recyclegpt.sampling import SamplingParams

@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from recyclegpt import engine as engine_module, topk
+from recyclegpt import topk
 from recyclegpt.config import PRESETS, ModelConfig, RecycleConfig
 from recyclegpt.decoding import recycle, standard
 from recyclegpt.engine import Decoder, Engine
@@ -67,29 +67,6 @@ def test_engine_equals_reference_with_sampling_and_stop_tokens(strategy):
                                           stop_ids=(5, 11), check_every=3)
     assert got.tokens == want.tokens and got.finished == want.finished
     assert any(got.finished) and not all(len(t) == 40 for t in got.tokens)  # the stops did happen
-
-
-@pytest.mark.parametrize("strategy", ["standard", "recycle"])
-@pytest.mark.parametrize("check_every", [1, 3, 8])
-def test_steps_launched_ahead_give_the_reference_tokens(monkeypatch, strategy, check_every):
-    """LOOKAHEAD: the next check's steps run before the last check's tokens are read; budgets, stops, batches and
-    sampling come out as without it, and no step runs past the budget (the step count is the same as without it
-    when nothing stops early)."""
-    model = build(4, n_layer=1 + check_every % 2)
-    prompts = random_prompts(3, 3, model.base.cfg.vocab_size)
-    runs = {}
-    for ahead in (False, True):
-        monkeypatch.setattr(engine_module, "LOOKAHEAD", ahead)
-        eng = Engine(model, bucket=8)
-        runs[ahead] = [eng.decode(strategy, prompts, max_new_tokens=n, check_every=check_every) for n in (1, 2, 23)]
-        sampling = SamplingParams(temperature=1.0, top_k=20, seed=5)
-        runs[ahead].append(eng.decode(strategy, prompts, max_new_tokens=31, sampling=sampling, stop_ids=(5, 11),
-                                      check_every=check_every))
-    for n, got, want in zip((1, 2, 23), runs[True], runs[False]):
-        assert got.tokens == want.tokens == reference(model, strategy, prompts, max_new_tokens=n).tokens
-        assert got.stats.full_calls == want.stats.full_calls  # no step past the budget
-    got, want = runs[True][-1], runs[False][-1]
-    assert got.tokens == want.tokens and got.finished == want.finished and any(got.finished)
 
 
 @pytest.mark.parametrize("strategy", ["standard", "recycle"])
@@ -239,22 +216,6 @@ def test_verified_rounds_near_the_end_of_the_cache():
         n = 48 - 5 - 11  # leaves exactly the span the largest round needs
         got = dec.decode(strategy, [[1, 2, 3, 4, 5]], max_new_tokens=n, check_every=64, **opts)
         assert got.tokens == ref(model, [[1, 2, 3, 4, 5]], max_new_tokens=n).tokens, strategy
-
-
-@CUDA
-@pytest.mark.cuda
-@pytest.mark.parametrize("strategy", ["standard", "recycle"])
-def test_cuda_graphs_with_steps_launched_ahead(monkeypatch, strategy):
-    """LOOKAHEAD on the GPU: tokens through pinned memory and events equal the synchronous reads', with stops."""
-    model = build(5, n_layer=2).cuda()
-    prompts = random_prompts(3, 4, model.base.cfg.vocab_size)
-    runs = []
-    for ahead in (False, True):
-        monkeypatch.setattr(engine_module, "LOOKAHEAD", ahead)
-        graphs = Engine(model, graphs=True, bucket=16)
-        runs.append([graphs.decode(strategy, prompts, max_new_tokens=50, check_every=k, stop_ids=stops).tokens
-                     for k in (1, 8) for stops in ((), (5, 11))])
-    assert runs[0] == runs[1]
 
 
 @CUDA
@@ -545,37 +506,3 @@ def test_call_tables_are_the_calls_own():
     assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
     with pytest.raises(ValueError, match="tables for \\(1,\\) slots given to a call on 2 tokens"):
         base(ids, cache=base.new_cache(2, 16), tables=call_tables(cfg, torch.tensor([3]), pad, 8, torch.float32))
-
-
-def test_head_in_k_slices_is_the_product():
-    """model.head_k_split: the head's product as slices of the model dimension, summed in float32, is the one product
-    to rounding (fp32), for slice counts that do and do not divide K."""
-    from recyclegpt.model import head_k_split
-
-    g = torch.Generator().manual_seed(0)
-    x, w = torch.randn(3, 2, 40, generator=g), torch.randn(97, 40, generator=g)
-    for parts in (1, 2, 3, 7):
-        got = head_k_split(x, w, parts)
-        assert got.dtype == torch.float32 and got.shape == (3, 2, 97)
-        torch.testing.assert_close(got, x @ w.T, rtol=1e-5, atol=1e-5)
-
-
-@CUDA
-@pytest.mark.cuda
-def test_cuda_recycle_with_the_head_in_k_slices(monkeypatch):
-    """model.HEAD_K_SPLIT: the greedy module token from the full head in K slices; the engine (graphs, and compiled
-    whole) gives the reference loop's tokens (fp32), and bf16 graphs the eager engine's."""
-    import recyclegpt.model as model_mod
-
-    monkeypatch.setattr(model_mod, "HEAD_K_SPLIT", 2)
-    model = build(3, n_layer=2).cuda()
-    prompts = random_prompts(3, 3, model.base.cfg.vocab_size)
-    want = reference(model, "recycle", prompts, max_new_tokens=40).tokens
-    for engine in (Engine(model, graphs=True, bucket=16),
-                   Engine(model, graphs=True, bucket=128, compile=True, compile_steps=True)):
-        assert engine.decode("recycle", prompts, max_new_tokens=40).tokens == want
-    model.to(torch.bfloat16)
-    bf = Engine(model, graphs=True, bucket=16).decode("recycle", prompts, max_new_tokens=40).tokens
-    static = Engine(model, graphs=False, bucket=16, fuse=True, prefill_bucket=64)
-    assert bf == static.decode("recycle", prompts, max_new_tokens=40).tokens
-

@@ -308,7 +308,6 @@ def check_model_integration() -> None:
         for fused, cached, wide in ((True, True, True), (True, True, False), (True, False, False),
                                     (False, False, False)):
             model_mod.FUSED_LINEAR, model_mod.CACHED_ATTENTION, model_mod.FUSED_WIDE = fused, cached, wide
-            model_mod.FUSED_MODULE_INPUT = fused and not wide  # the module's input product fused too, in one variant
             triton_linear.SWIGLU_EPILOGUE = fused and cached and not wide  # SwiGLU in gate-up's epilogue, or not
             del cached_calls[:], rows[:]
             with torch.no_grad():
@@ -330,46 +329,10 @@ def check_model_integration() -> None:
     finally:
         (model_mod.use_fused_linear, model_mod.use_decode_kernel, model_mod.FUSED_LINEAR,
          model_mod.CACHED_ATTENTION, model_mod.FUSED_WIDE, triton_attention.cached_attention) = saved
-        model_mod.FUSED_MODULE_INPUT = False
         triton_linear.SWIGLU_EPILOGUE = epilogue
     few, wide = seen[True, True, False], seen[True, True, True]  # few rows fused, wider calls kept on torch ...
     assert any(f for n, f, _ in few) and any(n > triton_linear.MAX_ROWS and not f for n, f, _ in few)
     assert any(n > triton_linear.MAX_ROWS and f for n, f, _ in wide)  # ... or fused too, with FUSED_WIDE
-
-
-def check_module_input() -> None:
-    """Run under TRITON_INTERPRET=1: the module's input product as two fused products (RecyclableModule.fused_input),
-    and as one with table rows for the token half (table_input, MODULE_INPUT_TABLE), is fc(concat(norm_h(s),
-    norm_e(e))) to 1e-5, with and without the input norms, at 1, 2 and 4 rows."""
-    import dataclasses
-
-    import recyclegpt.model as model_mod
-    from recyclegpt.config import PRESETS, RecycleConfig
-    from recyclegpt.model import RecyclableModule
-
-    cfg = dataclasses.replace(PRESETS["tiny"], d_model=64, n_head=4, n_kv_head=4)
-    for input_norm in (True, False):
-        torch.manual_seed(0)
-        module = RecyclableModule(cfg, RecycleConfig(n_layer=1, input_norm=input_norm)).eval()
-        with torch.no_grad():
-            for norm in (module.norm_h, module.norm_e):
-                if input_norm:
-                    norm.weight.add_(0.2 * torch.randn(norm.weight.shape))
-            for T in (1, 2, 4):
-                s, e = torch.randn(1, T, 64), torch.randn(1, T, 64)
-                want = module.fc(torch.cat((module.norm_h(s), module.norm_e(e)), dim=-1))
-                err = (module.fused_input(s, e) - want).abs().max().item()
-                print(f"module input, norms {input_norm}, T={T}: max |d| {err:.2e}")
-                assert err < 1e-5, (input_norm, T, err)
-                # MODULE_INPUT_TABLE's form: the state's half fused, the token half's rows added as the residual
-                saved, model_mod.use_fused_linear = model_mod.use_fused_linear, lambda x, block: True
-                try:
-                    table_rows = module.token_part(e).to(e.dtype)
-                    err = (module.table_input(s, table_rows) - want).abs().max().item()
-                finally:
-                    model_mod.use_fused_linear = saved
-                print(f"module input from table rows, norms {input_norm}, T={T}: max |d| {err:.2e}")
-                assert err < 1e-5, (input_norm, T, err)
 
 
 def check_compiled_steps_keep_the_cache_in_place() -> None:
@@ -677,7 +640,6 @@ if __name__ == "__main__":
     check_swiglu_epilogue()
     check_swiglu_epilogue(dtype=torch.bfloat16)
     check_model_integration()
-    check_module_input()
     check_compiled_steps_keep_the_cache_in_place()
     check_shared_tables()
     check_shared_slots()

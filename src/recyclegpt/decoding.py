@@ -238,7 +238,6 @@ def recycle(model: RecycleModel, prompts: Sequence[Sequence[int]], *, max_new_to
     draft = model.recycles_over_draft
     if draft:
         model.refresh_draft_head()
-    model.refresh_input_table()
     device = base.tok_emb.weight.device
     batch = PromptBatch.build(prompts, vocab_size=base.cfg.vocab_size, device=device)
     max_len = check_budget(base, batch, max_new_tokens, extra_slots=1)
@@ -275,13 +274,10 @@ def recycle(model: RecycleModel, prompts: Sequence[Sequence[int]], *, max_new_to
         stats.full_calls += 1
         if out.emit(x_next[:, None]):
             break
-        # 4: the module on the same two slots (greedy, where module_argmax takes a route of its own, its token as
-        # the engine takes it)
+        # 4: the module on the same two slots
         rec = model.recycle(model.state(full), torch.stack((x_rec, x_next), dim=1), input_pos=_slots(p, 2, device),
                             cache=module_cache, pad=batch.pad, kv_end=p + 2, num_logits=1, draft=draft, outputs=1)
-        x_rec = (model.module_argmax(rec.hidden[:, -1], module_cache)
-                 if sampling.greedy and model.own_module_argmax(rec.hidden)
-                 else sample(rec.logits[:, -1], sampling, gen))  # x̂_{p+3}
+        x_rec = sample(rec.logits[:, -1], sampling, gen)  # x̂_{p+3}
         stats.module_calls += 1
         p += 2
         if out.emit(x_rec[:, None]):

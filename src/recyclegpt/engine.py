@@ -22,9 +22,7 @@ slots are masked), one graph per padded length. Greedy steps select the token in
 it eagerly from the graph's logits (a few kernels), with the same `sampling.sample`.
 
 The host learns the tokens every `check_every` steps (one sync), when it also checks stop tokens and budgets;
-the steps already launched past a stop are wasted work, never wrong output. With LOOKAHEAD the fixed steps keep the
-next check's steps launched while the host reads the last check's tokens (asynchronously, through pinned memory).
-On the CPU the same steps run eagerly (graphs=False): the test oracle of the captured path, and of batched against
+the steps already launched past a stop are wasted work, never wrong output. On the CPU the same steps run eagerly (graphs=False): the test oracle of the captured path, and of batched against
 per-prompt decoding.
 """
 
@@ -37,7 +35,7 @@ from typing import Callable, NamedTuple, Sequence
 
 import torch
 
-from . import l2_persist, topk
+from . import topk
 from .decoding import Collector, DecodeResult, DecodeStats, PromptBatch, StreamFn, _sync, check_budget
 from .model import KVCache, RecycleModel, Tables, Transformer, call_tables, fuse_projections, prefill_attention
 from .sampling import SamplingParams, draw, logits_to_probs, sample
@@ -51,10 +49,6 @@ STRATEGIES = tuple(STEP_TOKENS) + VERIFIED
 MAX_ROUND_TOKENS = 64  # a verified round keeps at most this many tokens (draft length or tree depth + 1)
 KV_BUCKET = 256  # attention reads the cache up to a multiple of this many slots: one graph (and compile) per bucket
 PREFILL_BUCKET = 64  # with graphs, prompts are left-padded to a multiple of this many tokens: one graph per length
-# with graphs and a module, keep the module's weights and draft head in a persisting part of L2 across steps
-# (l2_persist.py). Built and measured in the sixteenth session (H100, `gpu_step_profile.py --l2-persist`): SmolLM2's
-# recycle step 0.612 -> 0.621 ms, standard unchanged (0.455): off
-L2_PERSIST = False
 # recycle's module calls compute their last layer's products for the one position whose output they read (the
 # attention still caches both): `RecycleModel.recycle(outputs=1)`. A row's bits do not depend on the rows beside it
 # in the fused products (tested), so the tokens are the same. Measured in the seventeenth session (H100,
@@ -76,16 +70,6 @@ STEP_TABLES = True
 # cold inductor cache a bench run with a 200 s limit timed out in its warm-up, compiling it; with the cache warm,
 # `scripts/device/bench.sh` (two bench processes) took 338 s, against 268 s in the seventeenth session without it. On
 COMPILE_PREFILL = True
-# the fixed-schedule steps (standard, recycle) launch their next check's steps before reading the last check's
-# tokens: the tokens come back through an asynchronous copy to pinned memory and an event, so the GPU never waits
-# for the host between checks. In the eighteenth session's bench the host's check left the GPU idle ~70 µs in
-# `standard` (every 8 steps) and ~80 in `recycle` (every 8 steps, 16 tokens): ~2% of either, and about the same share
-# of both, so the ratio should not move. At a stop token up to a check's steps more run than without it (wasted work,
-# never output); the launched tokens never pass the budget. Timed in the twentieth session (H100, one-layer module,
-# 20 prompts x 256 tokens, one run each way): standard 2,156.1 -> 2,193.2 tok/s (+1.7%), recycle 3,467.9 -> 3,509.3
-# (+1.2%), the ratio 1.608x -> 1.600x. Within the lease's run-to-run spread (standard 2,134-2,179 over five runs on
-# two prompt sets), so off
-LOOKAHEAD = False
 
 
 def _last_only() -> int | None:
@@ -162,7 +146,6 @@ class Decoder:
         self._prompt: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}  # by length: ids, module state
         self._pool = torch.cuda.graph_pool_handle() if graphs else None
         self.rec_draft = False  # recycle takes the module's tokens over its draft vocabulary (set by decode)
-        self.l2_window: l2_persist.Window | None = None  # the module's weights kept in L2 (L2_PERSIST; prepare)
         self._base_fwd, self._recycle_fwd = self.base.forward, (self.rmodel.recycle if self.rmodel else None)
         self._prompt_base, self._prompt_module = self._base_fwd, self._recycle_fwd  # the prompt's forwards
         self._tables_fn = self._tables
@@ -248,10 +231,9 @@ class Decoder:
     def _recycle_greedy(self, kv_end: int, tables: Tables | None = None) -> None:
         self._full_pair(kv_end, tables)
         # the module's token as every greedy recycle path takes it (RecycleModel.module_argmax: over the draft
-        # vocabulary without V-wide logits where it recycles over it; model.HEAD_ARGMAX_KERNEL and HEAD_K_SPLIT are
-        # its other routes, both off)
+        # vocabulary without V-wide logits where it recycles over it)
         out = self._module_pair(kv_end, topk.argmax(self.logits), head=False, tables=tables)
-        self._module_select(self.rmodel.module_argmax(out, self.mcache))
+        self._module_select(self.rmodel.module_argmax(out))
 
     def _chain_round(self, K: int, kv_end: int, sampling: SamplingParams, gen) -> None:
         """Draft K tokens from (g, d_logits), verify them in one full call, commit (speculative.speculative)."""
@@ -335,25 +317,18 @@ class Decoder:
         torch.cuda.current_stream(self.device).wait_stream(stream)
         for t, s in zip(small, state):
             t.copy_(s)
-        graph = torch.cuda.CUDAGraph(keep_graph=True) if self.l2_window is not None else torch.cuda.CUDAGraph()
+        graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
             fn()
-        if self.l2_window is not None:  # the window on every kernel node, before the graph is instantiated
-            l2_persist.apply_window(graph, self.l2_window)
-            graph.instantiate()
         return graph
 
     def prepare(self) -> None:
-        """Before a call's first step: the draft head's rows (`refresh_draft_head`), whether `recycle` takes the
-        module's tokens over them, and, with L2_PERSIST and graphs, the module's weights in one L2-persisting window
-        (before any graph of this Decoder is captured, since it moves them)."""
+        """Before a call's first step: the draft head's rows (`refresh_draft_head`) and whether `recycle` takes the
+        module's tokens over them."""
         if self.rmodel is None:
             return
         self.rmodel.refresh_draft_head()  # before any graph reads it
-        self.rmodel.refresh_input_table()  # likewise (MODULE_INPUT_TABLE)
         self.rec_draft = self.rmodel.recycles_over_draft
-        if L2_PERSIST and self.graphs_enabled:
-            self.l2_window = l2_persist.pin_module(self.rmodel)
 
     def _kv_end(self, pos_after: int) -> int:
         return min(self.max_len, round_up(pos_after, self.bucket))
@@ -542,9 +517,6 @@ class Decoder:
                         step_seconds.append(now - last)
                         last = now
 
-            if LOOKAHEAD and plan.fixed:
-                self._decode_ahead(plan, out, read, pos, check_every, run)
-                done = True
             while not done:
                 # enough steps for the row furthest from its budget (at the rate seen so far), at most check_every
                 # before looking again, and no more than the cache holds if every round keeps its most tokens
@@ -575,42 +547,6 @@ class Decoder:
         if not plan.fixed:
             stats.accept_hist = self.hist[:plan.max_tokens].tolist()
         return DecodeResult(out.tokens, stats, out.finished)
-
-    def _decode_ahead(self, plan: "Plan", out: Collector, read: int, pos: int, check_every: int,
-                      run: Callable[[int, int], None]) -> None:
-        """The fixed steps' loop with LOOKAHEAD: one check's steps stay launched ahead of the tokens being read.
-
-        Each check's tokens (out columns read..end) go to pinned host memory by an asynchronous copy with an event;
-        the next check's steps are launched before the host waits on that event. No step is launched past the
-        token budget of the row furthest from it, counting the tokens already launched."""
-        cuda = self.device.type == "cuda"
-        launched, pending = read, []  # out columns launched so far; (tokens, event) of checks not yet read
-        while True:
-            left = out.remaining() - (launched - read)  # tokens the furthest row still wants beyond those launched
-            room = (self.max_len - plan.span - pos) // plan.max_tokens + 1
-            steps = min(check_every, math.ceil(left / plan.max_tokens), room)
-            if steps > 0 and len(pending) < 2:
-                run(steps, pos)
-                pos, end = pos + steps * plan.max_tokens, launched + steps * plan.max_tokens
-                if cuda:
-                    host = torch.empty((self.B, end - launched), dtype=self.out.dtype, pin_memory=True)
-                    host.copy_(self.out[:, launched:end], non_blocking=True)
-                    ready = torch.cuda.Event()
-                    ready.record()
-                else:
-                    host, ready = self.out[:, launched:end].clone(), None
-                pending.append((host, ready))
-                launched = end
-                if len(pending) < 2:
-                    continue  # launch the next check's steps before reading this one's
-            if not pending:
-                return
-            host, ready = pending.pop(0)
-            if ready is not None:
-                ready.synchronize()  # the one wait per check, while the next check's steps run
-            read += host.shape[1]
-            if out.emit(host):
-                return
 
 
 class Plan(NamedTuple):

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import topk, triton_attention, triton_draft_head, triton_head, triton_linear
+from . import topk, triton_attention, triton_draft_head, triton_linear
 from .config import ModelConfig, RecycleConfig
 from .topk import top_k
 
@@ -47,9 +47,6 @@ class KVCache:
         # counters of triton_attention.cached_attention (the attention that also writes the cache): zero between
         # calls; room for 4 query-row blocks per (row, head)
         self.tickets = torch.zeros(batch * n_kv_head * 4, device=device, dtype=torch.int32)
-        # the counter of triton_head.head_argmax, the module's greedy token (RecycleModel.module_argmax; the
-        # module's cache holds the one it uses): zero between calls
-        self.head_tickets = torch.zeros(1, device=device, dtype=torch.int32)
 
     @property
     def batch(self) -> int:
@@ -389,60 +386,6 @@ def use_decode_kernel(q: torch.Tensor, mask: torch.Tensor, T: int) -> bool:
 DRAFT_HEAD_KERNEL = True
 
 
-# recycle's greedy module token (RecycleModel.module_argmax) by one kernel on CUDA: the final norm, the LM head and the
-# argmax (triton_head.head_argmax), where they were a norm, cuBLAS's product and two reductions. Measured on an H100
-# (eighteenth session, `gpu_step_profile.py --head-argmax-kernel`, 512 slots): SmolLM2's recycle step 0.589 -> 0.607
-# ms (the kernel 44.9 µs in the profiled step against cuBLAS's 22.5 for the product), over the draft vocabulary
-# 0.577 -> 0.581; `head_bench.py`: 36.7 µs at best against the operators' 28.7 (full head, one row). Off.
-# "always": on CPU tensors too (under Triton's interpreter: the tests)
-HEAD_ARGMAX_KERNEL: bool | str = False
-# ... and over the draft vocabulary, its rows read in place from the tied head (triton_head's `gather`), not from
-# the copy `refresh_draft_head` makes: the base's head, a few kernels earlier, may have left them in L2. Measured
-# with the kernel (same session): recycle over the draft vocabulary 0.581 -> 0.580 ms, against 0.577 without the
-# kernel. Off
-DRAFT_ROWS_GATHERED = False
-
-
-# recycle's greedy module token over the full head (RecycleModel.module_argmax, CUDA): the head's product as this
-# many products over slices of the model dimension, the last slice first (`head_k_split`). The base's head read the
-# same tied weight a few kernels earlier, and cuBLAS's kernel reads every row block at once, K chunk by K chunk, so
-# the chunks it read last are the ones an H100's 50 MB L2 still holds of the 56.6 MB head; one product starts on
-# the first chunks, which are gone. Measured in `scripts/head_l2_probe.py` (eighteenth session, H100; µs after the
-# base's head, on the same weight / on a copy): one product 23.0 / 22.7; two halves, the back one first, 16.1 / 30.7,
-# the front one first 28.6 / 28.9. With the argmax, compiled as here: 26.8 in one product; 18.1, 17.6 and 21.9 in 2,
-# 3 and 4 parts with nothing between the heads; with 15 MB read between them (the module's layers read ~15 MB)
-# 26.7 against 25.4, 22.6 and 27.2. In the step (`gpu_step_profile.py --head-k-split 3`, 512 slots) recycle went
-# 0.589 -> 0.591 ms: the module's three products took 25.5 µs where its one took 22.7, so the step's own traffic
-# leaves too little of the base's read in L2. 1: one product. Off
-HEAD_K_SPLIT = 1
-
-
-def head_k_split(x: torch.Tensor, weight: torch.Tensor, parts: int) -> torch.Tensor:
-    """x @ weight.T (float32) as `parts` products over slices of the model dimension, the last slice first; each
-    product is rounded to x's dtype, as F.linear's output, and the sum is taken in float32."""
-    K = weight.shape[1]
-    edges = [K * i // parts for i in range(parts + 1)]
-    out = None
-    for i in reversed(range(parts)):
-        a, b = edges[i], edges[i + 1]
-        part = F.linear(x[..., a:b], weight[:, a:b]).float()
-        out = part if out is None else out + part
-    return out
-
-
-def use_head_k_split(out: torch.Tensor) -> bool:
-    """Whether `RecycleModel.module_argmax` takes the full head as HEAD_K_SPLIT products (CUDA)."""
-    return HEAD_K_SPLIT > 1 and out.is_cuda
-
-
-def use_head_argmax_kernel(out: torch.Tensor) -> bool:
-    """Whether `RecycleModel.module_argmax` runs `triton_head.head_argmax` (HEAD_ARGMAX_KERNEL, CUDA, triton, at
-    most its MAX_ROWS rows)."""
-    rows = out.numel() // out.shape[-1]
-    return (bool(HEAD_ARGMAX_KERNEL) and (out.is_cuda or HEAD_ARGMAX_KERNEL == "always")
-            and 0 < rows <= triton_head.MAX_ROWS and triton_head.available())
-
-
 def use_draft_head_kernel(out: torch.Tensor, k: int) -> bool:
     """Whether `RecycleModel.draft_top` runs `triton_draft_head.head_top_k` (CUDA, triton, k <= its KTOP) rather
     than the norm, the head's matmul and `topk.top_k` as separate operators."""
@@ -481,22 +424,6 @@ def use_fused_linear(x: torch.Tensor, block: "Block") -> bool:
             and fused_linear_fits(x.shape[-1], x.numel() // x.shape[-1], block.attn.head_dim))
 
 
-# with the fused path, the module's input product (fc over the normed state and token embedding, 2d -> d) as two
-# triton_linear products with their norms folded in (RecyclableModule.fused_input), launched with PDL like the layers'
-# products, not an inductor kernel for the norms and the concatenation and then cuBLAS's product. Built after the
-# fifteenth session's window, where the recycle step spent 4.4 us in that cuBLAS product. Measured in the sixteenth
-# (H100, `gpu_step_profile.py --fused-module-input`): standard 0.455 -> 0.457 ms, recycle 0.612 -> 0.613: off
-FUSED_MODULE_INPUT = False
-# decoding takes the token half of the module's input from a table: fc(concat(norm_h(s), norm_e(e))) is
-# W_h norm_h(s) + W_e norm_e(e), and the second term depends on the token id alone, so `refresh_input_table` computes
-# it for every id once (V x d, in float32, rounded once: 57 MB for SmolLM2 in bf16) and a step gathers its rows.
-# The module's input product then reads half the weight (K = d, not 2d) in one few-row kernel with the gathered rows
-# as its residual, where a recycle step ran an inductor kernel for the norms and cuBLAS's product (4.3 us on an H200,
-# nineteenth session). The two halves are rounded apart, so the module's bits move slightly (recycle's tokens may
-# differ; the lossless strategies stay exact). Training never uses it (the table is dropped in train mode). Timed in
-# the twentieth session (`gpu_step_profile.py --module-input-table`, one-layer module, 512 slots, H100): recycle
-# 0.5717 -> 0.5701 ms (-1.6 us; -2 to -4 predicted), below the 3 us that turns a switch on: off
-MODULE_INPUT_TABLE = False
 
 
 # a fused decode call's cache write and attention as one Triton kernel, its ranges merged in the same kernel
@@ -669,11 +596,6 @@ class Transformer(nn.Module):
         return ModelOutput(logits, hidden, tapped)
 
 
-def _folded(norm: nn.Module) -> dict:
-    """An input norm as `triton_linear.linear` folds it in (nothing for an identity)."""
-    return {"norm_weight": norm.weight, "eps": norm.eps} if isinstance(norm, RMSNorm) else {}
-
-
 def _in_place(old: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
     """`new` written into `old` where their shape, device and dtype agree (captured CUDA graphs keep reading `old`),
     else `new` itself."""
@@ -712,14 +634,6 @@ class RecyclableModule(nn.Module):
                                  f"({base_cfg.vocab_size})")
             self.register_buffer("draft_ids", torch.arange(cfg.draft_vocab))  # saved with the weights
 
-    def fused_input(self, state: torch.Tensor, tok_emb: torch.Tensor) -> torch.Tensor:
-        """fc(concat(norm_h(s), norm_e(e))) as two triton_linear products over the halves of fc's weight, each with
-        its norm folded in, the second adding the first as its residual (`FUSED_MODULE_INPUT`)."""
-        d = self.base_cfg.d_model
-        w = self.fc.weight
-        y = triton_linear.linear(state, w[:, :d], **_folded(self.norm_h))
-        return triton_linear.linear(tok_emb, w[:, d:], residual=y, **_folded(self.norm_e))
-
     def new_cache(self, batch: int, max_len: int, *, device=None, dtype=None) -> KVCache:
         p = self.fc.weight
         return KVCache(self.cfg.n_layer, batch, self.base_cfg.n_kv_head, max_len, self.base_cfg.head_dim,
@@ -730,34 +644,13 @@ class RecyclableModule(nn.Module):
         parts = taps.split(self.base_cfg.d_model, dim=-1)
         return hidden + self.tap_fc(torch.cat([norm(t) for norm, t in zip(self.tap_norms, parts)], dim=-1))
 
-    def token_part(self, tok_emb: torch.Tensor) -> torch.Tensor:
-        """W_e norm_e(e) for embeddings e (..., d), in float32: the token half of the input product
-        (`MODULE_INPUT_TABLE`'s table rows, rounded to the module's dtype by the caller)."""
-        d = self.base_cfg.d_model
-        return F.linear(self.norm_e(tok_emb).float(), self.fc.weight[:, d:].float())
-
-    def table_input(self, state: torch.Tensor, tok_part: torch.Tensor) -> torch.Tensor:
-        """W_h norm_h(s) + tok_part: the input product over the state's half of fc's weight, the token half given
-        (rows of `RecycleModel.input_table`); one few-row kernel with its norm and the residual folded in where the
-        fused path runs."""
-        w = self.fc.weight[:, :self.base_cfg.d_model]
-        if use_fused_linear(state, self.layers[0]):
-            return triton_linear.linear(state, w, residual=tok_part, **_folded(self.norm_h))
-        return F.linear(self.norm_h(state), w) + tok_part
-
-    def forward(self, state: torch.Tensor, tok_emb: torch.Tensor | None, *, input_pos: torch.Tensor | None = None,
+    def forward(self, state: torch.Tensor, tok_emb: torch.Tensor, *, input_pos: torch.Tensor | None = None,
                 cache: KVCache | None = None, pad: torch.Tensor | None = None,
                 kv_end: int | None = None, tree: Tree | None = None, outputs: int | None = None,
-                tables: Tables | None = None, tok_part: torch.Tensor | None = None) -> torch.Tensor:
+                tables: Tables | None = None) -> torch.Tensor:
         """outputs: the output at the last `outputs` positions only (B, outputs, d), every position's keys and values
-        still cached (`run_blocks`' keep); None: all. tables: as `Transformer.forward`'s. tok_part: the token half
-        of the input product, given (`table_input`; then tok_emb is not read)."""
-        if tok_part is not None:
-            x = self.table_input(state, tok_part)
-        elif FUSED_MODULE_INPUT and tree is None and use_fused_linear(state, self.layers[0]):
-            x = self.fused_input(state, tok_emb)
-        else:
-            x = self.fc(torch.cat((self.norm_h(state), self.norm_e(tok_emb)), dim=-1))
+        still cached (`run_blocks`' keep); None: all. tables: as `Transformer.forward`'s."""
+        x = self.fc(torch.cat((self.norm_h(state), self.norm_e(tok_emb)), dim=-1))
         return run_blocks(self.layers, x, self.base_cfg, input_pos=input_pos, cache=cache, pad=pad, kv_end=kv_end,
                           tree=tree, keep=outputs, tables=tables)[0]
 
@@ -779,33 +672,6 @@ class RecycleModel(nn.Module):
         self.recycle_vocab = "full"  # `recycle`'s own tokens: over the full head, or its draft vocabulary ("draft")
         self.register_buffer("draft_weight", None, persistent=False)  # its LM head rows: refresh_draft_head
         self._draft_key: tuple | None = None  # what draft_weight was copied from
-        self.register_buffer("input_table", None, persistent=False)  # MODULE_INPUT_TABLE: refresh_input_table
-        self._table_key: tuple | None = None
-
-    def train(self, mode: bool = True) -> "RecycleModel":
-        if mode:  # the weights may change from here on: decoding makes the table again (refresh_input_table)
-            self.input_table, self._table_key = None, None
-        return super().train(mode)
-
-    def refresh_input_table(self) -> None:
-        """With MODULE_INPUT_TABLE (and the module in eval mode), make `input_table`: the token half of the module's
-        input product for every token id (`RecyclableModule.token_part`), in the module's dtype. Decoding calls this
-        before its first step; it is redone only when the embedding or the module's weights changed, in place when
-        the shape holds, so that captured CUDA graphs stay valid. Without the switch the table is dropped."""
-        if not MODULE_INPUT_TABLE or self.module.training:
-            self.input_table, self._table_key = None, None
-            return
-        emb, fc = self.base.tok_emb.weight, self.module.fc.weight
-        norm_e = getattr(self.module.norm_e, "weight", None)
-        key = (emb.data_ptr(), emb._version, fc.data_ptr(), fc._version, fc.dtype,
-               None if norm_e is None else (norm_e.data_ptr(), norm_e._version))
-        if self.input_table is not None and key == self._table_key:
-            return
-        with torch.no_grad():  # in chunks of ids, each rounded to the dtype as it is made
-            table = torch.cat([self.module.token_part(emb[i:i + 8192]).to(fc.dtype)
-                               for i in range(0, emb.shape[0], 8192)])
-        self._table_key = key
-        self.input_table = _in_place(self.input_table, table)
 
     @classmethod
     def build(cls, cfg: ModelConfig, rcfg: RecycleConfig) -> "RecycleModel":
@@ -866,36 +732,13 @@ class RecycleModel(nn.Module):
         ids are sorted, so the first of equal maxima is the same token)."""
         return self.module.draft_ids[topk.argmax(linear(self.base.norm(out), self.draft_weight))]
 
-    def module_argmax(self, out: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    def module_argmax(self, out: torch.Tensor) -> torch.Tensor:
         """`recycle`'s greedy token ids (...,) from the module's output `out` (..., d): over the full head, or over
         the draft vocabulary when `recycles_over_draft` (then `draft_weight` must be set: refresh_draft_head). Every
-        greedy recycle path takes its module tokens here, so they are the same whichever runs them. With
-        `use_head_argmax_kernel` the norm, the head and the argmax are one kernel (its counter: cache.head_tickets,
-        the module's cache); with `use_head_k_split` the full head is several products over slices of the model
-        dimension. Either sums the logits in another order than the one product, so a near-tie may go the other
-        way than in the operators' path."""
-        draft = self.recycles_over_draft
-        if use_head_argmax_kernel(out):
-            norm = self.base.norm
-            if not draft:
-                return triton_head.head_argmax(out, norm.weight, norm.eps, self.base.lm_head.weight,
-                                               cache.head_tickets)
-            if DRAFT_ROWS_GATHERED:
-                return triton_head.head_argmax(out, norm.weight, norm.eps, self.base.lm_head.weight,
-                                               cache.head_tickets, ids=self.module.draft_ids, gather=True)
-            return triton_head.head_argmax(out, norm.weight, norm.eps, self.draft_weight, cache.head_tickets,
-                                           ids=self.module.draft_ids)
-        if draft:
+        greedy recycle path takes its module tokens here, so they are the same whichever runs them."""
+        if self.recycles_over_draft:
             return self.draft_argmax(out)
-        if use_head_k_split(out):
-            return topk.argmax(head_k_split(self.base.norm(out), self.base.lm_head.weight, HEAD_K_SPLIT))
         return topk.argmax(self.base.head(out))
-
-    def own_module_argmax(self, out: torch.Tensor) -> bool:
-        """Whether `module_argmax` takes its own route for output `out` (the one kernel, or the head in K slices),
-        so that its token may differ in a near-tie from the argmax of `recycle`'s logits: greedy loops then take
-        the module's token from `module_argmax`."""
-        return use_head_argmax_kernel(out) or (use_head_k_split(out) and not self.recycles_over_draft)
 
     def draft_top(self, out: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The k most likely draft tokens from the module's output `out` (..., d): (log-probabilities (..., k) in
@@ -942,11 +785,7 @@ class RecycleModel(nn.Module):
         """
         if outputs is not None and num_logits is not None and num_logits > outputs:
             raise ValueError(f"num_logits={num_logits} needs at least as many outputs, got outputs={outputs}")
-        if self.input_table is not None and not torch.is_grad_enabled():  # MODULE_INPUT_TABLE, decoding
-            tok_emb, tok_part = None, self.input_table[next_tokens]
-        else:
-            tok_emb, tok_part = self.base.tok_emb(next_tokens), None
-        out = self.module(state, tok_emb, tok_part=tok_part, input_pos=input_pos, cache=cache, pad=pad,
+        out = self.module(state, self.base.tok_emb(next_tokens), input_pos=input_pos, cache=cache, pad=pad,
                           kv_end=kv_end, tree=tree, outputs=outputs, tables=tables)
         last = out if num_logits is None else out[:, out.shape[1] - num_logits:]
         return ModelOutput(self.draft_logits(last) if draft else self.base.head(last), out)

@@ -113,7 +113,6 @@ class _Round:
         self.out = Collector(B, max_new_tokens, stop_ids, stream)
         self.pad = self.batch.pad
         model.refresh_draft_head()
-        model.refresh_input_table()
 
     def prefill(self) -> bool:
         """The full model on the prompt; x_L is emitted and pending. Returns True when already done."""
