@@ -17,9 +17,9 @@ from typing import Callable, Sequence
 import torch
 
 from .config import RecycleConfig
-from .decoding import DecodeStats, recycle, standard
-from .engine import KV_BUCKET as DEFAULT_KV_BUCKET, Engine
-from .speculative import DEFAULT_DRAFT_LEN, TreeShape, recycle_verified, speculative, tree
+from .decoding import DecodeStats
+from .engine import KV_BUCKET as DEFAULT_KV_BUCKET, STRATEGIES, Engine
+from .speculative import DEFAULT_DRAFT_LEN, TreeShape, reference_decode
 from .model import RecyclableModule, RecycleModel, Transformer
 from .registry import shipped_module, shipped_module_named, shipped_modules
 from .sampling import SamplingParams
@@ -29,7 +29,7 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 # standard: one full call per token; recycle: the paper's alternating schedule (lossy); the rest are lossless, with
 # the module as drafter (speculative.py): recycle-verified (the schedule with each recycled token checked),
 # speculative (chains of draft_len tokens), tree (a draft tree, EAGLE-2 style)
-STRATEGY_NAMES = ("standard", "recycle", "recycle-verified", "speculative", "tree")
+STRATEGY_NAMES = STRATEGIES
 # how the decode loop runs: "eager" the reference loop of decoding.py (a forward and a host sync per step);
 # "static" the engine's fixed-shape steps (engine.py) without graphs; "graphs" those steps captured as CUDA graphs;
 # "compiled" torch.compile inside the graphs; "auto" is "graphs" on CUDA and "eager" on the CPU
@@ -207,16 +207,9 @@ class RecycleGPT:
         common = dict(max_new_tokens=max_new_tokens, sampling=sampling, stop_ids=stop_ids, stream=stream)
         if kind != "eager":
             res = self.engine(kind).decode(strategy, prompts, draft_len=draft_len, tree=shape, **common)
-        elif strategy == "standard":
-            res = standard(self.base, prompts, **common)
-        elif strategy == "recycle":
-            res = recycle(self.model, prompts, **common)
-        elif strategy == "recycle-verified":
-            res = recycle_verified(self.model, prompts, min_draft_prob=min_draft_prob, **common)
-        elif strategy == "speculative":
-            res = speculative(self.model, prompts, draft_len=draft_len, min_draft_prob=min_draft_prob, **common)
         else:
-            res = tree(self.model, prompts, shape=shape, **common)
+            res = reference_decode(self.model if self.model is not None else self.base, strategy, prompts,
+                                   draft_len=draft_len, tree_shape=shape, min_draft_prob=min_draft_prob, **common)
         texts = [self.tokenizer.decode(t) if self.tokenizer is not None else "" for t in res.tokens]
         module = None
         if strategy != "standard":

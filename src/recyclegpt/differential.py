@@ -31,11 +31,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .decoding import DecodeResult, recycle, standard
+from .decoding import DecodeResult
 from .engine import KV_BUCKET, PREFILL_BUCKET, STRATEGIES, Engine, Plan
 from .model import RecycleModel, Transformer
 from .sampling import SamplingParams
-from .speculative import DEFAULT_DRAFT_LEN, TreeShape, recycle_verified, speculative, tree
+from .speculative import DEFAULT_DRAFT_LEN, TreeShape, reference_decode
 
 ENGINE_KINDS = ("static", "graphs", "compiled")
 LOSSLESS = ("recycle-verified", "speculative", "tree")
@@ -122,21 +122,11 @@ class Options:
 
 
 def reference(model: RecycleModel, strategy: str, req: Request, opts: Options, stop_ids=()) -> DecodeResult:
-    """The eager reference loop of `strategy` (decoding.py, speculative.py) on one request."""
-    kw = dict(max_new_tokens=req.max_new_tokens, sampling=req.sampling, stop_ids=stop_ids)
-    prompts = [list(p) for p in req.prompts]
+    """The eager reference loop of `strategy` (speculative.reference_decode) on one request."""
     with torch.inference_mode():
-        if strategy == "standard":
-            return standard(model.base, prompts, **kw)
-        if strategy == "recycle":
-            return recycle(model, prompts, **kw)
-        if strategy == "recycle-verified":
-            return recycle_verified(model, prompts, **kw)
-        if strategy == "speculative":
-            return speculative(model, prompts, draft_len=opts.draft_len, **kw)
-        if strategy == "tree":
-            return tree(model, prompts, shape=opts.tree, **kw)
-    raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+        return reference_decode(model, strategy, [list(p) for p in req.prompts], max_new_tokens=req.max_new_tokens,
+                                draft_len=opts.draft_len, tree_shape=opts.tree, sampling=req.sampling,
+                                stop_ids=stop_ids)
 
 
 def truncate(tokens: list[list[int]], max_new_tokens: int, stop_ids: set[int]) -> tuple[list[list[int]], list[bool]]:

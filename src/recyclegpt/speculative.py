@@ -35,8 +35,9 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-from .decoding import Collector, DecodeResult, DecodeStats, PromptBatch, StreamFn, _slots, _sync, check_budget
-from .model import KVCache, RecycleModel, Tree, prefill_attention
+from .decoding import (Collector, DecodeResult, DecodeStats, PromptBatch, StreamFn, _slots, _sync, check_budget, recycle,
+                       standard)
+from .model import KVCache, RecycleModel, Transformer, Tree, prefill_attention
 from .sampling import SamplingParams, draw, logits_to_probs, sample
 from .topk import best_in_order, top_k
 from .verify import verify_chain, verify_tree
@@ -413,3 +414,27 @@ def tree(model: RecycleModel, prompts: Sequence[Sequence[int]], *, max_new_token
         if shape.lookup:
             seq = torch.cat((seq, tokens[:, :m + 1]), 1)
     return r.finish()
+
+
+def reference_decode(model: RecycleModel | Transformer, strategy: str, prompts: Sequence[Sequence[int]], *,
+                     max_new_tokens: int, draft_len: int = DEFAULT_DRAFT_LEN, tree_shape: TreeShape = TreeShape(),
+                     min_draft_prob: float = 0.0, **common) -> DecodeResult:
+    """`strategy` by its eager reference loop: `standard` and `recycle` (decoding.py), `recycle-verified`,
+    `speculative` and `tree` (here). model: a RecycleModel, or a bare Transformer for `standard`. common:
+    sampling, stop_ids, stream. The engines (engine.py) run the same strategies as fixed-shape steps and are
+    tested against these."""
+    kw = dict(max_new_tokens=max_new_tokens, **common)
+    if strategy == "standard":
+        return standard(model.base if isinstance(model, RecycleModel) else model, prompts, **kw)
+    if not isinstance(model, RecycleModel):
+        raise ValueError(f"strategy {strategy!r} needs a RecycleModel (a base model with its recyclable module)")
+    if strategy == "recycle":
+        return recycle(model, prompts, **kw)
+    if strategy == "recycle-verified":
+        return recycle_verified(model, prompts, min_draft_prob=min_draft_prob, **kw)
+    if strategy == "speculative":
+        return speculative(model, prompts, draft_len=draft_len, min_draft_prob=min_draft_prob, **kw)
+    if strategy == "tree":
+        return tree(model, prompts, shape=tree_shape, **kw)
+    raise ValueError(f"unknown strategy {strategy!r}; choose one of standard, recycle, recycle-verified, "
+                     f"speculative, tree")
