@@ -20,7 +20,7 @@ import time
 import torch
 
 from recyclegpt import RecycleGPT
-from recyclegpt.bench import read_prompts
+from recyclegpt.data import read_prompts
 from recyclegpt.decoding import standard
 from recyclegpt.evaluation import module_offsets
 

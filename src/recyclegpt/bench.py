@@ -12,15 +12,14 @@ import platform
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
 from .api import DEFAULT_DRAFT_LEN, STRATEGY_NAMES, Generation, RecycleGPT, default_min_draft_prob
 from .config import ModelConfig, RecycleConfig
-from .data import iter_jsonl
 from .decoding import tau_of
 from .differential import choice_margin
+from .evaluation import evaluate_agreement
 from .engine import VERIFIED
 from .model import RecyclableModule, Transformer
 
@@ -35,38 +34,6 @@ BUILTIN_PROMPTS = [
     "What is the difference between weather and climate?",
     "List some good habits for writing clean Python code.",
 ]
-
-
-PROMPT_FIELDS = ("prompt", "instruction", "question", "Instruction")
-
-
-def read_prompts(path: str | Path, *, limit: int | None = None) -> list[str]:
-    """Prompts from a JSONL file: each line an object with a "prompt" field (or, as the shared prompt sets have
-    it, "instruction", "question" or "Instruction"), or a bare JSON string. Blank lines are skipped."""
-    return [p for _, p in read_prompt_records(path, limit=limit)]
-
-
-def read_prompt_records(path: str | Path, *, limit: int | None = None) -> list[tuple[str | None, str]]:
-    """(category, prompt) from a JSONL file as `read_prompts` reads it; the category is a record's "category"
-    string field (as `recyclegpt suite --out` writes), else None."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"prompts file {str(path)!r} does not exist")
-    prompts = []
-    for where, rec in iter_jsonl(path):
-        category = None
-        if isinstance(rec, dict):
-            category = rec.get("category") if isinstance(rec.get("category"), str) else None
-            rec = next((rec[k] for k in PROMPT_FIELDS if isinstance(rec.get(k), str)), None)
-        if not isinstance(rec, str) or not rec.strip():
-            raise ValueError(f"{where}: expected a JSON string or an object with a non-empty string field "
-                             f"{' / '.join(PROMPT_FIELDS)}")
-        prompts.append((category, rec))
-        if limit is not None and len(prompts) >= limit:
-            break
-    if not prompts:
-        raise ValueError(f"{path}: no prompts found")
-    return prompts
 
 
 HF_STRATEGIES = {"hf_eager": "eager", "hf_compiled": "compiled", "hf_prompt_lookup": "prompt_lookup"}
@@ -247,8 +214,6 @@ def run_bench(lm: RecycleGPT, prompts: list[str] | list[list[int]], *,
     then every result also carries "per_category": {label: {tokens_per_s, median_tokens_per_s, speedup, tau,
     alpha (recycle), same_token_share (lossless)}}. check_prompts: how many prompts (`check_sample`) are decoded
     again by the eager reference loop and compared (`check_tokens`: a difference raises CheckFailed)."""
-    from .evaluation import evaluate_agreement
-
     unknown = [s for s in strategies if s not in PROJECT_STRATEGIES and s not in HF_STRATEGIES]
     if unknown:
         raise ValueError(f"unknown strategies {unknown}; choose from {', '.join(PROJECT_STRATEGIES + tuple(HF_STRATEGIES))}")

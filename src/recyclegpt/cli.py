@@ -104,7 +104,8 @@ def _text_streamer(lm: RecycleGPT):
 def cmd_bench(args) -> None:
     """Run strategies greedily on the same prompts in one process, side by side; print a table (and JSON)."""
     from .bench import (BUILTIN_PROMPTS, HF_STRATEGIES, PROJECT_STRATEGIES, RANDOM_NOTE, format_table,
-                        random_model, random_prompts, read_prompt_records, run_bench)
+                        random_model, random_prompts, run_bench)
+    from .data import read_prompt_records
 
     strategies = tuple(s for s in args.strategies.split(",") if s)
     known = PROJECT_STRATEGIES + tuple(HF_STRATEGIES)
@@ -226,7 +227,7 @@ def cmd_distill(args) -> None:
     Records go to OUT.partial as they are made; the file is renamed to OUT at the end. --resume continues a
     .partial file; an existing OUT is never overwritten without --force.
     """
-    from .bench import read_prompts
+    from .data import read_prompts
 
     out, partial = Path(args.out), Path(args.out + ".partial")
     if out.exists() and not args.force:

@@ -1,5 +1,5 @@
-"""Training data: plain text as random fixed-length windows, prompt -> response JSONL as padded examples, and a
-byte-level BPE trainer.
+"""Data files: for training, plain text as random fixed-length windows, prompt -> response JSONL as padded
+examples, and a byte-level BPE trainer; for decoding, prompt files (`read_prompts`, `read_prompt_records`).
 
 Every training batch is a pure function of (seed, step, micro-step): a resumed run draws exactly the batches the
 uninterrupted run would have drawn, without storing any RNG state. The validation split is the contiguous tail of
@@ -336,3 +336,38 @@ def load_dataset(files: Sequence[str | Path], tokenizer: Tokenizer, *, seq_len: 
     if not windows:
         raise DataError(f"the text files hold {len(stream)} tokens: fewer than one window of seq_len={seq_len}")
     return dataclasses.replace(chat, train=windows + chat.train)
+
+
+# -- prompt files (bench, distill, eval agreement) ----------------------------------------------------------------
+
+
+PROMPT_FIELDS = ("prompt", "instruction", "question", "Instruction")
+
+
+def read_prompts(path: str | Path, *, limit: int | None = None) -> list[str]:
+    """Prompts from a JSONL file: each line an object with a "prompt" field (or, as the shared prompt sets have
+    it, "instruction", "question" or "Instruction"), or a bare JSON string. Blank lines are skipped."""
+    return [p for _, p in read_prompt_records(path, limit=limit)]
+
+
+def read_prompt_records(path: str | Path, *, limit: int | None = None) -> list[tuple[str | None, str]]:
+    """(category, prompt) from a JSONL file as `read_prompts` reads it; the category is a record's "category"
+    string field (as `recyclegpt suite --out` writes), else None."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompts file {str(path)!r} does not exist")
+    prompts = []
+    for where, rec in iter_jsonl(path):
+        category = None
+        if isinstance(rec, dict):
+            category = rec.get("category") if isinstance(rec.get("category"), str) else None
+            rec = next((rec[k] for k in PROMPT_FIELDS if isinstance(rec.get(k), str)), None)
+        if not isinstance(rec, str) or not rec.strip():
+            raise ValueError(f"{where}: expected a JSON string or an object with a non-empty string field "
+                             f"{' / '.join(PROMPT_FIELDS)}")
+        prompts.append((category, rec))
+        if limit is not None and len(prompts) >= limit:
+            break
+    if not prompts:
+        raise ValueError(f"{path}: no prompts found")
+    return prompts

@@ -553,7 +553,7 @@ def cmd_eval_ppl(args) -> None:
 
 def cmd_eval_agreement(args) -> None:
     """α: how often the module's greedy token equals the full model's, where alternating decoding uses the module."""
-    from .bench import read_prompts
+    from .data import read_prompts
 
     texts = read_prompts(args.prompts, limit=args.limit)
     lm = load_model(args)
