@@ -196,3 +196,12 @@ def test_real_model_static_engine_equals_the_reference_long_short_long(smollm2):
     engines = {"static": Engine(model, graphs=False, prefill_bucket=64)}
     tallies = dt.run_sequence(model, engines, reqs, strategies=("standard", "recycle-verified"), opts=OPTS)
     assert_all_identical(tallies)
+
+
+def test_near_tie_mode_without_standard_compares_with_the_reference():
+    model = predictable(8, 0.05)
+    reqs = sequence(model, 4, seed=5)
+    engines = {"static": Engine(model, graphs=False, bucket=16, prefill_bucket=8)}
+    tallies = dt.run_sequence(model, engines, reqs, strategies=("speculative", "tree"), opts=OPTS,
+                              check=dt.Check("near-ties", prefix=8))
+    assert_all_identical(tallies)

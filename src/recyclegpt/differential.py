@@ -256,8 +256,8 @@ def run_sequence(model: RecycleModel, engines: dict[str, Engine], requests: Sequ
                 t = tallies[(kind, strategy)]
                 t.requests += 1
                 t.tokens += sum(len(r) for r in res.tokens)
-                want, finished = _expected(model, engine, strategy, req, opts, check, ref, own, stop_ids)
-                bad = _compare(model, req, i, res, want, finished, check, strategy)
+                want, finished, prefix = _expected(model, engine, strategy, req, opts, check, ref, own, stop_ids)
+                bad = _compare(model, req, i, res, want, finished, prefix, strategy)
                 if bad:
                     t.mismatches.extend(bad)
                 else:
@@ -266,13 +266,14 @@ def run_sequence(model: RecycleModel, engines: dict[str, Engine], requests: Sequ
 
 
 def _expected(model, engine, strategy, req, opts, check, ref, own, stop_ids):
-    """The tokens a request must give (and whether each row stopped; None: not compared)."""
+    """The tokens a request must give, whether each row stopped (None: not compared), and whether the tokens are
+    the first ones only (the engine's output is then compared on as many)."""
     target = strategy
     if req.sampling.greedy and strategy in LOSSLESS:
         target = "standard"  # lossless: greedy tokens are standard decoding's
     if check.mode == "exact":
         want = ref(target).tokens
-    elif req.sampling.greedy and strategy in ("standard", "recycle"):
+    elif req.sampling.greedy and (strategy in ("standard", "recycle") or "standard" not in own):
         want = [r[:check.prefix] for r in ref(target).tokens]  # the first tokens, against the reference
     elif req.sampling.greedy:
         want = own["standard"]  # the same engine's standard: the kernels sum alike
@@ -280,20 +281,20 @@ def _expected(model, engine, strategy, req, opts, check, ref, own, stop_ids):
         again = engine.decode(strategy, [list(p) for p in req.prompts], max_new_tokens=req.max_new_tokens,
                               sampling=req.sampling, stop_ids=tuple(stop_ids), draft_len=opts.draft_len,
                               tree=opts.tree)
-        return again.tokens, None
-    if check.mode == "near-ties" and strategy in ("standard", "recycle"):
+        return again.tokens, None, False
+    if check.mode == "near-ties" and want is not own.get("standard"):  # a prefix of the reference's tokens
         if stop_ids:
             want, _ = truncate(want, req.max_new_tokens, stop_ids)
-        return want, None
+        return want, None, True
     if want is own.get("standard") and strategy != "standard":
-        return want, None  # the same engine's own run already stopped where it stops
-    return truncate(want, req.max_new_tokens, stop_ids)
+        return want, None, False  # the same engine's own run already stopped where it stops
+    return (*truncate(want, req.max_new_tokens, stop_ids), False)
 
 
-def _compare(model, req, i, res, want, finished, check, strategy) -> list[Mismatch]:
+def _compare(model, req, i, res, want, finished, prefix, strategy) -> list[Mismatch]:
     bad = []
     for row, (got, exp) in enumerate(zip(res.tokens, want)):
-        got_cmp = got[:len(exp)] if check.mode == "near-ties" and strategy in ("standard", "recycle") else got
+        got_cmp = got[:len(exp)] if prefix else got
         n = first_difference(got_cmp, exp)
         if n is None and finished is not None and res.finished[row] != finished[row]:
             n = len(got)
