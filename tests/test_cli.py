@@ -309,3 +309,18 @@ def test_the_check_passes_a_16_bit_near_tie_and_names_it_but_not_a_wrong_token(t
     lowest = int(lm.base(torch.tensor([ids[0] + want[:1]])).logits[0, -1].float().argmin())
     with pytest.raises(CheckFailed, match="below the top's"):
         check(want[:1] + [lowest] + want[2:])
+
+
+def test_engine_options_are_given_when_the_model_is_made(tiny_ckpt, capsys):
+    """How the engines are built is one EngineOptions, given to from_pretrained (the CLI's --kv-bucket,
+    --compile-mode and --compile-steps make it), not attributes set on the object afterwards."""
+    from recyclegpt.api import EngineOptions
+
+    _, _, ckpt = tiny_ckpt
+    lm = RecycleGPT.from_pretrained(str(ckpt), device="cpu", engine_options=EngineOptions(kv_bucket=32))
+    assert lm.engine("static").bucket == 32
+    assert RecycleGPT.from_pretrained(str(ckpt), device="cpu").engine("static").bucket == 256
+    with pytest.raises(ValueError, match="kv_bucket must be an integer of at least 16"):
+        EngineOptions(kv_bucket=8)
+    assert main(["generate", "--model", str(ckpt), "--compile-steps", "--engine", "static", "the quick"]) == 2
+    assert "--compile-steps applies to --engine compiled" in capsys.readouterr().err

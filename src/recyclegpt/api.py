@@ -91,17 +91,36 @@ def default_min_draft_prob(device: torch.device, engine: str) -> float:
     return CPU_MIN_DRAFT_PROB if torch.device(device).type == "cpu" and engine == "eager" else 0.0
 
 
+@dataclass(frozen=True)
+class EngineOptions:
+    """How `RecycleGPT` builds its engines (engine.py), fixed when it is made (the engines are built once and kept).
+
+    kv_bucket: the static, graphs and compiled engines' attention reads the cache up to the next multiple of this
+    many slots; every bucket is a graph (and a compile) of its own, so a larger one means fewer of them and a little
+    more attention work. compile_mode: inductor's mode for the compiled engine (None: its default).
+    compile_steps: the compiled engine also compiles each greedy step and verified round whole."""
+
+    kv_bucket: int = DEFAULT_KV_BUCKET
+    compile_mode: str | None = None
+    compile_steps: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.kv_bucket, int) or isinstance(self.kv_bucket, bool) or self.kv_bucket < 16:
+            raise ValueError(f"kv_bucket must be an integer of at least 16 slots, got {self.kv_bucket!r}")
+        if self.compile_mode is not None and not isinstance(self.compile_mode, str):
+            raise ValueError(f"compile_mode must be an inductor mode name or None, got {self.compile_mode!r}")
+
+
 class RecycleGPT:
     """A base LM, its tokenizer and (optionally) a recyclable module, on one device."""
 
     def __init__(self, base: Transformer, tokenizer: Tokenizer | None, *, module: RecyclableModule | None = None,
-                 name: str = "", module_source: str | None = None) -> None:
+                 name: str = "", module_source: str | None = None,
+                 engine_options: EngineOptions = EngineOptions()) -> None:
         self.base, self.tokenizer, self.name = base, tokenizer, name
         self.model = RecycleModel(base, module) if module is not None else None
         self.module_source = module_source
-        self.compile_mode: str | None = None  # inductor's mode for engine="compiled" (None: its default)
-        self.compile_steps = False  # engine="compiled": also compile each greedy step and round whole
-        self.kv_bucket = DEFAULT_KV_BUCKET  # engines graphs and compiled: attention reads up to a multiple of this
+        self.engine_options = engine_options  # how the static, graphs and compiled engines are built
         self._engines: dict[str, Engine] = {}
 
     # -- loading ---------------------------------------------------------------------------------------------------
@@ -109,7 +128,8 @@ class RecycleGPT:
     @classmethod
     def from_pretrained(cls, model: str = DEFAULT_MODEL, *, recycle: str | Path | None = "default",
                         device: str | torch.device | None = None, dtype: torch.dtype | None = None,
-                        random_module: RecycleConfig = RecycleConfig(), seed: int = 0) -> "RecycleGPT":
+                        random_module: RecycleConfig = RecycleConfig(), seed: int = 0,
+                        engine_options: EngineOptions = EngineOptions()) -> "RecycleGPT":
         """Load by built-in name, GGUF file, Hugging Face folder or RecycleGPT checkpoint directory.
 
         recycle: "default" is a checkpoint's own module when `model` is a checkpoint that has one, else the module
@@ -118,6 +138,7 @@ class RecycleGPT:
             (registry.shipped_modules: `<model>-<variant>`); "random" an untrained module shaped by
             `random_module` (speed measurements only); None or "none" loads no module. `module_source` records
             which: the directory's path, "random", or None.
+        engine_options: how the engines are built (`EngineOptions`).
         """
         from .checkpoint import load_checkpoint, load_module
         from .weights import load_base
@@ -130,7 +151,7 @@ class RecycleGPT:
                                                    device=device, dtype=dtype)
             if isinstance(loaded, RecycleModel) and recycle == "default":
                 return cls(loaded.base, tokenizer, module=loaded.module.eval(), name=str(model),
-                           module_source=str(model))
+                           module_source=str(model), engine_options=engine_options)
             base = (loaded.base if isinstance(loaded, RecycleModel) else loaded).eval()
         else:
             base, tokenizer = load_base(model, device=device, dtype=dtype)
@@ -152,7 +173,8 @@ class RecycleGPT:
                                         f"'default', 'random' or 'none')")
             module = load_module(recycle, base).to(device=device, dtype=dtype).eval()
             source = str(recycle)
-        return cls(base, tokenizer, module=module, name=str(model), module_source=source)
+        return cls(base, tokenizer, module=module, name=str(model), module_source=source,
+                   engine_options=engine_options)
 
     @property
     def device(self) -> torch.device:
@@ -231,10 +253,11 @@ class RecycleGPT:
         """The engine of this kind, created on first use and kept, so that its captured graphs are reused."""
         if kind not in self._engines:
             model = self.model if self.model is not None else self.base
-            compile = (self.compile_mode or True) if kind == "compiled" else False
+            opts = self.engine_options
+            compile = (opts.compile_mode or True) if kind == "compiled" else False
             self._engines[kind] = Engine(model, graphs=kind in ("graphs", "compiled"), compile=compile,
-                                         compile_steps=kind == "compiled" and self.compile_steps,
-                                         bucket=self.kv_bucket)
+                                         compile_steps=kind == "compiled" and opts.compile_steps,
+                                         bucket=opts.kv_bucket)
         return self._engines[kind]
 
     def _prompt_ids(self, prompt, *, chat: bool) -> list[list[int]]:

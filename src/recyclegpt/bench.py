@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .api import DEFAULT_DRAFT_LEN, STRATEGY_NAMES, Generation, RecycleGPT, default_min_draft_prob
+from .api import DEFAULT_DRAFT_LEN, STRATEGY_NAMES, EngineOptions, Generation, RecycleGPT, default_min_draft_prob
 from .config import ModelConfig, RecycleConfig
 from .decoding import tau_of
 from .differential import choice_margin
@@ -406,7 +406,7 @@ def _version(package: str) -> str | None:
 
 
 def random_model(shape: str, *, module_layers: int, device: torch.device, dtype: torch.dtype,
-                 seed: int = 0) -> RecycleGPT:
+                 seed: int = 0, engine_options: EngineOptions = EngineOptions()) -> RecycleGPT:
     """A RecycleGPT of a paper-scale shape with random weights (speed only), built directly on `device`."""
     if shape not in SHAPES:
         raise ValueError(f"unknown shape {shape!r}; choose one of {', '.join(SHAPES)}")
@@ -420,7 +420,8 @@ def random_model(shape: str, *, module_layers: int, device: torch.device, dtype:
             module = RecyclableModule(cfg, RecycleConfig(n_layer=module_layers)).eval()
     finally:
         torch.set_default_dtype(previous)
-    return RecycleGPT(base, None, module=module, name=f"{shape} ({RANDOM_NOTE})", module_source="random")
+    return RecycleGPT(base, None, module=module, name=f"{shape} ({RANDOM_NOTE})", module_source="random",
+                      engine_options=engine_options)
 
 
 def random_prompts(n: int, vocab_size: int, *, seed: int = 0, lengths: tuple[int, int] = (32, 160)) -> list[list[int]]:

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from .api import DEFAULT_MODEL, ENGINES, STRATEGY_NAMES, RecycleGPT, default_device, default_dtype, module_hint
-from .options import (add_command, add_compile_mode, add_draft_args, add_model_args, apply_compile_mode, draft_options,
+from .options import (add_command, add_compile_mode, add_draft_args, add_model_args, draft_options, engine_options,
                       load_model, parse_dtype)
 from .checkpoint import CheckpointError
 from .config import RecycleConfig
@@ -54,10 +54,6 @@ def cmd_generate(args) -> None:
     args.strategy = chosen_strategy(args)
     draft = draft_options(args)
     lm = load_model(args)
-    try:
-        apply_compile_mode(lm, args)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
     if args.recycle == "random" and args.strategy != "standard":
         print("note: --recycle random is an untrained module; its tokens are noise (speed measurements only)",
               file=sys.stderr)
@@ -121,10 +117,14 @@ def cmd_bench(args) -> None:
         torch.set_num_threads(args.threads)
     categories = None
     draft = draft_options(args)
+    try:
+        engines = engine_options(args)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     if args.shape:
         device = torch.device(args.device) if args.device else default_device()
         lm = random_model(args.shape, module_layers=args.recycle_layers, device=device,
-                          dtype=parse_dtype(args.dtype) or default_dtype(device))
+                          dtype=parse_dtype(args.dtype) or default_dtype(device), engine_options=engines)
         prompts = random_prompts(args.limit or 20, lm.base.cfg.vocab_size)
     else:
         if args.suite and args.prompts:
@@ -156,7 +156,6 @@ def cmd_bench(args) -> None:
                          f"or run --strategies standard")
     try:
         lm.resolve_engine(args.engine)
-        apply_compile_mode(lm, args)
         report = run_bench(lm, prompts, strategies=strategies, max_new_tokens=args.max_new_tokens,
                            chat=not args.no_chat, ignore_eos=not args.stop_at_eos, batch_size=args.batch_size,
                            engine=args.engine, alpha=not args.no_alpha, draft_len=draft["draft_len"],

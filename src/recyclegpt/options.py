@@ -7,7 +7,7 @@ import argparse
 
 import torch
 
-from .api import DEFAULT_DRAFT_LEN, DEFAULT_KV_BUCKET, DEFAULT_MODEL, RecycleGPT
+from .api import DEFAULT_DRAFT_LEN, DEFAULT_KV_BUCKET, DEFAULT_MODEL, EngineOptions, RecycleGPT
 from .config import RecycleConfig
 from .model import RECYCLE_VOCABS
 from .speculative import TreeShape
@@ -51,7 +51,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 def load_model(args: argparse.Namespace) -> RecycleGPT:
     """The RecycleGPT that the flags of `add_model_args` describe."""
     lm = RecycleGPT.from_pretrained(args.model, recycle=args.recycle, device=args.device,
-                                    dtype=parse_dtype(args.dtype), random_module=RecycleConfig(n_layer=args.recycle_layers))
+                                    dtype=parse_dtype(args.dtype), random_module=RecycleConfig(n_layer=args.recycle_layers),
+                                    engine_options=engine_options(args))
     vocab = getattr(args, "recycle_vocab", "full")
     if vocab != "full":
         if lm.model is None:
@@ -76,20 +77,18 @@ def add_compile_mode(p: argparse.ArgumentParser) -> None:
                         "its own, so a larger one means fewer compiles and a little more attention work")
 
 
-def apply_compile_mode(lm: RecycleGPT, args: argparse.Namespace) -> None:
-    """Give lm the --compile-mode, --compile-steps (they need --engine compiled) and --kv-bucket of
-    add_compile_mode."""
-    bucket = getattr(args, "kv_bucket", None)
-    if bucket is not None:
-        if bucket < 16:
-            raise ValueError(f"--kv-bucket must be at least 16 slots, got {bucket}")
-        lm.kv_bucket = bucket
-    if args.compile_mode is None and not args.compile_steps:
-        return
-    if args.engine != "compiled":
-        flag = "--compile-mode" if args.compile_mode is not None else "--compile-steps"
+def engine_options(args: argparse.Namespace) -> EngineOptions:
+    """The EngineOptions of add_compile_mode's --compile-mode, --compile-steps (they need --engine compiled) and
+    --kv-bucket; the defaults for a subcommand without them."""
+    mode, steps = getattr(args, "compile_mode", None), getattr(args, "compile_steps", False)
+    if (mode is not None or steps) and args.engine != "compiled":
+        flag = "--compile-mode" if mode is not None else "--compile-steps"
         raise ValueError(f"{flag} applies to --engine compiled, not {args.engine!r}")
-    lm.compile_mode, lm.compile_steps = args.compile_mode, args.compile_steps
+    bucket = getattr(args, "kv_bucket", None)
+    if bucket is not None and bucket < 16:
+        raise ValueError(f"--kv-bucket must be at least 16 slots, got {bucket}")
+    return EngineOptions(kv_bucket=DEFAULT_KV_BUCKET if bucket is None else bucket, compile_mode=mode,
+                         compile_steps=steps)
 
 
 def add_draft_args(p: argparse.ArgumentParser, *, tree_flag: bool = True) -> None:
