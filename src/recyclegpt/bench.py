@@ -18,7 +18,7 @@ import torch
 from .api import DEFAULT_DRAFT_LEN, STRATEGY_NAMES, EngineOptions, Generation, RecycleGPT, default_min_draft_prob
 from .config import ModelConfig, RecycleConfig
 from .decoding import tau_of
-from .differential import choice_margin
+from .differential import choice_margin, first_difference
 from .evaluation import evaluate_agreement
 from .engine import VERIFIED
 from .model import RecyclableModule, Transformer
@@ -344,8 +344,8 @@ def same_token_share(outputs: Sequence[Sequence[int]], reference: Sequence[Seque
     """The share of the reference's tokens that `outputs` reproduce before their first difference, per prompt."""
     same = total = 0
     for a, b in zip(outputs, reference):
-        n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-        same, total = same + n, total + len(b)
+        n = first_difference(a, b)
+        same, total = same + (len(b) if n is None else n), total + len(b)
     return same / total if total else 1.0
 
 
@@ -379,7 +379,7 @@ def check_tokens(lm: RecycleGPT, ids: list[list[int]], runs: dict[str, StrategyR
         n = len(want) if exact else min(CHECK_PREFIX, len(want))
         if got[:n] == want[:n]:
             continue
-        first = next((k for k, (x, y) in enumerate(zip(got, want)) if x != y), min(len(got), len(want)))
+        first = first_difference(got, want)
         where = f"prompt {i} ({len(ids[i])} tokens): first difference at new token {first}"
         margin = tol = None
         if not exact and first < min(len(want), len(got)) and strategy != "recycle":  # a near-tie, or wrong?

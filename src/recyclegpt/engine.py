@@ -22,8 +22,8 @@ slots are masked), one graph per padded length. Greedy steps select the token in
 it eagerly from the graph's logits (a few kernels), with the same `sampling.sample`.
 
 The host learns the tokens every `check_every` steps (one sync), when it also checks stop tokens and budgets;
-the steps already launched past a stop are wasted work, never wrong output. On the CPU the same steps run eagerly (graphs=False): the test oracle of the captured path, and of batched against
-per-prompt decoding.
+the steps already launched past a stop are wasted work, never wrong output. On the CPU the same steps run eagerly
+(graphs=False): the test oracle of the captured path, and of batched against per-prompt decoding.
 """
 
 from __future__ import annotations

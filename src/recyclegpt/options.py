@@ -51,7 +51,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 def load_model(args: argparse.Namespace) -> RecycleGPT:
     """The RecycleGPT that the flags of `add_model_args` describe."""
     lm = RecycleGPT.from_pretrained(args.model, recycle=args.recycle, device=args.device,
-                                    dtype=parse_dtype(args.dtype), random_module=RecycleConfig(n_layer=args.recycle_layers),
+                                    dtype=parse_dtype(args.dtype),
+                                    random_module=RecycleConfig(n_layer=args.recycle_layers),
                                     engine_options=engine_options(args))
     vocab = getattr(args, "recycle_vocab", "full")
     if vocab != "full":

@@ -35,8 +35,8 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-from .decoding import (Collector, DecodeResult, DecodeStats, PromptBatch, StreamFn, _slots, _sync, check_budget, recycle,
-                       standard)
+from .decoding import (Collector, DecodeResult, DecodeStats, PromptBatch, StreamFn, _slots, _sync, check_budget,
+                       recycle, standard)
 from .model import KVCache, RecycleModel, Transformer, Tree, prefill_attention
 from .sampling import SamplingParams, draw, logits_to_probs, sample
 from .topk import best_in_order, top_k
