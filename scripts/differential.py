@@ -91,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = dt.summary_rows(tallies)
     print(f"{args.model} + {lm.module_source} ({args.recycle_vocab} vocabulary), {args.dtype} on "
           f"{torch.cuda.get_device_name() if args.device.startswith('cuda') else platform.processor() or 'CPU'}, "
-          f"{max(r['requests'] for r in rows)} of {len(reqs)} requests run, check {check.mode}, {seconds:.0f} s")
+          f"{max(r['requests'] for r in rows)} of {len(reqs)} requests run, check {check.mode}, {seconds:.0f} s "
+          f"({sum(r['seconds'] for r in rows):.0f} s in the engines, the rest in the reference loops and checks)")
     print(dt.format_table(rows))
     report = {"model": args.model, "module": lm.module_source, "recycle_vocab": args.recycle_vocab,
               "dtype": args.dtype, "device": args.device, "torch": torch.__version__, "check": check.mode,

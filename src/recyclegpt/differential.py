@@ -196,11 +196,12 @@ class Tally:
     requests: int = 0
     identical: int = 0
     tokens: int = 0
+    seconds: float = 0.0  # the engine's decode calls (graph captures and compiles included), not the checks
     mismatches: list[Mismatch] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {"requests": self.requests, "identical": self.identical, "tokens": self.tokens,
-                "mismatches": [vars(m) for m in self.mismatches[:20]]}
+                "seconds": round(self.seconds, 2), "mismatches": [vars(m) for m in self.mismatches[:20]]}
 
 
 @dataclass
@@ -249,11 +250,13 @@ def run_sequence(model: RecycleModel, engines: dict[str, Engine], requests: Sequ
         for kind, engine in engines.items():
             own: dict[str, list[list[int]]] = {}
             for strategy in strategies:
+                start = time.perf_counter()
                 res = engine.decode(strategy, [list(p) for p in req.prompts], max_new_tokens=req.max_new_tokens,
                                     sampling=req.sampling, stop_ids=tuple(stop_ids), draft_len=opts.draft_len,
                                     tree=opts.tree)
                 own[strategy] = res.tokens
                 t = tallies[(kind, strategy)]
+                t.seconds += time.perf_counter() - start
                 t.requests += 1
                 t.tokens += sum(len(r) for r in res.tokens)
                 want, finished, prefix = _expected(model, engine, strategy, req, opts, check, ref, own, stop_ids)
@@ -312,7 +315,7 @@ def summary_rows(tallies: dict[tuple[str, str], Tally]) -> list[dict]:
     for (kind, strategy), t in tallies.items():
         margins = [m.margin for m in t.mismatches if m.margin is not None]
         rows.append({"engine": kind, "strategy": strategy, "requests": t.requests, "identical": t.identical,
-                     "tokens": t.tokens, "mismatched_rows": len(t.mismatches),
+                     "tokens": t.tokens, "seconds": round(t.seconds, 1), "mismatched_rows": len(t.mismatches),
                      "near_ties": sum(m.near_tie for m in t.mismatches),
                      "first_difference": min((m.index for m in t.mismatches), default=None),
                      "largest_margin": max(margins, default=None)})
@@ -321,11 +324,12 @@ def summary_rows(tallies: dict[tuple[str, str], Tally]) -> list[dict]:
 
 def format_table(rows: list[dict]) -> str:
     head = f"{'engine':<9} {'strategy':<17} {'requests':>8} {'identical':>9} {'tokens':>8} {'diff rows':>9} " \
-           f"{'near-ties':>9} {'first diff':>10} {'max margin':>10}"
+           f"{'near-ties':>9} {'first diff':>10} {'max margin':>10} {'engine s':>8}"
     lines = [head, "-" * len(head)]
     for r in rows:
         first = "-" if r["first_difference"] is None else str(r["first_difference"])
         margin = "-" if r["largest_margin"] is None else f"{r['largest_margin']:.4f}"
         lines.append(f"{r['engine']:<9} {r['strategy']:<17} {r['requests']:>8} {r['identical']:>9} "
-                     f"{r['tokens']:>8} {r['mismatched_rows']:>9} {r['near_ties']:>9} {first:>10} {margin:>10}")
+                     f"{r['tokens']:>8} {r['mismatched_rows']:>9} {r['near_ties']:>9} {first:>10} {margin:>10} "
+                     f"{r['seconds']:>8.1f}")
     return "\n".join(lines)
