@@ -55,7 +55,8 @@ def render_bench(rep: dict) -> list[str]:
         lines += ["", f"Checked {check['checked']}/{check['of']}: `{check['strategy']}`'s tokens ({check['tokens']}) "
                       f"equal {check['against']}" + (", but for near-ties: " + "; ".join(
                           f"prompt {t['prompt']} ({t['prompt_tokens']} tokens), new token {t['new_token']}, logit "
-                          f"margin {t['margin']:.4f}" for t in ties) if ties else "") + "."]
+                          f"margin {t['margin']:.4f}" + (f" (rank {t['rank']})" if t.get("rank") is not None else "")
+                          for t in ties) if ties else "") + "."]
     cats = [r for r in rep["results"] if r.get("per_category")]
     if cats:
         names = [r["strategy"] for r in cats]
