@@ -25,7 +25,9 @@ Every table below is rendered from a record in `benchmarks/records/` by `python 
 each names the date, commit, hardware, versions and the exact command. Speeds are tokens per second over all new
 tokens and all time, the prompt's forward included, greedy, one process, strategies interleaved prompt by prompt.
 Every bench run decoded a sample of its prompts again with the eager reference loop and compared `standard`'s
-tokens ("checked"). The prompt suites are built from the shared data folder (`recyclegpt suite`, README).
+tokens ("checked"): all of them in fp32; in bf16 the first 32, where a difference passes only at a near-tie, listed
+with its logit margin (the engine's token among the reference's five most likely there; in runs before commit
+`5732f56`, within four bf16 ulps of the top logit). The prompt suites are built from the shared data folder (`recyclegpt suite`, README).
 Quality under recycle scoring (multiple choice, perplexity) is in each shipped module's model card.
 """
 
