@@ -1,6 +1,6 @@
 """Chat prompts built from Gutenberg passages, for self-distillation data (`recyclegpt distill --prompts`).
 
-The module must learn the base model's *chat* register (plain book text transfers poorly: docs/gpu_log.md), yet the
+The module must learn the base model's *chat* register (plain book text transfers poorly: dev/LOG.md), yet the
 permissively licensed prompt sets hold only ~9.5k prompts, most of them GSM8K. Public-domain passages wrapped in a
 handful of everyday instructions (continue, summarise, explain, rewrite, ask) give tens of thousands of varied chat
 prompts whose answers the base model writes itself. Deterministic for a given --seed.

@@ -5,13 +5,15 @@ counted and their GPU time summed by kind with torch.profiler.
     python scripts/gpu_step_profile.py --model smollm2-135m-instruct --compile
 
 Parts: the full model on 1 token (standard's step) and on 2 (recycle's full call), the module on 2 slots (recycle's
-module call), whole steps (standard, recycle) and verified rounds (chain, tree; each followed by two tiny copies that
-put the slot counters back, so that it can repeat), and a draft-vocabulary head where the module has one. Per part: the graph's replay time, its kernels,
-their summed GPU time (the rest of a replay is launch gaps and tails), and that time by kind (matmul, attention,
-fused element-wise, copies and indexing, other). The memory floor is the part's weight bytes over `--bandwidth`.
-On the CPU (a check of this script, no graphs) the kernel column counts top-level aten operators instead, each of
-which is a kernel launch on a GPU without compile. A table, then one JSON line. --compile takes an inductor mode ("default", "max-autotune-no-cudagraphs"); the
-compiled functions run inside the same graphs as the engine's (engine.Decoder).
+module call), whole steps (standard, recycle) and verified rounds (chain, tree; each followed by two tiny copies
+that put the slot counters back, so that it can repeat), and a draft-vocabulary head where the module has one. Per
+part: the graph's replay time, its kernels, their summed GPU time (the rest of a replay is launch gaps and tails),
+and that time by kind (matmul, attention, fused element-wise, copies and indexing, other). The memory floor is the
+part's weight bytes over `--bandwidth`. On the CPU (a check of this script, no graphs) the kernel column counts
+top-level aten operators instead, each of which is a kernel launch on a GPU without compile. A table, then one JSON
+line. --compile takes an inductor mode ("default", "max-autotune-no-cudagraphs"); the compiled functions run inside
+the same graphs as the engine's (engine.Decoder). It profiles the paths the engine runs by default; the prompt's
+forwards stay eager (they are not among the parts).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from collections import defaultdict
 
 import torch
 
-from recyclegpt import topk, triton_attention, triton_draft_head, triton_linear
+from recyclegpt import triton_attention
 from recyclegpt.api import RecycleGPT
 from recyclegpt.bench import random_model
 from recyclegpt.config import PRESETS, RecycleConfig
@@ -115,45 +117,6 @@ def replay_ms(graph, reps: int, reset) -> float:
     return start.elapsed_time(end) / reps
 
 
-# the fused decode path's switches: flag -> (module, constant, what it does)
-FUSED_SWITCHES = {
-    "fused-linear": ("model", "FUSED_LINEAR", "decode calls of at most 4 rows run each layer's products through "
-                     "triton_linear, with the norms, SwiGLU and residual adds folded in; on by default"),
-    "cached-attention": ("model", "CACHED_ATTENTION", "with the fused products: the cache write and the attention "
-                         "as one kernel, its ranges merged in it; on by default"),
-    "pdl": ("triton_attention", "PDL", "the fused kernels launched with programmatic dependent launch; on by "
-            "default on Hopper"),
-    "shared-tables": ("model", "SHARED_TABLES", "compiled cached calls get the rotary tables and the mask as one "
-                      "copy for every layer"),
-    "merge-tile": ("triton_attention", "MERGE_TILE", "cached_attention's ranges' partials loaded at once and folded "
-                   "in order, not one range a loop step"),
-    "prefetch": ("triton_attention", "PREFETCH", "cached_attention loads each range's first KV block before waiting "
-                 "on the previous kernel"),
-    "fused-wide": ("model", "FUSED_WIDE", "calls of 5-32 rows (the tree's verification) through the fused kernels "
-                   "on tensor cores"),
-    "k-tail": ("triton_linear", "K_TAIL", "the fused products' K as whole power-of-two steps and a tail tile, not "
-               "one padded tile"),
-    "few-rows-dot": ("triton_linear", "FEW_ROWS_DOT", "few-row products with column blocks of 16+ (gate-up) on tensor "
-                     "cores, rows padded to 16"),
-    "swiglu-epilogue": ("triton_linear", "SWIGLU_EPILOGUE", "SwiGLU in the gate-up kernel's epilogue; the down "
-                        "product reads the activation; on by default"),
-    "shared-slots": ("model", "SHARED_SLOTS", "compiled cached calls get their computed cache slots in the same one "
-                     "copy as the tables (the verified rounds); on by default"),
-    "row-loop": ("triton_linear", "ROW_LOOP", "few-row products of one K step take their rows one after another, "
-                 "each as a one-row call computes it"),
-    "module-last-only": ("engine", "MODULE_LAST_ONLY", "recycle's module calls run their last layer's products on "
-                         "the one position they read; on by default"),
-    "step-tables": ("engine", "STEP_TABLES", "the greedy steps' slots, rotary tables and mask made once, apart, "
-                    "for the base and the module; on by default"),
-}
-# launch settings of the fused kernels, as --x N (an A/B check; unnamed: the module's default)
-WARP_SETTINGS = {
-    "cached-warps": ("triton_attention", "CACHED_WARPS", "warps of a cached_attention program"),
-    "swiglu-warps": ("triton_linear", "SWIGLU_WARPS", "warps of the down product's programs with SwiGLU folded in, "
-                     "i.e. with --no-swiglu-epilogue (0: as the others)"),
-}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct")
@@ -166,42 +129,14 @@ def main() -> None:
     ap.add_argument("--compile-steps", action="store_true", help="with --compile: steps and rounds compiled whole")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--kv-bucket", type=int, default=None,
-                    help="attention buckets of this many slots (the engine's default unless given; the bench's "
-                         "issue-4 rows use 512: the steps then attend over 512 slots, as there)")
+                    help="attention buckets of this many slots (the engine's default unless given; the "
+                         "benchmarks' rows use 512: the steps then attend over 512 slots, as there)")
     ap.add_argument("--reps", type=int, default=200)
     ap.add_argument("--parts", default="all",
                     help="comma-separated: full1, full2, module, standard, recycle, chain, tree, draft_head (default all)")
     ap.add_argument("--draft-len", type=int, default=3)
     ap.add_argument("--tree", default="5,4,24", help="depth,topk,nodes[,lookup] of the profiled tree round")
     ap.add_argument("--bandwidth", type=float, default=3.35e12, help="bytes/s for the memory floor (H100 SXM)")
-    ap.add_argument("--bool-mask", action="store_true",
-                    help="hand attention the bool mask, as before the additive mask (an A/B check of that change)")
-    ap.add_argument("--repeat-kv", action="store_true",
-                    help="grouped-query attention by copying each key/value head for its query heads, as before the "
-                         "query heads were folded into the query axis (an A/B check of that change)")
-    ap.add_argument("--manual-norm", action="store_true",
-                    help="RMSNorm spelled out in five operators instead of F.rms_norm (an A/B check of that change)")
-    ap.add_argument("--sdpa-decode", action="store_true",
-                    help="cached calls attend with SDPA, not the Triton decode kernel (an A/B check of that kernel)")
-    ap.add_argument("--torch-topk", action="store_true",
-                    help="the tree drafts with torch.topk and torch.sort, not the sort-free selection (an A/B check)")
-    ap.add_argument("--no-draft-head-kernel", action="store_true",
-                    help="the tree's norm, draft head and top-k as separate operators, not one Triton kernel "
-                         "(model.DRAFT_HEAD_KERNEL; an A/B check of that kernel)")
-    ap.add_argument("--torch-draft-merge", action="store_true",
-                    help="the draft-head kernel's blocks merged by torch ops, not by the second Triton kernel (an A/B "
-                         "check of triton_draft_head.MERGE_KERNEL)")
-    for flag, (module, name, what) in FUSED_SWITCHES.items():  # --x / --no-x; unnamed: the module's default
-        ap.add_argument(f"--{flag}", action=argparse.BooleanOptionalAction, default=None,
-                        help=f"{what} ({module}.{name}; an A/B check)")
-    ap.add_argument("--split-argmax", action=argparse.BooleanOptionalAction, default=None,
-                    help="greedy argmaxes as chunk maxima then the best chunk (topk.SPLIT_ARGMAX 'cuda', the default; "
-                         "--no-split-argmax: one torch.argmax; an A/B check)")
-    for flag, (module, name, what) in WARP_SETTINGS.items():
-        ap.add_argument(f"--{flag}", type=int, default=None, help=f"{what} ({module}.{name}; an A/B check)")
-    ap.add_argument("--compile-prefill", action="store_true",
-                    help="also compile the prompt's forwards (engine.COMPILE_PREFILL; off here: the parts profiled "
-                         "are steps, and the dynamic compile takes minutes on a cold inductor cache)")
     ap.add_argument("--recycle-vocab", default="full", choices=("full", "draft"),
                     help="the recycle step's module token over the full head or the draft vocabulary (an A/B check)")
     ap.add_argument("--top", type=int, default=8, help="kernel names listed per part, by GPU time")
@@ -219,26 +154,6 @@ def main() -> None:
 
 
 def run_profile(args) -> None:
-    import recyclegpt.engine
-    import recyclegpt.model
-    recyclegpt.model.ADDITIVE_MASK = not args.bool_mask
-    recyclegpt.model.FOLD_GROUPS = not args.repeat_kv
-    recyclegpt.model.FUSED_RMS_NORM = not args.manual_norm
-    recyclegpt.model.DECODE_KERNEL = not args.sdpa_decode
-    topk.SORT_FREE = "never" if args.torch_topk else "cuda"
-    recyclegpt.model.DRAFT_HEAD_KERNEL = not args.no_draft_head_kernel
-    recyclegpt.engine.COMPILE_PREFILL = args.compile_prefill
-    triton_draft_head.MERGE_KERNEL = not args.torch_draft_merge
-    # the fused path's switches: the module defaults unless named (--no-... for the A/B)
-    modules = {"model": recyclegpt.model, "triton_attention": triton_attention, "triton_linear": triton_linear,
-               "engine": recyclegpt.engine}
-    for flag, (module, name, _) in {**FUSED_SWITCHES, **WARP_SETTINGS}.items():  # named ones set; then as it runs
-        value = getattr(args, flag.replace("-", "_"))
-        if value is not None:
-            setattr(modules[module], name, value)
-        setattr(args, flag.replace("-", "_"), getattr(modules[module], name))
-    if args.split_argmax is not None:
-        topk.SPLIT_ARGMAX = "cuda" if args.split_argmax else "never"
     cuda = torch.cuda.is_available()
     dev, dtype = (torch.device("cuda"), torch.bfloat16) if cuda else (torch.device("cpu"), torch.float32)
     if args.preset:
@@ -256,6 +171,9 @@ def run_profile(args) -> None:
     L = args.prompt_len
     bucket = {} if args.kv_bucket is None else {"bucket": args.kv_bucket}
     dec = Decoder(model, 1, L + 512, graphs=cuda, compile=compile_arg, compile_steps=args.compile_steps, **bucket)
+    # the prompt's forwards stay eager: the parts profiled are steps, and the prompt's dynamic-shape compile takes
+    # minutes on a cold inductor cache
+    dec._prompt_base, dec._prompt_module = model.base.forward, model.recycle
     gen = None
     sampling = SamplingParams()
     ids = torch.randint(0, model.base.cfg.vocab_size, (L,), generator=torch.Generator().manual_seed(0)).tolist()
@@ -313,13 +231,7 @@ def run_profile(args) -> None:
     print(f"device: {name}  torch {torch.__version__}  model: "
           f"{args.preset or args.shape or args.model}  module layers: {model.module.cfg.n_layer}  compile: {args.compile}  "
           f"attention backends: {args.sdpa or 'any'}  decode attention: "
-          f"{'triton' if cuda and triton_attention.available() and not args.sdpa_decode else 'sdpa'}  "
-          f"tree top-k: {'torch' if args.torch_topk else 'sort-free'}, draft-head kernel: "
-          f"{'off' if args.no_draft_head_kernel else 'on'} (merge: {'torch' if args.torch_draft_merge else 'kernel'})  "
-          + "".join(f"{flag.replace('-', ' ')}: {'on' if getattr(args, flag.replace('-', '_')) else 'off'}  "
-                    for flag in FUSED_SWITCHES) +
-          "".join(f"{flag.replace('-', ' ')}: {getattr(args, flag.replace('-', '_'))}  " for flag in WARP_SETTINGS) +
-          f"split argmax: {topk.SPLIT_ARGMAX}  recycle vocab: {args.recycle_vocab}  "
+          f"{'triton' if cuda and triton_attention.available() else 'sdpa'}  recycle vocab: {args.recycle_vocab}  "
           f"prompt {L}, attention over {kv_end} slots")
     print(f"{'part':<20} {'replay ms':>9} {'kernels':>8} {'kernel ms':>9} {'gap ms':>7} {'floor ms':>8}  by kind (ms)")
     for r in rows:
@@ -347,13 +259,7 @@ def run_profile(args) -> None:
     print(json.dumps({"model": args.preset or args.shape or args.model, "module_layers": model.module.cfg.n_layer,
                       "compile": args.compile, "compile_steps": args.compile_steps, "device": name,
                       "torch": torch.__version__, "recycle_step_bound": bound,
-                      "bool_mask": args.bool_mask, "repeat_kv": args.repeat_kv, "manual_norm": args.manual_norm,
-                      "sdpa": args.sdpa, "sdpa_decode": args.sdpa_decode, "torch_topk": args.torch_topk,
-                      "draft_head_kernel": not args.no_draft_head_kernel,
-                      "draft_merge_kernel": not args.torch_draft_merge,
-                      **{flag.replace("-", "_"): getattr(args, flag.replace("-", "_")) for flag in FUSED_SWITCHES},
-                      **{flag.replace("-", "_"): getattr(args, flag.replace("-", "_")) for flag in WARP_SETTINGS},
-                      "split_argmax": topk.SPLIT_ARGMAX, "recycle_vocab": args.recycle_vocab, "prompt_len": L,
+                      "sdpa": args.sdpa, "recycle_vocab": args.recycle_vocab, "prompt_len": L,
                       "kv_end": kv_end,
                       "parts": [{k: v for k, v in r.items() if k not in ("top", "counts")} for r in rows]}))
 

@@ -5,11 +5,11 @@ gate-up with the MLP norm before it; down with SwiGLU before it and the residual
 with the rotary embedding folded in too (`qkv_rope`, the fused path's QKV kernel), this captures 50 calls
 in one CUDA graph and reports the replay time per call: the torch path (the norm or SwiGLU, cuBLAS's product and
 the add, each its own kernel, as in the compiled step without inductor's fusions) and the Triton kernel with each of
-a few launch settings (TILE, MAX_BLOCK_N, warps, programmatic dependent launch, rows a program, K tail, few rows
-on tensor cores), checked against torch. Then SWIGLU_EPILOGUE's two kernels and the MLP both ways. Prints a table
+a few launch settings (TILE, MAX_BLOCK_N, warps, programmatic dependent launch, rows a program), checked against
+torch. Then SWIGLU_EPILOGUE's two kernels and the MLP both ways. Prints a table
 for each row count and a final JSON line.
 
-    python scripts/linear_bench.py [--rows 1[,2,...]] [--calls 50] [--settings all|default|rows]
+    python scripts/linear_bench.py [--rows 1[,2,...]] [--calls 50] [--settings all|default]
 """
 
 from __future__ import annotations
@@ -33,24 +33,15 @@ SHAPES = {  # name: (N, K, norm, swiglu, residual)
     "gate-up (norm before)": (2 * FF, D, True, False, False),
     "down (swiglu before, + residual)": (D, FF, False, True, True),
 }
-# (TILE, MAX_BLOCK_N, warps, programmatic dependent launch, rows a program, K tail, few rows on tensor cores). The
-# eleventh session's sweep had (2048|1024|4096, 64, 4), (2048|4096, 64, 8), (2048, 16, 4), no PDL: 4096 won every
-# product. With PDL each of the 50 calls in the graph launches while the one before it runs and loads its first weight
-# block before waiting on it. One row a program (ROWS_PER_PROGRAM 1) is timed for calls of more than one row only;
-# K tail: K_TAIL on; dot: FEW_ROWS_DOT on (only products whose column block is 16 or more change); dot-all: every
-# product on tensor cores, 16 columns a program at least
+# (TILE, MAX_BLOCK_N, warps, programmatic dependent launch, rows a program). Without PDL, 4096 was the best tile
+# for every product on an H100; with PDL each of the 50 calls in the graph launches while the one before it runs and
+# loads its first weight block before waiting on it. One row a program (ROWS_PER_PROGRAM 1) is timed for calls of
+# more than one row only
 ALL = tl_.MAX_ROWS  # every row of a call in one program
-SETTINGS = [(4096, 64, 4, False, ALL, False, False), (8192, 64, 4, False, ALL, False, False),
-            (16384, 64, 4, False, ALL, False, False), (4096, 8, 4, False, ALL, False, False),
-            (8192, 8, 4, False, ALL, False, False), (2048, 64, 4, False, ALL, False, False),
-            (4096, 64, 4, True, ALL, False, False), (8192, 64, 4, True, ALL, False, False),
-            (16384, 64, 4, True, ALL, False, False), (4096, 8, 4, True, ALL, False, False),
-            (8192, 8, 4, True, ALL, False, False), (16384, 64, 8, True, ALL, False, False),
-            (8192, 64, 8, True, ALL, False, False), (16384, 64, 4, True, 1, False, False),
-            (16384, 64, 8, True, 1, False, False), (16384, 64, 4, True, ALL, True, False),
-            (16384, 64, 8, True, ALL, True, False), (16384, 64, 4, True, ALL, False, True),
-            (16384, 64, 8, True, ALL, False, True), (16384, 64, 4, True, ALL, False, "all"),
-            (16384, 64, 8, True, ALL, False, "all")]
+SETTINGS = [(4096, 64, 4, False, ALL), (8192, 64, 4, False, ALL), (16384, 64, 4, False, ALL), (4096, 8, 4, False, ALL),
+            (8192, 8, 4, False, ALL), (2048, 64, 4, False, ALL), (4096, 64, 4, True, ALL), (8192, 64, 4, True, ALL),
+            (16384, 64, 4, True, ALL), (4096, 8, 4, True, ALL), (8192, 8, 4, True, ALL), (16384, 64, 8, True, ALL),
+            (8192, 64, 8, True, ALL), (16384, 64, 4, True, 1), (16384, 64, 8, True, 1)]
 
 
 def torch_path(x, w, nw, res, swiglu, eps=1e-5):
@@ -90,41 +81,32 @@ def sweep(results: list, name: str, call, want: torch.Tensor, calls: int, n: int
     """Time `call` under each of `settings` (default SETTINGS; the module constants restored after each; None in a
     setting: the module's default), checked against `want`; the kernel's grid is over n columns (or column pairs)
     of width k."""
-    names = ("TILE", "MAX_BLOCK_N", "NUM_WARPS", "MULTI_ROW_WARPS", "SWIGLU_WARPS", "FEW_ROWS_DOT_WARPS",
-             "ROWS_PER_PROGRAM", "K_TAIL", "FEW_ROWS_DOT")
+    names = ("TILE", "MAX_BLOCK_N", "NUM_WARPS", "MULTI_ROW_WARPS", "SWIGLU_WARPS", "ROWS_PER_PROGRAM")
     defaults = [getattr(tl_, attr) for attr in names], triton_attention.PDL
     for setting in SETTINGS if settings is None else settings:
-        row_loop = setting == "row-loop"  # the defaults with triton_linear.ROW_LOOP on
-        if setting is None or row_loop:  # the modules' defaults, as the engine runs them
-            setting = (tl_.TILE, tl_.MAX_BLOCK_N, None, triton_attention.PDL, tl_.ROWS_PER_PROGRAM, tl_.K_TAIL,
-                       tl_.FEW_ROWS_DOT)
-        tile, max_bn, warps, pdl, per_program, k_tail, dot = setting
+        if setting is None:  # the modules' defaults, as the engine runs them
+            setting = (tl_.TILE, tl_.MAX_BLOCK_N, None, triton_attention.PDL, tl_.ROWS_PER_PROGRAM)
+        tile, max_bn, warps, pdl, per_program = setting
         if per_program < ALL and want.numel() // want.shape[-1] == 1:
             continue  # a one-row call has one row block either way
-        for attr, v in zip(names, (tile, max_bn, warps, warps, warps, warps, per_program, k_tail, dot)):  # one count
+        for attr, v in zip(names, (tile, max_bn, warps, warps, warps, per_program)):  # one warp count for all
             if v is not None:  # warps None: each product's own default
                 setattr(tl_, attr, v)
         triton_attention.PDL = pdl
-        tl_.ROW_LOOP = row_loop
         try:
             err = (call().float() - want.float()).abs().max().item()
             ok = err < 6e-2 * max(1.0, want.float().abs().max().item() / 8)
             us = per_call_us(call, calls)
-            bn, bk, bt = tl_.blocks(n, k, torch.cuda.get_device_properties(want.device).multi_processor_count,
-                                    want.numel() // want.shape[-1])
+            bn, bk = tl_.blocks(n, k, torch.cuda.get_device_properties(want.device).multi_processor_count)
         finally:
             for attr, v in zip(names, defaults[0]):
                 setattr(tl_, attr, v)
             triton_attention.PDL = defaults[1]
-            tl_.ROW_LOOP = False
         split = f" {per_program}r" if per_program < ALL else ""  # rows a program, where not all
-        path = f"kernel T{tile} N<={max_bn} w{warps or '*'}{' pdl' if pdl else ''}{split}{' kt' if k_tail else ''}" + \
-            (f" dot{'-all' if dot == 'all' else ''}" if dot else "") + (" row-loop" if row_loop else "")
+        path = f"kernel T{tile} N<={max_bn} w{warps or '*'}{' pdl' if pdl else ''}{split}"
         results.append({"product": name, "path": path, "tile": tile, "max_block_n": max_bn, "warps": warps,
-                        "pdl": pdl, "rows_per_program": per_program, "k_tail": k_tail, "few_rows_dot": dot,
-                        "row_loop": row_loop,
-                        "us": us, "ok": ok,
-                        "max_err": err, "blocks": [bn, bk, bt]})
+                        "pdl": pdl, "rows_per_program": per_program, "us": us, "ok": ok,
+                        "max_err": err, "blocks": [bn, bk]})
         print(f"{name:<34} {path:<29} {us:8.2f}  {'yes' if ok else 'NO'}")
 
 
@@ -190,20 +172,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", default="1", help="rows a call, or several, comma-separated (one table each)")
     ap.add_argument("--calls", type=int, default=50)
-    ap.add_argument("--settings", default="all", choices=("all", "default", "rows"),
-                    help="every launch setting of SETTINGS, only the modules' defaults as the engine runs them, or "
-                         "those and the same with triton_linear.ROW_LOOP on")
+    ap.add_argument("--settings", default="all", choices=("all", "default"),
+                    help="every launch setting of SETTINGS, or only the modules' defaults as the engine runs them")
     args = ap.parse_args()
     try:
         rows = [int(r) for r in args.rows.split(",")]
     except ValueError:
         raise SystemExit(f"--rows takes integers separated by commas, not {args.rows!r}") from None
-    if min(rows) < 1 or max(rows) > tl_.WIDE_ROWS:
-        raise SystemExit(f"--rows: each between 1 and {tl_.WIDE_ROWS} (the fused kernels' most), not {args.rows!r}")
+    if min(rows) < 1 or max(rows) > tl_.MAX_ROWS:
+        raise SystemExit(f"--rows: each between 1 and {tl_.MAX_ROWS} (the few-row kernels' most), not {args.rows!r}")
     if not torch.cuda.is_available():
         raise SystemExit("linear_bench needs a CUDA device")
     g = torch.Generator().manual_seed(0)
-    chosen = {"all": None, "default": [None], "rows": [None, "row-loop"]}[args.settings]
+    chosen = {"all": None, "default": [None]}[args.settings]
     results = [r for n in rows for r in measure(n, args.calls, g, chosen)]
     best = {}
     for r in results:

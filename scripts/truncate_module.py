@@ -3,7 +3,7 @@
 The input map, the norms, the first N layers and the draft vocabulary are kept; the later layers are dropped, so the
 N-th layer's output goes straight to the shared final norm and head. Fine-tuning then teaches the shallower stack
 what the dropped layers did (docs/training.md, the one-layer module).
-    python scripts/truncate_module.py src/recyclegpt/modules/smollm2-135m-instruct .data/modules/l1-init --layers 1
+    python scripts/truncate_module.py src/recyclegpt/modules/smollm2-135m-instruct work/l1-init --layers 1
 """
 
 from __future__ import annotations

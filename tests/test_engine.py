@@ -307,9 +307,9 @@ def test_fused_projections_give_the_same_logits_and_tokens():
     assert block.attn.wk.weight.grad is not None and block.mlp.w3.weight.grad is not None
 
 
-def test_the_fused_path_keeps_to_the_shapes_it_was_measured_faster_on(monkeypatch):
+def test_the_fused_path_keeps_to_the_shapes_it_was_measured_faster_on():
     """SmolLM2's width (576) takes the fused kernels; the paper's 1.3B (2048) and 7B (4096) widths, where they were
-    measured slower on an H100 (docs/engine.md, thirteenth session), keep cuBLAS; and so do wide calls."""
+    measured slower on an H100 (docs/engine.md, 2026-11-27), keep cuBLAS; and so do wide calls."""
     from recyclegpt import model as model_mod
     from recyclegpt import triton_linear
     from recyclegpt.bench import SHAPES
@@ -322,9 +322,6 @@ def test_the_fused_path_keeps_to_the_shapes_it_was_measured_faster_on(monkeypatc
         cfg = SHAPES[name]
         assert not model_mod.fused_linear_fits(cfg.d_model, 1, head_dim(cfg)), name
     assert not model_mod.fused_linear_fits(smol.d_model, triton_linear.MAX_ROWS + 1, head_dim(smol))
-    monkeypatch.setattr(model_mod, "FUSED_WIDE", True)
-    assert model_mod.fused_linear_fits(smol.d_model, triton_linear.WIDE_ROWS, head_dim(smol))
-    assert not model_mod.fused_linear_fits(smol.d_model, triton_linear.WIDE_ROWS + 1, head_dim(smol))
     assert not model_mod.fused_linear_fits(smol.d_model, 1, 48)  # half a head (24) is not a power of two
 
 

@@ -274,7 +274,7 @@ class ChatExamples:
         read = read_jsonl(files)
         texts = [example_texts(messages, tokenizer, where, chat=chat) for messages, where, chat in read]
         # the same ids as encode_example's, the tokenizer's threads sharing the work (~1 ms an example one at a
-        # time: two minutes for the nineteenth session's 99,890 records)
+        # time: two minutes for 99,890 records on 2026-11-27)
         prompts = tokenizer.encode_batch([p for p, _, _ in texts])
         responses = tokenizer.encode_batch([r for _, r, _ in texts], add_bos=False)
         for p_ids, r_ids, (_, _, separator) in zip(prompts, responses, texts):

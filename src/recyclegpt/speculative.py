@@ -43,7 +43,7 @@ from .topk import best_in_order, top_k
 from .verify import verify_chain, verify_tree
 
 
-# H100 sweep with the v2 module (BENCHMARKS.md, issue 5): K = 2 gave 1.63x, 3 1.57x, 4 1.46x, 8 1.20x; 3 is the default
+# H100 sweep with the v2 module (docs/speculative.md): K = 2 gave 1.63x, 3 1.57x, 4 1.46x, 8 1.20x; 3 is the default
 # because the rollout-trained v3 module accepts deeper drafts (not re-swept with v3)
 DEFAULT_DRAFT_LEN = 3
 
@@ -53,19 +53,19 @@ class TreeShape(NamedTuple):
     expanded per level, and the best `nodes` (by cumulative draft log-probability) sent to the full model; plus,
     when `lookup` > 0, a chain of that many tokens found by prompt lookup (`prompt_lookup`) as one more branch."""
 
-    # defaults: best of eight shapes in the ninth session's H100 sweep (v3 module, compiled whole rounds, sort-free
+    # defaults: best of eight shapes in a 2026-11-27 H100 sweep (v3 module, compiled whole rounds, sort-free
     # top-k, 20 prompts of four sets): (5, 4, 24) 1.93x, (5, 4, 20) 1.92x, (5, 4, 32) 1.91x, (5, 6, 32) 1.89x,
-    # (5, 8, 40) 1.87x, (6, 4, 32) 1.84x, (6, 5, 32) 1.83x, (4, 4, 16) 1.82x (BENCHMARKS.md, issue 5); re-checked in
-    # the tenth with the draft-head kernel: (5, 4, 24) 1.98x, (5, 4, 20) 1.97x, (5, 4, 28) 1.91x, (5, 5, 24) 1.91x,
-    # (6, 4, 24) 1.86x; and in the eleventh with the merge kernel: (5, 4, 24) 2.04x / 2.04x / 2.05x, (5, 4, 20) 2.03x,
+    # (5, 8, 40) 1.87x, (6, 4, 32) 1.84x, (6, 5, 32) 1.83x, (4, 4, 16) 1.82x; re-checked the same day
+    # with the draft-head kernel: (5, 4, 24) 1.98x, (5, 4, 20) 1.97x, (5, 4, 28) 1.91x, (5, 5, 24) 1.91x,
+    # (6, 4, 24) 1.86x; and again with the merge kernel: (5, 4, 24) 2.04x / 2.04x / 2.05x, (5, 4, 20) 2.03x,
     # (5, 4, 28) 2.02x, (6, 4, 28) 1.92x
     depth: int = 5
     topk: int = 4
     nodes: int = 24
-    # off: on the H100 the 5-token branch gave τ +0.13 but made the verification dearer, 1.93x -> 1.90x (tenth
-    # session); in place of five drafted nodes, (5, 4, 19, 5), the round still cost 0.073 ms more than (5, 4, 24):
+    # off: on the H100 the 5-token branch gave τ +0.13 but made the verification dearer, 1.93x -> 1.90x
+    # (2026-11-27); in place of five drafted nodes, (5, 4, 19, 5), the round still cost 0.073 ms more than (5, 4, 24):
     # inductor splits the verification's per-layer rotary and mask work into three kernels when the tree carries
-    # the branch (eleventh session, docs/speculative.md)
+    # the branch (2026-11-27, docs/speculative.md)
     lookup: int = 0
 
     def check(self) -> "TreeShape":

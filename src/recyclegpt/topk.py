@@ -3,7 +3,7 @@
 `torch.topk` over a 49,152-token vocabulary runs a multi-pass radix select: several kernels per call, which torch.compile
 cannot fuse (it calls aten's). A draft-tree round makes five topk calls and two sorts; on the H100 the round's
 kernels of kind "other" (neither matmul, attention, inductor's nor copies: where aten's topk and sort fall) took
-0.23 ms of its 1.95 ms (seventh session's profile). Here the same selection is written as comparisons and
+0.23 ms of its 1.95 ms (a 2026-11-26 profile). Here the same selection is written as comparisons and
 reductions, which inductor fuses into a few kernels:
 
 - `stable_rank`: each element's place in a stable descending sort (an all-pairs count, n^2 per row: for small n).
@@ -28,8 +28,8 @@ CHUNK = 128
 SORT_FREE = "cuda"  # "cuda": the sort-free path on CUDA tensors only; "always"; "never" (torch.topk everywhere)
 # greedy selection's argmax over a vocabulary in two reductions (`argmax`): "cuda" (CUDA tensors in compiled code),
 # "always" or "never" (one torch.argmax). Compiled, a step's argmax over SmolLM2's 49,152 logits is one inductor reduction that a single
-# program loops through: 9.2 us of a 0.471 ms standard step on an H100 (fourteenth session's profile), two of them in
-# a recycle step. Chunk maxima first spread the reading over many programs. Measured on an H100 (fifteenth session,
+# program loops through: 9.2 us of a 0.471 ms standard step on an H100 (a 2026-11-27 profile), two of them in
+# a recycle step. Chunk maxima first spread the reading over many programs. Measured on an H100 (2026-11-27,
 # `gpu_step_profile.py --split-argmax` is the A/B): standard 0.489 -> 0.482 ms, recycle 0.654 -> 0.642. Eager CUDA
 # code (the `graphs` engine, the reference loops) keeps torch.argmax, whose one kernel already spreads over the GPU
 ARGMAX_CHUNK = 1024

@@ -34,20 +34,20 @@ MIN_SLOTS = 64  # the fewest KV slots worth a program of their own (below it the
 # range by range in a loop, one L2 round trip each. Either form gives a row the same bits whatever the call's row
 # count, as long as the KV ranges are the same (`plan`: up to MAX_BLOCK_R rows a KV head).
 # The first tile form (a tl.sum over a (ranges, rows, D) tile) broke that invariance: bf16 recycle-verified equalled
-# `standard` on 8 of 20 prompts with it, 20 of 20 without (fourteenth session). This ordered form, measured on an H100
-# (fifteenth session, `gpu_step_profile.py --merge-tile` is the A/B): SmolLM2's compiled standard step 0.489 -> 0.465
+# `standard` on 8 of 20 prompts with it, 20 of 20 without (2026-11-27). This ordered form, measured on an H100
+# (2026-11-27, `gpu_step_profile.py --merge-tile` is the A/B): SmolLM2's compiled standard step 0.489 -> 0.465
 # ms, recycle's 0.654 -> 0.631, and 20 of 20 prompts equal in bf16 for recycle-verified and speculative
 MERGE_TILE = True
 MERGE_TILE_MAX = 4096
 # cached_attention loads each range's first block of cached keys and values before it waits on the previous kernel
 # (programmatic dependent launch), so that its longest load overlaps the QKV product before it. Measured on an H100
-# (fourteenth session, `gpu_step_profile.py --prefetch` is the A/B, with the first tile merge on): SmolLM2's
-# compiled standard step 0.493 -> 0.471 ms, recycle's 0.673 -> 0.649. In the bench on the same lease, with the merge
+# (2026-11-27, `gpu_step_profile.py --prefetch` is the A/B, with the first tile merge on): SmolLM2's
+# compiled standard step 0.493 -> 0.471 ms, recycle's 0.673 -> 0.649. In the bench on the same machine, with the merge
 # tile off, standard went from 1,708 to 1,844-1,877 tok/s
 PREFETCH = True
 # warps of a cached_attention program (up to 64 x 128 query values; larger tiles take 8). Compiled for sm_90a (ptxas,
-# on the CPU; fourteenth session), SmolLM2's kernel (16 x 64, a cache write) uses 255 registers at 4 warps and spills
-# 428 bytes, 480 with PREFETCH; at 8 warps it uses 254 and spills none. Measured on an H100 (fifteenth session,
+# on the CPU; 2026-11-27), SmolLM2's kernel (16 x 64, a cache write) uses 255 registers at 4 warps and spills
+# 428 bytes, 480 with PREFETCH; at 8 warps it uses 254 and spills none. Measured on an H100 (2026-11-27,
 # `gpu_step_profile.py --cached-warps 8`): standard 0.489 -> 0.485 ms, recycle 0.654 -> 0.657; the spills cost
 # nothing that shows, so 4
 CACHED_WARPS = 4
@@ -55,7 +55,7 @@ CACHED_WARPS = 4
 # cached_attention, triton_linear's products): a kernel is launched while the previous one still runs, loads what no
 # kernel writes (its first weight block), then waits for the previous kernel's writes (griddepcontrol.wait) and lets
 # the next kernel launch. Inside a step's CUDA graph the launch gap and the weight loads' latency overlap the
-# previous kernel. Measured on an H100 (twelfth session, `gpu_step_profile.py --pdl` is the A/B): SmolLM2's compiled
+# previous kernel. Measured on an H100 (2026-11-27, `gpu_step_profile.py --pdl` is the A/B): SmolLM2's compiled
 # standard step 0.789 -> 0.659 ms, recycle's 1.009 -> 0.897. Off on older GPUs and under the interpreter
 PDL = True
 
@@ -182,7 +182,7 @@ if triton is not None:
                     # the ranges' partials folded in range order, by the same arithmetic in either form, so that a
                     # row gets the same bits whatever the call's row count (and so form). A tl.sum over a (ranges,
                     # rows, D) tile summed in an order set by the tile's layout, which changes with the row count:
-                    # bf16 chains drifted from `standard` (fourteenth session: 8 of 20 prompts equal, 20 of 20
+                    # bf16 chains drifted from `standard` (2026-11-27: 8 of 20 prompts equal, 20 of 20
                     # without it)
                     if MERGE_TILE:
                         # unrolled over BLOCK_S ranges (those past n_split masked: they multiply by 1 and add 0),
@@ -199,8 +199,8 @@ if triton is not None:
                                                             (bh * n_split + j) * R + mrows, ok, dims, D)
                     else:
                         # range by range in a loop, one L2 round trip each. Loading every range's partials at once
-                        # for all BLOCK_R rows (a (ranges, 16, D) tile for 3 rows) was slower on an H100 (twelfth
-                        # session: the standard step ~1,525 against ~1,635 tok/s)
+                        # for all BLOCK_R rows (a (ranges, 16, D) tile for 3 rows) was slower on an H100
+                        # (2026-11-27: the standard step ~1,525 against ~1,635 tok/s)
                         mrows, mrow_ok = rows, row_ok
                         m_all = tl.full([BLOCK_R], float("-inf"), tl.float32)
                         l_all = tl.zeros([BLOCK_R], tl.float32)
