@@ -52,14 +52,14 @@ PREFILL_BUCKET = 64  # with graphs, prompts are left-padded to a multiple of thi
 # recycle's module calls compute their last layer's products for the one position whose output they read (the
 # attention still caches both): `RecycleModel.recycle(outputs=1)`. A row's bits do not depend on the rows beside it
 # in the fused products (tested), so the tokens are the same. Measured on 2026-11-27 (H100,
-# `gpu_step_profile.py --no-module-last-only`, 256 slots): recycle 0.583 ms with it, 0.584 without; within the noise
+# an A/B of step profiles, 256 slots): recycle 0.583 ms with it, 0.584 without; within the noise
 # of that run (standard, which it does not touch, moved 0.004). On: it is less work and the same tokens
 MODULE_LAST_ONLY = True
 # the greedy fixed steps make their slots, rotary tables and mask in a function of their own (`Decoder._tables`,
 # compiled apart) and hand them to their forwards as inputs: one set for a recycle step's full call and module call,
 # where each call made its own, and inductor no longer copies them for the custom ops that read them (the
 # `recyclegpt::shared` copies and one slots tensor per layer that the pair's `pos + offsets` got). Measured on
-# 2026-11-27 (H100, `gpu_step_profile.py --no-step-tables`, 256 slots): SmolLM2's standard step 0.456 ->
+# 2026-11-27 (H100, an A/B of step profiles, 256 slots): SmolLM2's standard step 0.456 ->
 # 0.448 ms, recycle 0.611 -> 0.583 (163 -> 160 and 193 -> 179 kernels over 512 slots)
 STEP_TABLES = True
 # with compile, the prompt's forwards (the base's and the module's) are compiled too, with dynamic shapes: one

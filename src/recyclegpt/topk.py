@@ -30,7 +30,7 @@ SORT_FREE = "cuda"  # "cuda": the sort-free path on CUDA tensors only; "always";
 # "always" or "never" (one torch.argmax). Compiled, a step's argmax over SmolLM2's 49,152 logits is one inductor reduction that a single
 # program loops through: 9.2 us of a 0.471 ms standard step on an H100 (a 2026-11-27 profile), two of them in
 # a recycle step. Chunk maxima first spread the reading over many programs. Measured on an H100 (2026-11-27,
-# `gpu_step_profile.py --split-argmax` is the A/B): standard 0.489 -> 0.482 ms, recycle 0.654 -> 0.642. Eager CUDA
+# an A/B of step profiles): standard 0.489 -> 0.482 ms, recycle 0.654 -> 0.642. Eager CUDA
 # code (the `graphs` engine, the reference loops) keeps torch.argmax, whose one kernel already spreads over the GPU
 ARGMAX_CHUNK = 1024
 SPLIT_ARGMAX = "cuda"

@@ -35,27 +35,27 @@ MIN_SLOTS = 64  # the fewest KV slots worth a program of their own (below it the
 # count, as long as the KV ranges are the same (`plan`: up to MAX_BLOCK_R rows a KV head).
 # The first tile form (a tl.sum over a (ranges, rows, D) tile) broke that invariance: bf16 recycle-verified equalled
 # `standard` on 8 of 20 prompts with it, 20 of 20 without (2026-11-27). This ordered form, measured on an H100
-# (2026-11-27, `gpu_step_profile.py --merge-tile` is the A/B): SmolLM2's compiled standard step 0.489 -> 0.465
+# (2026-11-27, an A/B of step profiles): SmolLM2's compiled standard step 0.489 -> 0.465
 # ms, recycle's 0.654 -> 0.631, and 20 of 20 prompts equal in bf16 for recycle-verified and speculative
 MERGE_TILE = True
 MERGE_TILE_MAX = 4096
 # cached_attention loads each range's first block of cached keys and values before it waits on the previous kernel
 # (programmatic dependent launch), so that its longest load overlaps the QKV product before it. Measured on an H100
-# (2026-11-27, `gpu_step_profile.py --prefetch` is the A/B, with the first tile merge on): SmolLM2's
+# (2026-11-27, an A/B of step profiles, with the first tile merge on): SmolLM2's
 # compiled standard step 0.493 -> 0.471 ms, recycle's 0.673 -> 0.649. In the bench on the same machine, with the merge
 # tile off, standard went from 1,708 to 1,844-1,877 tok/s
 PREFETCH = True
 # warps of a cached_attention program (up to 64 x 128 query values; larger tiles take 8). Compiled for sm_90a (ptxas,
 # on the CPU; 2026-11-27), SmolLM2's kernel (16 x 64, a cache write) uses 255 registers at 4 warps and spills
 # 428 bytes, 480 with PREFETCH; at 8 warps it uses 254 and spills none. Measured on an H100 (2026-11-27,
-# `gpu_step_profile.py --cached-warps 8`): standard 0.489 -> 0.485 ms, recycle 0.654 -> 0.657; the spills cost
+# an A/B of step profiles): standard 0.489 -> 0.485 ms, recycle 0.654 -> 0.657; the spills cost
 # nothing that shows, so 4
 CACHED_WARPS = 4
 # programmatic dependent launch (Hopper and later), for the kernels of a fused decode call (this module's
 # cached_attention, triton_linear's products): a kernel is launched while the previous one still runs, loads what no
 # kernel writes (its first weight block), then waits for the previous kernel's writes (griddepcontrol.wait) and lets
 # the next kernel launch. Inside a step's CUDA graph the launch gap and the weight loads' latency overlap the
-# previous kernel. Measured on an H100 (2026-11-27, `gpu_step_profile.py --pdl` is the A/B): SmolLM2's compiled
+# previous kernel. Measured on an H100 (2026-11-27, an A/B of step profiles): SmolLM2's compiled
 # standard step 0.789 -> 0.659 ms, recycle's 1.009 -> 0.897. Off on older GPUs and under the interpreter
 PDL = True
 

@@ -28,7 +28,7 @@ KTOP = 4  # candidates a block keeps per row; k may not exceed it
 # the blocks merged by a second small kernel (one launch) rather than by torch ops (a few fused kernels after
 # inductor). Measured on an H100 (2026-11-27, docs/engine.md): the compiled (5, 4, 24) round 1.480 -> 1.468 ms,
 # the tree 2.03x -> 2.04x / 2.05x `standard` in one call. False gives the torch merge (the A/B:
-# `gpu_step_profile.py --torch-draft-merge`)
+# an A/B of step profiles)
 MERGE_KERNEL = True
 # launch settings: a 2026-11-27 sweep (`scripts/draft_head_bench.py`, H100) found these within 2% of the
 # best of 36 (11.27 against 11.09 us for one row), so they stay
