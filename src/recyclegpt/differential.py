@@ -23,6 +23,7 @@ the long version on a GPU.
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -73,7 +74,8 @@ def make_requests(seed: int, n: int, *, vocab_size: int, context_length: int, ma
                   max_prompt: int | None = None) -> list[Request]:
     """A random sequence of n requests: prompt lengths from 1 token to near the context (`max_prompt`, default the
     context less the budget and the widest strategy's `span`), at and beside every bucket boundary and at random, in
-    random order but starting long -> short -> long; budgets from 1 to `max_new_tokens`, crossing the buckets too;
+    random order but starting long -> short -> long, the rest half boundaries, half log-uniform (mostly short, as
+    traffic is, with a tail to the context); budgets from 1 to `max_new_tokens`, crossing the buckets too;
     batches of 1 to `max_batch` prompts of mixed lengths; a share `sampled` of seeded sampling and `stops` of stop
     tokens. Prompts are random token ids, or slices of `corpus` (a token stream) when given."""
     rng = random.Random(seed)
@@ -82,6 +84,9 @@ def make_requests(seed: int, n: int, *, vocab_size: int, context_length: int, ma
         raise ValueError(f"context {context_length} leaves no room for a prompt beside {max_new_tokens} new tokens")
     lengths = boundary_lengths(top, buckets)
     budgets = boundary_lengths(max_new_tokens, buckets)
+
+    def log_uniform(limit: int) -> int:  # traffic is mostly short prompts, with a long tail up to the context
+        return max(1, min(limit, round(math.exp(rng.uniform(0.0, math.log(limit))))))
 
     def prompt(length: int) -> tuple[int, ...]:
         if corpus is not None and len(corpus) > length:
@@ -94,10 +99,10 @@ def make_requests(seed: int, n: int, *, vocab_size: int, context_length: int, ma
         if i < 3:  # long -> short -> long first: the sequence that broke captured graphs shared across Decoders
             first = (top, rng.randint(1, 16), top - rng.randint(0, max(1, top // 8)))[i]
         else:
-            first = rng.choice(lengths) if rng.random() < 0.6 else rng.randint(1, top)
+            first = rng.choice(lengths) if rng.random() < 0.5 else log_uniform(top)
         first = max(1, min(first, top))
         size = 1 if i < 3 else rng.randint(1, max_batch)
-        rows = [first] + [rng.randint(1, top) if rng.random() < 0.5 else rng.randint(1, max(1, first))
+        rows = [first] + [log_uniform(top) if rng.random() < 0.5 else rng.randint(1, max(1, first))
                           for _ in range(size - 1)]
         rng.shuffle(rows)
         new = rng.choice(budgets) if rng.random() < 0.5 else rng.randint(1, max_new_tokens)
