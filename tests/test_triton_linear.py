@@ -22,10 +22,8 @@ triton = pytest.importorskip("triton")
 from interpreted import needs_interpreter_3_7, run_interpreted  # noqa: E402
 from recyclegpt import triton_attention, triton_linear  # noqa: E402
 
-# (rows, N, K): ragged column and K blocks, a square layer, SmolLM2's QKV / gate-up / down shapes; then more than
-# MAX_ROWS rows (the tensor-core form): 5 (padded to 16), a 25-token tree verification, 32
-CASES = [(1, 50, 72), (3, 96, 64), (4, 576, 576), (1, 960, 576), (2, 3072, 576), (1, 576, 1536),
-         (5, 50, 72), (25, 576, 576), (32, 96, 1536)]
+# (rows, N, K): ragged column and K blocks, a square layer, SmolLM2's QKV / gate-up / down shapes
+CASES = [(1, 50, 72), (3, 96, 64), (4, 576, 576), (1, 960, 576), (2, 3072, 576), (1, 576, 1536)]
 MODES = {"plain": {}, "norm": {"norm": True}, "swiglu": {"swiglu": True}, "residual": {"residual": True},
          "norm+residual": {"norm": True, "residual": True}}
 
@@ -54,8 +52,7 @@ def reference(x, w, nw, res, *, swiglu=False, eps=1e-5):
 
 # (B, T, q + k heads rotated, v heads, D): a decode step, a recycle pair, a batch of two with their own positions,
 # SmolLM2's 9 + 3 + 3 heads of 64
-QKV_CASES = [(1, 1, 6, 2, 8), (1, 2, 6, 2, 16), (2, 2, 3, 1, 8), (1, 1, 12, 3, 64), (1, 25, 12, 3, 64),
-             (4, 2, 3, 1, 32)]  # and wider: a 25-token verification with tree positions, 4 rows of 2 tokens
+QKV_CASES = [(1, 1, 6, 2, 8), (1, 2, 6, 2, 16), (2, 2, 3, 1, 8), (1, 1, 12, 3, 64)]
 
 
 def qkv_inputs(B, T, rot, plain, D, K=40, *, dtype=torch.float32, device="cpu", seed=0):
@@ -111,41 +108,6 @@ def check_interpreted_cases() -> None:
             print(f"qkv_rope B={B} T={T}, {per_program} rows a program: max |d| {err.item():.2e}")
             assert err.item() < 1e-5, (B, T, per_program, err)
     triton_linear.ROWS_PER_PROGRAM = default
-    triton_linear.ROW_LOOP = True  # the rows of a one-K-step call one after another
-    try:
-        check_all_modes([c for c in CASES if 1 < c[0] <= triton_linear.MAX_ROWS and c[2] <= 576], ", row loop")
-        for B, T, rot, plain, D in [c for c in QKV_CASES if 1 < c[0] * c[1] <= triton_linear.MAX_ROWS]:
-            x, w, nw, rope = qkv_inputs(B, T, rot, plain, D)
-            err = (triton_linear.qkv_rope(x, w, nw, 1e-5, rope, rot) - qkv_reference(x, w, nw, rope, rot)).abs().max()
-            print(f"qkv_rope B={B} T={T}, row loop: max |d| {err.item():.2e}")
-            assert err.item() < 1e-5, (B, T, "row loop", err)
-        check_swiglu_epilogue()
-    finally:
-        triton_linear.ROW_LOOP = False
-    triton_linear.FEW_ROWS_DOT = True  # few-row calls with column blocks of 16+ (N >= 2,112 here) on tensor cores
-    try:
-        check_all_modes(((1, 3072, 576), (2, 3072, 576), (3, 2200, 100), (4, 3072, 40)), ", few rows on tensor cores")
-        triton_linear.FEW_ROWS_DOT = "all"  # every few-row product, 16 columns a program at least
-        check_all_modes([c for c in CASES if c[0] <= triton_linear.MAX_ROWS], ", all few rows on tensor cores")
-        for B, T, rot, plain, D in [c for c in QKV_CASES if c[0] * c[1] <= triton_linear.MAX_ROWS]:
-            x, w, nw, rope = qkv_inputs(B, T, rot, plain, D)
-            err = (triton_linear.qkv_rope(x, w, nw, 1e-5, rope, rot) - qkv_reference(x, w, nw, rope, rot)).abs().max()
-            print(f"qkv_rope B={B} T={T}, all few rows on tensor cores: max |d| {err.item():.2e}")
-            assert err.item() < 1e-5, (B, T, "dot all", err)
-    finally:
-        triton_linear.FEW_ROWS_DOT = False
-    # K as whole steps and a tail (K_TAIL): a tail of 8 (tile 16), 36, SmolLM2's 576 = 512 + 64, K below one step
-    # (no whole step), and on tensor cores (5 and 25 rows) with tails of 8 and 72
-    triton_linear.K_TAIL = True
-    try:
-        check_all_modes(((1, 50, 72), (3, 96, 100), (2, 960, 576), (2, 20, 10), (5, 50, 72), (25, 96, 200)), ", K tail")
-        for (B, T, rot, plain, D), K in [(c, 40) for c in QKV_CASES] + [((1, 2, 12, 3, 64), 576)]:
-            x, w, nw, rope = qkv_inputs(B, T, rot, plain, D, K)
-            err = (triton_linear.qkv_rope(x, w, nw, 1e-5, rope, rot) - qkv_reference(x, w, nw, rope, rot)).abs().max()
-            print(f"qkv_rope B={B} T={T} K={K}, K tail: max |d| {err.item():.2e}")
-            assert err.item() < 1e-5, (B, T, K, "K tail", err)
-    finally:
-        triton_linear.K_TAIL = False
     x, w, nw, res = make_inputs(4, 50, 72, norm=True, residual=True)
     got = triton_linear.linear(x.reshape(2, 2, 72), w, norm_weight=nw, eps=1e-5, residual=res.reshape(2, 2, 50))
     assert got.shape == (2, 2, 50) and torch.allclose(got.reshape(4, 50), reference(x, w, nw, res), atol=1e-5)
@@ -165,12 +127,17 @@ def check_interpreted_cases() -> None:
     x, w, nw, rope = qkv_inputs(1, 2, 6, 2, 16, dtype=torch.bfloat16)
     want = qkv_reference(x, w, nw, rope, 6)
     assert (triton_linear.qkv_rope(x, w, nw, 1e-5, rope, 6).float() - want.float()).abs().max().item() < 5e-2
-    x, w, _, _ = make_inputs(33, 50, 72)
-    try:
-        triton_linear.linear(x, w)
-        raise AssertionError("33 rows accepted")
-    except ValueError as e:
-        assert f"at most {triton_linear.WIDE_ROWS} rows" in str(e), e
+    rows = triton_linear.MAX_ROWS + 1  # more rows than the kernels take: each op refuses them
+    x, w, nw, _ = make_inputs(rows, 50, 72, norm=True)
+    xq, wq, nwq, rope = qkv_inputs(1, rows, 6, 2, 8)
+    for op, call in (("fused linear", lambda: triton_linear.linear(x, w)),
+                     ("fused gate-up", lambda: triton_linear.gate_up_swiglu(x, w, nw, 1e-5)),
+                     ("fused QKV", lambda: triton_linear.qkv_rope(xq, wq, nwq, 1e-5, rope, 6))):
+        try:
+            call()
+            raise AssertionError(f"{op}: {rows} rows accepted")
+        except ValueError as e:
+            assert str(e).startswith(op) and f"at most {triton_linear.MAX_ROWS} rows" in str(e), e
 
     def layer_tail(x, w, nw, res):
         return triton_linear.linear(x * 1.0, w, norm_weight=nw, eps=1e-5, residual=res)
@@ -190,15 +157,11 @@ def check_interpreted_cases() -> None:
 def check_rows_get_the_same_bits(device: str = "cpu", dtype: torch.dtype = torch.float32) -> None:
     """A row's product has the same bits alone (a standard step) and as the first row of 2- and 4-row calls (a recycle
     pair, a chain's verification), for every product at SmolLM2's shapes (and SWIGLU_EPILOGUE's gate-up and down),
-    with and without K_TAIL, SWIGLU_WARPS, FEW_ROWS_DOT (gate-up, or every product, on tensor cores) and ROW_LOOP:
-    the engine's bf16 chains equal `standard` only if this holds."""
-    default = triton_linear.K_TAIL, triton_linear.SWIGLU_WARPS, triton_linear.FEW_ROWS_DOT, triton_linear.ROW_LOOP
+    with and without SWIGLU_WARPS: the engine's bf16 chains equal `standard` only if this holds."""
+    default = triton_linear.SWIGLU_WARPS
     try:
-        for k_tail, swiglu_warps, dot, row_loop in ((False, 0, False, False), (True, 0, False, False),
-                                                    (False, 8, False, False), (False, 8, True, False),
-                                                    (False, 8, "all", False), (False, 8, False, True)):
-            triton_linear.K_TAIL, triton_linear.SWIGLU_WARPS, triton_linear.FEW_ROWS_DOT = k_tail, swiglu_warps, dot
-            triton_linear.ROW_LOOP = row_loop
+        for swiglu_warps in (0, 8):
+            triton_linear.SWIGLU_WARPS = swiglu_warps
             for name, mode, N, K in (("qkv", {"norm": True}, 960, 576), ("out", {"residual": True}, 576, 576),
                                      ("gate-up", {"norm": True}, 3072, 576),
                                      ("down", {"swiglu": True, "residual": True}, 576, 1536)):
@@ -206,55 +169,48 @@ def check_rows_get_the_same_bits(device: str = "cpu", dtype: torch.dtype = torch
                 firsts = [triton_linear.linear(x[:R], w, norm_weight=nw, eps=1e-5,
                                                residual=None if res is None else res[:R], swiglu="swiglu" in mode)[0]
                           for R in (1, 2, 4)]
-                assert all(torch.equal(firsts[0], f) for f in firsts[1:]), (name, k_tail, swiglu_warps, dot)
+                assert all(torch.equal(firsts[0], f) for f in firsts[1:]), (name, swiglu_warps)
             x, w, nw, _ = make_inputs(4, 3072, 576, norm=True, dtype=dtype, device=device)  # SWIGLU_EPILOGUE's pair
             acts = [triton_linear.gate_up_swiglu(x[:R], w, nw, 1e-5) for R in (1, 2, 4)]
-            assert all(torch.equal(acts[0][0], a[0]) for a in acts[1:]), ("gate-up swiglu", k_tail, swiglu_warps, dot)
+            assert all(torch.equal(acts[0][0], a[0]) for a in acts[1:]), ("gate-up swiglu", swiglu_warps)
             x, w, _, res = make_inputs(4, 576, 1536, residual=True, dtype=dtype, device=device)
             firsts = [triton_linear.linear(x[:R], w, residual=res[:R])[0] for R in (1, 2, 4)]
-            assert all(torch.equal(firsts[0], f) for f in firsts[1:]), ("down after it", k_tail, swiglu_warps, dot)
+            assert all(torch.equal(firsts[0], f) for f in firsts[1:]), ("down after it", swiglu_warps)
             x, w, nw, rope = qkv_inputs(1, 4, 12, 3, 64, 576, dtype=dtype, device=device)  # positions 17..20
             firsts = [triton_linear.qkv_rope(x[:, :T], w, nw, 1e-5, tuple(r[:, :, :T] for r in rope), 12)[0, 0]
                       for T in (1, 2, 4)]
-            assert all(torch.equal(firsts[0], f) for f in firsts[1:]), ("qkv_rope", k_tail, swiglu_warps, dot)
+            assert all(torch.equal(firsts[0], f) for f in firsts[1:]), ("qkv_rope", swiglu_warps)
     finally:
-        (triton_linear.K_TAIL, triton_linear.SWIGLU_WARPS, triton_linear.FEW_ROWS_DOT,
-         triton_linear.ROW_LOOP) = default
+        triton_linear.SWIGLU_WARPS = default
 
 
 def check_swiglu_epilogue(device: str = "cpu", dtype: torch.dtype = torch.float32, exact: bool = True) -> None:
     """gate_up_swiglu (SWIGLU_EPILOGUE's gate-up) gives silu(gate) * up of the plain gate-up product, and the down
     product of that activation is the down product with SwiGLU folded in: bit for bit where `exact` (under the
     interpreter, whose float ops are the same on both paths), else to bf16's rounding; at 1 to 4 rows (SmolLM2's
-    shape at 2), with a ragged column block, with K_TAIL, and in the tensor-core form of wider calls (5 and 25
-    rows)."""
-    shapes = ((1, 50, 72), (3, 50, 72), (4, 40, 100), (5, 40, 100), (25, 96, 64))  # the interpreter is slow:
+    shape at 2), with a ragged column block."""
+    shapes = ((1, 50, 72), (3, 50, 72), (4, 40, 100))  # the interpreter is slow:
     if dtype == torch.float32 or device != "cpu":  # SmolLM2's shape once there
         shapes = ((2, 1536, 576),) + shapes
     for R, width, K in shapes:
-        for k_tail in (False, True) if width < 1536 else (False,):
-            triton_linear.K_TAIL = k_tail
-            try:
-                x, w, nw, _ = make_inputs(R, 2 * width, K, norm=True, dtype=dtype, device=device, seed=R)
-                _, w2, _, res = make_inputs(R, K, width, residual=True, dtype=dtype, device=device, seed=R + 1)
-                act = triton_linear.gate_up_swiglu(x, w, nw, 1e-5)
-                gate_up = triton_linear.linear(x, w, norm_weight=nw, eps=1e-5)
-                out = triton_linear.linear(act, w2, residual=res)
-                want = triton_linear.linear(gate_up, w2, residual=res, swiglu=True)
-            finally:
-                triton_linear.K_TAIL = False
-            gate, up = gate_up.float().chunk(2, dim=-1)
-            want_act = (F.silu(gate).to(dtype).float() * up).to(dtype)
-            assert act.shape == (R, width) and act.dtype == dtype
-            # a bf16 step apart at most: torch's silu and exp are not the kernel's to the last bit, and round twice
-            rtol, atol = (1e-6, 1e-6) if dtype == torch.float32 else (2 ** -6, 1e-2)
-            torch.testing.assert_close(act.float(), want_act.float(), rtol=rtol, atol=atol,
-                                       msg=lambda m: f"{(R, width, K, k_tail)}: {m}")
-            if exact:
-                assert torch.equal(out, want), (R, width, K, k_tail)
-            else:
-                tol = 2e-2 * max(1.0, want.float().abs().max().item() / 8)
-                assert (out.float() - want.float()).abs().max().item() < tol, (R, width, K, k_tail)
+        x, w, nw, _ = make_inputs(R, 2 * width, K, norm=True, dtype=dtype, device=device, seed=R)
+        _, w2, _, res = make_inputs(R, K, width, residual=True, dtype=dtype, device=device, seed=R + 1)
+        act = triton_linear.gate_up_swiglu(x, w, nw, 1e-5)
+        gate_up = triton_linear.linear(x, w, norm_weight=nw, eps=1e-5)
+        out = triton_linear.linear(act, w2, residual=res)
+        want = triton_linear.linear(gate_up, w2, residual=res, swiglu=True)
+        gate, up = gate_up.float().chunk(2, dim=-1)
+        want_act = (F.silu(gate).to(dtype).float() * up).to(dtype)
+        assert act.shape == (R, width) and act.dtype == dtype
+        # a bf16 step apart at most: torch's silu and exp are not the kernel's to the last bit, and round twice
+        rtol, atol = (1e-6, 1e-6) if dtype == torch.float32 else (2 ** -6, 1e-2)
+        torch.testing.assert_close(act.float(), want_act.float(), rtol=rtol, atol=atol,
+                                   msg=lambda m: f"{(R, width, K)}: {m}")
+        if exact:
+            assert torch.equal(out, want), (R, width, K)
+        else:
+            tol = 2e-2 * max(1.0, want.float().abs().max().item() / 8)
+            assert (out.float() - want.float()).abs().max().item() < tol, (R, width, K)
     x, w, nw, _ = make_inputs(2, 7, 16, norm=True, dtype=dtype, device=device)
     try:
         triton_linear.gate_up_swiglu(x, w, nw, 1e-5)
@@ -279,13 +235,12 @@ def check_model_integration() -> None:
     rows, cached_calls = [], []
     epilogue = triton_linear.SWIGLU_EPILOGUE
     saved = (model_mod.use_fused_linear, model_mod.use_decode_kernel, model_mod.FUSED_LINEAR,
-             model_mod.CACHED_ATTENTION, model_mod.FUSED_WIDE, triton_attention.cached_attention)
+             model_mod.CACHED_ATTENTION, triton_attention.cached_attention)
 
     def on_cpu_too(x, block):
-        limit = triton_linear.WIDE_ROWS if model_mod.FUSED_WIDE else triton_linear.MAX_ROWS
         fused = (model_mod.FUSED_LINEAR and block.attn.wqkv is not None
-                 and x.numel() // x.shape[-1] <= limit and not torch.is_grad_enabled())
-        rows.append((x.numel() // x.shape[-1], fused, model_mod.FUSED_WIDE))
+                 and x.numel() // x.shape[-1] <= triton_linear.MAX_ROWS and not torch.is_grad_enabled())
+        rows.append((x.numel() // x.shape[-1], fused))
         return fused
 
     def counted(qkv, *args, **kw):
@@ -304,35 +259,33 @@ def check_model_integration() -> None:
                 for norm in (block.attn_norm, block.mlp_norm):
                     norm.weight.add_(0.2 * torch.randn(norm.weight.shape, generator=g))
         prompts = prompts_for(1, 2)
-        got, seen = {}, {}  # per variant: the outputs, and (rows, fused?, wide?) of every block call
-        for fused, cached, wide in ((True, True, True), (True, True, False), (True, False, False),
-                                    (False, False, False)):
-            model_mod.FUSED_LINEAR, model_mod.CACHED_ATTENTION, model_mod.FUSED_WIDE = fused, cached, wide
-            triton_linear.SWIGLU_EPILOGUE = fused and cached and not wide  # SwiGLU in gate-up's epilogue, or not
+        got, seen = {}, {}  # per variant: the outputs, and (rows, fused?) of every block call
+        for fused, cached in ((True, True), (True, False), (False, False)):
+            model_mod.FUSED_LINEAR, model_mod.CACHED_ATTENTION = fused, cached
+            triton_linear.SWIGLU_EPILOGUE = fused and cached  # SwiGLU in gate-up's epilogue, or not
             del cached_calls[:], rows[:]
             with torch.no_grad():
                 cache = model.base.new_cache(1, 32)
                 out = model.base(torch.tensor([[5, 7, 11]]), input_pos=torch.arange(3), cache=cache)
                 step = model.base(torch.tensor([[13]]), input_pos=torch.tensor([3]), cache=cache)
-            got[fused, cached, wide] = (out.logits, step.logits,
+            got[fused, cached] = (out.logits, step.logits,
                                         standard(model.base, prompts, max_new_tokens=10).tokens,
                                         recycle(model, prompts, max_new_tokens=10).tokens,
                                         speculative(model, prompts, max_new_tokens=10, draft_len=3).tokens,
                                         tree(model, prompts, max_new_tokens=10, shape=TreeShape(3, 2, 5)).tokens)
             if cached:  # every fused cached call took the one-kernel attention, decode steps and recycle pairs
                 assert {1, 2} <= set(cached_calls), cached_calls  # among them
-            seen[fused, cached, wide] = list(rows)
-        off = got[False, False, False]
-        for on in (got[True, True, True], got[True, True, False], got[True, False, False]):
+            seen[fused, cached] = list(rows)
+        off = got[False, False]
+        for on in (got[True, True], got[True, False]):
             assert (on[0] - off[0]).abs().max().item() < 1e-4 and (on[1] - off[1]).abs().max().item() < 1e-4
             assert on[2:] == off[2:] and on[4] == on[2] and on[5] == on[2]
     finally:
         (model_mod.use_fused_linear, model_mod.use_decode_kernel, model_mod.FUSED_LINEAR,
-         model_mod.CACHED_ATTENTION, model_mod.FUSED_WIDE, triton_attention.cached_attention) = saved
+         model_mod.CACHED_ATTENTION, triton_attention.cached_attention) = saved
         triton_linear.SWIGLU_EPILOGUE = epilogue
-    few, wide = seen[True, True, False], seen[True, True, True]  # few rows fused, wider calls kept on torch ...
-    assert any(f for n, f, _ in few) and any(n > triton_linear.MAX_ROWS and not f for n, f, _ in few)
-    assert any(n > triton_linear.MAX_ROWS and f for n, f, _ in wide)  # ... or fused too, with FUSED_WIDE
+    few = seen[True, True]  # few rows fused, wider calls kept on torch
+    assert any(f for n, f in few) and any(n > triton_linear.MAX_ROWS and not f for n, f in few)
 
 
 def check_compiled_steps_keep_the_cache_in_place() -> None:
@@ -467,33 +420,12 @@ def test_cpu_tensors_need_the_interpreter():
         triton_linear.linear(x, w)
 
 
-def test_block_sizes_give_every_sm_a_program(monkeypatch):
-    for k_tail in (False, True):
-        monkeypatch.setattr(triton_linear, "K_TAIL", k_tail)
-        for N, K in ((576, 576), (960, 576), (3072, 576), (576, 1536), (6144, 2048), (50, 72), (20, 10)):
-            bn, bk, bt = triton_linear.blocks(N, K, 132)
-            assert 4 <= bn <= triton_linear.MAX_BLOCK_N and bn & (bn - 1) == 0 and bk & (bk - 1) == 0
-            assert -(-N // bn) >= 132 or bn == 4
-            if not k_tail:
-                assert bk <= max(16, triton.next_power_of_2(K)) and bt == 0
-            else:  # whole steps no wider than K (16 at least), then the smallest power-of-two tail (16+) for the rest
-                rest = K % bk
-                assert bk <= max(16, K) and bt & (bt - 1) == 0 and (bt == 0) == (rest == 0)
-                assert bt == 0 or rest <= bt and (bt == 16 or bt < 2 * rest)
-    monkeypatch.setattr(triton_linear, "K_TAIL", True)
-    assert triton_linear.blocks(3072, 576, 132)[1:] == (512, 64)  # SmolLM2's gate-up: 576 = 512 + 64
-    assert triton_linear.blocks(576, 1536, 132)[1:] == (1024, 512)  # down: 1,536 = 1,024 + 512
-    # FEW_ROWS_DOT: SmolLM2's gate-up (16 columns a program) takes tensor cores at 1 to 4 rows, 16 padded rows, one
-    # K step; QKV, out and down (4 columns a program) keep CUDA cores
-    monkeypatch.setattr(triton_linear, "K_TAIL", False)
-    monkeypatch.setattr(triton_linear, "FEW_ROWS_DOT", True)
-    for R in (1, 2, 4):
-        bn, bk, _ = triton_linear.blocks(3072, 576, 132, R)
-        assert (bn, bk) == (16, 1024) and triton_linear._row_block(R, torch.bfloat16, False, bn)[0] == 16
-        assert triton_linear._row_block(R, torch.bfloat16, False, bn)[1]["DOT"]
-        for N, K in ((576, 576), (576, 1536)):
-            bn = triton_linear.blocks(N, K, 132, R)[0]
-            assert bn == 4 and not triton_linear._row_block(R, torch.bfloat16, False, bn)[1]["DOT"]
+def test_block_sizes_give_every_sm_a_program():
+    for N, K in ((576, 576), (960, 576), (3072, 576), (576, 1536), (6144, 2048), (50, 72), (20, 10)):
+        bn, bk = triton_linear.blocks(N, K, 132)
+        assert 4 <= bn <= triton_linear.MAX_BLOCK_N and bn & (bn - 1) == 0 and bk & (bk - 1) == 0
+        assert -(-N // bn) >= 132 or bn == 4
+        assert bk <= max(16, triton.next_power_of_2(K))
 
 
 @pytest.mark.cuda
@@ -603,11 +535,10 @@ def test_cuda_pdl_changes_no_bit(monkeypatch):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("compiled,cached,pdl,shared,wide", [
-    (False, False, False, False, False), (True, False, False, False, False), (False, True, False, False, False),
-    (True, True, False, False, False), (False, True, True, False, False), (True, True, True, False, False),
-    (True, True, True, True, False), (False, True, True, False, True), (True, True, True, False, True)])
-def test_cuda_engine_with_fused_products(monkeypatch, compiled, cached, pdl, shared, wide):
+@pytest.mark.parametrize("compiled,cached,pdl,shared", [
+    (False, False, False, False), (True, False, False, False), (False, True, False, False), (True, True, False, False),
+    (False, True, True, False), (True, True, True, False), (True, True, True, True)])
+def test_cuda_engine_with_fused_products(monkeypatch, compiled, cached, pdl, shared):
     """The engine's standard, recycle, speculative and tree decoding, graphs and compiled whole, with the fused
     products (and the attention that writes the cache; programmatic dependent launch; the rotary tables and mask
     shared by the layers): standard's tokens of the torch path (fp32)."""
@@ -625,7 +556,6 @@ def test_cuda_engine_with_fused_products(monkeypatch, compiled, cached, pdl, sha
     monkeypatch.setattr(model_mod, "CACHED_ATTENTION", cached)
     monkeypatch.setattr(triton_attention, "PDL", pdl)
     monkeypatch.setattr(model_mod, "SHARED_TABLES", shared)
-    monkeypatch.setattr(model_mod, "FUSED_WIDE", wide)
     engine = (Engine(model, graphs=True, bucket=128, compile=True, compile_steps=True) if compiled
               else Engine(model, graphs=True, bucket=16))
     for strategy, kw in (("standard", {}), ("speculative", {"draft_len": 3}), ("tree", {"tree": TreeShape(4, 3, 10)})):

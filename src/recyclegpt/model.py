@@ -379,9 +379,9 @@ def use_decode_kernel(q: torch.Tensor, mask: torch.Tensor, T: int) -> bool:
             and 16 <= D <= 256 and D & (D - 1) == 0 and triton_attention.available())
 
 
-# the draft tree's norm, draft head and top-k as one Triton kernel on CUDA. Measured on an H100 (tenth session,
-# docs/engine.md): the compiled (5, 4, 24, 5) round 1.633 -> 1.583 ms, issue 5's tree 1.93x -> 1.98x over `standard`
-# (2.04x in the eleventh session, with the fallbacks gone and the merge kernel).
+# the draft tree's norm, draft head and top-k as one Triton kernel on CUDA. Measured on an H100 (2026-11-27,
+# docs/engine.md): the compiled (5, 4, 24, 5) round 1.633 -> 1.583 ms, the draft tree 1.93x -> 1.98x over `standard`
+# (2.04x later that day, with the fallbacks gone and the merge kernel).
 # `gpu_step_profile.py --no-draft-head-kernel` is the A/B; False gives the norm, matmul and top-k as separate ops.
 DRAFT_HEAD_KERNEL = True
 
@@ -392,15 +392,11 @@ def use_draft_head_kernel(out: torch.Tensor, k: int) -> bool:
     return (DRAFT_HEAD_KERNEL and out.is_cuda and k <= triton_draft_head.KTOP and triton_draft_head.available())
 
 
-# a decode call's products as four Triton kernels on CUDA (triton_linear). Measured on an H100 (twelfth session,
+# a decode call's products as four Triton kernels on CUDA (triton_linear). Measured on an H100 (2026-11-27,
 # `gpu_step_profile.py --fused-linear` is the A/B): SmolLM2's compiled standard step 0.977 -> 0.812 ms (366 -> 231
 # kernels), recycle's 1.075 -> 1.058
 FUSED_LINEAR = True
-# ... and calls of 5 to triton_linear.WIDE_ROWS rows (a draft tree's verification, batches of up to 32) through the
-# same kernels with the products on tensor cores. Off until timed on a GPU (twelfth session, after its window;
-# `gpu_step_profile.py --fused-wide` is the A/B)
-FUSED_WIDE = False
-# ... for models no wider than this. Measured on an H100 (thirteenth session, `recyclegpt bench --shape 1.3b`): the
+# ... for models no wider than this. Measured on an H100 (2026-11-27, `recyclegpt bench --shape 1.3b`): the
 # fused path made the 1.3B shape's (d 2048) compiled standard step slower, 1.67 -> 2.73 ms (592.5 -> 364.4 tok/s),
 # and its recycle ratio 1.52x -> 1.11x, where SmolLM2's (d 576) went 0.977 -> 0.533 ms. Widths between are not
 # measured; 1024 keeps the measured gain and the measured loss on their sides
@@ -409,11 +405,10 @@ FUSED_MAX_WIDTH = 1024
 
 def fused_linear_fits(width: int, rows: int, head_dim: int) -> bool:
     """The shape part of `use_fused_linear`: model width d <= FUSED_MAX_WIDTH, at most triton_linear.MAX_ROWS rows
-    (a decode step, a recycle pair, a short chain) or triton_linear.WIDE_ROWS with FUSED_WIDE, and a head dimension
-    twice a power of two (the rotary embedding's column pairs)."""
+    (a decode step, a recycle pair, a short chain), and a head dimension twice a power of two (the rotary
+    embedding's column pairs)."""
     half = head_dim // 2
-    return (width <= FUSED_MAX_WIDTH and rows <= (triton_linear.WIDE_ROWS if FUSED_WIDE else triton_linear.MAX_ROWS)
-            and half > 0 and half & (half - 1) == 0)
+    return (width <= FUSED_MAX_WIDTH and rows <= triton_linear.MAX_ROWS and half > 0 and half & (half - 1) == 0)
 
 
 def use_fused_linear(x: torch.Tensor, block: "Block") -> bool:
@@ -427,7 +422,7 @@ def use_fused_linear(x: torch.Tensor, block: "Block") -> bool:
 
 
 # a fused decode call's cache write and attention as one Triton kernel, its ranges merged in the same kernel
-# (triton_attention.cached_attention): two kernels a layer fewer. Measured on an H100 (twelfth session,
+# (triton_attention.cached_attention): two kernels a layer fewer. Measured on an H100 (2026-11-27,
 # `gpu_step_profile.py --cached-attention` is the A/B): SmolLM2's compiled standard step 0.812 -> 0.789 ms (231 ->
 # 171 kernels), recycle's 1.058 -> 1.009
 CACHED_ATTENTION = True
@@ -443,15 +438,15 @@ def use_cached_attention(qkv: torch.Tensor, mask: torch.Tensor | None, T: int, g
 # under torch.compile, the rotary tables and the mask of a cached call made once for every layer, not once per layer.
 # Inductor recomputes a cheap pointwise result for each custom op that reads it (a CPU check: three ops reading one
 # cos gave three copies), so the fused path's 30 `qkv_rope` and `cached_attention` calls each got their own copy of
-# cos, sin and the mask, written by two wide kernels a step (9.3 and 7.6 µs in the twelfth session's H100 profile).
-# `shared` hands them to the layers as one opaque copy, on the fused path only. Measured on an H100 (thirteenth
-# session, `gpu_step_profile.py --shared-tables` is the A/B): SmolLM2's compiled standard step 0.532 -> 0.508 ms
+# cos, sin and the mask, written by two wide kernels a step (9.3 and 7.6 µs in a 2026-11-27 H100 profile).
+# `shared` hands them to the layers as one opaque copy, on the fused path only. Measured on an H100 (2026-11-27,
+# `gpu_step_profile.py --shared-tables` is the A/B): SmolLM2's compiled standard step 0.532 -> 0.508 ms
 # (171 -> 162 kernels), recycle's 0.684 -> 0.668
 SHARED_TABLES = True
 # ... and the call's cache slots with them: where the caller computed them (a verified round's `pos + arange`),
 # inductor otherwise writes a copy of the slots for every layer's `cached_attention` that reads them (seen in the
 # compiled recycle step's code before engine.STEP_TABLES); where they are a graph input already (a prompt's `_ar[:L]`)
-# this costs one small copy. Built and measured in the seventeenth session (H100,
+# this costs one small copy. Built and measured on 2026-11-27 (H100,
 # `gpu_step_profile.py --shared-slots --parts standard,recycle,chain,tree`, 512 slots): the chain round (K 3) 0.911 ->
 # 0.893 ms (243 -> 240 kernels), the tree round 1.452 -> 1.447, the fixed steps unchanged (they take STEP_TABLES)
 SHARED_SLOTS = True

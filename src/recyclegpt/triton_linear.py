@@ -11,11 +11,11 @@ recomputes the rows' mean square: K values, cheap), or SwiGLU of a gate|up input
 to the output. The QKV product (`qkv_rope`) also applies the rotary embedding to its query and key heads: each
 program computes column pairs (o, o + D/2) of a head, so rotate_half needs nothing from another program. Per layer
 that is 4 kernels where there were 7. The rotary embedding also leaves the pointwise kernels around the attention,
-which recomputed it (the eleventh session's inductor code). Each program owns BLOCK_N output columns (or column
+which recomputed it (inductor's code on 2026-11-27). Each program owns BLOCK_N output columns (or column
 pairs) for all rows, so the weight is read once; the rows are padded to a power of two. On by default
 (`model.FUSED_LINEAR`); with the attention that writes the cache (`triton_attention.cached_attention`) a layer is 5
 kernels, launched with programmatic dependent launch on Hopper (`triton_attention.PDL`). Measured on an H100
-(docs/engine.md, twelfth session): SmolLM2's compiled standard step 0.977 -> 0.533 ms.
+(docs/engine.md, 2026-11-27): SmolLM2's compiled standard step 0.977 -> 0.533 ms.
 
 Rounding follows the torch modules (`model.RMSNorm`, `MLP`, the residual add): normalised in float32 and cast to the
 activations' dtype before the norm weight, silu and the product rounded to the dtype, the product's output rounded
@@ -33,15 +33,10 @@ import torch
 from .triton_attention import after_previous, pdl_launch, triton, tl
 
 MAX_ROWS = 4  # the most rows (tokens x batch) the few-row kernels take: decode steps, recycle's pairs, short chains
-# wider calls (a draft tree's verification, batches) up to this many rows take the same kernels with the product on
-# tensor cores (tl.dot over (16..WIDE_ROWS, DOT_BLOCK_K) x (DOT_BLOCK_K, 16..) tiles); `model.FUSED_WIDE` turns them
-# on (off until timed on a GPU: twelfth session, after its window)
-WIDE_ROWS = 32
-DOT_BLOCK_K = 128
 # weight elements a program loads per step of its K loop: BLOCK_K = TILE // BLOCK_N. On an H100
-# (scripts/linear_bench.py, one row, bf16): 4096 was the best of six settings without PDL in the eleventh session;
-# with PDL (the first step's block loads before the wait) 16384 was the best or within 1% for every product in the
-# twelfth (gate-up 5.33 -> 2.82 µs, down 2.78 -> 2.15 against 4096), and the compiled standard step went from
+# (scripts/linear_bench.py, one row, bf16): 4096 was the best of six settings without PDL on 2026-11-27;
+# with PDL (the first step's block loads before the wait) 16384 was the best or within 1% for every product later
+# that day (gate-up 5.33 -> 2.82 µs, down 2.78 -> 2.15 against 4096), and the compiled standard step went from
 # 0.659 to 0.533 ms: the whole weight slab of most programs loads before the wait
 TILE = 16384
 MAX_BLOCK_N = 64
@@ -49,65 +44,35 @@ NUM_WARPS = 4
 # warps for calls of 2 to MAX_ROWS rows (a recycle pair, a short chain). Each program holds an (R, BLOCK_N, BLOCK_K)
 # float32 product, so its registers grow with the rows: compiled for sm_90a (ptxas, on the CPU), at 4 warps the
 # SmolLM2 gate-up kernel uses 255 registers and spills 72 bytes at one row, 172 at two, 416 at four, and down goes
-# from 168 registers to 255; at 8 warps none of them spills. Measured on an H100 (fourteenth session,
+# from 168 registers to 255; at 8 warps none of them spills. Measured on an H100 (2026-11-27,
 # `linear_bench.py --rows 1,2`, `gpu_step_profile.py`): 8 warps were slower all the same (gate-up at two rows 4.55
 # against 3.57 us; the recycle step 0.649 -> 0.718 ms), so 4
 MULTI_ROW_WARPS = 4
 # the rows one program takes in calls of 2 to MAX_ROWS rows, a power of two: MAX_ROWS, every row in one program (the
 # weight block read once), or fewer, a row block a program (1: each program as cheap as a one-row call's, the weight
-# block read once per row block, from L2 after the first). Measured on an H100 (fourteenth session): 1 was slower
+# block read once per row block, from L2 after the first). Measured on an H100 (2026-11-27): 1 was slower
 # (gate-up at two rows 5.28 against 3.57 us; the recycle step 0.673 -> 0.735 ms), so MAX_ROWS
 ROWS_PER_PROGRAM = MAX_ROWS
-# the K loop's tiles. Without K_TAIL a step is a power of two at least as wide as K needs, so SmolLM2's K = 576 takes
-# 1,024-wide tiles: 44% of each program's lanes hold masked zeros, in registers and in the product. With it, K is
-# whole steps of BLOCK_K (the largest power of two <= K that TILE allows) and then a tail of BLOCK_T (a power of two
-# >= the rest): 576 = 512 + 64, 1,536 = 1,024 + 512. The tail's weights load before the PDL wait with the first
-# step's. Compiled for sm_90a (ptxas, on the CPU; fourteenth session), SmolLM2's gate-up kernel at 4 warps uses 255
-# registers and spills 180 bytes at two rows with 1,024-wide tiles; a 512-wide tile alone: 230, none. Measured on an
-# H100 (fifteenth session, `linear_bench.py --rows 1,2`, `gpu_step_profile.py --k-tail`): slower for every product but
-# down at one row (gate-up 2.77 -> 3.53 us at one row, 3.59 -> 4.32 at two; QKV with rotary 2.28 -> 3.19), standard
-# 0.489 -> 0.545 ms, recycle 0.654 -> 0.731: the second, narrow step costs more than the masked lanes did. Off
-K_TAIL = False
 # warps for the down product (SwiGLU folded in before it: each program reads 2K of x per row). Measured on an H100
-# (fifteenth session, `linear_bench.py --rows 1,2`): at SmolLM2's shape 8 warps took 2.15 us at one row against 2.60
+# (2026-11-27, `linear_bench.py --rows 1,2`): at SmolLM2's shape 8 warps took 2.15 us at one row against 2.60
 # at 4, and 3.17 against 3.37 at two rows, where the other products were slower at 8 (gate-up 2.77 -> 3.45 at one
 # row). The compiled SmolLM2 steps (`gpu_step_profile.py --swiglu-warps 8` is the A/B; two calls on one machine):
 # standard 0.484 -> 0.463 ms and recycle 0.644 -> 0.620 attending over 512 slots (the bench's), 0.463 -> 0.456 and
 # 0.620 -> 0.613 over 256; the bits a row gets stay the same in calls of 1, 2 and 4 rows (CUDA test). 0: NUM_WARPS /
-# MULTI_ROW_WARPS as for the other products. Since the seventeenth session the down product reads SwiGLU's output
+# MULTI_ROW_WARPS as for the other products. Since 2026-11-27 the down product reads SwiGLU's output
 # (SWIGLU_EPILOGUE) and takes the other products' warps; this applies with SWIGLU_EPILOGUE off
 SWIGLU_WARPS = 8
-# few-row calls on tensor cores too, where their column block is already 16 or wider (SmolLM2: gate-up only, 16 x 1,024
-# weights a program): rows padded to 16 and tl.dot over the same one K step, its weights loaded before the PDL wait
-# as now. On CUDA cores a row's float32 products and sums come again for every row (gate-up 2.77 us at one row, 3.59
-# at two: fifteenth session); on tensor cores up to 16 rows cost one row's. Every few-row call of such a product takes
-# this form, so that a row gets the same bits in calls of 1 to 4 rows. Built after the fifteenth session's window and
-# measured in the sixteenth (H100, `gpu_step_profile.py --few-rows-dot`): SmolLM2's standard step 0.455 -> 0.622 ms,
-# recycle 0.612 -> 0.797 (one program an SM with 64 KB of shared memory each; 16 padded rows): off. Its warps:
-# compiled for sm_90a (triton 3.6's ptxas, on the CPU), the gate-up kernel in this form spills 352 bytes at 4 warps and
-# none at 8 (244 registers), so 8 until timed. "all": every few-row product, its column block widened to 16 (SmolLM2's
-# QKV, out and down: 30 to 60 programs instead of 120 to 144), for the A/B of the tensor-core form where it is not free
 # SwiGLU in the gate-up kernel's epilogue (`gate_up_swiglu`): each program multiplies a block of gate columns and
 # their partner up columns of the fused weight (as `qkv_rope` pairs a head's rotary halves) and writes silu(gate) *
 # up, F wide, with MLP's rounding. The down product then reads that activation as it is, at the warps of the other
 # products. Before, every program of the down kernel (144 at SmolLM2's shape) recomputed SwiGLU over the whole 2F-wide
 # gate|up row of each of its rows after the PDL wait: 1,536 exponentials a row, redundantly, on the critical path,
 # twice as many in a recycle pair. The activations' bits are the same either way (interpreter and CUDA tests).
-# Built and measured in the seventeenth session (H100, `gpu_step_profile.py --swiglu-epilogue`, 256 slots): SmolLM2's
+# Built and measured on 2026-11-27 (H100, `gpu_step_profile.py --swiglu-epilogue`, 256 slots): SmolLM2's
 # standard step 0.448 -> 0.438 ms and recycle 0.583 -> 0.562 with down at 4 warps; at 8 (SWIGLU_WARPS) 0.448 and 0.570.
 # In `linear_bench.py` the MLP's two kernels took 5.66 -> 5.45 us at one row and 7.93 -> 7.00 at two (down alone,
 # 8 warps: 2.12 -> 1.93 and 3.17 -> 2.30). On
 SWIGLU_EPILOGUE = True
-# calls of 2 to MAX_ROWS rows whose K is one step (every SmolLM2 product), on CUDA cores: the program's rows one after
-# another, each computed by the code of a one-row call (the same bits), against the weights loaded once before the
-# PDL wait. Without it the program multiplies an (R, BLOCK_N, BLOCK_K) broadcast at once. The fourteenth session
-# judged this form by ptxas's register count alone (255 and spills at two rows, no fewer) and never timed it. Built
-# and measured in the seventeenth session (H100; `linear_bench.py --settings rows`, `gpu_step_profile.py
-# --row-loop`): at two rows gate-up with SwiGLU 3.73 -> 5.11 us and down 2.05 -> 2.86; the recycle step 0.563 ->
-# 0.693 ms (one-row calls, and so standard, unchanged). Off
-ROW_LOOP = False
-FEW_ROWS_DOT: bool | str = False
-FEW_ROWS_DOT_WARPS = 8
 DEFAULT_SMS = 132  # an H100 SXM's SM count, for the interpreter (CUDA asks the device)
 
 
@@ -156,39 +121,38 @@ if triton is not None:
         return (a.to(tl.float32) * up.to(tl.float32)).to(gate.dtype)
 
     @triton.jit
-    def product(acc, x, w, DOT: tl.constexpr, PRECISION: tl.constexpr):
-        # acc (rows, columns) + x (rows, k) @ w (columns, k).T: on tensor cores (DOT, 16+ padded rows), else a
-        # broadcast product reduced over k in float32
-        if DOT:
-            acc += tl.dot(x.to(w.dtype), tl.trans(w), input_precision=PRECISION)
-        else:
-            acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], 2)
+    def product(acc, x, w):
+        # acc (rows, columns) + x (rows, k) @ w (columns, k).T: a broadcast product reduced over k in float32
+        acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], 2)
         return acc
 
     @triton.jit
-    def linear_rows(X, NW, W, Res, Out, rows, row_ok, cols, col_ok, w_first, w_tail, kt, K, K_MAIN, eps, sxr, swn, srr,
-                    sor, NORM: tl.constexpr, SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr,
-                    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TAIL: tl.constexpr,
-                    DOT: tl.constexpr, PRECISION: tl.constexpr):
-        # the rows' product against the program's weight rows (the first K step's and the tail's already loaded),
-        # the residual added, stored
+    def _linear_kernel(X, NW, W, Res, Out, R, N, K, eps, sxr, swn, srr, sor,
+                       NORM: tl.constexpr, SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr,
+                       BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+        # grid (column block, row block): BLOCK_R rows against BLOCK_N weight rows, over K in steps of BLOCK_K
+        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = cols < N
+        # the first K step's weights: no kernel writes them, so they load before the wait
+        ks = tl.arange(0, BLOCK_K)
+        w_first = tl.load(W + cols[:, None] * swn + ks[None, :], mask=col_ok[:, None] & (ks < K)[None, :], other=0.0)
+        after_previous(PDL)
+        rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)  # this program's row block
+        row_ok = rows < R
         if NORM:
             inv = inv_rms(X, rows, row_ok, K, eps, sxr, BLOCK_R, BLOCK_K)
         else:
             inv = tl.zeros([BLOCK_R], tl.float32)  # unused
         acc = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)
-        for k0 in range(0, K_MAIN, BLOCK_K):
+        for k0 in range(0, K, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
-            k_ok = ks < K_MAIN
+            k_ok = ks < K
             x = x_block(X, NW, rows, row_ok, ks, k_ok, K, sxr, inv, NORM, SWIGLU)
             if k0 == 0:
                 w = w_first
             else:
                 w = tl.load(W + cols[:, None] * swn + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-            acc = product(acc, x, w, DOT, PRECISION)
-        if TAIL:
-            acc = product(acc, x_block(X, NW, rows, row_ok, kt, kt < K, K, sxr, inv, NORM, SWIGLU), w_tail, DOT,
-                          PRECISION)
+            acc = product(acc, x, w)
         y = acc.to(Out.dtype.element_ty)
         out_ok = row_ok[:, None] & col_ok[None, :]
         if RESIDUAL:
@@ -197,68 +161,22 @@ if triton is not None:
         tl.store(Out + rows[:, None] * sor + cols[None, :], y, mask=out_ok)
 
     @triton.jit
-    def _linear_kernel(X, NW, W, Res, Out, R, N, K, K_MAIN, eps, sxr, swn, srr, sor,
-                       NORM: tl.constexpr, SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr,
-                       BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TAIL: tl.constexpr,
-                       BLOCK_T: tl.constexpr, PDL: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
-                       ROW_LOOP: tl.constexpr):
-        # grid (column block, row block): BLOCK_R rows against BLOCK_N weight rows, over K in steps of BLOCK_K up to
-        # K_MAIN, then (TAIL) the rest in one tile of BLOCK_T. ROW_LOOP: the rows one after another, each as a
-        # one-row call computes it (same code, same bits), against the weights loaded once
-        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        col_ok = cols < N
-        # the first K step's weights (and the tail's): no kernel writes them, so they load before the wait
+    def paired_products(X, NW, W, lo_cols, hi_cols, u_ok, rows, row_ok, K, eps, sxr, swn,
+                        BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+        # RMSNorm(x) of the rows against two sets of weight rows, lo_cols and hi_cols (paired columns: a head's two
+        # rotary halves, or gate and up), float32 accumulators (BLOCK_R, BLOCK_N) each. The first K step's weights
+        # load before the PDL wait; K in steps as in _linear_kernel
         ks = tl.arange(0, BLOCK_K)
-        w_first = tl.load(W + cols[:, None] * swn + ks[None, :], mask=col_ok[:, None] & (ks < K_MAIN)[None, :],
-                          other=0.0)
-        kt = K_MAIN + tl.arange(0, BLOCK_T)
-        if TAIL:
-            w_tail = tl.load(W + cols[:, None] * swn + kt[None, :], mask=col_ok[:, None] & (kt < K)[None, :],
-                             other=0.0)
-        else:
-            w_tail = w_first  # unused
-        after_previous(PDL)
-        if ROW_LOOP:
-            for r in tl.static_range(BLOCK_R):
-                row = tl.program_id(1) * BLOCK_R + r + tl.arange(0, 1)
-                linear_rows(X, NW, W, Res, Out, row, row < R, cols, col_ok, w_first, w_tail, kt, K, K_MAIN, eps,
-                            sxr, swn, srr, sor, NORM, SWIGLU, RESIDUAL, 1, BLOCK_N, BLOCK_K, TAIL, DOT, PRECISION)
-        else:
-            rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)  # this program's row block
-            linear_rows(X, NW, W, Res, Out, rows, rows < R, cols, col_ok, w_first, w_tail, kt, K, K_MAIN, eps,
-                        sxr, swn, srr, sor, NORM, SWIGLU, RESIDUAL, BLOCK_R, BLOCK_N, BLOCK_K, TAIL, DOT, PRECISION)
-
-    @triton.jit
-    def paired_weights(W, lo_cols, hi_cols, u_ok, K, K_MAIN, swn, BLOCK_K: tl.constexpr, TAIL: tl.constexpr,
-                       BLOCK_T: tl.constexpr):
-        # the first K step's weights of both column sets (and the tail's), loaded before the PDL wait
-        ks = tl.arange(0, BLOCK_K)
-        w_ok = u_ok[:, None] & (ks < K_MAIN)[None, :]
+        w_ok = u_ok[:, None] & (ks < K)[None, :]
         lo_first = tl.load(W + lo_cols[:, None] * swn + ks[None, :], mask=w_ok, other=0.0)
         hi_first = tl.load(W + hi_cols[:, None] * swn + ks[None, :], mask=w_ok, other=0.0)
-        if TAIL:
-            kt = K_MAIN + tl.arange(0, BLOCK_T)
-            t_ok = u_ok[:, None] & (kt < K)[None, :]
-            lo_tail = tl.load(W + lo_cols[:, None] * swn + kt[None, :], mask=t_ok, other=0.0)
-            hi_tail = tl.load(W + hi_cols[:, None] * swn + kt[None, :], mask=t_ok, other=0.0)
-        else:
-            lo_tail, hi_tail = lo_first, hi_first  # unused
-        return lo_first, hi_first, lo_tail, hi_tail
-
-    @triton.jit
-    def paired_products(X, NW, W, lo_cols, hi_cols, u_ok, rows, row_ok, K, K_MAIN, eps, sxr, swn,
-                        lo_first, hi_first, lo_tail, hi_tail,
-                        BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TAIL: tl.constexpr,
-                        BLOCK_T: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr):
-        # RMSNorm(x) of the rows against two sets of weight rows, lo_cols and hi_cols (paired columns: a head's two
-        # rotary halves, or gate and up), float32 accumulators (BLOCK_R, BLOCK_N) each; the first K step's weights
-        # (and the tail's) come loaded (`paired_weights`). K in steps and a tail as in _linear_kernel
+        after_previous(PDL)
         inv = inv_rms(X, rows, row_ok, K, eps, sxr, BLOCK_R, BLOCK_K)
         acc_lo = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)
         acc_hi = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)
-        for k0 in range(0, K_MAIN, BLOCK_K):
+        for k0 in range(0, K, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
-            k_ok = ks < K_MAIN
+            k_ok = ks < K
             x = x_block(X, NW, rows, row_ok, ks, k_ok, K, sxr, inv, True, False)
             if k0 == 0:
                 w_lo, w_hi = lo_first, hi_first
@@ -266,23 +184,25 @@ if triton is not None:
                 w_ok = u_ok[:, None] & k_ok[None, :]
                 w_lo = tl.load(W + lo_cols[:, None] * swn + ks[None, :], mask=w_ok, other=0.0)
                 w_hi = tl.load(W + hi_cols[:, None] * swn + ks[None, :], mask=w_ok, other=0.0)
-            acc_lo = product(acc_lo, x, w_lo, DOT, PRECISION)
-            acc_hi = product(acc_hi, x, w_hi, DOT, PRECISION)
-        if TAIL:
-            kt = K_MAIN + tl.arange(0, BLOCK_T)
-            x = x_block(X, NW, rows, row_ok, kt, kt < K, K, sxr, inv, True, False)
-            acc_lo = product(acc_lo, x, lo_tail, DOT, PRECISION)
-            acc_hi = product(acc_hi, x, hi_tail, DOT, PRECISION)
+            acc_lo = product(acc_lo, x, w_lo)
+            acc_hi = product(acc_hi, x, w_hi)
         return acc_lo, acc_hi
 
     @triton.jit
-    def rope_rows(X, NW, W, Cos, Sin, Out, rows, row_ok, T, u_ok, hd, o, lo_cols, hi_cols, K, K_MAIN, eps, sxr, swn,
-                  sor, scb, sct, ROT_HEADS, lo_first, hi_first, lo_tail, hi_tail, HALF: tl.constexpr,
-                  BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TAIL: tl.constexpr,
-                  BLOCK_T: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr):
-        acc_lo, acc_hi = paired_products(X, NW, W, lo_cols, hi_cols, u_ok, rows, row_ok, K, K_MAIN, eps, sxr, swn,
-                                         lo_first, hi_first, lo_tail, hi_tail, BLOCK_R, BLOCK_N, BLOCK_K, TAIL,
-                                         BLOCK_T, DOT, PRECISION)
+    def _qkv_rope_kernel(X, NW, W, Cos, Sin, Out, R, T, N, K, eps, sxr, swn, sor, scb, sct, ROT_HEADS,
+                         HALF: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         PDL: tl.constexpr):
+        # grid (block of half-columns, row block): half-column u is column o of head hd's first half, computed with
+        # its partner o + HALF in the second half, so that the rotary embedding (rotate_half) is this program's own
+        u = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        u_ok = u < N // 2
+        hd, o = u // HALF, u % HALF
+        lo_cols = hd * 2 * HALF + o
+        hi_cols = lo_cols + HALF
+        rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)  # this program's row block
+        row_ok = rows < R
+        acc_lo, acc_hi = paired_products(X, NW, W, lo_cols, hi_cols, u_ok, rows, row_ok, K, eps, sxr, swn,
+                                         BLOCK_R, BLOCK_N, BLOCK_K, PDL)
         # the product rounded to the dtype, as F.linear's output; then x * cos + rotate_half(x) * sin in float32,
         # rounded once (as inductor computes apply_rotary), for query and key heads (hd < ROT_HEADS) only
         y_lo = acc_lo.to(Out.dtype.element_ty).to(tl.float32)
@@ -300,67 +220,21 @@ if triton is not None:
         tl.store(Out + rows[:, None] * sor + hi_cols[None, :], out_hi.to(Out.dtype.element_ty), mask=out_ok)
 
     @triton.jit
-    def _qkv_rope_kernel(X, NW, W, Cos, Sin, Out, R, T, N, K, K_MAIN, eps, sxr, swn, sor, scb, sct, ROT_HEADS,
-                         HALF: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         TAIL: tl.constexpr, BLOCK_T: tl.constexpr, PDL: tl.constexpr, DOT: tl.constexpr,
-                         PRECISION: tl.constexpr, ROW_LOOP: tl.constexpr):
-        # grid (block of half-columns, row block): half-column u is column o of head hd's first half, computed with
-        # its partner o + HALF in the second half, so that the rotary embedding (rotate_half) is this program's own.
-        # ROW_LOOP as in _linear_kernel
+    def _gate_up_swiglu_kernel(X, NW, W, Out, R, F, K, eps, sxr, swn, sor,
+                               BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                               PDL: tl.constexpr):
+        # grid (block of columns of the F-wide activation, row block): column u of silu(gate) * up is gate column u
+        # of the fused gate-up weight with its partner up column F + u, both this program's, so the down product
+        # reads the activation (F wide) and computes no SwiGLU of its own
         u = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        u_ok = u < N // 2
-        hd, o = u // HALF, u % HALF
-        lo_cols = hd * 2 * HALF + o
-        hi_cols = lo_cols + HALF
-        lo_first, hi_first, lo_tail, hi_tail = paired_weights(W, lo_cols, hi_cols, u_ok, K, K_MAIN, swn, BLOCK_K,
-                                                              TAIL, BLOCK_T)
-        after_previous(PDL)
-        if ROW_LOOP:
-            for r in tl.static_range(BLOCK_R):
-                row = tl.program_id(1) * BLOCK_R + r + tl.arange(0, 1)
-                rope_rows(X, NW, W, Cos, Sin, Out, row, row < R, T, u_ok, hd, o, lo_cols, hi_cols, K, K_MAIN, eps,
-                          sxr, swn, sor, scb, sct, ROT_HEADS, lo_first, hi_first, lo_tail, hi_tail, HALF, 1, BLOCK_N,
-                          BLOCK_K, TAIL, BLOCK_T, DOT, PRECISION)
-        else:
-            rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)  # this program's row block
-            rope_rows(X, NW, W, Cos, Sin, Out, rows, rows < R, T, u_ok, hd, o, lo_cols, hi_cols, K, K_MAIN, eps,
-                      sxr, swn, sor, scb, sct, ROT_HEADS, lo_first, hi_first, lo_tail, hi_tail, HALF, BLOCK_R,
-                      BLOCK_N, BLOCK_K, TAIL, BLOCK_T, DOT, PRECISION)
-
-    @triton.jit
-    def swiglu_rows(X, NW, W, Out, rows, row_ok, u, u_ok, F, K, K_MAIN, eps, sxr, swn, sor,
-                    lo_first, hi_first, lo_tail, hi_tail, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_K: tl.constexpr, TAIL: tl.constexpr, BLOCK_T: tl.constexpr, DOT: tl.constexpr,
-                    PRECISION: tl.constexpr):
-        acc_gate, acc_up = paired_products(X, NW, W, u, u + F, u_ok, rows, row_ok, K, K_MAIN, eps, sxr, swn,
-                                           lo_first, hi_first, lo_tail, hi_tail, BLOCK_R, BLOCK_N, BLOCK_K, TAIL,
-                                           BLOCK_T, DOT, PRECISION)
+        u_ok = u < F
+        rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)  # this program's row block
+        row_ok = rows < R
+        acc_gate, acc_up = paired_products(X, NW, W, u, u + F, u_ok, rows, row_ok, K, eps, sxr, swn,
+                                           BLOCK_R, BLOCK_N, BLOCK_K, PDL)
         # each product rounded to the dtype, as F.linear's output, then SwiGLU as the down kernel's x_block has it
         y = silu_mul(acc_gate.to(Out.dtype.element_ty), acc_up.to(Out.dtype.element_ty))
         tl.store(Out + rows[:, None] * sor + u[None, :], y, mask=row_ok[:, None] & u_ok[None, :])
-
-    @triton.jit
-    def _gate_up_swiglu_kernel(X, NW, W, Out, R, F, K, K_MAIN, eps, sxr, swn, sor,
-                               BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                               TAIL: tl.constexpr, BLOCK_T: tl.constexpr, PDL: tl.constexpr, DOT: tl.constexpr,
-                               PRECISION: tl.constexpr, ROW_LOOP: tl.constexpr):
-        # grid (block of columns of the F-wide activation, row block): column u of silu(gate) * up is gate column u
-        # of the fused gate-up weight with its partner up column F + u, both this program's, so the down product
-        # reads the activation (F wide) and computes no SwiGLU of its own. ROW_LOOP as in _linear_kernel
-        u = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        u_ok = u < F
-        lo_first, hi_first, lo_tail, hi_tail = paired_weights(W, u, u + F, u_ok, K, K_MAIN, swn, BLOCK_K, TAIL,
-                                                              BLOCK_T)
-        after_previous(PDL)
-        if ROW_LOOP:
-            for r in tl.static_range(BLOCK_R):
-                row = tl.program_id(1) * BLOCK_R + r + tl.arange(0, 1)
-                swiglu_rows(X, NW, W, Out, row, row < R, u, u_ok, F, K, K_MAIN, eps, sxr, swn, sor, lo_first,
-                            hi_first, lo_tail, hi_tail, 1, BLOCK_N, BLOCK_K, TAIL, BLOCK_T, DOT, PRECISION)
-        else:
-            rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)  # this program's row block
-            swiglu_rows(X, NW, W, Out, rows, rows < R, u, u_ok, F, K, K_MAIN, eps, sxr, swn, sor, lo_first,
-                        hi_first, lo_tail, hi_tail, BLOCK_R, BLOCK_N, BLOCK_K, TAIL, BLOCK_T, DOT, PRECISION)
 
     _INTERPRETED = not isinstance(_linear_kernel, triton.runtime.jit.JITFunction)
 else:
@@ -373,48 +247,24 @@ def _sms(device: torch.device) -> int:
     return DEFAULT_SMS
 
 
-def blocks(N: int, K: int, sms: int, rows: int = 1) -> tuple[int, int, int]:
-    """BLOCK_N, BLOCK_K, BLOCK_T for N output columns of width K: the widest power-of-two column block (4 to
-    MAX_BLOCK_N) that still gives every SM a program, and a K step of TILE // BLOCK_N (calls of more than MAX_ROWS
-    rows, on tensor cores: blocks of at least 16 columns and a K step of DOT_BLOCK_K). Without K_TAIL the step is no
-    wider than the power of two K needs and BLOCK_T is 0; with it the step is no wider than K, and what whole steps
-    leave is a tail of BLOCK_T (0 if none)."""
-    wide = rows > MAX_ROWS
-    bn = 16 if wide or FEW_ROWS_DOT == "all" else 4
+def blocks(N: int, K: int, sms: int) -> tuple[int, int]:
+    """BLOCK_N, BLOCK_K for N output columns of width K: the widest power-of-two column block (4 to MAX_BLOCK_N)
+    that still gives every SM a program, and a K step of TILE // BLOCK_N, no wider than the power of two K needs
+    (16 at least)."""
+    bn = 4
     while bn < MAX_BLOCK_N and -(-N // (2 * bn)) >= sms:
         bn *= 2
-    cap = DOT_BLOCK_K if wide else TILE // bn
-    if not K_TAIL:
-        return bn, max(16, min(cap, triton.next_power_of_2(K))), 0
-    bk = max(16, min(cap, 1 << (K.bit_length() - 1)))  # the largest power of two <= K
-    rest = K % bk
-    return bn, bk, max(16, triton.next_power_of_2(rest)) if rest else 0
+    return bn, max(16, min(TILE // bn, triton.next_power_of_2(K)))
 
 
-def _row_loop(block_r: int, K: int, bk: int, bt: int, product: dict) -> dict:
-    """The ROW_LOOP constexpr of a call: on where ROW_LOOP is, the program has several rows, K is one step and the
-    product runs on CUDA cores."""
-    return {"ROW_LOOP": bool(ROW_LOOP and block_r > 1 and not bt and K <= bk and not product["DOT"])}
-
-
-def _k_split(K: int, bk: int, bt: int) -> tuple[int, dict]:
-    """The kernels' K arguments: K_MAIN, the K that whole BLOCK_K steps cover, and the constexprs of the steps and
-    the tail (`blocks`)."""
-    return K - K % bk if bt else K, {"BLOCK_K": bk, "TAIL": bt > 0, "BLOCK_T": max(bt, 16)}
-
-
-def _row_block(R: int, dtype: torch.dtype, swiglu: bool = False, block_n: int = 0) -> tuple[int, dict]:
-    """BLOCK_R and the product's launch settings for R rows: few rows reduce on CUDA cores (NUM_WARPS for one,
-    MULTI_ROW_WARPS for more, SWIGLU_WARPS for the down product at any few-row count where set); more than MAX_ROWS,
-    and few rows with FEW_ROWS_DOT where the column block `block_n` is 16 or more, padded to 16 or more, go through
-    tl.dot (fp32 kept exact with "ieee"; half types ignore the precision)."""
-    few_dot = R <= MAX_ROWS and (FEW_ROWS_DOT == "all" or (FEW_ROWS_DOT and block_n >= 16))
-    wide = R > MAX_ROWS or few_dot
-    block_r = max(16, triton.next_power_of_2(R)) if wide else triton.next_power_of_2(min(R, ROWS_PER_PROGRAM))
-    warps = FEW_ROWS_DOT_WARPS if few_dot else MULTI_ROW_WARPS if 1 < block_r and not wide else NUM_WARPS
-    if swiglu and SWIGLU_WARPS and not wide:
+def _row_block(R: int, swiglu: bool = False) -> tuple[int, int]:
+    """BLOCK_R and the warps for R rows (at most MAX_ROWS, the product reduced on CUDA cores): NUM_WARPS for one
+    row a program, MULTI_ROW_WARPS for more, SWIGLU_WARPS for the down product at any row count where set."""
+    block_r = triton.next_power_of_2(min(R, ROWS_PER_PROGRAM))
+    warps = MULTI_ROW_WARPS if 1 < block_r else NUM_WARPS
+    if swiglu and SWIGLU_WARPS:
         warps = SWIGLU_WARPS
-    return block_r, {"DOT": wide, "PRECISION": "ieee" if dtype == torch.float32 else "tf32", "num_warps": warps}
+    return block_r, warps
 
 
 def _fused_linear(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor | None,
@@ -424,10 +274,10 @@ def _fused_linear(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tens
         raise RuntimeError("the fused linear kernel runs on CUDA tensors, or on the CPU under Triton's interpreter")
     R = x.shape[0]
     N, K = weight.shape
-    if (R > WIDE_ROWS or x.shape[1] != (2 * K if swiglu else K) or weight.stride(1) != 1
+    if (R > MAX_ROWS or x.shape[1] != (2 * K if swiglu else K) or weight.stride(1) != 1
             or (norm_weight is not None and norm_weight.shape != (K,))
             or (residual is not None and residual.shape != (R, N))):
-        raise ValueError(f"fused linear: x {tuple(x.shape)} (at most {WIDE_ROWS} rows), weight {tuple(weight.shape)} "
+        raise ValueError(f"fused linear: x {tuple(x.shape)} (at most {MAX_ROWS} rows), weight {tuple(weight.shape)} "
                          f"(last dim contiguous), swiglu {swiglu}, norm weight "
                          f"{None if norm_weight is None else tuple(norm_weight.shape)}, residual "
                          f"{None if residual is None else tuple(residual.shape)}")
@@ -435,16 +285,13 @@ def _fused_linear(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tens
     if residual is not None and residual.stride(1) != 1:
         residual = residual.contiguous()
     out = torch.empty((R, N), dtype=x.dtype, device=x.device)
-    bn, bk, bt = blocks(N, K, _sms(x.device), R)
-    block_r, product = _row_block(R, x.dtype, swiglu, bn)
-    k_main, split = _k_split(K, bk, bt)
+    bn, bk = blocks(N, K, _sms(x.device))
+    block_r, warps = _row_block(R, swiglu)
     _linear_kernel[(triton.cdiv(N, bn), triton.cdiv(R, block_r))](
         x, x if norm_weight is None else norm_weight, weight, out if residual is None else residual, out,
-        R, N, K, k_main, eps, x.stride(0), weight.stride(0),
-        0 if residual is None else residual.stride(0), out.stride(0),
+        R, N, K, eps, x.stride(0), weight.stride(0), 0 if residual is None else residual.stride(0), out.stride(0),
         NORM=norm_weight is not None, SWIGLU=swiglu, RESIDUAL=residual is not None,
-        BLOCK_R=block_r, BLOCK_N=bn, **split, **product, **_row_loop(block_r, K, bk, bt, product),
-        **pdl_launch(x.device))
+        BLOCK_R=block_r, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, **pdl_launch(x.device))
     return out
 
 
@@ -458,23 +305,21 @@ def _fused_qkv_rope(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Te
     N = weight.shape[0]
     D = cos.shape[-1]
     half = D // 2
-    if (R > WIDE_ROWS or R % tokens or weight.shape[1] != K or weight.stride(1) != 1 or norm_weight.shape != (K,)
+    if (R > MAX_ROWS or R % tokens or weight.shape[1] != K or weight.stride(1) != 1 or norm_weight.shape != (K,)
             or D % 2 or half & (half - 1) or N % D or not 0 <= rot_heads <= N // D or sin.shape != cos.shape
             or cos.shape[-2] != tokens or cos.shape[0] not in (1, R // tokens) or cos.stride(-1) != 1
             or cos.stride() != sin.stride()):
-        raise ValueError(f"fused QKV: x {tuple(x.shape)} (at most {WIDE_ROWS} rows, {tokens} tokens a batch row), "
+        raise ValueError(f"fused QKV: x {tuple(x.shape)} (at most {MAX_ROWS} rows, {tokens} tokens a batch row), "
                          f"weight {tuple(weight.shape)}, norm weight {tuple(norm_weight.shape)}, cos "
                          f"{tuple(cos.shape)}, {rot_heads} rotated heads; the head dimension twice a power of two")
     x = x if x.stride(1) == 1 else x.contiguous()
     out = torch.empty((R, N), dtype=x.dtype, device=x.device)
-    bn, bk, bt = blocks(N // 2, K, _sms(x.device), R)
-    block_r, product = _row_block(R, x.dtype, block_n=bn)
-    k_main, split = _k_split(K, bk, bt)
+    bn, bk = blocks(N // 2, K, _sms(x.device))
+    block_r, warps = _row_block(R)
     _qkv_rope_kernel[(triton.cdiv(N // 2, bn), triton.cdiv(R, block_r))](
-        x, norm_weight, weight, cos, sin, out, R, tokens, N, K, k_main, eps, x.stride(0),
+        x, norm_weight, weight, cos, sin, out, R, tokens, N, K, eps, x.stride(0),
         weight.stride(0), out.stride(0), cos.stride(0) if cos.shape[0] > 1 else 0, cos.stride(-2), rot_heads,
-        HALF=half, BLOCK_R=block_r, BLOCK_N=bn, **split, **product, **_row_loop(block_r, K, bk, bt, product),
-        **pdl_launch(x.device))
+        HALF=half, BLOCK_R=block_r, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, **pdl_launch(x.device))
     return out
 
 
@@ -485,19 +330,17 @@ def _fused_gate_up_swiglu(x: torch.Tensor, weight: torch.Tensor, norm_weight: to
         raise RuntimeError("the fused gate-up kernel runs on CUDA tensors, or on the CPU under Triton's interpreter")
     R, K = x.shape
     N = weight.shape[0]
-    if (R > WIDE_ROWS or N % 2 or weight.shape[1] != K or weight.stride(1) != 1 or norm_weight.shape != (K,)):
-        raise ValueError(f"fused gate-up: x {tuple(x.shape)} (at most {WIDE_ROWS} rows), weight {tuple(weight.shape)} "
+    if (R > MAX_ROWS or N % 2 or weight.shape[1] != K or weight.stride(1) != 1 or norm_weight.shape != (K,)):
+        raise ValueError(f"fused gate-up: x {tuple(x.shape)} (at most {MAX_ROWS} rows), weight {tuple(weight.shape)} "
                          f"(gate rows then up rows, last dim contiguous), norm weight {tuple(norm_weight.shape)}")
     x = x if x.stride(1) == 1 else x.contiguous()
     F = N // 2
     out = torch.empty((R, F), dtype=x.dtype, device=x.device)
-    bn, bk, bt = blocks(F, K, _sms(x.device), R)
-    block_r, product = _row_block(R, x.dtype, block_n=bn)
-    k_main, split = _k_split(K, bk, bt)
+    bn, bk = blocks(F, K, _sms(x.device))
+    block_r, warps = _row_block(R)
     _gate_up_swiglu_kernel[(triton.cdiv(F, bn), triton.cdiv(R, block_r))](
-        x, norm_weight, weight, out, R, F, K, k_main, eps, x.stride(0), weight.stride(0), out.stride(0),
-        BLOCK_R=block_r, BLOCK_N=bn, **split, **product, **_row_loop(block_r, K, bk, bt, product),
-        **pdl_launch(x.device))
+        x, norm_weight, weight, out, R, F, K, eps, x.stride(0), weight.stride(0), out.stride(0),
+        BLOCK_R=block_r, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, **pdl_launch(x.device))
     return out
 
 
@@ -537,7 +380,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, *, norm_weight: torch.Tensor |
            residual: torch.Tensor | None = None, swiglu: bool = False) -> torch.Tensor:
     """[residual +] f(x) @ weight.T, where f is RMSNorm with `norm_weight` and `eps` (norm_weight given), silu(gate) *
     up of x = [gate | up] (swiglu), or nothing. x (..., K) or (..., 2K); weight (N, K); residual (..., N); at most
-    WIDE_ROWS rows in all (more than MAX_ROWS: the tensor-core form)."""
+    MAX_ROWS rows in all."""
     lead = x.shape[:-1]
     res = None if residual is None else residual.reshape(-1, residual.shape[-1])
     out = _op(x.reshape(-1, x.shape[-1]), weight, norm_weight, res, float(eps), swiglu)
