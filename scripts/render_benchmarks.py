@@ -2,7 +2,8 @@
 
 Each record is one measurement: what it is ("title"), when and where it ran ("date", "commit", "hardware",
 "versions"), the exact command, and the JSON line that command printed ("report": a `recyclegpt bench --json`
-report, or a `scripts/differential.py` report). Records are listed in the order of their "order" field.
+report, or a `scripts/differential.py` report). Records are listed in the order of their "order" field; a bench
+record with "per_category": false leaves out its per-category table (the record keeps it).
 
     python scripts/render_benchmarks.py            # writes BENCHMARKS.md
     python scripts/render_benchmarks.py --check    # exits 1 if BENCHMARKS.md is not what the records render
@@ -40,7 +41,7 @@ def num(x, fmt: str) -> str:
     return "-" if x is None else format(x, fmt)
 
 
-def render_bench(rep: dict) -> list[str]:
+def render_bench(rep: dict, per_category: bool = True) -> list[str]:
     lines = ["| strategy | tok/s | vs standard | τ | α | tokens per full call | prompts equal to standard "
              "(share of tokens) | first token ms |",
              "|---|---:|---:|---:|---:|---:|---|---:|"]
@@ -59,7 +60,7 @@ def render_bench(rep: dict) -> list[str]:
                           f"prompt {t['prompt']} ({t['prompt_tokens']} tokens), new token {t['new_token']}, logit "
                           f"margin {t['margin']:.4f}" + (f" (rank {t['rank']})" if t.get("rank") is not None else "")
                           for t in ties) if ties else "") + "."]
-    cats = [r for r in rep["results"] if r.get("per_category")]
+    cats = [r for r in rep["results"] if r.get("per_category")] if per_category else []
     if cats:
         names = [r["strategy"] for r in cats]
         lines += ["", "Per category (tok/s, speed-up over `standard`; τ, α or share of `standard`'s tokens where they "
@@ -84,13 +85,21 @@ def render_bench(rep: dict) -> list[str]:
 
 
 def render_differential(rep: dict) -> list[str]:
+    """One row per engine whose strategies all gave the reference's tokens on every request, else one per strategy."""
     lines = ["| engine | strategy | requests | identical | tokens | rows that differ | of them near-ties | "
-             "first difference | "
-             "largest logit margin there |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in rep["rows"]:
-        lines.append(f"| {r['engine']} | {r['strategy']} | {r['requests']} | {r['identical']} | {r['tokens']:,} | "
-                     f"{r['mismatched_rows']} | {num(r.get('near_ties'), 'd')} | {num(r['first_difference'], 'd')} | "
-                     f"{num(r['largest_margin'], '.4f')} |")
+             "first difference | largest logit margin there |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    engines = list(dict.fromkeys(r["engine"] for r in rep["rows"]))
+    for engine in engines:
+        rows = [r for r in rep["rows"] if r["engine"] == engine]
+        if all(r["identical"] == r["requests"] for r in rows) and len({r["requests"] for r in rows}) == 1:
+            names = "all five" if len(rows) == 5 else ", ".join(r["strategy"] for r in rows)
+            lines.append(f"| {engine} | {names} | {rows[0]['requests']} | {rows[0]['identical']} each | "
+                         f"{sum(r['tokens'] for r in rows):,} | 0 | - | - | - |")
+            continue
+        for r in rows:
+            lines.append(f"| {engine} | {r['strategy']} | {r['requests']} | {r['identical']} | {r['tokens']:,} | "
+                         f"{r['mismatched_rows']} | {num(r.get('near_ties'), 'd')} | "
+                         f"{num(r['first_difference'], 'd')} | {num(r['largest_margin'], '.4f')} |")
     lengths = rep.get("prompt_lengths")
     if lengths:
         lines += ["", f"Prompt lengths {min(lengths)}–{max(lengths)} tokens (median "
@@ -107,7 +116,8 @@ def render(records: list[dict]) -> str:
             out += [rec["note"], ""]
         out += [f"{rec['date']}, commit `{rec['commit']}`, {rec['hardware']}" + (f" ({versions})" if versions else "")
                 + ".", "", "```bash", rec["command"], "```", ""]
-        body = render_differential(rec["report"]) if rec["kind"] == "differential" else render_bench(rec["report"])
+        body = (render_differential(rec["report"]) if rec["kind"] == "differential"
+                else render_bench(rec["report"], per_category=rec.get("per_category", True)))
         out += body + [""]
     return "\n".join(out).rstrip() + "\n"
 

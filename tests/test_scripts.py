@@ -120,3 +120,24 @@ def test_render_benchmarks_names_a_record_without_its_command(tmp_path):
                                                  "kind": "bench", "report": {}}))
     with pytest.raises(ValueError, match="a.json: record lacks command"):
         render_benchmarks.load(tmp_path)
+
+
+def test_render_benchmarks_folds_an_engine_whose_strategies_all_agree():
+    sys.path.insert(0, str(SCRIPTS))
+    try:
+        import render_benchmarks
+    finally:
+        sys.path.remove(str(SCRIPTS))
+
+    def row(engine, strategy, identical, mismatched=0):
+        return {"engine": engine, "strategy": strategy, "requests": 4, "identical": identical, "tokens": 10,
+                "mismatched_rows": mismatched, "near_ties": mismatched, "first_difference": 3 if mismatched else None,
+                "largest_margin": 0.125 if mismatched else None}
+
+    names = ("standard", "recycle", "recycle-verified", "speculative", "tree")
+    rep = {"rows": [row("graphs", s, 4) for s in names] + [row("static", s, 3 if s == "tree" else 4, int(s == "tree"))
+                                                           for s in names], "check": "exact", "dtype": "float32"}
+    table = [line for line in render_benchmarks.render_differential(rep) if line.startswith("| graphs")
+             or line.startswith("| static")]
+    assert table[0] == "| graphs | all five | 4 | 4 each | 50 | 0 | - | - | - |"
+    assert len(table) == 6 and "| static | tree | 4 | 3 | 10 | 1 | 1 | 3 | 0.1250 |" in table
