@@ -170,10 +170,10 @@ def run_profile(args) -> None:
     compile_arg: bool | str = False if args.compile is None else (mode or True)
     L = args.prompt_len
     bucket = {} if args.kv_bucket is None else {"bucket": args.kv_bucket}
-    dec = Decoder(model, 1, L + 512, graphs=cuda, compile=compile_arg, compile_steps=args.compile_steps, **bucket)
     # the prompt's forwards stay eager: the parts profiled are steps, and the prompt's dynamic-shape compile takes
     # minutes on a cold inductor cache
-    dec._prompt_base, dec._prompt_module = model.base.forward, model.recycle
+    dec = Decoder(model, 1, L + 512, graphs=cuda, compile=compile_arg, compile_steps=args.compile_steps,
+                  compile_prefill=False, **bucket)
     gen = None
     sampling = SamplingParams()
     ids = torch.randint(0, model.base.cfg.vocab_size, (L,), generator=torch.Generator().manual_seed(0)).tolist()
@@ -199,9 +199,9 @@ def run_profile(args) -> None:
                  "full2": ("full, 2 tokens", lambda: dec._full_pair(kv_end)),
                  "module": ("module, 2 slots", lambda: dec._module_pair(kv_end, dec.x_new)),
                  "standard": ("standard step",
-                              again(lambda: dec.step_fn("_standard_greedy")(kv_end, dec._step_tables(1, kv_end)))),
+                              again(lambda: dec.step_fn("_standard_greedy")(kv_end, dec._tables_fn(1, kv_end)))),
                  "recycle": ("recycle step",
-                             again(lambda: dec.step_fn("_recycle_greedy")(kv_end, dec._step_tables(2, kv_end)))),
+                             again(lambda: dec.step_fn("_recycle_greedy")(kv_end, dec._tables_fn(2, kv_end)))),
                  "chain": (f"chain round K={args.draft_len}",
                            again(lambda: dec.step_fn("_chain_round")(args.draft_len, kv_round, sampling, gen))),
                  "tree": (f"tree round {tuple(shape)}",

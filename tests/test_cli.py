@@ -212,6 +212,7 @@ def test_distill_halves_a_batch_that_runs_out_of_memory(tiny_ckpt, tmp_path, cap
     (["generate", "--model", "{ckpt}", "--compile-mode", "max-autotune-no-cudagraphs", "hi"], "--engine compiled"),
     (["bench", "--model", "{ckpt}", "--compile-mode", "default"], "--engine compiled"),
     (["bench", "--model", "{ckpt}", "--engine", "static", "--compile-steps"], "--compile-steps applies"),
+    (["generate", "--model", "{ckpt}", "--no-compile-prefill", "hi"], "--no-compile-prefill applies"),
     (["generate", "--model", "{ckpt}", "--strategy", "recycle", "--recycle-vocab", "draft", "hi"],
      "needs a module with a draft vocabulary"),
     (["bench", "--model", "{ckpt}", "--recycle", "none", "--recycle-vocab", "draft"], "needs a recyclable module"),
@@ -314,8 +315,10 @@ def test_the_check_passes_a_16_bit_near_tie_and_names_it_but_not_a_wrong_token(t
 
 def test_engine_options_are_given_when_the_model_is_made(tiny_ckpt, capsys):
     """How the engines are built is one EngineOptions, given to from_pretrained (the CLI's --kv-bucket,
-    --compile-mode and --compile-steps make it), not attributes set on the object afterwards."""
+    --compile-mode, --compile-steps and --no-compile-prefill make it), not attributes set on the object afterwards."""
     from recyclegpt.api import EngineOptions
+    from recyclegpt.cli import build_parser
+    from recyclegpt.options import engine_options
 
     _, _, ckpt = tiny_ckpt
     lm = RecycleGPT.from_pretrained(str(ckpt), device="cpu", engine_options=EngineOptions(kv_bucket=32))
@@ -323,5 +326,13 @@ def test_engine_options_are_given_when_the_model_is_made(tiny_ckpt, capsys):
     assert RecycleGPT.from_pretrained(str(ckpt), device="cpu").engine("static").bucket == 256
     with pytest.raises(ValueError, match="kv_bucket must be an integer of at least 16"):
         EngineOptions(kv_bucket=8)
+    assert lm.engine("static").compile_prefill  # on by default
+    off = RecycleGPT.from_pretrained(str(ckpt), device="cpu", engine_options=EngineOptions(compile_prefill=False))
+    assert not off.engine("static").compile_prefill
+    with pytest.raises(ValueError, match="compile_prefill must be True or False"):
+        EngineOptions(compile_prefill=None)
+    for extra, want in (([], True), (["--no-compile-prefill"], False)):
+        args = build_parser().parse_args(["generate", "--engine", "compiled", *extra, "hi"])
+        assert engine_options(args).compile_prefill is want
     assert main(["generate", "--model", str(ckpt), "--compile-steps", "--engine", "static", "the quick"]) == 2
     assert "--compile-steps applies to --engine compiled" in capsys.readouterr().err

@@ -392,14 +392,12 @@ def test_recycle_vocab_errors_are_clear():
 
 @pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
                     reason="torch.compile on the CPU needs a C++ compiler")
-def test_compiled_prompt_forwards_serve_every_length(monkeypatch):
-    """engine.COMPILE_PREFILL: the prompt's forwards, compiled with dynamic shapes, give the reference loops' tokens
-    for prompts of several lengths."""
-    import recyclegpt.engine as engine_mod
-
-    monkeypatch.setattr(engine_mod, "COMPILE_PREFILL", True)
+def test_compiled_prompt_forwards_serve_every_length():
+    """compile_prefill (on by default): the prompt's forwards, compiled with dynamic shapes, give the reference
+    loops' tokens for prompts of several lengths; off, they stay the model's own."""
     model = build(5, n_layer=2)
     engine = Engine(model, compile=True, bucket=64)
+    assert engine.compile_prefill
     for length in (7, 13, 30):
         prompts = [[(3 * length + i) % 90 + 1 for i in range(length)]]
         for strategy in ("standard", "recycle"):
@@ -407,6 +405,8 @@ def test_compiled_prompt_forwards_serve_every_length(monkeypatch):
             assert got == reference(model, strategy, prompts, max_new_tokens=12).tokens, (length, strategy)
     dec = next(iter(engine._decoders.values()))
     assert dec._prompt_base != dec.base.forward and dec._prompt_module != model.recycle  # the compiled ones ran
+    eager = Engine(model, compile=True, bucket=64, compile_prefill=False).decoder(1, 64)
+    assert eager._prompt_base == eager.base.forward and eager._prompt_module == model.recycle
 
 
 @pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
@@ -464,15 +464,10 @@ def test_module_outputs_at_the_last_position_only():
         model.recycle(state, tokens, input_pos=torch.arange(3), cache=model.module.new_cache(2, 8), outputs=4)
 
 
-@pytest.mark.parametrize("last_only,step_tables", [(False, True), (True, False), (False, False)])
 @pytest.mark.parametrize("strategy", ["standard", "recycle"])
-def test_step_switches_keep_the_reference_tokens(monkeypatch, strategy, last_only, step_tables):
-    """engine.MODULE_LAST_ONLY and engine.STEP_TABLES (both on by default) change what the steps compute, not their
-    tokens: every combination gives the reference loop's, eager and compiled whole."""
-    import recyclegpt.engine as engine_mod
-
-    monkeypatch.setattr(engine_mod, "MODULE_LAST_ONLY", last_only)
-    monkeypatch.setattr(engine_mod, "STEP_TABLES", step_tables)
+def test_step_tables_and_last_output_keep_the_reference_tokens(strategy):
+    """The greedy steps' tables made apart (Decoder._tables) and recycle's module call on its last output only
+    (outputs=1) change what the steps compute, not their tokens: the reference loop's, eager and compiled whole."""
     model = build(6, n_layer=2)
     prompts = random_prompts(6, 3, model.base.cfg.vocab_size)
     want = reference(model, strategy, prompts, max_new_tokens=23).tokens

@@ -327,9 +327,10 @@ def check_compiled_steps_keep_the_cache_in_place() -> None:
 
 
 def check_shared_tables() -> None:
-    """Run under TRITON_INTERPRET=1: with model.SHARED_TABLES the compiled standard step makes the mask once for its
-    three layers' attention (one (1, 1, 3, 256) buffer, not three) through one `recyclegpt::shared` call, and gives
-    standard's tokens; without it, a mask per layer; with engine.STEP_TABLES too, one mask and no copy."""
+    """Run under TRITON_INTERPRET=1: a compiled call that makes its own tables (the sampled standard step's forward)
+    makes the mask once for its three layers' attention with model.SHARED_TABLES (one (1, 1, 3, 256) buffer, not
+    three) through one `recyclegpt::shared` call, and a mask per layer without; the greedy step, whose tables come
+    made (Decoder._tables, compiled apart), has one mask and no copy either way. All give standard's tokens."""
     if shutil.which("c++") is None and shutil.which("g++") is None:
         print("skipped: torch.compile on the CPU needs a C++ compiler")
         return
@@ -341,10 +342,9 @@ def check_shared_tables() -> None:
     from recyclegpt.config import PRESETS, RecycleConfig
     from recyclegpt.decoding import standard
     from recyclegpt.engine import Engine
+    from recyclegpt.sampling import SamplingParams
 
-    import recyclegpt.engine as engine_mod
-
-    saved = (model_mod.use_fused_linear, model_mod.use_decode_kernel, model_mod.SHARED_TABLES, engine_mod.STEP_TABLES)
+    saved = (model_mod.use_fused_linear, model_mod.use_decode_kernel, model_mod.SHARED_TABLES)
     model_mod.use_fused_linear = lambda x, block: (block.attn.wqkv is not None
                                                    and x.numel() // x.shape[-1] <= triton_linear.MAX_ROWS)
     model_mod.use_decode_kernel = lambda q, mask, T: mask.is_floating_point() and q.shape[-1] >= 16
@@ -352,21 +352,22 @@ def check_shared_tables() -> None:
         cfg = dataclasses.replace(PRESETS["smollm2-135m"], n_layer=3, vocab_size=512)  # 9 / 3 heads of 64
         torch.manual_seed(0)
         model = model_mod.RecycleModel.build(cfg, RecycleConfig(n_layer=1)).eval()
-        want = standard(model.base, [[1, 2, 3, 4, 5]], max_new_tokens=4).tokens
         masks = {}
-        for shared, step_tables in ((False, False), (True, False), (True, True)):
-            model_mod.SHARED_TABLES, engine_mod.STEP_TABLES = shared, step_tables
-            engine = Engine(model, bucket=256, compile=True, compile_steps=True, fuse=True)
-            got, code = run_and_get_code(engine.decode, "standard", [[1, 2, 3, 4, 5]], max_new_tokens=4)
-            assert got.tokens == want
-            code = "\n".join(code)
-            masks[shared, step_tables] = (len(re.findall(r"empty_strided_cpu\(\(1, 1, 3, 256\)", code)),
-                                          code.count("recyclegpt.shared.default("))
+        for sampling in (SamplingParams(), SamplingParams(temperature=1.0, top_k=20, seed=3)):
+            want = standard(model.base, [[1, 2, 3, 4, 5]], max_new_tokens=4, sampling=sampling).tokens
+            for shared in (False, True):
+                model_mod.SHARED_TABLES = shared
+                torch._dynamo.reset()  # every run compiles afresh, so that its code is all there to read
+                engine = Engine(model, bucket=256, compile=True, compile_steps=True, fuse=True)
+                got, code = run_and_get_code(engine.decode, "standard", [[1, 2, 3, 4, 5]], max_new_tokens=4,
+                                             sampling=sampling)
+                assert got.tokens == want
+                code = "\n".join(code)
+                masks[sampling.greedy, shared] = (len(re.findall(r"empty_strided_cpu\(\(1, 1, 3, 256\)", code)),
+                                                  code.count("recyclegpt.shared.default("))
     finally:
-        (model_mod.use_fused_linear, model_mod.use_decode_kernel, model_mod.SHARED_TABLES,
-         engine_mod.STEP_TABLES) = saved
-    # with STEP_TABLES the step's tables come made (by Decoder._tables, compiled apart): no copy for the layers
-    assert masks == {(False, False): (3, 0), (True, False): (1, 1), (True, True): (1, 0)}, masks
+        model_mod.use_fused_linear, model_mod.use_decode_kernel, model_mod.SHARED_TABLES = saved
+    assert masks == {(False, False): (3, 0), (False, True): (1, 1), (True, False): (1, 0), (True, True): (1, 0)}, masks
 
 
 def check_shared_slots() -> None:

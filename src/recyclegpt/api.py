@@ -98,17 +98,22 @@ class EngineOptions:
     kv_bucket: the static, graphs and compiled engines' attention reads the cache up to the next multiple of this
     many slots; every bucket is a graph (and a compile) of its own, so a larger one means fewer of them and a little
     more attention work. compile_mode: inductor's mode for the compiled engine (None: its default).
-    compile_steps: the compiled engine also compiles each greedy step and verified round whole."""
+    compile_steps: the compiled engine also compiles each greedy step and verified round whole.
+    compile_prefill: the compiled engine also compiles the prompt's forwards, once for every prompt length (dynamic
+    shapes): a faster first token for more compile time once per process; False leaves them eager in its graphs."""
 
     kv_bucket: int = DEFAULT_KV_BUCKET
     compile_mode: str | None = None
     compile_steps: bool = False
+    compile_prefill: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.kv_bucket, int) or isinstance(self.kv_bucket, bool) or self.kv_bucket < 16:
             raise ValueError(f"kv_bucket must be an integer of at least 16 slots, got {self.kv_bucket!r}")
         if self.compile_mode is not None and not isinstance(self.compile_mode, str):
             raise ValueError(f"compile_mode must be an inductor mode name or None, got {self.compile_mode!r}")
+        if not isinstance(self.compile_prefill, bool):
+            raise ValueError(f"compile_prefill must be True or False, got {self.compile_prefill!r}")
 
 
 class RecycleGPT:
@@ -257,7 +262,7 @@ class RecycleGPT:
             compile = (opts.compile_mode or True) if kind == "compiled" else False
             self._engines[kind] = Engine(model, graphs=kind in ("graphs", "compiled"), compile=compile,
                                          compile_steps=kind == "compiled" and opts.compile_steps,
-                                         bucket=opts.kv_bucket)
+                                         compile_prefill=opts.compile_prefill, bucket=opts.kv_bucket)
         return self._engines[kind]
 
     def _prompt_ids(self, prompt, *, chat: bool) -> list[list[int]]:

@@ -171,6 +171,8 @@ def cmd_bench(args) -> None:
         report["compile_mode"] = args.compile_mode
     if args.compile_steps:
         report["compile_steps"] = True
+    if not args.compile_prefill:
+        report["compile_prefill"] = False
     if args.kv_bucket is not None:
         report["kv_bucket"] = args.kv_bucket
     if args.shape:

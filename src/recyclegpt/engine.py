@@ -49,32 +49,6 @@ STRATEGIES = tuple(STEP_TOKENS) + VERIFIED
 MAX_ROUND_TOKENS = 64  # a verified round keeps at most this many tokens (draft length or tree depth + 1)
 KV_BUCKET = 256  # attention reads the cache up to a multiple of this many slots: one graph (and compile) per bucket
 PREFILL_BUCKET = 64  # with graphs, prompts are left-padded to a multiple of this many tokens: one graph per length
-# recycle's module calls compute their last layer's products for the one position whose output they read (the
-# attention still caches both): `RecycleModel.recycle(outputs=1)`. A row's bits do not depend on the rows beside it
-# in the fused products (tested), so the tokens are the same. Measured on 2026-11-27 (H100,
-# an A/B of step profiles, 256 slots): recycle 0.583 ms with it, 0.584 without; within the noise
-# of that run (standard, which it does not touch, moved 0.004). On: it is less work and the same tokens
-MODULE_LAST_ONLY = True
-# the greedy fixed steps make their slots, rotary tables and mask in a function of their own (`Decoder._tables`,
-# compiled apart) and hand them to their forwards as inputs: one set for a recycle step's full call and module call,
-# where each call made its own, and inductor no longer copies them for the custom ops that read them (the
-# `recyclegpt::shared` copies and one slots tensor per layer that the pair's `pos + offsets` got). Measured on
-# 2026-11-27 (H100, an A/B of step profiles, 256 slots): SmolLM2's standard step 0.456 ->
-# 0.448 ms, recycle 0.611 -> 0.583 (163 -> 160 and 193 -> 179 kernels over 512 slots)
-STEP_TABLES = True
-# with compile, the prompt's forwards (the base's and the module's) are compiled too, with dynamic shapes: one
-# compile serves every padded prompt length, each still replayed as a CUDA graph of its length. Without it the
-# prompt's graph holds the eager operators (~1,700 kernels for SmolLM2). Measured on an H100 (2026-11-27,
-# SmolLM2, 20 alpaca_eval prompts, `bench --engine compiled`, two calls on one machine): time to first token 2.4 ->
-# 1.2 ms, standard 2,075 -> 2,144 tok/s, recycle 1.56x -> 1.57x. The cost is compile time, once per process: on a
-# cold inductor cache a bench run with a 200 s limit timed out in its warm-up, compiling it; with the cache warm,
-# two bench processes took 338 s, against 268 s without it (2026-11-27). On
-COMPILE_PREFILL = True
-
-
-def _last_only() -> int | None:
-    """`outputs` for recycle's module calls, which read the module's last output only (MODULE_LAST_ONLY)."""
-    return 1 if MODULE_LAST_ONLY else None
 
 
 def round_up(n: int, m: int) -> int:
@@ -90,13 +64,18 @@ class Decoder:
 
     def __init__(self, model: Transformer | RecycleModel, batch_size: int, max_len: int, *, graphs: bool = False,
                  bucket: int = KV_BUCKET, compile: bool | str = False, fuse: bool | None = None,
-                 prefill_bucket: int | None = None, compile_steps: bool = False) -> None:
+                 prefill_bucket: int | None = None, compile_steps: bool = False,
+                 compile_prefill: bool = True) -> None:
         """prefill_bucket: left-pad prompts to a multiple of this many tokens, so that their forward is captured
         too (default PREFILL_BUCKET with graphs, 0 = no padding without); a prompt whose padding would not fit the
         cache runs unpadded and eagerly. compile: torch.compile the model's forwards inside the graphs; a string is
         inductor's mode (e.g. "max-autotune-no-cudagraphs", which times candidate matmul kernels per shape).
         compile_steps: with compile, also compile each greedy step and round whole, so that inductor fuses its glue
         (token selection, output writes, a tree's bookkeeping) with the forwards (each traces as one graph).
+        compile_prefill: with compile, also compile the prompt's forwards (the base's and the module's), with dynamic
+        shapes: one compile serves every padded prompt length, each still replayed as a CUDA graph of its length;
+        without it the prompt's graph holds the eager operators (~1,700 kernels for SmolLM2). It halves the time to
+        the first token and costs compile time once per process (docs/engine.md has the measurements).
         fuse: fused QKV and gate-up matmuls (model.fuse_projections; default: with graphs, where launches
         dominate). The values are the same up to the matmul's rounding, so tokens can differ in the last bit of a
         near-tie from an unfused run."""
@@ -148,6 +127,9 @@ class Decoder:
         self.rec_draft = False  # recycle takes the module's tokens over its draft vocabulary (set by decode)
         self._base_fwd, self._recycle_fwd = self.base.forward, (self.rmodel.recycle if self.rmodel else None)
         self._prompt_base, self._prompt_module = self._base_fwd, self._recycle_fwd  # the prompt's forwards
+        # the greedy fixed steps make their slots, rotary tables and mask in a function of their own (compiled apart)
+        # and hand them to their forwards: one set for a recycle step's full and module calls, and no copies of them
+        # by inductor for the custom ops that read them (docs/engine.md: step tables)
         self._tables_fn = self._tables
         if compile:  # inductor fuses the element-wise chains; the graphs then hold far fewer kernels
             # every step kind and bucket is a shape of its own (a tree round calls the module with three): allow
@@ -160,7 +142,7 @@ class Decoder:
             self._tables_fn = torch.compile(self._tables, dynamic=False, mode=mode)
             if self.rmodel is not None:
                 self._recycle_fwd = torch.compile(self._recycle_fwd, dynamic=False, mode=mode)
-            if COMPILE_PREFILL:  # one dynamic-shape compile for every prompt length
+            if compile_prefill:  # one dynamic-shape compile for every prompt length
                 self._prompt_base = torch.compile(self.base.forward, dynamic=True, mode=mode)
                 if self.rmodel is not None:
                     self._prompt_module = torch.compile(self.rmodel.recycle, dynamic=True, mode=mode)
@@ -183,9 +165,6 @@ class Decoder:
         """The slots p..p+T-1 of a fixed step, with their rotary tables and mask (`model.call_tables`)."""
         input_pos = self.pos if T == 1 else self.pos + self.offsets[:T]
         return call_tables(self.base.cfg, input_pos, self.pad, kv_end, self.logits.dtype)
-
-    def _step_tables(self, T: int, kv_end: int) -> Tables | None:
-        return self._tables_fn(T, kv_end) if STEP_TABLES else None
 
     def _standard_forward(self, kv_end: int, tables: Tables | None = None) -> None:
         out = self._base_fwd(self.x_next, input_pos=self.pos, cache=self.cache, pad=self.pad, kv_end=kv_end,
@@ -212,11 +191,14 @@ class Decoder:
     def _module_pair(self, kv_end: int, x_new: torch.Tensor, head: bool = True,
                      tables: Tables | None = None) -> torch.Tensor:
         """Given x_{p+2} (B,): the module on slots p, p+1; its logits (for x̂_{p+3}) into `logits` (over the draft
-        vocabulary with `rec_draft`). head=False leaves the head to the caller: returns the output at p+1 (B, d)."""
+        vocabulary with `rec_draft`). head=False leaves the head to the caller: returns the output at p+1 (B, d).
+        The module's last layer computes its products for p+1 alone (`outputs=1`; its attention still caches both
+        slots): a row's bits do not depend on the rows beside it in the fused products, so the tokens are those of
+        the call on both."""
         rec = self._recycle_fwd(self.hidden2, torch.cat((self.x_rec, x_new[:, None]), dim=1),
                                 input_pos=None if tables else self.pos + self.offsets, cache=self.mcache,
                                 pad=self.pad, kv_end=kv_end, num_logits=1 if head else 0, draft=self.rec_draft,
-                                outputs=_last_only(), tables=tables)
+                                outputs=1, tables=tables)
         self.x_next.copy_(x_new[:, None])
         self._emit(self.x_next)
         if head:
@@ -406,7 +388,7 @@ class Decoder:
         with prefill_attention():
             rec = self._prompt_module(state, next_tokens, input_pos=self._ar[:L], cache=self.mcache, pad=self.pad,
                                       kv_end=L, num_logits=1, draft=verified or self.rec_draft,
-                                      outputs=None if verified else _last_only())
+                                      outputs=None if verified else 1)
         if verified:
             self.g.copy_(rec.hidden[:, -1:])
             self.d_logits.copy_(rec.logits[:, -1])
@@ -437,13 +419,13 @@ class Decoder:
         elif strategy == "standard":
             if sampling.greedy:
                 self._run(("standard", kv_end),
-                          lambda: self.step_fn("_standard_greedy")(kv_end, self._step_tables(1, kv_end)))
+                          lambda: self.step_fn("_standard_greedy")(kv_end, self._tables_fn(1, kv_end)))
             else:
                 self._run(("standard_fwd", kv_end), lambda: self._standard_forward(kv_end))
                 self._standard_select(sample(self.logits, sampling, gen))
         elif sampling.greedy:
             self._run(("recycle", kv_end, self.rec_draft),
-                      lambda: self.step_fn("_recycle_greedy")(kv_end, self._step_tables(2, kv_end)))
+                      lambda: self.step_fn("_recycle_greedy")(kv_end, self._tables_fn(2, kv_end)))
         else:
             self._run(("full_pair", kv_end), lambda: self._full_pair(kv_end))
             # a graph reads its inputs from fixed addresses: stage the eagerly sampled token in a persistent buffer
@@ -585,11 +567,13 @@ class Engine:
 
     def __init__(self, model: Transformer | RecycleModel, *, graphs: bool | None = None, bucket: int = KV_BUCKET,
                  compile: bool | str = False, fuse: bool | None = None, prefill_bucket: int | None = None,
-                 compile_steps: bool = False) -> None:
+                 compile_steps: bool = False, compile_prefill: bool = True) -> None:
+        """The arguments are `Decoder`'s, for every Decoder this engine builds."""
         base = model.base if isinstance(model, RecycleModel) else model
         self.model = model
         self.graphs = base.tok_emb.weight.device.type == "cuda" if graphs is None else graphs
         self.bucket, self.compile, self.fuse, self.compile_steps = bucket, compile, fuse, compile_steps
+        self.compile_prefill = compile_prefill
         self.prefill_bucket = (PREFILL_BUCKET if self.graphs else 0) if prefill_bucket is None else prefill_bucket
         self._decoders: dict[tuple[int, int], Decoder] = {}
 
@@ -599,7 +583,8 @@ class Engine:
         if fits:
             return self._decoders[min(fits, key=lambda k: k[1])]
         dec = Decoder(self.model, batch_size, need, graphs=self.graphs, bucket=self.bucket, compile=self.compile,
-                      fuse=self.fuse, prefill_bucket=self.prefill_bucket, compile_steps=self.compile_steps)
+                      fuse=self.fuse, prefill_bucket=self.prefill_bucket, compile_steps=self.compile_steps,
+                      compile_prefill=self.compile_prefill)
         self._decoders[(batch_size, dec.max_len)] = dec
         return dec
 

@@ -445,10 +445,10 @@ def use_cached_attention(qkv: torch.Tensor, mask: torch.Tensor | None, T: int, g
 SHARED_TABLES = True
 # ... and the call's cache slots with them: where the caller computed them (a verified round's `pos + arange`),
 # inductor otherwise writes a copy of the slots for every layer's `cached_attention` that reads them (seen in the
-# compiled recycle step's code before engine.STEP_TABLES); where they are a graph input already (a prompt's `_ar[:L]`)
-# this costs one small copy. Built and measured on 2026-11-27 (H100,
+# compiled recycle step's code before the engine's step tables); where they are a graph input already (a prompt's
+# `_ar[:L]`) this costs one small copy. Built and measured on 2026-11-27 (H100,
 # `gpu_step_profile.py --shared-slots --parts standard,recycle,chain,tree`, 512 slots): the chain round (K 3) 0.911 ->
-# 0.893 ms (243 -> 240 kernels), the tree round 1.452 -> 1.447, the fixed steps unchanged (they take STEP_TABLES)
+# 0.893 ms (243 -> 240 kernels), the tree round 1.452 -> 1.447, the fixed steps unchanged (they take the step tables)
 SHARED_SLOTS = True
 
 

@@ -72,6 +72,9 @@ def add_compile_mode(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile-steps", action="store_true",
                    help="with --engine compiled: compile each greedy step and verified round whole, so that its "
                         "token selection and bookkeeping fuse with the forwards (longer compiles)")
+    p.add_argument("--no-compile-prefill", dest="compile_prefill", action="store_false",
+                   help="with --engine compiled: leave the prompt's forwards uncompiled (shorter compiles, a slower "
+                        "first token)")
     p.add_argument("--kv-bucket", type=int, default=None, metavar="SLOTS",
                    help="engines static, graphs and compiled: attention reads the cache up to the next multiple of "
                         f"this many slots (default {DEFAULT_KV_BUCKET}); every bucket is a graph (and a compile) of "
@@ -79,17 +82,18 @@ def add_compile_mode(p: argparse.ArgumentParser) -> None:
 
 
 def engine_options(args: argparse.Namespace) -> EngineOptions:
-    """The EngineOptions of add_compile_mode's --compile-mode, --compile-steps (they need --engine compiled) and
-    --kv-bucket; the defaults for a subcommand without them."""
+    """The EngineOptions of add_compile_mode's --compile-mode, --compile-steps, --no-compile-prefill (they need
+    --engine compiled) and --kv-bucket; the defaults for a subcommand without them."""
     mode, steps = getattr(args, "compile_mode", None), getattr(args, "compile_steps", False)
-    if (mode is not None or steps) and args.engine != "compiled":
-        flag = "--compile-mode" if mode is not None else "--compile-steps"
+    prefill = getattr(args, "compile_prefill", True)
+    if (mode is not None or steps or not prefill) and args.engine != "compiled":
+        flag = ("--compile-mode" if mode is not None else "--compile-steps" if steps else "--no-compile-prefill")
         raise ValueError(f"{flag} applies to --engine compiled, not {args.engine!r}")
     bucket = getattr(args, "kv_bucket", None)
     if bucket is not None and bucket < 16:
         raise ValueError(f"--kv-bucket must be at least 16 slots, got {bucket}")
     return EngineOptions(kv_bucket=DEFAULT_KV_BUCKET if bucket is None else bucket, compile_mode=mode,
-                         compile_steps=steps)
+                         compile_steps=steps, compile_prefill=prefill)
 
 
 def add_draft_args(p: argparse.ArgumentParser, *, tree_flag: bool = True) -> None:
