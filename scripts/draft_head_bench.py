@@ -5,10 +5,9 @@
                                        [--dtype bfloat16]
 
 One case is one drafting call of the tree: R rows (1 at the root's level, topk at the others; batch 1) through
-the final norm, the head over V draft-vocabulary rows of width K and the top-4, merge included (`head_top_k`:
-the sweep with the merge kernel, the default settings also with the torch merge, MERGE_KERNEL's A/B). The torch
-path is what `RecycleModel.draft_top` runs without the kernel: F.rms_norm, the matmul, log_softmax and
-`topk.top_k`. Each path is captured in a CUDA graph of --calls calls, replayed --reps times
+the final norm, the head over V draft-vocabulary rows of width K and the top-4, merge kernel included
+(`head_top_k`). The torch path is what `RecycleModel.draft_top` runs without the kernel: F.rms_norm, the matmul,
+log_softmax and `topk.top_k`. Each path is captured in a CUDA graph of --calls calls, replayed --reps times
 (attention_bench.graph_time); the time is per call. The floor is the head's bytes over --bandwidth. `ok`: the
 kernel's 4 distinct picks have, by an fp32 reference, the reference's top-4 log-probabilities, and so do its own
 values (both within 0.03); a setting that fails is reported and never "best". Stages 0 means Triton's default. A
@@ -54,7 +53,7 @@ def main() -> None:
     weight = torch.randn(args.vocab, args.dim, device="cuda", dtype=dtype, generator=g) * 0.05
     norm_w = 1 + 0.1 * torch.randn(args.dim, device="cuda", dtype=dtype, generator=g)
     floor_us = weight.numel() * weight.element_size() / args.bandwidth * 1e6
-    defaults = (dh.BLOCK_V, dh.BLOCK_K, dh.NUM_WARPS, dh.NUM_STAGES, dh.MERGE_KERNEL)
+    defaults = (dh.BLOCK_V, dh.BLOCK_K, dh.NUM_WARPS, dh.NUM_STAGES)
     rows_out = []
     print(f"device: {torch.cuda.get_device_name()}  head {args.vocab} x {args.dim} {args.dtype}  "
           f"floor {floor_us:.2f} us  default BLOCK_V {defaults[0]}, BLOCK_K {defaults[1]}, warps {defaults[2]}, "
@@ -74,12 +73,9 @@ def main() -> None:
         t = graph_time(torch_path, calls=args.calls, reps=args.reps)
         rows_out.append({"rows": R, "path": "torch", "us": t})
         print(f"{R:>4} {'torch (norm, matmul, top-k)':<34} {t:>8.2f} {floor_us / t:>7.0%}")
-        settings = [(bv, bk, w, st, True) for bv, bk, w, st in
-                    itertools.product(args.block_v, args.block_k, args.warps, args.stages)]
-        settings.append((defaults[0], defaults[1], defaults[2], defaults[3] or 0, False))  # with the torch merge
-        for bv, bk, w, st, merge in settings:
-            dh.BLOCK_V, dh.BLOCK_K, dh.NUM_WARPS, dh.NUM_STAGES, dh.MERGE_KERNEL = bv, bk, w, (st or None), merge
-            name = f"kernel V{bv} K{bk} w{w} s{st}" + (" + merge kernel" if merge else "")
+        for bv, bk, w, st in itertools.product(args.block_v, args.block_k, args.warps, args.stages):
+            dh.BLOCK_V, dh.BLOCK_K, dh.NUM_WARPS, dh.NUM_STAGES = bv, bk, w, (st or None)
+            name = f"kernel V{bv} K{bk} w{w} s{st}"
             try:
                 lp, ids = dh.head_top_k(x, norm_w, 1e-5, weight, k)
                 ok = ((ref.gather(-1, ids) - want_lp).abs().max().item() < 3e-2
@@ -89,8 +85,8 @@ def main() -> None:
                 print(f"{R:>4} {name:<34} failed: {type(e).__name__}: {e}"[:160])
                 continue
             finally:
-                dh.BLOCK_V, dh.BLOCK_K, dh.NUM_WARPS, dh.NUM_STAGES, dh.MERGE_KERNEL = defaults
-            rows_out.append({"rows": R, "path": "kernel + merge kernel" if merge else "kernel", "block_v": bv,
+                dh.BLOCK_V, dh.BLOCK_K, dh.NUM_WARPS, dh.NUM_STAGES = defaults
+            rows_out.append({"rows": R, "path": "kernel", "block_v": bv,
                              "block_k": bk, "warps": w, "stages": st, "us": t, "ids_ok": ok})
             print(f"{R:>4} {name:<34} {t:>8.2f} {floor_us / t:>7.0%}  {'yes' if ok else 'NO'}")
     best = {}

@@ -81,11 +81,13 @@ def check_interpreted_cases() -> None:
 
 
 # cached_attention: (B, H, Hkv, T, D, S, L, first new slot, n_split). A SmolLM2 step and recycle pair over a 512-slot
-# bucket (8 ranges merged by ticket), batch 2, no GQA, one range (no merge), MHA with 128 rows (two row blocks, only
-# the first writes), and new slots that are not the last ones (a draft's slots ahead of stale ones)
+# bucket (8 ranges merged by ticket, unrolled), a 5-token call there (15 rows: past MERGE_TILE_MAX, the merge loops),
+# batch 2, no GQA, one range (no merge), MHA with 128 rows (two row blocks, only the first writes), and new slots that
+# are not the last ones (a draft's slots ahead of stale ones)
 CACHED_CASES = [
     (1, 9, 3, 1, 64, 600, 512, 37, None),
     (1, 9, 3, 2, 64, 600, 512, 480, None),
+    (1, 9, 3, 5, 64, 600, 512, 300, None),
     (2, 9, 3, 2, 64, 300, 256, 230, None),
     (1, 4, 4, 3, 32, 100, 70, 66, None),
     (1, 9, 3, 2, 64, 300, 256, 0, 1),
@@ -125,22 +127,15 @@ def cached_reference(qkv, k_cache, v_cache, pos, mask, layer, H):
 def check_cached_cases() -> None:
     """Run under TRITON_INTERPRET=1: cached_attention's output to 1e-4 of the reference, its cache writes exact and
     nothing else in the cache touched, the tickets back at zero; bad shapes are named."""
-    default = triton_attention.MERGE_TILE, triton_attention.PREFETCH
-    # the ticket merge range by range and in one tile; the first KV block loaded before the wait or in the loop
-    for tile, prefetch in ((False, False), (True, False), (True, True), (False, True)):
-        triton_attention.MERGE_TILE, triton_attention.PREFETCH = tile, prefetch
-        for B, H, Hkv, T, D, S, L, p0, n_split in CACHED_CASES:
-            qkv, k_cache, v_cache, pos, mask = cached_inputs(B, H, Hkv, T, D, S, L, p0)
-            want, want_k, want_v = cached_reference(qkv, k_cache, v_cache, pos, mask, 1, H)
-            tickets = torch.zeros(B * Hkv * 4, dtype=torch.int32)
-            out = triton_attention.cached_attention(qkv, k_cache, v_cache, tickets, pos, mask, 1, H,
-                                                    n_split=n_split)
-            err = (out - want).abs().max().item()
-            print(f"cached B={B} H={H} Hkv={Hkv} T={T} D={D} L={L} n_split={n_split} merge tile {tile} prefetch "
-                  f"{prefetch}: max abs err {err:.2e}")
-            assert out.shape == (B, T, H * D) and err < 1e-4, err
-            assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v) and not tickets.any()
-    triton_attention.MERGE_TILE, triton_attention.PREFETCH = default
+    for B, H, Hkv, T, D, S, L, p0, n_split in CACHED_CASES:
+        qkv, k_cache, v_cache, pos, mask = cached_inputs(B, H, Hkv, T, D, S, L, p0)
+        want, want_k, want_v = cached_reference(qkv, k_cache, v_cache, pos, mask, 1, H)
+        tickets = torch.zeros(B * Hkv * 4, dtype=torch.int32)
+        out = triton_attention.cached_attention(qkv, k_cache, v_cache, tickets, pos, mask, 1, H, n_split=n_split)
+        err = (out - want).abs().max().item()
+        print(f"cached B={B} H={H} Hkv={Hkv} T={T} D={D} L={L} n_split={n_split}: max abs err {err:.2e}")
+        assert out.shape == (B, T, H * D) and err < 1e-4, err
+        assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v) and not tickets.any()
     for bad, name in (({"layer": 3}, "layer 3"), ({"H": 8}, "8 query heads"), ({"pos": torch.arange(3)}, "input_pos")):
         qkv, k_cache, v_cache, pos, mask = cached_inputs(1, 9, 3, 2, 64, 100, 64, 10)
         args = {"layer": 1, "H": 9, "pos": pos, **bad}
@@ -151,27 +146,21 @@ def check_cached_cases() -> None:
 
 def check_row_invariance(device: str = "cpu", dtype: torch.dtype = torch.float32) -> None:
     """A token's cached_attention output has the same bits alone (a standard step: 3 query rows a KV head) and as
-    the first token of a verifying call (6 or 15 rows), in every merge and prefetch form: the engine's bf16 chains
-    equal `standard` only if this holds. Its later tokens' new keys sit in slots the first token cannot see."""
+    the first token of a verifying call (6 or 15 rows; the merge unrolled at 3 and 6, a loop at 15: past
+    MERGE_TILE_MAX): the engine's bf16 chains equal `standard` only if this holds. Its later tokens' new keys sit in
+    slots the first token cannot see."""
     B, H, Hkv, D, S, L, p0 = 1, 9, 3, 64, 600, 512, 300
-    default = triton_attention.MERGE_TILE, triton_attention.PREFETCH
-    try:
-        for tile, prefetch in ((False, False), (True, False), (True, True), (False, True)):
-            triton_attention.MERGE_TILE, triton_attention.PREFETCH = tile, prefetch
-            firsts = []
-            for T in (1, 2, 5):
-                qkv, k_cache, v_cache, pos, mask = cached_inputs(B, H, Hkv, 5, D, S, L, p0, dtype=dtype,
-                                                                 device=device)
-                mask = mask.view(B, 1, H // Hkv, 5, L)[:, :, :, :T].reshape(B, 1, H // Hkv * T, L)
-                tickets = torch.zeros(B * Hkv * 4, dtype=torch.int32, device=device)
-                out = triton_attention.cached_attention(qkv[:, :T].contiguous(), k_cache, v_cache, tickets,
-                                                        pos[:T], mask, 1, H)
-                firsts.append(out[:, 0])
-            assert all(torch.equal(firsts[0], f) for f in firsts[1:]), (
-                f"merge tile {tile} prefetch {prefetch}: the first token's output differs between calls of 1, 2 "
-                f"and 5 tokens, by up to {max((f.float() - firsts[0].float()).abs().max().item() for f in firsts)}")
-    finally:
-        triton_attention.MERGE_TILE, triton_attention.PREFETCH = default
+    firsts = []
+    for T in (1, 2, 5):
+        qkv, k_cache, v_cache, pos, mask = cached_inputs(B, H, Hkv, 5, D, S, L, p0, dtype=dtype, device=device)
+        mask = mask.view(B, 1, H // Hkv, 5, L)[:, :, :, :T].reshape(B, 1, H // Hkv * T, L)
+        tickets = torch.zeros(B * Hkv * 4, dtype=torch.int32, device=device)
+        out = triton_attention.cached_attention(qkv[:, :T].contiguous(), k_cache, v_cache, tickets, pos[:T], mask,
+                                                1, H)
+        firsts.append(out[:, 0])
+    assert all(torch.equal(firsts[0], f) for f in firsts[1:]), (
+        f"the first token's output differs between calls of 1, 2 and 5 tokens, by up to "
+        f"{max((f.float() - firsts[0].float()).abs().max().item() for f in firsts)}")
 
 
 @needs_interpreter_3_7(triton)
@@ -226,11 +215,7 @@ def test_cuda_cached_attention_bf16_graph_and_compile(monkeypatch):
         assert out.dtype == torch.bfloat16 and (out.float() - want).abs().max().item() < 2e-2
 
     cases = CACHED_CASES + [(8, 9, 3, 2, 64, 2048, 2048, 1500, None), (32, 9, 3, 1, 64, 600, 512, 400, None)]
-    # (merge tile, prefetch, CACHED_WARPS)
-    forms = ((False, False, 4), (True, False, 4), (True, True, 4), (False, True, 8), (True, True, 8))
-    for (B, H, Hkv, T, D, S, L, p0, n_split), (tile, prefetch, warps) in [(c, f) for c in cases for f in forms]:
-        monkeypatch.setattr(triton_attention, "MERGE_TILE", tile)
-        monkeypatch.setattr(triton_attention, "PREFETCH", prefetch)
+    for (B, H, Hkv, T, D, S, L, p0, n_split), warps in [(c, w) for c in cases for w in (4, 8)]:
         monkeypatch.setattr(triton_attention, "CACHED_WARPS", warps)
         qkv, k_cache, v_cache, pos, mask = cached_inputs(B, H, Hkv, T, D, S, L, p0, dtype=torch.bfloat16,
                                                          device="cuda")
@@ -240,9 +225,7 @@ def test_cuda_cached_attention_bf16_graph_and_compile(monkeypatch):
               want)
         assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v) and not tickets.any()
 
-    for tile, prefetch, warps in forms:  # 200 replays of each form, each on new inputs
-        monkeypatch.setattr(triton_attention, "MERGE_TILE", tile)
-        monkeypatch.setattr(triton_attention, "PREFETCH", prefetch)
+    for warps in (4, 8):  # 200 replays at each CACHED_WARPS, each on new inputs
         monkeypatch.setattr(triton_attention, "CACHED_WARPS", warps)
         qkv, k_cache, v_cache, pos, mask = inputs = cached_inputs(1, 9, 3, 2, 64, 600, 512, 300,
                                                                   dtype=torch.bfloat16, device="cuda")

@@ -42,27 +42,23 @@ def check_interpreted_cases() -> None:
     """Run under TRITON_INTERPRET=1: every case in fp32 on the CPU, the same ids and log-probabilities to 1e-4, with
     the default launch settings and with the other block sizes that scripts/draft_head_bench.py sweeps."""
     assert triton_draft_head._INTERPRETED, "TRITON_INTERPRET=1 must be set before triton is imported"
-    default = triton_draft_head.BLOCK_V, triton_draft_head.BLOCK_K, triton_draft_head.MERGE_KERNEL
-    # equal best logits in three blocks and twice in one: the lowest ids first, as a stable top-k gives them (the
-    # torch merge's top-k is the sort-free one CUDA runs: torch.topk on the CPU does not order ties)
-    from recyclegpt import topk
-    topk.SORT_FREE = "always"
+    default = triton_draft_head.BLOCK_V, triton_draft_head.BLOCK_K
+    # equal best logits in three blocks and twice in one: the lowest ids first, as a stable top-k gives them
     x_tie, nw_tie, w_tie = make_inputs(2, 300, 64)
     w_tie[[10, 140, 141, 299]] = 0.2 * x_tie[0] / x_tie[0].norm() * 64 ** 0.5 * 4
-    for block_v, block_k, merge in ((default[0], default[1], True), (default[0], default[1], False), (32, 128, True),
-                                    (64, 64, False)):
-        triton_draft_head.BLOCK_V, triton_draft_head.BLOCK_K, triton_draft_head.MERGE_KERNEL = block_v, block_k, merge
+    for block_v, block_k in (default, (32, 128), (64, 64)):
+        triton_draft_head.BLOCK_V, triton_draft_head.BLOCK_K = block_v, block_k
         for R, V, K, k in CASES:
             x, nw, w = make_inputs(R, V, K)
             logp, ids = head_top_k(x, nw, 1e-5, w, k)
             want_logp, want_ids = reference(x, nw, 1e-5, w, k)
-            print(f"BLOCK_V={block_v} BLOCK_K={block_k} merge kernel {merge} R={R} V={V} K={K} k={k}: "
+            print(f"BLOCK_V={block_v} BLOCK_K={block_k} R={R} V={V} K={K} k={k}: "
                   f"max |dlogp| {(logp - want_logp).abs().max().item():.2e}")
-            assert ids.dtype == torch.int64 and torch.equal(ids, want_ids), (block_v, block_k, merge, R, V, K, k)
+            assert ids.dtype == torch.int64 and torch.equal(ids, want_ids), (block_v, block_k, R, V, K, k)
             assert (logp - want_logp).abs().max().item() < 1e-4
         logp, ids = head_top_k(x_tie, nw_tie, 1e-5, w_tie, 4)
-        assert ids[0].tolist() == [10, 140, 141, 299] and torch.equal(logp[0], logp[0, :1].expand(4)), (ids, merge)
-    triton_draft_head.BLOCK_V, triton_draft_head.BLOCK_K, triton_draft_head.MERGE_KERNEL = default
+        assert ids[0].tolist() == [10, 140, 141, 299] and torch.equal(logp[0], logp[0, :1].expand(4)), ids
+    triton_draft_head.BLOCK_V, triton_draft_head.BLOCK_K = default
     x, nw, w = make_inputs(6, 500, 64)
     logp, ids = head_top_k(x.view(2, 3, 64), nw, 1e-5, w, 2)  # leading dims kept
     assert logp.shape == ids.shape == (2, 3, 2) and torch.equal(ids.view(6, 2), reference(x, nw, 1e-5, w, 2)[1])
@@ -80,6 +76,7 @@ def check_model_integration() -> None:
     torch path's tokens and log-probabilities, with and without a draft vocabulary, and the tree the same output."""
     sys.path.insert(0, os.path.dirname(__file__))
     import recyclegpt.model as model_mod
+    from recyclegpt import topk
     from recyclegpt.decoding import standard
     from recyclegpt.speculative import TreeShape, tree
     from recyclegpt.train import add_draft_vocab
@@ -93,6 +90,8 @@ def check_model_integration() -> None:
         return model_mod.DRAFT_HEAD_KERNEL
 
     model_mod.use_draft_head_kernel = on_cpu_too
+    # the torch path's top-k the sort-free one CUDA runs (torch.topk on the CPU does not order ties)
+    topk.SORT_FREE = "always"
     try:
         for draft_vocab in (False, True):
             model = predictable(1, 0.1, vocab=512)
@@ -132,7 +131,7 @@ def test_cpu_tensors_need_the_interpreter_and_bad_requests_are_clear():
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_bf16_graph_and_compile(monkeypatch):
+def test_cuda_bf16_graph_and_compile():
     def check(got, x, nw, w, k):
         logp, ids = got
         want_logp, _ = reference(x, nw, 1e-5, w, k)
@@ -142,14 +141,12 @@ def test_cuda_bf16_graph_and_compile(monkeypatch):
         assert (picked - want_logp).abs().max().item() < 5e-2 and (logp - picked).abs().max().item() < 5e-2
         assert all(len(set(r.tolist())) == k for r in ids.view(-1, k))
 
-    for merge in (False, True):  # the torch merge and the merge kernel
-        monkeypatch.setattr(triton_draft_head, "MERGE_KERNEL", merge)
-        for R, V, K, k in CASES + [(4, 16384, 576, 4), (32, 49152, 576, 4)]:
-            inputs = make_inputs(R, V, K, dtype=torch.bfloat16, device="cuda")
-            check(head_top_k(inputs[0], inputs[1], 1e-5, inputs[2], k), *inputs, k)
-        x, nw, w = make_inputs(2, 16384, 576, dtype=torch.bfloat16, device="cuda")
-        w[[10, 140, 141, 9000]] = 0.2 * x[0] / x[0].float().norm().to(x.dtype) * 576 ** 0.5 * 4  # equal best logits
-        assert head_top_k(x, nw, 1e-5, w, 4)[1][0].tolist() == [10, 140, 141, 9000]  # lowest ids first
+    for R, V, K, k in CASES + [(4, 16384, 576, 4), (32, 49152, 576, 4)]:
+        inputs = make_inputs(R, V, K, dtype=torch.bfloat16, device="cuda")
+        check(head_top_k(inputs[0], inputs[1], 1e-5, inputs[2], k), *inputs, k)
+    x, nw, w = make_inputs(2, 16384, 576, dtype=torch.bfloat16, device="cuda")
+    w[[10, 140, 141, 9000]] = 0.2 * x[0] / x[0].float().norm().to(x.dtype) * 576 ** 0.5 * 4  # equal best logits
+    assert head_top_k(x, nw, 1e-5, w, 4)[1][0].tolist() == [10, 140, 141, 9000]  # lowest ids first
 
     x, nw, w = inputs = make_inputs(4, 16384, 576, dtype=torch.bfloat16, device="cuda")
     head_top_k(x, nw, 1e-5, w, 4)  # compiles the kernel outside the capture
@@ -170,10 +167,8 @@ def test_cuda_bf16_graph_and_compile(monkeypatch):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("merge_kernel", [False, True])
-def test_cuda_tree_rounds_with_the_kernel(monkeypatch, merge_kernel):
-    """The engine's tree rounds, graphs and compiled whole, with the kernel drafting (its blocks merged by torch ops
-    or by the merge kernel): standard's tokens (fp32)."""
+def test_cuda_tree_rounds_with_the_kernel(monkeypatch):
+    """The engine's tree rounds, graphs and compiled whole, with the kernel drafting: standard's tokens (fp32)."""
     import recyclegpt.model as model_mod
     from recyclegpt.decoding import standard
     from recyclegpt.engine import Engine
@@ -181,7 +176,6 @@ def test_cuda_tree_rounds_with_the_kernel(monkeypatch, merge_kernel):
     from test_speculative import predictable, prompts_for
 
     monkeypatch.setattr(model_mod, "DRAFT_HEAD_KERNEL", True)
-    monkeypatch.setattr(triton_draft_head, "MERGE_KERNEL", merge_kernel)
     model = predictable(1, 0.05).cuda()
     prompts = prompts_for(3, 3)
     want = standard(model.base, prompts, max_new_tokens=40).tokens

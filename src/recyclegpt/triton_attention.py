@@ -30,25 +30,15 @@ TARGET_PROGRAMS = 256  # ~2 per SM of an H100: enough loads in flight to approac
 BLOCK_N = 64  # KV slots per step of a program's loop
 MIN_SLOTS = 64  # the fewest KV slots worth a program of their own (below it the merge costs more than it saves)
 # the ticket merge (cached_attention) loads every range's partials at once, for the call's own rows only, when they
-# hold at most MERGE_TILE_MAX values, and sums them range by range in a fixed order; else it loads and merges them
-# range by range in a loop, one L2 round trip each. Either form gives a row the same bits whatever the call's row
-# count, as long as the KV ranges are the same (`plan`: up to MAX_BLOCK_R rows a KV head).
-# The first tile form (a tl.sum over a (ranges, rows, D) tile) broke that invariance: bf16 recycle-verified equalled
-# `standard` on 8 of 20 prompts with it, 20 of 20 without (2026-11-27). This ordered form, measured on an H100
-# (2026-11-27, an A/B of step profiles): SmolLM2's compiled standard step 0.489 -> 0.465
-# ms, recycle's 0.654 -> 0.631, and 20 of 20 prompts equal in bf16 for recycle-verified and speculative
-MERGE_TILE = True
+# hold at most MERGE_TILE_MAX values (the merge unrolled over the ranges), and sums them range by range in a fixed
+# order; larger merges (more ranges or rows: SmolLM2's one-token step past 1,024 cached slots, a 5-token call from
+# 320) load and merge them range by range in a loop, one L2 round trip each. Either form gives a row the same bits
+# whatever the call's row count, as long as the KV ranges are the same (`plan`: up to MAX_BLOCK_R rows a KV head)
 MERGE_TILE_MAX = 4096
-# cached_attention loads each range's first block of cached keys and values before it waits on the previous kernel
-# (programmatic dependent launch), so that its longest load overlaps the QKV product before it. Measured on an H100
-# (2026-11-27, an A/B of step profiles, with the first tile merge on): SmolLM2's
-# compiled standard step 0.493 -> 0.471 ms, recycle's 0.673 -> 0.649. In the bench on the same machine, with the merge
-# tile off, standard went from 1,708 to 1,844-1,877 tok/s
-PREFETCH = True
 # warps of a cached_attention program (up to 64 x 128 query values; larger tiles take 8). Compiled for sm_90a (ptxas,
-# on the CPU; 2026-11-27), SmolLM2's kernel (16 x 64, a cache write) uses 255 registers at 4 warps and spills
-# 428 bytes, 480 with PREFETCH; at 8 warps it uses 254 and spills none. Measured on an H100 (2026-11-27,
-# an A/B of step profiles): standard 0.489 -> 0.485 ms, recycle 0.654 -> 0.657; the spills cost
+# on the CPU; 2026-11-27), SmolLM2's kernel (16 x 64, a cache write, its first KV block loaded before the PDL wait)
+# uses 255 registers at 4 warps and spills 480 bytes; at 8 warps it uses 254 and spills none. Measured on an H100
+# (2026-11-27, an A/B of step profiles): standard 0.489 -> 0.485 ms, recycle 0.654 -> 0.657; the spills cost
 # nothing that shows, so 4
 CACHED_WARPS = 4
 # programmatic dependent launch (Hopper and later), for the kernels of a fused decode call (this module's
@@ -94,17 +84,17 @@ if triton is not None:
                      Hkv, R, T, L, per_split, n_rb, n_split, scale,
                      D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
                      PRECISION: tl.constexpr, NEW: tl.constexpr, TP: tl.constexpr, TICKET: tl.constexpr,
-                     MERGE_TILE: tl.constexpr, MR: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr,
-                     PREFETCH: tl.constexpr):
+                     MERGE_TILE: tl.constexpr, MR: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr):
         # grid ((b*Hkv + h)*n_rb + row block, KV range): BLOCK_R query rows against the range's slots [start, end).
         # Row g*T + t of KV head h is query head h*groups + g of token t (strides sqg, sqt).
         # NEW: the T new tokens' keys and values are read from Kn, Vn (b, t, h at strides snb, snt, snh) for their
-        # slots Pos[t], and stored into the cache there by the range that holds the slot (row block 0 only).
+        # slots Pos[t], and stored into the cache there by the range that holds the slot (row block 0 only). The
+        # range's first block of cached keys and values loads before the wait, so that the longest load overlaps
+        # the QKV product before it. Under PDL every kernel two or more launches back has finished by then (the one
+        # before lets this one launch only after its own wait), and the cache's slots were written by earlier
+        # steps' kernels or a commit's, with at least a QKV kernel in between; the new tokens' slots, which this
+        # kernel writes, take Kn, Vn instead.
         # TICKET: the last range of a (b, h, row block) to finish merges the partials (no second kernel).
-        # PREFETCH (with NEW): the range's first block of cached keys and values loads before the wait. Under PDL
-        # every kernel two or more launches back has finished by then (the one before lets this one launch only
-        # after its own wait), and the cache's slots were written by earlier steps' kernels or a commit's, with at
-        # least a QKV kernel in between; the new tokens' slots, which this kernel writes, take Kn, Vn instead
         pid, split = tl.program_id(0), tl.program_id(1)
         bh, rb = pid // n_rb, pid % n_rb
         b, h = bh // Hkv, bh % Hkv
@@ -112,7 +102,7 @@ if triton is not None:
         k_base, v_base = K + b * skb + h * skh, V + b * svb + h * svh
         start = split * per_split
         end = tl.minimum(start + per_split, L)
-        if PREFETCH:
+        if NEW:
             first = start + tl.arange(0, BLOCK_N)
             first_ok = (first < end)[:, None]
             k_first = tl.load(k_base + first[:, None] * skn + dims[None, :], mask=first_ok, other=0.0)
@@ -142,7 +132,7 @@ if triton is not None:
                 new_at = b * snb + t_of[:, None] * snt + h * snh + dims[None, :]
                 kn = tl.load(Kn + new_at, mask=fresh[:, None], other=0.0)
                 vn = tl.load(Vn + new_at, mask=fresh[:, None], other=0.0)
-                if PREFETCH and n0 == start:
+                if n0 == start:
                     k = tl.where(fresh[:, None], kn, k_first)
                     v = tl.where(fresh[:, None], vn, v_first)
                 else:
@@ -184,7 +174,7 @@ if triton is not None:
                     # rows, D) tile summed in an order set by the tile's layout, which changes with the row count:
                     # bf16 chains drifted from `standard` (2026-11-27: 8 of 20 prompts equal, 20 of 20
                     # without it)
-                    if MERGE_TILE:
+                    if MERGE_TILE:  # at most MERGE_TILE_MAX values
                         # unrolled over BLOCK_S ranges (those past n_split masked: they multiply by 1 and add 0),
                         # for the MR rows the call has (not BLOCK_R, which tl.dot pads to 16 or more): the loads do
                         # not depend on the running sums, so they are in flight together
@@ -198,8 +188,8 @@ if triton is not None:
                             m_all, l_all, vals = merge_range(m_all, l_all, vals, Mx, Sm, Acc,
                                                             (bh * n_split + j) * R + mrows, ok, dims, D)
                     else:
-                        # range by range in a loop, one L2 round trip each. Loading every range's partials at once
-                        # for all BLOCK_R rows (a (ranges, 16, D) tile for 3 rows) was slower on an H100
+                        # more: range by range in a loop, one L2 round trip each. Loading every range's partials at
+                        # once for all BLOCK_R rows (a (ranges, 16, D) tile for 3 rows) was slower on an H100
                         # (2026-11-27: the standard step ~1,525 against ~1,635 tok/s)
                         mrows, mrow_ok = rows, row_ok
                         m_all = tl.full([BLOCK_R], float("-inf"), tl.float32)
@@ -322,7 +312,7 @@ def _launch(q, sq, k, v, mask, out, so, R, T, scale, n_split, new=None, tickets=
     ticket = tickets is not None and n_split > 1
     # the ticket merge's form (MERGE_TILE): every range's partials loaded at once when they are few enough
     mr, block_s = max(2, min(block_r, triton.next_power_of_2(R))), max(2, triton.next_power_of_2(n_split))
-    merge_tile = ticket and MERGE_TILE and block_s * mr * D <= MERGE_TILE_MAX
+    merge_tile = ticket and block_s * mr * D <= MERGE_TILE_MAX
     # 8 warps for the largest tiles, whose fp32 acc would spill at 4; cached_attention's small ones CACHED_WARPS
     warps = 8 if block_r * D > 64 * 128 else CACHED_WARPS if new is not None else 4
     if ticket and tickets.numel() < B * Hkv * n_rb:
@@ -336,7 +326,6 @@ def _launch(q, sq, k, v, mask, out, so, R, T, scale, n_split, new=None, tickets=
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 stays fp32; half types ignore it
         NEW=new is not None, TP=max(2, triton.next_power_of_2(T)) if new is not None else 2, TICKET=ticket,
         MERGE_TILE=merge_tile, MR=mr if merge_tile else 2, BLOCK_S=block_s if merge_tile else 2,
-        PREFETCH=PREFETCH and new is not None,
         num_warps=warps,
         **pdl_launch(q.device, new is not None and ticket and PDL))  # the one-kernel form (no merge kernel after)
     if n_split > 1 and not ticket:

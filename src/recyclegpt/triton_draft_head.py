@@ -7,8 +7,8 @@ Here one kernel does the norm, the product and a first selection: program j norm
 order `model.RMSNorm` uses), multiplies them by vocabulary rows [j*BLOCK_V, (j+1)*BLOCK_V), and keeps per row its
 block's KTOP best logits with their ids, and the block's max and sum of exp(logit - max). A second small kernel,
 one program a row, then merges the blocks: the log-sum-exp of the blocks for the log-probabilities, and the k best
-of the n_blocks*KTOP candidates (`MERGE_KERNEL`, on; measured 0.012 ms a tree round faster on an H100 than the torch
-ops it replaces, a few kernels after inductor). The k best of a row are among the candidates because each block contributes its KTOP >= k best.
+of the n_blocks*KTOP candidates. The k best of a row are among the candidates because each block contributes its
+KTOP >= k best.
 
 Both kernels are torch custom ops (opaque to torch.compile, captured in CUDA graphs as they are); on the CPU they
 run only under Triton's interpreter (TRITON_INTERPRET=1 set before triton is imported), for the tests.
@@ -18,18 +18,12 @@ from __future__ import annotations
 
 import torch
 
-from . import topk
 from .triton_attention import triton, tl
 
 BLOCK_V = 128  # vocabulary rows a program: 128 programs for 16,384 rows, ~1 per SM of an H100
 BLOCK_K = 64  # the model dimension is read in steps of this many
 BLOCK_R = 16  # rows (tokens) a program, padded: tl.dot needs 16
 KTOP = 4  # candidates a block keeps per row; k may not exceed it
-# the blocks merged by a second small kernel (one launch) rather than by torch ops (a few fused kernels after
-# inductor). Measured on an H100 (2026-11-27, docs/engine.md): the compiled (5, 4, 24) round 1.480 -> 1.468 ms,
-# the tree 2.03x -> 2.04x / 2.05x `standard` in one call. False gives the torch merge (the A/B:
-# an A/B of step profiles)
-MERGE_KERNEL = True
 # launch settings: a 2026-11-27 sweep (`scripts/draft_head_bench.py`, H100) found these within 2% of the
 # best of 36 (11.27 against 11.09 us for one row), so they stay
 NUM_WARPS = 4
@@ -172,11 +166,5 @@ def head_top_k(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: t
         raise ValueError(f"the draft-head kernel keeps {KTOP} candidates a block; top-{k} asked")
     lead = x.shape[:-1]
     val, idx, mx, se = _op(x.reshape(-1, x.shape[-1]), norm_weight, weight, float(eps))
-    if MERGE_KERNEL:
-        logp, ids = _merge_op(val, idx, mx, se, k)
-        return logp.reshape(*lead, k), ids.reshape(*lead, k)
-    m = mx.amax(-1, keepdim=True)
-    lse = m + torch.log((se * torch.exp(mx - m)).sum(-1, keepdim=True))
-    values, j = topk.top_k(val.flatten(1), k)
-    ids = idx.flatten(1).gather(1, j)
-    return (values - lse).reshape(*lead, k), ids.reshape(*lead, k)
+    logp, ids = _merge_op(val, idx, mx, se, k)
+    return logp.reshape(*lead, k), ids.reshape(*lead, k)
