@@ -9,11 +9,11 @@
 #   3. its first layer alone (scripts/truncate_module.py --layers 1);
 #   4. 3,600 steps from (3) at lr 5e-4 -> 5e-5, the draft vocabulary of the data (scripts/draft_vocab.py), the bf16
 #      export (scripts/ship_module.py) to SHIP_DIR, and its α on the held-out WizardLM and alpaca_eval prompts.
-# Needs one CUDA GPU with ~80 GB (four eager streams at batch 256 side by side, as make_smollm2_module.sh's round 3
-# runs on one H100). The shipped module's data came from the same streams run on four GPUs at once, so this
-# one-GPU form has not been run end to end. Its parts took: the data 4 x DISTILL_S (31 min at the default); step 2
-# 301 s of training on an H200; step 4 362 s on an H100 (3,600 steps at 0.09 s each, plus loading). About 45
-# minutes on one H100 in all.
+# Needs one CUDA GPU (four eager streams at batch 256 side by side, as make_smollm2_module.sh's round 3 runs on one
+# H100). The shipped module's data came from the same streams run on four GPUs at once, so this one-GPU form has not
+# been run end to end. The data step takes 4 x DISTILL_S (31 min at the default); in the runs that made the shipped
+# module, step 2 took 301 s of training on an H200 and step 4 362 s on an H100 (3,600 steps at 0.09 s each, plus
+# loading).
 # usage: scripts/make_smollm2_module_l1.sh SHARED_DATA_DIR WORK_DIR [SHIP_DIR]
 #   SHIP_DIR defaults to WORK_DIR/ship; point it at src/recyclegpt/modules/smollm2-135m-instruct-l1 to replace the
 #   shipped module. The streams stop at a fixed time, so other hardware makes a different number of records; the card
