@@ -23,8 +23,9 @@ from tqdm import tqdm
 
 from recyclegpt import differential as dt
 from recyclegpt.api import RecycleGPT
-from recyclegpt.engine import KV_BUCKET, PREFILL_BUCKET, STRATEGIES
+from recyclegpt.engine import KV_BUCKET, PREFILL_BUCKET
 from recyclegpt.registry import DEFAULT_MODEL
+from recyclegpt.strategies import names as strategy_names
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--engines", default=None,
                     help=f"comma-separated: {', '.join(dt.ENGINE_KINDS)} (default: graphs on CUDA, static on the CPU; "
                          f"static's eager steps make a GPU run about three times slower)")
-    ap.add_argument("--strategies", default=",".join(STRATEGIES))
+    ap.add_argument("--strategies", default=",".join(strategy_names()))
     ap.add_argument("--check", choices=("exact", "near-ties"), default=None,
                     help="exact (default for float32) or near-ties (default for bfloat16)")
     ap.add_argument("--requests", type=int, default=200)
@@ -61,8 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         if k not in dt.ENGINE_KINDS:
             ap.error(f"unknown engine {k!r}; choose from {', '.join(dt.ENGINE_KINDS)}")
     for s in strategies:
-        if s not in STRATEGIES:
-            ap.error(f"unknown strategy {s!r}; choose from {', '.join(STRATEGIES)}")
+        if s not in strategy_names():
+            ap.error(f"unknown strategy {s!r}; choose from {', '.join(strategy_names())}")
     if args.requests < 1 or args.max_new_tokens < 1:
         ap.error("--requests and --max-new-tokens must be at least 1")
     check = dt.Check(args.check or ("exact" if args.dtype == "float32" else "near-ties"))

@@ -12,10 +12,11 @@ import torch
 
 from recyclegpt import differential as dt
 from recyclegpt.config import RecycleConfig
-from recyclegpt.engine import STRATEGIES, Decoder, Engine
+from recyclegpt.engine import Decoder, Engine
 from recyclegpt.model import RecycleModel, fuse_projections
 from recyclegpt.sampling import SamplingParams
 from recyclegpt.speculative import TreeShape
+from recyclegpt.strategies import names as strategy_names
 from test_speculative import predictable
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -83,7 +84,7 @@ def with_draft_vocab(model: RecycleModel) -> RecycleModel:
 
 def sequence(model: RecycleModel, n: int, seed: int, context: int = 256) -> list[dt.Request]:
     return dt.make_requests(seed, n, vocab_size=model.base.cfg.vocab_size, context_length=context,
-                            max_new_tokens=40, span=OPTS.span(STRATEGIES), max_batch=4, buckets=(8, 16))
+                            max_new_tokens=40, span=OPTS.span(strategy_names()), max_batch=4, buckets=(8, 16))
 
 
 def assert_all_identical(tallies):
@@ -155,7 +156,7 @@ def test_cuda_engines_equal_the_reference_on_a_request_sequence(kinds):
     compiled = "compiled" in kinds  # a compile per step kind and bucket: fewer of both
     reqs = sequence(model, 6 if compiled else 10, seed=4)
     engines = {k: dt.make_engine(model, k, kv_bucket=128 if compiled else 16, prefill_bucket=8) for k in kinds}
-    strategies = ("standard", "recycle", "speculative") if compiled else STRATEGIES
+    strategies = ("standard", "recycle", "speculative") if compiled else strategy_names()
     assert_all_identical(dt.run_sequence(model, engines, reqs, strategies=strategies, opts=OPTS))
 
 

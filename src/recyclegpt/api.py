@@ -18,24 +18,28 @@ import torch
 
 from .config import RecycleConfig
 from .decoding import DecodeStats
-from .engine import KV_BUCKET as DEFAULT_KV_BUCKET, STRATEGIES, Engine
-from .speculative import DEFAULT_DRAFT_LEN, TreeShape, reference_decode
+from . import strategies
+from .engine import KV_BUCKET as DEFAULT_KV_BUCKET, Engine
+from .speculative import DEFAULT_DRAFT_LEN, TreeShape
+from .strategies import reference_decode
 from .model import RecyclableModule, RecycleModel, Transformer
 from .registry import shipped_module, shipped_module_named, shipped_modules
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
-# standard: one full call per token; recycle: the paper's alternating schedule (lossy); the rest are lossless, with
-# the module as drafter (speculative.py): recycle-verified (the schedule with each recycled token checked),
-# speculative (chains of draft_len tokens), tree (a draft tree, EAGLE-2 style)
-STRATEGY_NAMES = STRATEGIES
 # how the decode loop runs: "eager" the reference loop of decoding.py (a forward and a host sync per step);
 # "static" the engine's fixed-shape steps (engine.py) without graphs; "graphs" those steps captured as CUDA graphs;
 # "compiled" torch.compile inside the graphs; "auto" is "graphs" on CUDA and "eager" on the CPU
 ENGINES = ("auto", "eager", "static", "graphs", "compiled")
 RANDOM_MODULE_NOTE = "untrained (random) recyclable module: the text is meaningless, use it for speed measurements only"
 NO_MODULE = (None, "none")  # the `recycle` values that load no module
+
+
+def __getattr__(name: str):
+    if name == "STRATEGY_NAMES":  # the registered strategies (strategies.names()), read when asked
+        return strategies.names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def default_device() -> torch.device:
@@ -206,19 +210,18 @@ class RecycleGPT:
                  min_draft_prob: float | None = None) -> Generation:
         """Generate from one prompt or a batch: texts (encoded, chat-templated if `chat`) or token-id lists.
 
-        strategy (`STRATEGY_NAMES`): "standard" (one full-model call per token); "recycle" (the paper's
-        alternating schedule, lossy); "recycle-verified", "speculative" (chains of `draft_len` drafted tokens) and
-        "tree" (a draft tree of `tree_shape` = (depth, topk, nodes[, lookup])) are lossless: their output is standard
-        decoding's, exactly when greedy, in distribution when sampling. All but standard need a recyclable module.
+        strategy (`strategies.names()`): "standard" (one full-model call per token); "recycle" (the paper's
+        alternating schedule, lossy); "recycle-verified", "speculative" (chains of `draft_len` drafted tokens),
+        "tree" (a draft tree of `tree_shape` = (depth, topk, nodes[, lookup])) and "lookup" (chains of `draft_len`
+        tokens found by prompt lookup) are lossless: their output is standard decoding's, exactly when greedy, in
+        distribution when sampling. All but standard and lookup need a recyclable module.
         ignore_eos: run to max_new_tokens (benchmarks). engine: how the decode loop runs (`ENGINES`; the tokens
         are the same): "auto" captures CUDA graphs on a GPU, runs the eager reference loop on the CPU. With
         graphs, `stream` receives tokens every few steps, not every step. min_draft_prob: adaptive draft length
         for speculative and recycle-verified (`speculative.speculative`), eager loop only; None: the measured
         default for the loop that runs (`default_min_draft_prob`).
         """
-        if strategy not in STRATEGY_NAMES:
-            raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGY_NAMES)}")
-        if strategy != "standard" and self.model is None:
+        if strategies.get(strategy).needs_module and self.model is None:
             raise ValueError(f"strategy {strategy!r} needs a recyclable module and none is loaded; "
                              f"{module_hint(self.name)}")
         shape = TreeShape(*tree_shape).check() if tree_shape is not None else TreeShape()
@@ -239,7 +242,7 @@ class RecycleGPT:
                                    draft_len=draft_len, tree_shape=shape, min_draft_prob=min_draft_prob, **common)
         texts = [self.tokenizer.decode(t) if self.tokenizer is not None else "" for t in res.tokens]
         module = None
-        if strategy != "standard":
+        if strategies.get(strategy).needs_module:
             module = RANDOM_MODULE_NOTE if self.module_source == "random" else self.module_source
         return Generation(texts, res.tokens, strategy, res.stats, module)
 

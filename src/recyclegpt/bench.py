@@ -15,13 +15,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .api import DEFAULT_DRAFT_LEN, STRATEGY_NAMES, EngineOptions, Generation, RecycleGPT, default_min_draft_prob
+from .api import DEFAULT_DRAFT_LEN, EngineOptions, Generation, RecycleGPT, default_min_draft_prob
 from .config import ModelConfig, RecycleConfig
 from .decoding import tau_of
 from .differential import NEAR_TIE_RANK, choice_margin, first_difference
 from .evaluation import evaluate_agreement
-from .engine import VERIFIED
 from .model import RecyclableModule, Transformer
+from .strategies import get as get_strategy, lossless_names, names as strategy_names
 
 # A small built-in prompt set, used when no prompts file is given.
 BUILTIN_PROMPTS = [
@@ -37,7 +37,6 @@ BUILTIN_PROMPTS = [
 
 
 HF_STRATEGIES = {"hf_eager": "eager", "hf_compiled": "compiled", "hf_prompt_lookup": "prompt_lookup"}
-PROJECT_STRATEGIES = STRATEGY_NAMES
 
 # paper-scale shapes for speed-only runs with random weights (`recyclegpt bench --shape`)
 SHAPES = {
@@ -201,22 +200,25 @@ def time_strategies(lm: RecycleGPT, ids: list[list[int]], strategies: Sequence[s
 
 
 def run_bench(lm: RecycleGPT, prompts: list[str] | list[list[int]], *,
-              strategies: tuple[str, ...] = PROJECT_STRATEGIES, max_new_tokens: int = 128, chat: bool = True,
+              strategies: Sequence[str] | None = None, max_new_tokens: int = 128, chat: bool = True,
               ignore_eos: bool = True, warmup: int = 1, batch_size: int = 1, engine: str = "auto",
               alpha: bool = True, log: Callable[[str], None] | None = None, draft_len: int = DEFAULT_DRAFT_LEN,
               min_draft_prob: float | None = None,
               tree_shape: tuple[int, ...] | None = None, categories: Sequence[str] | None = None,
               check_prompts: int = 4) -> dict:
-    """Run each strategy greedily on every prompt (texts, or token-id lists); return {"device", "model",
-    "results", "speedup", "speedup_vs_hf_eager", ...}. HF strategies (`HF_STRATEGIES`) need batch_size 1.
+    """Run each strategy (default: every registered one) greedily on every prompt (texts, or token-id lists);
+    return {"device", "model", "results", "speedup", "speedup_vs_hf_eager", ...}. HF strategies (`HF_STRATEGIES`)
+    need batch_size 1.
     alpha: also measure the module's agreement α on these prompts (evaluation.evaluate_agreement).
     draft_len, tree_shape: the options of speculative and tree. categories: a label per prompt (batch size 1);
     then every result also carries "per_category": {label: {tokens_per_s, median_tokens_per_s, speedup, tau,
     alpha (recycle), same_token_share (lossless)}}. check_prompts: how many prompts (`check_sample`) are decoded
     again by the eager reference loop and compared (`check_tokens`: a difference raises CheckFailed)."""
-    unknown = [s for s in strategies if s not in PROJECT_STRATEGIES and s not in HF_STRATEGIES]
+    strategies = tuple(strategy_names() if strategies is None else strategies)
+    known = strategy_names() + tuple(HF_STRATEGIES)
+    unknown = [s for s in strategies if s not in known]
     if unknown:
-        raise ValueError(f"unknown strategies {unknown}; choose from {', '.join(PROJECT_STRATEGIES + tuple(HF_STRATEGIES))}")
+        raise ValueError(f"unknown strategies {unknown}; choose from {', '.join(known)}")
     hf_names = [s for s in strategies if s in HF_STRATEGIES]
     if hf_names and batch_size != 1:
         raise ValueError(f"the HF baselines ({', '.join(hf_names)}) run at batch size 1; drop them for --batch-size "
@@ -258,7 +260,7 @@ def run_bench(lm: RecycleGPT, prompts: list[str] | list[list[int]], *,
     if "standard" in runs:  # lossless strategies must give standard's tokens: count the prompts where they do
         ref = runs["standard"].outputs
         for r in results:
-            if r["strategy"] in VERIFIED:  # lossless: greedy, their tokens are standard's
+            if r["strategy"] in lossless_names():  # greedy, their tokens are standard's
                 outs = runs[r["strategy"]].outputs
                 r["same_as_standard"] = sum(a == b for a, b in zip(outs, ref))
                 r["same_token_share"] = same_token_share(outs, ref)
@@ -356,7 +358,7 @@ def check_tokens(lm: RecycleGPT, ids: list[list[int]], runs: dict[str, StrategyR
     tokens of `standard` (else its first project strategy): every token in float32, the first CHECK_PREFIX in 16-bit
     dtypes. Raises CheckFailed naming the prompts that differ; returns what was checked (None: no project strategy,
     nothing of ours to check)."""
-    ours = [s for s in strategies if s in PROJECT_STRATEGIES]
+    ours = [s for s in strategies if s in strategy_names()]
     if not ours:
         return None
     strategy = "standard" if "standard" in ours else ours[0]
@@ -382,7 +384,7 @@ def check_tokens(lm: RecycleGPT, ids: list[list[int]], runs: dict[str, StrategyR
         first = first_difference(got, want)
         where = f"prompt {i} ({len(ids[i])} tokens): first difference at new token {first}"
         margin = rank = None
-        if not exact and first < min(len(want), len(got)) and strategy != "recycle":  # a near-tie, or wrong?
+        if not exact and first < min(len(want), len(got)) and get_strategy(strategy).lossless:  # a near-tie?
             margin, rank = choice_margin(lm.base, ids[i] + want[:first], got[first])
         if rank is not None and rank < NEAR_TIE_RANK:
             ties.append({"prompt": i, "prompt_tokens": len(ids[i]), "new_token": first, "margin": margin,

@@ -24,12 +24,13 @@ from pathlib import Path
 
 import torch
 
-from .api import DEFAULT_MODEL, ENGINES, STRATEGY_NAMES, RecycleGPT, default_device, default_dtype, module_hint
+from .api import DEFAULT_MODEL, ENGINES, RecycleGPT, default_device, default_dtype, module_hint
 from .options import (add_command, add_compile_mode, add_draft_args, add_model_args, draft_options, engine_options,
                       load_model, parse_dtype)
 from .checkpoint import CheckpointError
 from .config import RecycleConfig
 from .registry import RegistryError
+from .strategies import get as get_strategy, names as strategy_names
 from .train import TrainConfig
 
 
@@ -54,7 +55,7 @@ def cmd_generate(args) -> None:
     args.strategy = chosen_strategy(args)
     draft = draft_options(args)
     lm = load_model(args)
-    if args.recycle == "random" and args.strategy != "standard":
+    if args.recycle == "random" and get_strategy(args.strategy).needs_module:
         print("note: --recycle random is an untrained module; its tokens are noise (speed measurements only)",
               file=sys.stderr)
     stream = None
@@ -99,12 +100,12 @@ def _text_streamer(lm: RecycleGPT):
 
 def cmd_bench(args) -> None:
     """Run strategies greedily on the same prompts in one process, side by side; print a table (and JSON)."""
-    from .bench import (BUILTIN_PROMPTS, HF_STRATEGIES, PROJECT_STRATEGIES, RANDOM_NOTE, format_table,
-                        random_model, random_prompts, run_bench)
+    from .bench import (BUILTIN_PROMPTS, HF_STRATEGIES, RANDOM_NOTE, format_table, random_model, random_prompts,
+                        run_bench)
     from .data import read_prompt_records
 
     strategies = tuple(s for s in args.strategies.split(",") if s)
-    known = PROJECT_STRATEGIES + tuple(HF_STRATEGIES)
+    known = strategy_names() + tuple(HF_STRATEGIES)
     for s in strategies:
         if s not in known:
             raise UsageError(f"unknown strategy {s!r}; choose from {', '.join(known)}")
@@ -150,7 +151,7 @@ def cmd_bench(args) -> None:
         else:
             prompts = BUILTIN_PROMPTS[: args.limit]
         lm = load_model(args)
-    needs = [s for s in strategies if s in PROJECT_STRATEGIES and s != "standard"]
+    needs = [s for s in strategies if s in strategy_names() and get_strategy(s).needs_module]
     if needs and lm.model is None:
         raise UsageError(f"bench runs {', '.join(needs)} but no recyclable module is loaded; {module_hint(lm.name)}; "
                          f"or run --strategies standard")
@@ -411,7 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = add("generate", cmd_generate)
     g.add_argument("prompt", help="the prompt text")
     add_model_args(g)
-    g.add_argument("--strategy", choices=STRATEGY_NAMES, default="standard")
+    g.add_argument("--strategy", choices=strategy_names(), default="standard")
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     g.add_argument("--top-k", type=int, default=None)
@@ -443,8 +444,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "compared with the run's tokens; a difference stops the bench (default 4)")
     b.add_argument("--max-new-tokens", type=int, default=128)
     b.add_argument("--strategies", default="standard,recycle",
-                   help="comma-separated, from standard, recycle, recycle-verified, speculative, tree, hf_eager, "
-                        "hf_compiled, hf_prompt_lookup (transformers' generate on a copy of the same weights) "
+                   help=f"comma-separated, from {', '.join(strategy_names())}, hf_eager, hf_compiled, "
+                        "hf_prompt_lookup (transformers' generate on a copy of the same weights) "
                         "(default standard,recycle)")
     add_draft_args(b, tree_flag=False)
     b.add_argument("--batch-size", type=int, default=1, help="prompts decoded together (default 1)")

@@ -293,6 +293,3 @@ def _finish(stats: DecodeStats, out: Collector, device: torch.device, t0: float,
     stats.new_tokens = sum(len(t) for t in out.tokens)
     stats.step_ms = out.step_ms(every=2, first=1)  # the module's emits close each step
     return DecodeResult(out.tokens, stats, out.finished)
-
-
-STRATEGIES = {"standard": standard, "recycle": recycle}

@@ -14,15 +14,14 @@ import json
 import sys
 from typing import Callable, Sequence
 
-from .api import NO_MODULE, RANDOM_MODULE_NOTE, STRATEGY_NAMES, RecycleGPT, module_hint
+from .api import NO_MODULE, RANDOM_MODULE_NOTE, RecycleGPT, module_hint
 from .bench import BUILTIN_PROMPTS, device_name, time_strategies
-from .engine import VERIFIED
 from .evaluation import evaluate_agreement
 from .options import add_model_args, load_model
 from .registry import MODELS, shipped_module
+from .strategies import lossless_names, names as strategy_names
 
 STRATEGIES = ("standard", "recycle", "speculative")
-LOSSLESS = VERIFIED  # their answers must equal standard's
 DEFAULT_PROMPTS = 4
 EXCERPT_CHARS = 150  # per answer in the table; --json has the whole texts
 
@@ -36,9 +35,9 @@ def run_demo(lm: RecycleGPT, prompts: Sequence[str], *, max_new_tokens: int = 12
     speedup (recycle over standard, in tokens/s) and alpha. `log` receives one line per step, for a progress display.
     """
     strategies = tuple(strategies)
-    unknown = [s for s in strategies if s not in STRATEGY_NAMES]
+    unknown = [s for s in strategies if s not in strategy_names()]
     if unknown or "standard" not in strategies:
-        raise ValueError(f"demo strategies must include standard and come from {', '.join(STRATEGY_NAMES)}; "
+        raise ValueError(f"demo strategies must include standard and come from {', '.join(strategy_names())}; "
                          f"got {', '.join(strategies)}")
     if lm.model is None:
         raise ValueError(f"the demo needs a recyclable module and none is loaded; {module_hint(lm.name)}")
@@ -60,8 +59,8 @@ def run_demo(lm: RecycleGPT, prompts: Sequence[str], *, max_new_tokens: int = 12
                     "new_tokens": r["new_tokens"], "seconds": r["seconds"], "full_calls": r["full_calls"],
                     "module_calls": r["module_calls"], "texts": runs[s].texts,
                     "speedup": r["tokens_per_s"] / base if base > 0 else 0.0}
-        if s in LOSSLESS:
-            table[s]["tau"] = r["tau"]
+        if s in lossless_names():  # their answers must equal standard's
+            table[s]["tau"] = r.get("tau")
             table[s]["same_as_standard"] = runs[s].texts == runs["standard"].texts
     record = {
         "model": lm.name,
@@ -102,24 +101,25 @@ def format_demo(record: dict) -> str:
         lines.append(f"[{k + 1}] {prompt}")
         for name in names:
             text = s[name]["texts"][k]
-            same = name in LOSSLESS and text == s["standard"]["texts"][k]
+            same = "same_as_standard" in s[name] and text == s["standard"]["texts"][k]
             lines.append(f"    {name:<{width}} {'(the same as standard)' if same else excerpt(text)}")
         lines.append("")
     head = f"{'strategy':<{width}} {'tok/s':>8} {'median':>8} {'tokens':>7} {'seconds':>8} {'speed-up':>9} {'tau':>5}"
     lines += [head, "-" * len(head)]
     for name in names:
         r = s[name]
-        tau = f"{r['tau']:>5.2f}" if "tau" in r else f"{'-':>5}"
+        tau = f"{r['tau']:>5.2f}" if r.get("tau") is not None else f"{'-':>5}"
         lines.append(f"{name:<{width}} {r['tokens_per_s']:>8.1f} {r['median_tokens_per_s']:>8.1f} {r['new_tokens']:>7} "
                      f"{r['seconds']:>8.2f} {r['speedup']:>8.2f}x {tau}")
     lines.append("")
     if record.get("speedup") is not None:
         lines.append(f"speed-up of recycle over standard: {record['speedup']:.2f}x")
     for name in names:
-        if name in LOSSLESS:
+        if "same_as_standard" in s[name]:
             verdict = "identical to standard's, as they must be" if s[name]["same_as_standard"] else \
                 "NOT identical to standard's (a near-tie in low precision, or a bug: please report it)"
-            lines.append(f"{name} (lossless, {s[name]['tau']:.2f} tokens per full-model call): answers {verdict}")
+            tau = f", {s[name]['tau']:.2f} tokens per full-model call" if s[name]["tau"] is not None else ""
+            lines.append(f"{name} (lossless{tau}): answers {verdict}")
     lines.append(f"alpha (the module's greedy token equals the full model's, over the {record['alpha_positions']} "
                  f"positions recycle gives it): {record['alpha']:.3f}")
     if record.get("note"):
@@ -161,6 +161,6 @@ def add_demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, default=DEFAULT_PROMPTS,
                    help=f"how many of the {len(BUILTIN_PROMPTS)} built-in prompts (default {DEFAULT_PROMPTS})")
     p.add_argument("--strategies", default=",".join(STRATEGIES),
-                   help=f"comma-separated, standard first, from {', '.join(STRATEGY_NAMES)} "
+                   help=f"comma-separated, standard first, from {', '.join(strategy_names())} "
                         f"(default {','.join(STRATEGIES)})")
     p.add_argument("--json", action="store_true", help="end with one JSON line holding every number and text")

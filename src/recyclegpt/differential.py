@@ -32,13 +32,13 @@ from dataclasses import dataclass, field
 import torch
 
 from .decoding import DecodeResult
-from .engine import KV_BUCKET, PREFILL_BUCKET, STRATEGIES, Engine, Plan
+from .engine import KV_BUCKET, PREFILL_BUCKET, Engine, Plan
 from .model import RecycleModel, Transformer
 from .sampling import SamplingParams
-from .speculative import DEFAULT_DRAFT_LEN, TreeShape, reference_decode
+from .speculative import DEFAULT_DRAFT_LEN, TreeShape
+from .strategies import get as get_strategy, names as strategy_names, reference_decode
 
 ENGINE_KINDS = ("static", "graphs", "compiled")
-LOSSLESS = ("recycle-verified", "speculative", "tree")
 
 
 @dataclass(frozen=True)
@@ -126,7 +126,7 @@ class Options:
 
 
 def reference(model: RecycleModel, strategy: str, req: Request, opts: Options, stop_ids=()) -> DecodeResult:
-    """The eager reference loop of `strategy` (speculative.reference_decode) on one request."""
+    """The eager reference loop of `strategy` (strategies.reference_decode) on one request."""
     with torch.inference_mode():
         return reference_decode(model, strategy, [list(p) for p in req.prompts], max_new_tokens=req.max_new_tokens,
                                 draft_len=opts.draft_len, tree_shape=opts.tree, sampling=req.sampling,
@@ -227,11 +227,13 @@ def make_engine(model: RecycleModel, kind: str, *, kv_bucket: int = KV_BUCKET,
 
 
 def run_sequence(model: RecycleModel, engines: dict[str, Engine], requests: Sequence[Request], *,
-                 strategies: Sequence[str] = STRATEGIES, opts: Options = Options(), check: Check = Check(),
+                 strategies: Sequence[str] | None = None, opts: Options = Options(), check: Check = Check(),
                  progress: Callable | None = None, deadline: float | None = None) -> dict[tuple[str, str], Tally]:
-    """Run every request through the reference and through each engine with each strategy, in one process and in
-    order, and compare (`Check`). Returns a Tally per (engine, strategy). deadline: a time.monotonic() after which
-    no further request starts (the tallies then cover the requests run)."""
+    """Run every request through the reference and through each engine with each strategy (default: every
+    registered one), in one process and in order, and compare (`Check`). Returns a Tally per (engine, strategy).
+    deadline: a time.monotonic() after which no further request starts (the tallies then cover the requests
+    run)."""
+    strategies = strategy_names() if strategies is None else strategies
     tallies = {(e, s): Tally() for e in engines for s in strategies}
     seq = enumerate(requests) if progress is None else progress(list(enumerate(requests)))
     for i, req in seq:
@@ -271,12 +273,11 @@ def run_sequence(model: RecycleModel, engines: dict[str, Engine], requests: Sequ
 def _expected(model, engine, strategy, req, opts, check, ref, own, stop_ids):
     """The tokens a request must give, whether each row stopped (None: not compared), and whether the tokens are
     the first ones only (the engine's output is then compared on as many)."""
-    target = strategy
-    if req.sampling.greedy and strategy in LOSSLESS:
-        target = "standard"  # lossless: greedy tokens are standard decoding's
+    lossless = get_strategy(strategy).lossless
+    target = "standard" if req.sampling.greedy and lossless else strategy  # lossless: standard decoding's tokens
     if check.mode == "exact":
         want = ref(target).tokens
-    elif req.sampling.greedy and (strategy in ("standard", "recycle") or "standard" not in own):
+    elif req.sampling.greedy and (strategy == "standard" or not lossless or "standard" not in own):
         want = [r[:check.prefix] for r in ref(target).tokens]  # the first tokens, against the reference
     elif req.sampling.greedy:
         want = own["standard"]  # the same engine's standard: the kernels sum alike
@@ -304,7 +305,7 @@ def _compare(model, req, i, res, want, finished, prefix, strategy) -> list[Misma
         if n is None:
             continue
         margin = rank = None
-        if req.sampling.greedy and strategy != "recycle" and n < min(len(exp), len(got)):
+        if req.sampling.greedy and get_strategy(strategy).lossless and n < min(len(exp), len(got)):
             margin, rank = choice_margin(model.base, list(req.prompts[row]) + exp[:n], got[n])
         bad.append(Mismatch(i, row, n, margin, req.describe(), rank, rank is not None and rank < NEAR_TIE_RANK))
     return bad

@@ -6,11 +6,11 @@ Here the same strategies run as fixed-shape *steps* over preallocated caches:
 - `standard` step: the full model on 1 token per row, then the next token.
 - `recycle` step: the full model on the pair [x_p, x̂_{p+1}], its token x_{p+2}, the module on the same two slots,
   its token x̂_{p+3} (the paper's schedule, two tokens per full call; decoding.recycle documents the slots).
-- verified rounds (`recycle-verified`, `speculative`, `tree`; speculative.py documents them and holds their
-  reference loops): the module drafts, the full model verifies, the accepted tokens plus one are written to the
-  output, and the module catches up on the committed slots, all on the device. A round emits a variable number of
-  tokens, so the slot p, the output length n and the acceptance histogram are device tensors; the host keeps an
-  upper bound of p (for the attention bucket) and learns the truth at each check.
+- verified rounds (`recycle-verified`, `speculative`, `tree`, `lookup`; speculative.py documents them and holds
+  their reference loops): the module (or prompt lookup) drafts, the full model verifies, the accepted tokens plus
+  one are written to the output, and the module catches up on the committed slots, all on the device. A round
+  emits a variable number of tokens, so the slot p, the output length n and the acceptance histogram are device
+  tensors; the host keeps an upper bound of p (for the attention bucket) and learns the truth at each check.
 
 Every step reads and writes only device tensors that live as long as the `Decoder` (token and position buffers,
 the caches, an output buffer), so a step can be captured once as a CUDA graph and replayed: one launch instead of
@@ -24,6 +24,8 @@ it eagerly from the graph's logits (a few kernels), with the same `sampling.samp
 The host learns the tokens every `check_every` steps (one sync), when it also checks stop tokens and budgets;
 the steps already launched past a stop are wasted work, never wrong output. On the CPU the same steps run eagerly
 (graphs=False): the test oracle of the captured path, and of batched against per-prompt decoding.
+
+Which round runs a strategy is its registry entry's (`strategies.Strategy.round`).
 """
 
 from __future__ import annotations
@@ -35,17 +37,14 @@ from typing import Callable, NamedTuple, Sequence
 
 import torch
 
-from . import topk
+from . import strategies, topk
 from .decoding import Collector, DecodeResult, DecodeStats, PromptBatch, StreamFn, _sync, check_budget
 from .model import KVCache, RecycleModel, Tables, Transformer, call_tables, fuse_projections, prefill_attention
 from .sampling import SamplingParams, draw, logits_to_probs, sample
 from .speculative import (DEFAULT_DRAFT_LEN, TreeShape, add_lookup_branch, check_draft_len, draft_tree,
-                          prompt_lookup, tree_attention)
+                          point_mass, prompt_lookup, tree_attention)
 from .verify import verify_chain, verify_tree
 
-STEP_TOKENS = {"standard": 1, "recycle": 2}  # the fixed-schedule steps: tokens per step
-VERIFIED = ("recycle-verified", "speculative", "tree")  # rounds of variable length
-STRATEGIES = tuple(STEP_TOKENS) + VERIFIED
 MAX_ROUND_TOKENS = 64  # a verified round keeps at most this many tokens (draft length or tree depth + 1)
 KV_BUCKET = 256  # attention reads the cache up to a multiple of this many slots: one graph (and compile) per bucket
 PREFILL_BUCKET = 64  # with graphs, prompts are left-padded to a multiple of this many tokens: one graph per length
@@ -150,7 +149,7 @@ class Decoder:
         if compile_steps:
             if not compile:
                 raise ValueError("compile_steps needs compile")
-            for name in ("_standard_greedy", "_recycle_greedy", "_chain_round", "_tree_round"):
+            for name in ("_standard_greedy", "_recycle_greedy", "_chain_round", "_tree_round", "_lookup_round"):
                 self._whole[name] = torch.compile(getattr(self, name), dynamic=False, mode=mode)
 
     # -- the steps: device tensors in, device tensors out ----------------------------------------------------------
@@ -229,12 +228,27 @@ class Decoder:
                 rec = self._recycle_fwd(g, drafts[-1][:, None], input_pos=self.pos + j, cache=self.mcache,
                                         pad=self.pad, kv_end=kv_end, num_logits=1, draft=True)
                 logits, g = rec.logits[:, -1], rec.hidden
-        draft = torch.stack(drafts, dim=1)
+        self._verify_chain(torch.stack(drafts, dim=1), None if probs[0] is None else torch.stack(probs, dim=1),
+                           kv_end, sampling, gen)
+
+    def _lookup_round(self, K: int, kv_end: int, sampling: SamplingParams, gen) -> None:
+        """Draft K tokens by prompt lookup over the tokens by slot, verify them, commit (speculative.lookup)."""
+        draft = prompt_lookup(self.seq, self.pad, self.pos + 1, K)
+        self._verify_chain(draft, point_mass(draft, self.logits.shape[-1], sampling), kv_end, sampling, gen,
+                           module=False)
+
+    def _verify_chain(self, draft: torch.Tensor, probs: torch.Tensor | None, kv_end: int, sampling: SamplingParams,
+                      gen, module: bool = True) -> None:
+        """The chain's verifier, whatever drafted (speculative.chain): the full model on [x_p, drafts] in one call,
+        `verify_chain`, the commit. module=False (prompt lookup): no module to catch up; the round's tokens are
+        written by slot instead, for the next lookup."""
+        K = draft.shape[1]
         full = self._base_fwd(torch.cat((self.x_next, draft), dim=1), input_pos=self.pos + self._ar[:K + 1],
-                              cache=self.cache, pad=self.pad, kv_end=kv_end, taps=self.taps)
-        a, tokens = verify_chain(draft, None if probs[0] is None else torch.stack(probs, dim=1), full.logits,
-                                 sampling, gen)
-        self._commit(a, tokens, self.rmodel.state(full), kv_end)
+                              cache=self.cache, pad=self.pad, kv_end=kv_end, taps=self.taps if module else ())
+        a, tokens = verify_chain(draft, probs, full.logits, sampling, gen)
+        if not module:  # those past the commit are rewritten by later rounds
+            self.seq.index_copy_(1, self.pos + 1 + self._ar[:K + 1], tokens)
+        self._commit(a, tokens, self.rmodel.state(full) if module else None, kv_end)
 
     def _tree_round(self, shape: TreeShape, kv_end: int, sampling: SamplingParams, gen) -> None:
         """Draft a tree from g, verify it in one full call, commit its path (speculative.tree)."""
@@ -256,21 +270,22 @@ class Decoder:
         self._commit(a, tokens, state.gather(1, on_path[..., None].expand(-1, -1, state.shape[-1])), kv_end,
                      draft_logits=False)
 
-    def _commit(self, a: torch.Tensor, tokens: torch.Tensor, state: torch.Tensor, kv_end: int, *,
+    def _commit(self, a: torch.Tensor, tokens: torch.Tensor, state: torch.Tensor | None, kv_end: int, *,
                 draft_logits: bool = True) -> None:
         """Keep m = min(a) + 1 tokens of the table (B, T) on every row, then catch the module up on slots p..p+T-1
-        (state: what the module reads there, from the full model) and take its output at p+m, the new p-1.
-        draft_logits: also its draft logits there (d_logits; the tree drafts from g alone)."""
+        (state: what the module reads there, from the full model; None: no module) and take its output at p+m, the
+        new p-1. draft_logits: also its draft logits there (d_logits; the tree drafts from g alone)."""
         m = a.min().view(1)
         T = tokens.shape[1]
         self.out.index_copy_(1, self.n + self._ar[:T], tokens)  # the tokens past m are overwritten later
         self.n.add_(m + 1)
         self.hist.index_add_(0, m, torch.ones_like(m, dtype=torch.int32))
-        rec = self._recycle_fwd(state, tokens, input_pos=self.pos + self._ar[:T], cache=self.mcache, pad=self.pad,
-                                kv_end=kv_end, num_logits=0)
-        self.g.copy_(rec.hidden.gather(1, m.view(1, 1, 1).expand(self.B, 1, rec.hidden.shape[-1])))
-        if draft_logits:
-            self.d_logits.copy_(self.rmodel.draft_logits(self.g)[:, 0])
+        if state is not None:
+            rec = self._recycle_fwd(state, tokens, input_pos=self.pos + self._ar[:T], cache=self.mcache,
+                                    pad=self.pad, kv_end=kv_end, num_logits=0)
+            self.g.copy_(rec.hidden.gather(1, m.view(1, 1, 1).expand(self.B, 1, rec.hidden.shape[-1])))
+            if draft_logits:
+                self.d_logits.copy_(self.rmodel.draft_logits(self.g)[:, 0])
         self.x_next.copy_(tokens.gather(1, m.view(1, 1).expand(self.B, 1)))
         self.pos.add_(m + 1)
 
@@ -371,7 +386,7 @@ class Decoder:
         """The module over the prompt's slots (state: what `prefill` returned). recycle: `out` gets x̂_{L+1}; the
         verified rounds keep its output at slot L-1 (g, d_logits), which the first round drafts from."""
         L = batch.length
-        verified = strategy in VERIFIED
+        verified = strategies.get(strategy).round != "recycle"
         if self._captures_prompt(L):
             ids, _ = self._prompt_buffers(L)
             self._run(("prefill_module", L, verified, self.rec_draft),
@@ -404,19 +419,14 @@ class Decoder:
     def step(self, plan: "Plan", pos: int, sampling: SamplingParams, gen) -> None:
         """One decode step (or verified round) with the device slot p at most `pos` (the host's bound)."""
         kv_end = self._kv_end(pos + plan.span)
-        strategy = plan.strategy
-        if strategy in VERIFIED:
-            if plan.tree is not None:
-                rnd = self.step_fn("_tree_round", sampling.greedy)
-                key, fn = ("tree", plan.tree, kv_end), lambda: rnd(plan.tree, kv_end, sampling, gen)
-            else:
-                rnd = self.step_fn("_chain_round", sampling.greedy)
-                key, fn = ("chain", plan.draft_len, kv_end), lambda: rnd(plan.draft_len, kv_end, sampling, gen)
+        if not plan.fixed:  # a verified round: chain, tree or lookup
+            rnd, shape = self.step_fn(f"_{plan.round}_round", sampling.greedy), plan.tree or plan.draft_len
+            key, fn = (plan.round, shape, kv_end), lambda: rnd(shape, kv_end, sampling, gen)
             if sampling.greedy:
                 self._run(key, fn)
             else:  # sampling draws from a host-side generator: run the round's kernels eagerly
                 fn()
-        elif strategy == "standard":
+        elif plan.round == "standard":
             if sampling.greedy:
                 self._run(("standard", kv_end),
                           lambda: self.step_fn("_standard_greedy")(kv_end, self._tables_fn(1, kv_end)))
@@ -440,7 +450,7 @@ class Decoder:
         """Decode like the reference loops (decoding.py, speculative.py) do. draft_len: the chain length of
         `speculative`; tree: the shape for `tree` (TreeShape() when None)."""
         plan = Plan.make(strategy, draft_len, tree)
-        if strategy != "standard" and self.rmodel is None:
+        if plan.module and self.rmodel is None:
             raise ValueError(f"strategy {strategy!r} needs a Decoder built on a RecycleModel")
         if len(prompts) != self.B:
             raise ValueError(f"this Decoder decodes batches of {self.B} prompts, got {len(prompts)}")
@@ -469,10 +479,10 @@ class Decoder:
             done = out.emit(self.out[:, :1])  # the first token, before the module runs: a true TTFT
             stats.prefill_seconds = time.perf_counter() - t0
             read = 1
-            if strategy != "standard" and not done:
+            if plan.module and not done:
                 self.prefill_module(strategy, batch, state, sampling, gen)
                 stats.module_calls = 1
-                if strategy == "recycle":
+                if plan.round == "recycle":
                     done = out.emit(self.out[:, 1:2])
                     read = 2
             del state
@@ -532,10 +542,11 @@ class Decoder:
 
 
 class Plan(NamedTuple):
-    """How a strategy's steps advance: tokens kept per step (fixed, or at least min and at most max), the cache
-    slots a step may touch past p (span), and module calls per step."""
+    """How a strategy's steps advance: its round (`strategies.ROUNDS`), tokens kept per step (fixed, or at least
+    min and at most max), the cache slots a step may touch past p (span), and module calls per step."""
 
     strategy: str
+    round: str
     fixed: bool
     min_tokens: int
     max_tokens: int
@@ -546,20 +557,26 @@ class Plan(NamedTuple):
 
     @classmethod
     def make(cls, strategy: str, draft_len: int = DEFAULT_DRAFT_LEN, tree: TreeShape | None = None) -> "Plan":
-        if strategy not in STRATEGIES:
-            raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
-        if strategy in STEP_TOKENS:
-            n = STEP_TOKENS[strategy]
-            return cls(strategy, True, n, n, n, int(strategy == "recycle"))
-        if strategy == "tree":
+        s = strategies.get(strategy)
+        if s.round is None:
+            raise ValueError(f"strategy {strategy!r} has no engine round: it runs on the eager loop only")
+        if s.round in ("standard", "recycle"):  # fixed steps of one and two tokens
+            n = 1 if s.round == "standard" else 2
+            return cls(strategy, s.round, True, n, n, n, n - 1)
+        if s.round == "tree":
             t = (tree or TreeShape()).check()
             if t.depth + 1 > MAX_ROUND_TOKENS:
                 raise ValueError(f"tree depth must be below {MAX_ROUND_TOKENS}, got {t.depth}")
-            return cls(strategy, False, 1, t.depth + 1, max(t.verified + 1, t.module_slots), t.depth, tree=t)
-        K = 1 if strategy == "recycle-verified" else check_draft_len(draft_len)
+            return cls(strategy, "tree", False, 1, t.depth + 1, max(t.verified + 1, t.module_slots), t.depth, tree=t)
+        K = s.draft_len or check_draft_len(draft_len)  # a chain, drafted by the module or by prompt lookup
         if K + 1 > MAX_ROUND_TOKENS:
             raise ValueError(f"draft_len must be below {MAX_ROUND_TOKENS - 1}, got {K}")
-        return cls(strategy, False, 1, K + 1, K + 1, K, draft_len=K)
+        return cls(strategy, s.round, False, 1, K + 1, K + 1, K if s.round == "chain" else 0, draft_len=K)
+
+    @property
+    def module(self) -> bool:
+        """Whether the round runs the module (the Decoder then needs a RecycleModel and prefills the module)."""
+        return strategies.ROUNDS[self.round]
 
 
 class Engine:

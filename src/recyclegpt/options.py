@@ -100,7 +100,7 @@ def add_draft_args(p: argparse.ArgumentParser, *, tree_flag: bool = True) -> Non
     """The options of the lossless strategies (speculative.py); tree_flag: also --tree (generate)."""
     t = TreeShape()
     p.add_argument("--draft-len", type=int, default=DEFAULT_DRAFT_LEN,
-                   help=f"speculative: tokens the module drafts per full call (default {DEFAULT_DRAFT_LEN})")
+                   help=f"speculative, lookup: tokens drafted per full call (default {DEFAULT_DRAFT_LEN})")
     if tree_flag:
         p.add_argument("--tree", action="store_true",
                        help="speculative with a draft tree instead of a chain (the same as --strategy tree)")

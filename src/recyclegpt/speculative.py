@@ -9,6 +9,11 @@
 - `tree` (`--tree`): the module expands a draft tree (top-k children per node, the k best nodes by cumulative
   draft probability expanded at each depth, the best `tree_nodes` kept: EAGLE-2's dynamic tree); the full model
   verifies the whole tree in one call under a tree attention mask; the longest verified path is emitted.
+- `lookup`: prompt-lookup (n-gram) decoding, no module: the chain's drafts are the tokens that followed the latest
+  earlier occurrence of the sequence's last few tokens (`prompt_lookup`), verified like `speculative`'s.
+
+A chain takes its drafts from a `Drafter` (`ModuleDrafter`, `LookupDrafter`); the verifier and the commit are
+the same for every drafter (`chain`).
 
 The rules that make each lossless live in `verify.py`.
 
@@ -31,12 +36,11 @@ tokens are a prefix of what its own verification allows, so the output is still 
 from __future__ import annotations
 
 import time
-from typing import NamedTuple, Sequence
+from typing import Callable, NamedTuple, Protocol, Sequence
 
 import torch
 
-from .decoding import (Collector, DecodeResult, DecodeStats, PromptBatch, StreamFn, _slots, _sync, check_budget,
-                       recycle, standard)
+from .decoding import Collector, DecodeResult, DecodeStats, PromptBatch, StreamFn, _slots, _sync, check_budget
 from .model import KVCache, RecycleModel, Transformer, Tree, prefill_attention
 from .sampling import SamplingParams, draw, logits_to_probs, sample
 from .topk import best_in_order, top_k
@@ -97,23 +101,28 @@ def check_draft_len(draft_len: int) -> int:
     return draft_len
 
 
-class _Round:
-    """State shared by the strategies: the batch, both caches, the pending token and the catch-up inputs."""
+class Round:
+    """State shared by the strategies, which drafters read: the batch, the caches, the pending token (`pending`,
+    at slot `p`), the tokens by slot (`seq`, through p), the sampling parameters and generator, and the module's
+    catch-up inputs. model: a RecycleModel, or a bare Transformer for a drafter without the module."""
 
-    def __init__(self, model: RecycleModel, prompts, max_new_tokens: int, extra_slots: int, name: str,
+    def __init__(self, model: RecycleModel | Transformer, prompts, max_new_tokens: int, extra_slots: int, name: str,
                  sampling: SamplingParams, stop_ids, stream) -> None:
-        self.model, self.base = model, model.base
+        self.model = model if isinstance(model, RecycleModel) else None
+        self.base = model.base if self.model is not None else model
+        self.taps = self.model.taps if self.model is not None else ()  # base layers the module reads
         self.device = self.base.tok_emb.weight.device
         self.batch = PromptBatch.build(prompts, vocab_size=self.base.cfg.vocab_size, device=self.device)
         max_len = check_budget(self.base, self.batch, max_new_tokens, extra_slots=extra_slots)
         B = len(prompts)
         self.cache: KVCache = self.base.new_cache(B, max_len)
-        self.mcache: KVCache = model.module.new_cache(B, max_len)
+        self.mcache: KVCache | None = model.module.new_cache(B, max_len) if self.model is not None else None
         self.sampling, self.gen = sampling, sampling.generator(self.device)
         self.stats = DecodeStats(name)
         self.out = Collector(B, max_new_tokens, stop_ids, stream)
         self.pad = self.batch.pad
-        model.refresh_draft_head()
+        if self.model is not None:
+            model.refresh_draft_head()
 
     def prefill(self) -> bool:
         """The full model on the prompt; x_L is emitted and pending. Returns True when already done."""
@@ -122,15 +131,20 @@ class _Round:
         L = self.batch.length
         with prefill_attention():
             full = self.base(self.batch.ids, input_pos=_slots(0, L, self.device), cache=self.cache, pad=self.pad,
-                             kv_end=L, num_logits=1, taps=self.model.taps)
+                             kv_end=L, num_logits=1, taps=self.taps)
         self.pending = sample(full.logits[:, -1], self.sampling, self.gen)  # x_L, (B,)
         self.stats.full_calls += 1
         done = self.out.emit(self.pending[:, None])
         self.stats.prefill_seconds = time.perf_counter() - self.t0
         self.p, self.start = L, 0
-        self.state = self.model.state(full)
+        self.state = self.state_of(full)
         self.next_tokens = torch.cat((self.batch.ids[:, 1:], self.pending[:, None]), 1)
+        self.seq = torch.cat((self.batch.ids, self.pending[:, None]), 1)  # tokens by slot, through p
         return done
+
+    def state_of(self, full) -> torch.Tensor | None:
+        """The module's inputs from a full call's output (RecycleModel.state); None without the module."""
+        return self.model.state(full) if self.model is not None else None
 
     def catch_up(self, logits: bool = True):
         """Step 1: the module over slots start..p-1 with the full model's states. Returns its output at p-1: draft
@@ -141,17 +155,18 @@ class _Round:
         self.stats.module_calls += 1
         return (out.logits[:, -1] if logits else None), out.hidden[:, -1:]
 
-    def commit(self, m: int, tokens: torch.Tensor, state: torch.Tensor) -> bool:
+    def commit(self, m: int, tokens: torch.Tensor, state: torch.Tensor | None) -> bool:
         """Step 4, for m accepted tokens (on every row) and the token table (B, >= m+1); state (B, >= m+1, d)
-        holds the module's inputs (RecycleModel.state) at slots p, ..., p+m of the committed tokens. Returns True
-        when done."""
+        holds the module's inputs (RecycleModel.state) at slots p, ..., p+m of the committed tokens (None without
+        the module). Returns True when done."""
         self.stats.accept_hist[m] += 1
         self.stats.full_calls += 1
         emitted = tokens[:, :m + 1]
         done = self.out.emit(emitted)
         self.start, self.p = self.p, self.p + m + 1
-        self.state, self.next_tokens = state[:, :m + 1], emitted
+        self.state, self.next_tokens = (state[:, :m + 1] if state is not None else None), emitted
         self.pending = emitted[:, -1]
+        self.seq = torch.cat((self.seq, emitted), 1)
         return done
 
     def finish(self) -> DecodeResult:
@@ -166,12 +181,101 @@ class _Round:
         return None if self.sampling.greedy else logits_to_probs(logits, self.sampling)
 
 
+class Drafter(Protocol):
+    """Where a verified chain's drafts come from (`chain`). Each round the drafter proposes up to k tokens to
+    follow the pending token, reading what the round has committed (its `Round`: the tokens by slot, and the full
+    model's states for the module's catch-up); the full model verifies them in one call (`verify.verify_chain`)
+    and the round commits the accepted prefix plus one token of the full model's own. When sampling, the drafter
+    also gives the distributions q its tokens were drawn from: the verifier accepts draft d with probability
+    min(1, p(d) / q(d)), which keeps the output exactly the full model's (a deterministic drafter gives point
+    masses, `point_mass`)."""
+
+    def draft(self, k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, j) draft tokens, j <= k, and their distributions (B, j, V) in float32 (None when greedy)."""
+        ...
+
+
+class ModuleDrafter:
+    """The recyclable module as drafter: it catches up on the slots the last round committed, then drafts k
+    tokens, rolling forward on its own output state. min_draft_prob: `speculative`'s adaptive draft length."""
+
+    def __init__(self, r: Round, min_draft_prob: float = 0.0) -> None:
+        self.r, self.min_draft_prob = r, min_draft_prob
+
+    def draft(self, k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        r, model = self.r, self.r.model
+        logits, state = r.catch_up()
+        drafts, probs = [], []
+        for j in range(k):  # step 2: draft x̂_{p+1+j}, then (but for the last) roll the module on at slot p + j
+            q = r.probs(logits)
+            # the stop rule reads the draft distribution only, not the token drawn from it: a kept draft is then
+            # distributed exactly as q, which verification assumes (a rule on q(token) would skew it)
+            if self.min_draft_prob > 0.0 and float((q if q is not None else torch.softmax(logits.float(), -1))
+                                                   .amax(-1).max()) < self.min_draft_prob:
+                break
+            token = logits.argmax(-1) if q is None else draw(q, r.gen)
+            drafts.append(token)
+            probs.append(q)
+            if j == k - 1:
+                break
+            out = model.recycle(state, drafts[-1][:, None], input_pos=_slots(r.p + j, 1, r.device),
+                                cache=r.mcache, pad=r.pad, kv_end=r.p + j + 1, num_logits=1, draft=True)
+            r.stats.module_calls += 1
+            logits, state = out.logits[:, -1], out.hidden
+        if not drafts:
+            return r.pending[:, None][:, :0], None
+        return torch.stack(drafts, dim=1), (torch.stack(probs, dim=1) if probs[0] is not None else None)
+
+
+class LookupDrafter:
+    """Prompt lookup (n-gram) as drafter: the k tokens that followed the latest earlier occurrence of the longest
+    suffix (up to LOOKUP_NGRAM tokens) of the row's tokens, prompt and output alike (`prompt_lookup`). It runs no
+    model, so its drafts cost nothing; they pay off where the output repeats its context (quotes, code edits,
+    extraction)."""
+
+    def __init__(self, r: Round) -> None:
+        self.r = r
+
+    def draft(self, k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        tokens = prompt_lookup(self.r.seq, self.r.pad, self.r.p + 1, k)
+        return tokens, point_mass(tokens, self.r.base.cfg.vocab_size, self.r.sampling)
+
+
+def point_mass(tokens: torch.Tensor, vocab_size: int, sampling: SamplingParams) -> torch.Tensor | None:
+    """The distributions of deterministic drafts (B, k) for the verifier: all the mass on each token (None when
+    greedy). Draft d is then accepted with probability p(d), and a rejection draws from p without d, renormalised:
+    the full model's distribution either way."""
+    return None if sampling.greedy else torch.nn.functional.one_hot(tokens, vocab_size).float()
+
+
 @torch.inference_mode()
+def chain(model: RecycleModel | Transformer, prompts: Sequence[Sequence[int]], drafter: Callable[[Round], Drafter], *,
+          max_new_tokens: int, draft_len: int = DEFAULT_DRAFT_LEN, sampling: SamplingParams = SamplingParams(),
+          stop_ids: Sequence[int] = (), stream: StreamFn | None = None, name: str = "chain") -> DecodeResult:
+    """Verified chains, whatever drafts them: each round the drafter that `drafter(round)` made proposes up to
+    `draft_len` tokens, the full model verifies [x_p, drafts] in one call (step 3) and the round commits (step 4).
+    model: a RecycleModel, or a bare Transformer for a drafter without the module."""
+    K = check_draft_len(draft_len)
+    r = Round(model, prompts, max_new_tokens, K + 1, name, sampling, stop_ids, stream)
+    drafts = drafter(r)
+    r.stats.accept_hist = [0] * (K + 1)
+    done = r.prefill()
+    while not done:
+        draft, probs = drafts.draft(K)
+        k = draft.shape[1]
+        full = r.base(torch.cat((r.pending[:, None], draft), dim=1), input_pos=_slots(r.p, k + 1, r.device),
+                      cache=r.cache, pad=r.pad, kv_end=r.p + k + 1, taps=r.taps)
+        a, tokens = verify_chain(draft, probs, full.logits, r.sampling, r.gen)
+        done = r.commit(int(a.min()), tokens, r.state_of(full))  # the round's host sync
+    return r.finish()
+
+
 def speculative(model: RecycleModel, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
                 draft_len: int = DEFAULT_DRAFT_LEN, sampling: SamplingParams = SamplingParams(),
                 stop_ids: Sequence[int] = (), stream: StreamFn | None = None, min_draft_prob: float = 0.0,
                 name: str = "speculative") -> DecodeResult:
-    """Chain drafts of up to `draft_len` tokens, verified by the full model in one call each (lossless).
+    """Chain drafts of up to `draft_len` tokens by the module (`ModuleDrafter`), verified by the full model in one
+    call each (lossless).
 
     min_draft_prob: adaptive draft length. A round stops drafting where the module's most likely next token has a
     draft probability below this on every row; with no draft at all the round is a plain decode step. The rule
@@ -180,39 +284,20 @@ def speculative(model: RecycleModel, prompts: Sequence[Sequence[int]], *, max_ne
     than on one (the CPU: docs/speculative.md), it saves the calls and the verification width that low-confidence
     drafts waste.
     """
-    K = check_draft_len(draft_len)
     if not 0.0 <= min_draft_prob < 1.0:
         raise ValueError(f"min_draft_prob must be in [0, 1), got {min_draft_prob!r}")
-    r = _Round(model, prompts, max_new_tokens, K + 1, name, sampling, stop_ids, stream)
-    r.stats.accept_hist = [0] * (K + 1)
-    done = r.prefill()
-    while not done:
-        logits, state = r.catch_up()
-        drafts, probs = [], []
-        for j in range(K):  # step 2: draft x̂_{p+1+j}, then (but for the last) roll the module on at slot p + j
-            q = r.probs(logits)
-            # the stop rule reads the draft distribution only, not the token drawn from it: a kept draft is then
-            # distributed exactly as q, which verification assumes (a rule on q(token) would skew it)
-            if min_draft_prob > 0.0 and float((q if q is not None else torch.softmax(logits.float(), -1))
-                                              .amax(-1).max()) < min_draft_prob:
-                break
-            token = logits.argmax(-1) if q is None else draw(q, r.gen)
-            drafts.append(token)
-            probs.append(q)
-            if j == K - 1:
-                break
-            out = model.recycle(state, drafts[-1][:, None], input_pos=_slots(r.p + j, 1, r.device),
-                                cache=r.mcache, pad=r.pad, kv_end=r.p + j + 1, num_logits=1, draft=True)
-            r.stats.module_calls += 1
-            logits, state = out.logits[:, -1], out.hidden
-        k = len(drafts)
-        draft = torch.stack(drafts, dim=1) if k else r.pending[:, None][:, :0]  # (B, k)
-        full = r.base(torch.cat((r.pending[:, None], draft), dim=1), input_pos=_slots(r.p, k + 1, r.device),
-                      cache=r.cache, pad=r.pad, kv_end=r.p + k + 1, taps=model.taps)  # step 3
-        a, tokens = verify_chain(draft, torch.stack(probs, dim=1) if k and probs[0] is not None else None,
-                                 full.logits, sampling, r.gen)
-        done = r.commit(int(a.min()), tokens, model.state(full))  # the round's host sync
-    return r.finish()
+    return chain(model, prompts, lambda r: ModuleDrafter(r, min_draft_prob), max_new_tokens=max_new_tokens,
+                 draft_len=draft_len, sampling=sampling, stop_ids=stop_ids, stream=stream, name=name)
+
+
+def lookup(model: Transformer | RecycleModel, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+           draft_len: int = DEFAULT_DRAFT_LEN, sampling: SamplingParams = SamplingParams(),
+           stop_ids: Sequence[int] = (), stream: StreamFn | None = None, name: str = "lookup") -> DecodeResult:
+    """Prompt-lookup decoding (lossless, no module): chains of `draft_len` tokens drafted by `LookupDrafter`,
+    verified by the full model in one call each. A RecycleModel's module is not used."""
+    return chain(model.base if isinstance(model, RecycleModel) else model, prompts, LookupDrafter,
+                 max_new_tokens=max_new_tokens, draft_len=draft_len, sampling=sampling, stop_ids=stop_ids,
+                 stream=stream, name=name)
 
 
 def recycle_verified(model: RecycleModel, prompts: Sequence[Sequence[int]], **kw) -> DecodeResult:
@@ -327,9 +412,11 @@ def prompt_lookup(seq: torch.Tensor, lo: torch.Tensor | None, end, length: int,
 
     seq (B, S): tokens by cache slot (the prompt, left-padded, then every emitted token; slots past end are stale);
     lo (B,): each row's first real slot (None: 0); end: an int or a (1,) device tensor, one past the last token.
-    Returns (B, length) token ids. Where nothing matches, or the continuation runs past end, the tokens are
-    whatever the slots hold: they are only proposals, which verification accepts or not. Shapes are fixed and no
-    value goes to the host, so a CUDA graph can hold it.
+    Returns (B, length) token ids. Where nothing matches, the continuation is the last token's (the last token
+    repeated), and a continuation that runs into the last token repeats it: proposals only, which verification
+    accepts or not, and read from the slots before end alone, so that a left-padded, longer or stale buffer (the
+    engine's) proposes the same tokens as the exact one of the reference loop. Shapes are fixed and no value goes
+    to the host, so a CUDA graph can hold it.
     """
     B, S = seq.shape
     dev = seq.device
@@ -342,8 +429,8 @@ def prompt_lookup(seq: torch.Tensor, lo: torch.Tensor | None, end, length: int,
         key = seq.gather(1, (last - j).clamp(min=0).expand(B, 1))
         run = run & (e - j >= lo) & (last - j >= lo) & (seq.gather(1, (e - j).clamp(min=0).expand(B, S)) == key)
         score = score + run.long()
-    best = (score * S + e).argmax(-1)  # the longest match, the latest among equals
-    return seq.gather(1, (best[:, None] + 1 + torch.arange(length, device=dev)).clamp(max=S - 1))
+    best = torch.where(e <= last, score * S + e, -1).argmax(-1)  # the longest match, the latest among equals
+    return seq.gather(1, torch.minimum(best[:, None] + 1 + torch.arange(length, device=dev), last))
 
 
 def add_lookup_branch(t: TreeDraft, chain: torch.Tensor) -> TreeDraft:
@@ -390,16 +477,15 @@ def tree(model: RecycleModel, prompts: Sequence[Sequence[int]], *, max_new_token
          stream: StreamFn | None = None, name: str = "tree") -> DecodeResult:
     """A draft tree per round, verified in one full call under a tree mask (lossless, greedy and sampling)."""
     D, N = shape.check().depth, shape.verified
-    r = _Round(model, prompts, max_new_tokens, max(N, shape.module_slots) + 1, name, sampling, stop_ids, stream)
+    r = Round(model, prompts, max_new_tokens, max(N, shape.module_slots) + 1, name, sampling, stop_ids, stream)
     r.stats.accept_hist = [0] * (D + 1)
     done = r.prefill()
-    seq = torch.cat((r.batch.ids, r.pending[:, None]), 1) if shape.lookup else None  # tokens by slot, through p
     while not done:
         p, B, dev = r.p, len(r.out.tokens), r.device
         _, state = r.catch_up(logits=False)
         t = draft_tree(model.recycle, model.draft_top, r.mcache, r.pad, p, p + shape.module_slots, state, shape)
         if shape.lookup:
-            t = add_lookup_branch(t, prompt_lookup(seq, r.pad, p + 1, shape.lookup))
+            t = add_lookup_branch(t, prompt_lookup(r.seq, r.pad, p + 1, shape.lookup))
         r.stats.module_calls += D - 1
         full = r.base(torch.cat((r.pending[:, None], t.tokens), 1), input_pos=_slots(p, N + 1, dev), cache=r.cache,
                       kv_end=p + N + 1, tree=tree_attention(r.pad, p, t.positions, t.sees, p + N + 1),
@@ -411,30 +497,4 @@ def tree(model: RecycleModel, prompts: Sequence[Sequence[int]], *, max_new_token
         on_path = torch.cat((torch.zeros(B, 1, dtype=torch.long, device=dev), path[:, :m]), 1)
         state = model.state(full)
         done = r.commit(m, tokens, state.gather(1, on_path[..., None].expand(B, m + 1, state.shape[-1])))
-        if shape.lookup:
-            seq = torch.cat((seq, tokens[:, :m + 1]), 1)
     return r.finish()
-
-
-def reference_decode(model: RecycleModel | Transformer, strategy: str, prompts: Sequence[Sequence[int]], *,
-                     max_new_tokens: int, draft_len: int = DEFAULT_DRAFT_LEN, tree_shape: TreeShape = TreeShape(),
-                     min_draft_prob: float = 0.0, **common) -> DecodeResult:
-    """`strategy` by its eager reference loop: `standard` and `recycle` (decoding.py), `recycle-verified`,
-    `speculative` and `tree` (here). model: a RecycleModel, or a bare Transformer for `standard`. common:
-    sampling, stop_ids, stream. The engines (engine.py) run the same strategies as fixed-shape steps and are
-    tested against these."""
-    kw = dict(max_new_tokens=max_new_tokens, **common)
-    if strategy == "standard":
-        return standard(model.base if isinstance(model, RecycleModel) else model, prompts, **kw)
-    if not isinstance(model, RecycleModel):
-        raise ValueError(f"strategy {strategy!r} needs a RecycleModel (a base model with its recyclable module)")
-    if strategy == "recycle":
-        return recycle(model, prompts, **kw)
-    if strategy == "recycle-verified":
-        return recycle_verified(model, prompts, min_draft_prob=min_draft_prob, **kw)
-    if strategy == "speculative":
-        return speculative(model, prompts, draft_len=draft_len, min_draft_prob=min_draft_prob, **kw)
-    if strategy == "tree":
-        return tree(model, prompts, shape=tree_shape, **kw)
-    raise ValueError(f"unknown strategy {strategy!r}; choose one of standard, recycle, recycle-verified, "
-                     f"speculative, tree")
