@@ -160,6 +160,25 @@ def differential_cells(rep: dict) -> list[list[str]]:
     return [engine_cells(e, [r for r in rep["rows"] if r["engine"] == e]) for e in engines]
 
 
+def exact_totals(records: list[dict]) -> str:
+    """One line summing the exact-check runs per device and engine: requests run, and the fewest that a strategy
+    gave the reference's tokens on."""
+    totals: dict[tuple[str, str], list[int]] = {}
+    for rec in records:
+        rep = rec["report"]
+        if rep["check"] != "exact":
+            continue
+        for engine in dict.fromkeys(r["engine"] for r in rep["rows"]):
+            rows = [r for r in rep["rows"] if r["engine"] == engine]
+            t = totals.setdefault((rep["device"], engine), [0, 0])
+            t[0] += rows[0]["requests"]
+            t[1] += min(r["identical"] for r in rows)
+    return ("Exact-check runs together: " + "; ".join(
+        f"{engine} on {device} {run:,} requests, " + ("every one identical on every strategy" if same == run else
+                                                      f"each strategy identical on at least {same:,}")
+        for (device, engine), (run, same) in totals.items()) + ".") if totals else ""
+
+
 def render_differential(records: list[dict]) -> list[str]:
     labels = dict(zip((id(r) for r in records), string.ascii_uppercase))
     rows = []
@@ -176,6 +195,7 @@ def render_differential(records: list[dict]) -> list[str]:
         lines.append(f"- **{labels[id(rec)]}** {rec['title']}: commit `{rec['commit']}`, check `{rep['check']}`"
                      + (f", prompts {min(lengths)}–{max(lengths)} tokens (median {lengths[len(lengths) // 2]})"
                         if lengths else "") + "." + (f" {rec['note']}" if rec.get("note") else ""))
+    lines += ["", exact_totals(records)] if exact_totals(records) else []
     lines += ["", "; ".join(f"{', '.join(labels[id(r)] for r in recs)}: {meta}" for meta, recs in groups(records))
               + ".", "", "```bash"]
     for rec in records:
