@@ -47,13 +47,12 @@ def main() -> None:
     args = ap.parse_args()
     if not torch.cuda.is_available() or not dh.available():
         raise SystemExit("draft_head_bench: needs a CUDA device and triton")
-    topk.SORT_FREE = "cuda"
     dtype, k = getattr(torch, args.dtype), dh.KTOP
     g = torch.Generator(device="cuda").manual_seed(0)
     weight = torch.randn(args.vocab, args.dim, device="cuda", dtype=dtype, generator=g) * 0.05
     norm_w = 1 + 0.1 * torch.randn(args.dim, device="cuda", dtype=dtype, generator=g)
     floor_us = weight.numel() * weight.element_size() / args.bandwidth * 1e6
-    defaults = (dh.BLOCK_V, dh.BLOCK_K, dh.NUM_WARPS, dh.NUM_STAGES)
+    defaults = (dh.BLOCK_V, dh.BLOCK_K, dh.NUM_WARPS, 0)
     rows_out = []
     print(f"device: {torch.cuda.get_device_name()}  head {args.vocab} x {args.dim} {args.dtype}  "
           f"floor {floor_us:.2f} us  default BLOCK_V {defaults[0]}, BLOCK_K {defaults[1]}, warps {defaults[2]}, "
@@ -74,18 +73,17 @@ def main() -> None:
         rows_out.append({"rows": R, "path": "torch", "us": t})
         print(f"{R:>4} {'torch (norm, matmul, top-k)':<34} {t:>8.2f} {floor_us / t:>7.0%}")
         for bv, bk, w, st in itertools.product(args.block_v, args.block_k, args.warps, args.stages):
-            dh.BLOCK_V, dh.BLOCK_K, dh.NUM_WARPS, dh.NUM_STAGES = bv, bk, w, (st or None)
+            launch = {"block_v": bv, "block_k": bk, "num_warps": w, "num_stages": st}
             name = f"kernel V{bv} K{bk} w{w} s{st}"
             try:
-                lp, ids = dh.head_top_k(x, norm_w, 1e-5, weight, k)
+                lp, ids = dh.head_top_k(x, norm_w, 1e-5, weight, k, **launch)
                 ok = ((ref.gather(-1, ids) - want_lp).abs().max().item() < 3e-2
                       and (lp - want_lp).abs().max().item() < 3e-2 and all(len(set(r)) == k for r in ids.tolist()))
-                t = graph_time(lambda: dh.head_top_k(x, norm_w, 1e-5, weight, k), calls=args.calls, reps=args.reps)
+                t = graph_time(lambda: dh.head_top_k(x, norm_w, 1e-5, weight, k, **launch), calls=args.calls,
+                               reps=args.reps)
             except Exception as e:  # a setting Triton cannot build (shared memory) is reported, not fatal
                 print(f"{R:>4} {name:<34} failed: {type(e).__name__}: {e}"[:160])
                 continue
-            finally:
-                dh.BLOCK_V, dh.BLOCK_K, dh.NUM_WARPS, dh.NUM_STAGES = defaults
             rows_out.append({"rows": R, "path": "kernel", "block_v": bv,
                              "block_k": bk, "warps": w, "stages": st, "us": t, "ids_ok": ok})
             print(f"{R:>4} {name:<34} {t:>8.2f} {floor_us / t:>7.0%}  {'yes' if ok else 'NO'}")

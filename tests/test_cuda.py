@@ -30,13 +30,15 @@ def test_cuda_fp32_matches_cpu_and_bf16_runs():
 
 
 @pytest.mark.parametrize("kv_heads", [4, 2])  # without and with grouped-query heads (folded into query rows)
-def test_decode_kernel_matches_sdpa_in_cached_calls(monkeypatch, kv_heads):
-    """Cached calls on CUDA attend with the Triton decode kernel (model.use_decode_kernel): the same logits as SDPA
-    (fp32, padded batch, 1-, 2- and 5-token calls) and the same tokens from the decoding loops."""
+def test_decode_kernel_matches_sdpa_in_cached_calls(kv_heads):
+    """Cached calls on CUDA attend with the Triton decode kernel (KernelConfig.decode_attention): the same logits as
+    SDPA (fp32, padded batch, 1-, 2- and 5-token calls) and the same tokens from the decoding loops."""
     import dataclasses
 
-    import recyclegpt.model as model_mod
+    from torch.profiler import ProfilerActivity, profile
+
     from recyclegpt import triton_attention
+    from recyclegpt.config import KernelConfig
 
     if not triton_attention.available():
         pytest.skip("needs triton")
@@ -44,13 +46,12 @@ def test_decode_kernel_matches_sdpa_in_cached_calls(monkeypatch, kv_heads):
     cfg = dataclasses.replace(PRESETS["tiny"], d_model=64, n_head=4, n_kv_head=kv_heads)  # head_dim 16
     model = RecycleModel.build(cfg, RecycleConfig(n_layer=1)).cuda().eval()
     prompts = [[1, 2, 3, 4, 5, 6, 7], [9, 8], [7] * 11]
-    runs, real = {}, triton_attention.decode_attention
+    runs = {}
     for kernel in (True, False):
-        monkeypatch.setattr(model_mod, "DECODE_KERNEL", kernel)
-        seen = []
-        monkeypatch.setattr(triton_attention, "decode_attention", lambda *a, **k: seen.append(1) or real(*a, **k))
-        runs[kernel] = ([s(m, prompts, max_new_tokens=16).tokens for s, m in ((standard, model.base), (recycle, model))],
-                        bool(seen))
+        model.kernels = KernelConfig(decode_attention=kernel)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            tokens = [s(m, prompts, max_new_tokens=16).tokens for s, m in ((standard, model.base), (recycle, model))]
+        runs[kernel] = tokens, any("_attn_kernel" in e.name for e in prof.events())
     assert runs[True][1] and not runs[False][1]  # the kernel ran in one run and not in the other
     assert runs[True][0] == runs[False][0]
     # one cached call on 5 new tokens after a 9-token prompt, row 1 left-padded by 4: logits against SDPA's
@@ -58,7 +59,7 @@ def test_decode_kernel_matches_sdpa_in_cached_calls(monkeypatch, kv_heads):
     pad = torch.tensor([0, 4], device="cuda")
     logits = {}
     for kernel in (True, False):
-        monkeypatch.setattr(model_mod, "DECODE_KERNEL", kernel)
+        model.kernels = KernelConfig(decode_attention=kernel)
         cache = model.base.new_cache(2, 32)
         with torch.no_grad():
             model.base(x[:, :9], input_pos=torch.arange(9, device="cuda"), cache=cache, pad=pad, kv_end=32)

@@ -67,9 +67,9 @@ def test_cached_logits_close_to_uncached():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rms_norm_forms_agree(monkeypatch, dtype):
-    """F.rms_norm on the float32 copy (the default) against the spelled-out form: the same values, in the same
-    order of rounding (normalise in float32, cast, then scale)."""
+def test_rms_norm_forms_agree(dtype):
+    """F.rms_norm on the float32 copy (eager) against the spelled-out form that runs under torch.compile: the same
+    values, in the same order of rounding (normalise in float32, cast, then scale)."""
     import recyclegpt.model as model_lib
 
     norm = model_lib.RMSNorm(64, 1e-5)
@@ -77,37 +77,36 @@ def test_rms_norm_forms_agree(monkeypatch, dtype):
         norm.weight.copy_(torch.randn(64, generator=torch.Generator().manual_seed(1)))
     norm = norm.to(dtype)
     x = (torch.randn(3, 5, 64, generator=torch.Generator().manual_seed(2)) * 4).to(dtype)
-    fused = norm(x)
-    monkeypatch.setattr(model_lib, "FUSED_RMS_NORM", False)
-    spelled = norm(x)
+    with torch.no_grad():
+        fused = norm(x)
+        spelled = torch.compile(norm, backend="aot_eager", fullgraph=True)(x)
     assert fused.dtype == spelled.dtype == dtype
     torch.testing.assert_close(fused, spelled, rtol=1e-6 if dtype == torch.float32 else 1e-2, atol=1e-6)
 
 
-@pytest.mark.parametrize("additive,fold,fold_max", [(False, False, 64), (True, False, 64), (False, True, 64),
-                                                   (True, True, 4)])
-def test_attention_mask_forms_agree(monkeypatch, additive, fold, fold_max):
-    """The mask made additive once per call and the grouped query heads folded into the query axis (the defaults)
-    give what SDPA's own bool mask over repeated key/value heads gives, with left padding."""
-    import recyclegpt.model as model_lib
+@pytest.mark.parametrize("prompt_len", [7, 70])  # 70: past FOLD_MAX_TOKENS, the prompt's call repeats K/V
+def test_cached_left_padded_calls_equal_each_row_alone(prompt_len):
+    """The additive mask made once per call, with the grouped query heads folded into the query axis for calls on
+    few tokens (`attention_mask`), gives each row of a left-padded batch what causal attention over that row alone
+    gives without a cache."""
+    from recyclegpt.model import FOLD_MAX_TOKENS
 
     model = make_model(5)
     assert CFG.n_head // CFG.n_kv_head == 2  # the tiny preset has grouped-query attention
-    ids = torch.randint(0, CFG.vocab_size, (2, 9), generator=torch.Generator().manual_seed(5))
+    assert (prompt_len > FOLD_MAX_TOKENS) == (prompt_len == 70)
+    n = prompt_len + 2
+    ids = torch.randint(0, CFG.vocab_size, (2, n), generator=torch.Generator().manual_seed(5))
     pad = torch.tensor([0, 4])
-
-    def run() -> torch.Tensor:
-        cache = model.base.new_cache(2, 16)
-        with torch.no_grad():
-            first = model.base(ids[:, :7], input_pos=torch.arange(7), cache=cache, pad=pad, kv_end=8)
-            step = model.base(ids[:, 7:], input_pos=torch.arange(7, 9), cache=cache, pad=pad, kv_end=12)
-        return torch.cat((first.logits, step.logits), dim=1)
-
-    want = run()
-    monkeypatch.setattr(model_lib, "ADDITIVE_MASK", additive)
-    monkeypatch.setattr(model_lib, "FOLD_GROUPS", fold)
-    monkeypatch.setattr(model_lib, "FOLD_MAX_TOKENS", fold_max)  # 4: the 7-token prompt repeats, the step folds
-    torch.testing.assert_close(run(), want, rtol=1e-5, atol=1e-5)
+    cache = model.base.new_cache(2, n + 8)
+    with torch.no_grad():
+        first = model.base(ids[:, :prompt_len], input_pos=torch.arange(prompt_len), cache=cache, pad=pad,
+                           kv_end=prompt_len + 1)
+        step = model.base(ids[:, prompt_len:], input_pos=torch.arange(prompt_len, n), cache=cache, pad=pad,
+                          kv_end=n + 3)
+        got = torch.cat((first.logits, step.logits), dim=1)
+        for row, p in enumerate(pad.tolist()):
+            alone = model.base(ids[row:row + 1, p:]).logits[0]
+            torch.testing.assert_close(got[row, p:], alone, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("strategy", [standard, recycle])
@@ -278,13 +277,12 @@ def test_few_row_products_equal_f_linear(rows):
     torch.testing.assert_close(x.grad, w.sum(0).expand(rows, -1))
 
 
-def test_decoding_with_and_without_the_few_row_path_agree(monkeypatch):
-    from recyclegpt import model as m
-
+def test_a_model_call_with_and_without_the_few_row_path_agrees():
+    """Without autograd a few-row call takes `linear`'s CPU path; with it, F.linear: the same logits."""
     model = make_model(8)
-    ids = torch.randint(0, CFG.vocab_size, (2, 9))
+    ids = torch.randint(0, CFG.vocab_size, (2, 1))
     with torch.no_grad():
-        want = (model.base(ids[:, -1:], num_logits=1).logits, recycle(model, ids.tolist(), max_new_tokens=8).tokens)
-        monkeypatch.setattr(m, "CPU_FEW_ROWS", 0)
-        torch.testing.assert_close(model.base(ids[:, -1:], num_logits=1).logits, want[0], rtol=1e-5, atol=1e-5)
-        assert recycle(model, ids.tolist(), max_new_tokens=8).tokens == want[1]
+        few_rows = model.base(ids, num_logits=1).logits
+    with torch.enable_grad():
+        plain = model.base(ids, num_logits=1).logits.detach()
+    torch.testing.assert_close(few_rows, plain, rtol=1e-5, atol=1e-5)

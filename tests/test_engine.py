@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from recyclegpt import topk
-from recyclegpt.config import PRESETS, ModelConfig, RecycleConfig
+from recyclegpt.config import PRESETS, KernelConfig, ModelConfig, RecycleConfig
 from recyclegpt.decoding import recycle, standard
 from recyclegpt.engine import Decoder, Engine
 from recyclegpt.model import RecycleModel
@@ -44,17 +44,6 @@ def test_engine_equals_reference_greedy_across_seeds_lengths_and_buckets(strateg
     # bucket 8: the steps cross several bucket boundaries (a new kv_end each time)
     got = Engine(model, bucket=8).decode(strategy, prompts, max_new_tokens=37, check_every=1 + seed)
     assert got.tokens == want.tokens
-
-
-@pytest.mark.parametrize("strategy", ["standard", "recycle"])
-def test_split_argmax_gives_the_reference_tokens(monkeypatch, strategy):
-    monkeypatch.setattr(topk, "SPLIT_ARGMAX", "always")
-    monkeypatch.setattr(topk, "ARGMAX_CHUNK", 16)  # the tiny vocabulary in several chunks and a partial one
-    model = build(2, n_layer=1)
-    assert model.base.cfg.vocab_size % 16
-    prompts = random_prompts(2, 3, model.base.cfg.vocab_size)
-    got = Engine(model, bucket=8).decode(strategy, prompts, max_new_tokens=29)
-    assert got.tokens == reference(model, strategy, prompts, max_new_tokens=29).tokens
 
 
 @pytest.mark.parametrize("strategy", ["standard", "recycle"])
@@ -258,18 +247,18 @@ def test_cuda_graphs_replay_tree_rounds_with_the_lookup_branch():
 
 @pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
                     reason="torch.compile on the CPU needs a C++ compiler")
-def test_a_tree_round_compiled_whole_gives_the_reference_tokens(monkeypatch):
+def test_a_tree_round_compiled_whole_gives_the_reference_tokens():
     """compile_steps: the greedy round traces as one graph (draft, verification, commit, the cache move) and
     inductor's code for it gives standard's tokens (on the CPU here; the CUDA-marked test above does it in graphs);
-    so does the chain's round.
-    The drafts' top-k is the sort-free one that CUDA uses, and the argmaxes split in chunks (topk.SPLIT_ARGMAX)."""
+    so does the chain's round, and the compiled standard and recycle steps give the reference's tokens.
+    The model takes the CUDA paths on the CPU (KernelConfig.cuda_paths_on_cpu): the drafts' top-k is the sort-free
+    one, and the compiled greedy argmaxes split a 2,048-token vocabulary in two chunks (topk.split_argmax)."""
     from torch._inductor.utils import run_and_get_code
 
-    monkeypatch.setattr(topk, "SORT_FREE", "always")
-    monkeypatch.setattr(topk, "SPLIT_ARGMAX", "always")  # greedy argmaxes in two reductions, as CUDA may take them
-    monkeypatch.setattr(topk, "ARGMAX_CHUNK", 16)
-    model = predictable(0, 0.05)
-    prompts = prompts_for(0, 2)
+    model = predictable(0, 0.05, vocab=2048)
+    model.kernels = KernelConfig(cuda_paths_on_cpu=True)
+    assert model.base.cfg.vocab_size > topk.ARGMAX_CHUNK
+    prompts = prompts_for(0, 2, vocab=2048)
     engine = Engine(model, bucket=64, compile=True, compile_steps=True)
     got, code = run_and_get_code(engine.decode, "tree", prompts, max_new_tokens=12, tree=TreeShape(2, 2, 4, 2))
     want = standard(model.base, prompts, max_new_tokens=12).tokens
@@ -282,6 +271,9 @@ def test_a_tree_round_compiled_whole_gives_the_reference_tokens(monkeypatch):
     # int64 histogram's index_add_ becomes) is several extra kernels a round on CUDA
     fallbacks = set(re.findall(r"\baten\.(\w+)(?:\.\w+)?\(", "\n".join(code)))
     assert code and not {f for f in fallbacks if not f.startswith("_scaled_dot_product")}, fallbacks
+    for strategy in ("standard", "recycle"):
+        got = engine.decode(strategy, prompts, max_new_tokens=12)
+        assert got.tokens == reference(model, strategy, prompts, max_new_tokens=12).tokens, strategy
     with pytest.raises(ValueError, match="compile_steps needs compile"):
         Decoder(model, 1, 32, compile_steps=True)
 

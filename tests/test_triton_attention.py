@@ -12,7 +12,7 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from interpreted import needs_interpreter_3_7, run_interpreted  # noqa: E402
+from interpreted import OpLog, needs_interpreter_3_7, run_interpreted  # noqa: E402
 from recyclegpt import triton_attention  # noqa: E402
 from recyclegpt.triton_attention import decode_attention  # noqa: E402
 
@@ -207,7 +207,7 @@ def test_cuda_bf16_graph_and_compile():
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_cached_attention_bf16_graph_and_compile(monkeypatch):
+def test_cuda_cached_attention_bf16_graph_and_compile():
     """cached_attention on CUDA in bf16: the reference's output, exact cache writes and zeroed tickets, case by case
     and over 200 replays of a CUDA graph (the ticket merge is where a race between a (row, head)'s ranges would
     show); under torch.compile the cache stays the buffer that was passed (updated in place, not copied)."""
@@ -215,8 +215,7 @@ def test_cuda_cached_attention_bf16_graph_and_compile(monkeypatch):
         assert out.dtype == torch.bfloat16 and (out.float() - want).abs().max().item() < 2e-2
 
     cases = CACHED_CASES + [(8, 9, 3, 2, 64, 2048, 2048, 1500, None), (32, 9, 3, 1, 64, 600, 512, 400, None)]
-    for (B, H, Hkv, T, D, S, L, p0, n_split), warps in [(c, w) for c in cases for w in (4, 8)]:
-        monkeypatch.setattr(triton_attention, "CACHED_WARPS", warps)
+    for B, H, Hkv, T, D, S, L, p0, n_split in cases:
         qkv, k_cache, v_cache, pos, mask = cached_inputs(B, H, Hkv, T, D, S, L, p0, dtype=torch.bfloat16,
                                                          device="cuda")
         want, want_k, want_v = cached_reference(qkv, k_cache, v_cache, pos, mask, 1, H)
@@ -225,23 +224,22 @@ def test_cuda_cached_attention_bf16_graph_and_compile(monkeypatch):
               want)
         assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v) and not tickets.any()
 
-    for warps in (4, 8):  # 200 replays at each CACHED_WARPS, each on new inputs
-        monkeypatch.setattr(triton_attention, "CACHED_WARPS", warps)
-        qkv, k_cache, v_cache, pos, mask = inputs = cached_inputs(1, 9, 3, 2, 64, 600, 512, 300,
-                                                                  dtype=torch.bfloat16, device="cuda")
-        tickets = torch.zeros(12, dtype=torch.int32, device="cuda")
-        triton_attention.cached_attention(qkv, k_cache, v_cache, tickets, pos, mask, 1, 9)  # compiled before capture
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = triton_attention.cached_attention(qkv, k_cache, v_cache, tickets, pos, mask, 1, 9)
-        for seed in range(200):
-            for x, y in zip(inputs, cached_inputs(1, 9, 3, 2, 64, 600, 512, 300 - seed, dtype=torch.bfloat16,
-                                                  device="cuda", seed=seed)):
-                x.copy_(y)
-            want, want_k, want_v = cached_reference(*inputs, 1, 9)
-            graph.replay()
-            check(out, want)
-            assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v) and not tickets.any()
+    # 200 replays, each on new inputs
+    qkv, k_cache, v_cache, pos, mask = inputs = cached_inputs(1, 9, 3, 2, 64, 600, 512, 300, dtype=torch.bfloat16,
+                                                              device="cuda")
+    tickets = torch.zeros(12, dtype=torch.int32, device="cuda")
+    triton_attention.cached_attention(qkv, k_cache, v_cache, tickets, pos, mask, 1, 9)  # compiled before capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = triton_attention.cached_attention(qkv, k_cache, v_cache, tickets, pos, mask, 1, 9)
+    for seed in range(200):
+        for x, y in zip(inputs, cached_inputs(1, 9, 3, 2, 64, 600, 512, 300 - seed, dtype=torch.bfloat16,
+                                              device="cuda", seed=seed)):
+            x.copy_(y)
+        want, want_k, want_v = cached_reference(*inputs, 1, 9)
+        graph.replay()
+        check(out, want)
+        assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v) and not tickets.any()
 
     @torch.compile(fullgraph=True)
     def two_layers(qkv, k_cache, v_cache, tickets, pos, mask):
@@ -258,40 +256,33 @@ def test_cuda_cached_attention_bf16_graph_and_compile(monkeypatch):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_rows_get_the_same_bits_in_any_call(monkeypatch):
-    for warps in (4, 8):
-        monkeypatch.setattr(triton_attention, "CACHED_WARPS", warps)
-        check_row_invariance("cuda", torch.bfloat16)
+def test_cuda_rows_get_the_same_bits_in_any_call():
+    check_row_invariance("cuda", torch.bfloat16)
 
 
 def check_model_integration() -> None:
-    """Run under TRITON_INTERPRET=1: a model's cached calls through the kernel (use_decode_kernel allowed on the CPU
-    here) give SDPA's logits and the same decoded tokens, with and without grouped-query heads."""
+    """Run under TRITON_INTERPRET=1: a model's cached calls through the kernel (KernelConfig.cuda_paths_on_cpu lets
+    the CPU take it here) give SDPA's logits (KernelConfig.torch_only) and the same decoded tokens, with and without
+    grouped-query heads; every attention of the kernel's runs is the kernel's (no SDPA operator), and the torch
+    path's runs SDPA."""
     import dataclasses
 
-    import recyclegpt.model as model_mod
-    from recyclegpt.config import PRESETS, RecycleConfig
+    from recyclegpt.config import PRESETS, KernelConfig, RecycleConfig
     from recyclegpt.decoding import recycle, standard
+    from recyclegpt.model import RecycleModel
 
-    calls = []
-    allowed = model_mod.use_decode_kernel
-
-    def on_cpu_too(q, mask, T):
-        ok = model_mod.DECODE_KERNEL and T <= model_mod.FOLD_MAX_TOKENS and mask.is_floating_point()
-        calls.append(ok)
-        return ok
-
-    model_mod.use_decode_kernel = on_cpu_too
-    try:
-        for kv_heads in (4, 2):
-            torch.manual_seed(0)
-            cfg = dataclasses.replace(PRESETS["tiny"], d_model=64, n_head=4, n_kv_head=kv_heads)  # head_dim 16
-            model = model_mod.RecycleModel.build(cfg, RecycleConfig(n_layer=1)).eval()
-            x = torch.randint(0, cfg.vocab_size, (2, 14))
-            pad = torch.tensor([0, 4])
-            got = {}
-            for kernel in (True, False):
-                model_mod.DECODE_KERNEL = kernel
+    kernel_only = dataclasses.replace(KernelConfig.torch_only(), decode_attention=True, cuda_paths_on_cpu=True)
+    sdpa = {}  # per (kv heads, variant): how many SDPA operators ran
+    for kv_heads in (4, 2):
+        torch.manual_seed(0)
+        cfg = dataclasses.replace(PRESETS["tiny"], d_model=64, n_head=4, n_kv_head=kv_heads)  # head_dim 16
+        model = RecycleModel.build(cfg, RecycleConfig(n_layer=1)).eval()
+        x = torch.randint(0, cfg.vocab_size, (2, 14))
+        pad = torch.tensor([0, 4])
+        got = {}
+        for kernel, kernels in ((True, kernel_only), (False, KernelConfig.torch_only())):
+            model.kernels = kernels
+            with OpLog() as log:
                 cache = model.base.new_cache(2, 32)
                 with torch.no_grad():
                     model.base(x[:, :9], input_pos=torch.arange(9), cache=cache, pad=pad, kv_end=32)
@@ -300,11 +291,10 @@ def check_model_integration() -> None:
                 prompts = [[1, 2, 3, 4, 5, 6, 7], [9, 8]]
                 got[kernel] = (logits, standard(model.base, prompts, max_new_tokens=6).tokens,
                                recycle(model, prompts, max_new_tokens=6).tokens)
-            assert (got[True][0] - got[False][0]).abs().max().item() < 1e-4
-            assert got[True][1:] == got[False][1:]
-    finally:
-        model_mod.use_decode_kernel, model_mod.DECODE_KERNEL = allowed, True
-    assert any(calls) and not all(calls)  # the kernel ran, and the SDPA runs did not use it
+            sdpa[kv_heads, kernel] = sum("scaled_dot_product" in name for name in log.names())
+        assert (got[True][0] - got[False][0]).abs().max().item() < 1e-4
+        assert got[True][1:] == got[False][1:]
+    assert all(n == 0 if kernel else n > 0 for (_, kernel), n in sdpa.items()), sdpa
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from interpreted import needs_interpreter_3_7, run_interpreted  # noqa: E402
+from interpreted import OpLog, needs_interpreter_3_7, run_interpreted  # noqa: E402
 from recyclegpt import triton_draft_head  # noqa: E402
 from recyclegpt.triton_draft_head import head_top_k  # noqa: E402
 
@@ -42,23 +42,21 @@ def check_interpreted_cases() -> None:
     """Run under TRITON_INTERPRET=1: every case in fp32 on the CPU, the same ids and log-probabilities to 1e-4, with
     the default launch settings and with the other block sizes that scripts/draft_head_bench.py sweeps."""
     assert triton_draft_head._INTERPRETED, "TRITON_INTERPRET=1 must be set before triton is imported"
-    default = triton_draft_head.BLOCK_V, triton_draft_head.BLOCK_K
     # equal best logits in three blocks and twice in one: the lowest ids first, as a stable top-k gives them
     x_tie, nw_tie, w_tie = make_inputs(2, 300, 64)
     w_tie[[10, 140, 141, 299]] = 0.2 * x_tie[0] / x_tie[0].norm() * 64 ** 0.5 * 4
-    for block_v, block_k in (default, (32, 128), (64, 64)):
-        triton_draft_head.BLOCK_V, triton_draft_head.BLOCK_K = block_v, block_k
+    for block_v, block_k in ((triton_draft_head.BLOCK_V, triton_draft_head.BLOCK_K), (32, 128), (64, 64)):
+        blocks = {"block_v": block_v, "block_k": block_k}
         for R, V, K, k in CASES:
             x, nw, w = make_inputs(R, V, K)
-            logp, ids = head_top_k(x, nw, 1e-5, w, k)
+            logp, ids = head_top_k(x, nw, 1e-5, w, k, **blocks)
             want_logp, want_ids = reference(x, nw, 1e-5, w, k)
             print(f"BLOCK_V={block_v} BLOCK_K={block_k} R={R} V={V} K={K} k={k}: "
                   f"max |dlogp| {(logp - want_logp).abs().max().item():.2e}")
             assert ids.dtype == torch.int64 and torch.equal(ids, want_ids), (block_v, block_k, R, V, K, k)
             assert (logp - want_logp).abs().max().item() < 1e-4
-        logp, ids = head_top_k(x_tie, nw_tie, 1e-5, w_tie, 4)
+        logp, ids = head_top_k(x_tie, nw_tie, 1e-5, w_tie, 4, **blocks)
         assert ids[0].tolist() == [10, 140, 141, 299] and torch.equal(logp[0], logp[0, :1].expand(4)), ids
-    triton_draft_head.BLOCK_V, triton_draft_head.BLOCK_K = default
     x, nw, w = make_inputs(6, 500, 64)
     logp, ids = head_top_k(x.view(2, 3, 64), nw, 1e-5, w, 2)  # leading dims kept
     assert logp.shape == ids.shape == (2, 3, 2) and torch.equal(ids.view(6, 2), reference(x, nw, 1e-5, w, 2)[1])
@@ -72,47 +70,42 @@ def check_interpreted_cases() -> None:
 
 
 def check_model_integration() -> None:
-    """Run under TRITON_INTERPRET=1: RecycleModel.draft_top through the kernel (allowed on the CPU here) gives the
-    torch path's tokens and log-probabilities, with and without a draft vocabulary, and the tree the same output."""
+    """Run under TRITON_INTERPRET=1: RecycleModel.draft_top through the kernel (KernelConfig.cuda_paths_on_cpu lets
+    the CPU take it here) gives the torch path's tokens and log-probabilities, with and without a draft vocabulary,
+    and the tree the same output; the kernel's op runs with `KernelConfig.draft_head` only."""
     sys.path.insert(0, os.path.dirname(__file__))
-    import recyclegpt.model as model_mod
-    from recyclegpt import topk
+    import dataclasses
+
+    from recyclegpt.config import KernelConfig
     from recyclegpt.decoding import standard
     from recyclegpt.speculative import TreeShape, tree
     from recyclegpt.train import add_draft_vocab
     from test_speculative import predictable, prompts_for
 
-    calls = []
-    allowed, default = model_mod.use_draft_head_kernel, model_mod.DRAFT_HEAD_KERNEL
-
-    def on_cpu_too(out, k):
-        calls.append(model_mod.DRAFT_HEAD_KERNEL)
-        return model_mod.DRAFT_HEAD_KERNEL
-
-    model_mod.use_draft_head_kernel = on_cpu_too
-    # the torch path's top-k the sort-free one CUDA runs (torch.topk on the CPU does not order ties)
-    topk.SORT_FREE = "always"
-    try:
-        for draft_vocab in (False, True):
-            model = predictable(1, 0.1, vocab=512)
-            if draft_vocab:
-                model.module = add_draft_vocab(model.module, torch.arange(0, 512, 3))
-            model.refresh_draft_head()
-            out = torch.randn(2, 4, model.base.cfg.d_model, generator=torch.Generator().manual_seed(2))
-            prompts = prompts_for(1, 2, 512)
-            got = {}
-            for kernel in (True, False):
-                model_mod.DRAFT_HEAD_KERNEL = kernel
+    # the other kernels off, and the torch path's top-k the sort-free one that CUDA runs (torch.topk on the CPU does
+    # not order ties)
+    torch_path = dataclasses.replace(KernelConfig.torch_only(), cuda_paths_on_cpu=True)
+    calls = {}  # per (draft vocabulary?, kernel?): how many times the kernel's op ran
+    for draft_vocab in (False, True):
+        model = predictable(1, 0.1, vocab=512)
+        if draft_vocab:
+            model.module = add_draft_vocab(model.module, torch.arange(0, 512, 3))
+        model.refresh_draft_head()
+        out = torch.randn(2, 4, model.base.cfg.d_model, generator=torch.Generator().manual_seed(2))
+        prompts = prompts_for(1, 2, 512)
+        got = {}
+        for kernel in (True, False):
+            model.kernels = dataclasses.replace(torch_path, draft_head=kernel)
+            with OpLog() as log:
                 got[kernel] = (model.draft_top(out, 4),
                                tree(model, prompts, max_new_tokens=12, shape=TreeShape(3, 3, 6)))
-            (lp1, id1), t1 = got[True]
-            (lp0, id0), t0 = got[False]
-            assert torch.equal(id1, id0) and (lp1 - lp0).abs().max().item() < 1e-4
-            assert t1.tokens == t0.tokens == standard(model.base, prompts, max_new_tokens=12).tokens
-            assert t1.stats.accept_hist == t0.stats.accept_hist
-    finally:
-        model_mod.use_draft_head_kernel, model_mod.DRAFT_HEAD_KERNEL = allowed, default
-    assert any(calls) and not all(calls)
+            calls[draft_vocab, kernel] = log.names().count("recyclegpt::draft_head_top")
+        (lp1, id1), t1 = got[True]
+        (lp0, id0), t0 = got[False]
+        assert torch.equal(id1, id0) and (lp1 - lp0).abs().max().item() < 1e-4
+        assert t1.tokens == t0.tokens == standard(model.base, prompts, max_new_tokens=12).tokens
+        assert t1.stats.accept_hist == t0.stats.accept_hist
+    assert all(n > 0 if kernel else n == 0 for (_, kernel), n in calls.items()), calls
 
 
 @needs_interpreter_3_7(triton)
@@ -167,16 +160,15 @@ def test_cuda_bf16_graph_and_compile():
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_tree_rounds_with_the_kernel(monkeypatch):
+def test_cuda_tree_rounds_with_the_kernel():
     """The engine's tree rounds, graphs and compiled whole, with the kernel drafting: standard's tokens (fp32)."""
-    import recyclegpt.model as model_mod
     from recyclegpt.decoding import standard
     from recyclegpt.engine import Engine
     from recyclegpt.speculative import TreeShape
     from test_speculative import predictable, prompts_for
 
-    monkeypatch.setattr(model_mod, "DRAFT_HEAD_KERNEL", True)
     model = predictable(1, 0.05).cuda()
+    assert model.kernels.draft_head  # on by default
     prompts = prompts_for(3, 3)
     want = standard(model.base, prompts, max_new_tokens=40).tokens
     for engine in (Engine(model, graphs=True, bucket=16),

@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .config import RecycleConfig
+from .config import KernelConfig, RecycleConfig
 from .decoding import DecodeStats
 from . import strategies
 from .engine import KV_BUCKET as DEFAULT_KV_BUCKET, Engine
@@ -104,12 +104,15 @@ class EngineOptions:
     more attention work. compile_mode: inductor's mode for the compiled engine (None: its default).
     compile_steps: the compiled engine also compiles each greedy step and verified round whole.
     compile_prefill: the compiled engine also compiles the prompt's forwards, once for every prompt length (dynamic
-    shapes): a faster first token for more compile time once per process; False leaves them eager in its graphs."""
+    shapes): a faster first token for more compile time once per process; False leaves them eager in its graphs.
+    kernels: which fused Triton kernels the model's calls take on CUDA (`KernelConfig`; every engine and the eager
+    loops alike)."""
 
     kv_bucket: int = DEFAULT_KV_BUCKET
     compile_mode: str | None = None
     compile_steps: bool = False
     compile_prefill: bool = True
+    kernels: KernelConfig = KernelConfig()
 
     def __post_init__(self) -> None:
         if not isinstance(self.kv_bucket, int) or isinstance(self.kv_bucket, bool) or self.kv_bucket < 16:
@@ -118,6 +121,8 @@ class EngineOptions:
             raise ValueError(f"compile_mode must be an inductor mode name or None, got {self.compile_mode!r}")
         if not isinstance(self.compile_prefill, bool):
             raise ValueError(f"compile_prefill must be True or False, got {self.compile_prefill!r}")
+        if not isinstance(self.kernels, KernelConfig):
+            raise ValueError(f"kernels must be a KernelConfig, got {self.kernels!r}")
 
 
 class RecycleGPT:
@@ -127,6 +132,7 @@ class RecycleGPT:
                  name: str = "", module_source: str | None = None,
                  engine_options: EngineOptions = EngineOptions()) -> None:
         self.base, self.tokenizer, self.name = base, tokenizer, name
+        base.kernels = engine_options.kernels
         self.model = RecycleModel(base, module) if module is not None else None
         self.module_source = module_source
         self.engine_options = engine_options  # how the static, graphs and compiled engines are built

@@ -176,6 +176,8 @@ def cmd_bench(args) -> None:
         report["compile_prefill"] = False
     if args.kv_bucket is not None:
         report["kv_bucket"] = args.kv_bucket
+    if not args.triton_kernels:
+        report["triton_kernels"] = False
     if args.shape:
         report["shape"], report["note"] = args.shape, RANDOM_NOTE
     elif lm.module_source == "random":

@@ -1,7 +1,9 @@
-"""Architecture configs: the LLaMA-family base (`ModelConfig`) and the recyclable module (`RecycleConfig`).
+"""Configs: the LLaMA-family base (`ModelConfig`), the recyclable module (`RecycleConfig`) and which fused kernels
+inference runs (`KernelConfig`).
 
-Each is a frozen dataclass validated in `__post_init__`, serialisable to and from JSON-ready dicts. Runtime sizes
-(batch, cache length) are not architecture and live with the caller. `PRESETS` names the shapes the project uses.
+Each is a frozen dataclass validated in `__post_init__`; the architecture configs serialise to and from JSON-ready
+dicts. Runtime sizes (batch, cache length) are not architecture and live with the caller. `PRESETS` names the shapes
+the project uses.
 """
 
 from __future__ import annotations
@@ -127,3 +129,33 @@ PRESETS: dict[str, ModelConfig] = {
         context_length=8192, rope_theta=100000.0, norm_eps=1e-5, tie_embeddings=True,
     ),
 }
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Which fused kernels a model's inference calls take where they apply (`Transformer.kernels`). The defaults are
+    the measured winners (docs/engine.md's decision table); turning one off runs the torch operators it replaces,
+    which is what every call on the CPU, without triton, or outside a kernel's shapes runs anyway. Set it before
+    decoding: captured graphs and compiled steps keep the paths they were made with.
+
+    fused_linear: a decode call's products as Triton kernels with the norms, rotary embedding, SwiGLU and residual
+        adds folded in (triton_linear), for models no wider than model.FUSED_MAX_WIDTH.
+    cached_attention: on that path, the cache write and the attention as one kernel (triton_attention).
+    decode_attention: cached calls on few new tokens attend with triton_attention.decode_attention, not SDPA.
+    draft_head: the draft tree's norm, head and first top-k selection as one kernel (triton_draft_head).
+    pdl: programmatic dependent launch between the fused kernels (Hopper and later; ignored elsewhere).
+    cuda_paths_on_cpu: CPU tensors take the CUDA paths too (the Triton kernels, only under Triton's interpreter;
+        the sort-free top-k and the split argmax of topk.py), for tests that check those paths without a GPU.
+    """
+
+    fused_linear: bool = True
+    cached_attention: bool = True
+    decode_attention: bool = True
+    draft_head: bool = True
+    pdl: bool = True
+    cuda_paths_on_cpu: bool = False
+
+    @classmethod
+    def torch_only(cls) -> "KernelConfig":
+        """Every Triton kernel off: the torch operators alone (cuBLAS, SDPA)."""
+        return cls(fused_linear=False, cached_attention=False, decode_attention=False, draft_head=False)

@@ -83,6 +83,7 @@ class Decoder:
         self.rmodel = model if isinstance(model, RecycleModel) else None
         self.base: Transformer = model.base if self.rmodel is not None else model
         self.taps = self.rmodel.taps if self.rmodel is not None else ()  # base layers the module reads
+        self.cuda_path = self.base.kernels.cuda_paths_on_cpu  # the CUDA paths' selections on the CPU too (tests)
         p = self.base.tok_emb.weight
         self.device, self.B = p.device, batch_size
         if graphs and self.device.type != "cuda":
@@ -177,7 +178,7 @@ class Decoder:
 
     def _standard_greedy(self, kv_end: int, tables: Tables | None = None) -> None:
         self._standard_forward(kv_end, tables)
-        self._standard_select(topk.argmax(self.logits))
+        self._standard_select(topk.argmax(self.logits, cuda_path=self.cuda_path))
 
     def _full_pair(self, kv_end: int, tables: Tables | None = None) -> None:
         """The full model on [x_p, x̂_{p+1}]: logits at slot p+1 (for x_{p+2}) and both hidden states."""
@@ -213,7 +214,7 @@ class Decoder:
         self._full_pair(kv_end, tables)
         # the module's token as every greedy recycle path takes it (RecycleModel.module_argmax: over the draft
         # vocabulary without V-wide logits where it recycles over it)
-        out = self._module_pair(kv_end, topk.argmax(self.logits), head=False, tables=tables)
+        out = self._module_pair(kv_end, topk.argmax(self.logits, cuda_path=self.cuda_path), head=False, tables=tables)
         self._module_select(self.rmodel.module_argmax(out))
 
     def _chain_round(self, K: int, kv_end: int, sampling: SamplingParams, gen) -> None:
@@ -222,7 +223,7 @@ class Decoder:
         drafts, probs = [], []
         for j in range(K):
             q = None if sampling.greedy else logits_to_probs(logits, sampling)
-            drafts.append(topk.argmax(logits) if q is None else draw(q, gen))
+            drafts.append(topk.argmax(logits, cuda_path=self.cuda_path) if q is None else draw(q, gen))
             probs.append(q)
             if j < K - 1:  # the module rolls on at slot p + j, fed its own output state
                 rec = self._recycle_fwd(g, drafts[-1][:, None], input_pos=self.pos + j, cache=self.mcache,
@@ -254,7 +255,7 @@ class Decoder:
         """Draft a tree from g, verify it in one full call, commit its path (speculative.tree)."""
         D, N = shape.depth, shape.verified
         t = draft_tree(self._recycle_fwd, self.rmodel.draft_top, self.mcache, self.pad, self.pos, kv_end, self.g,
-                       shape)
+                       shape, self.cuda_path)
         if shape.lookup:
             t = add_lookup_branch(t, prompt_lookup(self.seq, self.pad, self.pos + 1, shape.lookup))
         full = self._base_fwd(torch.cat((self.x_next, t.tokens), dim=1), input_pos=self.pos + self._ar[:N + 1],

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import topk, triton_attention, triton_draft_head, triton_linear
-from .config import ModelConfig, RecycleConfig
+from .config import KernelConfig, ModelConfig, RecycleConfig
 from .topk import top_k
 
 
@@ -95,7 +95,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised in float32, cast back, then scaled (the LLaMA / Hugging Face order, so bf16 results match)."""
-        if FUSED_RMS_NORM and not torch.compiler.is_compiling():
+        if not torch.compiler.is_compiling():
             # one operator where the spelled-out form is five (one kernel on CUDA since torch 2.8): CUDA graphs of
             # eager kernels launch ~4 fewer a norm. Under torch.compile the spelled-out form stays, which inductor
             # fuses with the residual add around it (measured that way, docs/engine.md)
@@ -168,33 +168,35 @@ class Attention(nn.Module):
         self.register_buffer("wqkv", None, persistent=False)  # set by fuse_projections (inference)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
-                cache: KVCache | None, layer: int, input_pos: torch.Tensor | None, kv_end: int) -> torch.Tensor:
+                cache: KVCache | None, layer: int, input_pos: torch.Tensor | None, kv_end: int,
+                kernels: KernelConfig) -> torch.Tensor:
         if self.wqkv is not None and not torch.is_grad_enabled():  # one matmul instead of three
-            return self.wo(self.attend(linear(x, self.wqkv), rope, mask, cache, layer, input_pos, kv_end))
+            return self.wo(self.attend(linear(x, self.wqkv), rope, mask, cache, layer, input_pos, kv_end, kernels))
         B, T, _ = x.shape
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
         q = self.wq(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
         k = self.wk(x).view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
         v = self.wv(x).view(B, T, Hkv, D).transpose(1, 2)
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        return self.wo(self._attend(q, k, v, mask, cache, layer, input_pos, kv_end))
+        return self.wo(self._attend(q, k, v, mask, cache, layer, input_pos, kv_end, kernels))
 
     def attend(self, qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
                cache: KVCache | None, layer: int, input_pos: torch.Tensor | None, kv_end: int,
-               rotated: bool = False) -> torch.Tensor:
+               kernels: KernelConfig, rotated: bool = False) -> torch.Tensor:
         """The attention of the fused QKV product's output qkv (B, T, (H + 2 Hkv) D): (B, T, H D), before wo.
         rotated: the query and key heads of qkv are rotated already (triton_linear.qkv_rope)."""
         B, T, _ = qkv.shape
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
-        if rotated and cache is not None and use_cached_attention(qkv, mask, T, H // Hkv, D):
+        if rotated and cache is not None and use_cached_attention(qkv, mask, T, H // Hkv, D, kernels):
             # the cache write and the attention as one kernel (triton_attention.cached_attention)
-            return triton_attention.cached_attention(qkv, cache.k, cache.v, cache.tickets, input_pos, mask, layer, H)
+            return triton_attention.cached_attention(qkv, cache.k, cache.v, cache.tickets, input_pos, mask, layer, H,
+                                                     pdl=kernels.pdl)
         qkv = qkv.view(B, T, H + 2 * Hkv, D).transpose(1, 2)  # (B, H + 2 Hkv, T, D)
         qk = qkv[:, :H + Hkv] if rotated else apply_rotary(qkv[:, :H + Hkv], *rope)  # one pass over both
         q, k = qk.split((H, Hkv), dim=1)
-        return self._attend(q, k, qkv[:, H + Hkv:], mask, cache, layer, input_pos, kv_end)
+        return self._attend(q, k, qkv[:, H + Hkv:], mask, cache, layer, input_pos, kv_end, kernels)
 
-    def _attend(self, q, k, v, mask, cache, layer, input_pos, kv_end) -> torch.Tensor:
+    def _attend(self, q, k, v, mask, cache, layer, input_pos, kv_end, kernels: KernelConfig) -> torch.Tensor:
         B, H, T, D = q.shape
         Hkv = self.n_kv_head
         if cache is not None:
@@ -207,7 +209,7 @@ class Attention(nn.Module):
             q = q.reshape(B, Hkv, groups * T, D)
         elif groups > 1:
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        if folded and use_decode_kernel(q, mask, T):  # written as (B, T, H, D): no transpose to copy
+        if folded and use_decode_kernel(q, mask, T, kernels):  # written as (B, T, H, D): no transpose to copy
             return triton_attention.decode_attention(q, k, v, mask, tokens=T).view(B, T, H * D)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
         return y.reshape(B, H, T, D).transpose(1, 2).reshape(B, T, H * D)
@@ -238,24 +240,22 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, rope, mask, cache, layer, input_pos, kv_end, keep=None):
+    def forward(self, x, rope, mask, cache, layer, input_pos, kv_end, keep=None, kernels=KernelConfig()):
         """keep: the output of the last `keep` positions only (the attention still writes every position's keys and
-        values to the cache); None: all."""
-        if use_fused_linear(x, self):
+        values to the cache); None: all. kernels: which fused kernels apply (`KernelConfig`)."""
+        if use_fused_linear(x, self, kernels):
             # four Triton kernels with the norms, the rotary embedding, SwiGLU and residual adds folded in
-            # (triton_linear)
+            # (triton_linear); SwiGLU in gate-up's epilogue, so down reads the activation
+            pdl = kernels.pdl
             qkv = triton_linear.qkv_rope(x, self.attn.wqkv, self.attn_norm.weight, self.attn_norm.eps, rope,
-                                         self.attn.n_head + self.attn.n_kv_head)
-            y = self.attn.attend(qkv, rope, mask, cache, layer, input_pos, kv_end, rotated=True)
+                                         self.attn.n_head + self.attn.n_kv_head, pdl=pdl)
+            y = self.attn.attend(qkv, rope, mask, cache, layer, input_pos, kv_end, kernels, rotated=True)
             if keep is not None:
                 x, y = x[:, x.shape[1] - keep:], y[:, y.shape[1] - keep:]
-            x = triton_linear.linear(y, self.attn.wo.weight, residual=x)
-            if triton_linear.SWIGLU_EPILOGUE:  # SwiGLU once, in gate-up's epilogue; down reads the activation
-                act = triton_linear.gate_up_swiglu(x, self.mlp.w13, self.mlp_norm.weight, self.mlp_norm.eps)
-                return triton_linear.linear(act, self.mlp.w2.weight, residual=x)
-            gate_up = triton_linear.linear(x, self.mlp.w13, norm_weight=self.mlp_norm.weight, eps=self.mlp_norm.eps)
-            return triton_linear.linear(gate_up, self.mlp.w2.weight, swiglu=True, residual=x)
-        a = self.attn(self.attn_norm(x), rope, mask, cache, layer, input_pos, kv_end)
+            x = triton_linear.linear(y, self.attn.wo.weight, residual=x, pdl=pdl)
+            act = triton_linear.gate_up_swiglu(x, self.mlp.w13, self.mlp_norm.weight, self.mlp_norm.eps, pdl=pdl)
+            return triton_linear.linear(act, self.mlp.w2.weight, residual=x, pdl=pdl)
+        a = self.attn(self.attn_norm(x), rope, mask, cache, layer, input_pos, kv_end, kernels)
         if keep is not None:
             x, a = x[:, x.shape[1] - keep:], a[:, a.shape[1] - keep:]
         x = x + a
@@ -305,7 +305,8 @@ def call_tables(cfg: ModelConfig, input_pos: torch.Tensor, pad: torch.Tensor | N
 def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, cfg: ModelConfig, *, input_pos: torch.Tensor | None,
                cache: KVCache | None, pad: torch.Tensor | None, kv_end: int | None,
                tree: Tree | None = None, taps: tuple[int, ...] = (), keep: int | None = None,
-               tables: Tables | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+               tables: Tables | None = None, kernels: KernelConfig = KernelConfig()
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Run a stack of decoder blocks over x (B, T, d) at cache slots `input_pos` (T,). Returns the last block's
     output and, when `taps` names blocks, their outputs concatenated on the feature axis (B, T, k*d); else None.
     keep: the last block's output for the last `keep` positions only (B, keep, d); its attention still writes the
@@ -315,6 +316,7 @@ def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, cfg: ModelConfig, *, inpu
     With a cache: the slots, rotary positions and mask of `call_tables`, or `tables` made by it for this call (its
     input_pos replaces the argument's; kv_end is its mask's width).
     With a `tree`, its positions and mask replace those (the slots still come from input_pos).
+    kernels: which fused kernels the blocks take where they apply (`KernelConfig`).
     """
     B, T, _ = x.shape
     if cache is None:
@@ -322,30 +324,27 @@ def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, cfg: ModelConfig, *, inpu
             raise ValueError("left padding (pad) needs a KV cache; train on unpadded sequences")
         positions = torch.arange(T, device=x.device)[None]
         rope = rotary(positions, cfg.head_dim, cfg.rope_theta, x.dtype)
-        return _stack(blocks, x, rope, None, None, None, 0, taps, keep)
+        return _stack(blocks, x, rope, None, None, None, 0, taps, kernels, keep)
     if tables is not None:
         if tree is not None or tables.input_pos.shape != (T,):
             raise ValueError(f"tables for {tuple(tables.input_pos.shape)} slots given to a call on {T} tokens"
                              + (" with a tree" if tree is not None else ""))
         return _stack(blocks, x, tables.rope, tables.mask, cache, tables.input_pos, tables.mask.shape[-1], taps,
-                      keep, share=False)  # made outside this call: nothing for inductor to recompute per layer
+                      kernels, keep, share=False)  # made outside this call: nothing for inductor to recompute per layer
     if input_pos is None:
         raise ValueError("cached decoding needs input_pos, the cache slots of the T new tokens")
     kv_end = cache.max_len if kv_end is None else kv_end
     if tree is not None:
         rope = rotary(tree.positions, cfg.head_dim, cfg.rope_theta, x.dtype)
         return _stack(blocks, x, rope, attention_mask(tree.mask, x.dtype, cfg), cache, input_pos, kv_end, taps,
-                      keep)
+                      kernels, keep)
     t = call_tables(cfg, input_pos, pad, kv_end, x.dtype)
-    return _stack(blocks, x, t.rope, t.mask, cache, input_pos, kv_end, taps, keep)
+    return _stack(blocks, x, t.rope, t.mask, cache, input_pos, kv_end, taps, kernels, keep)
 
 
-# A/B switches of scripts/gpu_step_profile.py (--bool-mask, --repeat-kv, --manual-norm): the ways before these changes
-ADDITIVE_MASK = True
-FOLD_GROUPS = True
-FUSED_RMS_NORM = True
-DECODE_KERNEL = True  # cached calls on CUDA: the Triton decode-attention kernel instead of SDPA (when importable)
-FOLD_MAX_TOKENS = 64  # calls on more new tokens (long prompts) repeat K/V: a folded mask grows with groups*T*S
+# calls on more new tokens than this (long prompts) repeat K/V instead of folding a group's query heads into rows:
+# a folded mask grows with groups*T*S
+FOLD_MAX_TOKENS = 64
 
 
 def attention_mask(mask: torch.Tensor, dtype: torch.dtype, cfg: ModelConfig) -> torch.Tensor:
@@ -358,15 +357,19 @@ def attention_mask(mask: torch.Tensor, dtype: torch.dtype, cfg: ModelConfig) -> 
     slot is most of the attention's cost; a long prompt's folded mask would be `groups` times a large mask.
     """
     groups = cfg.n_head // cfg.n_kv_head
-    if groups > 1 and FOLD_GROUPS and mask.shape[-2] <= FOLD_MAX_TOKENS:
+    if groups > 1 and mask.shape[-2] <= FOLD_MAX_TOKENS:
         B, _, T, S = mask.shape
         mask = mask[:, :, None].expand(B, 1, groups, T, S).reshape(B, 1, groups * T, S)
-    if ADDITIVE_MASK:
-        mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
-    return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
-def use_decode_kernel(q: torch.Tensor, mask: torch.Tensor, T: int) -> bool:
+def _kernel_device(t: torch.Tensor, kernels: KernelConfig, interpreted: bool) -> bool:
+    """Whether t's device runs the Triton kernels: CUDA, or the CPU under Triton's interpreter where `kernels`
+    asks for the CUDA paths there."""
+    return t.is_cuda or (kernels.cuda_paths_on_cpu and interpreted)
+
+
+def use_decode_kernel(q: torch.Tensor, mask: torch.Tensor, T: int, kernels: KernelConfig) -> bool:
     """Whether a cached call on T new tokens attends with `triton_attention.decode_attention` rather than SDPA.
 
     On CUDA with triton, an additive mask and at most FOLD_MAX_TOKENS new tokens (decode steps, verifications,
@@ -375,31 +378,23 @@ def use_decode_kernel(q: torch.Tensor, mask: torch.Tensor, T: int) -> bool:
     1.3B shape over 256 slots, 1 / 2 queries, 7.5 / 10.6 µs with SDPA, 4.6 / 4.9 µs with the kernel.
     """
     D = q.shape[-1]
-    return (DECODE_KERNEL and q.is_cuda and T <= FOLD_MAX_TOKENS and mask.is_floating_point()
-            and 16 <= D <= 256 and D & (D - 1) == 0 and triton_attention.available())
+    return (kernels.decode_attention and triton_attention.available()
+            and _kernel_device(q, kernels, triton_attention._INTERPRETED) and T <= FOLD_MAX_TOKENS
+            and mask.is_floating_point() and 16 <= D <= 256 and D & (D - 1) == 0)
 
 
-# the draft tree's norm, draft head and top-k as one Triton kernel on CUDA. Measured on an H100 (2026-11-27,
-# docs/engine.md): the compiled (5, 4, 24, 5) round 1.633 -> 1.583 ms, the draft tree 1.93x -> 1.98x over `standard`
-# (2.04x later that day, with the fallbacks gone and the merge kernel).
-# `gpu_step_profile.py --no-draft-head-kernel` is the A/B; False gives the norm, matmul and top-k as separate ops.
-DRAFT_HEAD_KERNEL = True
-
-
-def use_draft_head_kernel(out: torch.Tensor, k: int) -> bool:
+def use_draft_head_kernel(out: torch.Tensor, k: int, kernels: KernelConfig) -> bool:
     """Whether `RecycleModel.draft_top` runs `triton_draft_head.head_top_k` (CUDA, triton, k <= its KTOP) rather
-    than the norm, the head's matmul and `topk.top_k` as separate operators."""
-    return (DRAFT_HEAD_KERNEL and out.is_cuda and k <= triton_draft_head.KTOP and triton_draft_head.available())
+    than the norm, the head's matmul and `topk.top_k` as separate operators: the draft tree's norm, head and top-k
+    as one kernel (the compiled (5, 4, 24, 5) round 1.633 -> 1.583 ms on an H100)."""
+    return (kernels.draft_head and triton_draft_head.available() and k <= triton_draft_head.KTOP
+            and _kernel_device(out, kernels, triton_draft_head._INTERPRETED))
 
 
-# a decode call's products as four Triton kernels on CUDA (triton_linear). Measured on an H100 (2026-11-27,
-# `gpu_step_profile.py --fused-linear` is the A/B): SmolLM2's compiled standard step 0.977 -> 0.812 ms (366 -> 231
-# kernels), recycle's 1.075 -> 1.058
-FUSED_LINEAR = True
-# ... for models no wider than this. Measured on an H100 (2026-11-27, `recyclegpt bench --shape 1.3b`): the
-# fused path made the 1.3B shape's (d 2048) compiled standard step slower, 1.67 -> 2.73 ms (592.5 -> 364.4 tok/s),
-# and its recycle ratio 1.52x -> 1.11x, where SmolLM2's (d 576) went 0.977 -> 0.533 ms. Widths between are not
-# measured; 1024 keeps the measured gain and the measured loss on their sides
+# the fused products (KernelConfig.fused_linear) apply to models no wider than this. Measured on an H100
+# (`recyclegpt bench --shape 1.3b`): the fused path made the 1.3B shape's (d 2048) compiled standard step slower,
+# 1.67 -> 2.73 ms, where SmolLM2's (d 576) went 0.977 -> 0.533 ms. Widths between are not measured; 1024 keeps the
+# measured gain and the measured loss on their sides
 FUSED_MAX_WIDTH = 1024
 
 
@@ -411,45 +406,30 @@ def fused_linear_fits(width: int, rows: int, head_dim: int) -> bool:
     return (width <= FUSED_MAX_WIDTH and rows <= triton_linear.MAX_ROWS and half > 0 and half & (half - 1) == 0)
 
 
-def use_fused_linear(x: torch.Tensor, block: "Block") -> bool:
+def use_fused_linear(x: torch.Tensor, block: "Block", kernels: KernelConfig) -> bool:
     """Whether `block` runs its products through `triton_linear` for x (B, T, d): CUDA, triton, inference with the
     fused QKV and gate-up weights (`fuse_projections`), and a shape `fused_linear_fits`; other calls keep cuBLAS."""
-    return (FUSED_LINEAR and x.is_cuda and block.attn.wqkv is not None and block.mlp.w13 is not None
-            and not torch.is_grad_enabled() and triton_linear.available()
+    return (kernels.fused_linear and triton_linear.available()
+            and _kernel_device(x, kernels, triton_linear._INTERPRETED)
+            and block.attn.wqkv is not None and block.mlp.w13 is not None and not torch.is_grad_enabled()
             and fused_linear_fits(x.shape[-1], x.numel() // x.shape[-1], block.attn.head_dim))
 
 
+def use_cached_attention(qkv: torch.Tensor, mask: torch.Tensor | None, T: int, groups: int, head_dim: int,
+                         kernels: KernelConfig) -> bool:
+    """Whether `Attention.attend` writes the cache and attends with `triton_attention.cached_attention` (two
+    kernels a layer fewer): a call of the fused path (rotated qkv) whose mask has its query heads folded, where
+    `use_decode_kernel` holds."""
+    return (kernels.cached_attention and mask is not None and mask.shape[-2] == groups * T
+            and use_decode_kernel(qkv.view(*qkv.shape[:2], -1, head_dim), mask, T, kernels))
 
 
-# a fused decode call's cache write and attention as one Triton kernel, its ranges merged in the same kernel
-# (triton_attention.cached_attention): two kernels a layer fewer. Measured on an H100 (2026-11-27,
-# `gpu_step_profile.py --cached-attention` is the A/B): SmolLM2's compiled standard step 0.812 -> 0.789 ms (231 ->
-# 171 kernels), recycle's 1.058 -> 1.009
-CACHED_ATTENTION = True
-
-
-def use_cached_attention(qkv: torch.Tensor, mask: torch.Tensor | None, T: int, groups: int, head_dim: int) -> bool:
-    """Whether `Attention.attend` writes the cache and attends with `triton_attention.cached_attention`: a call of
-    the fused path (rotated qkv) whose mask has its query heads folded, where `use_decode_kernel` holds."""
-    return (CACHED_ATTENTION and mask is not None and mask.shape[-2] == groups * T
-            and use_decode_kernel(qkv.view(*qkv.shape[:2], -1, head_dim), mask, T))
-
-
-# under torch.compile, the rotary tables and the mask of a cached call made once for every layer, not once per layer.
-# Inductor recomputes a cheap pointwise result for each custom op that reads it (a CPU check: three ops reading one
-# cos gave three copies), so the fused path's 30 `qkv_rope` and `cached_attention` calls each got their own copy of
-# cos, sin and the mask, written by two wide kernels a step (9.3 and 7.6 µs in a 2026-11-27 H100 profile).
-# `shared` hands them to the layers as one opaque copy, on the fused path only. Measured on an H100 (2026-11-27,
-# `gpu_step_profile.py --shared-tables` is the A/B): SmolLM2's compiled standard step 0.532 -> 0.508 ms
-# (171 -> 162 kernels), recycle's 0.684 -> 0.668
-SHARED_TABLES = True
-# ... and the call's cache slots with them: where the caller computed them (a verified round's `pos + arange`),
-# inductor otherwise writes a copy of the slots for every layer's `cached_attention` that reads them (seen in the
-# compiled recycle step's code before the engine's step tables); where they are a graph input already (a prompt's
-# `_ar[:L]`) this costs one small copy. Built and measured on 2026-11-27 (H100,
-# `gpu_step_profile.py --shared-slots --parts standard,recycle,chain,tree`, 512 slots): the chain round (K 3) 0.911 ->
-# 0.893 ms (243 -> 240 kernels), the tree round 1.452 -> 1.447, the fixed steps unchanged (they take the step tables)
-SHARED_SLOTS = True
+# under torch.compile, the rotary tables, the mask and the cache slots of a cached call are handed to the layers as
+# one opaque copy (`_shared_op`), made once for every layer. Inductor recomputes a cheap pointwise result for each
+# custom op that reads it, so the fused path's 30 `qkv_rope` and `cached_attention` calls each got their own copy
+# of cos, sin and the mask (two wide kernels a step, 9.3 and 7.6 µs on an H100) and of the slots where the caller
+# computed them (a verified round's `pos + arange`). SmolLM2's compiled standard step 0.532 -> 0.508 ms, the chain
+# round 0.911 -> 0.893 ms (docs/engine.md's decision table)
 
 
 def _shared(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -467,10 +447,10 @@ else:
     _shared_op = _shared
 
 
-def _stack(blocks, x, rope, mask, cache, input_pos, kv_end, taps, keep=None, share=True):
-    if (share and SHARED_TABLES and cache is not None and blocks and torch.compiler.is_compiling()
-            and use_fused_linear(x, blocks[0])):
-        slots = [input_pos] if SHARED_SLOTS and input_pos is not None else []
+def _stack(blocks, x, rope, mask, cache, input_pos, kv_end, taps, kernels, keep=None, share=True):
+    if (share and cache is not None and blocks and torch.compiler.is_compiling()
+            and use_fused_linear(x, blocks[0], kernels)):
+        slots = [input_pos] if input_pos is not None else []
         cos, sin, *rest = _shared_op([*rope, *([] if mask is None else [mask]), *slots])
         rope, mask = (cos, sin), (rest[0] if mask is not None else None)
         if slots:
@@ -479,7 +459,7 @@ def _stack(blocks, x, rope, mask, cache, input_pos, kv_end, taps, keep=None, sha
     if keep is not None and (taps or not 0 < keep <= x.shape[1]):
         raise ValueError(f"keep={keep}: the last block's output for 1 to {x.shape[1]} positions, without taps")
     for i, block in enumerate(blocks):
-        x = block(x, rope, mask, cache, i, input_pos, kv_end, keep if i == len(blocks) - 1 else None)
+        x = block(x, rope, mask, cache, i, input_pos, kv_end, keep if i == len(blocks) - 1 else None, kernels)
         if i in taps:
             tapped.append(x)
     return x, (torch.cat(tapped, dim=-1) if tapped else None)
@@ -566,6 +546,7 @@ class Transformer(nn.Module):
         init_weights(self, cfg.n_layer)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
+        self.kernels = KernelConfig()  # which fused kernels inference takes (set it before decoding)
 
     def new_cache(self, batch: int, max_len: int, *, device=None, dtype=None) -> KVCache:
         if max_len > self.cfg.context_length:
@@ -586,7 +567,8 @@ class Transformer(nn.Module):
         taps: layers whose outputs to return as well (ModelOutput.taps), for a module that reads them.
         tables: this cached call's slots, rotary tables and mask, made by `call_tables` (else made here)."""
         hidden, tapped = run_blocks(self.layers, self.tok_emb(idx), self.cfg, input_pos=input_pos, cache=cache,
-                                    pad=pad, kv_end=kv_end, tree=tree, taps=taps, tables=tables)
+                                    pad=pad, kv_end=kv_end, tree=tree, taps=taps, tables=tables,
+                                    kernels=self.kernels)
         logits = self.head(hidden if num_logits is None else hidden[:, hidden.shape[1] - num_logits:])
         return ModelOutput(logits, hidden, tapped)
 
@@ -642,12 +624,13 @@ class RecyclableModule(nn.Module):
     def forward(self, state: torch.Tensor, tok_emb: torch.Tensor, *, input_pos: torch.Tensor | None = None,
                 cache: KVCache | None = None, pad: torch.Tensor | None = None,
                 kv_end: int | None = None, tree: Tree | None = None, outputs: int | None = None,
-                tables: Tables | None = None) -> torch.Tensor:
+                tables: Tables | None = None, kernels: KernelConfig = KernelConfig()) -> torch.Tensor:
         """outputs: the output at the last `outputs` positions only (B, outputs, d), every position's keys and values
-        still cached (`run_blocks`' keep); None: all. tables: as `Transformer.forward`'s."""
+        still cached (`run_blocks`' keep); None: all. tables: as `Transformer.forward`'s. kernels: the fused kernels
+        its blocks take (RecycleModel passes the base's)."""
         x = self.fc(torch.cat((self.norm_h(state), self.norm_e(tok_emb)), dim=-1))
         return run_blocks(self.layers, x, self.base_cfg, input_pos=input_pos, cache=cache, pad=pad, kv_end=kv_end,
-                          tree=tree, keep=outputs, tables=tables)[0]
+                          tree=tree, keep=outputs, tables=tables, kernels=kernels)[0]
 
 
 # what `recycle` may take from the module (RecycleModel.recycle_vocab): the full head, or the draft vocabulary
@@ -671,6 +654,16 @@ class RecycleModel(nn.Module):
     @classmethod
     def build(cls, cfg: ModelConfig, rcfg: RecycleConfig) -> "RecycleModel":
         return cls(Transformer(cfg), RecyclableModule(cfg, rcfg))
+
+    @property
+    def kernels(self) -> KernelConfig:
+        """Which fused kernels inference takes: the base's (`Transformer.kernels`), for the module's calls too (set
+        it before decoding: captured graphs and compiled steps keep the paths they were made with)."""
+        return self.base.kernels
+
+    @kernels.setter
+    def kernels(self, value: KernelConfig) -> None:
+        self.base.kernels = value
 
     def refresh_draft_head(self) -> None:
         """Copy the LM head's rows of the draft vocabulary into `draft_weight` (None without one, or with
@@ -725,7 +718,8 @@ class RecycleModel(nn.Module):
         """The module's greedy token ids (...,) over the draft vocabulary from its output `out` (..., d), with
         `draft_weight` set: the index `draft_logits(out).argmax(-1)` gives, without the V-wide logits (the draft
         ids are sorted, so the first of equal maxima is the same token)."""
-        return self.module.draft_ids[topk.argmax(linear(self.base.norm(out), self.draft_weight))]
+        return self.module.draft_ids[topk.argmax(linear(self.base.norm(out), self.draft_weight),
+                                                 cuda_path=self.kernels.cuda_paths_on_cpu)]
 
     def module_argmax(self, out: torch.Tensor) -> torch.Tensor:
         """`recycle`'s greedy token ids (...,) from the module's output `out` (..., d): over the full head, or over
@@ -733,7 +727,7 @@ class RecycleModel(nn.Module):
         greedy recycle path takes its module tokens here, so they are the same whichever runs them."""
         if self.recycles_over_draft:
             return self.draft_argmax(out)
-        return topk.argmax(self.base.head(out))
+        return topk.argmax(self.base.head(out), cuda_path=self.kernels.cuda_paths_on_cpu)
 
     def draft_top(self, out: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The k most likely draft tokens from the module's output `out` (..., d): (log-probabilities (..., k) in
@@ -741,11 +735,11 @@ class RecycleModel(nn.Module):
         directly, not over V with the rest -inf as `draft_logits` gives them: the same values, with no V-wide fill
         and copy, and a third of the reductions (N = V/3 for the shipped module)."""
         w = self.base.lm_head.weight if self.draft_weight is None else self.draft_weight
-        if use_draft_head_kernel(out, k):  # norm, head and a first selection in one kernel
+        if use_draft_head_kernel(out, k, self.kernels):  # norm, head and a first selection in one kernel
             logp, ids = triton_draft_head.head_top_k(out, self.base.norm.weight, self.base.norm.eps, w, k)
         else:
             logits = linear(self.base.norm(out), w)
-            values, ids = top_k(logits, k)
+            values, ids = top_k(logits, k, cuda_path=self.kernels.cuda_paths_on_cpu)
             logp = values.float() - torch.logsumexp(logits.float(), -1, keepdim=True)
         return logp, (ids if self.draft_weight is None else self.module.draft_ids[ids])
 
@@ -781,6 +775,6 @@ class RecycleModel(nn.Module):
         if outputs is not None and num_logits is not None and num_logits > outputs:
             raise ValueError(f"num_logits={num_logits} needs at least as many outputs, got outputs={outputs}")
         out = self.module(state, self.base.tok_emb(next_tokens), input_pos=input_pos, cache=cache, pad=pad,
-                          kv_end=kv_end, tree=tree, outputs=outputs, tables=tables)
+                          kv_end=kv_end, tree=tree, outputs=outputs, tables=tables, kernels=self.base.kernels)
         last = out if num_logits is None else out[:, out.shape[1] - num_logits:]
         return ModelOutput(self.draft_logits(last) if draft else self.base.head(last), out)

@@ -8,7 +8,7 @@ import argparse
 import torch
 
 from .api import DEFAULT_DRAFT_LEN, DEFAULT_KV_BUCKET, DEFAULT_MODEL, EngineOptions, RecycleGPT
-from .config import RecycleConfig
+from .config import KernelConfig, RecycleConfig
 from .model import RECYCLE_VOCABS
 from .speculative import TreeShape
 
@@ -79,11 +79,14 @@ def add_compile_mode(p: argparse.ArgumentParser) -> None:
                    help="engines static, graphs and compiled: attention reads the cache up to the next multiple of "
                         f"this many slots (default {DEFAULT_KV_BUCKET}); every bucket is a graph (and a compile) of "
                         "its own, so a larger one means fewer compiles and a little more attention work")
+    p.add_argument("--no-triton-kernels", dest="triton_kernels", action="store_false",
+                   help="run the torch operators (cuBLAS, SDPA) where the fused Triton kernels would run on CUDA, "
+                        "for comparisons")
 
 
 def engine_options(args: argparse.Namespace) -> EngineOptions:
     """The EngineOptions of add_compile_mode's --compile-mode, --compile-steps, --no-compile-prefill (they need
-    --engine compiled) and --kv-bucket; the defaults for a subcommand without them."""
+    --engine compiled), --kv-bucket and --no-triton-kernels; the defaults for a subcommand without them."""
     mode, steps = getattr(args, "compile_mode", None), getattr(args, "compile_steps", False)
     prefill = getattr(args, "compile_prefill", True)
     if (mode is not None or steps or not prefill) and args.engine != "compiled":
@@ -92,8 +95,9 @@ def engine_options(args: argparse.Namespace) -> EngineOptions:
     bucket = getattr(args, "kv_bucket", None)
     if bucket is not None and bucket < 16:
         raise ValueError(f"--kv-bucket must be at least 16 slots, got {bucket}")
+    kernels = KernelConfig() if getattr(args, "triton_kernels", True) else KernelConfig.torch_only()
     return EngineOptions(kv_bucket=DEFAULT_KV_BUCKET if bucket is None else bucket, compile_mode=mode,
-                         compile_steps=steps, compile_prefill=prefill)
+                         compile_steps=steps, compile_prefill=prefill, kernels=kernels)
 
 
 def add_draft_args(p: argparse.ArgumentParser, *, tree_flag: bool = True) -> None:

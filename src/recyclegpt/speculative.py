@@ -334,7 +334,7 @@ def tree_attention(pad: torch.Tensor | None, p, positions: torch.Tensor, sees: t
 
 
 def draft_tree(recycle_fn, top_fn, mcache: KVCache, pad: torch.Tensor | None, p, kv_end: int, state: torch.Tensor,
-               shape: TreeShape) -> TreeDraft:
+               shape: TreeShape, cuda_path: bool = False) -> TreeDraft:
     """Expand a draft tree with the module (EAGLE-2's dynamic tree).
 
     state (B, 1, d): the module's output at slot p-1 (its catch-up), which predicts x_{p+1}. The root's top-k
@@ -343,7 +343,8 @@ def draft_tree(recycle_fn, top_fn, mcache: KVCache, pad: torch.Tensor | None, p,
     seeing its ancestors' expansion slots, and their top-k children become candidates. The best N candidates are
     kept. recycle_fn is `RecycleModel.recycle` (or a compiled copy), top_fn `RecycleModel.draft_top`; p an int or a
     (1,) device tensor; kv_end an upper bound for the module slots (>= p + (depth-1)*k). Shapes depend only on
-    `shape`: graph-capturable.
+    `shape`: graph-capturable. cuda_path: the CUDA path's sort-free selections on any device
+    (KernelConfig.cuda_paths_on_cpu).
     """
     D, k, N = shape.depth, shape.topk, shape.nodes
     B, dev = state.shape[0], state.device
@@ -379,7 +380,7 @@ def draft_tree(recycle_fn, top_fn, mcache: KVCache, pad: torch.Tensor | None, p,
         parent.append(cand_parent)
         depth.append(torch.full((k * k,), level + 1, dtype=torch.long, device=dev))
         # the next frontier: the k best new candidates, each seeing its parent's expansion slots and its own
-        best = top_k(cand_score, k)[1]  # (B, k), into the k*k new candidates
+        best = top_k(cand_score, k, cuda_path=cuda_path)[1]  # (B, k), into the k*k new candidates
         from_slot = best // k  # the parent's place in this level's frontier (= its expansion slot)
         front_sees = torch.cat((front_sees.gather(1, from_slot[..., None].expand(B, k, front_sees.shape[-1])), own),
                                dim=-1)
@@ -389,7 +390,7 @@ def draft_tree(recycle_fn, top_fn, mcache: KVCache, pad: torch.Tensor | None, p,
     tok, score, parent, depth = torch.cat(tok, 1), torch.cat(score, 1), torch.cat(parent, 1), torch.cat(depth)
     # keep the best N; scores never rise along a path and ties go to the lower index (a parent before an
     # equal-scored child), so the kept set is closed under ancestors
-    keep = best_in_order(score, N)  # (B, N)
+    keep = best_in_order(score, N, cuda_path=cuda_path)  # (B, N)
     where = torch.full((B, M), -1, dtype=torch.long, device=dev)  # candidate -> its index among the kept
     where.scatter_(1, keep, torch.arange(N, device=dev).expand(B, N))
     k_parent = parent.gather(1, keep)
@@ -483,7 +484,8 @@ def tree(model: RecycleModel, prompts: Sequence[Sequence[int]], *, max_new_token
     while not done:
         p, B, dev = r.p, len(r.out.tokens), r.device
         _, state = r.catch_up(logits=False)
-        t = draft_tree(model.recycle, model.draft_top, r.mcache, r.pad, p, p + shape.module_slots, state, shape)
+        t = draft_tree(model.recycle, model.draft_top, r.mcache, r.pad, p, p + shape.module_slots, state, shape,
+                       model.kernels.cuda_paths_on_cpu)
         if shape.lookup:
             t = add_lookup_branch(t, prompt_lookup(r.seq, r.pad, p + 1, shape.lookup))
         r.stats.module_calls += D - 1

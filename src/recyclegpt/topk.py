@@ -14,9 +14,9 @@ reductions, which inductor fuses into a few kernels:
 
 Rows are the last dimension. Ties are broken towards the lower index in `stable_rank` and `top_k_small`; within
 `top_k_chunked` towards the better-ranked chunk. Indices are always distinct, so a node's drafted children carry
-distinct tokens (no verification slot is spent twice). `top_k` and `best_in_order` take the sort-free path on CUDA (`SORT_FREE`) and
-torch's sort and topk elsewhere, where those are single fast calls; rows too long to rank whole whose length is not
-a multiple of `CHUNK` also use `torch.topk`.
+distinct tokens (no verification slot is spent twice). `top_k` and `best_in_order` take the sort-free path on CUDA
+tensors (or where `cuda_path` asks for it) and torch's sort and topk elsewhere, where those are single fast calls;
+rows too long to rank whole whose length is not a multiple of `CHUNK` also use `torch.topk`.
 """
 
 from __future__ import annotations
@@ -25,15 +25,13 @@ import torch
 
 SMALL = 1024  # rows up to this long are ranked whole (n^2 comparisons); longer ones are chunked
 CHUNK = 128
-SORT_FREE = "cuda"  # "cuda": the sort-free path on CUDA tensors only; "always"; "never" (torch.topk everywhere)
-# greedy selection's argmax over a vocabulary in two reductions (`argmax`): "cuda" (CUDA tensors in compiled code),
-# "always" or "never" (one torch.argmax). Compiled, a step's argmax over SmolLM2's 49,152 logits is one inductor reduction that a single
+# greedy selection's argmax over a vocabulary in two reductions (`argmax`), in compiled code on CUDA. Compiled, a
+# step's argmax over SmolLM2's 49,152 logits is one inductor reduction that a single
 # program loops through: 9.2 us of a 0.471 ms standard step on an H100 (a 2026-11-27 profile), two of them in
 # a recycle step. Chunk maxima first spread the reading over many programs. Measured on an H100 (2026-11-27,
 # an A/B of step profiles): standard 0.489 -> 0.482 ms, recycle 0.654 -> 0.642. Eager CUDA
 # code (the `graphs` engine, the reference loops) keeps torch.argmax, whose one kernel already spreads over the GPU
 ARGMAX_CHUNK = 1024
-SPLIT_ARGMAX = "cuda"
 
 
 def stable_rank(x: torch.Tensor) -> torch.Tensor:
@@ -73,22 +71,25 @@ def top_k_chunked(x: torch.Tensor, k: int, chunk: int = CHUNK) -> tuple[torch.Te
     return values, best.gather(-1, j // chunk) * chunk + j % chunk
 
 
-def top_k(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(values, indices) of the k largest along the last dimension, largest first, indices distinct."""
+def top_k(x: torch.Tensor, k: int, *, cuda_path: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, indices) of the k largest along the last dimension, largest first, indices distinct. Sort-free on
+    CUDA tensors, or on any where cuda_path (KernelConfig.cuda_paths_on_cpu)."""
     if k > x.shape[-1]:
         raise ValueError(f"top-k of {k} from rows of {x.shape[-1]}")
     n = x.shape[-1]
-    if _sort_free(x) and n <= SMALL:
+    sort_free = x.is_cuda or cuda_path
+    if sort_free and n <= SMALL:
         return top_k_small(x, k)
-    if _sort_free(x) and n % CHUNK == 0 and n >= k * CHUNK:
+    if sort_free and n % CHUNK == 0 and n >= k * CHUNK:
         return top_k_chunked(x, k)
     top = x.topk(k, dim=-1)
     return top.values, top.indices
 
 
-def best_in_order(score: torch.Tensor, k: int) -> torch.Tensor:
-    """The indices (..., k) of each row's k largest scores, in ascending index order; ties to the lower index."""
-    if not _sort_free(score) or score.shape[-1] > SMALL:
+def best_in_order(score: torch.Tensor, k: int, *, cuda_path: bool = False) -> torch.Tensor:
+    """The indices (..., k) of each row's k largest scores, in ascending index order; ties to the lower index.
+    Sort-free on CUDA tensors, or on any where cuda_path."""
+    if not (score.is_cuda or cuda_path) or score.shape[-1] > SMALL:
         return torch.sort(score, dim=-1, descending=True, stable=True).indices[..., :k].sort(dim=-1).values
     kept = stable_rank(score) < k
     n = score.shape[-1]
@@ -99,24 +100,18 @@ def best_in_order(score: torch.Tensor, k: int) -> torch.Tensor:
     return _pick(torch.where(kept, place, k), k)
 
 
-def _sort_free(x: torch.Tensor) -> bool:
-    return SORT_FREE == "always" or (SORT_FREE == "cuda" and x.is_cuda)
-
-
-def argmax(x: torch.Tensor) -> torch.Tensor:
-    """torch.argmax(x, -1), the first index among equal maxima; with SPLIT_ARGMAX (on CUDA under torch.compile, by
-    default) in two reductions (`split_argmax`), which give the same indices."""
-    if SPLIT_ARGMAX == "always" or (SPLIT_ARGMAX == "cuda" and x.is_cuda and torch.compiler.is_compiling()):
+def argmax(x: torch.Tensor, *, cuda_path: bool = False) -> torch.Tensor:
+    """torch.argmax(x, -1), the first index among equal maxima; under torch.compile on CUDA (or on any device where
+    cuda_path) in two reductions (`split_argmax`), which give the same indices."""
+    if (x.is_cuda or cuda_path) and torch.compiler.is_compiling():
         return split_argmax(x)
     return x.argmax(-1)
 
 
-def split_argmax(x: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+def split_argmax(x: torch.Tensor, chunk: int = ARGMAX_CHUNK) -> torch.Tensor:
     """torch.argmax(x, -1) of a floating-point x as each chunk's maximum and its first index, then the first chunk
     holding the overall maximum: its first maximum is the row's first. A last partial chunk is padded with -inf,
-    which never comes before a real value (an all -inf row gives 0, as torch.argmax does). chunk: ARGMAX_CHUNK
-    unless given."""
-    chunk = chunk or ARGMAX_CHUNK
+    which never comes before a real value (an all -inf row gives 0, as torch.argmax does)."""
     n = x.shape[-1]
     if n <= chunk:
         return x.argmax(-1)

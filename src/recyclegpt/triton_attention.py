@@ -41,13 +41,6 @@ MERGE_TILE_MAX = 4096
 # (2026-11-27, an A/B of step profiles): standard 0.489 -> 0.485 ms, recycle 0.654 -> 0.657; the spills cost
 # nothing that shows, so 4
 CACHED_WARPS = 4
-# programmatic dependent launch (Hopper and later), for the kernels of a fused decode call (this module's
-# cached_attention, triton_linear's products): a kernel is launched while the previous one still runs, loads what no
-# kernel writes (its first weight block), then waits for the previous kernel's writes (griddepcontrol.wait) and lets
-# the next kernel launch. Inside a step's CUDA graph the launch gap and the weight loads' latency overlap the
-# previous kernel. Measured on an H100 (2026-11-27, an A/B of step profiles): SmolLM2's compiled
-# standard step 0.789 -> 0.659 ms, recycle's 1.009 -> 0.897. Off on older GPUs and under the interpreter
-PDL = True
 
 
 def available() -> bool:
@@ -237,10 +230,14 @@ def _has_pdl(device: int) -> bool:
     return torch.cuda.get_device_capability(device)[0] >= 9  # griddepcontrol: Hopper and later
 
 
-def pdl_launch(device: torch.device, enabled: bool | None = None) -> dict:
-    """A kernel call's PDL constexpr and launch option: on where asked (default: PDL) on a device that has it,
-    never interpreted."""
-    on = ((PDL if enabled is None else enabled) and not _INTERPRETED and device.type == "cuda"
+def pdl_launch(device: torch.device, enabled: bool) -> dict:
+    """A kernel call's PDL constexpr and launch option: programmatic dependent launch (Hopper and later), for the
+    kernels of a fused decode call (`cached_attention`, triton_linear's products). A kernel is launched while the
+    previous one still runs, loads what no kernel writes (its first weight block), then waits for the previous
+    kernel's writes (griddepcontrol.wait) and lets the next kernel launch; inside a step's CUDA graph the launch gap
+    and the weight loads' latency overlap the previous kernel (SmolLM2's compiled standard step 0.789 -> 0.659 ms on
+    an H100). On where `enabled` on a device that has it, never interpreted."""
+    on = (enabled and not _INTERPRETED and device.type == "cuda"
           and _has_pdl(device.index if device.index is not None else torch.cuda.current_device()))
     return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
 
@@ -296,10 +293,10 @@ def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
     return out
 
 
-def _launch(q, sq, k, v, mask, out, so, R, T, scale, n_split, new=None, tickets=None) -> None:
+def _launch(q, sq, k, v, mask, out, so, R, T, scale, n_split, new=None, tickets=None, pdl=False) -> None:
     """Run the kernels for R query rows a KV head (at strides sq: batch row, KV head, head in group, token) into
     out (strides so); `new` = (kn, vn, pos, strides) for calls that also write the cache; `tickets` merges in the
-    attention kernel instead of a second one."""
+    attention kernel instead of a second one; pdl: programmatic dependent launch for that one-kernel form."""
     B, Hkv, L, D = k.shape
     block_r, n_split, per_split = plan(B, Hkv, R, L, n_split)
     n_rb = triton.cdiv(R, block_r)
@@ -327,7 +324,7 @@ def _launch(q, sq, k, v, mask, out, so, R, T, scale, n_split, new=None, tickets=
         NEW=new is not None, TP=max(2, triton.next_power_of_2(T)) if new is not None else 2, TICKET=ticket,
         MERGE_TILE=merge_tile, MR=mr if merge_tile else 2, BLOCK_S=block_s if merge_tile else 2,
         num_warps=warps,
-        **pdl_launch(q.device, new is not None and ticket and PDL))  # the one-kernel form (no merge kernel after)
+        **pdl_launch(q.device, new is not None and ticket and pdl))  # the one-kernel form (no merge kernel after)
     if n_split > 1 and not ticket:
         _merge_kernel[(B * Hkv * R,)](acc, mx, sm, out, *so, Hkv, R, T, n_split, D=D,
                                       BLOCK_S=max(2, triton.next_power_of_2(n_split)), num_warps=4)
@@ -335,7 +332,7 @@ def _launch(q, sq, k, v, mask, out, so, R, T, scale, n_split, new=None, tickets=
 
 def _cached_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tickets: torch.Tensor,
                       input_pos: torch.Tensor, mask: torch.Tensor, layer: int, n_head: int, scale: float,
-                      n_split: int) -> torch.Tensor:
+                      n_split: int, pdl: bool) -> torch.Tensor:
     """The op's body: `cached_attention` with the scale given and n_split 0 for the heuristic's."""
     if not qkv.is_cuda and not _INTERPRETED:
         raise RuntimeError("cached_attention runs on CUDA tensors, or on the CPU under Triton's interpreter "
@@ -361,7 +358,7 @@ def _cached_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     so = (out.stride(0), groups * D, D, out.stride(1))
     new = (x[:, :, H:], x[:, :, H + Hkv:], input_pos, (x.stride(0), x.stride(1), x.stride(2)))
     _launch(x, sq, k_cache[layer, :, :, :L], v_cache[layer, :, :, :L], mask, out, so, R, T, scale, n_split, new,
-            tickets)
+            tickets, pdl)
     return out
 
 
@@ -378,11 +375,11 @@ if triton is not None and hasattr(torch.library, "custom_op"):  # torch >= 2.4
     _cached_op = torch.library.custom_op(
         "recyclegpt::cached_attention", mutates_args=("k_cache", "v_cache", "tickets"),
         schema="(Tensor qkv, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor(c!) tickets, Tensor input_pos, "
-               "Tensor mask, int layer, int n_head, float scale, int n_split) -> Tensor",
+               "Tensor mask, int layer, int n_head, float scale, int n_split, bool pdl) -> Tensor",
     )(_cached_attention)
 
     @_cached_op.register_fake
-    def _(qkv, k_cache, v_cache, tickets, input_pos, mask, layer, n_head, scale, n_split):
+    def _(qkv, k_cache, v_cache, tickets, input_pos, mask, layer, n_head, scale, n_split, pdl):
         return qkv.new_empty((qkv.shape[0], qkv.shape[1], n_head * k_cache.shape[-1]))
 else:
     _op, _cached_op = _decode_attention, _cached_attention
@@ -413,7 +410,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
 
 def cached_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tickets: torch.Tensor,
                      input_pos: torch.Tensor, mask: torch.Tensor, layer: int, n_head: int,
-                     scale: float | None = None, *, n_split: int | None = None) -> torch.Tensor:
+                     scale: float | None = None, *, n_split: int | None = None, pdl: bool = True) -> torch.Tensor:
     """A cached decode call's attention and cache write in one kernel: (B, T, H D), the output projection's input.
 
     qkv: (B, T, (H + 2 Hkv) D), the fused QKV product of T new tokens with the query and key heads rotated
@@ -422,7 +419,7 @@ def cached_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
     mask's last dim (the new tokens' slots must lie below it). mask: additive, (B or 1, 1, H/Hkv * T, L), rows
     folded as in `decode_attention`. tickets: int32 zeros, one per (batch row, KV head, query-row block)
     (`KVCache.tickets` has room for 4 row blocks): the ranges of each count in on theirs and the last one merges, so
-    the call is one kernel; they are zero again after.
+    the call is one kernel; they are zero again after. pdl: programmatic dependent launch (`pdl_launch`).
 
     The cache is mutated only through this op, so torch.compile keeps the buffers in place (a write into the cache
     followed by a separate read of it made inductor copy the whole cache, docs/engine.md).
@@ -431,4 +428,4 @@ def cached_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
         raise RuntimeError("cached_attention needs triton (see available())")
     fn = _cached_op if torch.compiler.is_compiling() else _cached_attention
     return fn(qkv, k_cache, v_cache, tickets, input_pos, mask, layer, n_head,
-              1 / math.sqrt(k_cache.shape[-1]) if scale is None else float(scale), n_split or 0)
+              1 / math.sqrt(k_cache.shape[-1]) if scale is None else float(scale), n_split or 0, pdl)

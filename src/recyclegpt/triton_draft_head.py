@@ -27,7 +27,6 @@ KTOP = 4  # candidates a block keeps per row; k may not exceed it
 # launch settings: a 2026-11-27 sweep (`scripts/draft_head_bench.py`, H100) found these within 2% of the
 # best of 36 (11.27 against 11.09 us for one row), so they stay
 NUM_WARPS = 4
-NUM_STAGES: int | None = None  # software pipelining of the K loop; None: Triton's default
 
 
 def available() -> bool:
@@ -95,7 +94,8 @@ else:
     _INTERPRETED = False
 
 
-def _head_top_blocks(x: torch.Tensor, norm_weight: torch.Tensor, weight: torch.Tensor, eps: float
+def _head_top_blocks(x: torch.Tensor, norm_weight: torch.Tensor, weight: torch.Tensor, eps: float, block_v: int,
+                     block_k: int, num_warps: int, num_stages: int
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The op's body: x (R, K), weight (V, K) -> per row and vocabulary block the KTOP best logits (R, nb, KTOP)
     float32, their ids (R, nb, KTOP) int64, the block's max (R, nb) and sum of exp(logit - max) (R, nb)."""
@@ -107,16 +107,16 @@ def _head_top_blocks(x: torch.Tensor, norm_weight: torch.Tensor, weight: torch.T
         raise ValueError(f"draft head kernel: x {tuple(x.shape)}, weight {tuple(weight.shape)} (last dim contiguous), "
                          f"norm weight {tuple(norm_weight.shape)}")
     x = x if x.stride(1) == 1 else x.contiguous()
-    nb = triton.cdiv(V, BLOCK_V)
+    nb = triton.cdiv(V, block_v)
     val = torch.empty((R, nb, KTOP), dtype=torch.float32, device=x.device)
     idx = torch.empty((R, nb, KTOP), dtype=torch.int64, device=x.device)
     mx = torch.empty((R, nb), dtype=torch.float32, device=x.device)  # separate buffers: outputs may not alias
     se = torch.empty((R, nb), dtype=torch.float32, device=x.device)
     _head_top_kernel[(nb, triton.cdiv(R, BLOCK_R))](
         x, norm_weight, weight, val, idx, mx, se, R, V, K, nb, eps, x.stride(0), weight.stride(0),
-        KTOP=KTOP, BLOCK_R=BLOCK_R, BLOCK_V=BLOCK_V, BLOCK_K=BLOCK_K,
+        KTOP=KTOP, BLOCK_R=BLOCK_R, BLOCK_V=block_v, BLOCK_K=block_k,
         PRECISION="ieee" if weight.dtype == torch.float32 else "tf32",  # fp32 stays fp32
-        num_warps=NUM_WARPS, **({} if NUM_STAGES is None else {"num_stages": NUM_STAGES}))
+        num_warps=num_warps, **({"num_stages": num_stages} if num_stages else {}))
     return val, idx, mx, se
 
 
@@ -136,12 +136,13 @@ def _merge_blocks(val: torch.Tensor, idx: torch.Tensor, mx: torch.Tensor, se: to
 if triton is not None and hasattr(torch.library, "custom_op"):  # torch >= 2.4
     _op = torch.library.custom_op(
         "recyclegpt::draft_head_top", mutates_args=(),
-        schema="(Tensor x, Tensor norm_weight, Tensor weight, float eps) -> (Tensor, Tensor, Tensor, Tensor)",
+        schema="(Tensor x, Tensor norm_weight, Tensor weight, float eps, int block_v, int block_k, int num_warps, "
+               "int num_stages) -> (Tensor, Tensor, Tensor, Tensor)",
     )(_head_top_blocks)
 
     @_op.register_fake
-    def _(x, norm_weight, weight, eps):
-        R, nb = x.shape[0], -(-weight.shape[0] // BLOCK_V)
+    def _(x, norm_weight, weight, eps, block_v, block_k, num_warps, num_stages):
+        R, nb = x.shape[0], -(-weight.shape[0] // block_v)
         return (x.new_empty((R, nb, KTOP), dtype=torch.float32), x.new_empty((R, nb, KTOP), dtype=torch.int64),
                 x.new_empty((R, nb), dtype=torch.float32), x.new_empty((R, nb), dtype=torch.float32))
 
@@ -158,13 +159,16 @@ else:
     _op, _merge_op = _head_top_blocks, _merge_blocks
 
 
-def head_top_k(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor, k: int
+def head_top_k(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor, k: int, *,
+               block_v: int = BLOCK_V, block_k: int = BLOCK_K, num_warps: int = NUM_WARPS, num_stages: int = 0
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """The k best rows of `weight` for RMSNorm(x): (log-probabilities (..., k) float32, row ids (..., k) int64), best
-    first, the log-softmax taken over all V rows. x (..., K); weight (V, K); k <= KTOP."""
+    first, the log-softmax taken over all V rows. x (..., K); weight (V, K); k <= KTOP. block_v, block_k,
+    num_warps, num_stages (0: Triton's default): the launch, for scripts/draft_head_bench.py's sweep."""
     if k > KTOP:
         raise ValueError(f"the draft-head kernel keeps {KTOP} candidates a block; top-{k} asked")
     lead = x.shape[:-1]
-    val, idx, mx, se = _op(x.reshape(-1, x.shape[-1]), norm_weight, weight, float(eps))
+    val, idx, mx, se = _op(x.reshape(-1, x.shape[-1]), norm_weight, weight, float(eps), block_v, block_k, num_warps,
+                           num_stages)
     logp, ids = _merge_op(val, idx, mx, se, k)
     return logp.reshape(*lead, k), ids.reshape(*lead, k)

@@ -7,14 +7,15 @@ engine.md): cuBLAS's few-row kernels take ~4 µs each where the bytes take 0.2-1
 kernels ~1.2-1.5 µs each; the step is launch- and latency-bound, not bandwidth-bound.
 
 Here one kernel does a product and its neighbours: optionally RMSNorm of the input rows first (each program
-recomputes the rows' mean square: K values, cheap), or SwiGLU of a gate|up input, and optionally a residual added
-to the output. The QKV product (`qkv_rope`) also applies the rotary embedding to its query and key heads: each
-program computes column pairs (o, o + D/2) of a head, so rotate_half needs nothing from another program. Per layer
+recomputes the rows' mean square: K values, cheap), and optionally a residual added to the output. The gate-up
+product (`gate_up_swiglu`) applies SwiGLU in its epilogue, so the down product reads the activation; the QKV
+product (`qkv_rope`) applies the rotary embedding to its query and key heads: each program computes column pairs
+(o, o + D/2) of a head, so rotate_half needs nothing from another program. Per layer
 that is 4 kernels where there were 7. The rotary embedding also leaves the pointwise kernels around the attention,
 which recomputed it (inductor's code on 2026-11-27). Each program owns BLOCK_N output columns (or column
 pairs) for all rows, so the weight is read once; the rows are padded to a power of two. On by default
-(`model.FUSED_LINEAR`); with the attention that writes the cache (`triton_attention.cached_attention`) a layer is 5
-kernels, launched with programmatic dependent launch on Hopper (`triton_attention.PDL`). Measured on an H100
+(`KernelConfig.fused_linear`); with the attention that writes the cache (`triton_attention.cached_attention`) a layer
+is 5 kernels, launched with programmatic dependent launch on Hopper (`KernelConfig.pdl`). Measured on an H100
 (docs/engine.md, 2026-11-27): SmolLM2's compiled standard step 0.977 -> 0.533 ms.
 
 Rounding follows the torch modules (`model.RMSNorm`, `MLP`, the residual add): normalised in float32 and cast to the
@@ -41,38 +42,12 @@ MAX_ROWS = 4  # the most rows (tokens x batch) the few-row kernels take: decode 
 TILE = 16384
 MAX_BLOCK_N = 64
 NUM_WARPS = 4
-# warps for calls of 2 to MAX_ROWS rows (a recycle pair, a short chain). Each program holds an (R, BLOCK_N, BLOCK_K)
-# float32 product, so its registers grow with the rows: compiled for sm_90a (ptxas, on the CPU), at 4 warps the
-# SmolLM2 gate-up kernel uses 255 registers and spills 72 bytes at one row, 172 at two, 416 at four, and down goes
-# from 168 registers to 255; at 8 warps none of them spills. Measured on an H100 (2026-11-27,
-# `linear_bench.py --rows 1,2`, `gpu_step_profile.py`): 8 warps were slower all the same (gate-up at two rows 4.55
-# against 3.57 us; the recycle step 0.649 -> 0.718 ms), so 4
+# warps for calls of 2 to MAX_ROWS rows (a recycle pair, a short chain), all rows in one program (the weight block
+# read once). Each program holds an (R, BLOCK_N, BLOCK_K) float32 product, so its registers grow with the rows:
+# compiled for sm_90a, at 4 warps the SmolLM2 gate-up kernel spills 72 bytes at one row, 172 at two, 416 at four;
+# 8 warps spill none but measured slower on an H100 (gate-up at two rows 4.55 against 3.57 µs; the recycle step
+# 0.649 -> 0.718 ms), as did a row block a program (5.28 µs; 0.673 -> 0.735 ms): docs/engine.md's decision table
 MULTI_ROW_WARPS = 4
-# the rows one program takes in calls of 2 to MAX_ROWS rows, a power of two: MAX_ROWS, every row in one program (the
-# weight block read once), or fewer, a row block a program (1: each program as cheap as a one-row call's, the weight
-# block read once per row block, from L2 after the first). Measured on an H100 (2026-11-27): 1 was slower
-# (gate-up at two rows 5.28 against 3.57 us; the recycle step 0.673 -> 0.735 ms), so MAX_ROWS
-ROWS_PER_PROGRAM = MAX_ROWS
-# warps for the down product (SwiGLU folded in before it: each program reads 2K of x per row). Measured on an H100
-# (2026-11-27, `linear_bench.py --rows 1,2`): at SmolLM2's shape 8 warps took 2.15 us at one row against 2.60
-# at 4, and 3.17 against 3.37 at two rows, where the other products were slower at 8 (gate-up 2.77 -> 3.45 at one
-# row). The compiled SmolLM2 steps (`gpu_step_profile.py --swiglu-warps 8` is the A/B; two calls on one machine):
-# standard 0.484 -> 0.463 ms and recycle 0.644 -> 0.620 attending over 512 slots (the bench's), 0.463 -> 0.456 and
-# 0.620 -> 0.613 over 256; the bits a row gets stay the same in calls of 1, 2 and 4 rows (CUDA test). 0: NUM_WARPS /
-# MULTI_ROW_WARPS as for the other products. Since 2026-11-27 the down product reads SwiGLU's output
-# (SWIGLU_EPILOGUE) and takes the other products' warps; this applies with SWIGLU_EPILOGUE off
-SWIGLU_WARPS = 8
-# SwiGLU in the gate-up kernel's epilogue (`gate_up_swiglu`): each program multiplies a block of gate columns and
-# their partner up columns of the fused weight (as `qkv_rope` pairs a head's rotary halves) and writes silu(gate) *
-# up, F wide, with MLP's rounding. The down product then reads that activation as it is, at the warps of the other
-# products. Before, every program of the down kernel (144 at SmolLM2's shape) recomputed SwiGLU over the whole 2F-wide
-# gate|up row of each of its rows after the PDL wait: 1,536 exponentials a row, redundantly, on the critical path,
-# twice as many in a recycle pair. The activations' bits are the same either way (interpreter and CUDA tests).
-# Built and measured on 2026-11-27 (H100, `gpu_step_profile.py --swiglu-epilogue`, 256 slots): SmolLM2's
-# standard step 0.448 -> 0.438 ms and recycle 0.583 -> 0.562 with down at 4 warps; at 8 (SWIGLU_WARPS) 0.448 and 0.570.
-# In `linear_bench.py` the MLP's two kernels took 5.66 -> 5.45 us at one row and 7.93 -> 7.00 at two (down alone,
-# 8 warps: 2.12 -> 1.93 and 3.17 -> 2.30). On
-SWIGLU_EPILOGUE = True
 DEFAULT_SMS = 132  # an H100 SXM's SM count, for the interpreter (CUDA asks the device)
 
 
@@ -101,16 +76,11 @@ if triton is not None:
         return (xn.to(tl.float32) * nw.to(tl.float32)[None, :]).to(x.dtype)
 
     @triton.jit
-    def x_block(X, NW, rows, row_ok, ks, k_ok, K, sxr, inv, NORM: tl.constexpr, SWIGLU: tl.constexpr):
-        # the rows' inputs at columns ks as the product takes them: RMS-normalised (NORM), or silu(gate) * up of
-        # [gate | up] (SWIGLU, as MLP: each rounded to the dtype; the up half starts at column K)
-        x_ok = row_ok[:, None] & k_ok[None, :]
-        x = tl.load(X + rows[:, None] * sxr + ks[None, :], mask=x_ok, other=0.0)
+    def x_block(X, NW, rows, row_ok, ks, k_ok, sxr, inv, NORM: tl.constexpr):
+        # the rows' inputs at columns ks as the product takes them: RMS-normalised (NORM) or as they are
+        x = tl.load(X + rows[:, None] * sxr + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         if NORM:
             x = rms_normed(x, NW, ks, k_ok, inv)
-        if SWIGLU:
-            up = tl.load(X + rows[:, None] * sxr + K + ks[None, :], mask=x_ok, other=0.0)
-            x = silu_mul(x, up)
         return x
 
     @triton.jit
@@ -128,7 +98,7 @@ if triton is not None:
 
     @triton.jit
     def _linear_kernel(X, NW, W, Res, Out, R, N, K, eps, sxr, swn, srr, sor,
-                       NORM: tl.constexpr, SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr,
+                       NORM: tl.constexpr, RESIDUAL: tl.constexpr,
                        BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
         # grid (column block, row block): BLOCK_R rows against BLOCK_N weight rows, over K in steps of BLOCK_K
         cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -147,7 +117,7 @@ if triton is not None:
         for k0 in range(0, K, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             k_ok = ks < K
-            x = x_block(X, NW, rows, row_ok, ks, k_ok, K, sxr, inv, NORM, SWIGLU)
+            x = x_block(X, NW, rows, row_ok, ks, k_ok, sxr, inv, NORM)
             if k0 == 0:
                 w = w_first
             else:
@@ -177,7 +147,7 @@ if triton is not None:
         for k0 in range(0, K, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             k_ok = ks < K
-            x = x_block(X, NW, rows, row_ok, ks, k_ok, K, sxr, inv, True, False)
+            x = x_block(X, NW, rows, row_ok, ks, k_ok, sxr, inv, True)
             if k0 == 0:
                 w_lo, w_hi = lo_first, hi_first
             else:
@@ -232,7 +202,7 @@ if triton is not None:
         row_ok = rows < R
         acc_gate, acc_up = paired_products(X, NW, W, u, u + F, u_ok, rows, row_ok, K, eps, sxr, swn,
                                            BLOCK_R, BLOCK_N, BLOCK_K, PDL)
-        # each product rounded to the dtype, as F.linear's output, then SwiGLU as the down kernel's x_block has it
+        # each product rounded to the dtype, as F.linear's output, then SwiGLU as MLP rounds it
         y = silu_mul(acc_gate.to(Out.dtype.element_ty), acc_up.to(Out.dtype.element_ty))
         tl.store(Out + rows[:, None] * sor + u[None, :], y, mask=row_ok[:, None] & u_ok[None, :])
 
@@ -257,28 +227,25 @@ def blocks(N: int, K: int, sms: int) -> tuple[int, int]:
     return bn, max(16, min(TILE // bn, triton.next_power_of_2(K)))
 
 
-def _row_block(R: int, swiglu: bool = False) -> tuple[int, int]:
-    """BLOCK_R and the warps for R rows (at most MAX_ROWS, the product reduced on CUDA cores): NUM_WARPS for one
-    row a program, MULTI_ROW_WARPS for more, SWIGLU_WARPS for the down product at any row count where set."""
-    block_r = triton.next_power_of_2(min(R, ROWS_PER_PROGRAM))
-    warps = MULTI_ROW_WARPS if 1 < block_r else NUM_WARPS
-    if swiglu and SWIGLU_WARPS:
-        warps = SWIGLU_WARPS
-    return block_r, warps
+def _row_block(R: int) -> tuple[int, int]:
+    """BLOCK_R and the warps for R rows (at most MAX_ROWS, the product reduced on CUDA cores): every row in one
+    program, NUM_WARPS for one row, MULTI_ROW_WARPS for more."""
+    block_r = triton.next_power_of_2(R)
+    return block_r, MULTI_ROW_WARPS if 1 < block_r else NUM_WARPS
 
 
 def _fused_linear(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor | None,
-                  residual: torch.Tensor | None, eps: float, swiglu: bool) -> torch.Tensor:
-    """The op's body: x (R, K) or (R, 2K) with swiglu; weight (N, K) -> (R, N) in x's dtype."""
+                  residual: torch.Tensor | None, eps: float, pdl: bool) -> torch.Tensor:
+    """The op's body: x (R, K); weight (N, K) -> (R, N) in x's dtype."""
     if not x.is_cuda and not _INTERPRETED:
         raise RuntimeError("the fused linear kernel runs on CUDA tensors, or on the CPU under Triton's interpreter")
     R = x.shape[0]
     N, K = weight.shape
-    if (R > MAX_ROWS or x.shape[1] != (2 * K if swiglu else K) or weight.stride(1) != 1
+    if (R > MAX_ROWS or x.shape[1] != K or weight.stride(1) != 1
             or (norm_weight is not None and norm_weight.shape != (K,))
             or (residual is not None and residual.shape != (R, N))):
         raise ValueError(f"fused linear: x {tuple(x.shape)} (at most {MAX_ROWS} rows), weight {tuple(weight.shape)} "
-                         f"(last dim contiguous), swiglu {swiglu}, norm weight "
+                         f"(last dim contiguous), norm weight "
                          f"{None if norm_weight is None else tuple(norm_weight.shape)}, residual "
                          f"{None if residual is None else tuple(residual.shape)}")
     x = x if x.stride(1) == 1 else x.contiguous()
@@ -286,17 +253,17 @@ def _fused_linear(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tens
         residual = residual.contiguous()
     out = torch.empty((R, N), dtype=x.dtype, device=x.device)
     bn, bk = blocks(N, K, _sms(x.device))
-    block_r, warps = _row_block(R, swiglu)
+    block_r, warps = _row_block(R)
     _linear_kernel[(triton.cdiv(N, bn), triton.cdiv(R, block_r))](
         x, x if norm_weight is None else norm_weight, weight, out if residual is None else residual, out,
         R, N, K, eps, x.stride(0), weight.stride(0), 0 if residual is None else residual.stride(0), out.stride(0),
-        NORM=norm_weight is not None, SWIGLU=swiglu, RESIDUAL=residual is not None,
-        BLOCK_R=block_r, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, **pdl_launch(x.device))
+        NORM=norm_weight is not None, RESIDUAL=residual is not None,
+        BLOCK_R=block_r, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, **pdl_launch(x.device, pdl))
     return out
 
 
 def _fused_qkv_rope(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor, cos: torch.Tensor,
-                    sin: torch.Tensor, eps: float, tokens: int, rot_heads: int) -> torch.Tensor:
+                    sin: torch.Tensor, eps: float, tokens: int, rot_heads: int, pdl: bool) -> torch.Tensor:
     """The op's body: RMSNorm(x) (R, K) @ weight (N, K).T with the first rot_heads heads of the output rotated by
     cos, sin (B or 1, tokens, D); row r of x is token r % tokens of batch row r // tokens."""
     if not x.is_cuda and not _INTERPRETED:
@@ -319,12 +286,12 @@ def _fused_qkv_rope(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Te
     _qkv_rope_kernel[(triton.cdiv(N // 2, bn), triton.cdiv(R, block_r))](
         x, norm_weight, weight, cos, sin, out, R, tokens, N, K, eps, x.stride(0),
         weight.stride(0), out.stride(0), cos.stride(0) if cos.shape[0] > 1 else 0, cos.stride(-2), rot_heads,
-        HALF=half, BLOCK_R=block_r, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, **pdl_launch(x.device))
+        HALF=half, BLOCK_R=block_r, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, **pdl_launch(x.device, pdl))
     return out
 
 
 def _fused_gate_up_swiglu(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor,
-                          eps: float) -> torch.Tensor:
+                          eps: float, pdl: bool) -> torch.Tensor:
     """The op's body: silu(g) * u of [g | u] = RMSNorm(x) (R, K) @ weight (2F, K).T -> (R, F) in x's dtype."""
     if not x.is_cuda and not _INTERPRETED:
         raise RuntimeError("the fused gate-up kernel runs on CUDA tensors, or on the CPU under Triton's interpreter")
@@ -340,7 +307,7 @@ def _fused_gate_up_swiglu(x: torch.Tensor, weight: torch.Tensor, norm_weight: to
     block_r, warps = _row_block(R)
     _gate_up_swiglu_kernel[(triton.cdiv(F, bn), triton.cdiv(R, block_r))](
         x, norm_weight, weight, out, R, F, K, eps, x.stride(0), weight.stride(0), out.stride(0),
-        BLOCK_R=block_r, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, **pdl_launch(x.device))
+        BLOCK_R=block_r, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, **pdl_launch(x.device, pdl))
     return out
 
 
@@ -348,59 +315,60 @@ if triton is not None and hasattr(torch.library, "custom_op"):  # torch >= 2.4
     _qkv_op = torch.library.custom_op(
         "recyclegpt::fused_qkv_rope", mutates_args=(),
         schema="(Tensor x, Tensor weight, Tensor norm_weight, Tensor cos, Tensor sin, float eps, int tokens, "
-               "int rot_heads) -> Tensor",
+               "int rot_heads, bool pdl) -> Tensor",
     )(_fused_qkv_rope)
 
     @_qkv_op.register_fake
-    def _(x, weight, norm_weight, cos, sin, eps, tokens, rot_heads):
+    def _(x, weight, norm_weight, cos, sin, eps, tokens, rot_heads, pdl):
         return x.new_empty((x.shape[0], weight.shape[0]))
 
     _op = torch.library.custom_op(
         "recyclegpt::fused_linear", mutates_args=(),
-        schema="(Tensor x, Tensor weight, Tensor? norm_weight, Tensor? residual, float eps, bool swiglu) -> Tensor",
+        schema="(Tensor x, Tensor weight, Tensor? norm_weight, Tensor? residual, float eps, bool pdl) -> Tensor",
     )(_fused_linear)
 
     @_op.register_fake
-    def _(x, weight, norm_weight, residual, eps, swiglu):
+    def _(x, weight, norm_weight, residual, eps, pdl):
         return x.new_empty((x.shape[0], weight.shape[0]))
 
     _gate_up_op = torch.library.custom_op(
         "recyclegpt::fused_gate_up_swiglu", mutates_args=(),
-        schema="(Tensor x, Tensor weight, Tensor norm_weight, float eps) -> Tensor",
+        schema="(Tensor x, Tensor weight, Tensor norm_weight, float eps, bool pdl) -> Tensor",
     )(_fused_gate_up_swiglu)
 
     @_gate_up_op.register_fake
-    def _(x, weight, norm_weight, eps):
+    def _(x, weight, norm_weight, eps, pdl):
         return x.new_empty((x.shape[0], weight.shape[0] // 2))
 else:
     _op, _qkv_op, _gate_up_op = _fused_linear, _fused_qkv_rope, _fused_gate_up_swiglu
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, *, norm_weight: torch.Tensor | None = None, eps: float = 0.0,
-           residual: torch.Tensor | None = None, swiglu: bool = False) -> torch.Tensor:
-    """[residual +] f(x) @ weight.T, where f is RMSNorm with `norm_weight` and `eps` (norm_weight given), silu(gate) *
-    up of x = [gate | up] (swiglu), or nothing. x (..., K) or (..., 2K); weight (N, K); residual (..., N); at most
-    MAX_ROWS rows in all."""
+           residual: torch.Tensor | None = None, pdl: bool = True) -> torch.Tensor:
+    """[residual +] f(x) @ weight.T, where f is RMSNorm with `norm_weight` and `eps` (norm_weight given), or nothing.
+    x (..., K); weight (N, K); residual (..., N); at most MAX_ROWS rows in all. pdl: programmatic dependent launch,
+    where the device has it (triton_attention.pdl_launch)."""
     lead = x.shape[:-1]
     res = None if residual is None else residual.reshape(-1, residual.shape[-1])
-    out = _op(x.reshape(-1, x.shape[-1]), weight, norm_weight, res, float(eps), swiglu)
+    out = _op(x.reshape(-1, x.shape[-1]), weight, norm_weight, res, float(eps), pdl)
     return out.reshape(*lead, weight.shape[0])
 
 
-def gate_up_swiglu(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor, eps: float) -> torch.Tensor:
+def gate_up_swiglu(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor, eps: float, *,
+                   pdl: bool = True) -> torch.Tensor:
     """silu(gate) * up, where [gate | up] = RMSNorm(x) @ weight.T with `norm_weight` and `eps`: the fused gate-up
-    product (weight (2F, K): the gate's rows, then the up's) with SwiGLU in its epilogue. x (..., K); returns (..., F),
-    what `linear(..., swiglu=True)` reads as [gate | up], already combined, with the same bits."""
+    product (weight (2F, K): the gate's rows, then the up's) with SwiGLU in its epilogue, rounded as `model.MLP`
+    rounds it. x (..., K); returns (..., F), which the down product (`linear`) reads as it is."""
     lead = x.shape[:-1]
-    out = _gate_up_op(x.reshape(-1, x.shape[-1]), weight, norm_weight, float(eps))
+    out = _gate_up_op(x.reshape(-1, x.shape[-1]), weight, norm_weight, float(eps), pdl)
     return out.reshape(*lead, weight.shape[0] // 2)
 
 
 def qkv_rope(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor, eps: float,
-             rope: tuple[torch.Tensor, torch.Tensor], rot_heads: int) -> torch.Tensor:
+             rope: tuple[torch.Tensor, torch.Tensor], rot_heads: int, *, pdl: bool = True) -> torch.Tensor:
     """RMSNorm(x) @ weight.T, its first rot_heads heads (the query and key heads of a fused QKV weight) rotated by
     rope = (cos, sin), each (B or 1, 1, T, D) as `model.rotary` makes them. x (B, T, K); returns (B, T, N)."""
     B, T, K = x.shape
     cos, sin = (c.reshape(c.shape[0], T, c.shape[-1]) for c in rope)
-    out = _qkv_op(x.reshape(B * T, K), weight, norm_weight, cos, sin, float(eps), T, rot_heads)
+    out = _qkv_op(x.reshape(B * T, K), weight, norm_weight, cos, sin, float(eps), T, rot_heads, pdl)
     return out.view(B, T, weight.shape[0])
