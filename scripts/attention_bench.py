@@ -20,7 +20,7 @@ import json
 import torch
 import torch.nn.functional as F
 
-from recyclegpt import triton_attention
+from recyclegpt.kernels import attention as triton_attention
 
 # name -> (B, Hkv, D, rows, cached lengths)
 SHAPES = {

@@ -1,4 +1,4 @@
-"""The differential harness's long run (recyclegpt.differential): every engine against the eager reference on a
+"""The differential harness's long run (recyclegpt.evals.differential): every engine against the eager reference on a
 randomised sequence of requests in one process, on a real model. Prints a table and a final JSON line.
 
     python scripts/differential.py --device cuda --dtype float32 --engines graphs,compiled --requests 70 --seed 1
@@ -21,11 +21,11 @@ import time
 import torch
 from tqdm import tqdm
 
-from recyclegpt import differential as dt
 from recyclegpt.api import RecycleGPT
-from recyclegpt.engine import KV_BUCKET, PREFILL_BUCKET
-from recyclegpt.registry import DEFAULT_MODEL
-from recyclegpt.strategies import names as strategy_names
+from recyclegpt.decoding.engine import KV_BUCKET, PREFILL_BUCKET
+from recyclegpt.decoding.strategies import names as strategy_names
+from recyclegpt.evals import differential as dt
+from recyclegpt.loading.registry import DEFAULT_MODEL
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 

@@ -22,9 +22,10 @@ import json
 
 import torch
 import torch.nn.functional as F
-
 from attention_bench import graph_time
-from recyclegpt import topk, triton_draft_head as dh
+
+from recyclegpt.decoding import topk
+from recyclegpt.kernels import draft_head as dh
 
 
 def ints(s: str) -> list[int]:

@@ -23,7 +23,7 @@ from pathlib import Path
 import safetensors.torch
 import torch
 
-from recyclegpt.weights import load_base
+from recyclegpt.loading import load_base
 
 
 def responses(pattern: str):

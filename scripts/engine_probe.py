@@ -17,7 +17,7 @@ import time
 import torch
 
 from recyclegpt.api import RecycleGPT
-from recyclegpt.bench import BUILTIN_PROMPTS
+from recyclegpt.evals.speed import BUILTIN_PROMPTS
 
 
 def main() -> None:

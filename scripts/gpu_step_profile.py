@@ -24,15 +24,15 @@ from collections import defaultdict
 
 import torch
 
-from recyclegpt import triton_attention
 from recyclegpt.api import RecycleGPT
-from recyclegpt.bench import random_model
 from recyclegpt.config import PRESETS, RecycleConfig
-from recyclegpt.decoding import PromptBatch
-from recyclegpt.engine import Decoder
-from recyclegpt.model import RecycleModel
-from recyclegpt.sampling import SamplingParams
-from recyclegpt.speculative import TreeShape
+from recyclegpt.decoding.engine import Decoder
+from recyclegpt.decoding.loops import PromptBatch
+from recyclegpt.decoding.sampling import SamplingParams
+from recyclegpt.decoding.speculative import TreeShape
+from recyclegpt.evals.speed import random_model
+from recyclegpt.kernels import attention as triton_attention
+from recyclegpt.models import RecycleModel
 
 # (an inductor kernel whose name mentions the attention op it feeds counts as attention too, as in earlier runs)
 KINDS = (("attention", ("fmha", "flash", "attention", "cudnn", "sdpa", "_attn_kernel", "_merge_kernel")),

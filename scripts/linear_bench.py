@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src"))
 
-from recyclegpt import triton_linear as tl_  # noqa: E402
+from recyclegpt.kernels import linear as tl_  # noqa: E402
 
 D, FF, QKV = 576, 1536, 960  # SmolLM2-135M: d_model, d_ff, (9 + 2 * 3) heads * 64
 SHAPES = {  # name: (N, K, norm, residual)
@@ -106,7 +106,7 @@ def measure(rows: int, calls: int, g: torch.Generator) -> list:
                     torch_path(x, w, nw, res), calls, N, K)
     # the QKV product with its norm and the rotary embedding of its 9 + 3 query and key heads folded in (the fused
     # path's QKV kernel)
-    from recyclegpt.model import apply_rotary, rotary
+    from recyclegpt.models import apply_rotary, rotary
     x = torch.randn(1, rows, D, generator=g).to(dev, dt)
     w = (torch.randn(QKV, D, generator=g) / D ** 0.5).to(dev, dt)
     nw = (1 + 0.1 * torch.randn(D, generator=g)).to(dev, dt)

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from recyclegpt.config import PRESETS, ModelConfig
-from recyclegpt.model import Transformer
-from recyclegpt.registry import DEFAULT_MODEL, FetchError, resolve_gguf
+from recyclegpt.loading.registry import DEFAULT_MODEL, FetchError, resolve_gguf
+from recyclegpt.models import Transformer
 
 
 @pytest.fixture
@@ -35,6 +35,6 @@ def smollm2_gguf() -> Path:
 @pytest.fixture(scope="session")
 def smollm2(smollm2_gguf: Path):
     """(Transformer, Tokenizer) for SmolLM2-135M-Instruct, float32 on the CPU, loaded once per session."""
-    from recyclegpt.weights import load_base
+    from recyclegpt.loading import load_base
 
     return load_base(DEFAULT_MODEL)

@@ -1,4 +1,4 @@
-"""The benchmark chart: a PNG from a report dict, and the `python -m recyclegpt.chart` entry on bench output."""
+"""The benchmark chart: a PNG from a report dict, and the `python -m recyclegpt.evals.chart` entry on bench output."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
-from recyclegpt.chart import read_report, write_chart  # noqa: E402
+from recyclegpt.evals.chart import read_report, write_chart  # noqa: E402
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 REPORT = {
@@ -50,7 +50,7 @@ def test_module_entry_point(tmp_path):
     src = tmp_path / "bench.txt"
     src.write_text("a table line\n" + json.dumps(REPORT) + "\n")
     out = tmp_path / "out.png"
-    res = subprocess.run([sys.executable, "-m", "recyclegpt.chart", str(src), str(out)], capture_output=True,
+    res = subprocess.run([sys.executable, "-m", "recyclegpt.evals.chart", str(src), str(out)], capture_output=True,
                          text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert out.read_bytes().startswith(PNG_SIGNATURE)

@@ -10,12 +10,17 @@ import pytest
 import safetensors.torch
 import torch
 
-from recyclegpt import checkpoint
-from recyclegpt.checkpoint import (CheckpointError, load_checkpoint, load_module, load_trainer_state,
-                                   save_checkpoint)
 from recyclegpt.config import PRESETS, RecycleConfig
-from recyclegpt.data import train_bpe
-from recyclegpt.model import RecycleModel, Transformer
+from recyclegpt.loading import checkpoint
+from recyclegpt.loading.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    load_module,
+    load_trainer_state,
+    save_checkpoint,
+)
+from recyclegpt.models import RecycleModel, Transformer
+from recyclegpt.training.data import train_bpe
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from recyclegpt.api import RecycleGPT
-from recyclegpt.cli import main
+from recyclegpt.cli.main import main
 
 TEXT = "the quick brown fox jumps over the lazy dog. " * 40 + "a stitch in time saves nine. " * 40
 
@@ -66,7 +66,7 @@ def test_bench_json(tiny_ckpt, capsys):
 
 
 def test_kv_bucket_reaches_the_engine_and_keeps_the_tokens(tiny_ckpt, capsys, monkeypatch):
-    from recyclegpt import engine
+    from recyclegpt.decoding import engine
 
     _, _, ckpt = tiny_ckpt
     buckets = []
@@ -246,7 +246,7 @@ def test_bench_checks_its_tokens_against_the_reference(tiny_ckpt, capsys, tmp_pa
 
 
 def test_bench_refuses_a_run_whose_tokens_differ_from_the_reference(tiny_ckpt, capsys, monkeypatch):
-    from recyclegpt import engine as engine_module
+    from recyclegpt.decoding import engine as engine_module
 
     _, _, ckpt = tiny_ckpt
     real = engine_module.Engine.decode
@@ -268,7 +268,7 @@ def test_bench_refuses_a_run_whose_tokens_differ_from_the_reference(tiny_ckpt, c
 
 
 def test_check_sample_spans_the_lengths():
-    from recyclegpt.bench import check_sample, same_token_share
+    from recyclegpt.evals.speed import check_sample, same_token_share
 
     ids = [[1] * n for n in (5, 1, 9, 3, 7)]
     assert check_sample(ids, 2) == [1, 2] and check_sample(ids, 3) == [0, 1, 2]
@@ -280,7 +280,7 @@ def test_the_check_passes_a_16_bit_near_tie_and_names_it_but_not_a_wrong_token(t
     """In bf16 a difference from the eager reference passes only at a near-tie (the engine's token among the
     reference's five most likely), and the report lists it with its margin and rank; a token the reference ranks
     last stops the bench."""
-    from recyclegpt.bench import CheckFailed, StrategyRun, check_tokens
+    from recyclegpt.evals.speed import CheckFailed, StrategyRun, check_tokens
 
     _, _, ckpt = tiny_ckpt
     lm = RecycleGPT.from_pretrained(str(ckpt), device="cpu", dtype=torch.bfloat16)
@@ -317,8 +317,8 @@ def test_engine_options_are_given_when_the_model_is_made(tiny_ckpt, capsys):
     """How the engines are built is one EngineOptions, given to from_pretrained (the CLI's --kv-bucket,
     --compile-mode, --compile-steps and --no-compile-prefill make it), not attributes set on the object afterwards."""
     from recyclegpt.api import EngineOptions
-    from recyclegpt.cli import build_parser
-    from recyclegpt.options import engine_options
+    from recyclegpt.cli.main import build_parser
+    from recyclegpt.cli.options import engine_options
 
     _, _, ckpt = tiny_ckpt
     lm = RecycleGPT.from_pretrained(str(ckpt), device="cpu", engine_options=EngineOptions(kv_bucket=32))

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from recyclegpt.config import PRESETS, RecycleConfig
-from recyclegpt.decoding import recycle, standard
-from recyclegpt.model import RecycleModel
+from recyclegpt.decoding.loops import recycle, standard
+from recyclegpt.models import RecycleModel
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -37,8 +37,8 @@ def test_decode_kernel_matches_sdpa_in_cached_calls(kv_heads):
 
     from torch.profiler import ProfilerActivity, profile
 
-    from recyclegpt import triton_attention
     from recyclegpt.config import KernelConfig
+    from recyclegpt.kernels import attention as triton_attention
 
     if not triton_attention.available():
         pytest.skip("needs triton")

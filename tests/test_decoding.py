@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from recyclegpt.config import PRESETS, RecycleConfig
-from recyclegpt.decoding import recycle, standard
-from recyclegpt.model import ModelOutput, RecycleModel
-from recyclegpt.sampling import SamplingParams
+from recyclegpt.decoding.loops import recycle, standard
+from recyclegpt.decoding.sampling import SamplingParams
+from recyclegpt.models import ModelOutput, RecycleModel
 
 CFG = PRESETS["tiny"]
 
@@ -70,7 +70,7 @@ def test_cached_logits_close_to_uncached():
 def test_rms_norm_forms_agree(dtype):
     """F.rms_norm on the float32 copy (eager) against the spelled-out form that runs under torch.compile: the same
     values, in the same order of rounding (normalise in float32, cast, then scale)."""
-    import recyclegpt.model as model_lib
+    import recyclegpt.models as model_lib
 
     norm = model_lib.RMSNorm(64, 1e-5)
     with torch.no_grad():
@@ -89,7 +89,7 @@ def test_cached_left_padded_calls_equal_each_row_alone(prompt_len):
     """The additive mask made once per call, with the grouped query heads folded into the query axis for calls on
     few tokens (`attention_mask`), gives each row of a left-padded batch what causal attention over that row alone
     gives without a cache."""
-    from recyclegpt.model import FOLD_MAX_TOKENS
+    from recyclegpt.models import FOLD_MAX_TOKENS
 
     model = make_model(5)
     assert CFG.n_head // CFG.n_kv_head == 2  # the tiny preset has grouped-query attention
@@ -261,7 +261,7 @@ def test_bad_sampling_values(kw, match):
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 7, 16, 17])
 def test_few_row_products_equal_f_linear(rows):
-    from recyclegpt import model as m
+    from recyclegpt import models as m
 
     w = torch.randn(300, 48)
     x = torch.randn(rows, 2, 48)[:, 1]  # not contiguous

@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
-import recyclegpt.weights
-from recyclegpt import registry
+import recyclegpt.loading.weights
 from recyclegpt.api import RecycleGPT
-from recyclegpt.checkpoint import save_checkpoint
-from recyclegpt.cli import main
+from recyclegpt.cli.main import main
 from recyclegpt.config import PRESETS, RecycleConfig
-from recyclegpt.data import train_bpe
-from recyclegpt.model import RecyclableModule, RecycleModel, Transformer
+from recyclegpt.loading import registry
+from recyclegpt.loading.checkpoint import save_checkpoint
+from recyclegpt.models import RecyclableModule, RecycleModel, Transformer
+from recyclegpt.training.data import train_bpe
 
 NAME = "tiny-builtin"
 TEXT = "explain why the sky is blue. write a short poem about a lighthouse. what are three tips for studying? " * 30
@@ -45,7 +45,7 @@ def builtin(tok, monkeypatch, tmp_path) -> Path:
         assert str(name) == NAME, f"unexpected load of {name!r}"
         return tiny_base(tok).to(device=device, dtype=dtype), tok
 
-    monkeypatch.setattr(recyclegpt.weights, "load_base", load_base)
+    monkeypatch.setattr(recyclegpt.loading.weights, "build_base", load_base)
     shipped = tmp_path / "modules"
     monkeypatch.setattr(registry, "SHIPPED_MODULES", shipped)
     return shipped
@@ -164,7 +164,7 @@ def test_demo_without_a_module_exits_2_before_loading(builtin, monkeypatch, caps
     def no_load(*args, **kwargs):
         raise AssertionError("the model must not be loaded")
 
-    monkeypatch.setattr(recyclegpt.weights, "load_base", no_load)
+    monkeypatch.setattr(recyclegpt.loading.weights, "build_base", no_load)
     assert main(["demo", "--model", NAME, *flags]) == 2
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and "demo needs a recyclable module" in err
@@ -178,7 +178,7 @@ def test_demo_on_a_checkpoint_without_a_module(tok, tmp_path, capsys):
 
 
 def test_excerpt_is_one_line_cut_at_a_word():
-    from recyclegpt.demo import excerpt
+    from recyclegpt.evals.demo import excerpt
 
     assert excerpt("short\n\tanswer") == "short answer"
     assert excerpt("alpha beta gamma delta", limit=12) == "alpha beta …"

@@ -1,4 +1,4 @@
-"""The engines against the eager reference on sequences of requests like real traffic (differential.py): mixed
+"""The engines against the eager reference on sequences of requests like real traffic (evals/differential.py): mixed
 prompt lengths from 1 token to near the context, long -> short -> long, bucket boundaries crossed, batches of mixed
 lengths, stops early and late, every strategy, greedy and seeded sampling, in one process. And the regression that
 such a sequence found: a second Decoder on a model replaced the fused weights the first one's CUDA graphs read."""
@@ -9,15 +9,15 @@ import dataclasses
 
 import pytest
 import torch
-
-from recyclegpt import differential as dt
-from recyclegpt.config import RecycleConfig
-from recyclegpt.engine import Decoder, Engine
-from recyclegpt.model import RecycleModel, fuse_projections
-from recyclegpt.sampling import SamplingParams
-from recyclegpt.speculative import TreeShape
-from recyclegpt.strategies import names as strategy_names
 from test_speculative import predictable
+
+from recyclegpt.config import RecycleConfig
+from recyclegpt.decoding.engine import Decoder, Engine
+from recyclegpt.decoding.sampling import SamplingParams
+from recyclegpt.decoding.speculative import TreeShape
+from recyclegpt.decoding.strategies import names as strategy_names
+from recyclegpt.evals import differential as dt
+from recyclegpt.models import RecycleModel, fuse_projections
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 OPTS = dt.Options(draft_len=3, tree=TreeShape(4, 3, 10))

@@ -1,4 +1,4 @@
-"""The engine (engine.py): its fixed-shape steps give exactly the reference decoding's tokens, batched equals
+"""The engine (decoding/engine.py): its fixed-shape steps give exactly the reference decoding's tokens, batched equals
 per-prompt, a reused Decoder forgets the previous call, and CUDA graphs (GPU only) replay the same steps."""
 
 from __future__ import annotations
@@ -9,12 +9,12 @@ import shutil
 import pytest
 import torch
 
-from recyclegpt import topk
 from recyclegpt.config import PRESETS, KernelConfig, ModelConfig, RecycleConfig
-from recyclegpt.decoding import recycle, standard
-from recyclegpt.engine import Decoder, Engine
-from recyclegpt.model import RecycleModel
-from recyclegpt.sampling import SamplingParams
+from recyclegpt.decoding import topk
+from recyclegpt.decoding.engine import Decoder, Engine
+from recyclegpt.decoding.loops import recycle, standard
+from recyclegpt.decoding.sampling import SamplingParams
+from recyclegpt.models import RecycleModel
 
 REFERENCE = {"standard": standard, "recycle": recycle}
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -145,10 +145,16 @@ def test_cuda_graphs_replay_the_same_steps(strategy):
     assert bf == static.decode(strategy, prompts, max_new_tokens=50).tokens
 
 
-# -- the verified rounds (speculative.py's strategies) -------------------------------------------------------------
+# -- the verified rounds (decoding/speculative.py's strategies) -------------------------------------------------------------
 
-from recyclegpt.speculative import TreeShape, recycle_verified, speculative, tree  # noqa: E402
 from test_speculative import predictable, prompts_for  # noqa: E402
+
+from recyclegpt.decoding.speculative import (  # noqa: E402
+    TreeShape,
+    recycle_verified,
+    speculative,
+    tree,
+)
 
 VERIFIED = {
     "recycle-verified": (lambda m, p, **kw: recycle_verified(m, p, **kw), {}),
@@ -279,7 +285,7 @@ def test_a_tree_round_compiled_whole_gives_the_reference_tokens():
 
 
 def test_fused_projections_give_the_same_logits_and_tokens():
-    from recyclegpt.model import fuse_projections
+    from recyclegpt.models import fuse_projections
 
     model = build(6, n_layer=2)
     prompts = random_prompts(5, 3, model.base.cfg.vocab_size)
@@ -302,9 +308,9 @@ def test_fused_projections_give_the_same_logits_and_tokens():
 def test_the_fused_path_keeps_to_the_shapes_it_was_measured_faster_on():
     """SmolLM2's width (576) takes the fused kernels; the paper's 1.3B (2048) and 7B (4096) widths, where they were
     measured slower on an H100 (docs/engine.md, 2026-11-27), keep cuBLAS; and so do wide calls."""
-    from recyclegpt import model as model_mod
-    from recyclegpt import triton_linear
-    from recyclegpt.bench import SHAPES
+    from recyclegpt import models as model_mod
+    from recyclegpt.evals.speed import SHAPES
+    from recyclegpt.kernels import linear as triton_linear
 
     smol = PRESETS["smollm2-135m"]
     head_dim = lambda c: c.d_model // c.n_head  # noqa: E731
@@ -472,7 +478,7 @@ def test_step_tables_and_last_output_keep_the_reference_tokens(strategy):
 def test_call_tables_are_the_calls_own():
     """Tables made apart (model.call_tables, as the engine's steps make them) give a cached call the outputs and
     cache of the call that makes its own; a mismatched set is refused."""
-    from recyclegpt.model import call_tables
+    from recyclegpt.models import call_tables
 
     model = build(7, n_layer=2)
     base, cfg = model.base, model.base.cfg

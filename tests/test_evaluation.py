@@ -13,14 +13,24 @@ import pytest
 import torch
 
 from recyclegpt.api import RecycleGPT
+from recyclegpt.cli.evaluate import add_eval_parser
+from recyclegpt.cli.options import parse_dtype
 from recyclegpt.config import PRESETS, RecycleConfig
-from recyclegpt.data import train_bpe
-from recyclegpt.decoding import standard
-from recyclegpt.options import parse_dtype
-from recyclegpt.evaluation import (MCItem, add_eval_parser, encode_pair, evaluate_agreement, evaluate_lastword,
-                                   evaluate_mc, evaluate_ppl, load_lastword, load_mc, perplexity_windows,
-                                   token_logprobs)
-from recyclegpt.model import ModelOutput, RecyclableModule, RecycleModel, Transformer
+from recyclegpt.decoding.loops import standard
+from recyclegpt.evals.quality import (
+    MCItem,
+    encode_pair,
+    evaluate_agreement,
+    evaluate_lastword,
+    evaluate_mc,
+    evaluate_ppl,
+    load_lastword,
+    load_mc,
+    perplexity_windows,
+    token_logprobs,
+)
+from recyclegpt.models import ModelOutput, RecyclableModule, RecycleModel, Transformer
+from recyclegpt.training.data import train_bpe
 
 EVAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "eval"
 SENTENCES = ["the cat sat on the mat.", "a dog ran to the red ball.", "she sang a song of the sea.",
@@ -75,7 +85,7 @@ def test_token_logprobs_equal_explicit_forwards(tok, scoring):
 def test_module_scoring_over_the_draft_vocabulary(tok):
     """recycle_vocab "draft": the module's rows score over its draft vocabulary (as `recycle` then decodes), the
     full model's rows as before."""
-    from recyclegpt.train import add_draft_vocab
+    from recyclegpt.training.train import add_draft_vocab
 
     lm = make_lm(tok, seed=2)
     allowed = list(range(0, tok.vocab_size, 3))
@@ -345,7 +355,7 @@ def test_ppl_strided_equals_one_window_when_the_context_is_kept(tok, scoring):
 
 
 def run_cli(argv, lm, monkeypatch, capsys) -> tuple[list[str], dict]:
-    import recyclegpt.evaluation as ev
+    import recyclegpt.cli.evaluate as ev
 
     parser = argparse.ArgumentParser(prog="recyclegpt")
     add_eval_parser(parser.add_subparsers(dest="command", required=True))
@@ -378,7 +388,7 @@ def test_cli_subcommands_end_with_one_json_line(tok, tmp_path, monkeypatch, caps
 
 
 def test_cli_without_json_prints_the_summary_only(tok, tmp_path, monkeypatch, capsys):
-    import recyclegpt.evaluation as ev
+    import recyclegpt.cli.evaluate as ev
 
     gen = write_jsonl(tmp_path / "g.jsonl", [{"context": "the cat", "choices": [" sat", " ran"], "gold": 0}])
     parser = argparse.ArgumentParser(prog="recyclegpt")

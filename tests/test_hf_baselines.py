@@ -13,9 +13,9 @@ import torch
 pytest.importorskip("transformers")
 
 from recyclegpt.config import PRESETS  # noqa: E402
-from recyclegpt.decoding import standard  # noqa: E402
-from recyclegpt.hf_baselines import HFBaseline, HFRun, to_hf_llama  # noqa: E402
-from recyclegpt.model import Transformer  # noqa: E402
+from recyclegpt.decoding.loops import standard  # noqa: E402
+from recyclegpt.evals.hf_baselines import HFBaseline, HFRun, to_hf_llama  # noqa: E402
+from recyclegpt.models import Transformer  # noqa: E402
 
 PROMPTS = [[1, 2, 3], [5, 6, 7, 8, 9, 5, 6, 7], [42] * 12, [96, 0, 13, 13, 50]]
 N = 20
@@ -59,7 +59,7 @@ def test_logits_match_ours(changes):
 def test_rope_theta_is_taken_and_matters():
     """HF's rotary table equals ours for a non-default base, and the base changes the logits, so the parity above
     would catch a rope_theta that transformers ignored."""
-    from recyclegpt.model import rotary
+    from recyclegpt.models import rotary
 
     hf = to_hf_llama(make(1, sharp=True, rope_theta=500.0))
     pos = torch.arange(37)[None]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from recyclegpt.config import PRESETS
-from recyclegpt.weights import load_gguf
+from recyclegpt.loading.weights import load_gguf
 
 pytestmark = pytest.mark.real_model
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from recyclegpt.sampling import SamplingParams, logits_to_probs, sample
+from recyclegpt.decoding.sampling import SamplingParams, logits_to_probs, sample
 
 LOGITS = torch.tensor([[0.6, 0.3, 0.1]]).log()  # probabilities 0.6, 0.3, 0.1 at temperature 1
 

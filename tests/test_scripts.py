@@ -85,9 +85,9 @@ def test_truncate_module_keeps_the_first_layers(tmp_path):
     import safetensors.torch
     import torch
 
-    from recyclegpt.checkpoint import load_module, save_checkpoint
     from recyclegpt.config import PRESETS, RecycleConfig
-    from recyclegpt.model import RecycleModel
+    from recyclegpt.loading.checkpoint import load_module, save_checkpoint
+    from recyclegpt.models import RecycleModel
 
     torch.manual_seed(0)
     model = RecycleModel.build(PRESETS["tiny"], RecycleConfig(n_layer=3)).eval()

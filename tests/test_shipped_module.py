@@ -15,10 +15,10 @@ import pytest
 import safetensors.torch
 
 from recyclegpt.api import RecycleGPT
-from recyclegpt.bench import BUILTIN_PROMPTS
 from recyclegpt.config import RecycleConfig
-from recyclegpt.evaluation import evaluate_agreement
-from recyclegpt.registry import DEFAULT_MODEL, shipped_module, shipped_modules
+from recyclegpt.evals.quality import evaluate_agreement
+from recyclegpt.evals.speed import BUILTIN_PROMPTS
+from recyclegpt.loading.registry import DEFAULT_MODEL, shipped_module, shipped_modules
 
 ALPHA_FLOOR = 0.5
 SHIPPED = sorted(shipped_modules(DEFAULT_MODEL))

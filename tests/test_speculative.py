@@ -13,15 +13,20 @@ import itertools
 
 import pytest
 import torch
-
-from recyclegpt import verify
-from recyclegpt.config import PRESETS, RecycleConfig
-from recyclegpt.decoding import standard
-from recyclegpt.model import RecycleModel
-from recyclegpt.sampling import SamplingParams
-from recyclegpt import speculative as spec
-from recyclegpt.speculative import TreeShape, recycle_verified, speculative, tree
 from test_decoding import capture_caches
+
+from recyclegpt.config import PRESETS, RecycleConfig
+from recyclegpt.decoding import speculative as spec
+from recyclegpt.decoding import verify
+from recyclegpt.decoding.loops import standard
+from recyclegpt.decoding.sampling import SamplingParams
+from recyclegpt.decoding.speculative import (
+    TreeShape,
+    recycle_verified,
+    speculative,
+    tree,
+)
+from recyclegpt.models import RecycleModel
 
 STRATEGIES = {
     "recycle-verified": (recycle_verified, {}),
@@ -169,7 +174,7 @@ def test_caches_after_rejections_equal_standard_over_the_accepted_tokens(name, n
 
 
 def test_tree_commit_moves_the_accepted_path():
-    from recyclegpt.model import KVCache
+    from recyclegpt.models import KVCache
 
     cache = KVCache(2, 2, 1, 8, 3)
     cache.k.copy_(torch.arange(cache.k.numel(), dtype=torch.float32).view_as(cache.k))
@@ -248,7 +253,7 @@ def _accept_everything(draft, draft_probs, logits, params, generator=None):
 
 def _correct_from_p(draft, draft_probs, logits, params, generator=None):
     """Right acceptance test, wrong correction: draws from p instead of norm(max(p - q, 0))."""
-    from recyclegpt.sampling import draw, logits_to_probs
+    from recyclegpt.decoding.sampling import draw, logits_to_probs
 
     a, tokens = verify.verify_chain(draft, draft_probs, logits, params, generator)
     fixed = draw(logits_to_probs(logits, params), generator)
@@ -275,7 +280,7 @@ def test_sampled_runs_are_reproducible_with_a_seed():
 
 
 def with_draft_vocab(model: RecycleModel, ids) -> RecycleModel:
-    from recyclegpt.train import add_draft_vocab
+    from recyclegpt.training.train import add_draft_vocab
 
     return RecycleModel(model.base, add_draft_vocab(model.module, ids)).eval()
 
@@ -310,8 +315,8 @@ def test_a_draft_vocabulary_keeps_sampling_exact():
 
 
 def test_a_draft_vocabulary_leaves_recycle_alone_and_is_saved(tmp_path):
-    from recyclegpt.checkpoint import load_module, save_checkpoint
-    from recyclegpt.decoding import recycle
+    from recyclegpt.decoding.loops import recycle
+    from recyclegpt.loading.checkpoint import load_module, save_checkpoint
 
     plain = predictable(1, 0.1)
     model = with_draft_vocab(plain, [5, 1, 3])

@@ -1,4 +1,4 @@
-"""The strategy registry (strategies.py): its API, a strategy registered from outside the package running on the
+"""The strategy registry (decoding/strategies.py): its API, a strategy registered from outside the package running on the
 eager reference and on every engine, prompt-lookup decoding (`lookup`) lossless everywhere, and the `Drafter`
 protocol with a drafter of the test's own."""
 
@@ -8,15 +8,21 @@ import shutil
 
 import pytest
 import torch
-
-from recyclegpt import differential as dt, strategies
-from recyclegpt.api import RecycleGPT
-from recyclegpt.decoding import standard
-from recyclegpt.engine import Engine
-from recyclegpt.sampling import SamplingParams
-from recyclegpt.speculative import LookupDrafter, ModuleDrafter, chain, point_mass
-from recyclegpt.strategies import Strategy, common, reference_decode
 from test_speculative import _bad_drafter, predictable, prompts_for
+
+from recyclegpt.api import RecycleGPT
+from recyclegpt.decoding import strategies
+from recyclegpt.decoding.engine import Engine
+from recyclegpt.decoding.loops import standard
+from recyclegpt.decoding.sampling import SamplingParams
+from recyclegpt.decoding.speculative import (
+    LookupDrafter,
+    ModuleDrafter,
+    chain,
+    point_mass,
+)
+from recyclegpt.decoding.strategies import Strategy, common, reference_decode
+from recyclegpt.evals import differential as dt
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 COMPILER = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from recyclegpt import suites
-from recyclegpt.suites import SUITES, default_data_dir, load_suite
+from recyclegpt.evals import suites
+from recyclegpt.evals.suites import SUITES, default_data_dir, load_suite
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

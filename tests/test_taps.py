@@ -8,19 +8,29 @@ import json
 
 import pytest
 import torch
-
-from recyclegpt.checkpoint import load_module
-from recyclegpt.cli import main
-from recyclegpt.config import PRESETS, ConfigError, RecycleConfig
-from recyclegpt.data import train_bpe
-from recyclegpt.decoding import recycle, standard
-from recyclegpt.engine import Engine
-from recyclegpt.evaluation import token_logprobs
-from recyclegpt.model import RecyclableModule, RecycleModel
-from recyclegpt.speculative import TreeShape, recycle_verified, speculative, tree
-from recyclegpt.train import add_taps, retrofit
 from test_speculative import predictable, prompts_for
-from test_train import base_and_first_module, first_and_last_val, small_cfg, write_corpus
+from test_train import (
+    base_and_first_module,
+    first_and_last_val,
+    small_cfg,
+    write_corpus,
+)
+
+from recyclegpt.cli.main import main
+from recyclegpt.config import PRESETS, ConfigError, RecycleConfig
+from recyclegpt.decoding.engine import Engine
+from recyclegpt.decoding.loops import recycle, standard
+from recyclegpt.decoding.speculative import (
+    TreeShape,
+    recycle_verified,
+    speculative,
+    tree,
+)
+from recyclegpt.evals.quality import token_logprobs
+from recyclegpt.loading.checkpoint import load_module
+from recyclegpt.models import RecyclableModule, RecycleModel
+from recyclegpt.training.data import train_bpe
+from recyclegpt.training.train import add_taps, retrofit
 
 CFG = dataclasses.replace(PRESETS["tiny"], n_layer=4)
 
@@ -80,7 +90,7 @@ def test_cached_steps_read_the_same_state_as_a_whole_sequence():
 
 
 def test_teacher_forced_module_scores_equal_the_module_in_decoding():
-    """Scoring 'module' (uncached, evaluation.py) predicts from the same taps as cached decoding: the token recycle
+    """Scoring 'module' (uncached, evals/quality.py) predicts from the same taps as cached decoding: the token recycle
     decoding drafts after the prompt is the teacher-forced module's greedy choice there, and only it."""
     model = tapped(3)
     for prompt in prompts_for(4, 4):

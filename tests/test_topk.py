@@ -1,15 +1,15 @@
-"""The sort-free top-k selection (recyclegpt.topk) against torch.topk and torch.sort, and the draft tree built with it."""
+"""The sort-free top-k selection (recyclegpt.decoding.topk) against torch.topk and torch.sort, and the draft tree built with it."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-
-from recyclegpt import topk
-from recyclegpt.config import KernelConfig
-from recyclegpt.decoding import standard
-from recyclegpt.speculative import TreeShape, tree
 from test_speculative import predictable, prompts_for
+
+from recyclegpt.config import KernelConfig
+from recyclegpt.decoding import topk
+from recyclegpt.decoding.loops import standard
+from recyclegpt.decoding.speculative import TreeShape, tree
 
 
 @pytest.mark.parametrize("shape,k", [((3, 7), 1), ((2, 5, 50), 4), ((4, 1024), 8), ((2, 3, 4096), 4), ((1, 49152), 4)])
@@ -111,7 +111,7 @@ def test_the_tree_drafts_the_same_with_either_selection(vocab):
 def test_draft_top_equals_the_top_of_the_draft_logits(draft_vocab, cuda_path):
     """RecycleModel.draft_top searches the draft vocabulary's logits directly; it must give the tokens and
     log-probabilities that the top-k of log_softmax(draft_logits) (V wide, -inf outside the vocabulary) gives."""
-    from recyclegpt.train import add_draft_vocab
+    from recyclegpt.training.train import add_draft_vocab
 
     model = predictable(3, 0.1, vocab=2048)
     model.kernels = KernelConfig(cuda_paths_on_cpu=cuda_path)

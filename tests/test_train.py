@@ -10,11 +10,18 @@ import pytest
 import torch
 
 from recyclegpt.config import PRESETS, ConfigError, RecycleConfig
-from recyclegpt.data import (ChatExamples, DataError, TextWindows, encode_example, load_dataset, read_jsonl,
-                             train_bpe)
-from recyclegpt.model import RecycleModel, Transformer
-from recyclegpt.objectives import recycle_losses
-from recyclegpt.train import TrainConfig, lr_at, retrofit, train_joint
+from recyclegpt.models import RecycleModel, Transformer
+from recyclegpt.training.data import (
+    ChatExamples,
+    DataError,
+    TextWindows,
+    encode_example,
+    load_dataset,
+    read_jsonl,
+    train_bpe,
+)
+from recyclegpt.training.objectives import recycle_losses
+from recyclegpt.training.train import TrainConfig, lr_at, retrofit, train_joint
 
 SENTENCES = ["the cat sat on the mat.", "a dog ran to the red ball.", "she sang a song of the sea.",
              "we walk home in the rain.", "birds fly over the green hill."]

@@ -13,8 +13,9 @@ import torch
 triton = pytest.importorskip("triton")
 
 from interpreted import OpLog, needs_interpreter_3_7, run_interpreted  # noqa: E402
-from recyclegpt import triton_attention  # noqa: E402
-from recyclegpt.triton_attention import decode_attention  # noqa: E402
+
+from recyclegpt.kernels import attention as triton_attention  # noqa: E402
+from recyclegpt.kernels.attention import decode_attention  # noqa: E402
 
 # (B, Hkv, R, D, L, mask batch, n_split): None lets the heuristic choose. R covers single steps, 2-slot calls,
 # GQA-folded rows (3 heads a group) and R > 64 (row blocks); L = 1, a short tail, whole and ragged blocks
@@ -268,8 +269,8 @@ def check_model_integration() -> None:
     import dataclasses
 
     from recyclegpt.config import PRESETS, KernelConfig, RecycleConfig
-    from recyclegpt.decoding import recycle, standard
-    from recyclegpt.model import RecycleModel
+    from recyclegpt.decoding.loops import recycle, standard
+    from recyclegpt.models import RecycleModel
 
     kernel_only = dataclasses.replace(KernelConfig.torch_only(), decode_attention=True, cuda_paths_on_cpu=True)
     sdpa = {}  # per (kv heads, variant): how many SDPA operators ran

@@ -16,8 +16,9 @@ import torch
 triton = pytest.importorskip("triton")
 
 from interpreted import OpLog, needs_interpreter_3_7, run_interpreted  # noqa: E402
-from recyclegpt import triton_draft_head  # noqa: E402
-from recyclegpt.triton_draft_head import head_top_k  # noqa: E402
+
+from recyclegpt.kernels import draft_head as triton_draft_head  # noqa: E402
+from recyclegpt.kernels.draft_head import head_top_k  # noqa: E402
 
 # (rows, V, K, k): one row, a level of 4 tokens, more rows than a program holds; whole and ragged vocabulary and
 # model-dimension blocks; k from 1 to KTOP
@@ -76,11 +77,12 @@ def check_model_integration() -> None:
     sys.path.insert(0, os.path.dirname(__file__))
     import dataclasses
 
-    from recyclegpt.config import KernelConfig
-    from recyclegpt.decoding import standard
-    from recyclegpt.speculative import TreeShape, tree
-    from recyclegpt.train import add_draft_vocab
     from test_speculative import predictable, prompts_for
+
+    from recyclegpt.config import KernelConfig
+    from recyclegpt.decoding.loops import standard
+    from recyclegpt.decoding.speculative import TreeShape, tree
+    from recyclegpt.training.train import add_draft_vocab
 
     # the other kernels off, and the torch path's top-k the sort-free one that CUDA runs (torch.topk on the CPU does
     # not order ties)
@@ -162,10 +164,11 @@ def test_cuda_bf16_graph_and_compile():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_tree_rounds_with_the_kernel():
     """The engine's tree rounds, graphs and compiled whole, with the kernel drafting: standard's tokens (fp32)."""
-    from recyclegpt.decoding import standard
-    from recyclegpt.engine import Engine
-    from recyclegpt.speculative import TreeShape
     from test_speculative import predictable, prompts_for
+
+    from recyclegpt.decoding.engine import Engine
+    from recyclegpt.decoding.loops import standard
+    from recyclegpt.decoding.speculative import TreeShape
 
     model = predictable(1, 0.05).cuda()
     assert model.kernels.draft_head  # on by default

@@ -20,7 +20,9 @@ import torch.nn.functional as F
 triton = pytest.importorskip("triton")
 
 from interpreted import OpLog, needs_interpreter_3_7, run_interpreted  # noqa: E402
-from recyclegpt import triton_attention, triton_linear  # noqa: E402
+
+from recyclegpt.kernels import attention as triton_attention  # noqa: E402
+from recyclegpt.kernels import linear as triton_linear  # noqa: E402
 
 # (rows, N, K): ragged column and K blocks, a square layer, SmolLM2's QKV / gate-up / down shapes
 CASES = [(1, 50, 72), (3, 96, 64), (4, 576, 576), (1, 960, 576), (2, 3072, 576), (1, 576, 1536)]
@@ -65,14 +67,14 @@ def qkv_inputs(B, T, rot, plain, D, K=40, *, dtype=torch.float32, device="cpu", 
     w = torch.randn((rot + plain) * D, K, generator=g) / K ** 0.5
     nw = 1 + 0.1 * torch.randn(K, generator=g)
     positions = torch.randint(0, 100, (B, T), generator=g) if B > 1 else torch.arange(T)[None] + 17
-    from recyclegpt.model import rotary
+    from recyclegpt.models import rotary
     rope = rotary(positions, D, 10000.0, dtype)
     return tuple(t.to(device=device, dtype=dtype) for t in (x, w, nw)) + (tuple(r.to(device) for r in rope),)
 
 
 def qkv_reference(x, w, nw, rope, rot, eps=1e-5):
     """Attention.attend's torch path after the norm: the product, then one rotary pass over the first rot heads."""
-    from recyclegpt.model import apply_rotary
+    from recyclegpt.models import apply_rotary
     B, T, _ = x.shape
     D = rope[0].shape[-1]
     y = reference(x, w, nw, None).view(B, T, -1, D).transpose(1, 2)
@@ -239,11 +241,12 @@ def check_model_integration() -> None:
     sys.path.insert(0, os.path.dirname(__file__))
     import dataclasses
 
-    from recyclegpt.config import KernelConfig
-    from recyclegpt.decoding import recycle, standard
-    from recyclegpt.model import fuse_projections
-    from recyclegpt.speculative import TreeShape, speculative, tree
     from test_speculative import predictable, prompts_for
+
+    from recyclegpt.config import KernelConfig
+    from recyclegpt.decoding.loops import recycle, standard
+    from recyclegpt.decoding.speculative import TreeShape, speculative, tree
+    from recyclegpt.models import fuse_projections
 
     model = fuse_projections(predictable(1, 0.1, d_model=64))  # head_dim 16: the attention kernels' least
     g = torch.Generator().manual_seed(3)
@@ -295,12 +298,12 @@ def check_compiled_steps_keep_the_cache_in_place() -> None:
         print("skipped: torch.compile on the CPU needs a C++ compiler")
         return
     sys.path.insert(0, os.path.dirname(__file__))
+    from test_speculative import predictable, prompts_for
     from torch._inductor.utils import run_and_get_code
 
     from recyclegpt.config import KernelConfig
-    from recyclegpt.decoding import standard
-    from recyclegpt.engine import Engine
-    from test_speculative import predictable, prompts_for
+    from recyclegpt.decoding.engine import Engine
+    from recyclegpt.decoding.loops import standard
 
     model = predictable(1, 0.05, d_model=64)
     prompts = prompts_for(0, 2)
@@ -329,10 +332,10 @@ def check_shared_tables() -> None:
     from torch._inductor.utils import run_and_get_code
 
     from recyclegpt.config import PRESETS, KernelConfig, RecycleConfig
-    from recyclegpt.decoding import standard
-    from recyclegpt.engine import Engine
-    from recyclegpt.model import RecycleModel
-    from recyclegpt.sampling import SamplingParams
+    from recyclegpt.decoding.engine import Engine
+    from recyclegpt.decoding.loops import standard
+    from recyclegpt.decoding.sampling import SamplingParams
+    from recyclegpt.models import RecycleModel
 
     cfg = dataclasses.replace(PRESETS["smollm2-135m"], n_layer=3, vocab_size=512)  # 9 / 3 heads of 64
     torch.manual_seed(0)
@@ -365,9 +368,9 @@ def check_shared_slots() -> None:
     from torch._inductor.utils import run_and_get_code
 
     from recyclegpt.config import PRESETS, KernelConfig, RecycleConfig
-    from recyclegpt.engine import Engine
-    from recyclegpt.model import RecycleModel
-    from recyclegpt.speculative import speculative
+    from recyclegpt.decoding.engine import Engine
+    from recyclegpt.decoding.speculative import speculative
+    from recyclegpt.models import RecycleModel
 
     cfg = dataclasses.replace(PRESETS["smollm2-135m"], n_layer=2, vocab_size=512)
     torch.manual_seed(0)
@@ -457,7 +460,7 @@ def test_cuda_pdl_changes_no_bit():
     other products) in one CUDA graph, launched with programmatic dependent launch and without: the same output and
     the same cache, bit for bit, over 50 replays on new inputs. A kernel that read its input before the previous
     kernel had written it would differ."""
-    from recyclegpt.model import rotary
+    from recyclegpt.models import rotary
 
     g = torch.Generator().manual_seed(0)
     dev, dt, layers, S = "cuda", torch.bfloat16, 30, 512
@@ -514,11 +517,12 @@ def test_cuda_engine_with_fused_products(compiled, cached, pdl):
     products (and the attention that writes the cache; programmatic dependent launch; compiled, the rotary tables
     and mask shared by the layers): standard's tokens of the torch path (fp32)."""
     sys.path.insert(0, os.path.dirname(__file__))
-    from recyclegpt.config import KernelConfig
-    from recyclegpt.decoding import standard
-    from recyclegpt.engine import Engine
-    from recyclegpt.speculative import TreeShape
     from test_speculative import predictable, prompts_for
+
+    from recyclegpt.config import KernelConfig
+    from recyclegpt.decoding.engine import Engine
+    from recyclegpt.decoding.loops import standard
+    from recyclegpt.decoding.speculative import TreeShape
 
     model = predictable(1, 0.05, d_model=64).cuda()  # head_dim 16: the attention kernels take the decode calls
     prompts = prompts_for(3, 3)

@@ -6,8 +6,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
-import os
 import json
+import os
 import subprocess
 import zipfile
 from pathlib import Path
@@ -17,13 +17,14 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
-from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from recyclegpt import registry
 from recyclegpt.config import ModelConfig
-from recyclegpt.model import Transformer
-from recyclegpt.registry import FetchError, RegistryEntry, RegistryError
-from recyclegpt.weights import LoadError, load_base, load_gguf, load_hf_folder
+from recyclegpt.loading import load_base, registry
+from recyclegpt.loading.registry import FetchError, RegistryEntry, RegistryError
+from recyclegpt.loading.weights import LoadError, load_gguf, load_hf_folder
+from recyclegpt.models import Transformer
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 TEMPLATE = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + eos_token + '\n' }}"

@@ -17,23 +17,24 @@ from typing import Callable, Sequence
 import torch
 
 from .config import KernelConfig, RecycleConfig
-from .decoding import DecodeStats
-from . import strategies
-from .engine import KV_BUCKET as DEFAULT_KV_BUCKET, Engine
-from .speculative import DEFAULT_DRAFT_LEN, TreeShape
-from .strategies import reference_decode
-from .model import RecyclableModule, RecycleModel, Transformer
-from .registry import shipped_module, shipped_module_named, shipped_modules
-from .sampling import SamplingParams
-from .tokenizer import Tokenizer
+from .decoding import strategies
+from .decoding.engine import KV_BUCKET as DEFAULT_KV_BUCKET
+from .decoding.engine import Engine
+from .decoding.loops import DecodeStats
+from .decoding.sampling import SamplingParams
+from .decoding.speculative import DEFAULT_DRAFT_LEN, TreeShape
+from .decoding.strategies import reference_decode
+from .loading import load
+from .loading.registry import shipped_module, shipped_modules
+from .loading.tokenizer import Tokenizer
+from .models import RecyclableModule, RecycleModel, Transformer
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
-# how the decode loop runs: "eager" the reference loop of decoding.py (a forward and a host sync per step);
-# "static" the engine's fixed-shape steps (engine.py) without graphs; "graphs" those steps captured as CUDA graphs;
+# how the decode loop runs: "eager" the reference loop of decoding/loops.py (a forward and a host sync per step);
+# "static" the engine's fixed-shape steps (decoding/engine.py) without graphs; "graphs" those steps captured as CUDA graphs;
 # "compiled" torch.compile inside the graphs; "auto" is "graphs" on CUDA and "eager" on the CPU
 ENGINES = ("auto", "eager", "static", "graphs", "compiled")
 RANDOM_MODULE_NOTE = "untrained (random) recyclable module: the text is meaningless, use it for speed measurements only"
-NO_MODULE = (None, "none")  # the `recycle` values that load no module
 
 
 def __getattr__(name: str):
@@ -48,10 +49,6 @@ def default_device() -> torch.device:
 
 def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
-
-
-def is_checkpoint(path: str | Path) -> bool:
-    return (Path(path) / "recycle.json").is_file()
 
 
 def module_hint(model: str) -> str:
@@ -97,7 +94,7 @@ def default_min_draft_prob(device: torch.device, engine: str) -> float:
 
 @dataclass(frozen=True)
 class EngineOptions:
-    """How `RecycleGPT` builds its engines (engine.py), fixed when it is made (the engines are built once and kept).
+    """How `RecycleGPT` builds its engines (decoding/engine.py), fixed when it is made (the engines are built once and kept).
 
     kv_bucket: the static, graphs and compiled engines' attention reads the cache up to the next multiple of this
     many slots; every bucket is a graph (and a compile) of its own, so a larger one means fewer of them and a little
@@ -155,41 +152,11 @@ class RecycleGPT:
             which: the directory's path, "random", or None.
         engine_options: how the engines are built (`EngineOptions`).
         """
-        from .checkpoint import load_checkpoint, load_module
-        from .weights import load_base
-
         device = torch.device(device) if device is not None else default_device()
-        dtype = dtype or default_dtype(device)
-        if is_checkpoint(model):
-            loaded, tokenizer, _ = load_checkpoint(model, base_loader=lambda ref: load_base(ref, device=device,
-                                                                                             dtype=dtype),
-                                                   device=device, dtype=dtype)
-            if isinstance(loaded, RecycleModel) and recycle == "default":
-                return cls(loaded.base, tokenizer, module=loaded.module.eval(), name=str(model),
-                           module_source=str(model), engine_options=engine_options)
-            base = (loaded.base if isinstance(loaded, RecycleModel) else loaded).eval()
-        else:
-            base, tokenizer = load_base(model, device=device, dtype=dtype)
-        if recycle == "default":  # (a checkpoint with a module of its own returned above)
-            recycle = shipped_module(str(model))
-        module, source = None, None
-        if recycle == "random":
-            torch.manual_seed(seed)
-            module = RecyclableModule(base.cfg, random_module).to(device=device, dtype=dtype).eval()
-            source = "random"
-        elif recycle not in NO_MODULE:
-            if not Path(recycle).exists():  # a shipped module's name, else the path that is missing
-                recycle = shipped_module_named(str(recycle)) or recycle
-            if not Path(recycle).exists():
-                names = list(shipped_modules(str(model)))
-                raise FileNotFoundError(f"recyclable module checkpoint {recycle!r} does not exist (give a directory "
-                                        f"written by `recyclegpt retrofit` or `recyclegpt train`, "
-                                        f"{'a shipped module (' + ', '.join(names) + '), ' if names else ''}"
-                                        f"'default', 'random' or 'none')")
-            module = load_module(recycle, base).to(device=device, dtype=dtype).eval()
-            source = str(recycle)
-        return cls(base, tokenizer, module=module, name=str(model), module_source=source,
-                   engine_options=engine_options)
+        loaded = load(model, recycle=recycle, device=device, dtype=dtype or default_dtype(device),
+                      random_module=random_module, seed=seed)
+        return cls(loaded.base, loaded.tokenizer, module=loaded.module, name=str(model),
+                   module_source=loaded.module_source, engine_options=engine_options)
 
     @property
     def device(self) -> torch.device:

@@ -145,7 +145,7 @@ class KernelConfig:
     draft_head: the draft tree's norm, head and first top-k selection as one kernel (triton_draft_head).
     pdl: programmatic dependent launch between the fused kernels (Hopper and later; ignored elsewhere).
     cuda_paths_on_cpu: CPU tensors take the CUDA paths too (the Triton kernels, only under Triton's interpreter;
-        the sort-free top-k and the split argmax of topk.py), for tests that check those paths without a GPU.
+        the sort-free top-k and the split argmax of decoding/topk.py), for tests that check those paths without a GPU.
     """
 
     fused_linear: bool = True

@@ -62,7 +62,7 @@ MODELS: dict[str, RegistryEntry] = {
 DEFAULT_MODEL = "smollm2-135m-instruct"
 # Trained modules shipped with the package, one checkpoint directory per built-in model name (pyproject.toml
 # lists them as package data). Read at call time, so tests can point it elsewhere.
-SHIPPED_MODULES = Path(__file__).parent / "modules"
+SHIPPED_MODULES = Path(__file__).parents[1] / "modules"
 
 
 def cache_dir() -> Path:

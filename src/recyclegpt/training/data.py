@@ -17,15 +17,15 @@ import hashlib
 import json
 import os
 from collections.abc import Iterator, Sequence
-from typing import Any
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import tokenizers
 import torch
 
-from .tokenizer import Tokenizer
+from ..loading.tokenizer import Tokenizer
 
 EOT = "<|endoftext|>"
 

@@ -1,7 +1,7 @@
 """The loading boundary: foreign checkpoints in, a `Transformer` and a `Tokenizer` out.
 
 Two formats are read, both converted to our state-dict names (see `Transformer`):
-- GGUF (llama.cpp; the built-in models of `recyclegpt.registry`): tensors are dequantized with the `gguf` package,
+- GGUF (llama.cpp; the built-in models of `recyclegpt.loading.registry`): tensors are dequantized with the `gguf` package,
   the Q and K projections are un-permuted from llama.cpp's interleaved rotary layout back to rotate-half, and the
   tokenizer is rebuilt from the file's metadata.
 - A local Hugging Face LLaMA-family folder: config.json, safetensors weights (single or sharded) and tokenizer.json.
@@ -24,8 +24,8 @@ import torch
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
-from .config import ConfigError, ModelConfig
-from .model import RecycleModel, Transformer
+from ..config import ConfigError, ModelConfig
+from ..models import Transformer
 from .registry import MODELS, cache_dir, resolve_gguf
 from .tokenizer import Tokenizer
 
@@ -387,19 +387,11 @@ def _load_builtin(name: str) -> tuple[ModelConfig, StateDict, Tokenizer]:
     return cfg, sd, tok
 
 
-def load_base(name_or_path: str | Path, *, device: torch.device | str | None = None,
-              dtype: torch.dtype | None = None) -> tuple[Transformer, Tokenizer]:
-    """Load a base model for inference: eval mode, on `device` (default CPU), in `dtype` (default float32).
-
-    name_or_path: a built-in name, a .gguf file, a Hugging Face folder, or a RecycleGPT checkpoint directory
-    (whose base is taken; its module, if any, is left out).
-    """
-    if (Path(name_or_path) / "recycle.json").is_file():
-        from .checkpoint import load_checkpoint  # checkpoint.py loads ref'd bases through this function
-
-        model, tok, _ = load_checkpoint(name_or_path, device=device or "cpu", dtype=dtype or torch.float32,
-                                        base_loader=lambda ref: load_base(ref, device=device, dtype=dtype))
-        return (model.base if isinstance(model, RecycleModel) else model).eval(), tok
+def build_base(name_or_path: str | Path, *, device: torch.device | str | None = None,
+               dtype: torch.dtype | None = None) -> tuple[Transformer, Tokenizer]:
+    """A base model for inference from a built-in name, a .gguf file or a Hugging Face folder (`read_weights`):
+    eval mode, on `device` (default CPU), in `dtype` (default float32). `recyclegpt.loading.load_base` also takes
+    RecycleGPT checkpoints."""
     cfg, sd, tok = read_weights(name_or_path)
     if tok.vocab_size > cfg.vocab_size:
         raise LoadError(f"{name_or_path}: tokenizer has {tok.vocab_size} tokens but the model only {cfg.vocab_size}")

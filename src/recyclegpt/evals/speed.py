@@ -15,13 +15,21 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .api import DEFAULT_DRAFT_LEN, EngineOptions, Generation, RecycleGPT, default_min_draft_prob
-from .config import ModelConfig, RecycleConfig
-from .decoding import tau_of
+from ..api import (
+    DEFAULT_DRAFT_LEN,
+    EngineOptions,
+    Generation,
+    RecycleGPT,
+    default_min_draft_prob,
+)
+from ..config import ModelConfig, RecycleConfig
+from ..decoding.loops import tau_of
+from ..decoding.strategies import get as get_strategy
+from ..decoding.strategies import lossless_names
+from ..decoding.strategies import names as strategy_names
+from ..models import RecyclableModule, Transformer
 from .differential import NEAR_TIE_RANK, choice_margin, first_difference
-from .evaluation import evaluate_agreement
-from .model import RecyclableModule, Transformer
-from .strategies import get as get_strategy, lossless_names, names as strategy_names
+from .quality import evaluate_agreement
 
 # A small built-in prompt set, used when no prompts file is given.
 BUILTIN_PROMPTS = [

@@ -31,12 +31,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .decoding import DecodeResult
-from .engine import KV_BUCKET, PREFILL_BUCKET, Engine, Plan
-from .model import RecycleModel, Transformer
-from .sampling import SamplingParams
-from .speculative import DEFAULT_DRAFT_LEN, TreeShape
-from .strategies import get as get_strategy, names as strategy_names, reference_decode
+from ..decoding.engine import KV_BUCKET, PREFILL_BUCKET, Engine, Plan
+from ..decoding.loops import DecodeResult
+from ..decoding.sampling import SamplingParams
+from ..decoding.speculative import DEFAULT_DRAFT_LEN, TreeShape
+from ..decoding.strategies import get as get_strategy
+from ..decoding.strategies import names as strategy_names
+from ..decoding.strategies import reference_decode
+from ..models import RecycleModel, Transformer
 
 ENGINE_KINDS = ("static", "graphs", "compiled")
 

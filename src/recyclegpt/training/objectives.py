@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from .model import RecycleModel, Transformer
+from ..models import RecycleModel, Transformer
 
 RecycleTarget = Literal["data", "distill", "both"]
 

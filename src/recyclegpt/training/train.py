@@ -24,12 +24,17 @@ from typing import Any, Literal
 import torch
 from tqdm import tqdm
 
-from .checkpoint import load_checkpoint, load_module, load_trainer_state, save_checkpoint
-from .config import ConfigError, ModelConfig, RecycleConfig, _from_dict
+from ..config import ConfigError, ModelConfig, RecycleConfig, _from_dict
+from ..loading.checkpoint import (
+    load_checkpoint,
+    load_module,
+    load_trainer_state,
+    save_checkpoint,
+)
+from ..loading.tokenizer import Tokenizer
+from ..models import RecyclableModule, RecycleModel, Transformer
 from .data import ChatExamples, DataError, TextWindows, load_dataset, train_bpe
-from .model import RecyclableModule, RecycleModel, Transformer
 from .objectives import RecycleTarget, lm_losses, recycle_losses
-from .tokenizer import Tokenizer
 
 # fields that may change when a run is resumed; any other difference is an error
 _RESUMABLE_CHANGES = frozenset({"steps", "eval_every", "eval_batches", "save_every", "log_every", "log_file",
@@ -54,8 +59,8 @@ class TrainConfig:
     lam: float = 1.0  # weight of L_rec in the joint regime
     target: RecycleTarget = "data"  # the module's target: data tokens, the base's distribution, or both
     detach_hidden: bool = False  # joint regime: stop L_rec's gradient at h_t (the base then learns from L_lm only)
-    feature_weight: float = 0.0  # weight of the EAGLE-style feature regression added to L_rec (objectives.py)
-    rollout: int = 1  # draft depths trained (1: teacher-forced only; >1: also on rolled-out states, objectives.py)
+    feature_weight: float = 0.0  # weight of the EAGLE-style feature regression added to L_rec (training/objectives.py)
+    rollout: int = 1  # draft depths trained (1: teacher-forced only; >1: also on rolled-out states, training/objectives.py)
     rollout_weight: float = 1.0  # weight of the deeper depths' mean loss
     init_module: str | None = None  # retrofit: start from this module checkpoint (fine-tuning) instead of random
     eval_every: int = 100  # steps between evaluations (0: only at the start and the end)

@@ -14,16 +14,13 @@ On the CPU it runs only under Triton's interpreter (TRITON_INTERPRET=1 set befor
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except Exception:  # no triton (the CI machine), or one that cannot load here: available() says False
-    triton = tl = None
+from .common import INTERPRETED as _INTERPRETED
+from .common import after_previous, pdl_launch, tl, triton
+from .common import available as available
 
 MAX_BLOCK_R = 64  # query rows per program; more rows are split across programs (each re-reads the KV range)
 TARGET_PROGRAMS = 256  # ~2 per SM of an H100: enough loads in flight to approach its bandwidth
@@ -43,21 +40,8 @@ MERGE_TILE_MAX = 4096
 CACHED_WARPS = 4
 
 
-def available() -> bool:
-    """Whether the Triton kernels are defined (triton is importable)."""
-    return triton is not None
-
-
 if triton is not None:
     LOG2E = tl.constexpr(1.4426950408889634)  # the kernels use exp2: exp(x) = exp2(x * log2(e))
-
-    @triton.jit
-    def after_previous(PDL: tl.constexpr):
-        # with programmatic dependent launch: wait until the previous kernel is done and its writes are visible
-        # (and so, by induction, every earlier kernel's), then let the next kernel launch
-        if PDL:
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
 
     @triton.jit
     def merge_range(m_all, l_all, acc, Mx, Sm, Acc, at, ok, dims, D: tl.constexpr):
@@ -219,27 +203,6 @@ if triton is not None:
         o = O + b * sob + h * soh + (row // T) * sog + (row % T) * sot
         tl.store(o + tl.arange(0, D), out.to(O.dtype.element_ty))
 
-    # triton.jit built interpreted functions if TRITON_INTERPRET was set when it ran (just now), whatever it is later
-    _INTERPRETED = not isinstance(_attn_kernel, triton.runtime.jit.JITFunction)
-else:
-    _INTERPRETED, after_previous = False, None
-
-
-@functools.lru_cache(maxsize=None)
-def _has_pdl(device: int) -> bool:
-    return torch.cuda.get_device_capability(device)[0] >= 9  # griddepcontrol: Hopper and later
-
-
-def pdl_launch(device: torch.device, enabled: bool) -> dict:
-    """A kernel call's PDL constexpr and launch option: programmatic dependent launch (Hopper and later), for the
-    kernels of a fused decode call (`cached_attention`, triton_linear's products). A kernel is launched while the
-    previous one still runs, loads what no kernel writes (its first weight block), then waits for the previous
-    kernel's writes (griddepcontrol.wait) and lets the next kernel launch; inside a step's CUDA graph the launch gap
-    and the weight loads' latency overlap the previous kernel (SmolLM2's compiled standard step 0.789 -> 0.659 ms on
-    an H100). On where `enabled` on a device that has it, never interpreted."""
-    on = (enabled and not _INTERPRETED and device.type == "cuda"
-          and _has_pdl(device.index if device.index is not None else torch.cuda.current_device()))
-    return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
 
 
 def plan(B: int, Hkv: int, R: int, L: int, n_split: int = 0) -> tuple[int, int, int]:

@@ -1,7 +1,7 @@
 """A PNG bar chart of a benchmark report: median tokens/s per strategy, each bar labelled with its speed-up.
 
 `write_chart(report, path)` takes the dict that `bench.run_bench` returns (the JSON line `recyclegpt bench` prints
-last). From the shell: `python -m recyclegpt.chart REPORT OUT.png`, where REPORT is a JSON file holding the report
+last). From the shell: `python -m recyclegpt.evals.chart REPORT OUT.png`, where REPORT is a JSON file holding the report
 or the saved output of `recyclegpt bench` (a table, then the report as its last line).
 """
 
@@ -67,7 +67,7 @@ def read_report(path: str | Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 2:
-        print("usage: python -m recyclegpt.chart REPORT.json OUT.png", file=sys.stderr)
+        print("usage: python -m recyclegpt.evals.chart REPORT.json OUT.png", file=sys.stderr)
         return 2
     print(write_chart(read_report(args[0]), args[1]))
     return 0

@@ -24,14 +24,30 @@ from pathlib import Path
 
 import torch
 
-from .api import DEFAULT_MODEL, ENGINES, RecycleGPT, default_device, default_dtype, module_hint
-from .options import (add_command, add_compile_mode, add_draft_args, add_model_args, draft_options, engine_options,
-                      load_model, parse_dtype)
-from .checkpoint import CheckpointError
-from .config import RecycleConfig
-from .registry import RegistryError
-from .strategies import get as get_strategy, names as strategy_names
-from .train import TrainConfig
+from ..api import (
+    DEFAULT_MODEL,
+    ENGINES,
+    RecycleGPT,
+    default_device,
+    default_dtype,
+    module_hint,
+)
+from ..config import RecycleConfig
+from ..decoding.strategies import get as get_strategy
+from ..decoding.strategies import names as strategy_names
+from ..loading.checkpoint import CheckpointError
+from ..loading.registry import RegistryError
+from ..training.train import TrainConfig
+from .options import (
+    add_command,
+    add_compile_mode,
+    add_draft_args,
+    add_model_args,
+    draft_options,
+    engine_options,
+    load_model,
+    parse_dtype,
+)
 
 
 class UsageError(Exception):
@@ -100,9 +116,16 @@ def _text_streamer(lm: RecycleGPT):
 
 def cmd_bench(args) -> None:
     """Run strategies greedily on the same prompts in one process, side by side; print a table (and JSON)."""
-    from .bench import (BUILTIN_PROMPTS, HF_STRATEGIES, RANDOM_NOTE, format_table, random_model, random_prompts,
-                        run_bench)
-    from .data import read_prompt_records
+    from ..evals.speed import (
+        BUILTIN_PROMPTS,
+        HF_STRATEGIES,
+        RANDOM_NOTE,
+        format_table,
+        random_model,
+        random_prompts,
+        run_bench,
+    )
+    from ..training.data import read_prompt_records
 
     strategies = tuple(s for s in args.strategies.split(",") if s)
     known = strategy_names() + tuple(HF_STRATEGIES)
@@ -131,7 +154,7 @@ def cmd_bench(args) -> None:
         if args.suite and args.prompts:
             raise UsageError("give --suite or --prompts, not both")
         if args.suite:
-            from .suites import load_suite
+            from ..evals.suites import load_suite
 
             try:
                 records = load_suite(args.suite, args.data, per_category=args.limit)
@@ -186,7 +209,7 @@ def cmd_bench(args) -> None:
     if report.get("note"):
         print(report["note"])
     if args.chart:
-        from .chart import write_chart
+        from ..evals.chart import write_chart
 
         try:
             print(f"chart: {write_chart(report, args.chart)}")
@@ -201,7 +224,7 @@ def cmd_bench(args) -> None:
 
 def cmd_suite(args) -> None:
     """List the named prompt suites, or write one as JSONL ({category, prompt} per line) for `bench --prompts`."""
-    from .suites import SUITES, load_suite
+    from ..evals.suites import SUITES, load_suite
 
     if args.name is None:
         for name, what in SUITES.items():
@@ -231,7 +254,7 @@ def cmd_distill(args) -> None:
     Records go to OUT.partial as they are made; the file is renamed to OUT at the end. --resume continues a
     .partial file; an existing OUT is never overwritten without --force.
     """
-    from .data import read_prompts
+    from ..training.data import read_prompts
 
     out, partial = Path(args.out), Path(args.out + ".partial")
     if out.exists() and not args.force:
@@ -357,15 +380,15 @@ def cmd_train(args) -> None:
     The tokenizer is a byte-level BPE of --vocab-size trained on the files, unless --tokenizer names a model
     whose tokenizer to use. --no-module trains the same base without the module (the baseline).
     """
-    from .config import PRESETS
-    from .train import train_joint
+    from ..config import PRESETS
+    from ..training.train import train_joint
 
     if args.preset not in PRESETS:
         raise UsageError(f"unknown preset {args.preset!r}; known: {', '.join(PRESETS)}")
     model_cfg = PRESETS[args.preset]
     tokenizer = None
     if args.tokenizer:
-        from .weights import load_base
+        from ..loading import load_base
 
         _, tokenizer = load_base(args.tokenizer, device="meta")
         model_cfg = dataclasses.replace(model_cfg, vocab_size=tokenizer.vocab_size)
@@ -384,8 +407,8 @@ def cmd_retrofit(args) -> None:
     Only the module trains (L_rec); the checkpoint in --out holds the module and a reference to --model.
     --target data learns the data's tokens, distill the base's own next-token distribution, both the sum.
     """
-    from .train import retrofit
-    from .weights import load_base
+    from ..loading import load_base
+    from ..training.train import retrofit
 
     device = torch.device(args.device or str(default_device()))
     base_dtype = parse_dtype(args.base_dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -505,7 +528,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(t, TrainConfig, skip=("device",))
     t.add_argument("--device", default=None, help="default: cuda if available")
 
-    from .evaluation import add_eval_parser
+    from .evaluate import add_eval_parser
 
     add_eval_parser(sub)
 

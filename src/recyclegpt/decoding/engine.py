@@ -1,12 +1,12 @@
 """The decoding engine: static-shape decode steps, captured as CUDA graphs, with no host sync inside the loop.
 
-`decoding.py` holds the reference strategies: one eager forward per step, a host sync per step (the stop check).
+`decoding/loops.py` holds the reference strategies: one eager forward per step, a host sync per step (the stop check).
 Here the same strategies run as fixed-shape *steps* over preallocated caches:
 
 - `standard` step: the full model on 1 token per row, then the next token.
 - `recycle` step: the full model on the pair [x_p, x̂_{p+1}], its token x_{p+2}, the module on the same two slots,
   its token x̂_{p+3} (the paper's schedule, two tokens per full call; decoding.recycle documents the slots).
-- verified rounds (`recycle-verified`, `speculative`, `tree`, `lookup`; speculative.py documents them and holds
+- verified rounds (`recycle-verified`, `speculative`, `tree`, `lookup`; decoding/speculative.py documents them and holds
   their reference loops): the module (or prompt lookup) drafts, the full model verifies, the accepted tokens plus
   one are written to the output, and the module catches up on the committed slots, all on the device. A round
   emits a variable number of tokens, so the slot p, the output length n and the acceptance histogram are device
@@ -37,12 +37,36 @@ from typing import Callable, NamedTuple, Sequence
 
 import torch
 
+from ..models import (
+    KVCache,
+    RecycleModel,
+    Tables,
+    Transformer,
+    call_tables,
+    fuse_projections,
+    prefill_attention,
+)
 from . import strategies, topk
-from .decoding import Collector, DecodeResult, DecodeStats, PromptBatch, StreamFn, _sync, check_budget
-from .model import KVCache, RecycleModel, Tables, Transformer, call_tables, fuse_projections, prefill_attention
+from .loops import (
+    Collector,
+    DecodeResult,
+    DecodeStats,
+    PromptBatch,
+    StreamFn,
+    _sync,
+    check_budget,
+)
 from .sampling import SamplingParams, draw, logits_to_probs, sample
-from .speculative import (DEFAULT_DRAFT_LEN, TreeShape, add_lookup_branch, check_draft_len, draft_tree,
-                          point_mass, prompt_lookup, tree_attention)
+from .speculative import (
+    DEFAULT_DRAFT_LEN,
+    TreeShape,
+    add_lookup_branch,
+    check_draft_len,
+    draft_tree,
+    point_mass,
+    prompt_lookup,
+    tree_attention,
+)
 from .verify import verify_chain, verify_tree
 
 MAX_ROUND_TOKENS = 64  # a verified round keeps at most this many tokens (draft length or tree depth + 1)
@@ -448,7 +472,7 @@ class Decoder:
                sampling: SamplingParams = SamplingParams(), stop_ids: Sequence[int] = (),
                stream: StreamFn | None = None, check_every: int = 8, draft_len: int = DEFAULT_DRAFT_LEN,
                tree: TreeShape | None = None) -> DecodeResult:
-        """Decode like the reference loops (decoding.py, speculative.py) do. draft_len: the chain length of
+        """Decode like the reference loops (decoding/loops.py, decoding/speculative.py) do. draft_len: the chain length of
         `speculative`; tree: the shape for `tree` (TreeShape() when None)."""
         plan = Plan.make(strategy, draft_len, tree)
         if plan.module and self.rmodel is None:

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import torch
 
-from .triton_attention import triton, tl
+from .common import INTERPRETED as _INTERPRETED
+from .common import available as available
+from .common import tl, triton
 
 BLOCK_V = 128  # vocabulary rows a program: 128 programs for 16,384 rows, ~1 per SM of an H100
 BLOCK_K = 64  # the model dimension is read in steps of this many
@@ -29,12 +31,8 @@ KTOP = 4  # candidates a block keeps per row; k may not exceed it
 NUM_WARPS = 4
 
 
-def available() -> bool:
-    return triton is not None
-
-
 if triton is not None:
-    from .triton_linear import inv_rms, rms_normed
+    from .linear import inv_rms, rms_normed
 
     @triton.jit
     def _head_top_kernel(X, NW, W, Val, Idx, Mx, Se, R, V, K, n_blocks, eps, sxr, swv,
@@ -89,9 +87,6 @@ if triton is not None:
             tl.store(Ids + r * KOUT + j, tl.load(Idx + r * NC + best))
             val = tl.where(c == best, float("-inf"), val)
 
-    _INTERPRETED = not isinstance(_head_top_kernel, triton.runtime.jit.JITFunction)
-else:
-    _INTERPRETED = False
 
 
 def _head_top_blocks(x: torch.Tensor, norm_weight: torch.Tensor, weight: torch.Tensor, eps: float, block_v: int,

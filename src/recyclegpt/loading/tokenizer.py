@@ -1,7 +1,7 @@
 """Tokenizer: a `tokenizers.Tokenizer` plus what decoding needs beside it (stop ids, BOS, chat template).
 
 Built from a tokenizer.json (Hugging Face folders, RecycleGPT checkpoints) or from GGUF metadata (see
-`recyclegpt.weights`). Chat templates are Jinja2, rendered the way transformers renders them.
+`recyclegpt.loading.weights`). Chat templates are Jinja2, rendered the way transformers renders them.
 """
 
 from __future__ import annotations

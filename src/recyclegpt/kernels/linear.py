@@ -31,7 +31,9 @@ from __future__ import annotations
 
 import torch
 
-from .triton_attention import after_previous, pdl_launch, triton, tl
+from .common import INTERPRETED as _INTERPRETED
+from .common import after_previous, pdl_launch, tl, triton
+from .common import available as available
 
 MAX_ROWS = 4  # the most rows (tokens x batch) the few-row kernels take: decode steps, recycle's pairs, short chains
 # weight elements a program loads per step of its K loop: BLOCK_K = TILE // BLOCK_N. On an H100
@@ -49,10 +51,6 @@ NUM_WARPS = 4
 # 0.649 -> 0.718 ms), as did a row block a program (5.28 µs; 0.673 -> 0.735 ms): docs/engine.md's decision table
 MULTI_ROW_WARPS = 4
 DEFAULT_SMS = 132  # an H100 SXM's SM count, for the interpreter (CUDA asks the device)
-
-
-def available() -> bool:
-    return triton is not None
 
 
 if triton is not None:
@@ -206,9 +204,6 @@ if triton is not None:
         y = silu_mul(acc_gate.to(Out.dtype.element_ty), acc_up.to(Out.dtype.element_ty))
         tl.store(Out + rows[:, None] * sor + u[None, :], y, mask=row_ok[:, None] & u_ok[None, :])
 
-    _INTERPRETED = not isinstance(_linear_kernel, triton.runtime.jit.JITFunction)
-else:
-    _INTERPRETED = False
 
 
 def _sms(device: torch.device) -> int:

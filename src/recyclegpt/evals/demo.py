@@ -9,17 +9,15 @@ they read as answers.
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 from typing import Callable, Sequence
 
-from .api import NO_MODULE, RANDOM_MODULE_NOTE, RecycleGPT, module_hint
-from .bench import BUILTIN_PROMPTS, device_name, time_strategies
-from .evaluation import evaluate_agreement
-from .options import add_model_args, load_model
-from .registry import MODELS, shipped_module
-from .strategies import lossless_names, names as strategy_names
+from ..api import RANDOM_MODULE_NOTE, RecycleGPT, module_hint
+from ..decoding.strategies import lossless_names
+from ..decoding.strategies import names as strategy_names
+from ..loading import NO_MODULE
+from ..loading.registry import MODELS, shipped_module
+from .quality import evaluate_agreement
+from .speed import device_name, time_strategies
 
 STRATEGIES = ("standard", "recycle", "speculative")
 DEFAULT_PROMPTS = 4
@@ -132,35 +130,3 @@ def check_module_given(model: str, recycle: str | None) -> None:
     shipped. (Other models are checked once loaded: a checkpoint may bring its own.)"""
     if recycle in NO_MODULE or (recycle == "default" and model in MODELS and shipped_module(model) is None):
         raise ValueError(f"the demo needs a recyclable module and none was given; {module_hint(model)}")
-
-
-def cmd_demo(args: argparse.Namespace) -> None:
-    """Answer a few built-in chat prompts with standard, recycle and speculative: texts, tokens/s, speed-ups, τ, α.
-
-    Loads --model (default: the built-in SmolLM2, fetched on first use) with the module shipped for it, or the one
-    --recycle names; runs greedily on the best available device. --json ends with one JSON line holding every
-    number and the whole texts.
-    """
-    if args.limit < 1:
-        raise ValueError(f"--limit must be >= 1, got {args.limit}")
-    check_module_given(args.model, args.recycle)
-    if args.recycle == "random":
-        print(f"note: {RANDOM_MODULE_NOTE}", file=sys.stderr)
-    strategies = tuple(x for x in args.strategies.split(",") if x)
-    lm = load_model(args)
-    record = run_demo(lm, BUILTIN_PROMPTS[:args.limit], max_new_tokens=args.max_new_tokens, strategies=strategies,
-                      log=lambda line: print(f"demo: {line}", file=sys.stderr, flush=True))
-    print(format_demo(record))
-    if args.json:
-        print(json.dumps(record, ensure_ascii=False))
-
-
-def add_demo_args(p: argparse.ArgumentParser) -> None:
-    add_model_args(p)
-    p.add_argument("--max-new-tokens", type=int, default=128, help="greedy tokens per answer, at most (default 128)")
-    p.add_argument("--limit", type=int, default=DEFAULT_PROMPTS,
-                   help=f"how many of the {len(BUILTIN_PROMPTS)} built-in prompts (default {DEFAULT_PROMPTS})")
-    p.add_argument("--strategies", default=",".join(STRATEGIES),
-                   help=f"comma-separated, standard first, from {', '.join(strategy_names())} "
-                        f"(default {','.join(STRATEGIES)})")
-    p.add_argument("--json", action="store_true", help="end with one JSON line holding every number and text")

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .model import Transformer
+from ..models import Transformer
 
 MODES = ("eager", "compiled", "prompt_lookup")
 PROMPT_LOOKUP_NUM_TOKENS = 10

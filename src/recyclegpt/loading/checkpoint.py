@@ -30,8 +30,8 @@ from typing import Any
 import safetensors.torch
 import torch
 
-from .config import ConfigError, ModelConfig, RecycleConfig
-from .model import RecyclableModule, RecycleModel, Transformer
+from ..config import ConfigError, ModelConfig, RecycleConfig
+from ..models import RecyclableModule, RecycleModel, Transformer
 from .tokenizer import Tokenizer
 
 FORMAT = "recyclegpt-checkpoint"

@@ -15,7 +15,7 @@
 A chain takes its drafts from a `Drafter` (`ModuleDrafter`, `LookupDrafter`); the verifier and the commit are
 the same for every drafter (`chain`).
 
-The rules that make each lossless live in `verify.py`.
+The rules that make each lossless live in `decoding/verify.py`.
 
 Slots. The full model's cache holds the committed tokens; x_p, the latest emitted token, is *pending* (not yet
 fed to the full model) at slot p. The module's input at slot t is (h_t, x_{t+1}) and it predicts x_{t+2}.
@@ -40,12 +40,20 @@ from typing import Callable, NamedTuple, Protocol, Sequence
 
 import torch
 
-from .decoding import Collector, DecodeResult, DecodeStats, PromptBatch, StreamFn, _slots, _sync, check_budget
-from .model import KVCache, RecycleModel, Transformer, Tree, prefill_attention
+from ..models import KVCache, RecycleModel, Transformer, Tree, prefill_attention
+from .loops import (
+    Collector,
+    DecodeResult,
+    DecodeStats,
+    PromptBatch,
+    StreamFn,
+    _slots,
+    _sync,
+    check_budget,
+)
 from .sampling import SamplingParams, draw, logits_to_probs, sample
 from .topk import best_in_order, top_k
 from .verify import verify_chain, verify_tree
-
 
 # H100 sweep with the v2 module (docs/speculative.md): K = 2 gave 1.63x, 3 1.57x, 4 1.46x, 8 1.20x; 3 is the default
 # because the rollout-trained v3 module accepts deeper drafts (not re-swept with v3)

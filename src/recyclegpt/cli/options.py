@@ -7,10 +7,16 @@ import argparse
 
 import torch
 
-from .api import DEFAULT_DRAFT_LEN, DEFAULT_KV_BUCKET, DEFAULT_MODEL, EngineOptions, RecycleGPT
-from .config import KernelConfig, RecycleConfig
-from .model import RECYCLE_VOCABS
-from .speculative import TreeShape
+from ..api import (
+    DEFAULT_DRAFT_LEN,
+    DEFAULT_KV_BUCKET,
+    DEFAULT_MODEL,
+    EngineOptions,
+    RecycleGPT,
+)
+from ..config import KernelConfig, RecycleConfig
+from ..decoding.speculative import TreeShape
+from ..models import RECYCLE_VOCABS
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -101,7 +107,7 @@ def engine_options(args: argparse.Namespace) -> EngineOptions:
 
 
 def add_draft_args(p: argparse.ArgumentParser, *, tree_flag: bool = True) -> None:
-    """The options of the lossless strategies (speculative.py); tree_flag: also --tree (generate)."""
+    """The options of the lossless strategies (decoding/speculative.py); tree_flag: also --tree (generate)."""
     t = TreeShape()
     p.add_argument("--draft-len", type=int, default=DEFAULT_DRAFT_LEN,
                    help=f"speculative, lookup: tokens drafted per full call (default {DEFAULT_DRAFT_LEN})")

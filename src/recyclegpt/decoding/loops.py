@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .model import RecycleModel, Transformer, prefill_attention
+from ..models import RecycleModel, Transformer, prefill_attention
 from .sampling import SamplingParams, sample
 
 StreamFn = Callable[[list[list[int]]], None]

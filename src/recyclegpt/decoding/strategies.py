@@ -12,9 +12,16 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from .decoding import DecodeResult, recycle, standard
-from .model import RecycleModel, Transformer
-from .speculative import DEFAULT_DRAFT_LEN, TreeShape, lookup, recycle_verified, speculative, tree
+from ..models import RecycleModel, Transformer
+from .loops import DecodeResult, recycle, standard
+from .speculative import (
+    DEFAULT_DRAFT_LEN,
+    TreeShape,
+    lookup,
+    recycle_verified,
+    speculative,
+    tree,
+)
 
 # the engine's rounds (engine.Decoder), each with whether it runs the module: "standard" one token per full call;
 # "recycle" the paper's two-token step; "chain" and "tree" the module's drafts, verified by the full model;
@@ -97,7 +104,7 @@ def reference_decode(model: RecycleModel | Transformer, strategy: str, prompts: 
                      max_new_tokens: int, draft_len: int = DEFAULT_DRAFT_LEN, tree_shape: TreeShape = TreeShape(),
                      min_draft_prob: float = 0.0, **kw) -> DecodeResult:
     """`strategy` by its eager reference loop. model: a RecycleModel, or a bare Transformer for a strategy that
-    needs no module. kw: sampling, stop_ids, stream. The engines (engine.py) run the same strategies as
+    needs no module. kw: sampling, stop_ids, stream. The engines (decoding/engine.py) run the same strategies as
     fixed-shape steps and are tested against these."""
     s = get(strategy)
     if s.needs_module and not isinstance(model, RecycleModel):

@@ -1,0 +1,38 @@
+"""The models: the LLaMA-family base (`transformer`) and the recyclable module with the pair (`recyclable`)."""
+
+from .recyclable import RECYCLE_VOCABS, RecyclableModule, RecycleModel
+from .transformer import (
+                          CPU_FEW_ROWS,
+                          FOLD_MAX_TOKENS,
+                          FUSED_MAX_WIDTH,
+                          MLP,
+                          Attention,
+                          Block,
+                          KVCache,
+                          Linear,
+                          ModelOutput,
+                          RMSNorm,
+                          Tables,
+                          Transformer,
+                          Tree,
+                          apply_rotary,
+                          attention_mask,
+                          call_tables,
+                          fuse_projections,
+                          fused_linear_fits,
+                          init_weights,
+                          linear,
+                          prefill_attention,
+                          rotary,
+                          run_blocks,
+                          use_cached_attention,
+                          use_decode_kernel,
+                          use_draft_head_kernel,
+                          use_fused_linear,
+)
+
+__all__ = ["RECYCLE_VOCABS", "RecyclableModule", "RecycleModel", "CPU_FEW_ROWS", "FOLD_MAX_TOKENS", "FUSED_MAX_WIDTH",
+           "MLP", "Attention", "Block", "KVCache", "Linear", "ModelOutput", "RMSNorm", "Tables", "Transformer", "Tree",
+           "apply_rotary", "attention_mask", "call_tables", "fuse_projections", "fused_linear_fits", "init_weights",
+           "linear", "prefill_attention", "rotary", "run_blocks", "use_cached_attention", "use_decode_kernel",
+           "use_draft_head_kernel", "use_fused_linear"]
