@@ -8,6 +8,7 @@
     recyclegpt retrofit               train a recyclable module on a frozen base
     recyclegpt distill                the base model's responses to a prompt file, as JSONL (self-distillation data)
     recyclegpt eval mc|lastword|ppl|agreement    quality: standard vs recycle scoring, the module's agreement α
+    recyclegpt serve                  an OpenAI-compatible HTTP server (docs/serving.md)
 
 Errors the user can fix (bad values, missing files, corrupt checkpoints) print one line and exit with status 2.
 """
@@ -419,6 +420,44 @@ def cmd_retrofit(args) -> None:
     print(json.dumps(metrics[-1] if metrics else {}))
 
 
+# -- serve -------------------------------------------------------------------------------------------------------
+
+
+def cmd_serve(args) -> None:
+    """Serve the model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions; docs/serving.md).
+
+Requests run one at a time, in arrival order, through RecycleGPT.generate (no continuous batching yet)."""
+    try:
+        import uvicorn
+
+        from ..serving import ServerConfig, create_app
+    except ImportError as e:
+        raise UsageError(f"serve needs fastapi and uvicorn: pip install 'recyclegpt[serve]' ({e})") from None
+    if args.max_queue < 1:
+        raise UsageError(f"--max-queue must be at least 1, got {args.max_queue}")
+    if args.max_model_len is not None and args.max_model_len < 2:
+        raise UsageError(f"--max-model-len must be at least 2, got {args.max_model_len}")
+    if not 0 <= args.port <= 65535:
+        raise UsageError(f"--port must be in 0..65535, got {args.port}")
+    lm = load_model(args)
+    strategy = args.strategy
+    if strategy is not None and get_strategy(strategy).needs_module and lm.model is None:
+        raise UsageError(f"--strategy {strategy} needs a recyclable module and none is loaded; "
+                         f"{module_hint(args.model)}")
+    if strategy == "recycle" or (strategy is not None and args.recycle == "random"
+                                 and get_strategy(strategy).needs_module):
+        print(f"note: --strategy {strategy} is lossy or uses an untrained module; answers differ from standard "
+              f"decoding", file=sys.stderr)
+    api_key = args.api_key if args.api_key is not None else os.environ.get("RECYCLEGPT_API_KEY") or None
+    app = create_app(lm, ServerConfig(model_name=args.served_model_name or args.model, strategy=strategy,
+                                      engine=args.engine, max_model_len=args.max_model_len, api_key=api_key,
+                                      max_queue=args.max_queue))
+    server = app.state.server
+    print(f"serving {server.model_name} (strategy {server.strategy}, context {server.context}) on "
+          f"http://{args.host}:{args.port}/v1", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+
+
 # -- parser ------------------------------------------------------------------------------------------------------
 
 
@@ -527,6 +566,27 @@ def build_parser() -> argparse.ArgumentParser:
     _add_module_args(t)
     _add_config_args(t, TrainConfig, skip=("device",))
     t.add_argument("--device", default=None, help="default: cuda if available")
+
+    sv = add("serve", cmd_serve)
+    add_model_args(sv)
+    sv.add_argument("--strategy", choices=strategy_names(), default=None,
+                    help="the default strategy of requests (a request may pick another with "
+                         "\"recyclegpt\": {\"strategy\": ...}); default: recycle-verified with a module, else "
+                         "standard (both lossless; the lossy recycle only when asked)")
+    sv.add_argument("--engine", default="auto", choices=ENGINES,
+                    help="decode loop (default auto: CUDA graphs on a GPU, eager on CPU); the tokens are the same")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    sv.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    sv.add_argument("--served-model-name", default=None,
+                    help="the name clients pass as \"model\" (default: --model)")
+    sv.add_argument("--max-model-len", type=int, default=None,
+                    help="limit prompt + completion tokens to N (default: the model's context length)")
+    sv.add_argument("--api-key", default=None,
+                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $RECYCLEGPT_API_KEY, else none)")
+    sv.add_argument("--max-queue", type=int, default=64,
+                    help="requests that may wait behind the running one; more get 503 (default 64)")
+    sv.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
+                    help="uvicorn's log level (default info)")
 
     from .evaluate import add_eval_parser
 

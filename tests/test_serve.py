@@ -1,0 +1,300 @@
+"""`recyclegpt serve`: the OpenAI-compatible server over a tiny random model (CPU, no download)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import socket
+import threading
+import time
+
+import pytest
+import torch
+
+fastapi = pytest.importorskip("fastapi")
+pytest.importorskip("httpx")
+
+from fastapi.testclient import TestClient  # noqa: E402
+
+from recyclegpt.api import RecycleGPT  # noqa: E402
+from recyclegpt.cli.main import build_parser  # noqa: E402
+from recyclegpt.config import PRESETS, RecycleConfig  # noqa: E402
+from recyclegpt.models import RecyclableModule, Transformer  # noqa: E402
+from recyclegpt.serving import create_app  # noqa: E402
+from recyclegpt.serving.scheduler import Job  # noqa: E402
+from recyclegpt.training.data import train_bpe  # noqa: E402
+
+TEXT = "explain why the sky is blue. write a short poem about a lighthouse. what are three tips for studying? " * 30
+TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+            "{% if add_generation_prompt %}<assistant>{% endif %}")
+NAME = "tiny"
+PROMPT = "explain why the sky"
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory) -> RecycleGPT:
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text(TEXT)
+    tok = dataclasses.replace(train_bpe([path], 300), eos_ids=(), chat_template=TEMPLATE)
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(PRESETS["tiny"], vocab_size=tok.vocab_size)
+    base, module = Transformer(cfg).eval(), RecyclableModule(cfg, RecycleConfig()).eval()
+    return RecycleGPT(base, tok, module=module, name=NAME)
+
+
+@pytest.fixture(scope="module")
+def client(lm):
+    with TestClient(create_app(lm)) as c:
+        yield c
+
+
+def complete(client, **body):
+    return client.post("/v1/completions", json={"model": NAME, "prompt": PROMPT, "temperature": 0, **body})
+
+
+def sse(response) -> list:
+    """The data payloads of an SSE body, JSON-decoded, with the final [DONE] checked and dropped."""
+    events = [line[len("data: "):] for line in response.text.split("\n\n") if line]
+    assert all(line.startswith("data: ") for line in response.text.split("\n\n") if line)
+    assert events[-1] == "[DONE]"
+    return [json.loads(e) for e in events[:-1]]
+
+
+def error_of(r, status: int, param: str | None = "<any>") -> dict:
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and "Traceback" not in err["message"]
+    assert err["type"] == ("server_error" if status >= 500 else "invalid_request_error")
+    if param != "<any>":
+        assert err["param"] == param, err
+    return err
+
+
+# -- what works --------------------------------------------------------------------------------------------------
+
+
+def test_models_health_and_default_strategy(client):
+    assert client.get("/health").json() == {"status": "ok"}
+    data = client.get("/v1/models").json()["data"]
+    assert [m["id"] for m in data] == [NAME]
+    assert client.app.state.server.strategy == "recycle-verified"  # lossless by default with a module
+
+
+@pytest.mark.parametrize("strategy", ["standard", "recycle-verified", "recycle"])
+def test_completion_equals_generate(client, lm, strategy):
+    r = complete(client, max_tokens=12, recyclegpt={"strategy": strategy})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    want = lm.generate(PROMPT, strategy=strategy, max_new_tokens=12)
+    assert body["object"] == "text_completion" and body["model"] == NAME
+    assert body["choices"][0]["text"] == want.text[0]
+    assert body["choices"][0]["finish_reason"] == "length"
+    n_prompt = len(lm.encode(PROMPT))
+    assert body["usage"] == {"prompt_tokens": n_prompt, "completion_tokens": 12, "total_tokens": n_prompt + 12}
+    ext = body["recyclegpt"]
+    assert ext["strategy"] == strategy and ext["tokens_per_full_call"] > 0
+    assert (ext["tau"] is not None) == (strategy == "recycle-verified")
+
+
+def test_token_id_prompt_and_single_item_list(client, lm):
+    ids = lm.encode(PROMPT)
+    by_text = complete(client, max_tokens=8).json()["choices"][0]["text"]
+    assert complete(client, prompt=ids, max_tokens=8).json()["choices"][0]["text"] == by_text
+    assert complete(client, prompt=[PROMPT], max_tokens=8).json()["choices"][0]["text"] == by_text
+
+
+def test_streaming_completion_concatenates_to_the_text(client):
+    full = complete(client, max_tokens=20).json()["choices"][0]["text"]
+    r = complete(client, max_tokens=20, stream=True, stream_options={"include_usage": True})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    chunks = sse(r)
+    assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"]) == full
+    assert chunks[-2]["choices"][0]["finish_reason"] == "length" and "recyclegpt" in chunks[-2]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 20
+
+
+def test_chat_and_chat_stream(client, lm):
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "why is the sky blue?"}]
+    ids = lm.tokenizer.encode(lm.tokenizer.apply_chat_template(messages))
+    want = lm.generate(ids, strategy="recycle-verified", max_new_tokens=10).text[0]
+    r = client.post("/v1/chat/completions", json={"model": NAME, "messages": messages, "temperature": 0,
+                                                   "max_completion_tokens": 10})
+    body = r.json()
+    assert body["object"] == "chat.completion"
+    assert body["choices"][0]["message"] == {"role": "assistant", "content": want}
+    assert body["usage"]["prompt_tokens"] == len(ids)
+    r = client.post("/v1/chat/completions", json={"model": NAME, "messages": messages, "temperature": 0,
+                                                   "max_tokens": 10, "stream": True})
+    chunks = sse(r)
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == want
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+
+def test_stop_strings(client, lm):
+    want = lm.generate(PROMPT, max_new_tokens=30).text[0]
+    ids = lm.generate(PROMPT, max_new_tokens=30).token_ids[0]
+    one_token = lm.tokenizer.decode(ids[5:6])
+    several = want[len(lm.tokenizer.decode(ids[:8])):][:4]
+    assert len(lm.tokenizer.encode(one_token)) == 1 and len(lm.tokenizer.encode(several)) > 1
+    for stop in (one_token, several, [several, "zzzzqq"]):
+        first = stop if isinstance(stop, str) else stop[0]
+        cut = want[:want.find(first)]
+        body = complete(client, max_tokens=30, stop=stop, recyclegpt={"strategy": "standard"}).json()
+        assert body["choices"][0]["text"] == cut and body["choices"][0]["finish_reason"] == "stop"
+        chunks = sse(complete(client, max_tokens=30, stop=stop, stream=True))
+        assert "".join(c["choices"][0]["text"] for c in chunks) == cut
+        assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_seed_makes_sampling_repeatable(client):
+    a, b = (complete(client, max_tokens=16, temperature=1.0, top_p=0.9, top_k=50, seed=7).json() for _ in range(2))
+    assert a["choices"][0]["text"] == b["choices"][0]["text"]
+
+
+def test_metrics(client):
+    complete(client, max_tokens=4)
+    text = client.get("/metrics").text
+    assert '# TYPE recyclegpt_requests_total counter' in text
+    assert 'recyclegpt_requests_total{endpoint="/v1/completions",status="200"}' in text
+    tokens = next(line for line in text.splitlines() if line.startswith("recyclegpt_generated_tokens_total "))
+    assert int(tokens.split()[1]) >= 4
+    assert "recyclegpt_queue_depth 0" in text and "recyclegpt_tau_count" in text
+
+
+# -- errors ------------------------------------------------------------------------------------------------------
+
+
+def test_validation_errors(client):
+    r = client.post("/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
+    error_of(r, 400)
+    error_of(client.post("/v1/completions", json={"model": NAME}), 400, "prompt")
+    error_of(client.post("/v1/completions", json=[1, 2]), 400)
+    error_of(complete(client, max_tokens="many"), 400, "max_tokens")
+    error_of(client.post("/v1/chat/completions", json={"model": NAME, "messages": []}), 400, "messages")
+    err = error_of(complete(client, temperature=-1), 400, "temperature")
+    assert "temperature must be a finite number >= 0" in err["message"]
+    error_of(complete(client, top_p=2), 400, "top_p")
+    error_of(complete(client, top_k=0), 400, "top_k")
+    error_of(complete(client, max_tokens=0), 400, "max_tokens")
+    error_of(client.post("/v1/chat/completions", json={"model": NAME, "messages": [{"role": "user", "content": "x"}],
+                                                        "max_completion_tokens": -3}), 400, "max_completion_tokens")
+    assert error_of(complete(client, prompt="sky " * 400), 400, "prompt")["code"] == "context_length_exceeded"
+    assert error_of(complete(client, max_tokens=250), 400, "max_tokens")["code"] == "context_length_exceeded"
+    assert "unknown strategy" in error_of(complete(client, recyclegpt={"strategy": "fast"}), 400)["message"]
+    error_of(complete(client, prompt=""), 400, "prompt")
+    error_of(complete(client, prompt=[10**6]), 400, "prompt")
+    error_of(complete(client, stop=[""]), 400, "stop")
+    for field, value in (("n", 2), ("logprobs", 2), ("best_of", 3), ("echo", True), ("presence_penalty", 0.5)):
+        assert error_of(complete(client, **{field: value}), 400, field)["code"] == "unsupported"
+    assert error_of(complete(client, prompt=["a", "b"]), 400, "prompt")["code"] == "unsupported"
+    assert error_of(complete(client, model="gpt-4"), 404, "model")["code"] == "model_not_found"
+    error_of(client.get("/v1/nothing"), 404)
+    error_of(client.post("/v1/completions", content=b"x" * (1 << 20 + 1),
+                         headers={"content-type": "application/json"}), 413)
+    # a bad request disturbs nobody: the next one is served
+    assert complete(client, max_tokens=3).status_code == 200
+
+
+def test_max_model_len_and_no_module(lm):
+    no_module = RecycleGPT(lm.base, lm.tokenizer, name=NAME)
+    with TestClient(create_app(no_module, max_model_len=32)) as c:
+        assert c.app.state.server.strategy == "standard"
+        assert c.get("/v1/models").json()["data"][0]["max_model_len"] == 32
+        error_of(complete(c, max_tokens=30), 400, "max_tokens")
+        err = error_of(complete(c, recyclegpt={"strategy": "speculative"}), 400, "recyclegpt.strategy")
+        assert "needs a recyclable module" in err["message"]
+        assert complete(c, max_tokens=4).status_code == 200
+
+
+def test_api_key(lm):
+    with TestClient(create_app(lm, api_key="sekret")) as c:
+        error_of(complete(c), 401)
+        error_of(complete(c, max_tokens=2), 401)
+        r = c.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 2},
+                   headers={"Authorization": "Bearer wrong"})
+        assert error_of(r, 401)["code"] == "invalid_api_key"
+        r = c.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 2},
+                   headers={"Authorization": "Bearer sekret"})
+        assert r.status_code == 200
+        assert c.get("/health").status_code == 200  # health and metrics stay open
+
+
+def test_queue_full_is_503(lm):
+    app = create_app(lm, max_queue=1)
+    c = TestClient(app)  # no lifespan: the worker is not started, so the queue does not drain
+    app.state.server.worker.submit(Job([1], 1, "standard", 0.0, None, None, None, [], frozenset(), emit=print))
+    err = error_of(complete(c, max_tokens=2), 503)
+    assert err["code"] == "server_overloaded"
+
+
+def test_serve_parser():
+    args = build_parser().parse_args(["serve", "--port", "0", "--api-key", "k", "--max-queue", "3"])
+    assert args.strategy is None and args.host == "127.0.0.1" and args.max_queue == 3 and args.api_key == "k"
+
+
+# -- the official client against a live server ---------------------------------------------------------------------
+
+
+def test_openai_client_against_live_server(lm):
+    openai = pytest.importorskip("openai")
+    uvicorn = pytest.importorskip("uvicorn")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(lm, api_key="k"), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.time() + 20
+        while not server.started:
+            assert time.time() < deadline and thread.is_alive(), "the server did not start"
+            time.sleep(0.05)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", max_retries=0)
+        assert [m.id for m in client.models.list()] == [NAME]
+        want = lm.generate(PROMPT, strategy="recycle-verified", max_new_tokens=12).text[0]
+        out = client.completions.create(model=NAME, prompt=PROMPT, max_tokens=12, temperature=0)
+        assert out.choices[0].text == want and out.usage.completion_tokens == 12
+        results = {}
+
+        def ask(i):  # concurrent requests queue up and each gets its own answer
+            results[i] = client.completions.create(model=NAME, prompt=PROMPT, max_tokens=12, temperature=0)
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(3)]
+        [t.start() for t in threads]
+        [t.join(30) for t in threads]
+        assert [results[i].choices[0].text for i in range(3)] == [want] * 3
+        msgs = [{"role": "user", "content": "why is the sky blue?"}]
+        chat = client.chat.completions.create(model=NAME, messages=msgs, max_tokens=8, temperature=0)
+        stream = client.chat.completions.create(model=NAME, messages=msgs, max_tokens=8, temperature=0, stream=True,
+                                                stream_options={"include_usage": True})
+        chunks = list(stream)
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == chat.choices[0].message.content
+        assert chunks[-1].usage.completion_tokens == 8
+        with pytest.raises(openai.NotFoundError):
+            client.completions.create(model="other", prompt=PROMPT, max_tokens=2)
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(model=NAME, prompt=PROMPT, max_tokens=2, temperature=-1)
+        assert e.value.body["type"] == "invalid_request_error"
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="bad", max_retries=0).models.list()
+    finally:
+        server.should_exit = True
+        thread.join(20)
+    assert not thread.is_alive()
+
+
+def test_cancelled_job_ends_at_the_next_step(lm):
+    from recyclegpt.serving.scheduler import run_job
+
+    deltas = []
+
+    def emit(ev):  # the client goes away after the first piece of text
+        deltas.append(ev)
+        job.cancelled.set()
+
+    job = Job(lm.encode(PROMPT), 200, "standard", 0.0, None, None, None, [], frozenset(), emit=emit)
+    assert run_job(lm, job, "auto") is None
+    assert len(deltas) == 1
