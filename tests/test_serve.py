@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import socket
@@ -237,13 +238,14 @@ def test_serve_parser():
 # -- the official client against a live server ---------------------------------------------------------------------
 
 
-def test_openai_client_against_live_server(lm):
-    openai = pytest.importorskip("openai")
+@contextlib.contextmanager
+def live_server(lm, **config):
+    """A uvicorn server for `lm` on a free port of 127.0.0.1, in a thread; yields the port, stops it after."""
     uvicorn = pytest.importorskip("uvicorn")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(lm, api_key="k"), host="127.0.0.1", port=port,
+    server = uvicorn.Server(uvicorn.Config(create_app(lm, **config), host="127.0.0.1", port=port,
                                            log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -252,6 +254,16 @@ def test_openai_client_against_live_server(lm):
         while not server.started:
             assert time.time() < deadline and thread.is_alive(), "the server did not start"
             time.sleep(0.05)
+        yield port
+    finally:
+        server.should_exit = True
+        thread.join(20)
+    assert not thread.is_alive()
+
+
+def test_openai_client_against_live_server(lm):
+    openai = pytest.importorskip("openai")
+    with live_server(lm, api_key="k") as port:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", max_retries=0)
         assert [m.id for m in client.models.list()] == [NAME]
         want = lm.generate(PROMPT, strategy="recycle-verified", max_new_tokens=12).text[0]
@@ -280,10 +292,6 @@ def test_openai_client_against_live_server(lm):
         assert e.value.body["type"] == "invalid_request_error"
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="bad", max_retries=0).models.list()
-    finally:
-        server.should_exit = True
-        thread.join(20)
-    assert not thread.is_alive()
 
 
 def test_cancelled_job_ends_at_the_next_step(lm):
@@ -298,3 +306,52 @@ def test_cancelled_job_ends_at_the_next_step(lm):
     job = Job(lm.encode(PROMPT), 200, "standard", 0.0, None, None, None, [], frozenset(), emit=emit)
     assert run_job(lm, job, "auto") is None
     assert len(deltas) == 1
+
+
+def test_load_of_concurrent_streams_with_disconnects(lm):
+    """64 streaming clients at once, prompts of mixed lengths, every strategy, a few leaving after their first
+    chunk: each completed stream is exactly the request run alone (no chunk lost or repeated), the abandoned ones
+    free the worker, and the server answers afterwards with nothing left queued or running."""
+    httpx = pytest.importorskip("httpx")
+    strategies = ("standard", "recycle-verified", "speculative", "lookup", "recycle")
+    words = TEXT.split()
+    requests = [(" ".join(words[:1 + (7 * i) % 60]), strategies[i % len(strategies)], 4 + i % 13) for i in range(64)]
+    leaving = {5, 17, 29, 41, 53, 63}
+    results: dict[int, str] = {}
+    with live_server(lm, max_queue=64) as port:
+        url = f"http://127.0.0.1:{port}/v1/completions"
+
+        def client(i):
+            prompt, strategy, n = requests[i]
+            body = {"model": NAME, "prompt": prompt, "max_tokens": n, "temperature": 0, "stream": True,
+                    "recyclegpt": {"strategy": strategy}}
+            with httpx.stream("POST", url, json=body, timeout=120) as r:
+                assert r.status_code == 200, r.read()
+                text = []
+                for line in r.iter_lines():
+                    if not line.startswith("data: "):
+                        continue
+                    if line == "data: [DONE]":
+                        results[i] = "".join(text)
+                        return
+                    text.append(json.loads(line[len("data: "):])["choices"][0]["text"])
+                    if i in leaving:
+                        return  # the client goes away mid-stream
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(len(requests))]
+        [t.start() for t in threads]
+        [t.join(180) for t in threads]
+        assert not any(t.is_alive() for t in threads)
+        assert set(results) == set(range(len(requests))) - leaving
+        for i, got in results.items():
+            prompt, strategy, n = requests[i]
+            assert got == lm.generate(prompt, strategy=strategy, max_new_tokens=n).text[0], requests[i]
+        deadline = time.time() + 30
+        while True:  # the abandoned requests end at their next step; then nothing is queued or running
+            metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+            idle = "recyclegpt_queue_depth 0" in metrics and "recyclegpt_requests_running 0" in metrics
+            if idle or time.time() > deadline:
+                break
+            time.sleep(0.1)
+        assert idle, metrics
+        assert httpx.get(f"http://127.0.0.1:{port}/health").json() == {"status": "ok"}
