@@ -240,13 +240,13 @@ def test_serve_parser():
 
 @contextlib.contextmanager
 def live_server(lm, **config):
-    """A uvicorn server for `lm` on a free port of 127.0.0.1, in a thread; yields the port, stops it after."""
+    """A uvicorn server for `lm` on a free port of 127.0.0.1, in a thread; yields (port, app), stops it after."""
     uvicorn = pytest.importorskip("uvicorn")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(lm, **config), host="127.0.0.1", port=port,
-                                           log_level="warning"))
+    app = create_app(lm, **config)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:
@@ -254,7 +254,7 @@ def live_server(lm, **config):
         while not server.started:
             assert time.time() < deadline and thread.is_alive(), "the server did not start"
             time.sleep(0.05)
-        yield port
+        yield port, app
     finally:
         server.should_exit = True
         thread.join(20)
@@ -263,7 +263,7 @@ def live_server(lm, **config):
 
 def test_openai_client_against_live_server(lm):
     openai = pytest.importorskip("openai")
-    with live_server(lm, api_key="k") as port:
+    with live_server(lm, api_key="k") as (port, _):
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", max_retries=0)
         assert [m.id for m in client.models.list()] == [NAME]
         want = lm.generate(PROMPT, strategy="recycle-verified", max_new_tokens=12).text[0]
@@ -310,15 +310,16 @@ def test_cancelled_job_ends_at_the_next_step(lm):
 
 def test_load_of_concurrent_streams_with_disconnects(lm):
     """64 streaming clients at once, prompts of mixed lengths, every strategy, a few leaving after their first
-    chunk: each completed stream is exactly the request run alone (no chunk lost or repeated), the abandoned ones
-    free the worker, and the server answers afterwards with nothing left queued or running."""
+    chunk: each completed stream is exactly the request run alone (no chunk lost or repeated; greedy requests of a
+    strategy waiting together decode as one batch), the abandoned ones free the worker, and the server answers
+    afterwards with nothing left queued or running."""
     httpx = pytest.importorskip("httpx")
     strategies = ("standard", "recycle-verified", "speculative", "lookup", "recycle")
     words = TEXT.split()
     requests = [(" ".join(words[:1 + (7 * i) % 60]), strategies[i % len(strategies)], 4 + i % 13) for i in range(64)]
     leaving = {5, 17, 29, 41, 53, 63}
     results: dict[int, str] = {}
-    with live_server(lm, max_queue=64) as port:
+    with live_server(lm, max_queue=64) as (port, app):
         url = f"http://127.0.0.1:{port}/v1/completions"
 
         def client(i):
@@ -355,3 +356,40 @@ def test_load_of_concurrent_streams_with_disconnects(lm):
             time.sleep(0.1)
         assert idle, metrics
         assert httpx.get(f"http://127.0.0.1:{port}/health").json() == {"status": "ok"}
+        assert app.state.server.worker.largest_batch > 1  # requests did share batches
+
+
+def test_a_batch_gives_each_row_what_it_gets_alone(lm):
+    """run_batch: greedy rows of mixed prompt lengths, budgets and stops (a stop string, a stop token, none), one
+    client leaving: each row's streamed text and outcome are those of the request run alone (run_job)."""
+    from recyclegpt.serving.scheduler import run_batch, run_job
+
+    def job(prompt, n, stop=(), stop_ids=frozenset(), leave=False):
+        events = []
+
+        def emit(ev):
+            events.append(ev)
+            if leave:
+                j.cancelled.set()
+        j = Job(lm.encode(prompt), n, "recycle-verified", 0.0, None, None, None, list(stop), stop_ids, emit=emit)
+        j.events = events
+        return j
+
+    alone_text = lm.generate(PROMPT, strategy="recycle-verified", max_new_tokens=20).text[0]
+    specs = [(PROMPT, 20, (), frozenset(), False), ("the", 7, (), frozenset(), False),
+             (PROMPT, 20, (alone_text[5:8],), frozenset(), False),
+             (TEXT[:200], 12, (), frozenset({lm.encode(alone_text)[3]}), False), ("why", 30, (), frozenset(), True)]
+    jobs, ended = [job(*s) for s in specs], {}
+    run_batch(lm, jobs, "auto", lambda j, outcome, error: ended.__setitem__(id(j), (outcome, error)))
+    assert set(ended) == {id(j) for j in jobs}
+    for spec, j in zip(specs, jobs):
+        outcome, error = ended[id(j)]
+        assert error is None
+        if spec[-1]:  # the client left: no outcome
+            assert outcome is None
+            continue
+        ref = job(*spec)
+        want = run_job(lm, ref, "auto")
+        assert (outcome.text, outcome.completion_tokens, outcome.finish_reason) == \
+            (want.text, want.completion_tokens, want.finish_reason), spec
+        assert "".join(e[1] for e in j.events if e[0] == "delta") == outcome.text

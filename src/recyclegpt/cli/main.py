@@ -426,7 +426,8 @@ def cmd_retrofit(args) -> None:
 def cmd_serve(args) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions; docs/serving.md).
 
-Requests run one at a time, in arrival order, through RecycleGPT.generate (no continuous batching yet)."""
+Requests run in arrival order through RecycleGPT.generate; greedy requests of one strategy that wait together decode
+as one batch (--max-batch); no continuous batching yet."""
     try:
         import uvicorn
 
@@ -435,6 +436,8 @@ Requests run one at a time, in arrival order, through RecycleGPT.generate (no co
         raise UsageError(f"serve needs fastapi and uvicorn: pip install 'recyclegpt[serve]' ({e})") from None
     if args.max_queue < 1:
         raise UsageError(f"--max-queue must be at least 1, got {args.max_queue}")
+    if args.max_batch < 1:
+        raise UsageError(f"--max-batch must be at least 1, got {args.max_batch}")
     if args.max_model_len is not None and args.max_model_len < 2:
         raise UsageError(f"--max-model-len must be at least 2, got {args.max_model_len}")
     if not 0 <= args.port <= 65535:
@@ -451,7 +454,7 @@ Requests run one at a time, in arrival order, through RecycleGPT.generate (no co
     api_key = args.api_key if args.api_key is not None else os.environ.get("RECYCLEGPT_API_KEY") or None
     app = create_app(lm, ServerConfig(model_name=args.served_model_name or args.model, strategy=strategy,
                                       engine=args.engine, max_model_len=args.max_model_len, api_key=api_key,
-                                      max_queue=args.max_queue))
+                                      max_queue=args.max_queue, max_batch=args.max_batch))
     server = app.state.server
     print(f"serving {server.model_name} (strategy {server.strategy}, context {server.context}) on "
           f"http://{args.host}:{args.port}/v1", file=sys.stderr)
@@ -584,7 +587,10 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--api-key", default=None,
                     help="require 'Authorization: Bearer KEY' on /v1/* (default: $RECYCLEGPT_API_KEY, else none)")
     sv.add_argument("--max-queue", type=int, default=64,
-                    help="requests that may wait behind the running one; more get 503 (default 64)")
+                    help="requests that may wait behind the running ones; more get 503 (default 64)")
+    sv.add_argument("--max-batch", type=int, default=8,
+                    help="greedy requests of one strategy waiting together decode as one batch of up to this many "
+                         "(default 8; 1: one request at a time)")
     sv.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
                     help="uvicorn's log level (default info)")
 

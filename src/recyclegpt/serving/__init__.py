@@ -3,7 +3,8 @@
     from recyclegpt.serving import create_app
     app = create_app(lm)            # a FastAPI app; run it with uvicorn
 
-Needs the `serve` extra (fastapi, uvicorn). Requests run one at a time, in arrival order, on one worker thread.
+Needs the `serve` extra (fastapi, uvicorn). Requests run in arrival order on one worker thread, greedy requests of
+one strategy that wait together as one batch.
 """
 
 from .app import ServerConfig, create_app

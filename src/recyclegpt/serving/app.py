@@ -1,8 +1,9 @@
 """The FastAPI app of `recyclegpt serve`: OpenAI-compatible completions and chat completions over one RecycleGPT.
 
 `create_app(lm, ServerConfig(...))` builds it; the CLI runs it with uvicorn. Requests are validated on the event
-loop, then queued for the single worker thread (scheduler.py), which runs them one at a time through
-`RecycleGPT.generate`. Errors are answered in OpenAI's shape, {"error": {"message", "type", "param", "code"}}.
+loop, then queued for the single worker thread (scheduler.py), which runs them in arrival order through
+`RecycleGPT.generate`, greedy requests of one strategy that wait together as one batch. Errors are answered in
+OpenAI's shape, {"error": {"message", "type", "param", "code"}}.
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ class ServerConfig:
     engine: str = "auto"
     max_model_len: int | None = None  # prompt + completion limit (default and upper bound: the model's context)
     api_key: str | None = None  # when set, /v1/* needs "Authorization: Bearer <api_key>"
-    max_queue: int = 64  # requests waiting beyond the one running; more are refused with 503
+    max_queue: int = 64  # requests waiting beyond the ones running; more are refused with 503
+    max_batch: int = 8  # greedy requests of one strategy waiting together decode as one batch of up to this many
     max_body_bytes: int = MAX_BODY_BYTES
 
 
@@ -113,7 +115,7 @@ class Metrics:
                    [("", self.prompt_tokens)])
             metric("recyclegpt_generated_tokens_total", "counter", "Tokens generated.", [("", self.tokens)])
             metric("recyclegpt_queue_depth", "gauge", "Requests waiting for the worker.", [("", queue_depth)])
-            metric("recyclegpt_requests_running", "gauge", "Requests being decoded (0 or 1).", [("", running)])
+            metric("recyclegpt_requests_running", "gauge", "Requests being decoded (one batch).", [("", running)])
             metric("recyclegpt_tau_sum", "counter", "Sum of tau (tokens per verifying full call) over requests.",
                    [("", self.tau_sum)])
             metric("recyclegpt_tau_count", "counter", "Requests that reported tau.", [("", self.tau_count)])
@@ -176,7 +178,8 @@ class Server:
         self.context = min(ctx, config.max_model_len) if config.max_model_len else ctx
         lm.resolve_engine(config.engine)  # a clear error now for a bad engine
         self.metrics = Metrics()
-        self.worker = Worker(lm, engine=config.engine, max_queue=config.max_queue, on_done=self.metrics.generation)
+        self.worker = Worker(lm, engine=config.engine, max_queue=config.max_queue, max_batch=config.max_batch,
+                             on_done=self.metrics.generation)
         self.created = int(time.time())
 
     def check_strategy(self, name: str, *, param: str | None = "recyclegpt.strategy") -> None:
@@ -454,7 +457,7 @@ def create_app(lm: RecycleGPT, config: ServerConfig | None = None, **kw) -> Fast
 
     @app.get("/metrics")
     async def metrics():
-        text = server.metrics.render(server.worker.depth(), int(server.worker.running is not None))
+        text = server.metrics.render(server.worker.depth(), len(server.worker.running))
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
