@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import json
 import socket
+import sys
 import threading
 import time
 
@@ -393,3 +394,27 @@ def test_a_batch_gives_each_row_what_it_gets_alone(lm):
         assert (outcome.text, outcome.completion_tokens, outcome.finish_reason) == \
             (want.text, want.completion_tokens, want.finish_reason), spec
         assert "".join(e[1] for e in j.events if e[0] == "delta") == outcome.text
+
+
+def test_bench_serve_script_against_a_live_server(lm, tmp_path, capsys):
+    """scripts/bench_serve.py: Poisson arrivals at two rates, two strategies; every request completes, answers equal
+    those at the lowest rate, and the report ends with one JSON line."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_serve.py"
+    spec = importlib.util.spec_from_file_location("bench_serve", path)
+    bench_serve = importlib.util.module_from_spec(spec)
+    sys.modules["bench_serve"] = bench_serve  # its dataclasses resolve their annotations there
+    spec.loader.exec_module(bench_serve)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": " ".join(TEXT.split()[:n])}) + "\n" for n in (2, 9, 40)))
+    with live_server(lm) as (port, _):
+        report = bench_serve.main(["--url", f"http://127.0.0.1:{port}", "--rates", "20,80", "--requests", "6",
+                                   "--strategies", "standard,recycle-verified", "--max-tokens", "6",
+                                   "--prompts", str(prompts)])
+    assert len(report["rows"]) == 4
+    for row in report["rows"]:
+        assert row["completed"] == row["requests"] == 6 and row["same_as_lowest_rate"] == 6, row
+        assert row["tokens_per_s"] > 0 and row["ttft_p50"] is not None
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == report
