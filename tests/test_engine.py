@@ -496,3 +496,19 @@ def test_call_tables_are_the_calls_own():
     assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
     with pytest.raises(ValueError, match="tables for \\(1,\\) slots given to a call on 2 tokens"):
         base(ids, cache=base.new_cache(2, 16), tables=call_tables(cfg, torch.tensor([3]), pad, 8, torch.float32))
+
+
+def test_the_engine_keeps_at_most_max_decoders_dropping_the_least_recently_used():
+    """Traffic of several batch sizes keeps at most max_decoders Decoders (their caches and graphs); the least
+    recently used goes, and a shape that comes back decodes again to the reference's tokens."""
+    model = build(3)
+    vocab = model.base.cfg.vocab_size
+    shapes = {b: random_prompts(10 + b, b, vocab) for b in (1, 2, 3)}
+    engine = Engine(model, bucket=8, max_decoders=2)
+    want = {b: reference(model, "standard", p, max_new_tokens=9).tokens for b, p in shapes.items()}
+    for b in (1, 2, 1, 3, 2, 1):  # 3 drops 2 (1 was used since); then 2 comes back and drops 1, then 1 drops 3
+        assert engine.decode("standard", shapes[b], max_new_tokens=9).tokens == want[b], b
+        assert len(engine._decoders) <= 2
+    assert [k[0] for k in engine._decoders] == [2, 1]  # least recently used first
+    with pytest.raises(ValueError, match="max_decoders"):
+        Engine(model, max_decoders=0)

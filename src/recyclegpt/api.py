@@ -103,13 +103,16 @@ class EngineOptions:
     compile_prefill: the compiled engine also compiles the prompt's forwards, once for every prompt length (dynamic
     shapes): a faster first token for more compile time once per process; False leaves them eager in its graphs.
     kernels: which fused Triton kernels the model's calls take on CUDA (`KernelConfig`; every engine and the eager
-    loops alike)."""
+    loops alike). max_decoders: each engine keeps at most this many Decoders (one per batch size and cache length
+    in use, each with its cache and graphs), dropping the least recently used: memory stays bounded whatever the
+    traffic, at the cost of capturing again a shape that comes back."""
 
     kv_bucket: int = DEFAULT_KV_BUCKET
     compile_mode: str | None = None
     compile_steps: bool = False
     compile_prefill: bool = True
     kernels: KernelConfig = KernelConfig()
+    max_decoders: int = 8
 
     def __post_init__(self) -> None:
         if not isinstance(self.kv_bucket, int) or isinstance(self.kv_bucket, bool) or self.kv_bucket < 16:
@@ -118,6 +121,8 @@ class EngineOptions:
             raise ValueError(f"compile_mode must be an inductor mode name or None, got {self.compile_mode!r}")
         if not isinstance(self.compile_prefill, bool):
             raise ValueError(f"compile_prefill must be True or False, got {self.compile_prefill!r}")
+        if not isinstance(self.max_decoders, int) or isinstance(self.max_decoders, bool) or self.max_decoders < 1:
+            raise ValueError(f"max_decoders must be an integer of at least 1, got {self.max_decoders!r}")
         if not isinstance(self.kernels, KernelConfig):
             raise ValueError(f"kernels must be a KernelConfig, got {self.kernels!r}")
 
@@ -238,7 +243,8 @@ class RecycleGPT:
             compile = (opts.compile_mode or True) if kind == "compiled" else False
             self._engines[kind] = Engine(model, graphs=kind in ("graphs", "compiled"), compile=compile,
                                          compile_steps=kind == "compiled" and opts.compile_steps,
-                                         compile_prefill=opts.compile_prefill, bucket=opts.kv_bucket)
+                                         compile_prefill=opts.compile_prefill, bucket=opts.kv_bucket,
+                                         max_decoders=opts.max_decoders)
         return self._engines[kind]
 
     def _prompt_ids(self, prompt, *, chat: bool) -> list[list[int]]:

@@ -33,6 +33,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
+from collections import OrderedDict
 from typing import Callable, NamedTuple, Sequence
 
 import torch
@@ -605,25 +606,34 @@ class Plan(NamedTuple):
 
 
 class Engine:
-    """Decoders by batch size and cache length for one model, so that captured graphs are reused across calls."""
+    """Decoders by batch size and cache length for one model, so that captured graphs are reused across calls; at
+    most `max_decoders` of them, the least recently used one dropped (with its cache and graphs) to make room, so
+    that traffic of every batch size and length keeps memory bounded."""
 
     def __init__(self, model: Transformer | RecycleModel, *, graphs: bool | None = None, bucket: int = KV_BUCKET,
                  compile: bool | str = False, fuse: bool | None = None, prefill_bucket: int | None = None,
-                 compile_steps: bool = False, compile_prefill: bool = True) -> None:
-        """The arguments are `Decoder`'s, for every Decoder this engine builds."""
+                 compile_steps: bool = False, compile_prefill: bool = True, max_decoders: int = 8) -> None:
+        """The other arguments are `Decoder`'s, for every Decoder this engine builds."""
+        if max_decoders < 1:
+            raise ValueError(f"max_decoders must be at least 1, got {max_decoders}")
         base = model.base if isinstance(model, RecycleModel) else model
         self.model = model
         self.graphs = base.tok_emb.weight.device.type == "cuda" if graphs is None else graphs
         self.bucket, self.compile, self.fuse, self.compile_steps = bucket, compile, fuse, compile_steps
         self.compile_prefill = compile_prefill
         self.prefill_bucket = (PREFILL_BUCKET if self.graphs else 0) if prefill_bucket is None else prefill_bucket
-        self._decoders: dict[tuple[int, int], Decoder] = {}
+        self.max_decoders = max_decoders
+        self._decoders: OrderedDict[tuple[int, int], Decoder] = OrderedDict()  # least recently used first
 
     def decoder(self, batch_size: int, need: int) -> Decoder:
         """A Decoder for `batch_size` rows with at least `need` cache slots (the smallest cached one that fits)."""
         fits = [k for k in self._decoders if k[0] == batch_size and k[1] >= need]
         if fits:
-            return self._decoders[min(fits, key=lambda k: k[1])]
+            key = min(fits, key=lambda k: k[1])
+            self._decoders.move_to_end(key)
+            return self._decoders[key]
+        while len(self._decoders) >= self.max_decoders:
+            self._decoders.popitem(last=False)
         dec = Decoder(self.model, batch_size, need, graphs=self.graphs, bucket=self.bucket, compile=self.compile,
                       fuse=self.fuse, prefill_bucket=self.prefill_bucket, compile_steps=self.compile_steps,
                       compile_prefill=self.compile_prefill)
