@@ -195,7 +195,8 @@ def render_differential(records: list[dict]) -> list[str]:
         lines.append(f"- **{labels[id(rec)]}** {rec['title']}: commit `{rec['commit']}`, check `{rep['check']}`"
                      + (f", prompts {min(lengths)}–{max(lengths)} tokens (median {lengths[len(lengths) // 2]})"
                         if lengths else "") + "." + (f" {rec['note']}" if rec.get("note") else ""))
-    lines += ["", exact_totals(records)] if exact_totals(records) else []
+    totals = exact_totals(records)
+    lines += ["", totals] if totals else []
     lines += ["", "; ".join(f"{', '.join(labels[id(r)] for r in recs)}: {meta}" for meta, recs in groups(records))
               + ".", "", "```bash"]
     for rec in records:

@@ -39,11 +39,8 @@ def load_base(name_or_path: str | Path, *, device: torch.device | str | None = N
     """A base model for inference (eval mode, on `device`, default the CPU; in `dtype`, default float32) and its
     tokenizer: a built-in name, a .gguf file, a Hugging Face folder, or a RecycleGPT checkpoint directory (whose
     base is taken; its module, if any, is left out)."""
-    if not is_checkpoint(name_or_path):
-        return weights.build_base(name_or_path, device=device, dtype=dtype)
-    model, tok, _ = checkpoint.load_checkpoint(name_or_path, device=device or "cpu", dtype=dtype or torch.float32,
-                                               base_loader=lambda ref: load_base(ref, device=device, dtype=dtype))
-    return (model.base if isinstance(model, RecycleModel) else model).eval(), tok
+    loaded = load(name_or_path, recycle=None, device=device or "cpu", dtype=dtype or torch.float32)
+    return loaded.base, loaded.tokenizer
 
 
 def load(model: str | Path, *, recycle: str | Path | None = "default", device: torch.device | str = "cpu",
