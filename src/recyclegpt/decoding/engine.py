@@ -143,6 +143,9 @@ class Decoder:
         # int32: inductor lowers an int32 index_add_ to one atomic add; an int64 one falls back to aten's index_put_
         # (seen in the CPU's compiled code; on CUDA most likely the few small aten kernels in every profiled round)
         self.hist = torch.zeros(MAX_ROUND_TOKENS, dtype=torch.int32, device=dev)
+        # rows that hold a request: a verified round keeps the same number of tokens on every row, the fewest any
+        # live row accepted (a continuous batch's idle rows do not hold the others back)
+        self.live = torch.ones(batch_size, dtype=torch.bool, device=dev)
         # the tree's lookup branch: tokens by cache slot (a round writes its table past p, hence the margin)
         self.seq = torch.zeros(batch_size, self.max_len + MAX_ROUND_TOKENS + 1, dtype=long, device=dev)
         self._ar = torch.arange(self.max_len, dtype=long, device=dev)
@@ -301,8 +304,8 @@ class Decoder:
         """Keep m = min(a) + 1 tokens of the table (B, T) on every row, then catch the module up on slots p..p+T-1
         (state: what the module reads there, from the full model; None: no module) and take its output at p+m, the
         new p-1. draft_logits: also its draft logits there (d_logits; the tree drafts from g alone)."""
-        m = a.min().view(1)
         T = tokens.shape[1]
+        m = torch.where(self.live, a, T - 1).min().view(1)
         self.out.index_copy_(1, self.n + self._ar[:T], tokens)  # the tokens past m are overwritten later
         self.n.add_(m + 1)
         self.hist.index_add_(0, m, torch.ones_like(m, dtype=torch.int32))
@@ -314,6 +317,37 @@ class Decoder:
                 self.d_logits.copy_(self.rmodel.draft_logits(self.g)[:, 0])
         self.x_next.copy_(tokens.gather(1, m.view(1, 1).expand(self.B, 1)))
         self.pos.add_(m + 1)
+
+    # -- continuous batching: rows that join and leave (decoding/batching.py drives them) ------------------------
+
+    def adopt(self, row: int, src: "Decoder", length: int, end: int, p: int) -> None:
+        """Take the request that `src` (a one-row Decoder) has just prefilled, its `length` prompt tokens in src's
+        slots end-length..end-1, into `row` at slots p-length..p-1 (pad p-length): both caches, the next tokens,
+        the module's state and the tokens by slot. Positions are slot - pad, so the row goes on at position
+        `length` exactly as it would alone."""
+        a, lo = end - length, p - length
+        for mine, theirs in ((self.cache, src.cache), (self.mcache, src.mcache)):
+            if mine is not None:
+                mine.k[:, row, :, lo:p] = theirs.k[:, 0, :, a:end]
+                mine.v[:, row, :, lo:p] = theirs.v[:, 0, :, a:end]
+        for name in ("x_next", "x_rec", "g", "d_logits"):
+            getattr(self, name)[row] = getattr(src, name)[0]
+        self.seq[row, lo:p + 1] = src.seq[0, a:end + 1]
+        self.pad[row] = lo
+        self.live[row] = True
+
+    def rebase(self, p: int, to: int, lo: int) -> None:
+        """Move the live rows' slots lo..p-1 (lo: their smallest padding) by to - p, with their padding, so that the
+        next slot is `to`; the rows that hold no request are left to see their own slot only."""
+        d = to - p
+        if d and p > lo:
+            for cache in (self.cache, self.mcache):
+                for buf in (cache.k, cache.v) if cache is not None else ():
+                    for layer in buf:  # a layer at a time: the temporary stays small
+                        layer[:, :, lo + d:p + d] = layer[:, :, lo:p].clone()
+            self.seq[:, lo + d:p + d + 1] = self.seq[:, lo:p + 1].clone()
+        self.pad.add_(d).masked_fill_(~self.live, to)
+        self.pos.fill_(to)
 
     # -- graph capture ---------------------------------------------------------------------------------------------
 
@@ -473,8 +507,8 @@ class Decoder:
                sampling: SamplingParams = SamplingParams(), stop_ids: Sequence[int] = (),
                stream: StreamFn | None = None, check_every: int = 8, draft_len: int = DEFAULT_DRAFT_LEN,
                tree: TreeShape | None = None) -> DecodeResult:
-        """Decode like the reference loops (decoding/loops.py, decoding/speculative.py) do. draft_len: the chain length of
-        `speculative`; tree: the shape for `tree` (TreeShape() when None)."""
+        """Decode like the reference loops (decoding/loops.py, decoding/speculative.py) do. draft_len: the chain
+        length of `speculative`; tree: the shape for `tree` (TreeShape() when None)."""
         plan = Plan.make(strategy, draft_len, tree)
         if plan.module and self.rmodel is None:
             raise ValueError(f"strategy {strategy!r} needs a Decoder built on a RecycleModel")
@@ -623,11 +657,13 @@ class Engine:
         self.compile_prefill = compile_prefill
         self.prefill_bucket = (PREFILL_BUCKET if self.graphs else 0) if prefill_bucket is None else prefill_bucket
         self.max_decoders = max_decoders
-        self._decoders: OrderedDict[tuple[int, int], Decoder] = OrderedDict()  # least recently used first
+        self._decoders: OrderedDict[tuple[int, int, str], Decoder] = OrderedDict()  # least recently used first
 
-    def decoder(self, batch_size: int, need: int) -> Decoder:
-        """A Decoder for `batch_size` rows with at least `need` cache slots (the smallest cached one that fits)."""
-        fits = [k for k in self._decoders if k[0] == batch_size and k[1] >= need]
+    def decoder(self, batch_size: int, need: int, role: str = "") -> Decoder:
+        """A Decoder for `batch_size` rows with at least `need` cache slots (the smallest cached one that fits).
+        role: Decoders of different roles are never shared (a continuous batch's, "batch", keeps its rows' state
+        between calls while one-row Decoders prefill the requests that join it)."""
+        fits = [k for k in self._decoders if k[0] == batch_size and k[1] >= need and k[2] == role]
         if fits:
             key = min(fits, key=lambda k: k[1])
             self._decoders.move_to_end(key)
@@ -637,7 +673,7 @@ class Engine:
         dec = Decoder(self.model, batch_size, need, graphs=self.graphs, bucket=self.bucket, compile=self.compile,
                       fuse=self.fuse, prefill_bucket=self.prefill_bucket, compile_steps=self.compile_steps,
                       compile_prefill=self.compile_prefill)
-        self._decoders[(batch_size, dec.max_len)] = dec
+        self._decoders[(batch_size, dec.max_len, role)] = dec
         return dec
 
     def decode(self, strategy: str, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, **kw) -> DecodeResult:

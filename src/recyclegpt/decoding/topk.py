@@ -1,9 +1,9 @@
 """Top-k selection without sort kernels, for the draft tree's inner loop on CUDA.
 
-`torch.topk` over a 49,152-token vocabulary runs a multi-pass radix select: several kernels per call, which torch.compile
-cannot fuse (it calls aten's). A draft-tree round makes five topk calls and two sorts; on the H100 the round's
-kernels of kind "other" (neither matmul, attention, inductor's nor copies: where aten's topk and sort fall) took
-0.23 ms of its 1.95 ms (a 2026-11-26 profile). Here the same selection is written as comparisons and
+`torch.topk` over a 49,152-token vocabulary runs a multi-pass radix select: several kernels per call, which
+torch.compile cannot fuse (it calls aten's). A draft-tree round makes five topk calls and two sorts; on the H100
+the round's kernels of kind "other" (neither matmul, attention, inductor's nor copies: where aten's topk and sort
+fall) took 0.23 ms of its 1.95 ms (a 2026-11-26 profile). Here the same selection is written as comparisons and
 reductions, which inductor fuses into a few kernels:
 
 - `stable_rank`: each element's place in a stable descending sort (an all-pairs count, n^2 per row: for small n).

@@ -1,0 +1,250 @@
+"""Continuous batching: requests join a running batch when a row frees and leave at their stop or budget, each
+decoded as it would be alone.
+
+The engine's steps share one cache slot p across the rows of a batch (decoding/engine.py); each row is left-padded,
+its positions are slot - pad. So a request joins at the batch's current slot p: its prompt is prefilled alone, by
+a one-row Decoder of the same engine (its captured prompt graphs), and its L cache slots are copied into a free
+row's slots p-L..p-1 with pad p-L; the row then goes on at position L, exactly as alone. When p < L, or the cache
+cannot hold the new request's budget past p, the batch is first *rebased*: every live row's slots move by the same
+offset (one copy of the live window), which keeps their positions and tokens. The batch also rebases to the left
+when its live rows leave two KV buckets of padding unused, so that attention stops reading them.
+
+A verified round keeps the same number of tokens on every row (the fewest any live row accepted; idle rows do not
+count), so the lossless strategies stay exact in a batch, with a τ of the batch's slowest row. Requests are greedy:
+a sampled request draws from its own generator, and runs alone (`Engine.decode`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Sequence
+
+import torch
+
+from ..models import RecycleModel
+from .engine import Engine, Plan, round_up
+from .loops import DecodeStats, PromptBatch, _sync
+from .sampling import SamplingParams
+from .speculative import DEFAULT_DRAFT_LEN, TreeShape
+
+TokensFn = Callable[[list[int]], bool | None]  # a request's new tokens; returning False ends the request
+
+
+@dataclass(eq=False)
+class Request:
+    """One greedy request of a continuous batch and, as it runs, its result."""
+
+    prompt: Sequence[int]
+    max_new_tokens: int
+    stop_ids: frozenset[int] = frozenset()
+    on_tokens: TokensFn | None = None  # called after each check with the tokens that came (maybe none)
+    tokens: list[int] = field(default_factory=list)  # up to and excluding a stop token
+    reason: str | None = None  # once ended: "stop" (a stop token), "length" (the budget) or "cancelled"
+    stats: DecodeStats | None = None
+    _hist: list[int] | None = None
+    _start: float = 0.0
+
+    @property
+    def remaining(self) -> int:
+        return self.max_new_tokens - len(self.tokens)
+
+    def take(self, new: Iterable[int]) -> bool:
+        """Keep the tokens up to a stop token or the budget and pass them on; True when the request has ended."""
+        kept = []
+        for t in new:
+            if len(self.tokens) + len(kept) >= self.max_new_tokens:
+                break
+            if t in self.stop_ids:
+                self.reason = "stop"
+                break
+            kept.append(t)
+        self.tokens.extend(kept)
+        if self.reason is None and len(self.tokens) >= self.max_new_tokens:
+            self.reason = "length"
+        if self.on_tokens is not None and self.on_tokens(kept) is False and self.reason is None:
+            self.reason = "cancelled"
+        return self.reason is not None
+
+
+class ContinuousBatch:
+    """`rows` greedy requests of one strategy decoding together on `engine`'s Decoder of that many rows, with
+    `max_len` cache slots (default: the model's context), each joining when a row is free (`add`) and leaving at
+    its end (`step` returns those that ended)."""
+
+    def __init__(self, engine: Engine, strategy: str, rows: int, *, max_len: int | None = None,
+                 check_every: int = 8, draft_len: int = DEFAULT_DRAFT_LEN, tree: TreeShape | None = None) -> None:
+        self.engine, self.strategy = engine, strategy
+        self.plan = Plan.make(strategy, draft_len, tree)
+        rmodel = engine.model if isinstance(engine.model, RecycleModel) else None
+        base = rmodel.base if rmodel is not None else engine.model
+        if self.plan.module and rmodel is None:
+            raise ValueError(f"strategy {strategy!r} needs an engine built on a RecycleModel")
+        if not isinstance(rows, int) or rows < 1:
+            raise ValueError(f"rows must be an integer >= 1, got {rows!r}")
+        if not isinstance(check_every, int) or check_every < 1:
+            raise ValueError(f"check_every must be an integer >= 1, got {check_every!r}")
+        self.dec = engine.decoder(rows, max_len or base.cfg.context_length, role="batch")
+        self.max_len, self.check_every = self.dec.max_len, check_every
+        self.vocab_size = base.cfg.vocab_size
+        self.rows: list[Request | None] = [None] * rows
+        self.pads = [0] * rows  # each live row's padding, as the device has it
+        self.p = 0  # the batch's next slot, exact after every check
+        self.per_step = float(self.plan.min_tokens)  # tokens a step keeps, as seen so far
+        self.steps = 0
+        self.rebases = [0, 0]  # to the left (padding given back), to the right (room for a longer prompt)
+        with torch.inference_mode():
+            self.dec.prepare()
+            self.dec.live.zero_()
+            self.dec.pad.zero_()
+            self.dec.hist.zero_()
+            self.dec.n.zero_()
+            self.dec.pos.zero_()
+
+    # -- joining -----------------------------------------------------------------------------------------------
+
+    @property
+    def live(self) -> int:
+        return sum(r is not None for r in self.rows)
+
+    def fits(self, req: Request) -> bool:
+        """Whether `req` fits this batch's cache at all (alone)."""
+        return len(req.prompt) + req.max_new_tokens + self.plan.span <= self.max_len
+
+    def _target(self, req: Request) -> int | None:
+        """The slot at which `req` joins now: p when its prompt and every live row's budget fit there, else the
+        smallest slot after a rebase; None when no row is free or they do not fit together."""
+        if None not in self.rows:
+            return None
+        live = [(self.p - self.pads[i], r.remaining) for i, r in enumerate(self.rows) if r is not None]
+        L, need = len(req.prompt), max([req.max_new_tokens] + [rem for _, rem in live]) + self.plan.span
+        if L <= self.p and self.p + need <= self.max_len:
+            return self.p
+        to = max([L] + [length for length, _ in live])
+        return to if to + need <= self.max_len else None
+
+    def admits(self, req: Request) -> bool:
+        return self._target(req) is not None
+
+    def add(self, req: Request) -> None:
+        """Prefill `req` and put it in a free row (rebasing first if it must); its first tokens go to it at once,
+        and a request that ends on them leaves the row free again."""
+        to = self._target(req)
+        if to is None:
+            raise ValueError("the batch has no room for this request now (check admits first)")
+        if not req.prompt:
+            raise ValueError("a request needs a prompt of at least one token")
+        if req.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {req.max_new_tokens}")
+        row = self.rows.index(None)
+        req._start = time.perf_counter()
+        with torch.inference_mode():
+            if to != self.p:
+                self._rebase(to)
+            first = self._prefill(req, row)
+        req._hist = [0] * self.plan.max_tokens if not self.plan.fixed else None
+        req.stats = DecodeStats(self.strategy, full_calls=1, module_calls=int(self.plan.module),
+                                prefill_seconds=time.perf_counter() - req._start)
+        self.rows[row], self.pads[row] = req, self.p - len(req.prompt)
+        if req.take(first):
+            self._end(row)
+
+    def _prefill(self, req: Request, row: int) -> list[int]:
+        """The prompt through a one-row Decoder, then adopted into `row`; the tokens it gave (1, or 2 for recycle)."""
+        L = len(req.prompt)
+        bucket = self.engine.prefill_bucket
+        Lp = round_up(L, bucket) if bucket else L
+        src = self.engine.decoder(1, round_up(Lp + 2, self.engine.bucket))
+        if Lp + 1 > src.max_len:
+            Lp = L
+        batch = PromptBatch.build([req.prompt], vocab_size=self.vocab_size, device=self.dec.device)
+        if Lp != L:
+            batch = batch.padded_to(Lp)
+        src.prepare()
+        greedy = SamplingParams()
+        state = src.prefill(batch, greedy, None)
+        read = 1
+        if self.plan.module:
+            src.prefill_module(self.strategy, batch, state, greedy, None)
+            read = 2 if self.plan.round == "recycle" else 1
+        self.dec.adopt(row, src, L, Lp, self.p)
+        return src.out[0, :read].tolist()
+
+    def _rebase(self, to: int) -> None:
+        live = [i for i, r in enumerate(self.rows) if r is not None]
+        lo = min((self.pads[i] for i in live), default=self.p)
+        self.dec.rebase(self.p, to, lo)
+        self.rebases[to > self.p] += 1
+        for i in live:
+            self.pads[i] += to - self.p
+        self.p = to
+
+    def _end(self, row: int) -> Request:
+        req = self.rows[row]
+        self.rows[row] = None
+        self.dec.live[row] = False
+        st = req.stats
+        st.new_tokens, st.seconds = len(req.tokens), time.perf_counter() - req._start
+        st.accept_hist = req._hist
+        return req
+
+    def run(self, requests: Sequence[Request]) -> list[Request]:
+        """Decode `requests` in arrival order, each joining as soon as a row is free and it fits; returns them,
+        each with its tokens, reason and stats."""
+        for req in requests:
+            if not self.fits(req):
+                raise ValueError(f"a request of {len(req.prompt)} prompt tokens and max_new_tokens "
+                                 f"{req.max_new_tokens} does not fit the batch's {self.max_len} cache slots")
+        waiting = deque(requests)
+        while waiting or self.live:
+            while waiting and self.admits(waiting[0]):
+                self.add(waiting.popleft())
+            self.step()
+        _sync(self.dec.device)
+        return list(requests)
+
+    # -- decoding ----------------------------------------------------------------------------------------------
+
+    def step(self) -> list[Request]:
+        """Run up to `check_every` steps, hand each live request its new tokens, and return those that ended."""
+        ended = [self._end(i) for i, r in enumerate(self.rows) if r is not None and r.reason is not None]
+        live = [i for i, r in enumerate(self.rows) if r is not None]
+        if not live:
+            return ended
+        plan, dec = self.plan, self.dec
+        lo = min(self.pads[i] for i in live)
+        if lo >= 2 * self.engine.bucket:  # two buckets of padding under every live row: stop reading them
+            with torch.inference_mode():
+                self._rebase(self.p - lo)
+        wanted = -(-max(self.rows[i].remaining for i in live) // max(1, int(self.per_step)))
+        room = (self.max_len - plan.span - self.p) // plan.max_tokens + 1
+        steps = max(1, min(self.check_every, wanted, room))
+        greedy = SamplingParams()
+        with torch.inference_mode():
+            bound = self.p
+            for _ in range(steps):
+                dec.step(plan, bound, greedy, None)
+                bound += plan.max_tokens
+            upper = steps * plan.max_tokens
+            if plan.fixed:
+                new, written = dec.out[:, :upper].cpu(), upper  # the one sync of a check
+            else:
+                packed = torch.cat((dec.n.expand(dec.B)[:, None], dec.out[:, :upper]), dim=1).cpu()
+                written = int(packed[0, 0])
+                new = packed[:, 1:1 + written]
+                hist = dec.hist[:plan.max_tokens].tolist()
+                dec.hist.zero_()
+                self.per_step = max(1.0, written / steps)
+            dec.n.zero_()
+        self.steps += steps
+        self.p += written
+        for i in live:
+            req = self.rows[i]
+            req.stats.full_calls += steps
+            req.stats.module_calls += steps * plan.module_calls
+            if req._hist is not None:
+                req._hist = [a + b for a, b in zip(req._hist, hist)]
+            if req.take(new[i].tolist()):
+                ended.append(self._end(i))
+        return ended

@@ -1,0 +1,132 @@
+"""Continuous batching (decoding/batching.py): requests that join a running batch and leave it at their own stop or
+budget get exactly the tokens they get alone, for every strategy, under arrival patterns like a server's: mixed
+prompt lengths (1 token to near the cache), long -> short -> long, rebases in both directions, stops early and
+late, more requests than rows."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from test_speculative import predictable
+
+from recyclegpt.decoding import strategies
+from recyclegpt.decoding.batching import ContinuousBatch, Request
+from recyclegpt.decoding.engine import Engine
+from recyclegpt.decoding.speculative import TreeShape
+
+OPTS = {"speculative": {"draft_len": 3}, "tree": {"tree": TreeShape(4, 3, 10)}}
+REF_OPTS = {"speculative": {"draft_len": 3}, "tree": {"tree_shape": TreeShape(4, 3, 10)}}
+
+
+def traffic(model, strategy: str, seed: int, n: int, max_len: int) -> list[Request]:
+    """n requests: prompt lengths from 1 to near max_len (the first three long, short, long), budgets 1..40, and
+    on every other request a stop token that its own decoding meets early or late."""
+    rng = random.Random(seed)
+    lengths = [max_len - 60, 1, max_len // 2] + [rng.choice([1, 2, 5, 17, 40, 90, max_len - 50])
+                                                   for _ in range(n - 3)]
+    out = []
+    for i, L in enumerate(lengths):
+        req = Request([rng.randrange(model.base.cfg.vocab_size) for _ in range(L)], rng.choice([1, 2, 9, 33, 40]))
+        free = alone(model, strategy, req)
+        if i % 2 and len(free) > 3:
+            req.stop_ids = frozenset({free[rng.choice([1, len(free) - 2])]})
+        out.append(req)
+    return out
+
+
+def alone(model, strategy: str, req: Request) -> list[int]:
+    return strategies.reference_decode(model, strategy, [list(req.prompt)], max_new_tokens=req.max_new_tokens,
+                                       stop_ids=tuple(req.stop_ids), **REF_OPTS.get(strategy, {})).tokens[0]
+
+
+@pytest.mark.parametrize("strategy", strategies.names())
+@pytest.mark.parametrize("rows", [1, 3])
+def test_continuous_batching_equals_each_request_alone(strategy, rows):
+    model = predictable(0, 0.1)
+    engine = Engine(model, bucket=16, prefill_bucket=8)
+    reqs = traffic(model, strategy, rows, 9, 200)
+    batch = ContinuousBatch(engine, strategy, rows, max_len=208, check_every=3, **OPTS.get(strategy, {}))
+    batch.run(reqs)
+    assert sum(batch.rebases) > 0  # the batch moved its rows at least once
+    for i, req in enumerate(reqs):
+        assert req.tokens == alone(model, strategy, req), (strategy, i, len(req.prompt))
+        assert req.reason == ("length" if len(req.tokens) == req.max_new_tokens else "stop")
+        assert req.stats.new_tokens == len(req.tokens) and req.stats.full_calls >= 1
+    assert any(r.reason == "stop" for r in reqs) and any(r.reason == "length" for r in reqs)
+
+
+def test_rows_join_while_others_decode_and_the_batch_rebases():
+    model = predictable(1, 0.1)
+    engine = Engine(model, bucket=16, prefill_bucket=0)
+    batch = ContinuousBatch(engine, "recycle", 2, max_len=160, check_every=2)
+    a = Request(list(range(1, 11)), 50)
+    batch.add(a)
+    assert batch.p == 10
+    batch.step()
+    b = Request([5, 6], 90)  # joins at the current slot
+    p = batch.p
+    batch.add(b)
+    assert batch.p == p and batch.pads[1] == p - 2
+    while a.reason is None:
+        batch.step()
+    c = Request(list(range(7, 87)), 10)  # 80 tokens, more than the slot p: the batch moves right
+    p, pad_b = batch.p, batch.pads[1]
+    assert p < 80 and batch.admits(c)
+    batch.add(c)
+    assert batch.p == 80 and batch.pads[0] == 0 and batch.pads[1] == pad_b + 80 - p
+    while c.reason is None:
+        batch.step()
+    assert b.reason is None
+    p, length_b = batch.p, batch.p - batch.pads[1]
+    budget = batch.max_len - batch.plan.span - length_b  # fits only once the batch moves left
+    assert budget >= b.remaining and p + budget + batch.plan.span > batch.max_len
+    d = Request([1, 2, 3], budget)
+    batch.add(d)
+    assert batch.p == length_b < p and batch.pads[1] == 0
+    while batch.live:
+        batch.step()
+    for r in (a, b, c, d):
+        assert r.tokens == alone(model, "recycle", r)
+
+
+def test_a_request_ends_when_its_callback_says_so_and_frees_its_row():
+    model = predictable(2, 0.1)
+    engine = Engine(model, bucket=16)
+    seen: list[int] = []
+
+    def cancel_after_five(tokens: list[int]) -> bool:
+        seen.extend(tokens)
+        return len(seen) < 5
+
+    a, b = Request([1, 2, 3], 40, on_tokens=cancel_after_five), Request([4, 5], 12)
+    ContinuousBatch(engine, "standard", 2, max_len=64, check_every=2).run([a, b, Request([9], 7)])
+    assert a.reason == "cancelled" and 5 <= len(a.tokens) < 40 and seen == a.tokens
+    assert b.reason == "length" and b.tokens == alone(model, "standard", b)
+
+
+def test_requests_that_cannot_fit_are_refused_clearly():
+    model = predictable(3, 0.1)
+    engine = Engine(model, bucket=16)
+    with pytest.raises(ValueError, match="does not fit"):
+        ContinuousBatch(engine, "standard", 1, max_len=64).run([Request([1] * 60, 10)])
+    batch = ContinuousBatch(engine, "standard", 1, max_len=64)
+    batch.add(Request([1, 2], 30))
+    assert not batch.admits(Request([3], 5))  # no free row
+    with pytest.raises(ValueError, match="no room"):
+        batch.add(Request([3], 5))
+    with pytest.raises(ValueError, match="needs an engine built on a RecycleModel"):
+        ContinuousBatch(Engine(model.base, bucket=16), "recycle", 2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.cuda
+@pytest.mark.parametrize("strategy", ["standard", "recycle", "recycle-verified", "speculative"])
+def test_cuda_graphs_continuous_batching_equals_each_request_alone(strategy):
+    model = predictable(0, 0.1).cuda()
+    engine = Engine(model, bucket=16, prefill_bucket=8)
+    reqs = traffic(model, strategy, 4, 12, 200)
+    ContinuousBatch(engine, strategy, 4, max_len=208, check_every=3, **OPTS.get(strategy, {})).run(reqs)
+    for i, req in enumerate(reqs):
+        assert req.tokens == alone(model, strategy, req), (strategy, i, len(req.prompt))
