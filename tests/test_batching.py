@@ -130,3 +130,44 @@ def test_cuda_graphs_continuous_batching_equals_each_request_alone(strategy):
     ContinuousBatch(engine, strategy, 4, max_len=208, check_every=3, **OPTS.get(strategy, {})).run(reqs)
     for i, req in enumerate(reqs):
         assert req.tokens == alone(model, strategy, req), (strategy, i, len(req.prompt))
+
+
+def test_the_batch_grows_for_new_requests_and_shrinks_when_few_are_left():
+    model = predictable(4, 0.1)
+    engine = Engine(model, bucket=16)
+    batch = ContinuousBatch(engine, "speculative", 4, max_len=128, check_every=2, draft_len=3)
+    reqs = [Request([i + 1] * (3 + 5 * i), budget) for i, budget in enumerate([60, 8, 6, 4])]
+    sizes = []
+    for req in reqs:
+        batch.add(req)
+        sizes.append(len(batch.rows))
+    assert sizes == [1, 2, 4, 4]
+    while reqs[1].reason is None or reqs[2].reason is None or reqs[3].reason is None:
+        batch.step()
+    batch.step()
+    assert len(batch.rows) == 1 and batch.rows[0] is reqs[0]  # the one live request, moved to a one-row Decoder
+    while batch.live:
+        batch.step()
+    for r in reqs:
+        assert r.tokens == alone(model, "speculative", r)
+
+
+def test_generate_with_max_batch_gives_each_prompts_tokens_alone():
+    from recyclegpt import RecycleGPT
+
+    model = predictable(5, 0.1)
+    lm = RecycleGPT(model.base, None, module=model.module)
+    prompts = [[1] * n for n in (40, 1, 7, 90, 3, 12)]
+    steps = []
+    out = lm.generate(prompts, strategy="recycle-verified", max_new_tokens=24, max_batch=3,
+                      stream=lambda step: steps.append(step))
+    for p, got in zip(prompts, out.token_ids):
+        assert got == lm.generate([p], strategy="recycle-verified", max_new_tokens=24).token_ids[0]
+    assert [sum(len(s[i]) for s in steps) for i in range(len(prompts))] == [len(t) for t in out.token_ids]
+    assert out.stats.new_tokens == sum(len(t) for t in out.token_ids) and out.stats.tau >= 1
+    with pytest.raises(ValueError, match="decodes greedily"):
+        lm.generate(prompts, max_batch=2, temperature=0.7)
+    with pytest.raises(ValueError, match="runs on an engine"):
+        lm.generate(prompts, max_batch=2, engine="eager")
+    with pytest.raises(ValueError, match="max_batch must be"):
+        lm.generate(prompts, max_batch=0)

@@ -18,6 +18,7 @@ import torch
 
 from .config import KernelConfig, RecycleConfig
 from .decoding import strategies
+from .decoding.batching import continuous_decode
 from .decoding.engine import KV_BUCKET as DEFAULT_KV_BUCKET
 from .decoding.engine import Engine
 from .decoding.loops import DecodeStats
@@ -31,8 +32,8 @@ from .models import RecyclableModule, RecycleModel, Transformer
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 # how the decode loop runs: "eager" the reference loop of decoding/loops.py (a forward and a host sync per step);
-# "static" the engine's fixed-shape steps (decoding/engine.py) without graphs; "graphs" those steps captured as CUDA graphs;
-# "compiled" torch.compile inside the graphs; "auto" is "graphs" on CUDA and "eager" on the CPU
+# "static" the engine's fixed-shape steps (decoding/engine.py) without graphs; "graphs" those steps captured as CUDA
+# graphs; "compiled" torch.compile inside the graphs; "auto" is "graphs" on CUDA and "eager" on the CPU
 ENGINES = ("auto", "eager", "static", "graphs", "compiled")
 RANDOM_MODULE_NOTE = "untrained (random) recyclable module: the text is meaningless, use it for speed measurements only"
 
@@ -94,7 +95,8 @@ def default_min_draft_prob(device: torch.device, engine: str) -> float:
 
 @dataclass(frozen=True)
 class EngineOptions:
-    """How `RecycleGPT` builds its engines (decoding/engine.py), fixed when it is made (the engines are built once and kept).
+    """How `RecycleGPT` builds its engines (decoding/engine.py), fixed when it is made (the engines are built once and
+    kept).
 
     kv_bucket: the static, graphs and compiled engines' attention reads the cache up to the next multiple of this
     many slots; every bucket is a graph (and a compile) of its own, so a larger one means fewer of them and a little
@@ -185,7 +187,7 @@ class RecycleGPT:
                  ignore_eos: bool = False, stream: Callable[[list[list[int]]], None] | None = None,
                  engine: str = "auto", draft_len: int = DEFAULT_DRAFT_LEN,
                  tree_shape: TreeShape | tuple[int, ...] | None = None,
-                 min_draft_prob: float | None = None) -> Generation:
+                 min_draft_prob: float | None = None, max_batch: int | None = None) -> Generation:
         """Generate from one prompt or a batch: texts (encoded, chat-templated if `chat`) or token-id lists.
 
         strategy (`strategies.names()`): "standard" (one full-model call per token); "recycle" (the paper's
@@ -197,7 +199,10 @@ class RecycleGPT:
         are the same): "auto" captures CUDA graphs on a GPU, runs the eager reference loop on the CPU. With
         graphs, `stream` receives tokens every few steps, not every step. min_draft_prob: adaptive draft length
         for speculative and recycle-verified (`speculative.speculative`), eager loop only; None: the measured
-        default for the loop that runs (`default_min_draft_prob`).
+        default for the loop that runs (`default_min_draft_prob`). max_batch: decode many prompts by continuous
+        batching, at most this many at once, each joining as another ends (`decoding.batching`; greedy, on an
+        engine: "auto" takes "static" on the CPU here): many prompts of mixed lengths keep the rows busy where a
+        plain batch waits for its longest row. The tokens are each prompt's alone.
         """
         if strategies.get(strategy).needs_module and self.model is None:
             raise ValueError(f"strategy {strategy!r} needs a recyclable module and none is loaded; "
@@ -207,13 +212,26 @@ class RecycleGPT:
         prompts = self._prompt_ids(prompt, chat=chat)
         stop_ids = () if ignore_eos or self.tokenizer is None else self.tokenizer.eos_ids
         kind = self.resolve_engine(engine)
+        if max_batch is not None:
+            if not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1:
+                raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
+            if not sampling.greedy:
+                raise ValueError("max_batch (continuous batching) decodes greedily; drop temperature, or max_batch")
+            if kind == "eager":
+                if engine != "auto":
+                    raise ValueError("max_batch (continuous batching) runs on an engine: static, graphs or compiled")
+                kind = "static"
         if min_draft_prob is None:
             min_draft_prob = default_min_draft_prob(self.device, kind)
         elif min_draft_prob and kind != "eager":
             raise ValueError(f"min_draft_prob (adaptive draft length) needs the eager loop; the {kind!r} engine's "
                              f"rounds have fixed shapes (use engine='eager', or min_draft_prob=0)")
         common = dict(max_new_tokens=max_new_tokens, sampling=sampling, stop_ids=stop_ids, stream=stream)
-        if kind != "eager":
+        if max_batch is not None:
+            res = continuous_decode(self.engine(kind), strategy, prompts, max_new_tokens=max_new_tokens,
+                                    max_rows=max_batch, stop_ids=stop_ids, stream=stream, draft_len=draft_len,
+                                    tree=shape)
+        elif kind != "eager":
             res = self.engine(kind).decode(strategy, prompts, draft_len=draft_len, tree=shape, **common)
         else:
             res = reference_decode(self.model if self.model is not None else self.base, strategy, prompts,

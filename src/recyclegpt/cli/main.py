@@ -188,7 +188,7 @@ def cmd_bench(args) -> None:
                            tree_shape=tuple(draft["tree_shape"]),
                            # per category needs one prompt a call: a batch mixes categories
                            categories=categories if args.batch_size == 1 else None,
-                           check_prompts=args.check_prompts,
+                           check_prompts=args.check_prompts, continuous=args.continuous,
                            log=lambda line: print(f"bench: {line}", file=sys.stderr, flush=True))
     except ValueError as e:
         raise UsageError(str(e)) from None
@@ -516,6 +516,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default standard,recycle)")
     add_draft_args(b, tree_flag=False)
     b.add_argument("--batch-size", type=int, default=1, help="prompts decoded together (default 1)")
+    b.add_argument("--continuous", action="store_true",
+                   help="decode all prompts by continuous batching, --batch-size at a time, each joining as another "
+                        "ends (a server's steady load), instead of fixed batches that wait for their longest row")
     b.add_argument("--engine", default="auto", choices=ENGINES,
                    help="decode loop of the project's strategies (default auto: CUDA graphs on a GPU, eager on CPU)")
     add_compile_mode(b)

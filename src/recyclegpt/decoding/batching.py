@@ -16,6 +16,7 @@ a sampled request draws from its own generator, and runs alone (`Engine.decode`)
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ import torch
 
 from ..models import RecycleModel
 from .engine import Engine, Plan, round_up
-from .loops import DecodeStats, PromptBatch, _sync
+from .loops import DecodeResult, DecodeStats, PromptBatch, _sync
 from .sampling import SamplingParams
 from .speculative import DEFAULT_DRAFT_LEN, TreeShape
 
@@ -69,11 +70,13 @@ class Request:
 
 
 class ContinuousBatch:
-    """`rows` greedy requests of one strategy decoding together on `engine`'s Decoder of that many rows, with
-    `max_len` cache slots (default: the model's context), each joining when a row is free (`add`) and leaving at
-    its end (`step` returns those that ended)."""
+    """Greedy requests of one strategy decoding together on `engine`, up to `max_rows` at once, with `max_len`
+    cache slots (default: the model's context), each joining when it fits (`add`) and leaving at its end (`step`
+    returns those that ended). The batch runs on the engine's Decoder of a power-of-two number of rows: it grows
+    (doubling) when a request comes and no row is free, and shrinks when a quarter or fewer of its rows are live,
+    moving the live rows' state over, so that a lone request decodes at batch 1."""
 
-    def __init__(self, engine: Engine, strategy: str, rows: int, *, max_len: int | None = None,
+    def __init__(self, engine: Engine, strategy: str, max_rows: int, *, max_len: int | None = None,
                  check_every: int = 8, draft_len: int = DEFAULT_DRAFT_LEN, tree: TreeShape | None = None) -> None:
         self.engine, self.strategy = engine, strategy
         self.plan = Plan.make(strategy, draft_len, tree)
@@ -81,26 +84,20 @@ class ContinuousBatch:
         base = rmodel.base if rmodel is not None else engine.model
         if self.plan.module and rmodel is None:
             raise ValueError(f"strategy {strategy!r} needs an engine built on a RecycleModel")
-        if not isinstance(rows, int) or rows < 1:
-            raise ValueError(f"rows must be an integer >= 1, got {rows!r}")
+        if not isinstance(max_rows, int) or max_rows < 1:
+            raise ValueError(f"max_rows must be an integer >= 1, got {max_rows!r}")
         if not isinstance(check_every, int) or check_every < 1:
             raise ValueError(f"check_every must be an integer >= 1, got {check_every!r}")
-        self.dec = engine.decoder(rows, max_len or base.cfg.context_length, role="batch")
-        self.max_len, self.check_every = self.dec.max_len, check_every
+        self.max_rows, self.check_every = max_rows, check_every
+        self.max_len = engine.decoder(1, max_len or base.cfg.context_length, role="prefill").max_len
         self.vocab_size = base.cfg.vocab_size
-        self.rows: list[Request | None] = [None] * rows
-        self.pads = [0] * rows  # each live row's padding, as the device has it
+        self.rows: list[Request | None] = []
+        self.pads: list[int] = []  # each live row's padding, as the device has it
         self.p = 0  # the batch's next slot, exact after every check
         self.per_step = float(self.plan.min_tokens)  # tokens a step keeps, as seen so far
         self.steps = 0
         self.rebases = [0, 0]  # to the left (padding given back), to the right (room for a longer prompt)
-        with torch.inference_mode():
-            self.dec.prepare()
-            self.dec.live.zero_()
-            self.dec.pad.zero_()
-            self.dec.hist.zero_()
-            self.dec.n.zero_()
-            self.dec.pos.zero_()
+        self.dec = self._resize(1)
 
     # -- joining -----------------------------------------------------------------------------------------------
 
@@ -113,10 +110,8 @@ class ContinuousBatch:
         return len(req.prompt) + req.max_new_tokens + self.plan.span <= self.max_len
 
     def _target(self, req: Request) -> int | None:
-        """The slot at which `req` joins now: p when its prompt and every live row's budget fit there, else the
-        smallest slot after a rebase; None when no row is free or they do not fit together."""
-        if None not in self.rows:
-            return None
+        """The slot at which `req` joins: p when its prompt and every live row's budget fit there, else the
+        smallest slot after a rebase; None when they do not fit together."""
         live = [(self.p - self.pads[i], r.remaining) for i, r in enumerate(self.rows) if r is not None]
         L, need = len(req.prompt), max([req.max_new_tokens] + [rem for _, rem in live]) + self.plan.span
         if L <= self.p and self.p + need <= self.max_len:
@@ -125,23 +120,26 @@ class ContinuousBatch:
         return to if to + need <= self.max_len else None
 
     def admits(self, req: Request) -> bool:
-        return self._target(req) is not None
+        """Whether `req` can join now: a free row (or room to grow) and room in the cache beside the live rows."""
+        return (None in self.rows or len(self.rows) < self.max_rows) and self._target(req) is not None
 
     def add(self, req: Request) -> None:
-        """Prefill `req` and put it in a free row (rebasing first if it must); its first tokens go to it at once,
-        and a request that ends on them leaves the row free again."""
-        to = self._target(req)
-        if to is None:
-            raise ValueError("the batch has no room for this request now (check admits first)")
+        """Prefill `req` and put it in a free row (growing or rebasing first if it must); its first tokens go to it
+        at once, and a request that ends on them leaves the row free again."""
         if not req.prompt:
             raise ValueError("a request needs a prompt of at least one token")
         if req.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {req.max_new_tokens}")
-        row = self.rows.index(None)
+        if not self.admits(req):
+            raise ValueError("the batch has no room for this request now (check admits first)")
         req._start = time.perf_counter()
         with torch.inference_mode():
+            if None not in self.rows:
+                self.dec = self._resize(min(self.max_rows, 2 * len(self.rows)))
+            to = self._target(req)
             if to != self.p:
                 self._rebase(to)
+            row = self.rows.index(None)
             first = self._prefill(req, row)
         req._hist = [0] * self.plan.max_tokens if not self.plan.fixed else None
         req.stats = DecodeStats(self.strategy, full_calls=1, module_calls=int(self.plan.module),
@@ -151,14 +149,13 @@ class ContinuousBatch:
             self._end(row)
 
     def _prefill(self, req: Request, row: int) -> list[int]:
-        """The prompt through a one-row Decoder, then adopted into `row`; the tokens it gave (1, or 2 for recycle)."""
+        """The prompt through the engine's one-row prefill Decoder, then adopted into `row`; the tokens it gave (1,
+        or 2 for recycle)."""
         L = len(req.prompt)
+        src = self.engine.decoder(1, self.max_len, role="prefill")
         bucket = self.engine.prefill_bucket
-        Lp = round_up(L, bucket) if bucket else L
-        src = self.engine.decoder(1, round_up(Lp + 2, self.engine.bucket))
-        if Lp + 1 > src.max_len:
-            Lp = L
-        batch = PromptBatch.build([req.prompt], vocab_size=self.vocab_size, device=self.dec.device)
+        Lp = round_up(L, bucket) if bucket and round_up(L, bucket) < src.max_len else L
+        batch = PromptBatch.build([req.prompt], vocab_size=self.vocab_size, device=src.device)
         if Lp != L:
             batch = batch.padded_to(Lp)
         src.prepare()
@@ -168,8 +165,26 @@ class ContinuousBatch:
         if self.plan.module:
             src.prefill_module(self.strategy, batch, state, greedy, None)
             read = 2 if self.plan.round == "recycle" else 1
-        self.dec.adopt(row, src, L, Lp, self.p)
+        self.dec.adopt(row, src, 0, L, Lp, self.p)
         return src.out[0, :read].tolist()
+
+    def _resize(self, rows: int):
+        """The engine's Decoder of `rows` rows for this batch, the live requests moved onto its first rows."""
+        old = getattr(self, "dec", None)
+        keep = [(i, r) for i, r in enumerate(self.rows) if r is not None]
+        dec = self.engine.decoder(rows, self.max_len, role="batch")
+        with torch.inference_mode():
+            dec.prepare()
+            dec.live.zero_()
+            for j, (i, _) in enumerate(keep):
+                dec.adopt(j, old, i, self.p - self.pads[i], self.p, self.p)
+            dec.pad.masked_fill_(~dec.live, self.p)
+            dec.pos.fill_(self.p)
+            dec.n.zero_()
+            dec.hist.zero_()
+        self.rows = [r for _, r in keep] + [None] * (rows - len(keep))
+        self.pads = [self.pads[i] for i, _ in keep] + [self.p] * (rows - len(keep))
+        return dec
 
     def _rebase(self, to: int) -> None:
         live = [i for i, r in enumerate(self.rows) if r is not None]
@@ -183,7 +198,8 @@ class ContinuousBatch:
     def _end(self, row: int) -> Request:
         req = self.rows[row]
         self.rows[row] = None
-        self.dec.live[row] = False
+        with torch.inference_mode():
+            self.dec.live[row] = False
         st = req.stats
         st.new_tokens, st.seconds = len(req.tokens), time.perf_counter() - req._start
         st.accept_hist = req._hist
@@ -209,6 +225,9 @@ class ContinuousBatch:
     def step(self) -> list[Request]:
         """Run up to `check_every` steps, hand each live request its new tokens, and return those that ended."""
         ended = [self._end(i) for i, r in enumerate(self.rows) if r is not None and r.reason is not None]
+        n = self.live
+        if n and n <= len(self.rows) // 4:  # a quarter or fewer of the rows live: move to a smaller Decoder
+            self.dec = self._resize(1 << (n - 1).bit_length())
         live = [i for i, r in enumerate(self.rows) if r is not None]
         if not live:
             return ended
@@ -248,3 +267,51 @@ class ContinuousBatch:
             if req.take(new[i].tolist()):
                 ended.append(self._end(i))
         return ended
+
+
+def continuous_decode(engine: Engine, strategy: str, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+                      max_rows: int, stop_ids: Sequence[int] = (),
+                      stream: Callable[[list[list[int]]], None] | None = None, check_every: int = 8,
+                      draft_len: int = DEFAULT_DRAFT_LEN, tree: TreeShape | None = None) -> DecodeResult:
+    """Greedy decoding of many prompts through one continuous batch of at most `max_rows` rows, in prompt order,
+    each prompt joining as a row frees: the tokens are each prompt's alone. stream: after each check, the new
+    tokens of every prompt (empty lists for those not running). The stats are the whole run's: full calls are the
+    batch's steps plus one prefill per prompt; accept_hist sums the requests'."""
+    longest = max((len(p) for p in prompts), default=0)
+    need = round_up(longest + max_new_tokens + Plan.make(strategy, draft_len, tree).span + 2, engine.bucket)
+    batch = ContinuousBatch(engine, strategy, max_rows, max_len=need, check_every=check_every,
+                            draft_len=draft_len, tree=tree)
+    new: dict[int, list[int]] = {}
+
+    def collect(i: int) -> TokensFn:
+        return lambda tokens: new.setdefault(i, []).extend(tokens)
+
+    reqs = [Request(list(p), max_new_tokens, frozenset(stop_ids), collect(i)) for i, p in enumerate(prompts)]
+    stats = DecodeStats(strategy)
+    _sync(batch.dec.device)
+    t0 = time.perf_counter()
+    check_ms = []
+    waiting = deque(reqs)
+    while waiting or batch.live:
+        if not batch.live and not batch.admits(waiting[0]):
+            raise ValueError(f"a prompt of {len(waiting[0].prompt)} tokens with max_new_tokens {max_new_tokens} "
+                             f"does not fit the batch's {batch.max_len} cache slots")
+        while waiting and batch.admits(waiting[0]):
+            batch.add(waiting.popleft())
+        before, t = batch.steps, time.perf_counter()
+        batch.step()
+        if batch.steps > before:
+            check_ms.append(1000 * (time.perf_counter() - t) / (batch.steps - before))
+        if stream is not None and new:
+            stream([new.get(i, []) for i in range(len(reqs))])
+        new.clear()
+    _sync(batch.dec.device)
+    stats.seconds = time.perf_counter() - t0
+    stats.prefill_seconds = reqs[0].stats.prefill_seconds if reqs else 0.0
+    stats.new_tokens = sum(len(r.tokens) for r in reqs)
+    stats.full_calls = batch.steps + len(reqs)
+    stats.module_calls = batch.steps * batch.plan.module_calls + len(reqs) * int(batch.plan.module)
+    stats.step_ms = statistics.median(check_ms) if check_ms else 0.0
+    if not batch.plan.fixed:
+        stats.accept_hist = [sum(h) for h in zip(*(r.stats.accept_hist for r in reqs))]
+    return DecodeResult([r.tokens for r in reqs], stats, [r.reason == "stop" for r in reqs])

@@ -320,19 +320,19 @@ class Decoder:
 
     # -- continuous batching: rows that join and leave (decoding/batching.py drives them) ------------------------
 
-    def adopt(self, row: int, src: "Decoder", length: int, end: int, p: int) -> None:
-        """Take the request that `src` (a one-row Decoder) has just prefilled, its `length` prompt tokens in src's
-        slots end-length..end-1, into `row` at slots p-length..p-1 (pad p-length): both caches, the next tokens,
-        the module's state and the tokens by slot. Positions are slot - pad, so the row goes on at position
-        `length` exactly as it would alone."""
+    def adopt(self, row: int, src: Decoder, src_row: int, length: int, end: int, p: int) -> None:
+        """Take the request in `src`'s row `src_row` (a one-row Decoder that has just prefilled it, or the smaller
+        or larger Decoder of a batch that changes size), its last `length` slots ending before `end`, into `row`
+        at slots p-length..p-1 (pad p-length): both caches, the next tokens, the module's state and the tokens by
+        slot. Positions are slot - pad, so the row goes on at position `length` exactly as it would alone."""
         a, lo = end - length, p - length
         for mine, theirs in ((self.cache, src.cache), (self.mcache, src.mcache)):
             if mine is not None:
-                mine.k[:, row, :, lo:p] = theirs.k[:, 0, :, a:end]
-                mine.v[:, row, :, lo:p] = theirs.v[:, 0, :, a:end]
+                mine.k[:, row, :, lo:p] = theirs.k[:, src_row, :, a:end]
+                mine.v[:, row, :, lo:p] = theirs.v[:, src_row, :, a:end]
         for name in ("x_next", "x_rec", "g", "d_logits"):
-            getattr(self, name)[row] = getattr(src, name)[0]
-        self.seq[row, lo:p + 1] = src.seq[0, a:end + 1]
+            getattr(self, name)[row] = getattr(src, name)[src_row]
+        self.seq[row, lo:p + 1] = src.seq[src_row, a:end + 1]
         self.pad[row] = lo
         self.live[row] = True
 

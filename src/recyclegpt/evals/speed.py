@@ -162,13 +162,15 @@ def weights_bytes(module: torch.nn.Module) -> int:
 def time_strategies(lm: RecycleGPT, ids: list[list[int]], strategies: Sequence[str], *, max_new_tokens: int,
                     ignore_eos: bool, warmup: int = 1, batch_size: int = 1, engine: str = "auto",
                     hf: dict | None = None, log: Callable[[str], None] | None = None,
-                    draft: dict | None = None) -> dict[str, StrategyRun]:
+                    draft: dict | None = None, continuous: bool = False) -> dict[str, StrategyRun]:
     """Warm each strategy up (untimed: a whole run of the first batch, and of every other with the graph engines,
     else two tokens of each), then run them greedily on every batch of prompts, interleaved batch by batch. `hf`
-    maps HF strategy names to their `hf_baselines.HFBaseline` (batch 1 only)."""
+    maps HF strategy names to their `hf_baselines.HFBaseline` (batch 1 only). continuous: all prompts in one call
+    by continuous batching, batch_size at a time (`RecycleGPT.generate`'s max_batch)."""
     log = log or (lambda line: None)
     hf = hf or {}
-    batches = [ids[i:i + batch_size] for i in range(0, len(ids), batch_size)]
+    batches = [ids] if continuous else [ids[i:i + batch_size] for i in range(0, len(ids), batch_size)]
+    many = {"max_batch": batch_size} if continuous else {}
     ours = weights_bytes(lm.model if lm.model is not None else lm.base)
 
     def run(s: str, batch: list[list[int]], n: int, runs: dict | None) -> None:
@@ -181,7 +183,7 @@ def time_strategies(lm: RecycleGPT, ids: list[list[int]], strategies: Sequence[s
             return
         with PeakMemory(lm.device, ours) as mem:
             gen = lm.generate(batch, strategy=s, max_new_tokens=n, ignore_eos=ignore_eos, engine=engine,
-                              **(draft or {}))
+                              **(draft or {}), **many)
         if runs is not None:
             runs[s].add(gen, mem.mb)
 
@@ -213,7 +215,7 @@ def run_bench(lm: RecycleGPT, prompts: list[str] | list[list[int]], *,
               alpha: bool = True, log: Callable[[str], None] | None = None, draft_len: int = DEFAULT_DRAFT_LEN,
               min_draft_prob: float | None = None,
               tree_shape: tuple[int, ...] | None = None, categories: Sequence[str] | None = None,
-              check_prompts: int = 4) -> dict:
+              check_prompts: int = 4, continuous: bool = False) -> dict:
     """Run each strategy (default: every registered one) greedily on every prompt (texts, or token-id lists);
     return {"device", "model", "results", "speedup", "speedup_vs_hf_eager", ...}. HF strategies (`HF_STRATEGIES`)
     need batch_size 1.
@@ -221,7 +223,8 @@ def run_bench(lm: RecycleGPT, prompts: list[str] | list[list[int]], *,
     draft_len, tree_shape: the options of speculative and tree. categories: a label per prompt (batch size 1);
     then every result also carries "per_category": {label: {tokens_per_s, median_tokens_per_s, speedup, tau,
     alpha (recycle), same_token_share (lossless)}}. check_prompts: how many prompts (`check_sample`) are decoded
-    again by the eager reference loop and compared (`check_tokens`: a difference raises CheckFailed)."""
+    again by the eager reference loop and compared (`check_tokens`: a difference raises CheckFailed).
+    continuous: decode all prompts by continuous batching, batch_size at a time, each joining as another ends."""
     strategies = tuple(strategy_names() if strategies is None else strategies)
     known = strategy_names() + tuple(HF_STRATEGIES)
     unknown = [s for s in strategies if s not in known]
@@ -248,7 +251,8 @@ def run_bench(lm: RecycleGPT, prompts: list[str] | list[list[int]], *,
         raise ValueError("categories need one label per prompt and batch size 1")
     draft = {"draft_len": draft_len, "tree_shape": tree_shape, "min_draft_prob": min_draft_prob}
     runs = time_strategies(lm, ids, strategies, max_new_tokens=max_new_tokens, ignore_eos=ignore_eos,
-                           warmup=warmup, batch_size=batch_size, engine=engine, hf=hf, log=log, draft=draft)
+                           warmup=warmup, batch_size=batch_size, engine=engine, hf=hf, log=log, draft=draft,
+                           continuous=continuous)
     del hf
     results = [runs[s].summary() for s in strategies]
     if categories is not None:
@@ -263,6 +267,8 @@ def run_bench(lm: RecycleGPT, prompts: list[str] | list[list[int]], *,
                     base = ref[c]["tokens_per_s"]
                     part["speedup"] = part["tokens_per_s"] / base if base > 0 else 0.0
     kind = lm.resolve_engine(engine)
+    if continuous and kind == "eager":  # continuous batching runs on an engine: "auto" takes "static" on the CPU
+        kind = "static"
     for r in results:
         r["engine"] = notes.get(r["strategy"], kind)
     if "standard" in runs:  # lossless strategies must give standard's tokens: count the prompts where they do
@@ -296,7 +302,7 @@ def run_bench(lm: RecycleGPT, prompts: list[str] | list[list[int]], *,
         if n:
             rec["alpha"] = hits / n
     check = check_tokens(lm, ids, runs, strategies, max_new_tokens=max_new_tokens, ignore_eos=ignore_eos,
-                         engine=engine, batch_size=batch_size, sample=check_prompts, draft=draft, log=log)
+                         engine=kind, batch_size=batch_size, sample=check_prompts, draft=draft, log=log)
 
     def ratios(ref: str) -> dict:
         base = next((r for r in results if r["strategy"] == ref), None)
@@ -312,6 +318,7 @@ def run_bench(lm: RecycleGPT, prompts: list[str] | list[list[int]], *,
         "prompts": len(ids),
         "max_new_tokens": max_new_tokens,
         "batch_size": batch_size,
+        "continuous": continuous,
         "greedy": True,
         "ignore_eos": ignore_eos,
         "engine": kind,
@@ -452,7 +459,8 @@ def format_table(report: dict) -> str:
     head = f"{'strategy':<17} {'tok/s':>8} {'median':>8} {'ttft ms':>8} {'step ms':>8} {'mem MB':>8} {'tokens':>7} " \
            f"{'tok/full':>8} {'tau':>5} {'alpha':>6} {'vs std':>7} {'vs HF':>7}  engine"
     lines = [f"device: {report['device']}  dtype: {report['dtype']}  model: {report['model']}  "
-             f"module: {report['module']}  prompts: {report['prompts']}  batch: {report['batch_size']}  "
+             f"module: {report['module']}  prompts: {report['prompts']}  batch: {report['batch_size']}"
+             f"{' (continuous)' if report.get('continuous') else ''}  "
              f"max_new_tokens: {report['max_new_tokens']}"
              + (f"  recycle vocab: {report['recycle_vocab']}" if report.get("recycle_vocab") == "draft" else ""),
              head, "-" * len(head)]
@@ -475,7 +483,8 @@ def format_table(report: dict) -> str:
         lines.append(f"checked {check['checked']}/{check['of']}: {check['strategy']}'s tokens ({check['tokens']}) "
                      f"equal {check['against']}" + (f", but for {len(ties)} at a near-tie (" + "; ".join(
                          f"prompt {t['prompt']}, new token {t['new_token']}, logit margin {t['margin']:.4f}"
-                         + (f", rank {t['rank']}" if t.get("rank") is not None else "") for t in ties) + ")" if ties else ""))
+                         + (f", rank {t['rank']}" if t.get("rank") is not None else "") for t in ties) + ")"
+                         if ties else ""))
     same = [f"{r['strategy']} {r['same_as_standard']}/{report['prompts']} ({r['same_token_share']:.1%} of tokens)"
             for r in report["results"] if r.get("same_as_standard") is not None]
     if same:
