@@ -361,9 +361,12 @@ def test_load_of_concurrent_streams_with_disconnects(lm):
 
 
 def test_a_batch_gives_each_row_what_it_gets_alone(lm):
-    """run_batch: greedy rows of mixed prompt lengths, budgets and stops (a stop string, a stop token, none), one
-    client leaving: each row's streamed text and outcome are those of the request run alone (run_job)."""
-    from recyclegpt.serving.scheduler import run_batch, run_job
+    """The worker's continuous batch: greedy requests of mixed prompt lengths, budgets and stops (a stop string, a
+    stop token, none), one client leaving, queued together: each one's streamed text and outcome are those of the
+    request run alone (run_job)."""
+    import threading
+
+    from recyclegpt.serving.scheduler import Worker, run_job
 
     def job(prompt, n, stop=(), stop_ids=frozenset(), leave=False):
         events = []
@@ -380,8 +383,20 @@ def test_a_batch_gives_each_row_what_it_gets_alone(lm):
     specs = [(PROMPT, 20, (), frozenset(), False), ("the", 7, (), frozenset(), False),
              (PROMPT, 20, (alone_text[5:8],), frozenset(), False),
              (TEXT[:200], 12, (), frozenset({lm.encode(alone_text)[3]}), False), ("why", 30, (), frozenset(), True)]
-    jobs, ended = [job(*s) for s in specs], {}
-    run_batch(lm, jobs, "auto", lambda j, outcome, error: ended.__setitem__(id(j), (outcome, error)))
+    jobs, ended, all_ended = [job(*s) for s in specs], {}, threading.Event()
+
+    def on_done(j, outcome, error):
+        ended[id(j)] = (outcome, error)
+        if len(ended) == len(jobs):
+            all_ended.set()
+
+    worker = Worker(lm, max_batch=4, on_done=on_done)
+    for j in jobs:  # all waiting before the worker starts: they share its batch, the fifth joining as a row frees
+        worker.submit(j)
+    worker.start()
+    assert all_ended.wait(120)
+    worker.stop()
+    assert worker.largest_batch == 4
     assert set(ended) == {id(j) for j in jobs}
     for spec, j in zip(specs, jobs):
         outcome, error = ended[id(j)]

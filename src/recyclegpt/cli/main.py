@@ -426,8 +426,8 @@ def cmd_retrofit(args) -> None:
 def cmd_serve(args) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions; docs/serving.md).
 
-Requests run in arrival order through RecycleGPT.generate; greedy requests of one strategy that wait together decode
-as one batch (--max-batch); no continuous batching yet."""
+Requests run in arrival order; greedy requests of one strategy decode together by continuous batching, up to
+--max-batch at once, each joining as soon as it fits; sampled requests run alone."""
     try:
         import uvicorn
 

@@ -49,7 +49,7 @@ class ServerConfig:
     max_model_len: int | None = None  # prompt + completion limit (default and upper bound: the model's context)
     api_key: str | None = None  # when set, /v1/* needs "Authorization: Bearer <api_key>"
     max_queue: int = 64  # requests waiting beyond the ones running; more are refused with 503
-    max_batch: int = 8  # greedy requests of one strategy waiting together decode as one batch of up to this many
+    max_batch: int = 8  # greedy requests of one strategy decode together by continuous batching, up to this many
     max_body_bytes: int = MAX_BODY_BYTES
 
 
@@ -179,7 +179,7 @@ class Server:
         lm.resolve_engine(config.engine)  # a clear error now for a bad engine
         self.metrics = Metrics()
         self.worker = Worker(lm, engine=config.engine, max_queue=config.max_queue, max_batch=config.max_batch,
-                             on_done=self.metrics.generation)
+                             max_len=self.context, on_done=self.metrics.generation)
         self.created = int(time.time())
 
     def check_strategy(self, name: str, *, param: str | None = "recyclegpt.strategy") -> None:

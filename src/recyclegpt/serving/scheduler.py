@@ -1,19 +1,19 @@
-"""One worker thread that runs queued requests through `RecycleGPT.generate`, in arrival order, greedy requests of
-one strategy that are waiting together as one batch (up to `max_batch`).
+"""One worker thread that runs queued requests, in arrival order: greedy requests of one strategy by continuous
+batching, every other request alone through `RecycleGPT.generate`.
 
 A `Job` carries one request's prompt ids and decoding options and a thread-safe `emit` callback; the worker calls
 it with ("delta", text) as text becomes final, then ("done", Outcome) or ("error", exception). Stop strings are
-applied here, in generate's `stream` callback: a stop string that is one token stops on that token, any other on
-the decoded text; either way the text is cut before the stop and decoding ends at once (the callback raises,
-which ends generate's loop). A cancelled job (its client went away) is skipped if still queued and ends at the
-next step generate reports if running.
+applied here, on the tokens as they come: a stop string that is one token stops on that token, any other on the
+decoded text; either way the text is cut before the stop and the request ends at once. A cancelled job (its
+client went away) is skipped if still queued and ends at the next check if running.
 
-Batches: the worker takes the oldest waiting job and, when it is greedy, every other waiting greedy job of the same
-strategy (up to `max_batch`), and decodes their prompts as one left-padded batch (`run_batch`): the tokens a
-row gets are those it gets alone (greedy decoding of a batch is row by row the same, up to 16-bit near-ties where
-the kernels sum a batch in another order). A row ends on its own (its stop, its max_tokens, its client leaving),
-its response is sent then, and the batch decodes on until every row has ended. Sampled requests run alone, so
-that a seed gives the same text whatever else is waiting.
+Batches (`decoding.batching.ContinuousBatch`): a greedy job starts a batch of its strategy; the jobs behind it that
+are greedy and of the same strategy join it as they come, up to `max_batch` at once, each as soon as it fits, and
+each leaves at its own end (its stop, its max_tokens, its client leaving), when its response is sent. A job of
+another kind at the head of the queue stops the joining: the batch drains, then that job runs (a sampled job
+alone, so that a seed gives the same text whatever else is waiting). The tokens a batched request gets are those
+it gets alone (up to 16-bit near-ties, where the kernels sum a batch in another order). Batches run on an engine:
+"auto" takes the static engine on the CPU; with the eager loop named, every request runs alone.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ..api import RecycleGPT
+from ..decoding.batching import ContinuousBatch, Request
 from ..decoding.loops import DecodeStats
 
 log = logging.getLogger("recyclegpt.serving")
@@ -73,25 +74,37 @@ class TextTracker:
         self.stopped_text: str | None = None
 
     def add(self, tokens: list[int]) -> None:
-        """Take the new tokens of one step; emit what became final; raise _Halt at a stop."""
+        """Take the new tokens of one step; emit what became final; raise _Halt at a stop (the earliest, and with
+        the tokens counted up to it, however many tokens came in this step)."""
         decode = self.lm.tokenizer.decode
+        start, stop_token = len(self.ids), False
         for t in tokens:
-            if t in self.job.stop_token_ids:
-                self.ids.append(t)
-                self.stopped_text = decode(self.ids[:-1])
-                raise _Halt("stop token")
             self.ids.append(t)
-        text = decode(self.ids)
-        cut = min((i for i in (text.find(s) for s in self.job.stop) if i >= 0), default=-1)
-        if cut >= 0:
+            if t in self.job.stop_token_ids:
+                stop_token = True
+                break
+        text = decode(self.ids[:-1] if stop_token else self.ids)
+        cut = self._stop_at(text)
+        if cut >= 0:  # the token that completed the stop string is the last one counted
+            end = len(self.ids) - stop_token
+            while start < end - 1 and self._stop_at(decode(self.ids[:start + 1])) < 0:
+                start += 1
+            del self.ids[start + 1:]
             self.stopped_text = text[:cut]
             raise _Halt("stop string")
+        if stop_token:
+            self.stopped_text = text
+            raise _Halt("stop token")
         if text.endswith("\ufffd"):  # an unfinished UTF-8 sequence: wait for its next byte
             return
         safe = len(text) - self.hold
         if safe > self.sent:
             self.job.emit(("delta", text[self.sent:safe]))
             self.sent = safe
+
+    def _stop_at(self, text: str) -> int:
+        """Where the first stop string begins in text; -1 when none does."""
+        return min((i for i in (text.find(s) for s in self.job.stop) if i >= 0), default=-1)
 
     def finish(self, text: str) -> None:
         """Emit the rest of the final text."""
@@ -124,76 +137,57 @@ def run_job(lm: RecycleGPT, job: Job, engine: str) -> Outcome | None:
 
 
 def batchable(job: Job) -> bool:
-    """Whether `job` may share a batch: greedy (sampling draws for the whole batch from one generator)."""
+    """Whether `job` may join a continuous batch: greedy (a sampled job draws from its own generator, alone)."""
     return job.temperature == 0
 
 
-def run_batch(lm: RecycleGPT, jobs: list[Job], engine: str,
-              done: Callable[[Job, Outcome | None, BaseException | None], None]) -> None:
-    """Decode greedy jobs of one strategy as one batch; `done(job, outcome, error)` as each row ends (outcome None:
-    cancelled)."""
-    trackers = [TextTracker(lm, job) for job in jobs]
-    ended = [False] * len(jobs)
+class BatchedJob:
+    """A job's request in a continuous batch: its text tracker as the request's token callback."""
 
-    def end(i: int, outcome: Outcome | None) -> None:
-        ended[i] = True
-        done(jobs[i], outcome, None)
+    def __init__(self, lm: RecycleGPT, job: Job) -> None:
+        self.lm, self.job, self.tracker = lm, job, TextTracker(lm, job)
+        stop = frozenset(lm.tokenizer.eos_ids) if lm.tokenizer is not None else frozenset()
+        self.request = Request(job.prompt_ids, job.max_tokens, stop, self.on_tokens)
 
-    def on_tokens(step: list[list[int]]) -> None:
-        for i, (job, tracker) in enumerate(zip(jobs, trackers)):
-            if ended[i]:
-                continue
-            if job.cancelled.is_set():
-                end(i, None)
-                continue
-            room = job.max_tokens - len(tracker.ids)
-            try:
-                tracker.add(step[i][:room])
-            except _Halt:
-                tracker.finish(tracker.stopped_text)
-                end(i, Outcome(tracker.stopped_text, len(tracker.ids), "stop", None))
-                continue
-            if len(tracker.ids) >= job.max_tokens:
-                text = lm.tokenizer.decode(tracker.ids)
-                tracker.finish(text)
-                end(i, Outcome(text, len(tracker.ids), "length", None))
-        if all(ended):
-            raise _Halt("every row ended")
+    def on_tokens(self, tokens: list[int]) -> bool:
+        if self.job.cancelled.is_set():
+            return False
+        try:
+            self.tracker.add(tokens)
+        except _Halt:
+            return False
+        return True
 
-    try:
-        out = lm.generate([job.prompt_ids for job in jobs], strategy=jobs[0].strategy,
-                          max_new_tokens=max(job.max_tokens for job in jobs), temperature=0.0, stream=on_tokens,
-                          engine=engine)
-    except _Halt:
-        return
-    except Exception as e:  # reported to the rows still decoding; the others have their answers
-        for i, job in enumerate(jobs):
-            if not ended[i]:
-                ended[i] = True
-                done(job, None, e)
-        if not isinstance(e, ValueError):
-            log.exception("generation failed")
-        return
-    for i, job in enumerate(jobs):  # rows that ended with the batch: at EOS, or at the longest max_tokens
-        if not ended[i]:
-            ids = out.token_ids[i][:job.max_tokens]
-            text = out.text[i] if len(ids) == len(out.token_ids[i]) else lm.tokenizer.decode(ids)
-            trackers[i].finish(text)
-            end(i, Outcome(text, len(ids), "stop" if len(ids) < job.max_tokens else "length", out.stats))
+    def outcome(self) -> Outcome | None:
+        """The ended request's outcome; None when its client left."""
+        req, tracker = self.request, self.tracker
+        if req.reason == "cancelled":
+            if tracker.stopped_text is None:
+                return None
+            tracker.finish(tracker.stopped_text)
+            return Outcome(tracker.stopped_text, len(tracker.ids), "stop", req.stats)
+        text = self.lm.tokenizer.decode(req.tokens)
+        tracker.finish(text)
+        return Outcome(text, len(req.tokens), req.reason, req.stats)
 
 
 class Worker:
     """The thread that runs jobs from a bounded queue; `stop` ends it (and cancels what is queued or running)."""
 
     def __init__(self, lm: RecycleGPT, *, engine: str = "auto", max_queue: int = 64, max_batch: int = 8,
+                 max_len: int | None = None,
                  on_done: Callable[[Job, Outcome | None, BaseException | None], None] | None = None) -> None:
+        """max_len: the cache slots of a batch (default: the model's context)."""
         if max_queue < 1:
             raise ValueError(f"max_queue must be at least 1, got {max_queue}")
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
-        self.lm, self.engine, self.max_batch = lm, engine, max_batch
+        self.lm, self.engine, self.max_batch, self.max_len = lm, engine, max_batch, max_len
+        kind = lm.resolve_engine(engine)
+        # the engine of continuous batches: the one named, "static" for "auto" on the CPU; none for "eager"
+        self.batch_engine = kind if kind != "eager" else ("static" if engine == "auto" else None)
         self.queue: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
-        self._held: deque[Job] = deque()  # taken from the queue to look at, not batched with the job before them
+        self._held: deque[Job] = deque()  # taken from the queue to look at, still waiting
         self.on_done = on_done
         self.running: list[Job] = []
         self.largest_batch = 0  # the most requests decoded together so far
@@ -221,7 +215,7 @@ class Worker:
                 from None
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Stop taking jobs, cancel the queued ones and the running one, and wait for the thread."""
+        """Stop taking jobs, cancel the queued ones and the running ones, and wait for the thread."""
         self._stopping.set()
         for job in list(self.running):
             job.cancelled.set()
@@ -235,29 +229,17 @@ class Worker:
         if self._thread.is_alive():
             self._thread.join(timeout)
 
-    def _next(self, timeout: float) -> Job | None:
-        if self._held:
-            return self._held.popleft()
-        try:
-            return self.queue.get(timeout=timeout)
-        except queue.Empty:
-            return None
-
-    def _batch(self, first: Job) -> list[Job]:
-        """`first` and the waiting jobs that may decode with it, in arrival order; the others stay waiting, first in
-        line."""
-        if not batchable(first) or self.max_batch == 1:
-            return [first]
-        batch, passed = [first], []
-        while len(batch) < self.max_batch:
-            job = self._next(0) if self._held or not self.queue.empty() else None
-            if job is None:
-                break
-            if job.cancelled.is_set():
-                continue
-            (batch if batchable(job) and job.strategy == first.strategy else passed).append(job)
-        self._held.extendleft(reversed(passed))
-        return batch
+    def _head(self, timeout: float) -> Job | None:
+        """The oldest waiting job that is not cancelled, left waiting (None: none came within `timeout`)."""
+        while True:
+            if not self._held:
+                try:
+                    self._held.append(self.queue.get(timeout=timeout) if timeout else self.queue.get_nowait())
+                except queue.Empty:
+                    return None
+            if not self._held[0].cancelled.is_set():
+                return self._held[0]
+            self._held.popleft()
 
     def _done(self, job: Job, outcome: Outcome | None, error: BaseException | None) -> None:
         if self.on_done is not None:
@@ -271,22 +253,71 @@ class Worker:
             job.emit(("done", outcome))
 
     def _loop(self) -> None:
+        batch: ContinuousBatch | None = None
+        jobs: dict[int, BatchedJob] = {}  # by id of their request
         while not self._stopping.is_set():
-            job = self._next(0.1)
-            if job is None or job.cancelled.is_set():
-                continue
-            batch = self._batch(job)
-            self.running = batch
-            self.largest_batch = max(self.largest_batch, len(batch))
             try:
-                if len(batch) > 1:
-                    run_batch(self.lm, batch, self.engine, self._done)
-                else:
-                    self._done(job, run_job(self.lm, job, self.engine), None)
-            except Exception as e:  # reported to these requests only; the worker goes on
+                if batch is None:
+                    job = self._head(0.1)
+                    if job is None:
+                        continue
+                    if self.batch_engine is None or not batchable(job):
+                        self._held.popleft()
+                        self._alone(job)
+                        continue
+                    batch = ContinuousBatch(self.lm.engine(self.batch_engine), job.strategy, self.max_batch,
+                                            max_len=self.max_len)
+                # join the waiting jobs in arrival order while the oldest can; another kind of job waits for the
+                # batch to drain
+                while (job := self._head(0)) is not None and batchable(job) and job.strategy == batch.strategy:
+                    bj = BatchedJob(self.lm, job)
+                    if not batch.fits(bj.request):
+                        if batch.live:
+                            break
+                        self._held.popleft()
+                        self._alone(job)
+                        continue
+                    if not batch.admits(bj.request):
+                        break
+                    self._held.popleft()
+                    try:
+                        batch.add(bj.request)
+                    except Exception as e:  # this request's failure alone: the batch's rows are untouched
+                        if not isinstance(e, ValueError):
+                            log.exception("prefill failed")
+                        self._done(job, None, e)
+                        continue
+                    if bj.request.reason is not None:  # ended on its first tokens
+                        self._done(job, bj.outcome(), None)
+                        continue
+                    jobs[id(bj.request)] = bj
+                    self.running.append(job)
+                self.largest_batch = max(self.largest_batch, batch.live)
+                for req in batch.step():
+                    bj = jobs.pop(id(req))
+                    self.running.remove(bj.job)
+                    self._done(bj.job, bj.outcome(), None)
+                if not batch.live:
+                    batch = None
+            except Exception as e:  # reported to the requests of this batch only; the worker goes on
                 if not isinstance(e, ValueError):
                     log.exception("generation failed")
-                for j in batch:
-                    self._done(j, None, e)
-            finally:
+                for bj in jobs.values():
+                    self._done(bj.job, None, e)
+                jobs.clear()
                 self.running = []
+                batch = None
+        for bj in jobs.values():  # stopping: the batch's jobs were cancelled by `stop`
+            self._done(bj.job, None, None)
+
+    def _alone(self, job: Job) -> None:
+        self.running = [job]
+        self.largest_batch = max(self.largest_batch, 1)
+        try:
+            self._done(job, run_job(self.lm, job, self.engine), None)
+        except Exception as e:  # reported to this request only
+            if not isinstance(e, ValueError):
+                log.exception("generation failed")
+            self._done(job, None, e)
+        finally:
+            self.running = []
