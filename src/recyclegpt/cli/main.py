@@ -8,6 +8,7 @@
     recyclegpt retrofit               train a recyclable module on a frozen base
     recyclegpt distill                the base model's responses to a prompt file, as JSONL (self-distillation data)
     recyclegpt eval mc|lastword|ppl|agreement    quality: standard vs recycle scoring, the module's agreement α
+    recyclegpt lm-eval ARGS...        lm-evaluation-harness with the `recyclegpt` model (docs/quality.md)
     recyclegpt serve                  an OpenAI-compatible HTTP server (docs/serving.md)
 
 Errors the user can fix (bad values, missing files, corrupt checkpoints) print one line and exit with status 2.
@@ -592,14 +593,16 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-queue", type=int, default=64,
                     help="requests that may wait behind the running ones; more get 503 (default 64)")
     sv.add_argument("--max-batch", type=int, default=8,
-                    help="greedy requests of one strategy waiting together decode as one batch of up to this many "
-                         "(default 8; 1: one request at a time)")
+                    help="greedy requests of one strategy decode together by continuous batching, up to this many "
+                         "at once (default 8; 1: one request at a time)")
     sv.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
                     help="uvicorn's log level (default info)")
 
     from .evaluate import add_eval_parser
+    from .harness import add_lm_eval_parser
 
     add_eval_parser(sub)
+    add_lm_eval_parser(sub)
 
     r = add("retrofit", cmd_retrofit)
     r.add_argument("files", nargs="+", help="text files, prompt→response JSONL, or both (text then joins as windows of "
