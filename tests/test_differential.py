@@ -110,6 +110,18 @@ def test_the_static_engine_equals_the_reference_on_a_request_sequence(vocab):
     assert sum(t.tokens for t in tau) > 1000
 
 
+def test_continuous_batching_under_concurrent_arrivals_equals_each_request_alone():
+    """The greedy prompts of a request sequence (1 token to near the context, stops early and late) arrive 0-3
+    checks apart into a continuous batch of 3 rows, per strategy: each gets its reference tokens alone."""
+    model = predictable(4, 0.05)
+    reqs = sequence(model, 10, seed=3)
+    engines = {"static": Engine(model, graphs=False, bucket=16, prefill_bucket=8)}
+    tallies = dt.run_arrivals(model, engines, reqs, rows=3, opts=OPTS, seed=1)
+    assert_all_identical(tallies)
+    assert all(t.requests >= 12 for t in tallies.values())
+    assert any(r.stop for r in reqs if r.sampling.greedy)
+
+
 def test_a_wrong_token_is_reported_with_where_and_how_near_a_tie():
     """The harness catches an engine that goes wrong: an engine that decodes with the wrong head gives mismatches,
     each with its first differing position and how far its token falls below the reference's top logit there."""

@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..decoding.batching import ContinuousBatch
+from ..decoding.batching import Request as BatchRequest
 from ..decoding.engine import KV_BUCKET, PREFILL_BUCKET, Engine, Plan
 from ..decoding.loops import DecodeResult
 from ..decoding.sampling import SamplingParams
@@ -265,6 +267,66 @@ def run_sequence(model: RecycleModel, engines: dict[str, Engine], requests: Sequ
                 t.tokens += sum(len(r) for r in res.tokens)
                 want, finished, prefix = _expected(model, engine, strategy, req, opts, check, ref, own, stop_ids)
                 bad = _compare(model, req, i, res, want, finished, prefix, strategy)
+                if bad:
+                    t.mismatches.extend(bad)
+                else:
+                    t.identical += 1
+    return tallies
+
+
+def run_arrivals(model: RecycleModel, engines: dict[str, Engine], requests: Sequence[Request], *, rows: int,
+                 strategies: Sequence[str] | None = None, opts: Options = Options(), check: Check = Check(),
+                 seed: int = 0, deadline: float | None = None) -> dict[tuple[str, str], Tally]:
+    """Continuous batching under concurrent arrivals: every greedy prompt of `requests` (each row one arrival, with
+    its request's budget and stop) joins one `ContinuousBatch` of at most `rows` rows per engine and strategy, in
+    order, each arriving 0 to 3 checks after the one before (when it fits), and must give its reference tokens
+    alone: all of them under "exact", the first `check.prefix` under "near-ties" (differences reported with their
+    rank). Tallies are keyed (engine + "/continuous", strategy); a request there is one arrival."""
+    strategies = strategy_names() if strategies is None else strategies
+    rng = random.Random(seed)
+    arrivals = [(p, req) for req in requests if req.sampling.greedy for p in req.prompts]
+    gaps = [rng.randint(0, 3) for _ in arrivals]
+    refs: dict[tuple[int, str], list[int]] = {}
+    stops: list[set[int]] = []
+    for i, (p, req) in enumerate(arrivals):
+        one = Request((p,), req.max_new_tokens, req.sampling, req.stop)
+        stop = stop_token(reference(model, "standard", one, opts).tokens, req.stop) if req.stop else None
+        stops.append({stop} if stop is not None else set())
+    tallies = {(f"{kind}/continuous", s): Tally() for kind in engines for s in strategies}
+    need = max((len(p) + req.max_new_tokens for p, req in arrivals), default=1) + opts.span(strategies) + 2
+    for strategy in strategies:
+        target = "standard" if get_strategy(strategy).lossless else strategy
+        for i, (p, req) in enumerate(arrivals):
+            if (i, target) not in refs:
+                one = Request((p,), req.max_new_tokens, req.sampling, "")
+                res = reference(model, target, one, opts, stop_ids=tuple(stops[i]))
+                refs[(i, target)] = (res.tokens[0], res.finished[0])
+        for kind, engine in engines.items():
+            if deadline is not None and time.monotonic() > deadline:
+                return tallies
+            t = tallies[(f"{kind}/continuous", strategy)]
+            batch = ContinuousBatch(engine, strategy, rows, max_len=need, check_every=4, draft_len=opts.draft_len,
+                                    tree=opts.tree)
+            reqs = [BatchRequest(list(p), req.max_new_tokens, frozenset(stops[i])) for i, (p, req) in
+                    enumerate(arrivals)]
+            start, waiting, since = time.perf_counter(), list(range(len(reqs))), 0
+            while waiting or batch.live:
+                if waiting and since >= gaps[waiting[0]] and batch.admits(reqs[waiting[0]]):
+                    batch.add(reqs[waiting.pop(0)])
+                    since = 0
+                    continue
+                batch.step()
+                since += 1
+            t.seconds += time.perf_counter() - start
+            for i, (r, (p, req)) in enumerate(zip(reqs, arrivals)):
+                want, finished = refs[(i, target)]
+                prefix = check.mode == "near-ties"
+                one = Request((tuple(p),), req.max_new_tokens, req.sampling, req.stop)
+                res = DecodeResult([r.tokens], None, [r.reason == "stop"])
+                bad = _compare(model, one, i, res, [want[:check.prefix] if prefix else want],
+                               None if prefix else [finished], prefix, strategy)
+                t.requests += 1
+                t.tokens += len(r.tokens)
                 if bad:
                     t.mismatches.extend(bad)
                 else:
