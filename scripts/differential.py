@@ -53,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--deadline", type=float, default=None,
                     help="start no request after this many seconds (the report covers the requests run)")
     ap.add_argument("--json-out", default=None, help="also write the report here")
+    ap.add_argument("--continuous", type=int, default=0, metavar="ROWS",
+                    help="instead, send the sequence's greedy prompts into a continuous batch of at most ROWS rows, "
+                         "arriving 0-3 checks apart, each compared with its reference alone")
     args = ap.parse_args(argv)
 
     strategies = [s for s in args.strategies.split(",") if s]
@@ -85,9 +88,14 @@ def main(argv: list[str] | None = None) -> int:
     engines = {k: dt.make_engine(model, k, kv_bucket=args.kv_bucket) for k in kinds}
     t0 = time.perf_counter()
     deadline = None if args.deadline is None else time.monotonic() + args.deadline
-    tallies = dt.run_sequence(model, engines, reqs, strategies=strategies, opts=opts, check=check,
-                              progress=lambda items: tqdm(items, desc="requests", file=sys.stderr, mininterval=10),
-                              deadline=deadline)
+    if args.continuous > 0:
+        tallies = dt.run_arrivals(model, engines, reqs, rows=args.continuous, strategies=strategies, opts=opts,
+                                  check=check, seed=args.seed, deadline=deadline)
+    else:
+        tallies = dt.run_sequence(model, engines, reqs, strategies=strategies, opts=opts, check=check,
+                                  progress=lambda items: tqdm(items, desc="requests", file=sys.stderr,
+                                                              mininterval=10),
+                                  deadline=deadline)
     seconds = time.perf_counter() - t0
     rows = dt.summary_rows(tallies)
     print(f"{args.model} + {lm.module_source} ({args.recycle_vocab} vocabulary), {args.dtype} on "
@@ -96,10 +104,12 @@ def main(argv: list[str] | None = None) -> int:
           f"({sum(r['seconds'] for r in rows):.0f} s in the engines, the rest in the reference loops and checks)")
     print(dt.format_table(rows))
     report = {"model": args.model, "module": lm.module_source, "recycle_vocab": args.recycle_vocab,
+              "continuous_rows": args.continuous or None,
               "dtype": args.dtype, "device": args.device, "torch": torch.__version__, "check": check.mode,
               "requests": len(reqs), "requests_run": max(r["requests"] for r in rows),
               "max_new_tokens": args.max_new_tokens, "seed": args.seed,
-              "prompt_lengths": sorted(len(p) for r in reqs[:max(r["requests"] for r in rows)] for p in r.prompts),
+              "prompt_lengths": sorted(len(p) for r in (reqs if args.continuous else
+                                                        reqs[:max(r["requests"] for r in rows)]) for p in r.prompts),
               "seconds": round(seconds, 1), "rows": rows,
               "mismatches": {f"{k[0]}/{k[1]}": t.to_dict()["mismatches"] for k, t in tallies.items() if t.mismatches}}
     if args.json_out:

@@ -389,14 +389,14 @@ def summary_rows(tallies: dict[tuple[str, str], Tally]) -> list[dict]:
 
 
 def format_table(rows: list[dict]) -> str:
-    head = f"{'engine':<9} {'strategy':<17} {'requests':>8} {'identical':>9} {'tokens':>8} {'diff rows':>9} " \
+    head = f"{'engine':<17} {'strategy':<17} {'requests':>8} {'identical':>9} {'tokens':>8} {'diff rows':>9} " \
            f"{'near-ties':>9} {'first diff':>10} {'max margin':>10} {'max rank':>8} {'engine s':>8}"
     lines = [head, "-" * len(head)]
     for r in rows:
         first = "-" if r["first_difference"] is None else str(r["first_difference"])
         margin = "-" if r["largest_margin"] is None else f"{r['largest_margin']:.4f}"
         rank = "-" if r.get("largest_rank") is None else str(r["largest_rank"])
-        lines.append(f"{r['engine']:<9} {r['strategy']:<17} {r['requests']:>8} {r['identical']:>9} "
+        lines.append(f"{r['engine']:<17} {r['strategy']:<17} {r['requests']:>8} {r['identical']:>9} "
                      f"{r['tokens']:>8} {r['mismatched_rows']:>9} {r['near_ties']:>9} {first:>10} {margin:>10} "
                      f"{rank:>8} {r['seconds']:>8.1f}")
     return "\n".join(lines)
