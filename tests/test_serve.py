@@ -98,6 +98,35 @@ def test_completion_equals_generate(client, lm, strategy):
     assert (ext["tau"] is not None) == (strategy == "recycle-verified")
 
 
+def test_logprobs_are_the_base_models_own(client, lm):
+    """Completions' logprobs (the OpenAI legacy lists) and chat's (`content` entries): each token's log-probability
+    under the base model given everything before it, the alternatives sorted, greedy tokens the most likely."""
+    body = complete(client, max_tokens=10, temperature=0, logprobs=3).json()
+    choice, ids = body["choices"][0], lm.encode(PROMPT)
+    lp = choice["logprobs"]
+    tokens = lm.generate(PROMPT, max_new_tokens=10).token_ids[0]
+    with torch.inference_mode():
+        ref = torch.log_softmax(lm.base(torch.tensor([ids + tokens])).logits[0].float(), -1)
+    want = [ref[len(ids) - 1 + j, t].item() for j, t in enumerate(tokens)]
+    assert lp["tokens"] == [lm.tokenizer.decode([t]) for t in tokens]
+    assert lp["token_logprobs"] == pytest.approx(want, abs=1e-4)
+    assert "".join(lp["tokens"]) == choice["text"] and lp["text_offset"][0] == 0
+    for chosen, top in zip(lp["token_logprobs"], lp["top_logprobs"]):
+        assert len(top) <= 3 and max(top.values()) == pytest.approx(chosen, abs=1e-4)  # greedy: the top token
+    messages = [{"role": "user", "content": "why is the sky blue?"}]
+    body = client.post("/v1/chat/completions", json={"model": NAME, "messages": messages, "max_tokens": 6,
+                                                     "temperature": 0.9, "seed": 3, "logprobs": True,
+                                                     "top_logprobs": 2}).json()
+    content = body["choices"][0]["logprobs"]["content"]
+    assert len(content) == body["usage"]["completion_tokens"]
+    assert "".join(c["token"] for c in content) == body["choices"][0]["message"]["content"]
+    for c in content:
+        assert c["logprob"] <= 0 and bytes(c["bytes"]).decode() == c["token"] and len(c["top_logprobs"]) == 2
+        assert c["top_logprobs"][0]["logprob"] >= c["top_logprobs"][1]["logprob"]
+        assert c["logprob"] <= c["top_logprobs"][0]["logprob"] + 1e-6  # sampled: the chosen token, maybe not the top
+    assert complete(client, max_tokens=4).json()["choices"][0]["logprobs"] is None
+
+
 def test_token_id_prompt_and_single_item_list(client, lm):
     ids = lm.encode(PROMPT)
     by_text = complete(client, max_tokens=8).json()["choices"][0]["text"]
@@ -188,7 +217,14 @@ def test_validation_errors(client):
     error_of(complete(client, prompt=""), 400, "prompt")
     error_of(complete(client, prompt=[10**6]), 400, "prompt")
     error_of(complete(client, stop=[""]), 400, "stop")
-    for field, value in (("n", 2), ("logprobs", 2), ("best_of", 3), ("echo", True), ("presence_penalty", 0.5)):
+    error_of(complete(client, logprobs=6), 400, "logprobs")
+    error_of(complete(client, logprobs=2, stream=True), 400, "logprobs")
+    error_of(complete(client, top_logprobs=2), 400, "top_logprobs")
+    chat = {"model": NAME, "messages": [{"role": "user", "content": "x"}]}
+    error_of(client.post("/v1/chat/completions", json={**chat, "top_logprobs": 3}), 400, "top_logprobs")
+    error_of(client.post("/v1/chat/completions", json={**chat, "logprobs": True, "top_logprobs": 21}), 400,
+             "top_logprobs")
+    for field, value in (("n", 2), ("best_of", 3), ("echo", True), ("presence_penalty", 0.5)):
         assert error_of(complete(client, **{field: value}), 400, field)["code"] == "unsupported"
     assert error_of(complete(client, prompt=["a", "b"]), 400, "prompt")["code"] == "unsupported"
     assert error_of(complete(client, model="gpt-4"), 404, "model")["code"] == "model_not_found"

@@ -236,8 +236,9 @@ class Server:
                  max_param: str = "max_tokens") -> Job:
         bad = req.unsupported()
         if bad:
-            raise APIError(400, f"unsupported field(s): {', '.join(bad)} (n must be 1; logprobs, penalties and "
-                                "the like are not implemented)", param=bad[0], code="unsupported")
+            raise APIError(400, f"unsupported field(s): {', '.join(bad)} (n must be 1; penalties and the like are "
+                                "not implemented)", param=bad[0], code="unsupported")
+        logprobs = self.logprobs_wanted(req)
         if len(ids) >= self.context:
             raise APIError(400, f"the prompt has {len(ids)} tokens; this server's context is {self.context} tokens",
                            param="messages" if isinstance(req, ChatCompletionRequest) else "prompt",
@@ -266,7 +267,55 @@ class Server:
         tok = self.lm.tokenizer
         single = frozenset(t[0] for s in stop if len(t := tok.encode(s, add_bos=False)) == 1 and tok.decode(t) == s)
         return Job(ids, max_tokens, strategy, float(temperature), req.top_p, req.top_k, req.seed, stop, single,
-                   emit=lambda ev: None)
+                   emit=lambda ev: None, logprobs=logprobs)
+
+    @staticmethod
+    def logprobs_wanted(req) -> int | None:
+        """How many alternatives per token the request's logprobs ask for (0: the chosen token's only), or None."""
+        chat = isinstance(req, ChatCompletionRequest)
+        lp, top = req.logprobs, req.top_logprobs
+        if chat:
+            if lp not in (None, True, False):
+                raise APIError(400, f"logprobs must be true or false, got {lp!r}", param="logprobs")
+            if top is not None and (not isinstance(top, int) or not 0 <= top <= 20):
+                raise APIError(400, f"top_logprobs must be an integer from 0 to 20, got {top!r}", param="top_logprobs")
+            if top and not lp:
+                raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+            want = (top or 0) if lp else None
+        else:
+            if top not in (None, 0):
+                raise APIError(400, "top_logprobs is a chat field; completions take logprobs: N", param="top_logprobs")
+            if lp is None or lp is False:
+                want = None
+            elif isinstance(lp, bool) or not isinstance(lp, int) or not 0 <= lp <= 5:
+                raise APIError(400, f"logprobs must be an integer from 0 to 5, got {lp!r}", param="logprobs")
+            else:
+                want = lp
+        if want is not None and req.stream:
+            raise APIError(400, "logprobs are returned with whole responses only; send the request without stream",
+                           param="logprobs", code="unsupported")
+        return want
+
+    def logprobs_body(self, outcome: Outcome, chat: bool) -> dict | None:
+        """The response's logprobs object in OpenAI's shape (chat's `content` list, or completions' parallel lists)."""
+        if outcome.logprobs is None:
+            return None
+        tok = self.lm.tokenizer
+        pieces = [tok.decode([t]) for t in outcome.token_ids]
+        if chat:
+            def entry(token: int, lp: float) -> dict:
+                piece = tok.decode([token])
+                return {"token": piece, "logprob": lp, "bytes": list(piece.encode())}
+
+            return {"content": [{**entry(t, lp), "top_logprobs": [entry(i, v) for i, v in top]}
+                                for t, (lp, top) in zip(outcome.token_ids, outcome.logprobs)], "refusal": None}
+        offsets, at = [], 0
+        for p in pieces:
+            offsets.append(at)
+            at += len(p)
+        return {"tokens": pieces, "token_logprobs": [lp for lp, _ in outcome.logprobs],
+                "top_logprobs": [{tok.decode([i]): v for i, v in top} for _, top in outcome.logprobs]
+                if any(top for _, top in outcome.logprobs) else None, "text_offset": offsets}
 
     async def submit(self, job: Job) -> asyncio.Queue:
         """Queue the job; its events arrive on the returned asyncio queue."""
@@ -331,11 +380,12 @@ class Server:
             finally:
                 job.cancelled.set()  # a no-op once done; ends the job if this handler was cancelled
             outcome: Outcome = value
+            logprobs = self.logprobs_body(outcome, chat)
             if chat:
                 choice = {"index": 0, "message": {"role": "assistant", "content": outcome.text},
-                          "logprobs": None, "finish_reason": outcome.finish_reason}
+                          "logprobs": logprobs, "finish_reason": outcome.finish_reason}
             else:
-                choice = {"index": 0, "text": outcome.text, "logprobs": None,
+                choice = {"index": 0, "text": outcome.text, "logprobs": logprobs,
                           "finish_reason": outcome.finish_reason}
             return JSONResponse({"id": rid, "object": obj, "created": created, "model": self.model_name,
                                  "choices": [choice], "usage": self.usage(job, outcome),

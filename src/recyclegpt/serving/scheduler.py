@@ -25,6 +25,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import torch
+
 from ..api import RecycleGPT
 from ..decoding.batching import ContinuousBatch, Request
 from ..decoding.loops import DecodeStats
@@ -53,6 +55,7 @@ class Job:
     stop_token_ids: frozenset[int]
     emit: Callable[[tuple[str, Any]], None]
     cancelled: threading.Event = field(default_factory=threading.Event)
+    logprobs: int | None = None  # return each token's log-probability and this many alternatives (None: no)
 
 
 @dataclass
@@ -61,6 +64,25 @@ class Outcome:
     completion_tokens: int
     finish_reason: str  # "stop" (EOS or a stop string) or "length"
     stats: DecodeStats | None  # None when decoding was ended early by a stop string
+    token_ids: list[int] = field(default_factory=list)  # the completion's tokens (a stop token excluded)
+    # with the job's logprobs: per token, its log-probability and the `logprobs` most likely (token, log-probability)
+    logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
+
+
+def score_tokens(lm: RecycleGPT, prompt: list[int], tokens: list[int], top: int) -> list[tuple[float, list]]:
+    """Each completion token's log-probability under the base model given everything before it, and the `top` most
+    likely tokens there: one forward over prompt + completion (the model's dtype, log-softmax in fp32)."""
+    if not tokens:
+        return []
+    with torch.inference_mode():
+        ids = torch.tensor([prompt + tokens], device=lm.device)
+        logits = lm.base(ids, num_logits=len(tokens) + 1).logits[0, :-1].float()
+        lp = torch.log_softmax(logits, dim=-1)
+        chosen = lp.gather(1, torch.tensor(tokens, device=lm.device)[:, None])[:, 0].tolist()
+        best = lp.topk(top, dim=-1) if top else None
+    if best is None:
+        return [(c, []) for c in chosen]
+    return [(c, list(zip(i, v))) for c, i, v in zip(chosen, best.indices.tolist(), best.values.tolist())]
 
 
 class TextTracker:
@@ -113,6 +135,11 @@ class TextTracker:
             self.sent = len(text)
 
 
+def without_stop(ids: list[int], job: Job) -> list[int]:
+    """A stopped completion's tokens: without its last one when that is a stop token."""
+    return ids[:-1] if ids and ids[-1] in job.stop_token_ids else list(ids)
+
+
 def run_job(lm: RecycleGPT, job: Job, engine: str) -> Outcome | None:
     """Decode one job, emitting its text as it comes; None when it was cancelled."""
     tracker = TextTracker(lm, job)
@@ -130,10 +157,10 @@ def run_job(lm: RecycleGPT, job: Job, engine: str) -> Outcome | None:
         if tracker.stopped_text is None:  # cancelled
             return None
         tracker.finish(tracker.stopped_text)
-        return Outcome(tracker.stopped_text, len(tracker.ids), "stop", None)
+        return Outcome(tracker.stopped_text, len(tracker.ids), "stop", None, without_stop(tracker.ids, job))
     text, ids = out.text[0], out.token_ids[0]
     tracker.finish(text)
-    return Outcome(text, len(ids), "stop" if len(ids) < job.max_tokens else "length", out.stats)
+    return Outcome(text, len(ids), "stop" if len(ids) < job.max_tokens else "length", out.stats, list(ids))
 
 
 def batchable(job: Job) -> bool:
@@ -165,10 +192,11 @@ class BatchedJob:
             if tracker.stopped_text is None:
                 return None
             tracker.finish(tracker.stopped_text)
-            return Outcome(tracker.stopped_text, len(tracker.ids), "stop", req.stats)
+            return Outcome(tracker.stopped_text, len(tracker.ids), "stop", req.stats,
+                           without_stop(tracker.ids, self.job))
         text = self.lm.tokenizer.decode(req.tokens)
         tracker.finish(text)
-        return Outcome(text, len(req.tokens), req.reason, req.stats)
+        return Outcome(text, len(req.tokens), req.reason, req.stats, list(req.tokens))
 
 
 class Worker:
@@ -242,6 +270,12 @@ class Worker:
             self._held.popleft()
 
     def _done(self, job: Job, outcome: Outcome | None, error: BaseException | None) -> None:
+        if outcome is not None and job.logprobs is not None and error is None:
+            try:
+                outcome.logprobs = score_tokens(self.lm, job.prompt_ids, outcome.token_ids, job.logprobs)
+            except Exception as e:  # this request's failure alone
+                log.exception("scoring the completion failed")
+                outcome, error = None, e
         if self.on_done is not None:
             try:
                 self.on_done(job, outcome, error)

@@ -36,10 +36,11 @@ class _Common(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     recyclegpt: RecycleOptions | None = None
-    # declared only to be refused when set to anything but their neutral value
-    n: int | None = None
+    # completions: an int (the alternatives per token, 0-5); chat: a bool, with top_logprobs (0-20) alternatives
     logprobs: Any = None
     top_logprobs: int | None = None
+    # declared only to be refused when set to anything but their neutral value
+    n: int | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
@@ -49,10 +50,6 @@ class _Common(BaseModel):
         bad = []
         if self.n not in (None, 1):
             bad.append("n")
-        if self.logprobs not in (None, False):
-            bad.append("logprobs")
-        if self.top_logprobs not in (None, 0):
-            bad.append("top_logprobs")
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(self, name) not in (None, 0, 0.0):
                 bad.append(name)
