@@ -38,3 +38,22 @@ def smollm2(smollm2_gguf: Path):
     from recyclegpt.loading import load_base
 
     return load_base(DEFAULT_MODEL)
+
+
+TINY_TEXT = "the quick brown fox jumps over the lazy dog. " * 40 + "a stitch in time saves nine. " * 40
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    """(root, corpus, checkpoint) of a tiny base + module trained for 4 steps through `recyclegpt train`."""
+    from recyclegpt.cli.main import main
+
+    root = tmp_path_factory.mktemp("cli")
+    corpus = root / "corpus.txt"
+    corpus.write_text(TINY_TEXT)
+    out = root / "ckpt"
+    rc = main(["train", str(corpus), "--out", str(out), "--preset", "tiny", "--vocab-size", "300", "--steps", "4",
+               "--batch-size", "2", "--seq-len", "32", "--warmup", "1", "--eval-every", "0", "--eval-batches", "1",
+               "--val-fraction", "0.1", "--no-progress", "--device", "cpu"])
+    assert rc == 0
+    return root, corpus, out

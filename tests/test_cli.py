@@ -10,20 +10,6 @@ import torch
 from recyclegpt.api import RecycleGPT
 from recyclegpt.cli.main import main
 
-TEXT = "the quick brown fox jumps over the lazy dog. " * 40 + "a stitch in time saves nine. " * 40
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cli")
-    corpus = root / "corpus.txt"
-    corpus.write_text(TEXT)
-    out = root / "ckpt"
-    rc = main(["train", str(corpus), "--out", str(out), "--preset", "tiny", "--vocab-size", "300", "--steps", "4",
-               "--batch-size", "2", "--seq-len", "32", "--warmup", "1", "--eval-every", "0", "--eval-batches", "1",
-               "--val-fraction", "0.1", "--no-progress", "--device", "cpu"])
-    assert rc == 0
-    return root, corpus, out
 
 
 def last_json(capsys) -> dict:

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 HiddenSource = Literal["pre_norm", "post_norm"]
+Layout = Literal["recycle", "eagle3"]
+LAYOUTS = ("recycle", "eagle3")
 
 
 class ConfigError(ValueError):
@@ -85,6 +87,13 @@ class RecycleConfig:
         `draft_ids`, the most frequent in its training data; `scripts/draft_vocab.py` adds them): the LM head over
         them is that much cheaper, and verification keeps the output exact. Lossy `recycle`, scoring and training
         use the whole vocabulary. 0: the whole vocabulary everywhere.
+    layout: how the module fuses its inputs. "recycle" (the default) is the form above. "eagle3" is EAGLE-3's draft
+        layer, so that vLLM and SGLang can run the module (`recyclegpt export`, docs/export.md): the state is
+        s_t = fc([tap_1; tap_2; tap_3]) (3d -> d, no norms, h_t not read), and the first decoder layer's attention
+        reads concat(norm(emb(x_{t+1})), norm(s_t)) (2d wide) with s_t as its residual; the other layers are
+        standard. It needs exactly three `taps`, none of them the base's last layer (the engines read a layer's
+        output as the next layer's input); `eagle3_taps(n)` gives the engines' default choice. `hidden` and
+        `input_norm` keep their defaults there (the layout has its own norms and does not read h_t).
     Defaults were chosen by measurement: see docs/design.md.
     """
 
@@ -93,6 +102,7 @@ class RecycleConfig:
     input_norm: bool = True
     taps: tuple[int, ...] = ()
     draft_vocab: int = 0
+    layout: Layout = "recycle"
 
     def __post_init__(self) -> None:
         if self.n_layer <= 0:
@@ -107,6 +117,15 @@ class RecycleConfig:
         object.__setattr__(self, "taps", taps)
         if not isinstance(self.draft_vocab, int) or self.draft_vocab < 0:
             raise ConfigError(f"RecycleConfig.draft_vocab must be an integer >= 0, got {self.draft_vocab!r}")
+        if self.layout not in LAYOUTS:
+            raise ConfigError(f"RecycleConfig.layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
+        if self.layout == "eagle3":
+            if len(taps) != 3:
+                raise ConfigError(f"RecycleConfig.layout 'eagle3' reads exactly three base layers (taps=(low, middle, "
+                                  f"high); eagle3_taps(n_layer) gives vLLM's default), got taps={taps!r}")
+            if self.hidden != "pre_norm" or not self.input_norm:
+                raise ConfigError("RecycleConfig.layout 'eagle3' has its own input norms and does not read h_t: "
+                                  "leave hidden='pre_norm' and input_norm=True")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -114,6 +133,15 @@ class RecycleConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "RecycleConfig":
         return _from_dict(cls, d)
+
+
+def eagle3_taps(n_layer: int) -> tuple[int, int, int]:
+    """vLLM's and SGLang's default EAGLE-3 layers for a base of n_layer layers, as `RecycleConfig.taps` (layer
+    outputs, 0-based): the engines capture the inputs of layers (2, n//2, n-3), which are the outputs of layers
+    (1, n//2 - 1, n - 4). SmolLM2-135M (30 layers): (1, 14, 26)."""
+    if n_layer < 7:  # fewer layers give a repeated layer
+        raise ConfigError(f"EAGLE-3's default layers need a base of at least 7 layers, got {n_layer}; pick three taps")
+    return 1, n_layer // 2 - 1, n_layer - 4
 
 
 PRESETS: dict[str, ModelConfig] = {

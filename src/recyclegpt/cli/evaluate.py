@@ -57,7 +57,10 @@ def cmd_eval_lastword(args) -> None:
 def cmd_eval_ppl(args) -> None:
     """Token-level perplexity of a text file, with strided windows."""
     path = _check_file(args.data, "text")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (a stray byte at offset {e.start}); save the file as UTF-8") from None
     if args.limit is not None:  # the first N characters: a quick look at a big file
         text = text[:args.limit]
     lm = load_model(args)

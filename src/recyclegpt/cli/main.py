@@ -10,6 +10,7 @@
     recyclegpt eval mc|lastword|ppl|agreement    quality: standard vs recycle scoring, the module's agreement α
     recyclegpt lm-eval ARGS...        lm-evaluation-harness with the `recyclegpt` model (docs/quality.md)
     recyclegpt serve                  an OpenAI-compatible HTTP server (docs/serving.md)
+    recyclegpt export --format F OUT  the module as an EAGLE-3 draft model for vLLM or SGLang (docs/export.md)
 
 Errors the user can fix (bad values, missing files, corrupt checkpoints) print one line and exit with status 2.
 """
@@ -41,10 +42,12 @@ from ..loading.checkpoint import CheckpointError
 from ..loading.registry import RegistryError
 from ..training.train import TrainConfig
 from .options import (
+    Parser,
     add_command,
     add_compile_mode,
     add_draft_args,
     add_model_args,
+    check_args,
     draft_options,
     engine_options,
     load_model,
@@ -71,6 +74,7 @@ def chosen_strategy(args) -> str:
 def cmd_generate(args) -> None:
     """Generate text from PROMPT with the chosen strategy; --json prints a JSON record as the last line."""
     args.strategy = chosen_strategy(args)
+    check_prompt_text(args.prompt)
     draft = draft_options(args)
     lm = load_model(args)
     if args.recycle == "random" and get_strategy(args.strategy).needs_module:
@@ -93,6 +97,18 @@ def cmd_generate(args) -> None:
     tau = f", {st.tau:.2f} tokens per verification" if st.tau is not None else ""
     print(f"[{out.strategy}] {st.new_tokens} tokens in {st.seconds:.2f}s ({st.tokens_per_s:.1f} tok/s), "
           f"full calls {st.full_calls}, module calls {st.module_calls}{tau}", file=sys.stderr)
+
+
+def check_prompt_text(prompt: str) -> None:
+    """A prompt given on the command line: not blank, and text (a byte that is not UTF-8 arrives as a lone
+    surrogate, which no tokenizer takes)."""
+    if not prompt.strip():
+        raise UsageError("the prompt is empty: give a non-empty text")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise UsageError(f"the prompt is not UTF-8 text (a stray byte at character {e.start + 1}): pass it in "
+                         f"UTF-8") from None
 
 
 def _text_streamer(lm: RecycleGPT):
@@ -176,6 +192,7 @@ def cmd_bench(args) -> None:
         else:
             prompts = BUILTIN_PROMPTS[: args.limit]
         lm = load_model(args)
+        _check_prompt_lengths(lm, prompts, chat=not args.no_chat, max_new_tokens=args.max_new_tokens)
     needs = [s for s in strategies if s in strategy_names() and get_strategy(s).needs_module]
     if needs and lm.model is None:
         raise UsageError(f"bench runs {', '.join(needs)} but no recyclable module is loaded; {module_hint(lm.name)}; "
@@ -221,6 +238,17 @@ def cmd_bench(args) -> None:
         print(json.dumps(report))
 
 
+def _check_prompt_lengths(lm: RecycleGPT, prompts: list[str], *, chat: bool, max_new_tokens: int) -> None:
+    """Every prompt and its max_new_tokens fit the model's context (checked before the bench's warm-up starts)."""
+    chat = chat and lm.tokenizer.chat_template is not None
+    context = lm.base.cfg.context_length
+    for i, p in enumerate(prompts, 1):
+        n = len(lm.encode(p, chat=chat))
+        if n + max_new_tokens > context:
+            raise UsageError(f"prompt {i} has {n} tokens; with --max-new-tokens {max_new_tokens} it exceeds the "
+                             f"model's context of {context} tokens: shorten it or lower --max-new-tokens")
+
+
 # -- distill -----------------------------------------------------------------------------------------------------
 
 
@@ -261,6 +289,10 @@ def cmd_distill(args) -> None:
     out, partial = Path(args.out), Path(args.out + ".partial")
     if out.exists() and not args.force:
         raise UsageError(f"{out} exists; pass --force to overwrite it")
+    if out.is_dir():
+        raise UsageError(f"--out {out} is a folder: give the path of a JSONL file to write")
+    if not out.parent.is_dir():
+        raise UsageError(f"--out {out}: folder {out.parent} does not exist; create it first")
     prompts = read_prompts(args.prompts, limit=args.limit)
     done: set[str] = set()
     if partial.exists():
@@ -275,7 +307,12 @@ def cmd_distill(args) -> None:
     except ValueError as e:
         raise UsageError(str(e)) from None
     chat = lm.tokenizer.chat_template is not None and not args.no_chat
-    limit = args.max_prompt_tokens or lm.base.cfg.context_length - args.max_new_tokens
+    context = lm.base.cfg.context_length
+    limit = args.max_prompt_tokens or context - args.max_new_tokens
+    if limit < 1 or limit + args.max_new_tokens > context:
+        given = f" + --max-prompt-tokens {args.max_prompt_tokens}" if args.max_prompt_tokens else ""
+        raise UsageError(f"--max-new-tokens {args.max_new_tokens}{given} leaves no room in the model's context of "
+                         f"{context} tokens: lower --max-new-tokens{' or --max-prompt-tokens' if given else ''}")
     lengths = {p: len(lm.encode(p, chat=chat)) for p in todo}
     skipped = [p for p in todo if lengths[p] > limit]
     if skipped:
@@ -352,11 +389,14 @@ def _add_module_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--taps", type=_layer_list, default=RecycleConfig.taps, metavar="I,J,...",
                    help="base layers (0-based) whose outputs the module also reads, EAGLE-3 style (default: none); "
                         "with --init-module, a module trained without taps gains them")
+    p.add_argument("--layout", choices=("recycle", "eagle3"), default=RecycleConfig.layout,
+                   help="the module's form: recycle (default) or eagle3, EAGLE-3's draft layer over three --taps, "
+                        "which `recyclegpt export` writes for vLLM and SGLang (docs/export.md)")
 
 
 def _module_config(args) -> RecycleConfig:
     return RecycleConfig(n_layer=args.recycle_layers, hidden=args.hidden, input_norm=args.input_norm,
-                         taps=args.taps)
+                         taps=args.taps, layout=args.layout)
 
 
 def _layer_list(text: str) -> tuple[int, ...]:
@@ -414,11 +454,30 @@ def cmd_retrofit(args) -> None:
 
     device = torch.device(args.device or str(default_device()))
     base_dtype = parse_dtype(args.base_dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    cfg = _config_from_args(TrainConfig, args, device=str(device))  # checked before the base is loaded
+    files = _expand(args.files)
     base, tokenizer = load_base(args.model, device=device, dtype=base_dtype)
-    cfg = _config_from_args(TrainConfig, args, device=str(device))
     _, metrics = retrofit(cfg=cfg, base=base, tokenizer=tokenizer, rcfg=_module_config(args),
-                          files=_expand(args.files), out_dir=args.out, base_ref=args.model, resume=args.resume)
+                          files=files, out_dir=args.out, base_ref=args.model, resume=args.resume)
     print(json.dumps(metrics[-1] if metrics else {}))
+
+
+def cmd_export(args) -> None:
+    """Write the recyclable module as an EAGLE-3 draft model for vLLM or SGLang (docs/export.md).
+
+OUT gets config.json and model.safetensors. The module must have the eagle3 layout (retrofit --layout eagle3
+--taps A,B,C); serve the draft with vLLM's --speculative-config '{"method": "eagle3", "model": "OUT"}' or SGLang's
+--speculative-algorithm EAGLE3 --speculative-draft-model-path OUT."""
+    from ..export import DTYPES, default_verifier, export_eagle3
+
+    lm = load_model(args)
+    if lm.model is None:
+        raise UsageError(f"no recyclable module is loaded, so there is nothing to export; {module_hint(args.model)}")
+    out = export_eagle3(lm.model, args.out, fmt=args.format, style=args.config_style, vocab=args.vocab,
+                        verifier=args.verifier or default_verifier(args.model),
+                        speculative_tokens=args.speculative_tokens, embed=args.embed,
+                        dtype=DTYPES[args.export_dtype], force=args.force)
+    print(out)
 
 
 # -- serve -------------------------------------------------------------------------------------------------------
@@ -466,8 +525,7 @@ Requests run in arrival order; greedy requests of one strategy decode together b
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="recyclegpt", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(prog="recyclegpt", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add(name, fn):
@@ -614,12 +672,35 @@ def build_parser() -> argparse.ArgumentParser:
     _add_module_args(r)
     _add_config_args(r, TrainConfig, skip=("device", "lam", "detach_hidden"))
     r.add_argument("--device", default=None, help="default: cuda if available")
+
+    ex = add("export", cmd_export)
+    ex.add_argument("out", help="output directory (config.json, model.safetensors)")
+    ex.add_argument("--format", required=True, choices=("vllm-eagle3", "sglang-eagle3"),
+                    help="vllm-eagle3: vLLM's EAGLE-3 draft; sglang-eagle3: SGLang's (one module layer)")
+    add_model_args(ex)
+    ex.add_argument("--config-style", default=None, choices=("speculators", "plain"),
+                    help="vllm-eagle3's config.json: speculators (default) or plain (LlamaForCausalLMEagle3, what "
+                         "sglang-eagle3 writes)")
+    ex.add_argument("--vocab", default="draft", choices=("draft", "full"),
+                    help="the draft's LM head: the module's draft vocabulary with its d2t/t2d tables (default, "
+                         "where it has one) or the full vocabulary")
+    ex.add_argument("--verifier", default=None,
+                    help="the base's Hugging Face id or path, recorded in a speculators config (default: from "
+                         "--model, e.g. HuggingFaceTB/SmolLM2-135M-Instruct for the built-in SmolLM2)")
+    ex.add_argument("--speculative-tokens", type=int, default=3,
+                    help="a speculators config's proposal length (default 3)")
+    ex.add_argument("--export-dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
+                    help="the weights' dtype in model.safetensors (default bfloat16)")
+    ex.add_argument("--no-embed", dest="embed", action="store_false",
+                    help="leave the token embedding out (the engines then take the base's)")
+    ex.add_argument("--force", action="store_true", help="replace config.json and model.safetensors in OUT")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        check_args(args)  # numeric ranges and --device, before anything is loaded or written
         args.func(args)
     except (UsageError, ValueError, FileNotFoundError, FileExistsError, CheckpointError, RegistryError) as e:
         print(f"recyclegpt {args.command}: error: {e}", file=sys.stderr)

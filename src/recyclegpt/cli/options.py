@@ -22,6 +22,14 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
           "float16": torch.float16, "fp16": torch.float16}
 
 
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors (an unknown choice, a missing or malformed value) are one line on stderr, exit
+    status 2, as the subcommands' own errors are: the usage block is for --help."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def add_command(sub, name: str, fn) -> argparse.ArgumentParser:
     """A subcommand of argparse subparsers `sub` that runs fn(args); its help is fn's docstring."""
     p = sub.add_parser(name, help=fn.__doc__.splitlines()[0], description=fn.__doc__,
@@ -52,6 +60,66 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "module's draft vocabulary: a cheaper head, slightly lower α; docs/engine.md) (default: full)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bf16 on CUDA, fp32 on CPU)")
+
+
+def check_device(name: str) -> torch.device:
+    """The torch.device --device names, or a ValueError that says why it cannot run here (checked before loading)."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"unknown device {name!r}: use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch has no CUDA support" if torch.version.cuda is None else "no CUDA device is visible"
+            raise ValueError(f"--device {name}: {why}; use --device cpu (or leave --device out)")
+        n = torch.cuda.device_count()
+        if device.index is not None and device.index >= n:
+            raise ValueError(f"--device {name}: this machine has {n} CUDA device(s), cuda:0 to cuda:{n - 1}")
+    elif device.type == "meta":
+        raise ValueError("--device meta holds no data and cannot run a model: use cpu, cuda or cuda:N")
+    elif device.type != "cpu":
+        try:
+            torch.empty(1, device=device)
+        except (RuntimeError, AssertionError):
+            raise ValueError(f"--device {name}: this torch cannot use {device.type} devices here; use cpu or "
+                             f"cuda") from None
+    return device
+
+
+# option -> (lowest value, highest value or None, whether the highest is excluded); an option at None is unset
+_RANGES = {
+    "max_new_tokens": (1, None, False), "batch_size": (1, None, False), "limit": (1, None, False),
+    "draft_len": (1, None, False), "threads": (1, None, False), "recycle_layers": (1, None, False),
+    "max_prompt_tokens": (1, None, False), "max_length": (3, None, False), "stride": (1, None, False),
+    "vocab_size": (1, None, False), "bpe_max_bytes": (1, None, False), "top_k": (1, None, False),
+    "temperature": (0.0, None, False), "top_p": (0.0, 1.0, False), "min_draft_prob": (0.0, 1.0, True),
+    "seed": (-(2 ** 63), 2 ** 64, True),
+}
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Range checks of the numeric options and --device of whichever subcommand `args` is, before anything is loaded
+    or written: a ValueError naming the option, the allowed range and the value given."""
+    for name, (low, high, high_open) in _RANGES.items():
+        value = getattr(args, name, None)
+        if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        flag = "--" + name.replace("_", "-")
+        if name in ("draft_len", "min_draft_prob"):  # also named as generate() and the decoding errors name them
+            flag += f" ({name})"
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ValueError(f"{flag} must be a finite number, got {value}")
+        if name == "top_p" and not 0 < value <= 1:
+            raise ValueError(f"{flag} must be in (0, 1], got {value}")
+        if name == "seed" and not low <= value < high:
+            raise ValueError(f"{flag} must fit in 64 bits (from -2**63 to 2**64 - 1), got {value}")
+        if value < low:
+            raise ValueError(f"{flag} must be >= {low}, got {value}")
+        if high is not None and (value >= high if high_open else value > high):
+            raise ValueError(f"{flag} must be below {high}, got {value}" if high_open
+                             else f"{flag} must be at most {high}, got {value}")
+    if getattr(args, "device", None) is not None:
+        check_device(args.device)
 
 
 def load_model(args: argparse.Namespace) -> RecycleGPT:

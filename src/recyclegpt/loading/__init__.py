@@ -55,8 +55,14 @@ def load(model: str | Path, *, recycle: str | Path | None = "default", device: t
         and `seed` (speed measurements only); None or "none" loads no module.
     """
     if is_checkpoint(model):
-        loaded, tokenizer, _ = checkpoint.load_checkpoint(
-            model, base_loader=lambda ref: load_base(ref, device=device, dtype=dtype), device=device, dtype=dtype)
+        def base_loader(ref: str) -> tuple[Transformer, Tokenizer]:
+            try:
+                return load_base(ref, device=device, dtype=dtype)
+            except (weights.LoadError, checkpoint.CheckpointError, FileNotFoundError) as e:
+                raise checkpoint.CheckpointError(f"{model} is a module over the base {ref!r}, which does not load: "
+                                                 f"{e}") from None
+
+        loaded, tokenizer, _ = checkpoint.load_checkpoint(model, base_loader=base_loader, device=device, dtype=dtype)
         if isinstance(loaded, RecycleModel) and recycle == "default":
             return Loaded(loaded.base.eval(), tokenizer, loaded.module.eval(), str(model))
         base = (loaded.base if isinstance(loaded, RecycleModel) else loaded).eval()
@@ -78,5 +84,9 @@ def load(model: str | Path, *, recycle: str | Path | None = "default", device: t
                                 f"written by `recyclegpt retrofit` or `recyclegpt train`, "
                                 f"{'a shipped module (' + ', '.join(names) + '), ' if names else ''}"
                                 f"'default', 'random' or 'none')")
+    if not is_checkpoint(recycle):
+        raise checkpoint.CheckpointError(f"{recycle} is not a recyclable module checkpoint (it holds no recycle.json): "
+                                         f"give a directory written by `recyclegpt retrofit` or `recyclegpt train`, "
+                                         f"or 'default', 'random' or 'none'")
     module = checkpoint.load_module(recycle, base).to(device=device, dtype=dtype).eval()
     return Loaded(base, tokenizer, module, str(recycle))

@@ -110,7 +110,7 @@ def _write_dir_atomically(path: Path, write: Callable[[Path], None]) -> None:
 
 def _read_json(path: Path) -> Any:
     if not path.is_file():
-        raise CheckpointError(f"{path}: missing")
+        raise CheckpointError(f"{path}: missing (an incomplete checkpoint: copy the whole directory again)")
     try:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -119,7 +119,7 @@ def _read_json(path: Path) -> Any:
 
 def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     if not path.is_file():
-        raise CheckpointError(f"{path}: missing")
+        raise CheckpointError(f"{path}: missing (an incomplete checkpoint: copy the whole directory again)")
     try:
         tensors = safetensors.torch.load_file(str(path))
         with safetensors.safe_open(str(path), "pt") as f:
@@ -251,7 +251,8 @@ def load_module(path: str | Path, base: Transformer, *, device: torch.device | s
     path = Path(path)
     meta = read_meta(path)
     if meta.get("recycle") is None:
-        raise CheckpointError(f"{path} holds a plain base model, without a recyclable module")
+        raise CheckpointError(f"{path} holds a plain base model, without a recyclable module: give a checkpoint "
+                              f"that has one, or --recycle none")
     _check_base_fits(meta, base, path)
     try:
         rcfg = RecycleConfig.from_dict(meta["recycle"])
@@ -306,7 +307,8 @@ def load_checkpoint(path: str | Path, *, base_loader: BaseLoader | None = None,
         try:
             tokenizer = Tokenizer.load(path)
         except Exception as e:  # tokenizers raises a bare Exception on a garbled tokenizer.json
-            raise CheckpointError(f"{path}: cannot read tokenizer.json / tokenizer_meta.json ({e})") from None
+            raise CheckpointError(f"{path}: cannot read tokenizer.json / tokenizer_meta.json ({e}); copy the whole "
+                                  f"directory again") from None
     elif ref_tokenizer is not None:
         tokenizer = ref_tokenizer
     else:

@@ -58,7 +58,11 @@ _MISSING = object()
 def load_gguf(path: str | Path) -> tuple[ModelConfig, StateDict, Tokenizer]:
     """Read a llama-architecture GGUF: its config, float32 weights in our names, and its tokenizer."""
     path = Path(path)
-    reader = gguf.GGUFReader(path)
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as e:  # gguf raises ValueError, OSError or numpy's errors on empty, truncated or garbled files
+        raise LoadError(f"{path}: not a readable GGUF file (empty, truncated or corrupt: {e}); download or convert "
+                        f"it again") from None
     arch = _gguf_field(reader, "general.architecture", path)
     if arch != "llama":
         raise LoadError(f"{path}: GGUF architecture {arch!r} is not supported (only 'llama': LLaMA, SmolLM, Mistral)")
@@ -211,10 +215,27 @@ def load_hf_folder(path: str | Path) -> tuple[ModelConfig, StateDict, Tokenizer]
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise LoadError(f"{folder}: no config.json (not a Hugging Face model folder)")
-    hf = json.loads(config_file.read_text())
-    cfg = _hf_config(hf, folder)
+    hf = _read_json(config_file)
+    if not isinstance(hf, dict):
+        raise LoadError(f"{config_file}: expected a JSON object, got {type(hf).__name__}")
+    try:
+        cfg = _hf_config(hf, folder)
+    except LoadError:
+        raise
+    except KeyError as e:
+        raise LoadError(f"{config_file}: missing {e.args[0]!r} (not a complete LLaMA-family config)") from None
+    except (TypeError, ValueError, AttributeError) as e:
+        raise LoadError(f"{config_file}: a field has the wrong type or value ({e})") from None
     sd = _hf_state_dict(folder, cfg)
     return cfg, sd, _hf_tokenizer(folder, hf)
+
+
+def _read_json(path: Path):
+    """A JSON file of a Hugging Face folder, or a LoadError naming it."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LoadError(f"{path}: corrupt JSON ({e}); download the file again") from None
 
 
 def _hf_config(hf: dict, folder: Path) -> ModelConfig:
@@ -257,7 +278,11 @@ def _hf_state_dict(folder: Path, cfg: ModelConfig) -> StateDict:
 
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        meta = _read_json(index)
+        weight_map = meta.get("weight_map") if isinstance(meta, dict) else None
+        if not isinstance(weight_map, dict):
+            raise LoadError(f"{index}: no 'weight_map' object; download the file again")
+        shards = sorted(set(weight_map.values()))
     elif (folder / "model.safetensors").is_file():
         shards = ["model.safetensors"]
     else:
@@ -272,7 +297,12 @@ def _hf_state_dict(folder: Path, cfg: ModelConfig) -> StateDict:
     for shard in shards:
         if not (folder / shard).is_file():
             raise LoadError(f"{folder}: shard {shard} named in model.safetensors.index.json is missing")
-        for name, w in load_file(folder / shard).items():
+        try:
+            tensors = load_file(folder / shard)
+        except Exception as e:  # safetensors raises SafetensorError or OSError on truncated or garbled files
+            raise LoadError(f"{folder / shard}: corrupt or truncated safetensors file ({e}); download it "
+                            f"again") from None
+        for name, w in tensors.items():
             if name.endswith("rotary_emb.inv_freq"):  # a buffer some old checkpoints saved; recomputed here
                 continue
             sd[_hf_name(name, folder)] = w
@@ -296,9 +326,14 @@ def _hf_tokenizer(folder: Path, hf: dict) -> Tokenizer:
     if not (folder / "tokenizer.json").is_file():
         raise LoadError(f"{folder}: no tokenizer.json (a slow-tokenizer-only folder, e.g. tokenizer.model, must be "
                         f"converted: AutoTokenizer.from_pretrained(folder).save_pretrained(folder))")
-    backend = HFTokenizer.from_file(str(folder / "tokenizer.json"))
+    try:
+        backend = HFTokenizer.from_file(str(folder / "tokenizer.json"))
+    except Exception as e:  # tokenizers raises a bare Exception on a garbled tokenizer.json
+        raise LoadError(f"{folder / 'tokenizer.json'}: not a readable tokenizer ({e}); download it again") from None
     tc_file = folder / "tokenizer_config.json"
-    tc = json.loads(tc_file.read_text()) if tc_file.is_file() else {}
+    tc = _read_json(tc_file) if tc_file.is_file() else {}
+    if not isinstance(tc, dict):
+        raise LoadError(f"{tc_file}: expected a JSON object, got {type(tc).__name__}")
     special = {}
     for name in ("bos_token", "eos_token", "unk_token", "pad_token"):
         value = tc.get(name)
@@ -315,8 +350,8 @@ def _hf_tokenizer(folder: Path, hf: dict) -> Tokenizer:
     # Stop ids: the tokenizer's eos, then generation_config.json's and config.json's eos_token_id (int or list).
     eos_ids = [token_id("eos_token")]
     gen_file = folder / "generation_config.json"
-    for source in (json.loads(gen_file.read_text()) if gen_file.is_file() else {}, hf):
-        value = source.get("eos_token_id")
+    for source in (_read_json(gen_file) if gen_file.is_file() else {}, hf):
+        value = source.get("eos_token_id") if isinstance(source, dict) else None
         eos_ids += value if isinstance(value, list) else [value]
     eos_ids = tuple(dict.fromkeys(i for i in eos_ids if isinstance(i, int)))
     add_bos = tc.get("add_bos_token")
@@ -351,6 +386,9 @@ def read_weights(name_or_path: str | Path) -> tuple[ModelConfig, StateDict, Toke
     if not path.exists():
         raise LoadError(f"{name_or_path!s}: no such file or folder, and not a built-in model name "
                         f"(built-in: {', '.join(sorted(MODELS))})")
+    if path.suffix == ".safetensors":
+        raise LoadError(f"{path}: a lone .safetensors file has no config or tokenizer; pass the Hugging Face folder "
+                        f"that holds it (config.json, tokenizer.json) or a .gguf file")
     raise LoadError(f"{path}: neither a .gguf file nor a Hugging Face model folder (with config.json)")
 
 

@@ -1,7 +1,9 @@
 """The recyclable module (`RecyclableModule`) and the pair of a base model and its module (`RecycleModel`).
 
 The module is a small stack of the base's decoder blocks fed the base's hidden state s_t and the embedding of the
-token x_{t+1}; its output goes through the base's final norm and LM head to predict x_{t+2}.
+token x_{t+1}; its output goes through the base's final norm and LM head to predict x_{t+2}. Its "eagle3" layout
+(`RecycleConfig.layout`, `Eagle3Block`) computes EAGLE-3's draft layer instead, which `recyclegpt.export` writes
+for vLLM and SGLang.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from ..decoding import topk
 from ..decoding.topk import top_k
 from ..kernels import draft_head as triton_draft_head
 from .transformer import (
+    MLP,
+    Attention,
     Block,
     KVCache,
     Linear,
@@ -37,30 +41,72 @@ def _in_place(old: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
     return new
 
 
+class Eagle3Block(nn.Module):
+    """EAGLE-3's first draft layer, as vLLM's `LlamaDecoderLayer` of vllm/model_executor/models/llama_eagle3.py
+    computes it at layer_idx 0 (and SGLang's python/sglang/srt/models/llama_eagle3.py): its input x (B, T, 2d) is
+    concat(s_t, emb(x_{t+1})); the attention's Q, K and V read concat(emb_norm(emb), hidden_norm(s_t)) (2d wide;
+    `input_layernorm` and `hidden_norm` there), its output adds to s_t itself (the residual, `norm_before_residual`
+    false), and the MLP follows as in `Block`. Output (B, T, d). It keeps the torch operators on every device: the
+    fused Triton products (`use_fused_linear`) assume a d-wide input normed by `attn_norm`."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        d = cfg.d_model
+        self.emb_norm = RMSNorm(d, cfg.norm_eps)
+        self.hidden_norm = RMSNorm(d, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        for name in ("wq", "wk", "wv"):  # Q, K and V read 2d features
+            setattr(self.attn, name, Linear(2 * d, getattr(self.attn, name).out_features, bias=False))
+        self.mlp_norm = RMSNorm(d, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, rope, mask, cache, layer, input_pos, kv_end, keep=None, kernels=KernelConfig()):
+        """As `Block.forward`, for x = concat(s_t, emb(x_{t+1})) (B, T, 2d)."""
+        state, emb = x.chunk(2, dim=-1)
+        a = self.attn(torch.cat((self.emb_norm(emb), self.hidden_norm(state)), dim=-1), rope, mask, cache, layer,
+                      input_pos, kv_end, kernels)
+        if keep is not None:
+            state, a = state[:, state.shape[1] - keep:], a[:, a.shape[1] - keep:]
+        h = state + a
+        return h + self.mlp(self.mlp_norm(h))
+
+
 class RecyclableModule(nn.Module):
     """At position t: concat(s_t, emb(x_{t+1})) (B, T, 2d) -> Linear -> decoder blocks -> (B, T, d).
 
     s_t is the state the module reads (RecycleModel.state): h_t, pre- or post-norm (RecycleConfig.hidden), plus the
     fused taps if any (`fuse`). The caller applies the base's head to the output, which then predicts x_{t+2}.
     Positions and cache slots are those of h_t.
+
+    The "eagle3" layout (RecycleConfig.layout) is EAGLE-3's draft instead: s_t = fc(concat of the three taps)
+    (`fuse`, 3d -> d; vLLM's `combine_hidden_states`), and concat(s_t, emb(x_{t+1})) goes to an `Eagle3Block`, then
+    n_layer - 1 standard blocks. Its `fc` and layers are what `recyclegpt.export` writes.
     """
 
     def __init__(self, base_cfg: ModelConfig, cfg: RecycleConfig) -> None:
         super().__init__()
         self.base_cfg, self.cfg = base_cfg, cfg
         d = base_cfg.d_model
-        self.norm_h = RMSNorm(d, base_cfg.norm_eps) if cfg.input_norm else nn.Identity()
-        self.norm_e = RMSNorm(d, base_cfg.norm_eps) if cfg.input_norm else nn.Identity()
-        self.fc = Linear(2 * d, d, bias=False)
-        self.layers = nn.ModuleList(Block(base_cfg) for _ in range(cfg.n_layer))  # distinct instances, not [b] * n
-        if cfg.taps:
-            if cfg.taps[-1] >= base_cfg.n_layer:
-                raise ValueError(f"RecycleConfig.taps {cfg.taps} names a layer past the base's {base_cfg.n_layer}")
-            self.tap_norms = nn.ModuleList(RMSNorm(d, base_cfg.norm_eps) for _ in cfg.taps)
-            self.tap_fc = Linear(len(cfg.taps) * d, d, bias=False)
-        init_weights(self, cfg.n_layer)
-        if cfg.taps:
-            nn.init.zeros_(self.tap_fc.weight)  # starts as the module without taps
+        if cfg.taps and cfg.taps[-1] >= base_cfg.n_layer:
+            raise ValueError(f"RecycleConfig.taps {cfg.taps} names a layer past the base's {base_cfg.n_layer}")
+        if cfg.layout == "eagle3":
+            if cfg.taps[-1] >= base_cfg.n_layer - 1:
+                raise ValueError(f"the eagle3 layout cannot tap the base's last layer ({base_cfg.n_layer - 1}; taps "
+                                 f"{cfg.taps}): EAGLE-3 engines read a layer's output as the next layer's input")
+            self.fc = Linear(len(cfg.taps) * d, d, bias=False)
+            self.layers = nn.ModuleList([Eagle3Block(base_cfg), *(Block(base_cfg) for _ in range(cfg.n_layer - 1))])
+            init_weights(self, cfg.n_layer)
+        else:
+            self.norm_h = RMSNorm(d, base_cfg.norm_eps) if cfg.input_norm else nn.Identity()
+            self.norm_e = RMSNorm(d, base_cfg.norm_eps) if cfg.input_norm else nn.Identity()
+            self.fc = Linear(2 * d, d, bias=False)
+            self.layers = nn.ModuleList(Block(base_cfg) for _ in range(cfg.n_layer))  # distinct instances
+            if cfg.taps:
+                self.tap_norms = nn.ModuleList(RMSNorm(d, base_cfg.norm_eps) for _ in cfg.taps)
+                self.tap_fc = Linear(len(cfg.taps) * d, d, bias=False)
+            init_weights(self, cfg.n_layer)
+            if cfg.taps:
+                nn.init.zeros_(self.tap_fc.weight)  # starts as the module without taps
         if cfg.draft_vocab:
             if cfg.draft_vocab > base_cfg.vocab_size:
                 raise ValueError(f"RecycleConfig.draft_vocab {cfg.draft_vocab} exceeds the vocabulary "
@@ -73,7 +119,10 @@ class RecyclableModule(nn.Module):
                        device=device or p.device, dtype=dtype or p.dtype)
 
     def fuse(self, hidden: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
-        """h_t (B, T, d) and the tapped layers' outputs (B, T, k*d) -> the state s_t (B, T, d)."""
+        """h_t (B, T, d) and the tapped layers' outputs (B, T, k*d) -> the state s_t (B, T, d). The eagle3 layout
+        reads the taps alone: s_t = fc(taps)."""
+        if self.cfg.layout == "eagle3":
+            return self.fc(taps)
         parts = taps.split(self.base_cfg.d_model, dim=-1)
         return hidden + self.tap_fc(torch.cat([norm(t) for norm, t in zip(self.tap_norms, parts)], dim=-1))
 
@@ -84,7 +133,10 @@ class RecyclableModule(nn.Module):
         """outputs: the output at the last `outputs` positions only (B, outputs, d), every position's keys and values
         still cached (`run_blocks`' keep); None: all. tables: as `Transformer.forward`'s. kernels: the fused kernels
         its blocks take (RecycleModel passes the base's)."""
-        x = self.fc(torch.cat((self.norm_h(state), self.norm_e(tok_emb)), dim=-1))
+        if self.cfg.layout == "eagle3":  # the first block (Eagle3Block) takes both halves
+            x = torch.cat((state, tok_emb), dim=-1)
+        else:
+            x = self.fc(torch.cat((self.norm_h(state), self.norm_e(tok_emb)), dim=-1))
         return run_blocks(self.layers, x, self.base_cfg, input_pos=input_pos, cache=cache, pad=pad, kv_end=kv_end,
                           tree=tree, keep=outputs, tables=tables, kernels=kernels)[0]
 

@@ -229,11 +229,16 @@ def _joined(prompt_ids: list[int], response_ids: list[int], separator: bool,
 
 def iter_jsonl(path: str | Path) -> Iterator[tuple[str, Any]]:
     """("path:line", value) for each non-blank line of a JSONL file; a DataError names a line that is not JSON."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{where}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}); save "
+                                f"the file as UTF-8") from None
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 yield where, json.loads(line)
             except json.JSONDecodeError as e:
@@ -354,6 +359,8 @@ def read_prompt_records(path: str | Path, *, limit: int | None = None) -> list[t
     """(category, prompt) from a JSONL file as `read_prompts` reads it; the category is a record's "category"
     string field (as `recyclegpt suite --out` writes), else None."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"prompts file {str(path)!r} is a folder: give a JSONL file")
     if not path.is_file():
         raise FileNotFoundError(f"prompts file {str(path)!r} does not exist")
     prompts = []
@@ -365,6 +372,12 @@ def read_prompt_records(path: str | Path, *, limit: int | None = None) -> list[t
         if not isinstance(rec, str) or not rec.strip():
             raise ValueError(f"{where}: expected a JSON string or an object with a non-empty string field "
                              f"{' / '.join(PROMPT_FIELDS)}")
+        if not rec.isascii():
+            try:
+                rec.encode("utf-8")
+            except UnicodeEncodeError:  # a \ud800-\udfff escape on its own: JSON allows it, no tokenizer takes it
+                raise ValueError(f"{where}: the prompt holds a lone surrogate escape (\\ud800-\\udfff), which is "
+                                 f"not text; fix the escape") from None
         prompts.append((category, rec))
         if limit is not None and len(prompts) >= limit:
             break
