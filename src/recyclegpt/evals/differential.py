@@ -286,21 +286,28 @@ def run_arrivals(model: RecycleModel, engines: dict[str, Engine], requests: Sequ
     rng = random.Random(seed)
     arrivals = [(p, req) for req in requests if req.sampling.greedy for p in req.prompts]
     gaps = [rng.randint(0, 3) for _ in arrivals]
-    refs: dict[tuple[int, str], list[int]] = {}
-    stops: list[set[int]] = []
-    for i, (p, req) in enumerate(arrivals):
-        one = Request((p,), req.max_new_tokens, req.sampling, req.stop)
-        stop = stop_token(reference(model, "standard", one, opts).tokens, req.stop) if req.stop else None
-        stops.append({stop} if stop is not None else set())
     tallies = {(f"{kind}/continuous", s): Tally() for kind in engines for s in strategies}
+    refs: dict[tuple[int, str], list[int]] = {}  # the reference's tokens alone, without stops (`truncate` applies them)
+
+    def ref(i: int, target: str) -> list[int]:
+        if (i, target) not in refs:
+            p, req = arrivals[i]
+            refs[(i, target)] = reference(model, target, Request((p,), req.max_new_tokens), opts).tokens[0]
+        return refs[(i, target)]
+
+    stops: list[set[int]] = []  # a token the arrival's own standard output meets early or late
+    for i, (_, req) in enumerate(arrivals):
+        if deadline is not None and time.monotonic() > deadline:
+            return tallies
+        stop = stop_token([ref(i, "standard")], req.stop) if req.stop else None
+        stops.append({stop} if stop is not None else set())
     need = max((len(p) + req.max_new_tokens for p, req in arrivals), default=1) + opts.span(strategies) + 2
     for strategy in strategies:
         target = "standard" if get_strategy(strategy).lossless else strategy
-        for i, (p, req) in enumerate(arrivals):
-            if (i, target) not in refs:
-                one = Request((p,), req.max_new_tokens, req.sampling, "")
-                res = reference(model, target, one, opts, stop_ids=tuple(stops[i]))
-                refs[(i, target)] = (res.tokens[0], res.finished[0])
+        for i in range(len(arrivals)):
+            if deadline is not None and time.monotonic() > deadline:
+                return tallies
+            ref(i, target)
         for kind, engine in engines.items():
             if deadline is not None and time.monotonic() > deadline:
                 return tallies
@@ -319,7 +326,7 @@ def run_arrivals(model: RecycleModel, engines: dict[str, Engine], requests: Sequ
                 since += 1
             t.seconds += time.perf_counter() - start
             for i, (r, (p, req)) in enumerate(zip(reqs, arrivals)):
-                want, finished = refs[(i, target)]
+                (want,), (finished,) = truncate([ref(i, target)], req.max_new_tokens, stops[i])
                 prefix = check.mode == "near-ties"
                 one = Request((tuple(p),), req.max_new_tokens, req.sampling, req.stop)
                 res = DecodeResult([r.tokens], None, [r.reason == "stop"])
