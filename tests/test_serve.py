@@ -482,8 +482,28 @@ def test_bench_serve_script_against_a_live_server(lm, tmp_path, capsys):
         report = bench_serve.main(["--url", f"http://127.0.0.1:{port}", "--rates", "20,80", "--requests", "6",
                                    "--strategies", "standard,recycle-verified", "--max-tokens", "6",
                                    "--prompts", str(prompts)])
+        closed = bench_serve.main(["--url", f"http://127.0.0.1:{port}", "--concurrency", "1,3", "--requests", "6",
+                                   "--strategies", "standard", "--max-tokens", "5", "--ignore-eos",
+                                   "--prompts", str(prompts)])
     assert len(report["rows"]) == 4
     for row in report["rows"]:
         assert row["completed"] == row["requests"] == 6 and row["same_as_lowest_rate"] == 6, row
         assert row["tokens_per_s"] > 0 and row["ttft_p50"] is not None
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == report
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == closed
+    assert closed["load"] == "closed" and [r["concurrency"] for r in closed["rows"]] == [1, 3]
+    for row in closed["rows"]:  # ignore_eos: every request decodes its five tokens
+        assert row["completed"] == 6 and row["tokens_per_s"] == pytest.approx(6 * 5 / row["wall_s"], rel=0.01)
+
+
+def test_ignore_eos_decodes_past_end_of_sequence(lm):
+    """The `ignore_eos` extension: the request keeps decoding to max_tokens where it would stop at an EOS."""
+    from recyclegpt.serving.scheduler import BatchedJob, run_job
+
+    ids = lm.encode(PROMPT)
+    free = lm.generate([ids], max_new_tokens=12).token_ids[0]
+    eos_lm = RecycleGPT(lm.base, dataclasses.replace(lm.tokenizer, eos_ids=(free[3],)), name=NAME)
+    job = Job(ids, 12, "standard", 0.0, None, None, None, [], frozenset(), emit=lambda ev: None)
+    assert run_job(eos_lm, job, "auto").completion_tokens == free.index(free[3])  # stops at the EOS
+    job = Job(ids, 12, "standard", 0.0, None, None, None, [], frozenset(), emit=lambda ev: None, ignore_eos=True)
+    assert run_job(eos_lm, job, "auto").completion_tokens == 12
+    assert BatchedJob(eos_lm, job).request.stop_ids == frozenset()

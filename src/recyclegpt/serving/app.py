@@ -267,7 +267,8 @@ class Server:
         tok = self.lm.tokenizer
         single = frozenset(t[0] for s in stop if len(t := tok.encode(s, add_bos=False)) == 1 and tok.decode(t) == s)
         return Job(ids, max_tokens, strategy, float(temperature), req.top_p, req.top_k, req.seed, stop, single,
-                   emit=lambda ev: None, logprobs=logprobs)
+                   emit=lambda ev: None, logprobs=logprobs,
+                   ignore_eos=req.recyclegpt is not None and req.recyclegpt.ignore_eos)
 
     @staticmethod
     def logprobs_wanted(req) -> int | None:

@@ -56,6 +56,7 @@ class Job:
     emit: Callable[[tuple[str, Any]], None]
     cancelled: threading.Event = field(default_factory=threading.Event)
     logprobs: int | None = None  # return each token's log-probability and this many alternatives (None: no)
+    ignore_eos: bool = False  # decode to max_tokens past end-of-sequence tokens (load benchmarks)
 
 
 @dataclass
@@ -152,7 +153,7 @@ def run_job(lm: RecycleGPT, job: Job, engine: str) -> Outcome | None:
     try:
         out = lm.generate(job.prompt_ids, strategy=job.strategy, max_new_tokens=job.max_tokens,
                           temperature=job.temperature, top_k=job.top_k, top_p=job.top_p, seed=job.seed,
-                          stream=on_tokens, engine=engine)
+                          stream=on_tokens, engine=engine, ignore_eos=job.ignore_eos)
     except _Halt:
         if tracker.stopped_text is None:  # cancelled
             return None
@@ -173,7 +174,7 @@ class BatchedJob:
 
     def __init__(self, lm: RecycleGPT, job: Job) -> None:
         self.lm, self.job, self.tracker = lm, job, TextTracker(lm, job)
-        stop = frozenset(lm.tokenizer.eos_ids) if lm.tokenizer is not None else frozenset()
+        stop = frozenset(lm.tokenizer.eos_ids) if lm.tokenizer is not None and not job.ignore_eos else frozenset()
         self.request = Request(job.prompt_ids, job.max_tokens, stop, self.on_tokens)
 
     def on_tokens(self, tokens: list[int]) -> bool:

@@ -17,6 +17,7 @@ class RecycleOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     strategy: str | None = None
+    ignore_eos: bool = False  # decode to max_tokens past end-of-sequence tokens (as vLLM's ignore_eos; benchmarks)
 
 
 class StreamOptions(BaseModel):
