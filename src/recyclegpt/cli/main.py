@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import glob
 import json
 import os
@@ -705,6 +706,12 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, ValueError, FileNotFoundError, FileExistsError, CheckpointError, RegistryError) as e:
         print(f"recyclegpt {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # the machine's, not the arguments': a full disk, a file it may not write
+        where = f" ({e.filename})" if e.filename else ""
+        hint = "; free some space and run again (--resume continues a training run from its last checkpoint)" \
+            if e.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+        print(f"recyclegpt {args.command}: error: {e.strerror or e}{where}{hint}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

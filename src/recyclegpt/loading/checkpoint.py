@@ -66,16 +66,19 @@ def _siblings(path: Path) -> tuple[Path, Path]:
     return path.parent / f".{path.name}.tmp", path.parent / f".{path.name}.old"
 
 
-def _recover(path: Path) -> None:
-    """Finish a save that crashed between its two renames: put the previous checkpoint back."""
+def recover(path: str | Path) -> bool:
+    """Finish a save that crashed between its two renames: put the previous checkpoint back. True when it did."""
+    path = Path(path)
     _, old = _siblings(path)
     if not path.exists() and old.is_dir():
         os.rename(old, path)
+        return True
+    return False
 
 
 def _write_dir_atomically(path: Path, write: Callable[[Path], None]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    _recover(path)
+    recover(path)
     if path.exists():
         if not path.is_dir():
             raise CheckpointError(f"{path} exists and is not a directory")
@@ -148,7 +151,7 @@ def _load_state(module: torch.nn.Module, tensors: dict[str, torch.Tensor], path:
 def read_meta(path: str | Path) -> dict[str, Any]:
     """recycle.json of a checkpoint, checked for format and version."""
     path = Path(path)
-    _recover(path)
+    recover(path)
     meta = _read_json(path / "recycle.json")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{path / 'recycle.json'}: not a RecycleGPT checkpoint (format is not {FORMAT!r})")

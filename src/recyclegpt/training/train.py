@@ -29,6 +29,7 @@ from ..loading.checkpoint import (
     load_checkpoint,
     load_module,
     load_trainer_state,
+    recover,
     save_checkpoint,
 )
 from ..loading.tokenizer import Tokenizer
@@ -60,7 +61,7 @@ class TrainConfig:
     target: RecycleTarget = "data"  # the module's target: data tokens, the base's distribution, or both
     detach_hidden: bool = False  # joint regime: stop L_rec's gradient at h_t (the base then learns from L_lm only)
     feature_weight: float = 0.0  # weight of the EAGLE-style feature regression added to L_rec (training/objectives.py)
-    rollout: int = 1  # draft depths trained (1: teacher-forced only; >1: also on rolled-out states, training/objectives.py)
+    rollout: int = 1  # draft depths trained (1: teacher-forced only; >1: also on rolled-out states; objectives.py)
     rollout_weight: float = 1.0  # weight of the deeper depths' mean loss
     init_module: str | None = None  # retrofit: start from this module checkpoint (fine-tuning) instead of random
     eval_every: int = 100  # steps between evaluations (0: only at the start and the end)
@@ -260,6 +261,7 @@ def _has_state(out_dir: Path) -> bool:
 
 
 def _check_out_dir(out_dir: Path, resume: bool) -> None:
+    recover(out_dir)  # a run killed between the two renames of a checkpoint swap: its previous checkpoint is back
     if resume and not _has_state(out_dir):
         raise FileNotFoundError(f"nothing to resume: {out_dir} holds no trainer_state.json")
     if not resume and (out_dir / "recycle.json").exists():
