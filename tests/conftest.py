@@ -57,3 +57,14 @@ def tiny_ckpt(tmp_path_factory):
                "--val-fraction", "0.1", "--no-progress", "--device", "cpu"])
     assert rc == 0
     return root, corpus, out
+
+
+REAL_MODEL_FIXTURES = {"smollm2", "smollm2_gguf"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests that take the real SmolLM2 (through its fixtures) are `real_model` tests, so that `pytest -m "not
+    real_model"` runs the fast tier alone (tiny models only)."""
+    for item in items:
+        if REAL_MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.real_model)
