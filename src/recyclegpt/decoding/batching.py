@@ -97,6 +97,7 @@ class ContinuousBatch:
         self.per_step = float(self.plan.min_tokens)  # tokens a step keeps, as seen so far
         self.steps = 0
         self.rebases = [0, 0]  # to the left (padding given back), to the right (room for a longer prompt)
+        self._first: dict[int, torch.Tensor] = {}  # by id of a request that joined: its first tokens, on the device
         self.dec = self._resize(1)
 
     # -- joining -----------------------------------------------------------------------------------------------
@@ -124,8 +125,8 @@ class ContinuousBatch:
         return (None in self.rows or len(self.rows) < self.max_rows) and self._target(req) is not None
 
     def add(self, req: Request) -> None:
-        """Prefill `req` and put it in a free row (growing or rebasing first if it must); its first tokens go to it
-        at once, and a request that ends on them leaves the row free again."""
+        """Prefill `req` and put it in a free row (growing or rebasing first if it must); its first tokens reach it
+        with the next check's (a request that ends on them leaves its row then)."""
         if not req.prompt:
             raise ValueError("a request needs a prompt of at least one token")
         if req.max_new_tokens < 1:
@@ -145,12 +146,11 @@ class ContinuousBatch:
         req.stats = DecodeStats(self.strategy, full_calls=1, module_calls=int(self.plan.module),
                                 prefill_seconds=time.perf_counter() - req._start)
         self.rows[row], self.pads[row] = req, self.p - len(req.prompt)
-        if req.take(first):
-            self._end(row)
+        self._first[id(req)] = first  # read with the next check's tokens: a join adds no host sync
 
-    def _prefill(self, req: Request, row: int) -> list[int]:
+    def _prefill(self, req: Request, row: int) -> torch.Tensor:
         """The prompt through the engine's one-row prefill Decoder, then adopted into `row`; the tokens it gave (1,
-        or 2 for recycle)."""
+        or 2 for recycle), on the device."""
         L = len(req.prompt)
         src = self.engine.decoder(1, self.max_len, role="prefill")
         bucket = self.engine.prefill_bucket
@@ -166,7 +166,7 @@ class ContinuousBatch:
             src.prefill_module(self.strategy, batch, state, greedy, None)
             read = 2 if self.plan.round == "recycle" else 1
         self.dec.adopt(row, src, 0, L, Lp, self.p)
-        return src.out[0, :read].tolist()
+        return src.out[0, :read].clone()  # the next join's prefill writes src.out again
 
     def _resize(self, rows: int):
         """The engine's Decoder of `rows` rows for this batch, the live requests moved onto its first rows."""
@@ -198,6 +198,7 @@ class ContinuousBatch:
     def _end(self, row: int) -> Request:
         req = self.rows[row]
         self.rows[row] = None
+        self._first.pop(id(req), None)
         with torch.inference_mode():
             self.dec.live[row] = False
         st = req.stats
@@ -256,6 +257,9 @@ class ContinuousBatch:
                 dec.hist.zero_()
                 self.per_step = max(1.0, written / steps)
             dec.n.zero_()
+            joined = {k: self._first.pop(k) for k in list(self._first)}
+            first = dict(zip(joined, torch.cat(list(joined.values())).cpu().split(
+                [len(t) for t in joined.values()]))) if joined else {}
         self.steps += steps
         self.p += written
         for i in live:
@@ -264,7 +268,8 @@ class ContinuousBatch:
             req.stats.module_calls += steps * plan.module_calls
             if req._hist is not None:
                 req._hist = [a + b for a, b in zip(req._hist, hist)]
-            if req.take(new[i].tolist()):
+            head = first[id(req)].tolist() if id(req) in first else []
+            if req.take(head + new[i].tolist()):
                 ended.append(self._end(i))
         return ended
 
