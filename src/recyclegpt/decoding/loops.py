@@ -92,8 +92,8 @@ class PromptBatch:
         for i, p in enumerate(prompts):
             ids[i, L - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
         pads = [L - len(p) for p in prompts]
-        pad = torch.tensor(pads, device=device) if any(pads) else None
-        return cls(ids.to(device), pad)
+        pad = _to(torch.tensor(pads), device) if any(pads) else None
+        return cls(_to(ids, device), pad)
 
     @property
     def length(self) -> int:
@@ -164,6 +164,14 @@ class Collector:
     def remaining(self) -> int:
         """Tokens still wanted by the row furthest from its budget."""
         return max((self.max_new_tokens - len(t) for f, t in zip(self.finished, self.tokens) if not f), default=0)
+
+
+def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device`: to a GPU through pinned memory without waiting for the work queued there (a
+    continuous batch's join would otherwise stall its running steps)."""
+    if torch.device(device).type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def _sync(device: torch.device) -> None:
