@@ -171,3 +171,28 @@ def test_generate_with_max_batch_gives_each_prompts_tokens_alone():
         lm.generate(prompts, max_batch=2, engine="eager")
     with pytest.raises(ValueError, match="max_batch must be"):
         lm.generate(prompts, max_batch=0)
+
+
+@pytest.mark.parametrize("strategy", ["standard", "recycle"])
+def test_sampled_requests_share_a_batch_each_with_its_own_seed(strategy):
+    """A sampled batch: every request with its own temperature, top-k/top-p and seed, joining while others decode,
+    draws exactly the tokens it draws alone."""
+    from recyclegpt.decoding.sampling import SamplingParams
+
+    model = predictable(6, 0.3)
+    engine = Engine(model, bucket=16, prefill_bucket=8)
+    settings = [SamplingParams(temperature=1.0, seed=1), SamplingParams(temperature=0.7, top_k=20, seed=2),
+                SamplingParams(temperature=1.2, top_p=0.9, seed=3), SamplingParams(temperature=0.9, seed=4),
+                SamplingParams(temperature=1.0, top_k=5, seed=5)]
+    reqs = [Request([(7 * i + j) % 97 for j in range(1 + 13 * i)], 20 + 3 * i, sampling=s)
+            for i, s in enumerate(settings)]
+    ContinuousBatch(engine, strategy, 2, max_len=128, check_every=3, sampled=True).run(reqs)
+    for r in reqs:
+        want = strategies.reference_decode(model, strategy, [list(r.prompt)], max_new_tokens=r.max_new_tokens,
+                                           sampling=r.sampling).tokens[0]
+        assert r.tokens == want
+    assert len({tuple(r.tokens[:5]) for r in reqs}) > 1
+    with pytest.raises(ValueError, match="run alone"):
+        ContinuousBatch(engine, "speculative", 2, sampled=True)
+    with pytest.raises(ValueError, match="greedy requests only"):
+        ContinuousBatch(engine, strategy, 2).add(reqs[0])

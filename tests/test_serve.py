@@ -507,3 +507,36 @@ def test_ignore_eos_decodes_past_end_of_sequence(lm):
     job = Job(ids, 12, "standard", 0.0, None, None, None, [], frozenset(), emit=lambda ev: None, ignore_eos=True)
     assert run_job(eos_lm, job, "auto").completion_tokens == 12
     assert BatchedJob(eos_lm, job).request.stop_ids == frozenset()
+
+
+def test_sampled_requests_share_a_batch_and_keep_their_seeds(lm):
+    """Sampled requests of `standard` and `recycle` decode in one continuous batch, each drawing what it draws alone
+    with its seed (run_job); a sampled verified strategy runs alone."""
+    import threading
+
+    from recyclegpt.serving.scheduler import BatchedJob, Worker, batchable, run_job
+
+    specs = [(PROMPT, 14, 0.8, 20, 1), ("the", 9, 1.1, None, 2), (TEXT[:120], 12, 0.6, 5, 3), ("why", 10, 1.0, None, 4)]
+
+    def job(prompt, n, t, k, seed, strategy="recycle"):
+        return Job(lm.encode(prompt), n, strategy, t, None, k, seed, [], frozenset(), emit=lambda ev: None)
+
+    jobs, ended, done = [job(*s) for s in specs], {}, threading.Event()
+
+    def on_done(j, outcome, error):
+        ended[id(j)] = (outcome, error)
+        if len(ended) == len(jobs):
+            done.set()
+
+    worker = Worker(lm, max_batch=4, on_done=on_done)
+    for j in jobs:
+        worker.submit(j)
+    worker.start()
+    assert done.wait(120)
+    worker.stop()
+    assert worker.largest_batch == 4
+    for spec, j in zip(specs, jobs):
+        outcome, error = ended[id(j)]
+        assert error is None and outcome.text == run_job(lm, job(*spec), "auto").text, spec
+    assert not batchable(job(*specs[0], strategy="speculative")) and batchable(job(*specs[0], strategy="standard"))
+    assert BatchedJob(lm, jobs[0]).request.sampling.seed == 1

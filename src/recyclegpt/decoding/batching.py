@@ -10,8 +10,10 @@ offset (one copy of the live window), which keeps their positions and tokens. Th
 when its live rows leave two KV buckets of padding unused, so that attention stops reading them.
 
 A verified round keeps the same number of tokens on every row (the fewest any live row accepted; idle rows do not
-count), so the lossless strategies stay exact in a batch, with a τ of the batch's slowest row. Requests are greedy:
-a sampled request draws from its own generator, and runs alone (`Engine.decode`).
+count), so the lossless strategies stay exact in a batch, with a τ of the batch's slowest row. A batch is greedy, or
+sampled (`standard` and `recycle`, whose steps sample outside their graphs): each sampled request draws from its own
+generator, in the order it does alone; the verified rounds draw inside the round from one generator, so their
+sampled requests run alone (`Engine.decode`).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import torch
 from ..models import RecycleModel
 from .engine import Engine, Plan, round_up
 from .loops import DecodeResult, DecodeStats, PromptBatch, _sync
-from .sampling import SamplingParams
+from .sampling import RowSampling, SamplingParams
 from .speculative import DEFAULT_DRAFT_LEN, TreeShape
 
 TokensFn = Callable[[list[int]], bool | None]  # a request's new tokens; returning False ends the request
@@ -41,11 +43,13 @@ class Request:
     max_new_tokens: int
     stop_ids: frozenset[int] = frozenset()
     on_tokens: TokensFn | None = None  # called after each check with the tokens that came (maybe none)
+    sampling: SamplingParams = SamplingParams()  # greedy, or this request's own sampling and seed
     tokens: list[int] = field(default_factory=list)  # up to and excluding a stop token
     reason: str | None = None  # once ended: "stop" (a stop token), "length" (the budget) or "cancelled"
     stats: DecodeStats | None = None
     _hist: list[int] | None = None
     _start: float = 0.0
+    _gen: torch.Generator | None = None
 
     @property
     def remaining(self) -> int:
@@ -77,9 +81,15 @@ class ContinuousBatch:
     moving the live rows' state over, so that a lone request decodes at batch 1."""
 
     def __init__(self, engine: Engine, strategy: str, max_rows: int, *, max_len: int | None = None,
-                 check_every: int = 8, draft_len: int = DEFAULT_DRAFT_LEN, tree: TreeShape | None = None) -> None:
-        self.engine, self.strategy = engine, strategy
+                 check_every: int = 8, draft_len: int = DEFAULT_DRAFT_LEN, tree: TreeShape | None = None,
+                 sampled: bool = False) -> None:
+        """sampled: the batch's requests sample, each with its own settings and seed (`standard` and `recycle`,
+        whose steps sample outside their graphs); else they are greedy."""
+        self.engine, self.strategy, self.sampled = engine, strategy, sampled
         self.plan = Plan.make(strategy, draft_len, tree)
+        if sampled and not self.plan.fixed:
+            raise ValueError(f"sampled requests of {strategy!r} draw inside its verified rounds from one generator: "
+                             f"they run alone")
         rmodel = engine.model if isinstance(engine.model, RecycleModel) else None
         base = rmodel.base if rmodel is not None else engine.model
         if self.plan.module and rmodel is None:
@@ -131,6 +141,8 @@ class ContinuousBatch:
             raise ValueError("a request needs a prompt of at least one token")
         if req.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {req.max_new_tokens}")
+        if req.sampling.greedy == self.sampled:
+            raise ValueError(f"this batch decodes {'sampled' if self.sampled else 'greedy'} requests only")
         if not self.admits(req):
             raise ValueError("the batch has no room for this request now (check admits first)")
         req._start = time.perf_counter()
@@ -159,11 +171,11 @@ class ContinuousBatch:
         if Lp != L:
             batch = batch.padded_to(Lp)
         src.prepare()
-        greedy = SamplingParams()
-        state = src.prefill(batch, greedy, None)
+        req._gen = req.sampling.generator(src.device)  # the request's own draws, in the order they come alone
+        state = src.prefill(batch, req.sampling, req._gen)
         read = 1
         if self.plan.module:
-            src.prefill_module(self.strategy, batch, state, greedy, None)
+            src.prefill_module(self.strategy, batch, state, req.sampling, req._gen)
             read = 2 if self.plan.round == "recycle" else 1
         self.dec.adopt(row, src, 0, L, Lp, self.p)
         return src.out[0, :read].clone()  # the next join's prefill writes src.out again
@@ -240,11 +252,12 @@ class ContinuousBatch:
         wanted = -(-max(self.rows[i].remaining for i in live) // max(1, int(self.per_step)))
         room = (self.max_len - plan.span - self.p) // plan.max_tokens + 1
         steps = max(1, min(self.check_every, wanted, room))
-        greedy = SamplingParams()
+        sampling = RowSampling([(r.sampling, r._gen) if r is not None else None for r in self.rows]) \
+            if self.sampled else SamplingParams()
         with torch.inference_mode():
             bound = self.p
             for _ in range(steps):
-                dec.step(plan, bound, greedy, None)
+                dec.step(plan, bound, sampling, None)
                 bound += plan.max_tokens
             upper = steps * plan.max_tokens
             if plan.fixed:

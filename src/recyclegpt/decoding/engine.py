@@ -57,7 +57,7 @@ from .loops import (
     _sync,
     check_budget,
 )
-from .sampling import SamplingParams, draw, logits_to_probs, sample
+from .sampling import RowSampling, SamplingParams, draw, logits_to_probs, sample
 from .speculative import (
     DEFAULT_DRAFT_LEN,
     TreeShape,
@@ -492,16 +492,20 @@ class Decoder:
                           lambda: self.step_fn("_standard_greedy")(kv_end, self._tables_fn(1, kv_end)))
             else:
                 self._run(("standard_fwd", kv_end), lambda: self._standard_forward(kv_end))
-                self._standard_select(sample(self.logits, sampling, gen))
+                self._standard_select(self._pick(sampling, gen))
         elif sampling.greedy:
             self._run(("recycle", kv_end, self.rec_draft),
                       lambda: self.step_fn("_recycle_greedy")(kv_end, self._tables_fn(2, kv_end)))
         else:
             self._run(("full_pair", kv_end), lambda: self._full_pair(kv_end))
             # a graph reads its inputs from fixed addresses: stage the eagerly sampled token in a persistent buffer
-            self.x_new.copy_(sample(self.logits, sampling, gen))
+            self.x_new.copy_(self._pick(sampling, gen))
             self._run(("module_pair", kv_end, self.rec_draft), lambda: self._module_pair(kv_end, self.x_new))
-            self._module_select(sample(self.logits, sampling, gen))
+            self._module_select(self._pick(sampling, gen))
+
+    def _pick(self, sampling: SamplingParams | RowSampling, gen) -> torch.Tensor:
+        """A sampled step's tokens from `logits`: one SamplingParams for the batch, or each row's (RowSampling)."""
+        return sampling(self.logits) if isinstance(sampling, RowSampling) else sample(self.logits, sampling, gen)
 
     def decode(self, strategy: str, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
                sampling: SamplingParams = SamplingParams(), stop_ids: Sequence[int] = (),

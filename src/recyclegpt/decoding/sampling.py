@@ -66,6 +66,24 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     return draw(logits_to_probs(logits, params), generator)
 
 
+class RowSampling:
+    """Sampling with settings of each row's own (a continuous batch's requests): rows[i] is (SamplingParams,
+    generator) for a row that samples, None for one that takes the argmax. A row draws from its own generator
+    exactly as it does alone (one (1, V) draw per token)."""
+
+    greedy = False
+
+    def __init__(self, rows: list[tuple[SamplingParams, torch.Generator | None] | None]) -> None:
+        self.rows = rows
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        tokens = logits.argmax(-1)
+        for i, row in enumerate(self.rows):
+            if row is not None:
+                tokens[i:i + 1] = sample(logits[i:i + 1], *row)
+        return tokens
+
+
 def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """(..., V) probabilities -> (...) token ids, one independent draw per row. No host synchronisation.
 

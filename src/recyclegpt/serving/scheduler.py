@@ -1,5 +1,6 @@
-"""One worker thread that runs queued requests, in arrival order: greedy requests of one strategy by continuous
-batching, every other request alone through `RecycleGPT.generate`.
+"""One worker thread that runs queued requests, in arrival order: requests of one strategy by continuous batching
+(greedy ones together; sampled ones of `standard` and `recycle` together, each with its own seed), the sampled
+requests of verified strategies alone through `RecycleGPT.generate`.
 
 A `Job` carries one request's prompt ids and decoding options and a thread-safe `emit` callback; the worker calls
 it with ("delta", text) as text becomes final, then ("done", Outcome) or ("error", exception). Stop strings are
@@ -7,13 +8,14 @@ applied here, on the tokens as they come: a stop string that is one token stops 
 decoded text; either way the text is cut before the stop and the request ends at once. A cancelled job (its
 client went away) is skipped if still queued and ends at the next check if running.
 
-Batches (`decoding.batching.ContinuousBatch`): a greedy job starts a batch of its strategy; the jobs behind it that
-are greedy and of the same strategy join it as they come, up to `max_batch` at once, each as soon as it fits, and
-each leaves at its own end (its stop, its max_tokens, its client leaving), when its response is sent. A job of
-another kind at the head of the queue stops the joining: the batch drains, then that job runs (a sampled job
-alone, so that a seed gives the same text whatever else is waiting). The tokens a batched request gets are those
-it gets alone (up to 16-bit near-ties, where the kernels sum a batch in another order). Batches run on an engine:
-"auto" takes the static engine on the CPU; with the eager loop named, every request runs alone.
+Batches (`decoding.batching.ContinuousBatch`): a job starts a batch of its strategy, greedy or sampled; the jobs
+behind it of the same strategy and kind join it as they come, up to `max_batch` at once, each as soon as it fits,
+and each leaves at its own end (its stop, its max_tokens, its client leaving), when its response is sent. A job of
+another kind at the head of the queue stops the joining: the batch drains, then that job runs. A sampled request
+draws from its own generator, so a seed gives the same text whatever else is decoding. The tokens a batched
+request gets are those it gets alone (up to 16-bit near-ties, where the kernels sum a batch in another order).
+Batches run on an engine: "auto" takes the static engine on the CPU; with the eager loop named, every request runs
+alone.
 """
 
 from __future__ import annotations
@@ -28,8 +30,10 @@ from typing import Any, Callable
 import torch
 
 from ..api import RecycleGPT
+from ..decoding import strategies
 from ..decoding.batching import ContinuousBatch, Request
 from ..decoding.loops import DecodeStats
+from ..decoding.sampling import SamplingParams
 
 log = logging.getLogger("recyclegpt.serving")
 
@@ -165,8 +169,14 @@ def run_job(lm: RecycleGPT, job: Job, engine: str) -> Outcome | None:
 
 
 def batchable(job: Job) -> bool:
-    """Whether `job` may join a continuous batch: greedy (a sampled job draws from its own generator, alone)."""
-    return job.temperature == 0
+    """Whether `job` may join a continuous batch: greedy, or sampled with a strategy of fixed steps (`standard`,
+    `recycle`: each row draws from its own generator; a verified round draws from one, so those run alone)."""
+    return job.temperature == 0 or strategies.get(job.strategy).round in ("standard", "recycle")
+
+
+def joins(job: Job, batch: ContinuousBatch) -> bool:
+    """Whether `job` may join the running `batch`: its strategy, and greedy or sampled as the batch is."""
+    return batchable(job) and job.strategy == batch.strategy and (job.temperature > 0) == batch.sampled
 
 
 class BatchedJob:
@@ -175,7 +185,9 @@ class BatchedJob:
     def __init__(self, lm: RecycleGPT, job: Job) -> None:
         self.lm, self.job, self.tracker = lm, job, TextTracker(lm, job)
         stop = frozenset(lm.tokenizer.eos_ids) if lm.tokenizer is not None and not job.ignore_eos else frozenset()
-        self.request = Request(job.prompt_ids, job.max_tokens, stop, self.on_tokens)
+        sampling = SamplingParams(temperature=job.temperature, top_k=job.top_k, top_p=job.top_p, seed=job.seed) \
+            if job.temperature > 0 else SamplingParams()
+        self.request = Request(job.prompt_ids, job.max_tokens, stop, self.on_tokens, sampling=sampling)
 
     def on_tokens(self, tokens: list[int]) -> bool:
         if self.job.cancelled.is_set():
@@ -301,10 +313,10 @@ class Worker:
                         self._alone(job)
                         continue
                     batch = ContinuousBatch(self.lm.engine(self.batch_engine), job.strategy, self.max_batch,
-                                            max_len=self.max_len)
+                                            max_len=self.max_len, sampled=job.temperature > 0)
                 # join the waiting jobs in arrival order while the oldest can; another kind of job waits for the
                 # batch to drain
-                while (job := self._head(0)) is not None and batchable(job) and job.strategy == batch.strategy:
+                while (job := self._head(0)) is not None and joins(job, batch):
                     bj = BatchedJob(self.lm, job)
                     if not batch.fits(bj.request):
                         if batch.live:
