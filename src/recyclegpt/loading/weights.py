@@ -1,9 +1,9 @@
 """The loading boundary: foreign checkpoints in, a `Transformer` and a `Tokenizer` out.
 
 Two formats are read, both converted to our state-dict names (see `Transformer`):
-- GGUF (llama.cpp; the built-in models of `recyclegpt.loading.registry`): tensors are dequantized with the `gguf` package,
-  the Q and K projections are un-permuted from llama.cpp's interleaved rotary layout back to rotate-half, and the
-  tokenizer is rebuilt from the file's metadata.
+- GGUF (llama.cpp; the built-in models of `recyclegpt.loading.registry`): tensors are dequantized with the `gguf`
+  package, the Q and K projections are un-permuted from llama.cpp's interleaved rotary layout back to rotate-half,
+  and the tokenizer is rebuilt from the file's metadata.
 - A local Hugging Face LLaMA-family folder: config.json, safetensors weights (single or sharded) and tokenizer.json.
   Pickled `.bin` weights are refused: loading a pickle can run arbitrary code.
 
@@ -12,9 +12,11 @@ Two formats are read, both converted to our state-dict names (see `Transformer`)
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -26,7 +28,8 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from ..config import ConfigError, ModelConfig
 from ..models import Transformer
-from .registry import MODELS, cache_dir, resolve_gguf
+from . import registry as _registry
+from .registry import MODELS, cache_dir, cache_lock, resolve_gguf
 from .tokenizer import Tokenizer
 
 StateDict = dict[str, torch.Tensor]
@@ -98,7 +101,8 @@ def _gguf_name(name: str, path: Path) -> str:
     if name in _GGUF_TOP:
         return _GGUF_TOP[name]
     parts = name.split(".")  # blk.{i}.{kind}.weight
-    if len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _GGUF_BLOCK and parts[3] == "weight":
+    if (len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _GGUF_BLOCK
+            and parts[3] == "weight"):
         return f"layers.{parts[1]}.{_GGUF_BLOCK[parts[2]]}.weight"
     raise LoadError(f"{path}: unexpected tensor {name!r} (attention biases, rope_freqs or experts are not supported)")
 
@@ -130,7 +134,8 @@ def _gguf_config(reader, arch: str, tok: Tokenizer, path: Path) -> ModelConfig:
         return _gguf_field(reader, f"{arch}.{key}", path, default)
 
     if get("expert_count", 0):
-        raise LoadError(f"{path}: mixture-of-experts GGUFs ({arch}.expert_count={get('expert_count')}) are not supported")
+        raise LoadError(f"{path}: mixture-of-experts GGUFs ({arch}.expert_count={get('expert_count')}) are not "
+                        f"supported")
     if get("rope.scaling.type", "none") not in ("none", ""):
         raise LoadError(f"{path}: rope scaling {get('rope.scaling.type')!r} is not supported")
     n_head = get("attention.head_count")
@@ -241,7 +246,8 @@ def _read_json(path: Path):
 def _hf_config(hf: dict, folder: Path) -> ModelConfig:
     model_type = hf.get("model_type")
     if model_type not in _HF_MODEL_TYPES:
-        raise LoadError(f"{folder}: model_type {model_type!r} is not supported (supported: {', '.join(_HF_MODEL_TYPES)})")
+        raise LoadError(f"{folder}: model_type {model_type!r} is not supported "
+                        f"(supported: {', '.join(_HF_MODEL_TYPES)})")
     problems = []
     if hf.get("attention_bias") or hf.get("mlp_bias"):
         problems.append("attention/MLP biases (attention_bias, mlp_bias)")
@@ -370,8 +376,17 @@ def _hf_tokenizer(folder: Path, hf: dict) -> Tokenizer:
 # -- dispatch ----------------------------------------------------------------------------------------------------
 
 
-# Bump when the GGUF conversion changes, so that converted copies made by an older version are not reused.
-_CONVERTED_VERSION = 1
+# Bump when the GGUF conversion or the converted folder's layout changes, so that converted copies made by an older
+# version are not reused (the next conversion deletes them). 2: manifest.json (sizes, sha256) beside the files.
+_CONVERTED_VERSION = 2
+
+
+class _CorruptCopy(Exception):
+    """A converted copy in the cache that fails its manifest check or does not load: (path, why)."""
+
+
+def _converted_folder(name: str) -> Path:
+    return cache_dir() / "converted" / f"{name}-{MODELS[name].sha256[:16]}-v{_CONVERTED_VERSION}"
 
 
 def read_weights(name_or_path: str | Path) -> tuple[ModelConfig, StateDict, Tokenizer]:
@@ -396,33 +411,138 @@ def _load_builtin(name: str) -> tuple[ModelConfig, StateDict, Tokenizer]:
     """A built-in model, through a converted copy in the cache (config.json, float32 model.safetensors, tokenizer).
 
     Reading and dequantizing the GGUF takes seconds; the converted copy is memory-mapped in a fraction of one. It is
-    keyed by the GGUF's sha256 and the converter version, and written once, atomically (a folder renamed into place).
+    keyed by the GGUF's sha256 and the converter version, written once under the registry's `cache_lock` (a
+    concurrent first run waits, then loads it) into a temporary folder that is renamed into place, and checked on
+    every load against its manifest.json: sizes always, sha256 when a file's mtime changed. A copy that fails the
+    check or does not load is named on stderr in one line, deleted and converted again.
     """
-    from safetensors.torch import load_file, save_file
+    entry = MODELS[name]
+    folder = _converted_folder(name)
+    try:
+        loaded = _read_converted(folder)
+    except _CorruptCopy:
+        loaded = None  # looked at again under the lock, where it is reported and rebuilt
+    if loaded is not None:
+        return loaded
+    with cache_lock(entry) as locked:
+        try:
+            loaded = _read_converted(folder)  # another process may have converted it while this one waited
+        except _CorruptCopy as e:
+            path, why = e.args
+            _note(f"converted copy {path} is corrupt ({' '.join(why.split())}); deleting {folder.name} and "
+                  f"converting again")
+            shutil.rmtree(folder, ignore_errors=True)
+        if loaded is not None:
+            return loaded
+        gguf_path = resolve_gguf(name)  # fetches the GGUF if needed (the lock is re-entrant)
+        if _registry._stderr_is_tty():  # seconds of work: said on a terminal, quiet in logs and pipes
+            _note(f"converting {gguf_path.name} to float32 safetensors in {folder} (once per model)")
+        cfg, sd, tok = load_gguf(gguf_path)
+        _write_converted(folder, name, cfg, sd, tok, clean=locked)
+        return cfg, sd, tok
 
-    folder = cache_dir() / "converted" / f"{name}-{MODELS[name].sha256[:16]}-v{_CONVERTED_VERSION}"
-    if (folder / "model.safetensors").is_file():
+
+def _note(line: str) -> None:
+    print(f"recyclegpt: {line}", file=sys.stderr, flush=True)
+
+
+def _read_converted(folder: Path) -> tuple[ModelConfig, StateDict, Tokenizer] | None:
+    """The converted copy in `folder`; None if there is none; _CorruptCopy(path, why) if it fails its manifest or
+    does not load."""
+    from safetensors.torch import load_file
+
+    if not folder.exists():
+        return None
+    manifest_file = folder / "manifest.json"
+    try:
+        manifest = json.loads(manifest_file.read_text())
+        files = {name: (int(f["size"]), int(f["mtime_ns"]), str(f["sha256"])) for name, f in manifest["files"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise _CorruptCopy(manifest_file, f"unreadable manifest: {e}") from None
+    rehashed = False
+    for name, (size, mtime_ns, sha256) in files.items():
+        path = folder / name
+        try:
+            st = path.stat()
+            if st.st_size != size:
+                raise _CorruptCopy(path, f"{st.st_size} bytes, expected {size}")
+            if st.st_mtime_ns != mtime_ns:  # touched since it was written: only the hash can vouch for it
+                if _sha256(path) != sha256:
+                    raise _CorruptCopy(path, "sha256 differs from its manifest")
+                rehashed = True
+        except OSError as e:
+            raise _CorruptCopy(path, f"unreadable: {e.strerror}") from None
+    try:
         cfg = ModelConfig.from_dict(json.loads((folder / "config.json").read_text()))
         sd = load_file(folder / "model.safetensors")
-        if cfg.tie_embeddings:
-            sd["lm_head.weight"] = sd["tok_emb.weight"]
-        return cfg, sd, Tokenizer.load(folder)
-    cfg, sd, tok = load_gguf(resolve_gguf(name))
+        tok = Tokenizer.load(folder)
+    except Exception as e:  # json, safetensors, tokenizers and the config raise many kinds on garbled files
+        raise _CorruptCopy(folder, f"does not load: {e}") from None
+    if cfg.tie_embeddings:
+        sd["lm_head.weight"] = sd["tok_emb.weight"]
+    if rehashed:
+        _write_manifest(folder, manifest_file)  # best effort: spares the hash next time
+    return cfg, sd, tok
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_manifest(folder: Path, dest: Path) -> None:
+    """Record size, mtime and sha256 of every file in `folder` into `dest` (atomically; best effort)."""
+    try:
+        files = {}
+        for p in sorted(folder.iterdir()):
+            if p.is_file() and p.name != "manifest.json" and not p.name.startswith("."):
+                st = p.stat()
+                files[p.name] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": _sha256(p)}
+        tmp = dest.with_name(f".manifest.json.tmp{os.getpid()}")
+        tmp.write_text(json.dumps({"files": files}, indent=2))
+        os.replace(tmp, dest)
+    except OSError:
+        pass
+
+
+def _write_converted(folder: Path, name: str, cfg: ModelConfig, sd: StateDict, tok: Tokenizer, *,
+                     clean: bool = False) -> None:
+    """Write the converted copy into a temporary folder beside `folder` and rename it into place. Best effort:
+    without a writable cache every load converts again. `clean` (only while holding the model's `cache_lock`) first
+    deletes what a killed conversion or an older converter version left."""
+    from safetensors.torch import save_file
+
+    parent = folder.parent
     tmp = None
-    try:  # best effort: without a writable cache every load converts again
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=folder.parent))
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        for old in parent.iterdir() if clean else ():
+            if old.name.startswith(f".{folder.name}.tmp-") or _older_version(old.name, name):
+                shutil.rmtree(old, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=parent))
         (tmp / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
         tok.save(tmp)
         save_file({k: v for k, v in sd.items() if not (cfg.tie_embeddings and k == "lm_head.weight")},
                   tmp / "model.safetensors")
-        os.replace(tmp, folder)  # fails if another process got there first, which is fine
+        _write_manifest(tmp, tmp / "manifest.json")
+        if not (tmp / "manifest.json").is_file():
+            return
+        os.replace(tmp, folder)
     except OSError:
         pass
     finally:
         if tmp is not None and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return cfg, sd, tok
+
+
+def _older_version(folder_name: str, name: str) -> bool:
+    """Whether `folder_name` is a converted copy of built-in `name` made by an older converter version."""
+    stem, _, version = folder_name.rpartition("-v")
+    return (stem.startswith(f"{name}-") and len(stem) == len(name) + 17 and version.isdigit()
+            and int(version) < _CONVERTED_VERSION)
 
 
 def build_base(name_or_path: str | Path, *, device: torch.device | str | None = None,
