@@ -6,6 +6,7 @@
     recyclegpt suite [NAME]           the named prompt suites; one of them written as JSONL (--out)
     recyclegpt train                  joint training from scratch on text files
     recyclegpt retrofit               train a recyclable module on a frozen base
+    recyclegpt distill-train          train it online on the base's own continuations (generate, then learn, looped)
     recyclegpt distill                the base model's responses to a prompt file, as JSONL (self-distillation data)
     recyclegpt eval mc|lastword|ppl|agreement    quality: standard vs recycle scoring, the module's agreement α
     recyclegpt lm-eval ARGS...        lm-evaluation-harness with the `recyclegpt` model (docs/quality.md)
@@ -463,6 +464,43 @@ def cmd_retrofit(args) -> None:
     print(json.dumps(metrics[-1] if metrics else {}))
 
 
+def cmd_distill_train(args) -> None:
+    """Train a recyclable module online: the frozen base writes continuations, the module learns its distribution.
+
+One process loops: the base decodes a round of --gen-batch prompts (instruction prompts from --prompts files and
+natural-text prefixes cut from --text files, --text-share of them; --greedy-share decoded greedily, the rest sampled
+at --temperature) into a rolling buffer of --buffer sequences, then the module trains --steps-per-round steps on
+batches from it against the base's full next-step distribution (--target distill: KL at every continuation
+position; the teacher logits and h_t come from one forward of the base). A checkpoint every --save-every steps
+holds the module, AdamW and the stream's state; --resume continues exactly. --deadline SECONDS ends the run with a
+checkpoint. The log (JSON lines, <out>/metrics.jsonl) records tokens generated and trained, KL and α on a fixed
+held-out validation stream, and both halves' throughput and time split (docs/training.md).
+"""
+    from ..loading import load_base
+    from ..loading.registry import shipped_module_named
+    from ..training.online import OnlineConfig, online_retrofit
+
+    device = torch.device(args.device or str(default_device()))
+    base_dtype = parse_dtype(args.base_dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if args.init_module and not Path(args.init_module).exists() and shipped_module_named(args.init_module):
+        args.init_module = str(shipped_module_named(args.init_module))  # a shipped module by name
+    cfg = _config_from_args(TrainConfig, args, device=str(device))  # checked before the base is loaded
+    ocfg = _config_from_args(OnlineConfig, args)
+    if ocfg.engine not in ENGINES:
+        raise UsageError(f"unknown --engine {ocfg.engine!r}; choose one of {', '.join(ENGINES)}")
+    if args.stop_after is not None and args.stop_after < 1:
+        raise UsageError(f"--stop-after must be >= 1, got {args.stop_after}")
+    prompts = _expand(args.prompts or [])
+    text = _expand(args.text or [])
+    if not prompts and not text:
+        raise UsageError("give instruction prompt files (--prompts), text files (--text), or both")
+    base, tokenizer = load_base(args.model, device=device, dtype=base_dtype)
+    _, metrics = online_retrofit(cfg=cfg, ocfg=ocfg, base=base, tokenizer=tokenizer, rcfg=_module_config(args),
+                                 out_dir=args.out, base_ref=args.model, prompt_files=prompts, text_files=text,
+                                 resume=args.resume, stop_at_step=args.stop_after)
+    print(json.dumps(metrics[-1] if metrics else {}))
+
+
 def cmd_export(args) -> None:
     """Write the recyclable module as an EAGLE-3 draft model for vLLM or SGLang (docs/export.md).
 
@@ -673,6 +711,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_module_args(r)
     _add_config_args(r, TrainConfig, skip=("device", "lam", "detach_hidden"))
     r.add_argument("--device", default=None, help="default: cuda if available")
+
+    dt = add("distill-train", cmd_distill_train)
+    dt.add_argument("--prompts", nargs="+", default=None, metavar="FILE",
+                    help="instruction prompt files (JSONL with a 'prompt' field per line; globs allowed)")
+    dt.add_argument("--text", nargs="+", default=None, metavar="FILE",
+                    help="plain-text files that natural-text prefixes are cut from (globs allowed)")
+    dt.add_argument("--model", default=DEFAULT_MODEL, help="the frozen base (name or path)")
+    dt.add_argument("--out", required=True, help="checkpoint directory for the module")
+    dt.add_argument("--base-dtype", default=None, help="the frozen base's dtype (default: bf16 on CUDA, else fp32)")
+    dt.add_argument("--resume", action="store_true", help="continue the run checkpointed in --out")
+    dt.add_argument("--stop-after", type=int, default=None, metavar="STEP",
+                    help="end this run after step STEP with a checkpoint, as --deadline does")
+    _add_module_args(dt)
+    _add_config_args(dt, TrainConfig, skip=("device", "lam", "detach_hidden", "seq_len", "eval_batches"),
+                     defaults={"target": "distill", "eval_every": 200, "save_every": 200})
+    from ..training.online import OnlineConfig
+
+    _add_config_args(dt, OnlineConfig)
+    dt.add_argument("--device", default=None, help="default: cuda if available")
 
     ex = add("export", cmd_export)
     ex.add_argument("out", help="output directory (config.json, model.safetensors)")
