@@ -49,6 +49,7 @@ from .options import (
     add_compile_mode,
     add_draft_args,
     add_model_args,
+    apply_threads,
     check_args,
     draft_options,
     engine_options,
@@ -137,8 +138,8 @@ def _text_streamer(lm: RecycleGPT):
 def cmd_bench(args) -> None:
     """Run strategies greedily on the same prompts in one process, side by side; print a table (and JSON)."""
     from ..evals.speed import (
+        BASELINES,
         BUILTIN_PROMPTS,
-        HF_STRATEGIES,
         RANDOM_NOTE,
         format_table,
         random_model,
@@ -148,7 +149,7 @@ def cmd_bench(args) -> None:
     from ..training.data import read_prompt_records
 
     strategies = tuple(s for s in args.strategies.split(",") if s)
-    known = strategy_names() + tuple(HF_STRATEGIES)
+    known = strategy_names() + BASELINES
     for s in strategies:
         if s not in known:
             raise UsageError(f"unknown strategy {s!r}; choose from {', '.join(known)}")
@@ -157,8 +158,6 @@ def cmd_bench(args) -> None:
     if args.check_prompts < 1:
         raise UsageError(f"--check-prompts must be >= 1 (bench reports no speed it has not checked), got "
                          f"{args.check_prompts}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
     categories = None
     draft = draft_options(args)
     try:
@@ -209,6 +208,7 @@ def cmd_bench(args) -> None:
                            # per category needs one prompt a call: a batch mixes categories
                            categories=categories if args.batch_size == 1 else None,
                            check_prompts=args.check_prompts, continuous=args.continuous,
+                           threads=torch.get_num_threads(),
                            log=lambda line: print(f"bench: {line}", file=sys.stderr, flush=True))
     except ValueError as e:
         raise UsageError(str(e)) from None
@@ -610,7 +610,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--max-new-tokens", type=int, default=128)
     b.add_argument("--strategies", default="standard,recycle",
                    help=f"comma-separated, from {', '.join(strategy_names())}, hf_eager, hf_compiled, "
-                        "hf_prompt_lookup (transformers' generate on a copy of the same weights) "
+                        "hf_prompt_lookup (transformers' generate on a copy of the same weights), llama_cpp "
+                        "(llama.cpp on the same GGUF file, --threads threads; pip install 'recyclegpt[llama-cpp]') "
                         "(default standard,recycle)")
     add_draft_args(b, tree_flag=False)
     b.add_argument("--batch-size", type=int, default=1, help="prompts decoded together (default 1)")
@@ -627,7 +628,6 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--chart", default=None, help="also write a PNG bar chart of tokens/s here (needs matplotlib)")
     b.add_argument("--no-chat", action="store_true", help="do not chat-template the prompts")
     b.add_argument("--stop-at-eos", action="store_true", help="stop at EOS (default: always max-new-tokens)")
-    b.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
     b.add_argument("--json", action="store_true", help="print the results as one JSON line at the end")
 
     su = add("suite", cmd_suite)
@@ -735,7 +735,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("out", help="output directory (config.json, model.safetensors)")
     ex.add_argument("--format", required=True, choices=("vllm-eagle3", "sglang-eagle3"),
                     help="vllm-eagle3: vLLM's EAGLE-3 draft; sglang-eagle3: SGLang's (one module layer)")
-    add_model_args(ex)
+    add_model_args(ex, threads=False)
     ex.add_argument("--config-style", default=None, choices=("speculators", "plain"),
                     help="vllm-eagle3's config.json: speculators (default) or plain (LlamaForCausalLMEagle3, what "
                          "sglang-eagle3 writes)")
@@ -759,6 +759,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         check_args(args)  # numeric ranges and --device, before anything is loaded or written
+        apply_threads(args)  # --threads: before any torch work
         args.func(args)
     except (UsageError, ValueError, FileNotFoundError, FileExistsError, CheckpointError, RegistryError) as e:
         print(f"recyclegpt {args.command}: error: {e}", file=sys.stderr)

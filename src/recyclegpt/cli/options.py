@@ -1,5 +1,5 @@
 """Command-line pieces shared by the subcommands: how a subcommand is declared, and the model options of those
-that load a model (generate, bench, distill, eval, demo)."""
+that load a model (generate, bench, distill, eval, demo, serve), --threads among them."""
 
 from __future__ import annotations
 
@@ -46,9 +46,12 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
     return DTYPES[name]
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
+def add_model_args(p: argparse.ArgumentParser, *, threads: bool = True) -> None:
+    """--model, --recycle, --recycle-layers, --recycle-vocab, --device, --dtype; threads: also --threads (the
+    subcommands that run the model: all but export)."""
     p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"built-in name, .gguf file, Hugging Face folder or RecycleGPT checkpoint (default: {DEFAULT_MODEL})")
+                   help=f"built-in name, .gguf file, Hugging Face folder or RecycleGPT checkpoint "
+                        f"(default: {DEFAULT_MODEL})")
     p.add_argument("--recycle", default="default",
                    help="recyclable module: 'default' (a checkpoint --model's own, else the one shipped for a "
                         "built-in --model, if any), a checkpoint directory, another shipped module by name "
@@ -60,6 +63,23 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "module's draft vocabulary: a cheaper head, slightly lower α; docs/engine.md) (default: full)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bf16 on CUDA, fp32 on CPU)")
+    if threads:
+        add_threads_arg(p)
+
+
+def add_threads_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads: torch.set_num_threads(N) before the model loads, and bench's llama_cpp row's "
+                        "n_threads (default: torch's own count, OMP_NUM_THREADS when set, else the CPU's cores: "
+                        f"{torch.get_num_threads()} here)")
+
+
+def apply_threads(args: argparse.Namespace) -> None:
+    """torch.set_num_threads(--threads), where the subcommand has the option and it is given (checked >= 1 by
+    check_args first); the thread count then holds for the whole process, server worker threads included."""
+    n = getattr(args, "threads", None)
+    if n is not None:
+        torch.set_num_threads(n)
 
 
 def check_device(name: str) -> torch.device:

@@ -29,6 +29,7 @@ from ..decoding.strategies import lossless_names
 from ..decoding.strategies import names as strategy_names
 from ..models import RecyclableModule, Transformer
 from .differential import NEAR_TIE_RANK, choice_margin, first_difference
+from .llama_cpp_baseline import LLAMA_CPP
 from .quality import evaluate_agreement
 
 # A small built-in prompt set, used when no prompts file is given.
@@ -45,6 +46,8 @@ BUILTIN_PROMPTS = [
 
 
 HF_STRATEGIES = {"hf_eager": "eager", "hf_compiled": "compiled", "hf_prompt_lookup": "prompt_lookup"}
+# rows of other runtimes on the same prompts and weights (batch 1): transformers' generate, and llama.cpp on the GGUF
+BASELINES = (*HF_STRATEGIES, LLAMA_CPP)
 
 # paper-scale shapes for speed-only runs with random weights (`recyclegpt bench --shape`)
 SHAPES = {
@@ -165,8 +168,9 @@ def time_strategies(lm: RecycleGPT, ids: list[list[int]], strategies: Sequence[s
                     draft: dict | None = None, continuous: bool = False) -> dict[str, StrategyRun]:
     """Warm each strategy up (untimed: a whole run of the first batch, and of every other with the graph engines,
     else two tokens of each), then run them greedily on every batch of prompts, interleaved batch by batch. `hf`
-    maps HF strategy names to their `hf_baselines.HFBaseline` (batch 1 only). continuous: all prompts in one call
-    by continuous batching, batch_size at a time (`RecycleGPT.generate`'s max_batch)."""
+    maps HF strategy names to their `hf_baselines.HFBaseline`, and LLAMA_CPP to its
+    `llama_cpp_baseline.LlamaCppBaseline` (batch 1 only). continuous: all prompts in one call by continuous
+    batching, batch_size at a time (`RecycleGPT.generate`'s max_batch)."""
     log = log or (lambda line: None)
     hf = hf or {}
     batches = [ids] if continuous else [ids[i:i + batch_size] for i in range(0, len(ids), batch_size)]
@@ -180,6 +184,14 @@ def time_strategies(lm: RecycleGPT, ids: list[list[int]], strategies: Sequence[s
             if runs is not None:
                 runs[s].record(len(r.tokens), r.seconds, r.ttft_s, 1000 * statistics.median(r.step_s)
                                if r.step_s else 0.0, mem.mb, full_calls=len(r.step_s) + 1)
+            return
+        if s == LLAMA_CPP:  # on the CPU, outside torch: no peak memory
+            r = hf[s].generate(batch[0], n)
+            if runs is not None:
+                runs[s].record(len(r.tokens), r.seconds, r.ttft_s, 1000 * statistics.median(r.step_s)
+                               if r.step_s else 0.0, None, full_calls=len(r.tokens),
+                               text=lm.tokenizer.decode(r.tokens) if lm.tokenizer is not None else "")
+                runs[s].outputs.append(r.tokens)
             return
         with PeakMemory(lm.device, ours) as mem:
             gen = lm.generate(batch, strategy=s, max_new_tokens=n, ignore_eos=ignore_eos, engine=engine,
@@ -198,7 +210,7 @@ def time_strategies(lm: RecycleGPT, ids: list[list[int]], strategies: Sequence[s
         for _ in range(warmup):
             run(s, batches[0], max_new_tokens, None)
         if warmup:
-            whole = graphs and s not in HF_STRATEGIES
+            whole = graphs and s not in BASELINES
             for batch in batches[1:]:
                 run(s, batch, max_new_tokens if whole else 2, None)
     runs = {s: StrategyRun(s) for s in strategies}
@@ -215,7 +227,8 @@ def run_bench(lm: RecycleGPT, prompts: list[str] | list[list[int]], *,
               alpha: bool = True, log: Callable[[str], None] | None = None, draft_len: int = DEFAULT_DRAFT_LEN,
               min_draft_prob: float | None = None,
               tree_shape: tuple[int, ...] | None = None, categories: Sequence[str] | None = None,
-              check_prompts: int = 4, continuous: bool = False) -> dict:
+              check_prompts: int = 4, continuous: bool = False, threads: int | None = None,
+              gguf: str | None = None) -> dict:
     """Run each strategy (default: every registered one) greedily on every prompt (texts, or token-id lists);
     return {"device", "model", "results", "speedup", "speedup_vs_hf_eager", ...}. HF strategies (`HF_STRATEGIES`)
     need batch_size 1.
@@ -224,16 +237,30 @@ def run_bench(lm: RecycleGPT, prompts: list[str] | list[list[int]], *,
     then every result also carries "per_category": {label: {tokens_per_s, median_tokens_per_s, speedup, tau,
     alpha (recycle), same_token_share (lossless)}}. check_prompts: how many prompts (`check_sample`) are decoded
     again by the eager reference loop and compared (`check_tokens`: a difference raises CheckFailed).
-    continuous: decode all prompts by continuous batching, batch_size at a time, each joining as another ends."""
+    continuous: decode all prompts by continuous batching, batch_size at a time, each joining as another ends.
+    LLAMA_CPP ("llama_cpp") runs llama.cpp greedily on the model's GGUF file (`gguf`, default: the file behind
+    lm.name, `llama_cpp_baseline.gguf_of`) with `threads` threads (default: torch.get_num_threads()); with
+    `standard` in the run, its row reports how many of standard's tokens it reproduces and where they part
+    (`llama_cpp_agreement`: same_as_standard, same_token_share, same_prefix, first_differences)."""
     strategies = tuple(strategy_names() if strategies is None else strategies)
-    known = strategy_names() + tuple(HF_STRATEGIES)
+    known = strategy_names() + BASELINES
     unknown = [s for s in strategies if s not in known]
     if unknown:
         raise ValueError(f"unknown strategies {unknown}; choose from {', '.join(known)}")
     hf_names = [s for s in strategies if s in HF_STRATEGIES]
-    if hf_names and batch_size != 1:
-        raise ValueError(f"the HF baselines ({', '.join(hf_names)}) run at batch size 1; drop them for --batch-size "
-                         f"{batch_size}")
+    outside = [s for s in strategies if s in BASELINES]
+    if outside and (batch_size != 1 or continuous):
+        raise ValueError(f"the baselines ({', '.join(outside)}) run at batch size 1, one prompt at a time; drop "
+                         f"them for {'--continuous' if continuous else f'--batch-size {batch_size}'}")
+    threads = torch.get_num_threads() if threads is None else threads
+    if LLAMA_CPP in strategies:  # before any work: the package, and a GGUF file to give it
+        from .llama_cpp_baseline import LlamaCppBaseline, gguf_of, require_llama_cpp
+
+        try:
+            require_llama_cpp()
+        except ImportError as e:
+            raise ValueError(str(e)) from None
+        gguf = gguf or gguf_of(lm.name)
     if prompts and isinstance(prompts[0], str):
         chat = chat and lm.tokenizer is not None and lm.tokenizer.chat_template is not None
         ids = [lm.encode(p, chat=chat) for p in prompts]
@@ -247,12 +274,19 @@ def run_bench(lm: RecycleGPT, prompts: list[str] | list[list[int]], *,
         for s in hf_names:
             hf[s] = HFBaseline(lm.base, HF_STRATEGIES[s], max_cache_len=longest)
             notes[s] = hf[s].config_note
+    if LLAMA_CPP in strategies:
+        hf[LLAMA_CPP] = LlamaCppBaseline(gguf, n_threads=threads, n_ctx=max(len(p) for p in ids) + max_new_tokens)
+        notes[LLAMA_CPP] = hf[LLAMA_CPP].config_note
     if categories is not None and (len(categories) != len(ids) or batch_size != 1):
         raise ValueError("categories need one label per prompt and batch size 1")
     draft = {"draft_len": draft_len, "tree_shape": tree_shape, "min_draft_prob": min_draft_prob}
-    runs = time_strategies(lm, ids, strategies, max_new_tokens=max_new_tokens, ignore_eos=ignore_eos,
-                           warmup=warmup, batch_size=batch_size, engine=engine, hf=hf, log=log, draft=draft,
-                           continuous=continuous)
+    try:
+        runs = time_strategies(lm, ids, strategies, max_new_tokens=max_new_tokens, ignore_eos=ignore_eos,
+                               warmup=warmup, batch_size=batch_size, engine=engine, hf=hf, log=log, draft=draft,
+                               continuous=continuous)
+    finally:
+        if LLAMA_CPP in hf:
+            hf[LLAMA_CPP].close()
     del hf
     results = [runs[s].summary() for s in strategies]
     if categories is not None:
@@ -282,6 +316,8 @@ def run_bench(lm: RecycleGPT, prompts: list[str] | list[list[int]], *,
                     for c, part in r["per_category"].items():
                         idx = [i for i, x in enumerate(categories) if x == c]
                         part["same_token_share"] = same_token_share([outs[i] for i in idx], [ref[i] for i in idx])
+            elif r["strategy"] == LLAMA_CPP:  # another runtime's arithmetic: where do its greedy tokens part?
+                r.update(llama_cpp_agreement(lm, ids, runs[LLAMA_CPP].outputs, ref))
     if alpha and "recycle" in strategies and lm.model is not None and lm.module_source != "random":
         (log or (lambda line: None))("alpha")
         # the full model's greedy output is standard's, when it ran (no second decode); else decoded here
@@ -324,6 +360,8 @@ def run_bench(lm: RecycleGPT, prompts: list[str] | list[list[int]], *,
         "engine": kind,
         "torch": torch.__version__,
         "transformers": _version("transformers") if hf_names else None,
+        "llama_cpp": _version("llama_cpp_python") if LLAMA_CPP in strategies else None,
+        "threads": threads,
         "draft_len": draft_len if "speculative" in strategies else None,
         "min_draft_prob": (min_draft_prob if min_draft_prob is not None
                            else default_min_draft_prob(lm.device, kind))
@@ -346,6 +384,25 @@ CHECK_PREFIX = 32
 
 class CheckFailed(ValueError):
     """A bench run whose checked tokens differ from the reference's: its speeds measure wrong output."""
+
+
+def llama_cpp_agreement(lm: RecycleGPT, ids: list[list[int]], outputs: list[list[int]],
+                        reference: list[list[int]]) -> dict:
+    """How llama.cpp's greedy tokens compare with `standard`'s on the same prompts: same_as_standard (prompts with
+    every token equal), same_token_share, same_prefix (per prompt, the tokens equal before the first difference) and
+    first_differences: where they part, the margin by which standard's top logit there exceeds llama.cpp's token and
+    that token's rank in standard's logits (`differential.choice_margin`; rank 1 and a small margin: a near-tie that
+    llama.cpp's 8-bit activations tip the other way)."""
+    parts = []
+    for i, (got, want) in enumerate(zip(outputs, reference)):
+        n = first_difference(got, want)
+        if n is not None and n < min(len(got), len(want)):
+            margin, rank = choice_margin(lm.base, ids[i] + want[:n], got[n])
+            parts.append({"prompt": i, "new_token": n, "margin": margin, "rank": rank})
+    return {"same_as_standard": sum(a == b for a, b in zip(outputs, reference)),
+            "same_token_share": same_token_share(outputs, reference),
+            "same_prefix": [len(b) if (n := first_difference(a, b)) is None else n for a, b in zip(outputs, reference)],
+            "first_differences": parts}
 
 
 def check_sample(ids: Sequence[Sequence[int]], n: int) -> list[int]:
@@ -490,6 +547,14 @@ def format_table(report: dict) -> str:
     if same:
         lines.append("")
         lines.append("prompts whose tokens equal standard's: " + ", ".join(same))
+    for r in report["results"]:
+        if r.get("same_prefix") is not None:
+            lines.append(f"{r['strategy']}: tokens equal to standard's before the first difference, per prompt: "
+                         f"{', '.join(map(str, r['same_prefix']))} (of {report['max_new_tokens']})")
+            parts = r.get("first_differences") or []
+            if parts:
+                lines.append("  where they part, standard's top logit exceeds its token's by " + ", ".join(
+                    f"{d['margin']:.3f} (rank {d['rank']})" for d in parts))
     hists = [(r["strategy"], r["accept_hist"]) for r in report["results"] if r.get("accept_hist")]
     if hists:
         lines.append("")
