@@ -41,11 +41,21 @@ import torch
 from tqdm import tqdm
 
 from ..config import ConfigError, RecycleConfig, _from_dict
-from ..loading.checkpoint import load_module, load_trainer_state, save_checkpoint
+from ..loading.checkpoint import load_trainer_state, save_checkpoint
 from ..loading.tokenizer import Tokenizer
-from ..models import RecyclableModule, RecycleModel, Transformer
+from ..models import RecycleModel, Transformer
 from .data import DataError, read_prompts, tokenize_files
-from .train import _RESUMABLE_CHANGES, TrainConfig, _autocast, _check_out_dir, _objective, add_taps, lr_at
+from .train import (
+    _RESUMABLE_CHANGES,
+    TrainConfig,
+    _autocast,
+    _check_out_dir,
+    _objective,
+    check_frozen_base_dtype,
+    lr_at,
+    make_optimizer,
+    module_on_frozen_base,
+)
 
 # fields of OnlineConfig that a resumed run may change (with those of TrainConfig in train._RESUMABLE_CHANGES)
 _ONLINE_RESUMABLE = frozenset({"deadline", "gen_rows", "engine"})
@@ -272,32 +282,14 @@ def online_retrofit(*, cfg: TrainConfig, ocfg: OnlineConfig, base: Transformer, 
     if ocfg.max_prompt_tokens + ocfg.max_new_tokens > base.cfg.context_length:
         raise ConfigError(f"--max-prompt-tokens {ocfg.max_prompt_tokens} + --max-new-tokens {ocfg.max_new_tokens} "
                           f"exceed the base's context of {base.cfg.context_length} tokens")
-    autocast = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda")
-    if base.tok_emb.weight.dtype != torch.float32 and not autocast:
-        raise ConfigError(f"a {base.tok_emb.weight.dtype} base needs bf16 autocast (dtype 'bfloat16', or 'auto' "
-                          f"on CUDA), or convert the base to float32")
+    check_frozen_base_dtype(cfg, base)
     source = PromptSource.build(tokenizer, ocfg, prompt_files=prompt_files, text_files=text_files,
                                 val_fraction=cfg.val_fraction, token_cache=cfg.token_cache)
-    base.requires_grad_(False)
-    base.eval()
-    if resume:
-        module = load_module(out_dir, base, dtype=torch.float32)
-    elif cfg.init_module:
-        if not Path(cfg.init_module).exists():
-            raise FileNotFoundError(f"--init-module {cfg.init_module!r} does not exist (give a module checkpoint "
-                                    f"directory)")
-        module = load_module(cfg.init_module, base, dtype=torch.float32).to(cfg.device)
-        if rcfg.taps and not module.cfg.taps:
-            module = add_taps(module, rcfg.taps)
-    else:
-        torch.manual_seed(cfg.seed)
-        module = RecyclableModule(base.cfg, rcfg).to(cfg.device)
+    module = module_on_frozen_base(cfg, base, rcfg, out_dir, resume)
     model = RecycleModel(base, module)
     gen_lm = RecycleGPT(base, tokenizer, name=base_ref)  # the base alone decodes
     params = [p for p in module.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-                             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
-                            lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    opt = make_optimizer(cfg, params)
     steps_per_round = ocfg.steps_per_round or max(1, ocfg.gen_batch // cfg.batch_size)
     config = {"train": cfg.to_dict(), "online": ocfg.to_dict(),
               "prompts": [str(p) for p in prompt_files], "text": [str(p) for p in text_files]}

@@ -16,7 +16,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -124,6 +124,13 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
+def make_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.AdamW:
+    """AdamW with weight decay on the matrices only."""
+    return torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+                              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
+                             lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+
+
 def _autocast(cfg: TrainConfig, device: torch.device):
     bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda")
     return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
@@ -178,9 +185,7 @@ def train_loop(*, cfg: TrainConfig, model: RecycleModel | Transformer, data: Tex
     trainable = model if train_base else model.module
     params = [p for p in trainable.parameters() if p.requires_grad]
     # weight decay on matrices (linear maps, embeddings) only; never on norm gains
-    opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-                             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
-                            lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    opt = make_optimizer(cfg, params)
     step, metrics, elapsed = 0, [], 0.0
     if resume:
         state = load_trainer_state(out_dir, opt)
@@ -333,6 +338,38 @@ def add_draft_vocab(module: RecyclableModule, ids: Sequence[int] | torch.Tensor)
     return grown
 
 
+def check_frozen_base_dtype(cfg: TrainConfig, base: Transformer) -> None:
+    """A 16-bit frozen base runs only under bf16 autocast."""
+    autocast = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and torch.device(cfg.device).type == "cuda")
+    if base.tok_emb.weight.dtype != torch.float32 and not autocast:
+        raise ConfigError(f"a {base.tok_emb.weight.dtype} base needs bf16 autocast (dtype 'bfloat16', or 'auto' "
+                          f"on CUDA), or convert the base to float32")
+
+
+def module_on_frozen_base(cfg: TrainConfig, base: Transformer, rcfg: RecycleConfig, out_dir: Path, resume: bool, *,
+                          log: Callable[[str], None] | None = None) -> RecyclableModule:
+    """Freeze `base` in place and give the float32 module to train over it: the checkpoint's (resume), the
+    --init-module's (gaining rcfg's taps when it has none), else a new one of `rcfg`. log: notes on --init-module."""
+    log = log or (lambda line: None)
+    base.requires_grad_(False)
+    base.eval()
+    if resume:
+        return load_module(out_dir, base, dtype=torch.float32)
+    if cfg.init_module:
+        if not Path(cfg.init_module).exists():
+            raise FileNotFoundError(f"--init-module {cfg.init_module!r} does not exist (give a module checkpoint "
+                                    f"directory)")
+        module = load_module(cfg.init_module, base, dtype=torch.float32).to(cfg.device)
+        if rcfg.taps and not module.cfg.taps:
+            module = add_taps(module, rcfg.taps)
+            log(f"--init-module gains taps {rcfg.taps}, their weights starting at zero")
+        if module.cfg != rcfg:
+            log(f"--init-module has its own architecture {module.cfg}; the other module options are ignored")
+        return module
+    torch.manual_seed(cfg.seed)
+    return RecyclableModule(base.cfg, rcfg).to(cfg.device)
+
+
 def retrofit(*, cfg: TrainConfig, base: Transformer, tokenizer: Tokenizer, rcfg: RecycleConfig,
              files: Sequence[str | Path], out_dir: str | Path, base_ref: str,
              resume: bool = False) -> tuple[RecycleModel, list[dict[str, Any]]]:
@@ -346,29 +383,9 @@ def retrofit(*, cfg: TrainConfig, base: Transformer, tokenizer: Tokenizer, rcfg:
     _check_out_dir(out_dir, resume)
     if cfg.seq_len > base.cfg.context_length:
         raise ConfigError(f"seq_len={cfg.seq_len} exceeds the base's context_length={base.cfg.context_length}")
-    autocast = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and torch.device(cfg.device).type == "cuda")
-    if base.tok_emb.weight.dtype != torch.float32 and not autocast:
-        raise ConfigError(f"a {base.tok_emb.weight.dtype} base needs bf16 autocast (dtype 'bfloat16', or 'auto' "
-                          f"on CUDA), or convert the base to float32")
-    base.requires_grad_(False)
-    base.eval()
-    if resume:
-        module = load_module(out_dir, base, dtype=torch.float32)
-    elif cfg.init_module:
-        if not Path(cfg.init_module).exists():
-            raise FileNotFoundError(f"--init-module {cfg.init_module!r} does not exist (give a module checkpoint "
-                                    f"directory)")
-        module = load_module(cfg.init_module, base, dtype=torch.float32).to(cfg.device)
-        if rcfg.taps and not module.cfg.taps:
-            module = add_taps(module, rcfg.taps)
-            print(f"retrofit: --init-module gains taps {rcfg.taps}, their weights starting at zero", file=sys.stderr)
-        if module.cfg != rcfg:
-            print(f"retrofit: --init-module has its own architecture {module.cfg}; the other module options are "
-                  f"ignored", file=sys.stderr)
-    else:
-        torch.manual_seed(cfg.seed)
-        module = RecyclableModule(base.cfg, rcfg).to(cfg.device)
-    model = RecycleModel(base, module)
+    check_frozen_base_dtype(cfg, base)
+    model = RecycleModel(base, module_on_frozen_base(cfg, base, rcfg, out_dir, resume, log=lambda line: print(
+        f"retrofit: {line}", file=sys.stderr)))
     data = load_dataset(files, tokenizer, seq_len=cfg.seq_len, val_fraction=cfg.val_fraction,
                         cache_dir=cfg.token_cache)
     metrics = train_loop(cfg=cfg, model=model, data=data, out_dir=out_dir, train_base=False, tokenizer=None,
