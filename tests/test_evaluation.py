@@ -407,3 +407,24 @@ def test_cli_help(task, capsys):
     with pytest.raises(SystemExit) as e:
         parser.parse_args(["eval", task, "--help"])
     assert e.value.code == 0 and "--scoring" in capsys.readouterr().out
+
+
+def test_read_prompts_json_array_and_alpaca_input(tmp_path):
+    """Alpaca-style releases are one JSON array; a non-empty "input" follows the instruction after a blank line."""
+    from recyclegpt.training.data import DataError, read_prompt_records, read_prompts
+
+    records = [{"instruction": "Sort the list.", "input": "[3, 1, 2]", "output": "[1, 2, 3]"},
+               {"instruction": "Name a colour.", "input": "", "output": "Red."}, "A bare string."]
+    arr = tmp_path / "alpaca.json"
+    arr.write_text("\n  " + json.dumps(records, indent=2))
+    assert read_prompts(arr) == ["Sort the list.\n\n[3, 1, 2]", "Name a colour.", "A bare string."]
+    lines = tmp_path / "alpaca.jsonl"
+    lines.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert read_prompts(lines) == read_prompts(arr) and read_prompts(arr, limit=2) == read_prompts(arr)[:2]
+    assert read_prompt_records(arr)[0] == (None, "Sort the list.\n\n[3, 1, 2]")
+    (tmp_path / "bad.json").write_text('[{"instruction": "a"},\n {"instruction": }]')
+    with pytest.raises(DataError, match=r"bad\.json:2: bad JSON"):
+        read_prompts(tmp_path / "bad.json")
+    (tmp_path / "item.json").write_text('[{"instruction": "a"}, {"output": "b"}]')
+    with pytest.raises(ValueError, match=r"item\.json: item 1: expected"):
+        read_prompts(tmp_path / "item.json")

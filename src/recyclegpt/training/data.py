@@ -351,8 +351,31 @@ PROMPT_FIELDS = ("prompt", "instruction", "question", "Instruction")
 
 def read_prompts(path: str | Path, *, limit: int | None = None) -> list[str]:
     """Prompts from a JSONL file: each line an object with a "prompt" field (or, as the shared prompt sets have
-    it, "instruction", "question" or "Instruction"), or a bare JSON string. Blank lines are skipped."""
+    it, "instruction", "question" or "Instruction"), or a bare JSON string. Blank lines are skipped. A file whose
+    text starts with "[" is one JSON array of such records (the Alpaca, LIMA and Code Alpaca releases). A record's
+    non-empty "input" string (Alpaca's instruction context) follows its instruction after a blank line."""
     return [p for _, p in read_prompt_records(path, limit=limit)]
+
+
+def _iter_records(path: Path) -> Iterator[tuple[str, Any]]:
+    """("where", value) for each record of a JSONL file, or of a file holding one JSON array."""
+    with open(path, "rb") as f:
+        head = f.read(4096).lstrip()
+    if not head.startswith(b"["):
+        yield from iter_jsonl(path)
+        return
+    raw = path.read_bytes()
+    try:
+        items = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); save the file as "
+                        f"UTF-8") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: bad JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(items, list):
+        raise DataError(f"{path}: expected a JSON array of prompt records")
+    for i, item in enumerate(items):
+        yield f"{path}: item {i}", item
 
 
 def read_prompt_records(path: str | Path, *, limit: int | None = None) -> list[tuple[str | None, str]]:
@@ -364,11 +387,14 @@ def read_prompt_records(path: str | Path, *, limit: int | None = None) -> list[t
     if not path.is_file():
         raise FileNotFoundError(f"prompts file {str(path)!r} does not exist")
     prompts = []
-    for where, rec in iter_jsonl(path):
+    for where, rec in _iter_records(path):
         category = None
         if isinstance(rec, dict):
             category = rec.get("category") if isinstance(rec.get("category"), str) else None
+            extra = rec.get("input")
             rec = next((rec[k] for k in PROMPT_FIELDS if isinstance(rec.get(k), str)), None)
+            if isinstance(rec, str) and isinstance(extra, str) and extra.strip():
+                rec = f"{rec}\n\n{extra}"
         if not isinstance(rec, str) or not rec.strip():
             raise ValueError(f"{where}: expected a JSON string or an object with a non-empty string field "
                              f"{' / '.join(PROMPT_FIELDS)}")
