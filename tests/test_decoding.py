@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from recyclegpt.config import PRESETS, RecycleConfig
+from recyclegpt.config import PRESETS, KernelConfig, RecycleConfig
 from recyclegpt.decoding.loops import recycle, standard
 from recyclegpt.decoding.sampling import SamplingParams
 from recyclegpt.models import ModelOutput, RecycleModel
@@ -259,30 +259,52 @@ def test_bad_sampling_values(kw, match):
         SamplingParams(**kw)
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 7, 16, 17])
-def test_few_row_products_equal_f_linear(rows):
+@pytest.mark.parametrize("form", ["auto", "linear", "transposed"])
+@pytest.mark.parametrize("rows", [1, 2, 3, 7, 16, 17, 32, 33])
+def test_few_row_products_equal_f_linear(rows, form):
     from recyclegpt import models as m
 
+    kernels = KernelConfig(cpu_products=form)
+    torch.manual_seed(rows)
     w = torch.randn(300, 48)
     x = torch.randn(rows, 2, 48)[:, 1]  # not contiguous
     with torch.no_grad():
-        got = m.linear(x, w)
+        got = m.linear(x, w, kernels)
     assert got.shape == (rows, 300)
     torch.testing.assert_close(got, torch.nn.functional.linear(x, w), rtol=1e-5, atol=1e-5)
+    if form == "linear" or rows > m.FEW_ROWS:
+        assert torch.equal(got, torch.nn.functional.linear(x, w))
     x3 = torch.randn(1, rows, 48)
     with torch.no_grad():
-        torch.testing.assert_close(m.linear(x3, w), x3 @ w.t(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(m.linear(x3, w, kernels), x3 @ w.t(), rtol=1e-5, atol=1e-5)
     x = x.clone().requires_grad_(True)  # with autograd: F.linear's own backward
-    m.linear(x, w).sum().backward()
-    torch.testing.assert_close(x.grad, w.sum(0).expand(rows, -1))
+    m.linear(x, w, kernels).sum().backward()
+    torch.testing.assert_close(x.grad, w.sum(0).expand(rows, -1), rtol=1e-5, atol=1e-4)
 
 
-def test_a_model_call_with_and_without_the_few_row_path_agrees():
-    """Without autograd a few-row call takes `linear`'s CPU path; with it, F.linear: the same logits."""
+def test_cpu_products_choice_is_checked_and_measured_once():
+    from recyclegpt.models import transformer
+
+    with pytest.raises(ValueError, match="cpu_products must be one of auto, linear, transposed, got 'tall'"):
+        KernelConfig(cpu_products="tall")
+    assert isinstance(transformer.transposed_faster(), bool)
+    assert transformer.transposed_faster.cache_info().currsize == 1  # measured once per process
+
+
+@pytest.mark.parametrize("form", ["linear", "transposed"])
+def test_a_model_call_with_and_without_the_few_row_path_agrees(form):
+    """Without autograd a few-row call takes the KernelConfig's CPU form; with it, F.linear: the same logits."""
     model = make_model(8)
+    model.kernels = KernelConfig(cpu_products=form)
     ids = torch.randint(0, CFG.vocab_size, (2, 1))
     with torch.no_grad():
         few_rows = model.base(ids, num_logits=1).logits
+        state = model.state(model.base(ids))
+        drafted = model.recycle(state, ids).logits
     with torch.enable_grad():
         plain = model.base(ids, num_logits=1).logits.detach()
+        plain_drafted = model.recycle(state, ids).logits.detach()
     torch.testing.assert_close(few_rows, plain, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(drafted, plain_drafted, rtol=1e-5, atol=1e-5)
+    if form == "linear":
+        assert torch.equal(few_rows, plain) and torch.equal(drafted, plain_drafted)

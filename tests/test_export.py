@@ -224,10 +224,9 @@ def target_aux(hf, prompt, capture):
 
 @pytest.fixture
 def exact_products(monkeypatch):
-    """Two reorderings of sums the project makes on the CPU, turned off so that its results are bit for bit those
-    of plain operators: the few-row products (`linear`; off, F.linear) and cached attention's folding of a group's
-    query heads into rows (`attention_mask`; off, K and V repeated per head)."""
-    monkeypatch.setattr(transformer_mod, "CPU_FEW_ROWS", 0)
+    """A reordering of sums the project makes on the CPU, turned off so that its results are bit for bit those of
+    plain operators: cached attention's folding of a group's query heads into rows (`attention_mask`; off, K and V
+    repeated per head). The few-row products take F.linear through the model's KernelConfig (the test sets it)."""
     monkeypatch.setattr(transformer_mod, "FOLD_MAX_TOKENS", 0)
 
 
@@ -247,6 +246,7 @@ CASES = {  # format, config style, module layers, draft vocabulary
 def test_the_engines_draft_equals_the_module(case, tmp_path, exact_products):
     fmt, style, n_layer, draft = CASES[case]
     model = eagle3_model(1, n_layer=n_layer, draft=draft)
+    model.kernels = dataclasses.replace(model.kernels, cpu_products="linear")  # plain products, bit for bit
     export_eagle3(model, tmp_path, fmt=fmt, style=style, verifier="tiny-base", dtype=torch.float32)
     ref = EngineDraft(tmp_path, "vllm" if fmt == "vllm-eagle3" else "sglang")
     assert ref.capture == [t + 1 for t in TAPS]  # the inputs of the layers after the taps

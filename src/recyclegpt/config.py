@@ -159,6 +159,9 @@ PRESETS: dict[str, ModelConfig] = {
 }
 
 
+CPU_PRODUCTS = ("auto", "linear", "transposed")  # KernelConfig.cpu_products
+
+
 @dataclass(frozen=True)
 class KernelConfig:
     """Which fused kernels a model's inference calls take where they apply (`Transformer.kernels`). The defaults are
@@ -174,6 +177,11 @@ class KernelConfig:
     pdl: programmatic dependent launch between the fused kernels (Hopper and later; ignored elsewhere).
     cuda_paths_on_cpu: CPU tensors take the CUDA paths too (the Triton kernels, only under Triton's interpreter;
         the sort-free top-k and the split argmax of decoding/topk.py), for tests that check those paths without a GPU.
+    cpu_products: how float32 products of at most `model.FEW_ROWS` rows run on the CPU without autograd (a decode
+        step, a verification, a draft tree): "linear" (F.linear), "transposed" ((W @ x.T).T, BLAS's tall product,
+        a single row doubled), or "auto": whichever of the two this CPU runs faster, measured once per process
+        (`model.transposed_faster`). The BLAS libraries' few-row paths differ by CPU by up to 3x either way
+        (docs/cpu.md); the two forms sum the same dot products in different orders.
     """
 
     fused_linear: bool = True
@@ -182,6 +190,11 @@ class KernelConfig:
     draft_head: bool = True
     pdl: bool = True
     cuda_paths_on_cpu: bool = False
+    cpu_products: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.cpu_products not in CPU_PRODUCTS:
+            raise ValueError(f"cpu_products must be one of {', '.join(CPU_PRODUCTS)}, got {self.cpu_products!r}")
 
     @classmethod
     def torch_only(cls) -> "KernelConfig":

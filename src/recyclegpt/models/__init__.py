@@ -2,7 +2,7 @@
 
 from .recyclable import RECYCLE_VOCABS, RecyclableModule, RecycleModel
 from .transformer import (
-                          CPU_FEW_ROWS,
+                          FEW_ROWS,
                           FOLD_MAX_TOKENS,
                           FUSED_MAX_WIDTH,
                           MLP,
@@ -31,7 +31,7 @@ from .transformer import (
                           use_fused_linear,
 )
 
-__all__ = ["RECYCLE_VOCABS", "RecyclableModule", "RecycleModel", "CPU_FEW_ROWS", "FOLD_MAX_TOKENS", "FUSED_MAX_WIDTH",
+__all__ = ["RECYCLE_VOCABS", "RecyclableModule", "RecycleModel", "FEW_ROWS", "FOLD_MAX_TOKENS", "FUSED_MAX_WIDTH",
            "MLP", "Attention", "Block", "KVCache", "Linear", "ModelOutput", "RMSNorm", "Tables", "Transformer", "Tree",
            "apply_rotary", "attention_mask", "call_tables", "fuse_projections", "fused_linear_fits", "init_weights",
            "linear", "prefill_attention", "rotary", "run_blocks", "use_cached_attention", "use_decode_kernel",

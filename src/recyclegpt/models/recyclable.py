@@ -68,7 +68,7 @@ class Eagle3Block(nn.Module):
         if keep is not None:
             state, a = state[:, state.shape[1] - keep:], a[:, a.shape[1] - keep:]
         h = state + a
-        return h + self.mlp(self.mlp_norm(h))
+        return h + self.mlp(self.mlp_norm(h), kernels)
 
 
 class RecyclableModule(nn.Module):
@@ -118,13 +118,13 @@ class RecyclableModule(nn.Module):
         return KVCache(self.cfg.n_layer, batch, self.base_cfg.n_kv_head, max_len, self.base_cfg.head_dim,
                        device=device or p.device, dtype=dtype or p.dtype)
 
-    def fuse(self, hidden: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
+    def fuse(self, hidden: torch.Tensor, taps: torch.Tensor, kernels: KernelConfig = KernelConfig()) -> torch.Tensor:
         """h_t (B, T, d) and the tapped layers' outputs (B, T, k*d) -> the state s_t (B, T, d). The eagle3 layout
         reads the taps alone: s_t = fc(taps)."""
         if self.cfg.layout == "eagle3":
-            return self.fc(taps)
+            return self.fc(taps, kernels)
         parts = taps.split(self.base_cfg.d_model, dim=-1)
-        return hidden + self.tap_fc(torch.cat([norm(t) for norm, t in zip(self.tap_norms, parts)], dim=-1))
+        return hidden + self.tap_fc(torch.cat([norm(t) for norm, t in zip(self.tap_norms, parts)], dim=-1), kernels)
 
     def forward(self, state: torch.Tensor, tok_emb: torch.Tensor, *, input_pos: torch.Tensor | None = None,
                 cache: KVCache | None = None, pad: torch.Tensor | None = None,
@@ -136,7 +136,7 @@ class RecyclableModule(nn.Module):
         if self.cfg.layout == "eagle3":  # the first block (Eagle3Block) takes both halves
             x = torch.cat((state, tok_emb), dim=-1)
         else:
-            x = self.fc(torch.cat((self.norm_h(state), self.norm_e(tok_emb)), dim=-1))
+            x = self.fc(torch.cat((self.norm_h(state), self.norm_e(tok_emb)), dim=-1), kernels)
         return run_blocks(self.layers, x, self.base_cfg, input_pos=input_pos, cache=cache, pad=pad, kv_end=kv_end,
                           tree=tree, keep=outputs, tables=tables, kernels=kernels)[0]
 
@@ -195,7 +195,7 @@ class RecycleModel(nn.Module):
         else the full head."""
         if self.draft_weight is None:
             return self.base.head(out)
-        small = linear(self.base.norm(out), self.draft_weight)
+        small = linear(self.base.norm(out), self.draft_weight, self.kernels)
         full = small.new_full((*small.shape[:-1], self.base.cfg.vocab_size), float("-inf"))
         return full.index_copy_(-1, self.module.draft_ids, small)
 
@@ -226,7 +226,7 @@ class RecycleModel(nn.Module):
         """The module's greedy token ids (...,) over the draft vocabulary from its output `out` (..., d), with
         `draft_weight` set: the index `draft_logits(out).argmax(-1)` gives, without the V-wide logits (the draft
         ids are sorted, so the first of equal maxima is the same token)."""
-        return self.module.draft_ids[topk.argmax(linear(self.base.norm(out), self.draft_weight),
+        return self.module.draft_ids[topk.argmax(linear(self.base.norm(out), self.draft_weight, self.kernels),
                                                  cuda_path=self.kernels.cuda_paths_on_cpu)]
 
     def module_argmax(self, out: torch.Tensor) -> torch.Tensor:
@@ -246,7 +246,7 @@ class RecycleModel(nn.Module):
         if use_draft_head_kernel(out, k, self.kernels):  # norm, head and a first selection in one kernel
             logp, ids = triton_draft_head.head_top_k(out, self.base.norm.weight, self.base.norm.eps, w, k)
         else:
-            logits = linear(self.base.norm(out), w)
+            logits = linear(self.base.norm(out), w, self.kernels)
             values, ids = top_k(logits, k, cuda_path=self.kernels.cuda_paths_on_cpu)
             logp = values.float() - torch.logsumexp(logits.float(), -1, keepdim=True)
         return logp, (ids if self.draft_weight is None else self.module.draft_ids[ids])
@@ -263,7 +263,7 @@ class RecycleModel(nn.Module):
             return h
         if out.taps is None:
             raise ValueError(f"this module reads base layers {self.taps}: call the base with taps=model.taps")
-        return self.module.fuse(h, out.taps)
+        return self.module.fuse(h, out.taps, self.kernels)
 
     def recycle(self, state: torch.Tensor, next_tokens: torch.Tensor, *, input_pos: torch.Tensor | None = None,
                 cache: KVCache | None = None, pad: torch.Tensor | None = None, kv_end: int | None = None,

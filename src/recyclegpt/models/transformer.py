@@ -10,7 +10,9 @@ does I/O, sampling or device placement.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
+import time
 from typing import NamedTuple
 
 import torch
@@ -123,39 +125,68 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
-CPU_FEW_ROWS = 32  # products with at most this many rows take `linear`'s CPU path (0: never)
+FEW_ROWS = 32  # products with at most this many rows may take `linear`'s transposed CPU form
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x @ weight.T, as F.linear; for decoding's few-row products on the CPU computed as (weight @ x.T).T.
+def linear(x: torch.Tensor, weight: torch.Tensor, kernels: KernelConfig = KernelConfig()) -> torch.Tensor:
+    """x @ weight.T, as F.linear; on the CPU, for decoding's few-row products, possibly as (weight @ x.T).T.
 
-    Without autograd, in float32 on the CPU, for at most CPU_FEW_ROWS rows (a decode step, a verification, a draft
-    tree) and a row-major weight: MKL runs this "tall" product (many weight rows, few columns) at about the speed of
-    streaming the weight, where F.linear's few-row product is far slower; a single row is doubled, since MKL's
-    one-column path is slower than its two-column one.
-    Measured on the project's 2-core AMD EPYC VM (torch 2.13, MKL 2024.2; docs/design.md): a SmolLM2-135M full
-    call on 1 / 2 / 4 tokens takes 29.5 / 30.6 / 40.0 ms this way against 47.6 / 67.9 / 91.7 ms with F.linear over
-    column-major weights, the previous layout. The values are the same dot products, summed in another order.
+    Without autograd, in float32 on the CPU, for at most FEW_ROWS rows (a decode step, a verification, a draft
+    tree) and a row-major weight, `kernels.cpu_products` picks the form (see KernelConfig): the transposed "tall"
+    product (many weight rows, a few columns; a single row doubled, since BLAS's one-column path is slower than its
+    two-column one) or F.linear's. Which is faster depends on the CPU's BLAS paths (docs/cpu.md).
     """
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if (x.device.type != "cpu" or x.dtype != torch.float32 or not 0 < rows <= CPU_FEW_ROWS
-            or torch.is_grad_enabled() or not weight.is_contiguous()):
+    if (x.device.type != "cpu" or x.dtype != torch.float32 or not 0 < rows <= FEW_ROWS
+            or torch.is_grad_enabled() or not weight.is_contiguous() or not _transposed(kernels.cpu_products)):
         return F.linear(x, weight)
-    x2 = x.reshape(rows, x.shape[-1])
+    return _transposed_product(x.reshape(rows, x.shape[-1]), weight).reshape(*x.shape[:-1], weight.shape[0])
+
+
+def _transposed_product(x2: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    rows = x2.shape[0]
     x2 = torch.cat((x2, x2)) if rows == 1 else x2.contiguous()
-    return (weight @ x2.t()).t()[:rows].reshape(*x.shape[:-1], weight.shape[0])
+    return (weight @ x2.t()).t()[:rows]
+
+
+def _transposed(choice: str) -> bool:
+    return choice == "transposed" or (choice == "auto" and transposed_faster())
+
+
+@functools.cache
+def transposed_faster() -> bool:
+    """Whether this CPU runs few-row float32 products faster as (W @ x.T).T than as F.linear, measured once per
+    process at the current thread count: 1 and 4 rows against a 2048 x 576 weight, the best of 5 rounds of 10 calls
+    each form. The transposed form is taken only when it is at least 1.5x faster, so that a near tie does not flip
+    between processes (the two forms round differently)."""
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(2048, 576, generator=gen)
+    xs = [torch.randn(r, 576, generator=gen) for r in (1, 4)]
+
+    def best(fn) -> float:
+        times = []
+        for _ in range(6):  # the first round warms up
+            t = time.perf_counter()
+            for _ in range(10):
+                for x in xs:
+                    fn(x)
+            times.append(time.perf_counter() - t)
+        return min(times[1:])
+
+    with torch.no_grad():
+        return best(lambda x: _transposed_product(x, w)) * 1.5 <= best(lambda x: F.linear(x, w))
 
 
 class Linear(nn.Linear):
-    """A bias-free nn.Linear whose forward is `linear` (the CPU's few-row path); same parameters and state dict."""
+    """A bias-free nn.Linear whose forward is `linear` (its CPU few-row forms); same parameters and state dict."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
         if bias:
             raise ValueError("the model's Linear layers have no bias")
         super().__init__(in_features, out_features, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight)
+    def forward(self, x: torch.Tensor, kernels: KernelConfig = KernelConfig()) -> torch.Tensor:
+        return linear(x, self.weight, kernels)
 
 
 class Attention(nn.Module):
@@ -172,14 +203,15 @@ class Attention(nn.Module):
                 cache: KVCache | None, layer: int, input_pos: torch.Tensor | None, kv_end: int,
                 kernels: KernelConfig) -> torch.Tensor:
         if self.wqkv is not None and not torch.is_grad_enabled():  # one matmul instead of three
-            return self.wo(self.attend(linear(x, self.wqkv), rope, mask, cache, layer, input_pos, kv_end, kernels))
+            y = self.attend(linear(x, self.wqkv, kernels), rope, mask, cache, layer, input_pos, kv_end, kernels)
+            return self.wo(y, kernels)
         B, T, _ = x.shape
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
-        q = self.wq(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
-        k = self.wk(x).view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
-        v = self.wv(x).view(B, T, Hkv, D).transpose(1, 2)
+        q = self.wq(x, kernels).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+        k = self.wk(x, kernels).view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.wv(x, kernels).view(B, T, Hkv, D).transpose(1, 2)
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        return self.wo(self._attend(q, k, v, mask, cache, layer, input_pos, kv_end, kernels))
+        return self.wo(self._attend(q, k, v, mask, cache, layer, input_pos, kv_end, kernels), kernels)
 
     def attend(self, qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
                cache: KVCache | None, layer: int, input_pos: torch.Tensor | None, kv_end: int,
@@ -226,11 +258,11 @@ class MLP(nn.Module):
         self.w2 = Linear(cfg.d_ff, cfg.d_model, bias=False)  # down
         self.register_buffer("w13", None, persistent=False)  # set by fuse_projections (inference)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kernels: KernelConfig = KernelConfig()) -> torch.Tensor:
         if self.w13 is not None and not torch.is_grad_enabled():  # one matmul instead of two
-            gate, up = linear(x, self.w13).chunk(2, dim=-1)
-            return self.w2(F.silu(gate) * up)
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+            gate, up = linear(x, self.w13, kernels).chunk(2, dim=-1)
+            return self.w2(F.silu(gate) * up, kernels)
+        return self.w2(F.silu(self.w1(x, kernels)) * self.w3(x, kernels), kernels)
 
 
 class Block(nn.Module):
@@ -260,7 +292,7 @@ class Block(nn.Module):
         if keep is not None:
             x, a = x[:, x.shape[1] - keep:], a[:, a.shape[1] - keep:]
         x = x + a
-        return x + self.mlp(self.mlp_norm(x))
+        return x + self.mlp(self.mlp_norm(x), kernels)
 
 
 class Tree(NamedTuple):
@@ -558,7 +590,7 @@ class Transformer(nn.Module):
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm + LM head: (B, T, d) pre-norm hidden -> (B, T, V) logits. Shared with the module."""
-        return self.lm_head(self.norm(hidden))
+        return self.lm_head(self.norm(hidden), self.kernels)
 
     def forward(self, idx: torch.Tensor, *, input_pos: torch.Tensor | None = None, cache: KVCache | None = None,
                 pad: torch.Tensor | None = None, kv_end: int | None = None, num_logits: int | None = None,
