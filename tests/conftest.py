@@ -63,8 +63,9 @@ REAL_MODEL_FIXTURES = {"smollm2", "smollm2_gguf"}
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests that take the real SmolLM2 (through its fixtures) are `real_model` tests, so that `pytest -m "not
-    real_model"` runs the fast tier alone (tiny models only)."""
+    """Tests that take the real SmolLM2 (through its fixtures) are `real_model` tests and, with the tests marked
+    `slow` by hand (torch.compile on the CPU), the slow tier: `pytest -m "not slow"` runs the fast tier alone."""
     for item in items:
         if REAL_MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.real_model)
+            item.add_marker(pytest.mark.slow)

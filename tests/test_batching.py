@@ -165,12 +165,57 @@ def test_generate_with_max_batch_gives_each_prompts_tokens_alone():
         assert got == lm.generate([p], strategy="recycle-verified", max_new_tokens=24).token_ids[0]
     assert [sum(len(s[i]) for s in steps) for i in range(len(prompts))] == [len(t) for t in out.token_ids]
     assert out.stats.new_tokens == sum(len(t) for t in out.token_ids) and out.stats.tau >= 1
-    with pytest.raises(ValueError, match="decodes greedily"):
-        lm.generate(prompts, max_batch=2, temperature=0.7)
+    with pytest.raises(ValueError, match="run alone"):
+        lm.generate(prompts, strategy="speculative", max_batch=2, temperature=0.7)
     with pytest.raises(ValueError, match="runs on an engine"):
         lm.generate(prompts, max_batch=2, engine="eager")
     with pytest.raises(ValueError, match="max_batch must be"):
         lm.generate(prompts, max_batch=0)
+
+
+def test_a_burst_of_requests_grows_the_batch_once():
+    """Requests waiting together make the batch grow once, to the rows that hold them (one Decoder, not one per
+    doubling); max_rows caps it even when it is no power of two."""
+    model = predictable(4, 0.1)
+    engine = Engine(model, bucket=16)
+    made = []
+    decoder = engine.decoder
+    engine.decoder = lambda rows, need, role="": made.append((rows, role)) or decoder(rows, need, role)
+    reqs = [Request([i + 1] * (2 + i), 5) for i in range(11)]
+    ContinuousBatch(engine, "standard", 12, max_len=64, check_every=2).run(reqs)
+    batch_sizes = [rows for rows, role in made if role == "batch"]
+    assert batch_sizes[:2] == [1, 12] and max(batch_sizes) == 12, batch_sizes
+    for r in reqs:
+        assert r.tokens == alone(model, "standard", r)
+
+
+@pytest.mark.parametrize("strategy", ["standard", "recycle"])
+def test_generate_with_max_batch_samples_each_prompt_with_its_own_seed(strategy):
+    """generate(max_batch=, temperature=, seed=S) draws prompt i's tokens as generate(prompt i, seed=S + i)
+    alone; the same call repeats exactly; a fixed max_len reuses the batch's Decoders across calls."""
+    from recyclegpt import RecycleGPT
+    from recyclegpt.decoding.batching import continuous_decode
+    from recyclegpt.decoding.sampling import SamplingParams
+
+    model = predictable(7, 0.3)
+    lm = RecycleGPT(model.base, None, module=model.module)
+    prompts = [[(3 * i + j) % 89 + 1 for j in range(1 + 11 * i)] for i in range(5)]
+    kw = dict(strategy=strategy, max_new_tokens=18, temperature=1.0, top_k=30, engine="static")
+    out = lm.generate(prompts, max_batch=2, seed=40, **kw)
+    for i, p in enumerate(prompts):
+        assert out.token_ids[i] == lm.generate([p], seed=40 + i, **kw).token_ids[0], i
+    assert lm.generate(prompts, max_batch=2, seed=40, **kw).token_ids == out.token_ids
+    assert len({tuple(t[:6]) for t in out.token_ids}) > 1
+    engine = lm.engine("static")
+    sampling = SamplingParams(temperature=1.0, top_k=30, seed=40)
+    first = continuous_decode(engine, strategy, prompts, max_new_tokens=18, max_rows=2, sampling=sampling,
+                              max_len=128)
+    assert first.tokens == out.token_ids
+    keys = set(engine._decoders)
+    continuous_decode(engine, strategy, prompts[:2], max_new_tokens=18, max_rows=2, sampling=sampling, max_len=128)
+    assert set(engine._decoders) == keys  # the same Decoders again, whatever the prompts
+    with pytest.raises(ValueError, match="max_len 16 is below"):
+        continuous_decode(engine, strategy, prompts, max_new_tokens=18, max_rows=2, max_len=16)
 
 
 @pytest.mark.parametrize("strategy", ["standard", "recycle"])

@@ -251,6 +251,7 @@ def test_cuda_graphs_replay_tree_rounds_with_the_lookup_branch():
         assert got.tokens == want and got.stats.tau > 1.5
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
                     reason="torch.compile on the CPU needs a C++ compiler")
 def test_a_tree_round_compiled_whole_gives_the_reference_tokens():
@@ -388,6 +389,7 @@ def test_recycle_vocab_errors_are_clear():
     assert model.recycle_vocab == "full"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
                     reason="torch.compile on the CPU needs a C++ compiler")
 def test_compiled_prompt_forwards_serve_every_length():
@@ -407,6 +409,7 @@ def test_compiled_prompt_forwards_serve_every_length():
     assert eager._prompt_base == eager.base.forward and eager._prompt_module == model.recycle
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
                     reason="torch.compile on the CPU needs a C++ compiler")
 def test_recycle_over_the_draft_vocabulary_compiled_whole():
@@ -462,6 +465,7 @@ def test_module_outputs_at_the_last_position_only():
         model.recycle(state, tokens, input_pos=torch.arange(3), cache=model.module.new_cache(2, 8), outputs=4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["standard", "recycle"])
 def test_step_tables_and_last_output_keep_the_reference_tokens(strategy):
     """The greedy steps' tables made apart (Decoder._tables) and recycle's module call on its last output only

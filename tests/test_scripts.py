@@ -70,6 +70,7 @@ def test_self_instruct_meta_prompts_and_extraction():
     assert extract(made, seeds) == ["Write a poem about the sea.", "Explain how rain forms, step by step."]
 
 
+@pytest.mark.slow
 def test_gpu_step_profile_runs_every_part():
     """The GPU profile's parts (steps, verified rounds) run on a tiny model; on the CPU it times them without graphs."""
     out = subprocess.run([sys.executable, str(SCRIPTS / "gpu_step_profile.py"), "--preset", "tiny", "--recycle-layers",

@@ -70,6 +70,7 @@ def cpu_engines(model) -> dict[str, Engine]:
     return engines
 
 
+@pytest.mark.slow
 def test_a_strategy_registered_from_outside_runs_on_the_reference_and_every_engine(toys):
     model = _bad_drafter(0)
     prompts = prompts_for(0, 3)

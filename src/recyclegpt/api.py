@@ -200,9 +200,10 @@ class RecycleGPT:
         graphs, `stream` receives tokens every few steps, not every step. min_draft_prob: adaptive draft length
         for speculative and recycle-verified (`speculative.speculative`), eager loop only; None: the measured
         default for the loop that runs (`default_min_draft_prob`). max_batch: decode many prompts by continuous
-        batching, at most this many at once, each joining as another ends (`decoding.batching`; greedy, on an
-        engine: "auto" takes "static" on the CPU here): many prompts of mixed lengths keep the rows busy where a
-        plain batch waits for its longest row. The tokens are each prompt's alone.
+        batching, at most this many at once, each joining as another ends (`decoding.batching`; on an engine:
+        "auto" takes "static" on the CPU here): many prompts of mixed lengths keep the rows busy where a plain
+        batch waits for its longest row. The tokens are each prompt's alone: greedy, or sampled (standard and
+        recycle) with prompt i seeded `seed + i`.
         """
         if strategies.get(strategy).needs_module and self.model is None:
             raise ValueError(f"strategy {strategy!r} needs a recyclable module and none is loaded; "
@@ -215,8 +216,6 @@ class RecycleGPT:
         if max_batch is not None:
             if not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1:
                 raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
-            if not sampling.greedy:
-                raise ValueError("max_batch (continuous batching) decodes greedily; drop temperature, or max_batch")
             if kind == "eager":
                 if engine != "auto":
                     raise ValueError("max_batch (continuous batching) runs on an engine: static, graphs or compiled")
@@ -230,7 +229,7 @@ class RecycleGPT:
         if max_batch is not None:
             res = continuous_decode(self.engine(kind), strategy, prompts, max_new_tokens=max_new_tokens,
                                     max_rows=max_batch, stop_ids=stop_ids, stream=stream, draft_len=draft_len,
-                                    tree=shape)
+                                    tree=shape, sampling=sampling)
         elif kind != "eager":
             res = self.engine(kind).decode(strategy, prompts, draft_len=draft_len, tree=shape, **common)
         else:

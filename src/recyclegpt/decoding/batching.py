@@ -18,6 +18,7 @@ sampled requests run alone (`Engine.decode`).
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 from collections import deque
@@ -134,6 +135,14 @@ class ContinuousBatch:
         """Whether `req` can join now: a free row (or room to grow) and room in the cache beside the live rows."""
         return (None in self.rows or len(self.rows) < self.max_rows) and self._target(req) is not None
 
+    def reserve(self, rows: int) -> None:
+        """Grow now to the power-of-two row count that holds `rows` requests (at most max_rows): a burst of joiners
+        then takes one resize (one Decoder, one set of graphs) instead of one per doubling."""
+        want = min(self.max_rows, 1 << max(rows - 1, 0).bit_length())
+        if want > len(self.rows):
+            with torch.inference_mode():
+                self.dec = self._resize(want)
+
     def add(self, req: Request) -> None:
         """Prefill `req` and put it in a free row (growing or rebasing first if it must); its first tokens reach it
         with the next check's (a request that ends on them leaves its row then)."""
@@ -227,11 +236,17 @@ class ContinuousBatch:
                                  f"{req.max_new_tokens} does not fit the batch's {self.max_len} cache slots")
         waiting = deque(requests)
         while waiting or self.live:
-            while waiting and self.admits(waiting[0]):
-                self.add(waiting.popleft())
+            self._admit(waiting)
             self.step()
         _sync(self.dec.device)
         return list(requests)
+
+    def _admit(self, waiting: deque[Request]) -> None:
+        """Add the waiting requests that fit now, in order, after growing once for all of them."""
+        if waiting and self.admits(waiting[0]):
+            self.reserve(self.live + len(waiting))
+        while waiting and self.admits(waiting[0]):
+            self.add(waiting.popleft())
 
     # -- decoding ----------------------------------------------------------------------------------------------
 
@@ -290,21 +305,34 @@ class ContinuousBatch:
 def continuous_decode(engine: Engine, strategy: str, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
                       max_rows: int, stop_ids: Sequence[int] = (),
                       stream: Callable[[list[list[int]]], None] | None = None, check_every: int = 8,
-                      draft_len: int = DEFAULT_DRAFT_LEN, tree: TreeShape | None = None) -> DecodeResult:
-    """Greedy decoding of many prompts through one continuous batch of at most `max_rows` rows, in prompt order,
-    each prompt joining as a row frees: the tokens are each prompt's alone. stream: after each check, the new
-    tokens of every prompt (empty lists for those not running). The stats are the whole run's: full calls are the
-    batch's steps plus one prefill per prompt; accept_hist sums the requests'."""
+                      draft_len: int = DEFAULT_DRAFT_LEN, tree: TreeShape | None = None,
+                      sampling: SamplingParams = SamplingParams(), max_len: int | None = None) -> DecodeResult:
+    """Decoding of many prompts through one continuous batch of at most `max_rows` rows, in prompt order, each
+    prompt joining as a row frees: the tokens are each prompt's alone. sampling: greedy, or sampled (`standard`,
+    `recycle`) with prompt i drawing from its own generator seeded `sampling.seed + i` (unseeded without a seed),
+    as `generate(prompts[i], seed=sampling.seed + i)` would. max_len: the batch's cache slots per row (default: the
+    longest prompt's need); calls that pass the same value reuse the engine's Decoders and graphs whatever their
+    prompts. stream: after each check, the new tokens of every prompt (empty lists for those not running). The
+    stats are the whole run's: full calls are the batch's steps plus one prefill per prompt; accept_hist sums the
+    requests'."""
     longest = max((len(p) for p in prompts), default=0)
-    need = round_up(longest + max_new_tokens + Plan.make(strategy, draft_len, tree).span + 2, engine.bucket)
+    need = longest + max_new_tokens + Plan.make(strategy, draft_len, tree).span + 2
+    if max_len is not None and max_len < need:
+        raise ValueError(f"max_len {max_len} is below the {need} cache slots the longest prompt ({longest} tokens) "
+                         f"and max_new_tokens {max_new_tokens} need")
+    need = max_len if max_len is not None else round_up(need, engine.bucket)
     batch = ContinuousBatch(engine, strategy, max_rows, max_len=need, check_every=check_every,
-                            draft_len=draft_len, tree=tree)
+                            draft_len=draft_len, tree=tree, sampled=not sampling.greedy)
     new: dict[int, list[int]] = {}
 
     def collect(i: int) -> TokensFn:
         return lambda tokens: new.setdefault(i, []).extend(tokens)
 
-    reqs = [Request(list(p), max_new_tokens, frozenset(stop_ids), collect(i)) for i, p in enumerate(prompts)]
+    def own(i: int) -> SamplingParams:
+        return sampling if sampling.greedy or sampling.seed is None else dataclasses.replace(sampling,
+                                                                                             seed=sampling.seed + i)
+
+    reqs = [Request(list(p), max_new_tokens, frozenset(stop_ids), collect(i), own(i)) for i, p in enumerate(prompts)]
     stats = DecodeStats(strategy)
     _sync(batch.dec.device)
     t0 = time.perf_counter()
@@ -314,8 +342,7 @@ def continuous_decode(engine: Engine, strategy: str, prompts: Sequence[Sequence[
         if not batch.live and not batch.admits(waiting[0]):
             raise ValueError(f"a prompt of {len(waiting[0].prompt)} tokens with max_new_tokens {max_new_tokens} "
                              f"does not fit the batch's {batch.max_len} cache slots")
-        while waiting and batch.admits(waiting[0]):
-            batch.add(waiting.popleft())
+        batch._admit(waiting)
         before, t = batch.steps, time.perf_counter()
         batch.step()
         if batch.steps > before:

@@ -326,6 +326,8 @@ class Worker:
                         continue
                     if not batch.admits(bj.request):
                         break
+                    # grow once for the jobs waiting now (of this kind or not: a few idle rows at most)
+                    batch.reserve(batch.live + self.depth())
                     self._held.popleft()
                     try:
                         batch.add(bj.request)

@@ -207,27 +207,36 @@ class PromptSource:
         return out, greedy, consumed
 
 
-def _generate(lm, prompts: list[list[int]], greedy: list[bool], ocfg: OnlineConfig, seed: int
-              ) -> list[list[int]]:
-    """The base's continuation of each prompt (in order): greedy rows by continuous batching on an engine, sampled
-    rows in batches of gen_rows (similar lengths together); the new tokens stop before an end-of-sequence token."""
+def _generate(lm, prompts: list[list[int]], greedy: list[bool], ocfg: OnlineConfig, seed: int,
+              max_new_tokens: int | None = None) -> list[list[int]]:
+    """The base's continuation of each prompt (in order), by continuous batching on an engine (the static one on the
+    CPU): the greedy rows in one batch, the sampled rows in another, sampled row i seeded `seed * 1_000_003 + i`.
+    Every batch has at most gen_rows rows and the cache length that the longest allowed prompt needs, so that every
+    round reuses the engine's Decoders and captured graphs. The new tokens stop before an end-of-sequence token."""
+    from ..decoding.batching import continuous_decode
+    from ..decoding.engine import Plan, round_up
+    from ..decoding.sampling import SamplingParams
+
     kind = lm.resolve_engine(ocfg.engine)
+    engine = lm.engine("static" if kind == "eager" else kind)
     rows = ocfg.gen_rows or ocfg.gen_batch
+    longest_new = max(ocfg.max_new_tokens, ocfg.val_new_tokens)
+    max_len = min(round_up(ocfg.max_prompt_tokens + longest_new + Plan.make("standard").span + 2, engine.bucket),
+                  lm.base.cfg.context_length)
+    stop_ids = lm.tokenizer.eos_ids if lm.tokenizer is not None else ()
+    sampled = SamplingParams(temperature=ocfg.temperature, top_p=ocfg.top_p if ocfg.top_p < 1 else None,
+                             seed=seed * 1_000_003)
     out: list[list[int] | None] = [None] * len(prompts)
     for is_greedy in (True, False):
-        idx = sorted((i for i, g in enumerate(greedy) if g == is_greedy), key=lambda i: len(prompts[i]))
-        for c, s in enumerate(range(0, len(idx), rows)):
-            chunk = idx[s:s + rows]
-            batch = [prompts[i] for i in chunk]
-            if is_greedy:
-                gen = lm.generate(batch, max_new_tokens=ocfg.max_new_tokens, engine=ocfg.engine,
-                                  max_batch=rows if kind != "eager" else None)
-            else:
-                gen = lm.generate(batch, max_new_tokens=ocfg.max_new_tokens, engine=ocfg.engine,
-                                  temperature=ocfg.temperature, top_p=ocfg.top_p if ocfg.top_p < 1 else None,
-                                  seed=seed * 1_000_003 + c)
-            for i, toks in zip(chunk, gen.token_ids):
-                out[i] = list(toks)
+        idx = [i for i, g in enumerate(greedy) if g == is_greedy]
+        if not idx:
+            continue
+        res = continuous_decode(engine, "standard", [prompts[i] for i in idx],
+                                max_new_tokens=max_new_tokens or ocfg.max_new_tokens, max_rows=rows,
+                                stop_ids=stop_ids, sampling=SamplingParams() if is_greedy else sampled,
+                                max_len=max_len)
+        for i, toks in zip(idx, res.tokens):
+            out[i] = list(toks)
     return out  # type: ignore[return-value]
 
 
@@ -335,8 +344,7 @@ def online_retrofit(*, cfg: TrainConfig, ocfg: OnlineConfig, base: Transformer, 
     if val is None:  # the fixed validation stream: held-out prompts and the base's greedy continuations
         t = clock()
         vp = source.validation(ocfg)
-        conts = _generate(gen_lm, vp, [True] * len(vp), dataclasses.replace(ocfg, max_new_tokens=ocfg.val_new_tokens),
-                          cfg.seed)
+        conts = _generate(gen_lm, vp, [True] * len(vp), ocfg, cfg.seed, max_new_tokens=ocfg.val_new_tokens)
         val = [(len(p), p + c) for p, c in zip(vp, conts) if len(c) >= 2]
         times["eval_s"] += clock() - t
 
