@@ -33,6 +33,7 @@ from .loops import DecodeResult, DecodeStats, PromptBatch, _sync
 from .sampling import RowSampling, SamplingParams
 from .speculative import DEFAULT_DRAFT_LEN, TreeShape
 
+PREFILL_ROWS = 8  # joining prompts prefilled together (the engine's prefill Decoder of this many rows)
 TokensFn = Callable[[list[int]], bool | None]  # a request's new tokens; returning False ends the request
 
 
@@ -146,48 +147,82 @@ class ContinuousBatch:
     def add(self, req: Request) -> None:
         """Prefill `req` and put it in a free row (growing or rebasing first if it must); its first tokens reach it
         with the next check's (a request that ends on them leaves its row then)."""
+        self._check(req)
+        if not self.admits(req):
+            raise ValueError("the batch has no room for this request now (check admits first)")
+        self._join([req])
+
+    def _check(self, req: Request) -> None:
         if not req.prompt:
             raise ValueError("a request needs a prompt of at least one token")
         if req.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {req.max_new_tokens}")
         if req.sampling.greedy == self.sampled:
             raise ValueError(f"this batch decodes {'sampled' if self.sampled else 'greedy'} requests only")
-        if not self.admits(req):
-            raise ValueError("the batch has no room for this request now (check admits first)")
-        req._start = time.perf_counter()
+
+    def _group_target(self, group: list[Request]) -> int | None:
+        """The slot at which every request of `group` can join together (as `_target` for one)."""
+        live = [(self.p - self.pads[i], r.remaining) for i, r in enumerate(self.rows) if r is not None]
+        L = max(len(r.prompt) for r in group)
+        need = max([r.max_new_tokens for r in group] + [rem for _, rem in live]) + self.plan.span
+        if L <= self.p and self.p + need <= self.max_len:
+            return self.p
+        to = max([L] + [length for length, _ in live])
+        return to if to + need <= self.max_len else None
+
+    def _join(self, group: list[Request]) -> None:
+        """Put `group` (admitted together: rows and cache room for all) into free rows: one rebase at most, then
+        their prompts prefilled PREFILL_ROWS at a time (a lone request on the one-row Decoder)."""
+        start = time.perf_counter()
         with torch.inference_mode():
-            if None not in self.rows:
-                self.dec = self._resize(min(self.max_rows, 2 * len(self.rows)))
-            to = self._target(req)
+            free = self.rows.count(None) + self.max_rows - len(self.rows)
+            if len(group) > free:
+                raise ValueError("the batch has no rows for these requests now")
+            if self.rows.count(None) < len(group):
+                self.dec = self._resize(min(self.max_rows, 1 << (self.live + len(group) - 1).bit_length()))
+            to = self._group_target(group)
+            if to is None:
+                raise ValueError("the batch has no room for these requests now")
             if to != self.p:
                 self._rebase(to)
-            row = self.rows.index(None)
-            first = self._prefill(req, row)
-        req._hist = [0] * self.plan.max_tokens if not self.plan.fixed else None
-        req.stats = DecodeStats(self.strategy, full_calls=1, module_calls=int(self.plan.module),
-                                prefill_seconds=time.perf_counter() - req._start)
-        self.rows[row], self.pads[row] = req, self.p - len(req.prompt)
-        self._first[id(req)] = first  # read with the next check's tokens: a join adds no host sync
+            for s in range(0, len(group), PREFILL_ROWS):
+                chunk = group[s:s + PREFILL_ROWS]
+                rows = [i for i, r in enumerate(self.rows) if r is None][:len(chunk)]
+                firsts = self._prefill(chunk, rows)
+                for req, row, first in zip(chunk, rows, firsts):
+                    req._start = start
+                    req._hist = [0] * self.plan.max_tokens if not self.plan.fixed else None
+                    req.stats = DecodeStats(self.strategy, full_calls=1, module_calls=int(self.plan.module),
+                                            prefill_seconds=time.perf_counter() - start)
+                    self.rows[row], self.pads[row] = req, self.p - len(req.prompt)
+                    self._first[id(req)] = first  # read with the next check's tokens: a join adds no host sync
 
-    def _prefill(self, req: Request, row: int) -> torch.Tensor:
-        """The prompt through the engine's one-row prefill Decoder, then adopted into `row`; the tokens it gave (1,
-        or 2 for recycle), on the device."""
-        L = len(req.prompt)
-        src = self.engine.decoder(1, self.max_len, role="prefill")
-        bucket = self.engine.prefill_bucket
+    def _prefill(self, reqs: list[Request], rows: list[int]) -> list[torch.Tensor]:
+        """The prompts through the engine's prefill Decoder (one row for one request, else PREFILL_ROWS rows, the
+        prompts left-padded to a common bucketed length), then adopted into `rows`; the tokens each gave (1, or 2
+        for recycle), on the device."""
+        B = 1 if len(reqs) == 1 else PREFILL_ROWS
+        src = self.engine.decoder(B, self.max_len, role="prefill")
+        prompts = [list(r.prompt) for r in reqs] + [[0]] * (B - len(reqs))  # idle rows: one token, not read
+        batch = PromptBatch.build(prompts, vocab_size=self.vocab_size, device=src.device)
+        L, bucket = batch.length, self.engine.prefill_bucket
         Lp = round_up(L, bucket) if bucket and round_up(L, bucket) < src.max_len else L
-        batch = PromptBatch.build([req.prompt], vocab_size=self.vocab_size, device=src.device)
         if Lp != L:
             batch = batch.padded_to(Lp)
         src.prepare()
-        req._gen = req.sampling.generator(src.device)  # the request's own draws, in the order they come alone
-        state = src.prefill(batch, req.sampling, req._gen)
+        for r in reqs:
+            r._gen = r.sampling.generator(src.device)  # the request's own draws, in the order they come alone
+        sampling = RowSampling([(r.sampling, r._gen) for r in reqs] + [None] * (B - len(reqs))) if self.sampled \
+            else SamplingParams()
+        state = src.prefill(batch, sampling, None)
         read = 1
         if self.plan.module:
-            src.prefill_module(self.strategy, batch, state, req.sampling, req._gen)
+            src.prefill_module(self.strategy, batch, state, sampling, None)
             read = 2 if self.plan.round == "recycle" else 1
-        self.dec.adopt(row, src, 0, L, Lp, self.p)
-        return src.out[0, :read].clone()  # the next join's prefill writes src.out again
+        for j, (r, row) in enumerate(zip(reqs, rows)):
+            self.dec.adopt(row, src, j, len(r.prompt), Lp, self.p)
+        out = src.out[:len(reqs), :read].clone()  # the next join's prefill writes src.out again
+        return list(out)
 
     def _resize(self, rows: int):
         """The engine's Decoder of `rows` rows for this batch, the live requests moved onto its first rows."""
@@ -242,11 +277,19 @@ class ContinuousBatch:
         return list(requests)
 
     def _admit(self, waiting: deque[Request]) -> None:
-        """Add the waiting requests that fit now, in order, after growing once for all of them."""
-        if waiting and self.admits(waiting[0]):
-            self.reserve(self.live + len(waiting))
-        while waiting and self.admits(waiting[0]):
-            self.add(waiting.popleft())
+        """Add the waiting requests that fit now, in order: the batch grows once for all of them, rebases once,
+        and prefills them together."""
+        if not waiting or not self.admits(waiting[0]):
+            return
+        self.reserve(self.live + len(waiting))
+        group: list[Request] = []
+        free = self.rows.count(None)
+        while waiting and len(group) < free:
+            self._check(waiting[0])
+            if self._group_target(group + [waiting[0]]) is None:
+                break
+            group.append(waiting.popleft())
+        self._join(group)
 
     # -- decoding ----------------------------------------------------------------------------------------------
 

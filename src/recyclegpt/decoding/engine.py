@@ -395,7 +395,7 @@ class Decoder:
     def _captures_prompt(self, L: int) -> bool:
         return self.graphs_enabled and self.prefill_bucket > 0 and L % self.prefill_bucket == 0
 
-    def prefill(self, batch: PromptBatch, sampling: SamplingParams, gen) -> torch.Tensor | None:
+    def prefill(self, batch: PromptBatch, sampling: SamplingParams | RowSampling, gen) -> torch.Tensor | None:
         """Run the prompt through the base; `out` gets x_L. Returns the module's input states over the prompt
         (None without a module). With graphs, a prompt of a multiple of `prefill_bucket` tokens replays a graph
         of its length."""
@@ -407,7 +407,7 @@ class Decoder:
             self._run(("prefill", L), lambda: self._prefill_forward(ids, state))
         else:
             state = self._prefill_forward(batch.ids, None)
-        first = sample(self.logits, sampling, gen)
+        first = self._pick(sampling, gen)
         self.x_next.copy_(first[:, None])
         self.n.zero_()
         self._emit(self.x_next)
@@ -441,8 +441,8 @@ class Decoder:
         state.copy_(self.rmodel.state(full))
         return state
 
-    def prefill_module(self, strategy: str, batch: PromptBatch, state: torch.Tensor, sampling: SamplingParams,
-                       gen) -> None:
+    def prefill_module(self, strategy: str, batch: PromptBatch, state: torch.Tensor,
+                       sampling: SamplingParams | RowSampling, gen) -> None:
         """The module over the prompt's slots (state: what `prefill` returned). recycle: `out` gets x̂_{L+1}; the
         verified rounds keep its output at slot L-1 (g, d_logits), which the first round drafts from."""
         L = batch.length
@@ -454,7 +454,7 @@ class Decoder:
         else:
             self._module_prefill(batch.ids, state, verified)
         if not verified:
-            self.x_rec.copy_(sample(self.logits, sampling, gen)[:, None])
+            self.x_rec.copy_(self._pick(sampling, gen)[:, None])
             self._emit(self.x_rec)
 
     def _module_prefill(self, ids: torch.Tensor, state: torch.Tensor, verified: bool) -> None:

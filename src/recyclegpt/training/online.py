@@ -281,7 +281,7 @@ def online_retrofit(*, cfg: TrainConfig, ocfg: OnlineConfig, base: Transformer, 
     written as JSON lines to the log file). TrainConfig's seq_len, val_fraction (used for the held-out text tail),
     eval_batches and lam are the only fields with other meanings or none here.
     """
-    from ..api import RecycleGPT
+    from ..api import EngineOptions, RecycleGPT
     from ..evals.quality import evaluate_agreement
 
     t_start = clock()
@@ -296,7 +296,9 @@ def online_retrofit(*, cfg: TrainConfig, ocfg: OnlineConfig, base: Transformer, 
                                 val_fraction=cfg.val_fraction, token_cache=cfg.token_cache)
     module = module_on_frozen_base(cfg, base, rcfg, out_dir, resume)
     model = RecycleModel(base, module)
-    gen_lm = RecycleGPT(base, tokenizer, name=base_ref)  # the base alone decodes
+    # the base alone decodes; its engine keeps the Decoders of every row count a round passes through (the
+    # batches grow to a round's rows and shrink as they drain, the prefills take one and eight rows)
+    gen_lm = RecycleGPT(base, tokenizer, name=base_ref, engine_options=EngineOptions(max_decoders=16))
     params = [p for p in module.parameters() if p.requires_grad]
     opt = make_optimizer(cfg, params)
     steps_per_round = ocfg.steps_per_round or max(1, ocfg.gen_batch // cfg.batch_size)
