@@ -414,13 +414,23 @@ def test_load_of_concurrent_streams_with_disconnects(lm):
         assert app.state.server.worker.largest_batch > 1  # requests did share batches
 
 
-def test_a_batch_gives_each_row_what_it_gets_alone(lm):
+@pytest.mark.parametrize("group_fails", [False, True])
+def test_a_batch_gives_each_row_what_it_gets_alone(lm, monkeypatch, group_fails):
     """The worker's continuous batch: greedy requests of mixed prompt lengths, budgets and stops (a stop string, a
     stop token, none), one client leaving, queued together: each one's streamed text and outcome are those of the
-    request run alone (run_job)."""
+    request run alone (run_job). group_fails: the joint prefill of the waiting requests fails, and the worker joins
+    them one at a time instead."""
     import threading
 
+    from recyclegpt.decoding.batching import ContinuousBatch
     from recyclegpt.serving.scheduler import Worker, run_job
+
+    groups = []
+    if group_fails:
+        def add_all(self, reqs):
+            groups.append(len(reqs))
+            raise RuntimeError("the joint prefill failed")
+        monkeypatch.setattr(ContinuousBatch, "add_all", add_all)
 
     def job(prompt, n, stop=(), stop_ids=frozenset(), leave=False):
         events = []
@@ -452,6 +462,7 @@ def test_a_batch_gives_each_row_what_it_gets_alone(lm):
     worker.stop()
     assert worker.largest_batch == 4
     assert set(ended) == {id(j) for j in jobs}
+    assert not group_fails or max(groups) == 4  # four waiting requests tried together, then one at a time
     for spec, j in zip(specs, jobs):
         outcome, error = ended[id(j)]
         assert error is None

@@ -144,6 +144,21 @@ class ContinuousBatch:
             with torch.inference_mode():
                 self.dec = self._resize(want)
 
+    def admits_all(self, reqs: Sequence[Request]) -> bool:
+        """Whether all of `reqs` can join now together: rows for them (free, or by growing) and cache room beside
+        the live rows."""
+        free = self.rows.count(None) + self.max_rows - len(self.rows)
+        return bool(reqs) and len(reqs) <= free and self._group_target(list(reqs)) is not None
+
+    def add_all(self, reqs: Sequence[Request]) -> None:
+        """Put `reqs` (`admits_all`) into free rows together: the batch grows and rebases once for them and prefills
+        them PREFILL_ROWS at a time; their first tokens reach them with the next check's."""
+        for req in reqs:
+            self._check(req)
+        if not self.admits_all(reqs):
+            raise ValueError("the batch has no room for these requests now (check admits_all first)")
+        self._join(list(reqs))
+
     def add(self, req: Request) -> None:
         """Prefill `req` and put it in a free row (growing or rebasing first if it must); its first tokens reach it
         with the next check's (a request that ends on them leaves its row then)."""
@@ -283,11 +298,8 @@ class ContinuousBatch:
             return
         self.reserve(self.live + len(waiting))
         group: list[Request] = []
-        free = self.rows.count(None)
-        while waiting and len(group) < free:
+        while waiting and self.admits_all(group + [waiting[0]]):
             self._check(waiting[0])
-            if self._group_target(group + [waiting[0]]) is None:
-                break
             group.append(waiting.popleft())
         self._join(group)
 

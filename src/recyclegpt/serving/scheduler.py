@@ -299,6 +299,30 @@ class Worker:
         elif outcome is not None:
             job.emit(("done", outcome))
 
+    def _join(self, batch: ContinuousBatch, group: list[BatchedJob], jobs: dict[int, BatchedJob]) -> None:
+        """Put the jobs of `group` into the running batch together (one resize, one rebase, their prompts prefilled
+        together); should that fail, each job that did not join is tried alone, so that a bad request fails alone."""
+        try:
+            batch.add_all([bj.request for bj in group])
+        except Exception as e:
+            if not isinstance(e, ValueError):
+                log.exception("prefill of %d joining requests failed; trying them one by one", len(group))
+        joined = {id(r) for r in batch.rows if r is not None}
+        for bj in group:
+            if id(bj.request) not in joined:
+                try:
+                    batch.add(bj.request)
+                except Exception as e:  # this request's failure alone: the batch's rows are untouched
+                    if not isinstance(e, ValueError):
+                        log.exception("prefill failed")
+                    self._done(bj.job, None, e)
+                    continue
+            if bj.request.reason is not None:  # ended on its first tokens
+                self._done(bj.job, bj.outcome(), None)
+                continue
+            jobs[id(bj.request)] = bj
+            self.running.append(bj.job)
+
     def _loop(self) -> None:
         batch: ContinuousBatch | None = None
         jobs: dict[int, BatchedJob] = {}  # by id of their request
@@ -316,31 +340,21 @@ class Worker:
                                             max_len=self.max_len, sampled=job.temperature > 0)
                 # join the waiting jobs in arrival order while the oldest can; another kind of job waits for the
                 # batch to drain
+                group: list[BatchedJob] = []
                 while (job := self._head(0)) is not None and joins(job, batch):
                     bj = BatchedJob(self.lm, job)
                     if not batch.fits(bj.request):
-                        if batch.live:
+                        if batch.live or group:
                             break
                         self._held.popleft()
                         self._alone(job)
                         continue
-                    if not batch.admits(bj.request):
+                    if not batch.admits_all([g.request for g in group] + [bj.request]):
                         break
-                    # grow once for the jobs waiting now (of this kind or not: a few idle rows at most)
-                    batch.reserve(batch.live + self.depth())
                     self._held.popleft()
-                    try:
-                        batch.add(bj.request)
-                    except Exception as e:  # this request's failure alone: the batch's rows are untouched
-                        if not isinstance(e, ValueError):
-                            log.exception("prefill failed")
-                        self._done(job, None, e)
-                        continue
-                    if bj.request.reason is not None:  # ended on its first tokens
-                        self._done(job, bj.outcome(), None)
-                        continue
-                    jobs[id(bj.request)] = bj
-                    self.running.append(job)
+                    group.append(bj)
+                if group:
+                    self._join(batch, group, jobs)
                 self.largest_batch = max(self.largest_batch, batch.live)
                 for req in batch.step():
                     bj = jobs.pop(id(req))
