@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from tqdm import tqdm
+
 from ..api import RANDOM_MODULE_NOTE
 from ..decoding.strategies import names as strategy_names
 from ..evals.demo import (
@@ -33,8 +35,28 @@ def cmd_demo(args: argparse.Namespace) -> None:
         print(f"note: {RANDOM_MODULE_NOTE}", file=sys.stderr)
     strategies = tuple(x for x in args.strategies.split(",") if x)
     lm = load_model(args)
-    record = run_demo(lm, BUILTIN_PROMPTS[:args.limit], max_new_tokens=args.max_new_tokens, strategies=strategies,
-                      log=lambda line: print(f"demo: {line}", file=sys.stderr, flush=True))
+    # one step per warm-up strategy, per prompt and for α: a bar with elapsed and remaining time on a terminal,
+    # one line per step elsewhere (logs, pipes)
+    bar = tqdm(total=len(strategies) + args.limit + 1, desc="demo", unit="step", file=sys.stderr,
+               disable=not sys.stderr.isatty(), dynamic_ncols=True)
+
+    started = []
+
+    def log(line: str) -> None:  # a step starts: the one before it has ended
+        if bar.disable:
+            print(f"demo: {line}", file=sys.stderr, flush=True)
+            return
+        if started:
+            bar.update(1)
+        started.append(line)
+        bar.set_postfix_str(line)
+
+    try:
+        record = run_demo(lm, BUILTIN_PROMPTS[:args.limit], max_new_tokens=args.max_new_tokens,
+                          strategies=strategies, log=log)
+        bar.update(bar.total - bar.n)
+    finally:
+        bar.close()
     print(format_demo(record))
     if args.json:
         print(json.dumps(record, ensure_ascii=False))
