@@ -357,7 +357,9 @@ def test_train_config_validation():
     with pytest.raises(ConfigError, match="target"):
         TrainConfig(target="teacher")
     with pytest.raises(ConfigError, match="warmup"):
-        TrainConfig(steps=10, warmup=20)
+        TrainConfig(steps=10, warmup=-1)
+    short = TrainConfig(steps=2, lr=1.0, min_lr=0.1)  # the default warm-up (100) over a 2-step smoke run
+    assert [lr_at(short, i) for i in range(2)] == [pytest.approx(0.5), pytest.approx(1.0)]
     cfg = TrainConfig(steps=100, warmup=10, lr=1.0, min_lr=0.1)
     assert lr_at(cfg, 0) == pytest.approx(0.1) and lr_at(cfg, 9) == pytest.approx(1.0)
     assert lr_at(cfg, 99) == pytest.approx(0.1)

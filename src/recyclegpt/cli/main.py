@@ -1,8 +1,8 @@
 """The `recyclegpt` command: one entry point, one subcommand per job, each a thin layer over the Python API.
 
-    recyclegpt demo                   a few chat prompts with `standard` and `recycle`: texts, speed-up, α
-    recyclegpt generate PROMPT        decode with `standard` or `recycle`
-    recyclegpt bench                  standard vs recycle on the same prompts, table + JSON line
+    recyclegpt demo                   a few chat prompts, `standard`, `recycle`, `speculative`: texts, speed-ups, τ, α
+    recyclegpt generate PROMPT        decode with any strategy (standard, recycle, the lossless ones)
+    recyclegpt bench                  strategies side by side on the same prompts (llama.cpp too), table + JSON
     recyclegpt suite [NAME]           the named prompt suites; one of them written as JSONL (--out)
     recyclegpt train                  joint training from scratch on text files
     recyclegpt retrofit               train a recyclable module on a frozen base
@@ -577,12 +577,16 @@ def build_parser() -> argparse.ArgumentParser:
     g = add("generate", cmd_generate)
     g.add_argument("prompt", help="the prompt text")
     add_model_args(g)
-    g.add_argument("--strategy", choices=strategy_names(), default="standard")
-    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--strategy", choices=strategy_names(), default="standard",
+                   help="standard: the full model for every token; recycle: the paper's alternating schedule (lossy); "
+                        "recycle-verified, speculative, tree, lookup: lossless, standard's output exactly "
+                        "(default: standard)")
+    g.add_argument("--max-new-tokens", type=int, default=128, help="new tokens at most (default 128)")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    g.add_argument("--top-k", type=int, default=None)
-    g.add_argument("--top-p", type=float, default=None)
-    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest tokens (default: all)")
+    g.add_argument("--top-p", type=float, default=None,
+                   help="sample among the likeliest tokens whose probabilities sum to p (default: 1, all)")
+    g.add_argument("--seed", type=int, default=None, help="seed of the sampling (default: unseeded)")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     g.add_argument("--json", action="store_true", help="print one JSON record as the last line")
     g.add_argument("--no-stream", action="store_true", help="print the text at the end, not as it is generated")
@@ -607,7 +611,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--check-prompts", type=int, default=4,
                    help="prompts (shortest, longest and between) decoded again by the eager reference loop and "
                         "compared with the run's tokens; a difference stops the bench (default 4)")
-    b.add_argument("--max-new-tokens", type=int, default=128)
+    b.add_argument("--max-new-tokens", type=int, default=128, help="new tokens per prompt (default 128)")
     b.add_argument("--strategies", default="standard,recycle",
                    help=f"comma-separated, from {', '.join(strategy_names())}, hf_eager, hf_compiled, "
                         "hf_prompt_lookup (transformers' generate on a copy of the same weights), llama_cpp "
@@ -642,12 +646,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(d)
     d.add_argument("--prompts", required=True, help="JSONL with a 'prompt' field per line")
     d.add_argument("--out", required=True, help="output JSONL: {prompt, response, model, response_tokens}")
-    d.add_argument("--limit", type=int, default=None)
-    d.add_argument("--max-new-tokens", type=int, default=256)
-    d.add_argument("--temperature", type=float, default=0.0)
-    d.add_argument("--top-p", type=float, default=None)
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--batch-size", type=int, default=8)
+    d.add_argument("--limit", type=int, default=None, help="the first N prompts (default: all)")
+    d.add_argument("--max-new-tokens", type=int, default=256, help="response tokens at most (default 256)")
+    d.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    d.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (default: 1, all)")
+    d.add_argument("--seed", type=int, default=0, help="seed of the sampling (default 0)")
+    d.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (default 8)")
     d.add_argument("--max-prompt-tokens", type=int, default=None,
                    help="skip longer prompts (default: the context length minus --max-new-tokens)")
     d.add_argument("--no-chat", action="store_true",

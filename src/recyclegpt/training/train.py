@@ -52,7 +52,7 @@ class TrainConfig:
     seq_len: int = 256
     lr: float = 1e-3  # peak, after warm-up
     min_lr: float = 1e-4  # the end of the cosine decay
-    warmup: int = 100  # steps of linear warm-up
+    warmup: int = 100  # steps of linear warm-up (a run of fewer steps warms up over all of them)
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -88,8 +88,6 @@ class TrainConfig:
                               f"got {self.seq_len}")
         if not self.lr > 0 or not 0 <= self.min_lr <= self.lr:
             raise ConfigError(f"need lr > 0 and 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
-        if self.warmup > self.steps:
-            raise ConfigError(f"warmup={self.warmup} exceeds steps={self.steps}")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             raise ConfigError(f"betas must be in [0, 1), got {self.beta1}, {self.beta2}")
         if not isinstance(self.rollout, int) or self.rollout < 1:
@@ -117,10 +115,12 @@ class TrainConfig:
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
-    """Linear warm-up from lr/warmup to lr over `warmup` steps, then cosine decay to min_lr at the last step."""
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    progress = (step - cfg.warmup) / max(1, cfg.steps - 1 - cfg.warmup)
+    """Linear warm-up from lr/warmup to lr over `warmup` steps (at most `steps`: a short smoke run needs no --warmup
+    of its own), then cosine decay to min_lr at the last step."""
+    warmup = min(cfg.warmup, cfg.steps)
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, cfg.steps - 1 - warmup)
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
