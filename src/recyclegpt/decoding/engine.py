@@ -46,6 +46,7 @@ from ..models import (
     call_tables,
     fuse_projections,
     prefill_attention,
+    transposed_faster,
 )
 from . import strategies, topk
 from .loops import (
@@ -661,6 +662,8 @@ class Engine:
         self.compile_prefill = compile_prefill
         self.prefill_bucket = (PREFILL_BUCKET if self.graphs else 0) if prefill_bucket is None else prefill_bucket
         self.max_decoders = max_decoders
+        if base.tok_emb.weight.device.type == "cpu" and base.kernels.cpu_products == "auto":
+            transposed_faster()  # measured eagerly, before any step is compiled or traced
         self._decoders: OrderedDict[tuple[int, int, str], Decoder] = OrderedDict()  # least recently used first
 
     def decoder(self, batch_size: int, need: int, role: str = "") -> Decoder:

@@ -25,6 +25,7 @@ from .transformer import (
                           prefill_attention,
                           rotary,
                           run_blocks,
+                          transposed_faster,
                           use_cached_attention,
                           use_decode_kernel,
                           use_draft_head_kernel,
@@ -35,4 +36,4 @@ __all__ = ["RECYCLE_VOCABS", "RecyclableModule", "RecycleModel", "FEW_ROWS", "FO
            "MLP", "Attention", "Block", "KVCache", "Linear", "ModelOutput", "RMSNorm", "Tables", "Transformer", "Tree",
            "apply_rotary", "attention_mask", "call_tables", "fuse_projections", "fused_linear_fits", "init_weights",
            "linear", "prefill_attention", "rotary", "run_blocks", "use_cached_attention", "use_decode_kernel",
-           "use_draft_head_kernel", "use_fused_linear"]
+           "use_draft_head_kernel", "use_fused_linear", "transposed_faster"]

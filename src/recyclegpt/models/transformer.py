@@ -10,7 +10,6 @@ does I/O, sampling or device placement.
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import time
 from typing import NamedTuple
@@ -153,12 +152,22 @@ def _transposed(choice: str) -> bool:
     return choice == "transposed" or (choice == "auto" and transposed_faster())
 
 
-@functools.cache
+_MEASURED: dict[str, bool] = {}  # transposed_faster's one measurement per process
+
+
 def transposed_faster() -> bool:
     """Whether this CPU runs few-row float32 products faster as (W @ x.T).T than as F.linear, measured once per
     process at the current thread count: 1 and 4 rows against a 2048 x 576 weight, the best of 5 rounds of 10 calls
     each form. The transposed form is taken only when it is at least 1.5x faster, so that a near tie does not flip
-    between processes (the two forms round differently)."""
+    between processes (the two forms round differently). The answer is kept in a plain dict, which torch.compile
+    reads as a constant once it is there (it traces through functools' caches); engines on the CPU measure before
+    they compile anything."""
+    if "cpu" not in _MEASURED:
+        _MEASURED["cpu"] = _measure_transposed()
+    return _MEASURED["cpu"]
+
+
+def _measure_transposed() -> bool:
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(2048, 576, generator=gen)
     xs = [torch.randn(r, 576, generator=gen) for r in (1, 4)]
