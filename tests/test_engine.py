@@ -516,3 +516,22 @@ def test_the_engine_keeps_at_most_max_decoders_dropping_the_least_recently_used(
     assert [k[0] for k in engine._decoders] == [2, 1]  # least recently used first
     with pytest.raises(ValueError, match="max_decoders"):
         Engine(model, max_decoders=0)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
+                    reason="torch.compile on the CPU needs a C++ compiler")
+def test_the_compiled_engine_runs_on_the_cpu_with_the_eager_tokens():
+    """engine="compiled" on the CPU: the static steps compiled by inductor (no CUDA graphs), the eager loop's
+    tokens for standard and recycle; "graphs" alone still needs CUDA."""
+    from recyclegpt import RecycleGPT
+
+    model = build(11, n_layer=2)
+    lm = RecycleGPT(model.base, None, module=model.module)
+    prompts = random_prompts(11, 2, model.base.cfg.vocab_size)
+    for strategy in ("standard", "recycle"):
+        want = lm.generate(prompts, strategy=strategy, max_new_tokens=12, engine="eager").token_ids
+        assert lm.generate(prompts, strategy=strategy, max_new_tokens=12, engine="compiled").token_ids == want
+    assert not lm.engine("compiled").graphs
+    with pytest.raises(ValueError, match="'graphs' captures CUDA graphs"):
+        lm.generate(prompts, engine="graphs")

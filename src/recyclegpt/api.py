@@ -33,7 +33,8 @@ from .models import RecyclableModule, RecycleModel, Transformer
 DEFAULT_MODEL = "smollm2-135m-instruct"
 # how the decode loop runs: "eager" the reference loop of decoding/loops.py (a forward and a host sync per step);
 # "static" the engine's fixed-shape steps (decoding/engine.py) without graphs; "graphs" those steps captured as CUDA
-# graphs; "compiled" torch.compile inside the graphs; "auto" is "graphs" on CUDA and "eager" on the CPU
+# graphs; "compiled" torch.compile inside the graphs (on the CPU: the static steps compiled by inductor); "auto" is
+# "graphs" on CUDA and "eager" on the CPU
 ENGINES = ("auto", "eager", "static", "graphs", "compiled")
 RANDOM_MODULE_NOTE = "untrained (random) recyclable module: the text is meaningless, use it for speed measurements only"
 
@@ -247,9 +248,9 @@ class RecycleGPT:
             raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
         if engine == "auto":
             return "graphs" if self.device.type == "cuda" else "eager"
-        if engine in ("graphs", "compiled") and self.device.type != "cuda":
-            raise ValueError(f"engine {engine!r} captures CUDA graphs and needs a CUDA device; this model is on "
-                             f"{self.device} (use 'static' or 'eager')")
+        if engine == "graphs" and self.device.type != "cuda":
+            raise ValueError(f"engine 'graphs' captures CUDA graphs and needs a CUDA device; this model is on "
+                             f"{self.device} (use 'static', 'compiled' or 'eager')")
         return engine
 
     def engine(self, kind: str) -> Engine:
@@ -258,7 +259,8 @@ class RecycleGPT:
             model = self.model if self.model is not None else self.base
             opts = self.engine_options
             compile = (opts.compile_mode or True) if kind == "compiled" else False
-            self._engines[kind] = Engine(model, graphs=kind in ("graphs", "compiled"), compile=compile,
+            graphs = kind == "graphs" or (kind == "compiled" and self.device.type == "cuda")
+            self._engines[kind] = Engine(model, graphs=graphs, compile=compile,
                                          compile_steps=kind == "compiled" and opts.compile_steps,
                                          compile_prefill=opts.compile_prefill, bucket=opts.kv_bucket,
                                          max_decoders=opts.max_decoders)

@@ -591,7 +591,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="print one JSON record as the last line")
     g.add_argument("--no-stream", action="store_true", help="print the text at the end, not as it is generated")
     g.add_argument("--engine", default="auto", choices=ENGINES,
-                   help="decode loop (default auto: CUDA graphs on a GPU, eager on CPU); the tokens are the same")
+                   help="decode loop (default auto: CUDA graphs on a GPU, eager on CPU; compiled: torch.compile, "
+                        "on the CPU after a minute or two of compiling); the tokens are the same")
     add_compile_mode(g)
     add_draft_args(g)
 
@@ -659,7 +660,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "continuations; new instructions for scripts/self_instruct_prompts.py); records get "
                         "\"chat\": false and retrofit encodes them as plain text")
     d.add_argument("--engine", default="auto", choices=ENGINES,
-                   help="decode loop (default auto: CUDA graphs on a GPU, eager on CPU); the tokens are the same")
+                   help="decode loop (default auto: CUDA graphs on a GPU, eager on CPU; compiled: torch.compile, "
+                        "on the CPU after a minute or two of compiling); the tokens are the same")
     d.add_argument("--resume", action="store_true", help="continue OUT.partial from an interrupted run")
     d.add_argument("--force", action="store_true", help="overwrite an existing OUT")
     t = add("train", cmd_train)
@@ -682,7 +684,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "\"recyclegpt\": {\"strategy\": ...}); default: recycle-verified with a module, else "
                          "standard (both lossless; the lossy recycle only when asked)")
     sv.add_argument("--engine", default="auto", choices=ENGINES,
-                    help="decode loop (default auto: CUDA graphs on a GPU, eager on CPU); the tokens are the same")
+                    help="decode loop (default auto: CUDA graphs on a GPU, eager on CPU; compiled: torch.compile, "
+                        "on the CPU after a minute or two of compiling); the tokens are the same")
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     sv.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     sv.add_argument("--served-model-name", default=None,
