@@ -59,8 +59,9 @@ from .train import (
 
 # fields of OnlineConfig that a resumed run may change (with those of TrainConfig in train._RESUMABLE_CHANGES)
 _ONLINE_RESUMABLE = frozenset({"deadline", "gen_rows", "engine"})
-# log fields that depend on the clock (everything else repeats exactly on the CPU)
-CLOCK_FIELDS = frozenset({"elapsed_s", "gen_s", "train_s", "eval_s", "gen_tok_s", "train_tok_s", "gen_share"})
+# log fields that depend on the clock or the allocator (everything else repeats exactly on the CPU)
+CLOCK_FIELDS = frozenset({"elapsed_s", "gen_s", "train_s", "eval_s", "gen_tok_s", "train_tok_s", "gen_share",
+                          "mem_gib", "peak_mem_gib", "reserved_gib"})
 
 
 @dataclass(frozen=True)
@@ -286,6 +287,19 @@ def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8), device)
 
 
+def _memory(device: torch.device) -> dict[str, float]:
+    """On CUDA, the GiB that tensors hold now, at most since the last record, and that the allocator reserves: a run
+    whose memory grows round after round shows it here long before it runs out."""
+    if device.type != "cuda":
+        return {}
+    gib = 2 ** 30
+    out = {"mem_gib": round(torch.cuda.memory_allocated(device) / gib, 2),
+           "peak_mem_gib": round(torch.cuda.max_memory_allocated(device) / gib, 2),
+           "reserved_gib": round(torch.cuda.memory_reserved(device) / gib, 2)}
+    torch.cuda.reset_peak_memory_stats(device)
+    return out
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -468,7 +482,7 @@ def online_retrofit(*, cfg: TrainConfig, ocfg: OnlineConfig, base: Transformer, 
         if step % cfg.log_every == 0 or step == cfg.steps:
             entry = {"split": "train", "step": step, "lr": lr, **{k: v.item() / n_summed for k, v in sums.items()},
                      "grad_norm": grad_norm.item(), "rounds": rounds, "tokens_generated": tok_gen,
-                     "tokens_trained": tok_train}
+                     "tokens_trained": tok_train, **_memory(device)}
             _sync(device)
             times["train_s"] += clock() - t
             t = clock()
