@@ -122,19 +122,9 @@ class ContinuousBatch:
         """Whether `req` fits this batch's cache at all (alone)."""
         return len(req.prompt) + req.max_new_tokens + self.plan.span <= self.max_len
 
-    def _target(self, req: Request) -> int | None:
-        """The slot at which `req` joins: p when its prompt and every live row's budget fit there, else the
-        smallest slot after a rebase; None when they do not fit together."""
-        live = [(self.p - self.pads[i], r.remaining) for i, r in enumerate(self.rows) if r is not None]
-        L, need = len(req.prompt), max([req.max_new_tokens] + [rem for _, rem in live]) + self.plan.span
-        if L <= self.p and self.p + need <= self.max_len:
-            return self.p
-        to = max([L] + [length for length, _ in live])
-        return to if to + need <= self.max_len else None
-
     def admits(self, req: Request) -> bool:
         """Whether `req` can join now: a free row (or room to grow) and room in the cache beside the live rows."""
-        return (None in self.rows or len(self.rows) < self.max_rows) and self._target(req) is not None
+        return self.admits_all([req])
 
     def reserve(self, rows: int) -> None:
         """Grow now to the power-of-two row count that holds `rows` requests (at most max_rows): a burst of joiners
@@ -176,7 +166,8 @@ class ContinuousBatch:
             raise ValueError(f"this batch decodes {'sampled' if self.sampled else 'greedy'} requests only")
 
     def _group_target(self, group: list[Request]) -> int | None:
-        """The slot at which every request of `group` can join together (as `_target` for one)."""
+        """The slot at which the requests of `group` join together: p when their prompts and every live row's
+        budget fit there, else the smallest slot after a rebase; None when they do not fit together."""
         live = [(self.p - self.pads[i], r.remaining) for i, r in enumerate(self.rows) if r is not None]
         L = max(len(r.prompt) for r in group)
         need = max([r.max_new_tokens for r in group] + [rem for _, rem in live]) + self.plan.span
