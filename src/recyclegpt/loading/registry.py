@@ -246,7 +246,8 @@ def _installed_copy(entry: RegistryEntry) -> Path | None:
     return None
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """The file's SHA-256, hex, read a megabyte at a time."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
@@ -275,7 +276,7 @@ def _problem(path: Path, entry: RegistryEntry) -> str | None:
     except (OSError, ValueError):
         pass
     try:
-        digest = _sha256(path)
+        digest = sha256_file(path)
     except OSError as e:
         return f"unreadable: {e.strerror}"
     if digest != entry.sha256:

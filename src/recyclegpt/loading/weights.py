@@ -12,7 +12,6 @@ Two formats are read, both converted to our state-dict names (see `Transformer`)
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -29,7 +28,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from ..config import ConfigError, ModelConfig
 from ..models import Transformer
 from . import registry as _registry
-from .registry import MODELS, cache_dir, cache_lock, resolve_gguf
+from .registry import MODELS, cache_dir, cache_lock, resolve_gguf, sha256_file
 from .tokenizer import Tokenizer
 
 StateDict = dict[str, torch.Tensor]
@@ -467,7 +466,7 @@ def _read_converted(folder: Path) -> tuple[ModelConfig, StateDict, Tokenizer] | 
             if st.st_size != size:
                 raise _CorruptCopy(path, f"{st.st_size} bytes, expected {size}")
             if st.st_mtime_ns != mtime_ns:  # touched since it was written: only the hash can vouch for it
-                if _sha256(path) != sha256:
+                if sha256_file(path) != sha256:
                     raise _CorruptCopy(path, "sha256 differs from its manifest")
                 rehashed = True
         except OSError as e:
@@ -485,14 +484,6 @@ def _read_converted(folder: Path) -> tuple[ModelConfig, StateDict, Tokenizer] | 
     return cfg, sd, tok
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _write_manifest(folder: Path, dest: Path) -> None:
     """Record size, mtime and sha256 of every file in `folder` into `dest` (atomically; best effort)."""
     try:
@@ -500,7 +491,7 @@ def _write_manifest(folder: Path, dest: Path) -> None:
         for p in sorted(folder.iterdir()):
             if p.is_file() and p.name != "manifest.json" and not p.name.startswith("."):
                 st = p.stat()
-                files[p.name] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": _sha256(p)}
+                files[p.name] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha256_file(p)}
         tmp = dest.with_name(f".manifest.json.tmp{os.getpid()}")
         tmp.write_text(json.dumps({"files": files}, indent=2))
         os.replace(tmp, dest)
