@@ -414,16 +414,38 @@ def test_load_of_concurrent_streams_with_disconnects(lm):
         assert app.state.server.worker.largest_batch > 1  # requests did share batches
 
 
+def run_on_worker(lm, jobs, max_batch: int = 4):
+    """Submit `jobs` to a Worker before it starts, wait until every one has ended, stop it; (the worker, {id of a
+    job: (outcome, error)})."""
+    import threading
+
+    from recyclegpt.serving.scheduler import Worker
+
+    ended, done = {}, threading.Event()
+
+    def on_done(j, outcome, error):
+        ended[id(j)] = (outcome, error)
+        if len(ended) == len(jobs):
+            done.set()
+
+    worker = Worker(lm, max_batch=max_batch, on_done=on_done)
+    for j in jobs:
+        worker.submit(j)
+    worker.start()
+    assert done.wait(120)
+    worker.stop()
+    return worker, ended
+
+
 @pytest.mark.parametrize("group_fails", [False, True])
 def test_a_batch_gives_each_row_what_it_gets_alone(lm, monkeypatch, group_fails):
     """The worker's continuous batch: greedy requests of mixed prompt lengths, budgets and stops (a stop string, a
     stop token, none), one client leaving, queued together: each one's streamed text and outcome are those of the
     request run alone (run_job). group_fails: the joint prefill of the waiting requests fails, and the worker joins
     them one at a time instead."""
-    import threading
 
     from recyclegpt.decoding.batching import ContinuousBatch
-    from recyclegpt.serving.scheduler import Worker, run_job
+    from recyclegpt.serving.scheduler import run_job
 
     groups = []
     if group_fails:
@@ -447,19 +469,9 @@ def test_a_batch_gives_each_row_what_it_gets_alone(lm, monkeypatch, group_fails)
     specs = [(PROMPT, 20, (), frozenset(), False), ("the", 7, (), frozenset(), False),
              (PROMPT, 20, (alone_text[5:8],), frozenset(), False),
              (TEXT[:200], 12, (), frozenset({lm.encode(alone_text)[3]}), False), ("why", 30, (), frozenset(), True)]
-    jobs, ended, all_ended = [job(*s) for s in specs], {}, threading.Event()
-
-    def on_done(j, outcome, error):
-        ended[id(j)] = (outcome, error)
-        if len(ended) == len(jobs):
-            all_ended.set()
-
-    worker = Worker(lm, max_batch=4, on_done=on_done)
-    for j in jobs:  # all waiting before the worker starts: they share its batch, the fifth joining as a row frees
-        worker.submit(j)
-    worker.start()
-    assert all_ended.wait(120)
-    worker.stop()
+    jobs = [job(*s) for s in specs]
+    # all waiting before the worker starts: they share its batch, the fifth joining as a row frees
+    worker, ended = run_on_worker(lm, jobs)
     assert worker.largest_batch == 4
     assert set(ended) == {id(j) for j in jobs}
     assert not group_fails or max(groups) == 4  # four waiting requests tried together, then one at a time
@@ -525,28 +537,16 @@ def test_ignore_eos_decodes_past_end_of_sequence(lm):
 def test_sampled_requests_share_a_batch_and_keep_their_seeds(lm):
     """Sampled requests of `standard` and `recycle` decode in one continuous batch, each drawing what it draws alone
     with its seed (run_job); a sampled verified strategy runs alone."""
-    import threading
 
-    from recyclegpt.serving.scheduler import BatchedJob, Worker, batchable, run_job
+    from recyclegpt.serving.scheduler import BatchedJob, batchable, run_job
 
     specs = [(PROMPT, 14, 0.8, 20, 1), ("the", 9, 1.1, None, 2), (TEXT[:120], 12, 0.6, 5, 3), ("why", 10, 1.0, None, 4)]
 
     def job(prompt, n, t, k, seed, strategy="recycle"):
         return Job(lm.encode(prompt), n, strategy, t, None, k, seed, [], frozenset(), emit=lambda ev: None)
 
-    jobs, ended, done = [job(*s) for s in specs], {}, threading.Event()
-
-    def on_done(j, outcome, error):
-        ended[id(j)] = (outcome, error)
-        if len(ended) == len(jobs):
-            done.set()
-
-    worker = Worker(lm, max_batch=4, on_done=on_done)
-    for j in jobs:
-        worker.submit(j)
-    worker.start()
-    assert done.wait(120)
-    worker.stop()
+    jobs = [job(*s) for s in specs]
+    worker, ended = run_on_worker(lm, jobs)
     assert worker.largest_batch == 4
     for spec, j in zip(specs, jobs):
         outcome, error = ended[id(j)]
