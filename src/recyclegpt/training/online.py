@@ -54,6 +54,7 @@ from .train import (
     check_frozen_base_dtype,
     lr_at,
     make_optimizer,
+    optimizer_step,
     module_on_frozen_base,
 )
 
@@ -474,9 +475,7 @@ def online_retrofit(*, cfg: TrainConfig, ocfg: OnlineConfig, base: Transformer, 
             tok_train += n
             run_train += n
             n_summed += 1
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        grad_norm = optimizer_step(cfg, opt, params)
         step += 1
         bar.update(1)
         if step % cfg.log_every == 0 or step == cfg.steps:

@@ -124,6 +124,14 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
+def optimizer_step(cfg: TrainConfig, opt: torch.optim.Optimizer, params: list[torch.nn.Parameter]) -> torch.Tensor:
+    """Clip the gradients to cfg.grad_clip (0: no clipping), step and clear them; the norm before clipping."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return grad_norm
+
+
 def make_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.AdamW:
     """AdamW with weight decay on the matrices only."""
     return torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
@@ -238,9 +246,7 @@ def train_loop(*, cfg: TrainConfig, model: RecycleModel | Transformer, data: Tex
                 if key in out:
                     sums[key] = sums.get(key, 0.0) + out[key].detach().float()
             n_summed += 1
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        grad_norm = optimizer_step(cfg, opt, params)
         step += 1
         bar.update(1)
 
