@@ -553,3 +553,22 @@ def test_sampled_requests_share_a_batch_and_keep_their_seeds(lm):
         assert error is None and outcome.text == run_job(lm, job(*spec), "auto").text, spec
     assert not batchable(job(*specs[0], strategy="speculative")) and batchable(job(*specs[0], strategy="standard"))
     assert BatchedJob(lm, jobs[0]).request.sampling.seed == 1
+
+
+def test_warm_up_makes_every_batch_size_before_the_first_request(lm):
+    """`warmup=True` decodes bursts of 1, 2, 4 requests before the port opens: the batch engine then holds the
+    Decoders of every row count up to max_batch and both prefill Decoders, and requests still get their own tokens.
+    (Off by default on the CPU, where nothing is captured.)"""
+    from recyclegpt.serving.scheduler import Worker
+
+    assert not Worker(lm).captures
+    engine = lm.engine("static")
+    engine._decoders.clear()
+    with TestClient(create_app(lm, max_batch=4, warmup=True)) as c:
+        assert sorted(k[0] for k in engine._decoders if k[2] == "batch") == [1, 2, 4]
+        assert sorted(k[0] for k in engine._decoders if k[2] == "prefill") == [1, 8]
+        r = complete(c, max_tokens=6, recyclegpt={"strategy": "recycle-verified"})
+    expected = lm.generate([lm.encode(PROMPT)], strategy="recycle-verified", max_new_tokens=6).text[0]
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == expected
+    args = build_parser().parse_args(["serve", "--no-warmup"])
+    assert args.no_warmup

@@ -23,6 +23,7 @@ import dataclasses
 import errno
 import glob
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -165,9 +166,13 @@ def cmd_bench(args) -> None:
     except ValueError as e:
         raise UsageError(str(e)) from None
     if args.shape:
+        from ..models.quantize import check_quantize, quantize_models
+
         device = torch.device(args.device) if args.device else default_device()
+        check_quantize(args.quantize, device)
         lm = random_model(args.shape, module_layers=args.recycle_layers, device=device,
                           dtype=parse_dtype(args.dtype) or default_dtype(device), engine_options=engines)
+        quantize_models(args.quantize, lm.model)
         prompts = random_prompts(args.limit or 20, lm.base.cfg.vocab_size)
     else:
         if args.suite and args.prompts:
@@ -553,8 +558,11 @@ Requests run in arrival order; greedy requests of one strategy decode together b
     api_key = args.api_key if args.api_key is not None else os.environ.get("RECYCLEGPT_API_KEY") or None
     app = create_app(lm, ServerConfig(model_name=args.served_model_name or args.model, strategy=strategy,
                                       engine=args.engine, max_model_len=args.max_model_len, api_key=api_key,
-                                      max_queue=args.max_queue, max_batch=args.max_batch))
+                                      max_queue=args.max_queue, max_batch=args.max_batch,
+                                      warmup=False if args.no_warmup else None))
     server = app.state.server
+    # the server's own messages (start-up warm-up, failed requests) beside uvicorn's, in its format
+    logging.basicConfig(format="%(levelname)s:     %(message)s", level=args.log_level.upper())
     print(f"serving {server.model_name} (strategy {server.strategy}, context {server.context}) on "
           f"http://{args.host}:{args.port}/v1", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
@@ -699,6 +707,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-batch", type=int, default=8,
                     help="greedy requests of one strategy decode together by continuous batching, up to this many "
                          "at once (default 8; 1: one request at a time)")
+    sv.add_argument("--no-warmup", action="store_true",
+                    help="skip the start-up pass that captures the batch engine's CUDA graphs for every batch size "
+                         "before the port opens (a few seconds; on the CPU there is nothing to capture)")
     sv.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
                     help="uvicorn's log level (default info)")
 
@@ -742,7 +753,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("out", help="output directory (config.json, model.safetensors)")
     ex.add_argument("--format", required=True, choices=("vllm-eagle3", "sglang-eagle3"),
                     help="vllm-eagle3: vLLM's EAGLE-3 draft; sglang-eagle3: SGLang's (one module layer)")
-    add_model_args(ex, threads=False)
+    add_model_args(ex, runs=False)
     ex.add_argument("--config-style", default=None, choices=("speculators", "plain"),
                     help="vllm-eagle3's config.json: speculators (default) or plain (LlamaForCausalLMEagle3, what "
                          "sglang-eagle3 writes)")

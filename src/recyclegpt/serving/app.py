@@ -51,6 +51,7 @@ class ServerConfig:
     max_queue: int = 64  # requests waiting beyond the ones running; more are refused with 503
     max_batch: int = 8  # greedy requests of one strategy decode together by continuous batching, up to this many
     max_body_bytes: int = MAX_BODY_BYTES
+    warmup: bool | None = None  # decode short batches at start (Worker.warm_up); None: when the engine captures graphs
 
 
 class APIError(Exception):
@@ -469,7 +470,11 @@ def create_app(lm: RecycleGPT, config: ServerConfig | None = None, **kw) -> Fast
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        server.worker.start()
+        worker = server.worker
+        if config.warmup or (config.warmup is None and worker.captures):
+            seconds = worker.warm_up(server.strategy)  # before the port opens: no client waits behind it
+            log.info("warmed up %s batches of 1 to %d rows in %.1f s", server.strategy, worker.max_batch, seconds)
+        worker.start()
         try:
             yield
         finally:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -237,6 +238,29 @@ class Worker:
 
     def start(self) -> None:
         self._thread.start()
+
+    @property
+    def captures(self) -> bool:
+        """Whether the batch engine captures CUDA graphs (which `warm_up` makes before the first request)."""
+        return self.batch_engine is not None and self.lm.engine(self.batch_engine).graphs
+
+    def warm_up(self, strategy: str, *, prompt_tokens: int = 8, new_tokens: int = 16) -> float:
+        """Before serving: decode bursts of 1, 2, 4, ... `max_batch` short greedy requests of `strategy` by
+        continuous batching, so that the batch Decoder of every row count the batch may take, the prefill Decoders
+        and their graphs at the first cache bucket exist before a client waits for them (as a GPU server captures
+        its graphs at start). Longer prompts and caches still capture theirs on first use. Returns the seconds."""
+        start = time.perf_counter()
+        if self.batch_engine is None:
+            return 0.0
+        engine, rows = self.lm.engine(self.batch_engine), 1
+        while True:
+            batch = ContinuousBatch(engine, strategy, self.max_batch, max_len=self.max_len)
+            batch.run([Request([(7 * i + j) % 100 + 1 for j in range(prompt_tokens)], new_tokens)
+                       for i in range(rows)])
+            if rows >= self.max_batch:
+                break
+            rows = min(2 * rows, self.max_batch)
+        return time.perf_counter() - start
 
     @property
     def alive(self) -> bool:
