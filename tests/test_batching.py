@@ -237,7 +237,34 @@ def test_sampled_requests_share_a_batch_each_with_its_own_seed(strategy):
                                            sampling=r.sampling).tokens[0]
         assert r.tokens == want
     assert len({tuple(r.tokens[:5]) for r in reqs}) > 1
-    with pytest.raises(ValueError, match="run alone"):
+    with pytest.raises(ValueError, match="unseeded and with the same settings"):
         ContinuousBatch(engine, "speculative", 2, sampled=True)
     with pytest.raises(ValueError, match="greedy requests only"):
         ContinuousBatch(engine, strategy, 2).add(reqs[0])
+
+
+@pytest.mark.parametrize("strategy", ["speculative", "recycle-verified"])
+def test_unseeded_sampled_requests_of_a_verified_strategy_share_a_batch(strategy):
+    """Sampled, unseeded requests of a verified strategy with the same settings decode together (`shared`): every
+    row keeps the round's fewest accepted tokens, and each request's tokens are still distributed as the full
+    model's (a chi-square test against the enumerated distribution, as tests/test_speculative.py does alone)."""
+    from test_speculative import K_TOKENS, PROMPT, SAMPLES, chi_square_pvalue, exact_distribution
+
+    from recyclegpt.decoding.sampling import SamplingParams
+
+    model = predictable(0, 0.3, vocab=5, sharpness=5.0)
+    engine = Engine(model, bucket=16, prefill_bucket=8)
+    shared = SamplingParams(temperature=1.0)
+    torch.manual_seed(0)
+    batch = ContinuousBatch(engine, strategy, 16, max_len=32, check_every=2, shared=shared, draft_len=2)
+    reqs = batch.run([Request(PROMPT, K_TOKENS, sampling=shared) for _ in range(SAMPLES)])
+    counts: dict = {}
+    for r in reqs:
+        assert len(r.tokens) == K_TOKENS and r.reason == "length"
+        counts[tuple(r.tokens)] = counts.get(tuple(r.tokens), 0) + 1
+    assert chi_square_pvalue(counts, exact_distribution(model), SAMPLES) > 1e-3
+    assert sum(sum(r.stats.accept_hist[1:]) for r in reqs) > 0  # drafts were accepted in the shared rounds
+    with pytest.raises(ValueError, match="unseeded requests sampled with"):
+        batch.add(Request(PROMPT, 2, sampling=SamplingParams(temperature=0.5)))
+    with pytest.raises(ValueError, match="samples unseeded"):
+        ContinuousBatch(engine, strategy, 2, shared=SamplingParams(temperature=1.0, seed=3))

@@ -555,6 +555,25 @@ def test_sampled_requests_share_a_batch_and_keep_their_seeds(lm):
     assert BatchedJob(lm, jobs[0]).request.sampling.seed == 1
 
 
+def test_unseeded_sampled_requests_of_a_verified_strategy_share_a_batch(lm):
+    """Sampled requests of recycle-verified without a seed and with the same settings decode together, each to its
+    budget; a seeded one, or one of other settings, does not join them (it waits, then runs)."""
+    from recyclegpt.serving.scheduler import batchable, shared_sampling
+
+    def job(n, t=0.9, seed=None, k=None):
+        return Job(lm.encode(PROMPT), n, "recycle-verified", t, None, k, seed, [], frozenset(), emit=lambda ev: None,
+                   ignore_eos=True)
+
+    jobs = [job(8 + i) for i in range(4)] + [job(6, seed=5), job(7, k=3)]
+    worker, ended = run_on_worker(lm, jobs)
+    assert worker.largest_batch == 4
+    for j in jobs:
+        outcome, error = ended[id(j)]
+        assert error is None and outcome.completion_tokens == j.max_tokens
+    assert not batchable(jobs[4]) and batchable(jobs[5]) and shared_sampling(jobs[5]).top_k == 3
+    assert shared_sampling(jobs[0]) != shared_sampling(jobs[5]) and shared_sampling(job(3, t=0)) is None
+
+
 def test_warm_up_makes_every_batch_size_before_the_first_request(lm):
     """`warmup=True` decodes bursts of 1, 2, 4 requests before the port opens: the batch engine then holds the
     Decoders of every row count up to max_batch and both prefill Decoders, and requests still get their own tokens.

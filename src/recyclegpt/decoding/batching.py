@@ -10,10 +10,12 @@ offset (one copy of the live window), which keeps their positions and tokens. Th
 when its live rows leave two KV buckets of padding unused, so that attention stops reading them.
 
 A verified round keeps the same number of tokens on every row (the fewest any live row accepted; idle rows do not
-count), so the lossless strategies stay exact in a batch, with a τ of the batch's slowest row. A batch is greedy, or
-sampled (`standard` and `recycle`, whose steps sample outside their graphs): each sampled request draws from its own
-generator, in the order it does alone; the verified rounds draw inside the round from one generator, so their
-sampled requests run alone (`Engine.decode`).
+count), so the lossless strategies stay exact in a batch, with a τ of the batch's slowest row (and, sampled, keep
+their output distribution: any prefix of a row's verified tokens is a valid output). A batch is greedy, or
+sampled: with `standard` and `recycle`, whose steps sample outside their graphs, each request draws from its own
+generator in the order it does alone; the verified rounds draw for all rows at once, so their sampled requests
+share a batch only when unseeded and of the same settings (`shared`), drawing from torch's global generator, and
+a seeded one runs alone (`Engine.decode`).
 """
 
 from __future__ import annotations
@@ -84,14 +86,18 @@ class ContinuousBatch:
 
     def __init__(self, engine: Engine, strategy: str, max_rows: int, *, max_len: int | None = None,
                  check_every: int = 8, draft_len: int = DEFAULT_DRAFT_LEN, tree: TreeShape | None = None,
-                 sampled: bool = False) -> None:
+                 sampled: bool = False, shared: SamplingParams | None = None) -> None:
         """sampled: the batch's requests sample, each with its own settings and seed (`standard` and `recycle`,
-        whose steps sample outside their graphs); else they are greedy."""
-        self.engine, self.strategy, self.sampled = engine, strategy, sampled
+        whose steps sample outside their graphs); else they are greedy. shared: instead, every request samples
+        with these settings, unseeded, from torch's global generator (any strategy; how sampled requests of the
+        verified strategies, whose rounds draw for all rows at once, decode together)."""
+        if shared is not None and (shared.greedy or shared.seed is not None):
+            raise ValueError(f"a shared batch samples unseeded: got {shared}")
+        self.engine, self.strategy, self.sampled, self.shared = engine, strategy, sampled or shared is not None, shared
         self.plan = Plan.make(strategy, draft_len, tree)
-        if sampled and not self.plan.fixed:
-            raise ValueError(f"sampled requests of {strategy!r} draw inside its verified rounds from one generator: "
-                             f"they run alone")
+        if sampled and shared is None and not self.plan.fixed:
+            raise ValueError(f"sampled requests of {strategy!r} draw inside its verified rounds for all rows at "
+                             f"once: they share a batch only unseeded and with the same settings (shared=)")
         rmodel = engine.model if isinstance(engine.model, RecycleModel) else None
         base = rmodel.base if rmodel is not None else engine.model
         if self.plan.module and rmodel is None:
@@ -164,6 +170,8 @@ class ContinuousBatch:
             raise ValueError(f"max_new_tokens must be >= 1, got {req.max_new_tokens}")
         if req.sampling.greedy == self.sampled:
             raise ValueError(f"this batch decodes {'sampled' if self.sampled else 'greedy'} requests only")
+        if self.shared is not None and req.sampling != self.shared:
+            raise ValueError(f"this batch decodes unseeded requests sampled with {self.shared} only")
 
     def _group_target(self, group: list[Request]) -> int | None:
         """The slot at which the requests of `group` join together: p when their prompts and every live row's
@@ -218,8 +226,8 @@ class ContinuousBatch:
         src.prepare()
         for r in reqs:
             r._gen = r.sampling.generator(src.device)  # the request's own draws, in the order they come alone
-        sampling = RowSampling([(r.sampling, r._gen) for r in reqs] + [None] * (B - len(reqs))) if self.sampled \
-            else SamplingParams()
+        sampling = self.shared or (RowSampling([(r.sampling, r._gen) for r in reqs] + [None] * (B - len(reqs)))
+                                   if self.sampled else SamplingParams())
         state = src.prefill(batch, sampling, None)
         read = 1
         if self.plan.module:
@@ -313,8 +321,8 @@ class ContinuousBatch:
         wanted = -(-max(self.rows[i].remaining for i in live) // max(1, int(self.per_step)))
         room = (self.max_len - plan.span - self.p) // plan.max_tokens + 1
         steps = max(1, min(self.check_every, wanted, room))
-        sampling = RowSampling([(r.sampling, r._gen) if r is not None else None for r in self.rows]) \
-            if self.sampled else SamplingParams()
+        sampling = self.shared or (RowSampling([(r.sampling, r._gen) if r is not None else None for r in self.rows])
+                                   if self.sampled else SamplingParams())
         with torch.inference_mode():
             bound = self.p
             for _ in range(steps):

@@ -1,6 +1,7 @@
 """One worker thread that runs queued requests, in arrival order: requests of one strategy by continuous batching
-(greedy ones together; sampled ones of `standard` and `recycle` together, each with its own seed), the sampled
-requests of verified strategies alone through `RecycleGPT.generate`.
+(greedy ones together; sampled ones of `standard` and `recycle` together, each with its own seed; unseeded sampled
+ones of the verified strategies together when their settings agree), the seeded sampled requests of verified
+strategies alone through `RecycleGPT.generate`.
 
 A `Job` carries one request's prompt ids and decoding options and a thread-safe `emit` callback; the worker calls
 it with ("delta", text) as text becomes final, then ("done", Outcome) or ("error", exception). Stop strings are
@@ -169,15 +170,32 @@ def run_job(lm: RecycleGPT, job: Job, engine: str) -> Outcome | None:
     return Outcome(text, len(ids), "stop" if len(ids) < job.max_tokens else "length", out.stats, list(ids))
 
 
+def own_generators(job: Job) -> bool:
+    """Whether `job`'s batch draws from each row's own generator: sampled with a strategy of fixed steps
+    (`standard`, `recycle`), whose steps sample outside their graphs."""
+    return job.temperature > 0 and strategies.get(job.strategy).round in ("standard", "recycle")
+
+
+def shared_sampling(job: Job) -> SamplingParams | None:
+    """The settings a sampled, unseeded request of a verified strategy shares with the batch it joins (its rounds
+    draw for all rows at once, from torch's global generator); None for any other request."""
+    if job.temperature == 0 or job.seed is not None or own_generators(job):
+        return None
+    return SamplingParams(temperature=job.temperature, top_k=job.top_k, top_p=job.top_p)
+
+
 def batchable(job: Job) -> bool:
-    """Whether `job` may join a continuous batch: greedy, or sampled with a strategy of fixed steps (`standard`,
-    `recycle`: each row draws from its own generator; a verified round draws from one, so those run alone)."""
-    return job.temperature == 0 or strategies.get(job.strategy).round in ("standard", "recycle")
+    """Whether `job` may join a continuous batch: greedy, sampled with a strategy of fixed steps, or sampled and
+    unseeded (a seeded request of a verified strategy runs alone, so that its seed gives the same text whatever
+    else is decoding)."""
+    return job.temperature == 0 or own_generators(job) or shared_sampling(job) is not None
 
 
 def joins(job: Job, batch: ContinuousBatch) -> bool:
-    """Whether `job` may join the running `batch`: its strategy, and greedy or sampled as the batch is."""
-    return batchable(job) and job.strategy == batch.strategy and (job.temperature > 0) == batch.sampled
+    """Whether `job` may join the running `batch`: its strategy, greedy or sampled as the batch is, and the
+    batch's shared settings, if it has them."""
+    return (batchable(job) and job.strategy == batch.strategy and (job.temperature > 0) == batch.sampled
+            and shared_sampling(job) == batch.shared)
 
 
 class BatchedJob:
@@ -186,8 +204,9 @@ class BatchedJob:
     def __init__(self, lm: RecycleGPT, job: Job) -> None:
         self.lm, self.job, self.tracker = lm, job, TextTracker(lm, job)
         stop = frozenset(lm.tokenizer.eos_ids) if lm.tokenizer is not None and not job.ignore_eos else frozenset()
-        sampling = SamplingParams(temperature=job.temperature, top_k=job.top_k, top_p=job.top_p, seed=job.seed) \
-            if job.temperature > 0 else SamplingParams()
+        sampling = shared_sampling(job) or (
+            SamplingParams(temperature=job.temperature, top_k=job.top_k, top_p=job.top_p, seed=job.seed)
+            if job.temperature > 0 else SamplingParams())
         self.request = Request(job.prompt_ids, job.max_tokens, stop, self.on_tokens, sampling=sampling)
 
     def on_tokens(self, tokens: list[int]) -> bool:
@@ -361,7 +380,8 @@ class Worker:
                         self._alone(job)
                         continue
                     batch = ContinuousBatch(self.lm.engine(self.batch_engine), job.strategy, self.max_batch,
-                                            max_len=self.max_len, sampled=job.temperature > 0)
+                                            max_len=self.max_len, sampled=own_generators(job),
+                                            shared=shared_sampling(job))
                 # join the waiting jobs in arrival order while the oldest can; another kind of job waits for the
                 # batch to drain
                 group: list[BatchedJob] = []
