@@ -531,7 +531,9 @@ def cmd_serve(args) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions; docs/serving.md).
 
 Requests run in arrival order; greedy requests of one strategy decode together by continuous batching, up to
---max-batch at once, each joining as soon as it fits; sampled requests run alone."""
+--max-batch at once, each joining as soon as it fits; sampled requests of standard and recycle too, each drawing from
+its own seed, and those of the verified strategies when unseeded and of the same settings (a seeded one runs
+alone)."""
     try:
         import uvicorn
 
