@@ -421,3 +421,50 @@ def test_retrofit_with_rollout_from_an_initial_module(corpus, tmp_path):
                  rcfg=RecycleConfig(), files=[path], out_dir=tmp_path / "m3", base_ref="tiny-base")
     with pytest.raises(ConfigError, match="rollout"):
         TrainConfig(rollout=0)
+
+
+def test_chunked_head_kl_equals_the_plain_kl_and_its_gradient():
+    """head_kl (the frozen head's KL, chunk by chunk, gradient kept from the forward) gives the loss, the argmaxes
+    and the gradient of the plain computation over whole logits, for chunks that do and do not divide the rows."""
+    from recyclegpt.training.objectives import head_kl
+
+    torch.manual_seed(0)
+    cfg = PRESETS["tiny"]
+    base = Transformer(cfg).requires_grad_(False)
+    student, teacher = torch.randn(11, cfg.d_model, requires_grad=True), torch.randn(11, cfg.d_model)
+    q = base.head(student).log_softmax(-1)
+    p = base.head(teacher).log_softmax(-1)
+    want = (p.exp() * (p - q)).sum(-1).mean()
+    (want_grad,) = torch.autograd.grad(want, student)
+    for chunk in (4, 11, 64):
+        loss, s_arg, t_arg = head_kl(base, student, teacher, chunk=chunk)
+        torch.testing.assert_close(loss, want)
+        (grad,) = torch.autograd.grad(2 * loss, student)
+        torch.testing.assert_close(grad, 2 * want_grad)
+        assert torch.equal(s_arg, q.argmax(-1)) and torch.equal(t_arg, p.argmax(-1))
+
+
+@pytest.mark.parametrize("rollout", [1, 3])
+def test_frozen_distillation_takes_the_chunked_path_with_the_same_loss(rollout):
+    """A frozen base distilling (the retrofit and online regimes) gets the loss, metrics and module gradients that
+    the same objective gives with the V-wide logits kept (the joint regime's path, its base's gradient aside)."""
+    torch.manual_seed(0)
+    cfg = PRESETS["tiny"]
+    model = RecycleModel.build(cfg, RecycleConfig())
+    idx = torch.randint(0, cfg.vocab_size, (3, 12))
+    mask = torch.zeros(3, 12, dtype=torch.bool)
+    mask[:, 4:] = True
+    mask[1, 9:] = False
+    kw = dict(lam=1.0, loss_mask=mask, target="distill", rollout=rollout)
+    joint = recycle_losses(model, idx, train_base=True, detach_hidden=True, **kw)
+    model.module.zero_grad()
+    joint["loss"].backward()  # L_lm + L_rec: the module's gradient is L_rec's alone (detach_hidden)
+    want = [p.grad.clone() for p in model.module.parameters()]
+    model.base.requires_grad_(False)
+    model.module.zero_grad()
+    frozen = recycle_losses(model, idx, train_base=False, **kw)
+    frozen["loss"].backward()
+    for key in ("rec", "lm", "lm_acc", "rec_acc", "rec_agree") + (("roll", "roll_agree") if rollout > 1 else ()):
+        torch.testing.assert_close(frozen[key], joint[key], msg=key)
+    for g, w in zip((p.grad for p in model.module.parameters()), want):
+        torch.testing.assert_close(g, w)

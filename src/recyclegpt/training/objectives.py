@@ -37,12 +37,74 @@ def _mean(values: torch.Tensor) -> torch.Tensor:
     return values.sum() / max(values.numel(), 1)
 
 
+HEAD_CHUNK = 2048  # rows of V-wide logits a chunked head loss holds at once
+
+
+class _HeadKL(torch.autograd.Function):
+    """Mean over rows of KL(softmax(t W^T) || softmax(s W^T)) for normed states s (student, with gradient) and t
+    (teacher) and a frozen head W, `chunk` rows at a time: the (N, V) logits of either side never exist whole.
+    The forward keeps the gradient (q - p) W / N of each chunk (N x d, not N x V), so the backward is a scale.
+    Also returns both sides' argmax per row (for agreement), which carry no gradient."""
+
+    @staticmethod
+    def forward(ctx, s: torch.Tensor, t: torch.Tensor, weight: torch.Tensor, chunk: int):
+        n = s.shape[0]
+        total = torch.zeros((), dtype=torch.float32, device=s.device)
+        grad = torch.empty(s.shape, dtype=torch.float32, device=s.device)
+        s_arg = torch.empty(n, dtype=torch.long, device=s.device)
+        t_arg = torch.empty(n, dtype=torch.long, device=s.device)
+        for a in range(0, n, chunk):
+            b = min(n, a + chunk)
+            z = (s[a:b].to(weight.dtype) @ weight.t()).float()
+            log_q = torch.log_softmax(z, dim=-1)
+            log_p = torch.log_softmax((t[a:b].to(weight.dtype) @ weight.t()).float(), dim=-1)
+            p = log_p.exp()
+            total += (p * (log_p - log_q)).sum()
+            grad[a:b] = ((log_q.exp() - p).to(weight.dtype) @ weight).float()
+            s_arg[a:b], t_arg[a:b] = z.argmax(-1), log_p.argmax(-1)
+        scale = 1.0 / max(n, 1)
+        ctx.save_for_backward(grad)
+        ctx.scale, ctx.dtype = scale, s.dtype
+        ctx.mark_non_differentiable(s_arg, t_arg)
+        return total * scale, s_arg, t_arg
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor, *_):
+        (grad,) = ctx.saved_tensors
+        return (grad * (g * ctx.scale)).to(ctx.dtype), None, None, None
+
+
+def head_kl(base: Transformer, student: torch.Tensor, teacher: torch.Tensor, chunk: int = HEAD_CHUNK
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """KL(p_teacher || q_student) averaged over rows, where each side's distribution is the base's final norm and
+    frozen LM head over its pre-norm hidden states (N, d), chunked (_HeadKL); with each side's argmax per row.
+    The products run in the head's dtype (bf16 for a bf16 base, as under autocast), the softmaxes in float32."""
+    with torch.no_grad():
+        t = base.norm(teacher)
+    return _HeadKL.apply(base.norm(student), t, base.lm_head.weight, chunk)
+
+
 def lm_losses(base: Transformer, idx: torch.Tensor, *,
               loss_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """The base alone (the no-module baseline): {"loss", "lm", "lm_acc", "lm_tokens"} for idx (B, T)."""
     sel = None if loss_mask is None else loss_mask[:, 1:]
     logits = base.head(_select(base(idx, num_logits=0).hidden[:, :-1], sel))
     return _lm_terms(logits, _select(idx[:, 1:], sel), with_grad=True)
+
+
+def _lm_terms_chunked(base: Transformer, rows: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+    """_lm_terms of a frozen base, without gradient, from its pre-norm rows (N, d), HEAD_CHUNK rows at a time."""
+    ce = torch.zeros((), dtype=torch.float32, device=rows.device)
+    hits = torch.zeros((), dtype=torch.float32, device=rows.device)
+    with torch.no_grad():
+        for a in range(0, rows.shape[0], HEAD_CHUNK):
+            logits = base.head(rows[a:a + HEAD_CHUNK]).float()
+            ce += _token_ce(logits, targets[a:a + HEAD_CHUNK]).sum()
+            hits += (logits.argmax(-1) == targets[a:a + HEAD_CHUNK]).float().sum()
+    n = max(targets.numel(), 1)
+    lm = ce / n
+    return {"lm": lm, "lm_acc": hits / n, "lm_tokens": torch.tensor(targets.numel(), device=targets.device),
+            "loss": lm}
 
 
 def _lm_terms(logits: torch.Tensor, targets: torch.Tensor, with_grad: bool) -> dict[str, torch.Tensor]:
@@ -88,14 +150,22 @@ def recycle_losses(model: RecycleModel, idx: torch.Tensor, *, lam: float, loss_m
     if target not in ("data", "distill", "both"):
         raise ValueError(f"target must be 'data', 'distill' or 'both', got {target!r}")
     B, T = idx.shape
+    base = model.base
+    # a frozen head distilling: the V-wide logits are made chunk by chunk and never kept (head_kl)
+    chunked = target == "distill" and not train_base
     with torch.set_grad_enabled(train_base and torch.is_grad_enabled()):
-        full = model.base(idx, num_logits=0, taps=model.taps)
+        full = base(idx, num_logits=0, taps=model.taps)
         hidden = full.hidden  # (B, T, d) pre-norm
         # The head (d -> V, the largest matrix of a small model) runs only where there is a target: position p
         # predicts x_{p+1}, so the selection is loss_mask shifted by one.
         lm_sel = None if loss_mask is None else loss_mask[:, 1:]  # (B, T-1)
-        logits = model.base.head(_select(hidden[:, :-1], lm_sel))  # (N_lm, V)
-    out = _lm_terms(logits, _select(idx[:, 1:], lm_sel), with_grad=train_base)
+        lm_rows = _select(hidden[:, :-1], lm_sel)
+        lm_targets = _select(idx[:, 1:], lm_sel)
+        if chunked:
+            out = _lm_terms_chunked(base, lm_rows, lm_targets)
+        else:
+            logits = base.head(lm_rows)  # (N_lm, V)
+            out = _lm_terms(logits, lm_targets, with_grad=train_base)
 
     # module at t = 0..T-3 reads h_t and x_{t+1} and predicts x_{t+2}; its targets are where loss_mask[:, 2:] holds
     if detach_hidden or not train_base:
@@ -103,14 +173,23 @@ def recycle_losses(model: RecycleModel, idx: torch.Tensor, *, lam: float, loss_m
     state = model.state(full)[:, :-2]  # s_t; the taps' fusion (a module parameter) trains here
     rec_sel = None if loss_mask is None else loss_mask[:, 2:]  # (B, T-2)
     rec_hidden = model.recycle(state, idx[:, 1:-1], num_logits=0).hidden  # (B, T-2, d)
-    rec_logits = model.base.head(_select(rec_hidden, rec_sel)).float()  # (N, V)
     rec_targets = _select(idx[:, 2:], rec_sel)
-    # The base's distribution for x_{t+2} is its output at position t+1: the lm rows with p >= 1, in the same
-    # row-major order. A fixed teacher, so no gradient.
-    from_pos1 = (torch.arange(T - 1, device=idx.device) >= 1).expand(B, T - 1)
-    teacher_logits = logits[_select(from_pos1, lm_sel)].detach().float()
+    # The base's distribution for x_{t+2} is its output at position t+1, the same rows of the lm selection with
+    # p >= 1. A fixed teacher, so no gradient.
+    if chunked:
+        teacher_rows = _select(hidden[:, 1:-1], rec_sel).detach()
+    else:
+        from_pos1 = (torch.arange(T - 1, device=idx.device) >= 1).expand(B, T - 1)
+        teacher_logits = logits[_select(from_pos1, lm_sel)].detach().float()
 
-    def token_loss(logits: torch.Tensor, targets: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    def token_loss(rows: torch.Tensor, targets: torch.Tensor, sub: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The loss over the module's output rows (pre-norm) for `targets`, against the teacher's rows `sub` (all
+        when None); with the module's and the teacher's argmax per row."""
+        if chunked:
+            return head_kl(base, rows, teacher_rows if sub is None else teacher_rows[sub])
+        logits = base.head(rows).float()
+        teacher = teacher_logits if sub is None else teacher_logits[sub]
         terms = []
         if target in ("data", "both"):
             terms.append(_token_ce(logits, targets))
@@ -119,10 +198,9 @@ def recycle_losses(model: RecycleModel, idx: torch.Tensor, *, lam: float, loss_m
             log_q = F.log_softmax(logits, dim=-1)
             log_p = F.log_softmax(teacher, dim=-1)
             terms.append((log_p.exp() * (log_p - log_q)).sum(-1))
-        return _mean(sum(terms) / len(terms))
+        return _mean(sum(terms) / len(terms)), logits.argmax(-1), teacher.argmax(-1)
 
-    rec = token_loss(rec_logits, rec_targets, teacher_logits)
-    rec_pred = rec_logits.argmax(-1)
+    rec, rec_pred, teacher_pred = token_loss(_select(rec_hidden, rec_sel), rec_targets)
     out["rec"] = rec.detach()  # the one-step loss; the deeper depths are reported as "roll"
     if rollout > 1:
         t_idx = torch.arange(T - 2, device=idx.device).expand(B, T - 2)
@@ -132,10 +210,10 @@ def recycle_losses(model: RecycleModel, idx: torch.Tensor, *, lam: float, loss_m
             out_k = model.recycle(state[:, :-1], idx[:, k:-1], num_logits=0).hidden
             deep = t_idx >= k - 1
             sub = _select(deep, rec_sel)  # which of depth 1's selected targets depth k also has
-            logits_k = model.base.head(_select(F.pad(out_k, (0, 0, k - 1, 0)), deep if rec_sel is None
-                                               else rec_sel & deep)).float()
-            losses.append(token_loss(logits_k, rec_targets[sub], teacher_logits[sub]))
-            agree = agree + (logits_k.argmax(-1) == teacher_logits[sub].argmax(-1)).float().sum()
+            rows_k = _select(F.pad(out_k, (0, 0, k - 1, 0)), deep if rec_sel is None else rec_sel & deep)
+            loss_k, pred_k, teacher_k = token_loss(rows_k, rec_targets[sub], sub)
+            losses.append(loss_k)
+            agree = agree + (pred_k == teacher_k).float().sum()
             n = n + sub.sum()
             state = out_k.detach()
         if losses:
@@ -146,13 +224,13 @@ def recycle_losses(model: RecycleModel, idx: torch.Tensor, *, lam: float, loss_m
             rec = rec + rollout_weight * roll
 
     if feature_weight > 0:
-        norm = model.base.norm
+        norm = base.norm
         target_h = norm(_select(hidden[:, 1:-1], rec_sel)).detach().float()
         feat = _mean(F.smooth_l1_loss(norm(_select(rec_hidden, rec_sel)).float(), target_h, reduction="none").mean(-1))
         out["feat"] = feat.detach()
         rec = rec + feature_weight * feat
     out["rec_acc"] = _mean((rec_pred == rec_targets).float())
-    out["rec_agree"] = _mean((rec_pred == teacher_logits.argmax(-1)).float())
+    out["rec_agree"] = _mean((rec_pred == teacher_pred).float())
     out["rec_tokens"] = torch.tensor(rec_targets.numel(), device=idx.device)
     out["loss"] = out["loss"] + lam * rec if train_base else rec
     return out
