@@ -442,6 +442,8 @@ def test_chunked_head_kl_equals_the_plain_kl_and_its_gradient():
         (grad,) = torch.autograd.grad(2 * loss, student)
         torch.testing.assert_close(grad, 2 * want_grad)
         assert torch.equal(s_arg, q.argmax(-1)) and torch.equal(t_arg, p.argmax(-1))
+    with torch.no_grad():  # evaluation: the same loss, no gradient kept
+        torch.testing.assert_close(head_kl(base, student, teacher, chunk=4)[0], want)
 
 
 @pytest.mark.parametrize("rollout", [1, 3])

@@ -50,7 +50,8 @@ class _HeadKL(torch.autograd.Function):
     def forward(ctx, s: torch.Tensor, t: torch.Tensor, weight: torch.Tensor, chunk: int):
         n = s.shape[0]
         total = torch.zeros((), dtype=torch.float32, device=s.device)
-        grad = torch.empty(s.shape, dtype=torch.float32, device=s.device)
+        want_grad = ctx.needs_input_grad[0]  # not in evaluation
+        grad = torch.empty(s.shape if want_grad else (0,), dtype=torch.float32, device=s.device)
         s_arg = torch.empty(n, dtype=torch.long, device=s.device)
         t_arg = torch.empty(n, dtype=torch.long, device=s.device)
         for a in range(0, n, chunk):
@@ -60,7 +61,8 @@ class _HeadKL(torch.autograd.Function):
             log_p = torch.log_softmax((t[a:b].to(weight.dtype) @ weight.t()).float(), dim=-1)
             p = log_p.exp()
             total += (p * (log_p - log_q)).sum()
-            grad[a:b] = ((log_q.exp() - p).to(weight.dtype) @ weight).float()
+            if want_grad:
+                grad[a:b] = ((log_q.exp() - p).to(weight.dtype) @ weight).float()
             s_arg[a:b], t_arg[a:b] = z.argmax(-1), log_p.argmax(-1)
         scale = 1.0 / max(n, 1)
         ctx.save_for_backward(grad)
