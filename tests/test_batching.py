@@ -165,7 +165,7 @@ def test_generate_with_max_batch_gives_each_prompts_tokens_alone():
         assert got == lm.generate([p], strategy="recycle-verified", max_new_tokens=24).token_ids[0]
     assert [sum(len(s[i]) for s in steps) for i in range(len(prompts))] == [len(t) for t in out.token_ids]
     assert out.stats.new_tokens == sum(len(t) for t in out.token_ids) and out.stats.tau >= 1
-    with pytest.raises(ValueError, match="run alone"):
+    with pytest.raises(ValueError, match="for all rows at once"):
         lm.generate(prompts, strategy="speculative", max_batch=2, temperature=0.7)
     with pytest.raises(ValueError, match="runs on an engine"):
         lm.generate(prompts, max_batch=2, engine="eager")

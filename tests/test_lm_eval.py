@@ -176,9 +176,11 @@ def test_model_args_from_lm_eval(tiny_lm, monkeypatch):
                                              {"batch_size": 1, "device": "cuda:0", "max_batch_size": None})
     assert (lm.scoring, lm.batch_size) == ("recycle", 4)
     assert seen[-1] == {"model": "m", "recycle": "none", "device": None if not torch.cuda.is_available() else "cuda:0",
-                        "dtype": "bfloat16", "recycle_layers": 1, "recycle_vocab": "full"}
+                        "dtype": "bfloat16", "recycle_layers": 1, "recycle_vocab": "full", "quantize": None}
     lm = RecycleGPTLM.create_from_arg_obj({}, {"batch_size": "auto", "device": "cpu"})
     assert (lm.scoring, lm.batch_size, seen[-1]["model"], seen[-1]["device"]) == ("standard", 16, DEFAULT_MODEL, "cpu")
+    RecycleGPTLM.create_from_arg_string("quantize=int8", {"device": "cpu"})
+    assert seen[-1]["quantize"] == "int8"  # as --quantize
     with pytest.raises(ValueError, match="unknown model argument.*scorng"):
         RecycleGPTLM.create_from_arg_string("scorng=recycle")
 

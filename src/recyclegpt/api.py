@@ -149,7 +149,8 @@ class RecycleGPT:
     def from_pretrained(cls, model: str = DEFAULT_MODEL, *, recycle: str | Path | None = "default",
                         device: str | torch.device | None = None, dtype: torch.dtype | None = None,
                         random_module: RecycleConfig = RecycleConfig(), seed: int = 0,
-                        engine_options: EngineOptions = EngineOptions()) -> "RecycleGPT":
+                        engine_options: EngineOptions = EngineOptions(),
+                        quantize: str | None = None) -> "RecycleGPT":
         """Load by built-in name, GGUF file, Hugging Face folder or RecycleGPT checkpoint directory.
 
         recycle: "default" is a checkpoint's own module when `model` is a checkpoint that has one, else the module
@@ -159,10 +160,13 @@ class RecycleGPT:
             `random_module` (speed measurements only); None or "none" loads no module. `module_source` records
             which: the directory's path, "random", or None.
         engine_options: how the engines are built (`EngineOptions`).
+        quantize: "int8" for weight-only int8 products on the CPU (models.quantize, docs/cpu.md): faster decoding,
+            a slightly different model (its own reference: the lossless strategies give its own `standard`'s
+            tokens); None: the float weights. On CUDA a ConfigError.
         """
         device = torch.device(device) if device is not None else default_device()
         loaded = load(model, recycle=recycle, device=device, dtype=dtype or default_dtype(device),
-                      random_module=random_module, seed=seed)
+                      random_module=random_module, seed=seed, quantize=quantize)
         return cls(loaded.base, loaded.tokenizer, module=loaded.module, name=str(model),
                    module_source=loaded.module_source, engine_options=engine_options)
 

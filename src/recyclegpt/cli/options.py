@@ -1,5 +1,5 @@
 """Command-line pieces shared by the subcommands: how a subcommand is declared, and the model options of those
-that load a model (generate, bench, distill, eval, demo, serve), --threads among them."""
+that load a model (generate, bench, distill, eval, demo, serve), --threads and --quantize among them."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from ..api import (
 from ..config import KernelConfig, RecycleConfig
 from ..decoding.speculative import TreeShape
 from ..models import RECYCLE_VOCABS
+from ..models.quantize import QUANTIZE
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -46,9 +47,9 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
     return DTYPES[name]
 
 
-def add_model_args(p: argparse.ArgumentParser, *, threads: bool = True) -> None:
-    """--model, --recycle, --recycle-layers, --recycle-vocab, --device, --dtype; threads: also --threads (the
-    subcommands that run the model: all but export)."""
+def add_model_args(p: argparse.ArgumentParser, *, runs: bool = True) -> None:
+    """--model, --recycle, --recycle-layers, --recycle-vocab, --device, --dtype; runs: also --threads and
+    --quantize (the subcommands that run the model: all but export)."""
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"built-in name, .gguf file, Hugging Face folder or RecycleGPT checkpoint "
                         f"(default: {DEFAULT_MODEL})")
@@ -63,8 +64,11 @@ def add_model_args(p: argparse.ArgumentParser, *, threads: bool = True) -> None:
                         "module's draft vocabulary: a cheaper head, slightly lower α; docs/engine.md) (default: full)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bf16 on CUDA, fp32 on CPU)")
-    if threads:
+    if runs:
         add_threads_arg(p)
+        p.add_argument("--quantize", default=None, choices=QUANTIZE,
+                       help="int8: weight-only int8 products on the CPU (per-channel scales, bfloat16 activations; "
+                            "faster decoding, a slightly different model; docs/cpu.md) (default: the float weights)")
 
 
 def add_threads_arg(p: argparse.ArgumentParser) -> None:
@@ -147,7 +151,7 @@ def load_model(args: argparse.Namespace) -> RecycleGPT:
     lm = RecycleGPT.from_pretrained(args.model, recycle=args.recycle, device=args.device,
                                     dtype=parse_dtype(args.dtype),
                                     random_module=RecycleConfig(n_layer=args.recycle_layers),
-                                    engine_options=engine_options(args))
+                                    engine_options=engine_options(args), quantize=getattr(args, "quantize", None))
     vocab = getattr(args, "recycle_vocab", "full")
     if vocab != "full":
         if lm.model is None:

@@ -95,7 +95,7 @@ class RecycleGPTLM(LM):
                  scoring: str = "standard", batch_size: int | str | None = DEFAULT_BATCH_SIZE,
                  device: str | None = None, dtype: str | None = None, recycle_vocab: str = "full",
                  recycle_layers: int = 1, strategy: str = "standard", max_gen_toks: int = 256,
-                 max_batch_size: int | None = None) -> None:
+                 max_batch_size: int | None = None, quantize: str | None = None) -> None:
         super().__init__()
         if scoring not in SCORINGS:
             raise ValueError(f"unknown scoring {scoring!r}; choose one of {', '.join(SCORINGS)}")
@@ -111,7 +111,7 @@ class RecycleGPTLM(LM):
 
             self.lm = load_model(argparse.Namespace(
                 model=str(model), recycle="none" if recycle is None else str(recycle), device=device, dtype=dtype,
-                recycle_layers=int(recycle_layers), recycle_vocab=recycle_vocab))
+                recycle_layers=int(recycle_layers), recycle_vocab=recycle_vocab, quantize=quantize))
         if self.lm.tokenizer is None:
             raise ValueError("lm-eval passes text: the model needs a tokenizer")
         if (scoring != "standard" or strategies.get(strategy).needs_module) and self.lm.model is None:

@@ -28,6 +28,7 @@ from ..decoding.strategies import get as get_strategy
 from ..decoding.strategies import lossless_names
 from ..decoding.strategies import names as strategy_names
 from ..models import RecyclableModule, Transformer
+from ..models.quantize import quantized
 from .differential import NEAR_TIE_RANK, choice_margin, first_difference
 from .llama_cpp_baseline import LLAMA_CPP
 from .quality import evaluate_agreement
@@ -349,6 +350,7 @@ def run_bench(lm: RecycleGPT, prompts: list[str] | list[list[int]], *,
     return {
         "device": device_name(lm.device),
         "dtype": str(lm.base.tok_emb.weight.dtype).removeprefix("torch."),
+        "quantize": quantized(lm.base),
         "model": lm.name,
         "module": lm.module_source,
         "prompts": len(ids),
@@ -515,7 +517,8 @@ def device_name(device: torch.device) -> str:
 def format_table(report: dict) -> str:
     head = f"{'strategy':<17} {'tok/s':>8} {'median':>8} {'ttft ms':>8} {'step ms':>8} {'mem MB':>8} {'tokens':>7} " \
            f"{'tok/full':>8} {'tau':>5} {'alpha':>6} {'vs std':>7} {'vs HF':>7}  engine"
-    lines = [f"device: {report['device']}  dtype: {report['dtype']}  model: {report['model']}  "
+    weights = f" ({report['quantize']} weights)" if report.get("quantize") else ""
+    lines = [f"device: {report['device']}  dtype: {report['dtype']}{weights}  model: {report['model']}  "
              f"module: {report['module']}  prompts: {report['prompts']}  batch: {report['batch_size']}"
              f"{' (continuous)' if report.get('continuous') else ''}  "
              f"max_new_tokens: {report['max_new_tokens']}"

@@ -12,6 +12,7 @@ import torch
 
 from ..config import RecycleConfig
 from ..models import RecyclableModule, RecycleModel, Transformer
+from ..models.quantize import check_quantize, quantize_models
 from . import checkpoint, registry, weights
 from .tokenizer import Tokenizer
 
@@ -44,7 +45,8 @@ def load_base(name_or_path: str | Path, *, device: torch.device | str | None = N
 
 
 def load(model: str | Path, *, recycle: str | Path | None = "default", device: torch.device | str = "cpu",
-         dtype: torch.dtype = torch.float32, random_module: RecycleConfig = RecycleConfig(), seed: int = 0) -> Loaded:
+         dtype: torch.dtype = torch.float32, random_module: RecycleConfig = RecycleConfig(), seed: int = 0,
+         quantize: str | None = None) -> Loaded:
     """Load `model` (a built-in name, a .gguf file, a Hugging Face folder or a RecycleGPT checkpoint directory) with
     a recyclable module, on `device` in `dtype`.
 
@@ -53,7 +55,17 @@ def load(model: str | Path, *, recycle: str | Path | None = "default", device: t
         checkpoint directory puts its module on this base, as does a shipped module's name
         (registry.shipped_modules: `<model>-<variant>`); "random" an untrained module shaped by `random_module`
         and `seed` (speed measurements only); None or "none" loads no module.
+    quantize: "int8" gives the base's and the module's products weight-only int8 forms (models.quantize; the CPU
+        only, checked before anything loads); None keeps the float weights alone.
     """
+    check_quantize(quantize, device)
+    loaded = _load(model, recycle=recycle, device=device, dtype=dtype, random_module=random_module, seed=seed)
+    quantize_models(quantize, loaded.base, loaded.module)
+    return loaded
+
+
+def _load(model: str | Path, *, recycle: str | Path | None, device: torch.device | str, dtype: torch.dtype,
+          random_module: RecycleConfig, seed: int) -> Loaded:
     if is_checkpoint(model):
         def base_loader(ref: str) -> tuple[Transformer, Tokenizer]:
             try:

@@ -157,6 +157,7 @@ class RecycleModel(nn.Module):
         self.use_draft_vocab = True  # draft over the module's draft vocabulary, if it has one
         self.recycle_vocab = "full"  # `recycle`'s own tokens: over the full head, or its draft vocabulary ("draft")
         self.register_buffer("draft_weight", None, persistent=False)  # its LM head rows: refresh_draft_head
+        self.register_module("draft_int8", None)  # their int8 form, where the LM head has one (quantize_int8_)
         self._draft_key: tuple | None = None  # what draft_weight was copied from
 
     @classmethod
@@ -175,19 +176,25 @@ class RecycleModel(nn.Module):
 
     def refresh_draft_head(self) -> None:
         """Copy the LM head's rows of the draft vocabulary into `draft_weight` (None without one, or with
-        use_draft_vocab off). Decoding calls this before it drafts; in place when the shape holds, so that captured
-        CUDA graphs stay valid."""
+        use_draft_vocab off), and the rows of its int8 form into `draft_int8` (None where it has none). Decoding
+        calls this before it drafts; in place when the shape holds, so that captured CUDA graphs stay valid."""
         ids = getattr(self.module, "draft_ids", None)
         if ids is None or not self.use_draft_vocab:
-            self.draft_weight, self._draft_key = None, None
+            self.draft_weight, self.draft_int8, self._draft_key = None, None, None
             return
-        head = self.base.lm_head.weight
-        key = (head.data_ptr(), head._version, head.dtype, ids.data_ptr(), ids._version)
+        head, int8 = self.base.lm_head.weight, self.base.lm_head.int8
+        key = (head.data_ptr(), head._version, head.dtype, ids.data_ptr(), ids._version,
+               None if int8 is None else int8.values.data_ptr())
         if self.draft_weight is not None and key == self._draft_key:
             return  # still a copy of the current rows: nothing to redo
         rows = head.detach().index_select(0, ids.to(head.device))
         self._draft_key = key
         self.draft_weight = _in_place(self.draft_weight, rows)
+        self.draft_int8 = None if int8 is None else int8.select(ids)
+
+    def _draft_head(self, out: torch.Tensor) -> torch.Tensor:
+        """The logits (..., N) of the draft vocabulary's N tokens from the module's output `out` (..., d)."""
+        return linear(self.base.norm(out), self.draft_weight, self.kernels, self.draft_int8)
 
     def draft_logits(self, out: torch.Tensor) -> torch.Tensor:
         """The module's logits (..., V) for drafting from its output `out`: over the draft vocabulary when
@@ -195,7 +202,7 @@ class RecycleModel(nn.Module):
         else the full head."""
         if self.draft_weight is None:
             return self.base.head(out)
-        small = linear(self.base.norm(out), self.draft_weight, self.kernels)
+        small = self._draft_head(out)
         full = small.new_full((*small.shape[:-1], self.base.cfg.vocab_size), float("-inf"))
         return full.index_copy_(-1, self.module.draft_ids, small)
 
@@ -226,8 +233,7 @@ class RecycleModel(nn.Module):
         """The module's greedy token ids (...,) over the draft vocabulary from its output `out` (..., d), with
         `draft_weight` set: the index `draft_logits(out).argmax(-1)` gives, without the V-wide logits (the draft
         ids are sorted, so the first of equal maxima is the same token)."""
-        return self.module.draft_ids[topk.argmax(linear(self.base.norm(out), self.draft_weight, self.kernels),
-                                                 cuda_path=self.kernels.cuda_paths_on_cpu)]
+        return self.module.draft_ids[topk.argmax(self._draft_head(out), cuda_path=self.kernels.cuda_paths_on_cpu)]
 
     def module_argmax(self, out: torch.Tensor) -> torch.Tensor:
         """`recycle`'s greedy token ids (...,) from the module's output `out` (..., d): over the full head, or over
@@ -246,7 +252,7 @@ class RecycleModel(nn.Module):
         if use_draft_head_kernel(out, k, self.kernels):  # norm, head and a first selection in one kernel
             logp, ids = triton_draft_head.head_top_k(out, self.base.norm.weight, self.base.norm.eps, w, k)
         else:
-            logits = linear(self.base.norm(out), w, self.kernels)
+            logits = self.base.head(out) if self.draft_weight is None else self._draft_head(out)
             values, ids = top_k(logits, k, cuda_path=self.kernels.cuda_paths_on_cpu)
             logp = values.float() - torch.logsumexp(logits.float(), -1, keepdim=True)
         return logp, (ids if self.draft_weight is None else self.module.draft_ids[ids])

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +22,9 @@ from ..config import KernelConfig, ModelConfig
 from ..kernels import attention as triton_attention
 from ..kernels import draft_head as triton_draft_head
 from ..kernels import linear as triton_linear
+
+if TYPE_CHECKING:
+    from .quantize import Int8Weight
 
 
 class ModelOutput(NamedTuple):
@@ -125,16 +128,27 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 FEW_ROWS = 32  # products with at most this many rows may take `linear`'s transposed CPU form
+# an int8 model's cached calls attend over their slots rounded up to a multiple of this many (`RowPlan`)
+ROW_BUCKET = 64
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, kernels: KernelConfig = KernelConfig()) -> torch.Tensor:
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, kernels: KernelConfig = KernelConfig(),
+           int8: Int8Weight | None = None) -> torch.Tensor:
     """x @ weight.T, as F.linear; on the CPU, for decoding's few-row products, possibly as (weight @ x.T).T.
 
     Without autograd, in float32 on the CPU, for at most FEW_ROWS rows (a decode step, a verification, a draft
     tree) and a row-major weight, `kernels.cpu_products` picks the form (see KernelConfig): the transposed "tall"
     product (many weight rows, a few columns; a single row doubled, since BLAS's one-column path is slower than its
     two-column one) or F.linear's. Which is faster depends on the CPU's BLAS paths (docs/cpu.md).
+    int8: the weight's int8 form (`quantize.quantize_int8_`); where given, the product is its weight-only int8
+    product for every row count, and `weight` is not read.
     """
+    if int8 is not None:
+        return int8(x)
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if (x.device.type != "cpu" or x.dtype != torch.float32 or not 0 < rows <= FEW_ROWS
             or torch.is_grad_enabled() or not weight.is_contiguous() or not _transposed(kernels.cpu_products)):
@@ -187,15 +201,17 @@ def _measure_transposed() -> bool:
 
 
 class Linear(nn.Linear):
-    """A bias-free nn.Linear whose forward is `linear` (its CPU few-row forms); same parameters and state dict."""
+    """A bias-free nn.Linear whose forward is `linear` (its CPU few-row forms); same parameters and state dict.
+    `int8`: the weight's int8 form once `quantize.quantize_int8_` has run (its products then take it), else None."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
         if bias:
             raise ValueError("the model's Linear layers have no bias")
         super().__init__(in_features, out_features, bias=False)
+        self.register_module("int8", None)
 
     def forward(self, x: torch.Tensor, kernels: KernelConfig = KernelConfig()) -> torch.Tensor:
-        return linear(x, self.weight, kernels)
+        return linear(x, self.weight, kernels, self.int8)
 
 
 class Attention(nn.Module):
@@ -207,12 +223,14 @@ class Attention(nn.Module):
         self.wv = Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=False)
         self.wo = Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=False)
         self.register_buffer("wqkv", None, persistent=False)  # set by fuse_projections (inference)
+        self.register_module("wqkv_int8", None)  # its int8 form: quantize_int8_
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
                 cache: KVCache | None, layer: int, input_pos: torch.Tensor | None, kv_end: int,
                 kernels: KernelConfig) -> torch.Tensor:
         if self.wqkv is not None and not torch.is_grad_enabled():  # one matmul instead of three
-            y = self.attend(linear(x, self.wqkv, kernels), rope, mask, cache, layer, input_pos, kv_end, kernels)
+            y = self.attend(linear(x, self.wqkv, kernels, self.wqkv_int8), rope, mask, cache, layer, input_pos,
+                            kv_end, kernels)
             return self.wo(y, kernels)
         B, T, _ = x.shape
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
@@ -244,6 +262,9 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.write(layer, input_pos, k, v, kv_end)  # (B, Hkv, kv_end, D)
         groups = H // Hkv  # grouped-query attention: each kv head serves `groups` query heads
+        if isinstance(mask, RowPlan):  # an int8 model's cached call on few tokens: rows in a step's form
+            q = q.reshape(B, Hkv, groups * T, D) if groups > 1 else q
+            return mask.attend(q, k, v).reshape(B, H, T, D).transpose(1, 2).reshape(B, T, H * D)
         folded = mask is not None and mask.shape[-2] == groups * T
         if groups > 1 and folded:
             # the query heads of a group become more rows of one query, against the group's keys and values as
@@ -256,6 +277,77 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
         return y.reshape(B, H, T, D).transpose(1, 2).reshape(B, T, H * D)
 
+    @property
+    def by_row(self) -> bool:
+        """Whether cached calls on few tokens attend each query row in the form of a decode step at its slot
+        (`RowPlan`): in int8 models (`quantize.quantize_int8_`), whose bfloat16 roundings would turn the last-bit
+        differences between a batched attention and a step's into different tokens."""
+        return self.wqkv_int8 is not None or self.wq.int8 is not None
+
+
+class RowPlan:
+    """How an int8 model's cached call attends where its mask has the query heads folded (T <= FOLD_MAX_TOKENS
+    tokens; any T without grouped queries): made once per call by `_stack`, read by every layer in place of the
+    mask. Each query row attends in the form a one-token call at its slot takes: over the slots below its slot + 1
+    rounded up to ROW_BUCKET (`run_blocks` rounds kv_end to match), those past its own masked. SDPA's sums over the
+    slots change with the length of a masked tail but not with the row count (measured), so a chain's rows (a step,
+    a prompt, a verified chain or recycle pair: each row's mask is a step's at its slot) attend in one SDPA call per
+    bucket they fall in, usually one. A draft tree's row, whose ancestors lie among its siblings, reads a copy of
+    the slots below the call's first and of the call's slots it sees, in order: the cache a step on its branch
+    reads. A verification so gives the bits of the decode steps that would emit its tokens, whatever its row count
+    or kv_end, and the lossless strategies stay exact (docs/cpu.md).
+
+    mask: the call's additive mask with the query heads folded (B or 1, 1, g*T, S), row i*T + t; slots: the T
+    slots (host ints)."""
+
+    def __init__(self, mask: torch.Tensor, slots: list[int], groups: int) -> None:
+        T, S, first = len(slots), mask.shape[-1], slots[0]
+        self.T, self.groups = T, groups
+        ms = mask.view(*mask.shape[:2], groups, T, S)
+        chain = T == 1 or first == 0 or (slots == list(range(first, first + T)) and torch.equal(
+            (ms[:, 0, 0, :, first:first + T] == 0).tril(), torch.ones(T, T, dtype=torch.bool).tril().expand(
+                ms.shape[0], T, T)))
+        self.buckets: list[tuple[int, int, int, torch.Tensor]] = []  # chain: (first row, end row, slots read, mask)
+        self.rows: list[list[tuple[slice, torch.Tensor, torch.Tensor]]] = []  # tree: per row (batch rows, idx, mask)
+        if chain:
+            ends = [min(_round_up(slot + 1, ROW_BUCKET), S) for slot in slots]
+            t = 0
+            while t < T:
+                u = t + ends[t:].count(ends[t])
+                self.buckets.append((t, u, ends[t], ms[:, :, :, t:u, :ends[t]].reshape(*ms.shape[:2], -1, ends[t])))
+                t = u
+            return
+        seen = ms[:, 0, 0, :, first:] == 0  # (1 or B, T, S - first): the call's own slots each row sees
+        for t in range(T):
+            own = [torch.nonzero(row[t]).flatten().add_(first) for row in seen]
+            same = all(torch.equal(o, own[0]) for o in own[1:])  # every batch row sees the same slots: one call
+            parts = []
+            for b, o in ([(slice(None), own[0])] if same else [(slice(b, b + 1), o) for b, o in enumerate(own)]):
+                n = first + len(o)
+                end = min(_round_up(n, ROW_BUCKET), S)
+                idx = torch.cat((torch.arange(first, device=o.device), o, o.new_zeros(end - n)))
+                mm = ms[b][:, :, :, t].index_select(-1, idx)
+                mm[..., n:] = float("-inf")  # the step's masked tail (the slots read there are any, finite)
+                parts.append((b, idx, mm))
+            self.rows.append(parts)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q (B, Hq, g*T, D) folded, k, v (B, Hq, S, D) -> (B, Hq, g*T, D)."""
+        B, Hq, _, D = q.shape
+        if self.buckets:
+            qs, ys = q.view(B, Hq, self.groups, self.T, D), []
+            for t, u, end, mask in self.buckets:
+                y = F.scaled_dot_product_attention(qs[:, :, :, t:u].reshape(B, Hq, -1, D), k[:, :, :end],
+                                                   v[:, :, :end], attn_mask=mask)
+                ys.append(y.view(B, Hq, self.groups, u - t, D))
+            return (torch.cat(ys, dim=3) if len(ys) > 1 else ys[0]).view(B, Hq, -1, D)
+        qs, ys = q.view(B, Hq, self.groups, self.T, D), []
+        for t, parts in enumerate(self.rows):
+            out = [F.scaled_dot_product_attention(qs[b, :, :, t].contiguous(), k[b].index_select(2, idx),
+                                                  v[b].index_select(2, idx), attn_mask=mm) for b, idx, mm in parts]
+            ys.append(torch.cat(out) if len(out) > 1 else out[0])
+        return torch.stack(ys, dim=3).view(B, Hq, -1, D)
+
 
 class MLP(nn.Module):
     """SwiGLU: w2(silu(w1 x) * w3 x)."""
@@ -266,10 +358,11 @@ class MLP(nn.Module):
         self.w3 = Linear(cfg.d_model, cfg.d_ff, bias=False)  # up
         self.w2 = Linear(cfg.d_ff, cfg.d_model, bias=False)  # down
         self.register_buffer("w13", None, persistent=False)  # set by fuse_projections (inference)
+        self.register_module("w13_int8", None)  # its int8 form: quantize_int8_
 
     def forward(self, x: torch.Tensor, kernels: KernelConfig = KernelConfig()) -> torch.Tensor:
         if self.w13 is not None and not torch.is_grad_enabled():  # one matmul instead of two
-            gate, up = linear(x, self.w13, kernels).chunk(2, dim=-1)
+            gate, up = linear(x, self.w13, kernels, self.w13_int8).chunk(2, dim=-1)
             return self.w2(F.silu(gate) * up, kernels)
         return self.w2(F.silu(self.w1(x, kernels)) * self.w3(x, kernels), kernels)
 
@@ -376,10 +469,15 @@ def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, cfg: ModelConfig, *, inpu
     if input_pos is None:
         raise ValueError("cached decoding needs input_pos, the cache slots of the T new tokens")
     kv_end = cache.max_len if kv_end is None else kv_end
+    if blocks and blocks[0].attn.by_row:  # whole buckets of slots (Attention._attend_by_row)
+        kv_end = min(_round_up(kv_end, ROW_BUCKET), cache.max_len)
     if tree is not None:
         rope = rotary(tree.positions, cfg.head_dim, cfg.rope_theta, x.dtype)
-        return _stack(blocks, x, rope, attention_mask(tree.mask, x.dtype, cfg), cache, input_pos, kv_end, taps,
-                      kernels, keep)
+        seen = tree.mask
+        if seen.shape[-1] < kv_end:  # a rounded kv_end: the slots added are seen by no one
+            seen = F.pad(seen, (0, kv_end - seen.shape[-1]))
+        return _stack(blocks, x, rope, attention_mask(seen, x.dtype, cfg), cache, input_pos, kv_end, taps, kernels,
+                      keep)
     t = call_tables(cfg, input_pos, pad, kv_end, x.dtype)
     return _stack(blocks, x, t.rope, t.mask, cache, input_pos, kv_end, taps, kernels, keep)
 
@@ -497,6 +595,11 @@ def _stack(blocks, x, rope, mask, cache, input_pos, kv_end, taps, kernels, keep=
         rope, mask = (cos, sin), (rest[0] if mask is not None else None)
         if slots:
             input_pos = rest[-1]
+    if (cache is not None and mask is not None and blocks and blocks[0].attn.by_row
+            and not torch.compiler.is_compiling()):
+        groups = blocks[0].attn.n_head // blocks[0].attn.n_kv_head
+        if mask.shape[-2] == groups * x.shape[1]:  # a folded mask: a call on few tokens
+            mask = RowPlan(mask, input_pos.tolist(), groups)
     tapped = []
     if keep is not None and (taps or not 0 < keep <= x.shape[1]):
         raise ValueError(f"keep={keep}: the last block's output for 1 to {x.shape[1]} positions, without taps")
@@ -593,6 +696,8 @@ class Transformer(nn.Module):
     def new_cache(self, batch: int, max_len: int, *, device=None, dtype=None) -> KVCache:
         if max_len > self.cfg.context_length:
             raise ValueError(f"cache length {max_len} exceeds the model's context length {self.cfg.context_length}")
+        if self.layers and self.layers[0].attn.by_row:  # every call's rounded kv_end fits (run_blocks)
+            max_len = min(_round_up(max_len, ROW_BUCKET), self.cfg.context_length)
         p = self.tok_emb.weight
         return KVCache(self.cfg.n_layer, batch, self.cfg.n_kv_head, max_len, self.cfg.head_dim,
                        device=device or p.device, dtype=dtype or p.dtype)
