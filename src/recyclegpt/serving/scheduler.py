@@ -14,8 +14,9 @@ behind it of the same strategy and kind join it as they come, up to `max_batch` 
 and each leaves at its own end (its stop, its max_tokens, its client leaving), when its response is sent. A job of
 another kind at the head of the queue stops the joining: the batch drains, then that job runs. A sampled request
 of `standard` or `recycle` draws from its own generator, so a seed gives the same text whatever else is decoding;
-unseeded sampled requests of a verified strategy share one generator and join only a batch of their settings. The tokens a batched
-request gets are those it gets alone (up to 16-bit near-ties, where the kernels sum a batch in another order).
+unseeded sampled requests of a verified strategy share one generator and join only a batch of their settings.
+The tokens a batched request gets are those it gets alone (up to 16-bit near-ties, where the kernels sum a batch
+in another order).
 Batches run on an engine: "auto" takes the static engine on the CPU; with the eager loop named, every request runs
 alone.
 """
