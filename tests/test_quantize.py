@@ -169,7 +169,7 @@ def test_the_row_plan_computes_the_attention(kind):
     g = torch.Generator().manual_seed(0)
     B, Hkv, groups, D, first = 2, 2, 3, 16, 62
     slots = list(range(first, first + 4))
-    S = tf._round_up(slots[-1] + 1, tf.ROW_BUCKET)  # as run_blocks rounds kv_end
+    S = tf.round_up(slots[-1] + 1, tf.ROW_BUCKET)  # as run_blocks rounds kv_end
     pos = torch.arange(S)
     if kind == "chain":
         pad = torch.tensor([0, 5])

@@ -46,6 +46,7 @@ from ..models import (
     call_tables,
     fuse_projections,
     prefill_attention,
+    round_up,
     transposed_faster,
 )
 from . import strategies, topk
@@ -74,10 +75,6 @@ from .verify import verify_chain, verify_tree
 MAX_ROUND_TOKENS = 64  # a verified round keeps at most this many tokens (draft length or tree depth + 1)
 KV_BUCKET = 256  # attention reads the cache up to a multiple of this many slots: one graph (and compile) per bucket
 PREFILL_BUCKET = 64  # with graphs, prompts are left-padded to a multiple of this many tokens: one graph per length
-
-
-def round_up(n: int, m: int) -> int:
-    return -(-n // m) * m
 
 
 class Decoder:

@@ -26,6 +26,7 @@ from .transformer import (
                           linear,
                           prefill_attention,
                           rotary,
+                          round_up,
                           run_blocks,
                           transposed_faster,
                           use_cached_attention,
@@ -38,5 +39,5 @@ __all__ = ["Int8Weight", "quantize_int8_", "RECYCLE_VOCABS", "RecyclableModule",
            "FOLD_MAX_TOKENS", "FUSED_MAX_WIDTH",
            "MLP", "Attention", "Block", "KVCache", "Linear", "ModelOutput", "RMSNorm", "Tables", "Transformer", "Tree",
            "apply_rotary", "attention_mask", "call_tables", "fuse_projections", "fused_linear_fits", "init_weights",
-           "linear", "prefill_attention", "rotary", "run_blocks", "use_cached_attention", "use_decode_kernel",
-           "use_draft_head_kernel", "use_fused_linear", "transposed_faster"]
+           "linear", "prefill_attention", "rotary", "round_up", "run_blocks", "use_cached_attention",
+           "use_decode_kernel", "use_draft_head_kernel", "use_fused_linear", "transposed_faster"]

@@ -132,7 +132,8 @@ FEW_ROWS = 32  # products with at most this many rows may take `linear`'s transp
 ROW_BUCKET = 64
 
 
-def _round_up(n: int, m: int) -> int:
+def round_up(n: int, m: int) -> int:
+    """n rounded up to a multiple of m."""
     return -(-n // m) * m
 
 
@@ -310,7 +311,7 @@ class RowPlan:
         self.buckets: list[tuple[int, int, int, torch.Tensor]] = []  # chain: (first row, end row, slots read, mask)
         self.rows: list[list[tuple[slice, torch.Tensor, torch.Tensor]]] = []  # tree: per row (batch rows, idx, mask)
         if chain:
-            ends = [min(_round_up(slot + 1, ROW_BUCKET), S) for slot in slots]
+            ends = [min(round_up(slot + 1, ROW_BUCKET), S) for slot in slots]
             t = 0
             while t < T:
                 u = t + ends[t:].count(ends[t])
@@ -324,7 +325,7 @@ class RowPlan:
             parts = []
             for b, o in ([(slice(None), own[0])] if same else [(slice(b, b + 1), o) for b, o in enumerate(own)]):
                 n = first + len(o)
-                end = min(_round_up(n, ROW_BUCKET), S)
+                end = min(round_up(n, ROW_BUCKET), S)
                 idx = torch.cat((torch.arange(first, device=o.device), o, o.new_zeros(end - n)))
                 mm = ms[b][:, :, :, t].index_select(-1, idx)
                 mm[..., n:] = float("-inf")  # the step's masked tail (the slots read there are any, finite)
@@ -469,8 +470,8 @@ def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, cfg: ModelConfig, *, inpu
     if input_pos is None:
         raise ValueError("cached decoding needs input_pos, the cache slots of the T new tokens")
     kv_end = cache.max_len if kv_end is None else kv_end
-    if blocks and blocks[0].attn.by_row:  # whole buckets of slots (Attention._attend_by_row)
-        kv_end = min(_round_up(kv_end, ROW_BUCKET), cache.max_len)
+    if blocks and blocks[0].attn.by_row:  # whole buckets of slots (RowPlan)
+        kv_end = min(round_up(kv_end, ROW_BUCKET), cache.max_len)
     if tree is not None:
         rope = rotary(tree.positions, cfg.head_dim, cfg.rope_theta, x.dtype)
         seen = tree.mask
@@ -697,7 +698,7 @@ class Transformer(nn.Module):
         if max_len > self.cfg.context_length:
             raise ValueError(f"cache length {max_len} exceeds the model's context length {self.cfg.context_length}")
         if self.layers and self.layers[0].attn.by_row:  # every call's rounded kv_end fits (run_blocks)
-            max_len = min(_round_up(max_len, ROW_BUCKET), self.cfg.context_length)
+            max_len = min(round_up(max_len, ROW_BUCKET), self.cfg.context_length)
         p = self.tok_emb.weight
         return KVCache(self.cfg.n_layer, batch, self.cfg.n_kv_head, max_len, self.cfg.head_dim,
                        device=device or p.device, dtype=dtype or p.dtype)
