@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import random
 import socket
 import sys
 import threading
@@ -343,6 +344,42 @@ def test_cancelled_job_ends_at_the_next_step(lm):
     job = Job(lm.encode(PROMPT), 200, "standard", 0.0, None, None, None, [], frozenset(), emit=emit)
     assert run_job(lm, job, "auto") is None
     assert len(deltas) == 1
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_text_tracker_is_the_whole_decode(lm, seed):
+    """Incremental text: the deltas concatenate to decoding all tokens at once, whatever the steps' sizes and however
+    the tokens split UTF-8 sequences; a stop string ends the text before its first occurrence, keeping the tokens up
+    to the one that completed it (both against decoding every prefix whole)."""
+    from recyclegpt.serving.scheduler import TextTracker, _Halt
+
+    tok, rng = lm.tokenizer, random.Random(seed)
+    ids = tok.encode("héllo wörld ☃ — naïve 日本語 text, the sky is blue! " * 3)
+    ids = [rng.choice(ids) if rng.random() < 0.3 else t for t in ids]  # broken UTF-8 sequences too
+    full = tok.decode(ids)
+    stops = [[], [full[len(full) // 2:len(full) // 2 + 3]], ["blue", "zzz"]][seed % 3]
+    deltas = []
+    job = Job([1], len(ids), "standard", 0.0, None, None, None, stops, frozenset(), emit=deltas.append)
+    tracker, i, halted = TextTracker(lm, job), 0, False
+    while i < len(ids) and not halted:
+        n = rng.randint(1, 5)
+        try:
+            tracker.add(ids[i:i + n])
+        except _Halt:
+            halted = True
+        i += n
+        assert full.startswith("".join(d for _, d in deltas))
+    cuts = [full.find(s) for s in stops if s in full]
+    if not cuts:
+        assert not halted
+        tracker.finish(full)
+        assert "".join(d for _, d in deltas) == full
+        return
+    cut = min(cuts)
+    kept = next(k for k in range(1, len(ids) + 1) if any(s in tok.decode(ids[:k]) for s in stops))
+    assert halted and tracker.stopped_text == full[:cut] and tracker.ids == ids[:kept]
+    tracker.finish(tracker.stopped_text)
+    assert "".join(d for _, d in deltas) == full[:cut]
 
 
 def resident_mb() -> float:

@@ -14,6 +14,7 @@ import logging
 import secrets
 import threading
 import time
+from collections import deque
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -163,6 +164,32 @@ class Gate:
             self.server.metrics.request(endpoint, status[0])
 
 
+class Outbox:
+    """Hands the worker thread's events to the event loop's request queues: one wake-up of the loop for each burst
+    of events (the worker emits for every running request after each check of a batch), not one per event."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._items: list[tuple[asyncio.Queue, Any]] = []
+        self._lock = threading.Lock()
+
+    def put(self, events: asyncio.Queue, ev: Any) -> None:
+        with self._lock:
+            self._items.append((events, ev))
+            if len(self._items) > 1:  # a flush is scheduled already
+                return
+        try:
+            self.loop.call_soon_threadsafe(self._flush)
+        except RuntimeError:  # the loop is closed (shutdown): nobody is listening
+            pass
+
+    def _flush(self) -> None:
+        with self._lock:
+            items, self._items = self._items, []
+        for events, ev in items:
+            events.put_nowait(ev)
+
+
 class Server:
     """The state behind the app: the model, its worker, the metrics."""
 
@@ -182,6 +209,7 @@ class Server:
         self.worker = Worker(lm, engine=config.engine, max_queue=config.max_queue, max_batch=config.max_batch,
                              max_len=self.context, on_done=self.metrics.generation)
         self.created = int(time.time())
+        self._outbox: Outbox | None = None
 
     def check_strategy(self, name: str, *, param: str | None = "recyclegpt.strategy") -> None:
         try:
@@ -323,14 +351,10 @@ class Server:
         """Queue the job; its events arrive on the returned asyncio queue."""
         events: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
-
-        def emit(ev) -> None:
-            try:
-                loop.call_soon_threadsafe(events.put_nowait, ev)
-            except RuntimeError:  # the loop is closed (shutdown): nobody is listening
-                pass
-
-        job.emit = emit
+        if self._outbox is None or self._outbox.loop is not loop:
+            self._outbox = Outbox(loop)
+        outbox = self._outbox
+        job.emit = lambda ev: outbox.put(events, ev)
         try:
             self.worker.submit(job)
         except QueueFull as e:
@@ -408,14 +432,21 @@ class Server:
             return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
         async def sse():
+            pending: deque = deque()  # events that came while the last chunk was sent
             try:
                 if chat:
                     first = json.loads(chunk("")[6:])
                     first["choices"][0]["delta"] = {"role": "assistant", "content": ""}
                     yield f"data: {json.dumps(first)}\n\n"
                 while True:
-                    kind, value = await events.get()
-                    if kind == "delta":
+                    if not pending:
+                        pending.append(await events.get())
+                        while not events.empty():
+                            pending.append(events.get_nowait())
+                    kind, value = pending.popleft()
+                    if kind == "delta":  # the text that waits goes out as one chunk
+                        while pending and pending[0][0] == "delta":
+                            value += pending.popleft()[1]
                         if value:
                             yield chunk(value)
                     elif kind == "error":

@@ -95,47 +95,66 @@ def score_tokens(lm: RecycleGPT, prompt: list[int], tokens: list[int], top: int)
 
 
 class TextTracker:
-    """Follows one request's tokens: the text so far, stop strings, and the part of the text safe to send."""
+    """Follows one request's tokens: the text so far, stop strings, and the part of the text safe to send.
+
+    The text grows incrementally: a step decodes only its new tokens, with the tokens of the step before as context,
+    and appends the difference, so its cost does not grow with the completion (decoding the whole completion at
+    every step is quadratic in its length). Tokens that end inside a UTF-8 sequence wait for the token that
+    completes it."""
 
     def __init__(self, lm: RecycleGPT, job: Job) -> None:
         self.lm, self.job = lm, job
         self.ids: list[int] = []
+        self.text = ""  # the text of ids[:_read]
+        self._prefix = self._read = 0  # ids[_prefix:_read]: the context of the next decode
         self.sent = 0  # characters already emitted
-        self.hold = max((len(s) for s in job.stop), default=1) - 1  # a stop string may still be forming here
+        self.longest = max((len(s) for s in job.stop), default=1)
+        self.hold = self.longest - 1  # a stop string may still be forming here
         self.stopped_text: str | None = None
+
+    def _advance(self, end: int) -> None:
+        """Extend the text to the first `end` tokens, unless they end inside a UTF-8 sequence."""
+        if end <= self._read:
+            return
+        decode = self.lm.tokenizer.decode
+        before = decode(self.ids[self._prefix:self._read])
+        now = decode(self.ids[self._prefix:end])
+        if now.endswith("\ufffd"):  # an unfinished UTF-8 sequence: wait for its next byte
+            return
+        self.text += now[len(before):]
+        self._prefix, self._read = self._read, end
 
     def add(self, tokens: list[int]) -> None:
         """Take the new tokens of one step; emit what became final; raise _Halt at a stop (the earliest, and with
         the tokens counted up to it, however many tokens came in this step)."""
-        decode = self.lm.tokenizer.decode
-        start, stop_token = len(self.ids), False
+        start, stop_token = self._read, False  # the stop string may end in any token not yet in the text
         for t in tokens:
             self.ids.append(t)
             if t in self.job.stop_token_ids:
                 stop_token = True
                 break
-        text = decode(self.ids[:-1] if stop_token else self.ids)
-        cut = self._stop_at(text)
+        searched = max(0, len(self.text) - self.longest + 1)  # a stop string ending before this was found before
+        end = len(self.ids) - stop_token
+        self._advance(end)
+        cut = self._stop_at(self.text, searched)
         if cut >= 0:  # the token that completed the stop string is the last one counted
-            end = len(self.ids) - stop_token
+            decode = self.lm.tokenizer.decode
             while start < end - 1 and self._stop_at(decode(self.ids[:start + 1])) < 0:
                 start += 1
             del self.ids[start + 1:]
-            self.stopped_text = text[:cut]
+            self.stopped_text = self.text[:cut]
             raise _Halt("stop string")
         if stop_token:
-            self.stopped_text = text
+            self.stopped_text = self.text if self._read == end else self.lm.tokenizer.decode(self.ids[:end])
             raise _Halt("stop token")
-        if text.endswith("\ufffd"):  # an unfinished UTF-8 sequence: wait for its next byte
-            return
-        safe = len(text) - self.hold
+        safe = len(self.text) - self.hold
         if safe > self.sent:
-            self.job.emit(("delta", text[self.sent:safe]))
+            self.job.emit(("delta", self.text[self.sent:safe]))
             self.sent = safe
 
-    def _stop_at(self, text: str) -> int:
-        """Where the first stop string begins in text; -1 when none does."""
-        return min((i for i in (text.find(s) for s in self.job.stop) if i >= 0), default=-1)
+    def _stop_at(self, text: str, start: int = 0) -> int:
+        """Where the first stop string begins in text (at or after `start`); -1 when none does."""
+        return min((i for i in (text.find(s, start) for s in self.job.stop) if i >= 0), default=-1)
 
     def finish(self, text: str) -> None:
         """Emit the rest of the final text."""
