@@ -57,6 +57,23 @@ def test_continuous_batching_equals_each_request_alone(strategy, rows):
     assert any(r.reason == "stop" for r in reqs) and any(r.reason == "length" for r in reqs)
 
 
+@pytest.mark.parametrize("strategy", ["recycle-verified", "speculative", "tree"])
+def test_rounds_without_drafts_above_draft_rows_keep_the_tokens(strategy):
+    """With draft_rows, a verified batch of more live rows verifies no drafts (the module kept in step) and drafts
+    again when rows leave: every request still gets exactly its tokens alone."""
+    model = predictable(0, 0.1)
+    engine = Engine(model, bucket=16, prefill_bucket=8)
+    reqs = traffic(model, strategy, 5, 9, 200)
+    batch = ContinuousBatch(engine, strategy, 3, max_len=208, check_every=3, draft_rows=1, **OPTS.get(strategy, {}))
+    batch.run(reqs)
+    assert 0 < batch.undrafted_steps < batch.steps  # both kinds of round ran
+    for i, req in enumerate(reqs):
+        assert req.tokens == alone(model, strategy, req), (strategy, i, len(req.prompt))
+    assert sum(sum(r.stats.accept_hist[1:]) for r in reqs) > 0  # drafts were accepted in the drafting rounds
+    with pytest.raises(ValueError, match="draft_rows"):
+        ContinuousBatch(engine, strategy, 2, draft_rows=-1)
+
+
 def test_rows_join_while_others_decode_and_the_batch_rebases():
     model = predictable(1, 0.1)
     engine = Engine(model, bucket=16, prefill_bucket=0)

@@ -86,15 +86,24 @@ class ContinuousBatch:
 
     def __init__(self, engine: Engine, strategy: str, max_rows: int, *, max_len: int | None = None,
                  check_every: int = 8, draft_len: int = DEFAULT_DRAFT_LEN, tree: TreeShape | None = None,
-                 sampled: bool = False, shared: SamplingParams | None = None) -> None:
+                 sampled: bool = False, shared: SamplingParams | None = None, draft_rows: int | None = None) -> None:
         """sampled: the batch's requests sample, each with its own settings and seed (`standard` and `recycle`,
         whose steps sample outside their graphs); else they are greedy. shared: instead, every request samples
         with these settings, unseeded, from torch's global generator (any strategy; how sampled requests of the
-        verified strategies, whose rounds draw for all rows at once, decode together)."""
+        verified strategies, whose rounds draw for all rows at once, decode together). draft_rows: the module's
+        verified rounds draft while at most this many rows are live; with more, they verify no drafts
+        (`Plan.undrafted`: one token a row, the module kept in step), since every row keeps the tokens of the
+        row that accepted fewest, and that is almost always none of the drafts when many rows decode together.
+        None: they always draft."""
         if shared is not None and (shared.greedy or shared.seed is not None):
             raise ValueError(f"a shared batch samples unseeded: got {shared}")
         self.engine, self.strategy, self.sampled, self.shared = engine, strategy, sampled or shared is not None, shared
         self.plan = Plan.make(strategy, draft_len, tree)
+        if draft_rows is not None and (not isinstance(draft_rows, int) or draft_rows < 0):
+            raise ValueError(f"draft_rows must be an integer >= 0 or None, got {draft_rows!r}")
+        self.undrafted = (self.plan.undrafted() if draft_rows is not None and self.plan.module and not self.plan.fixed
+                          else None)
+        self.draft_rows = draft_rows
         if sampled and shared is None and not self.plan.fixed:
             raise ValueError(f"sampled requests of {strategy!r} draw inside its verified rounds for all rows at "
                              f"once: they share a batch only unseeded and with the same settings (shared=)")
@@ -114,6 +123,7 @@ class ContinuousBatch:
         self.p = 0  # the batch's next slot, exact after every check
         self.per_step = float(self.plan.min_tokens)  # tokens a step keeps, as seen so far
         self.steps = 0
+        self.undrafted_steps = 0  # of `steps`, those that verified no drafts (draft_rows)
         self.rebases = [0, 0]  # to the left (padding given back), to the right (room for a longer prompt)
         self._first: dict[int, torch.Tensor] = {}  # by id of a request that joined: its first tokens, on the device
         self.dec = self._resize(1)
@@ -314,6 +324,8 @@ class ContinuousBatch:
         if not live:
             return ended
         plan, dec = self.plan, self.dec
+        if self.undrafted is not None and len(live) > self.draft_rows:
+            plan = self.undrafted
         lo = min(self.pads[i] for i in live)
         if lo >= 2 * self.engine.bucket:  # two buckets of padding under every live row: stop reading them
             with torch.inference_mode():
@@ -335,7 +347,7 @@ class ContinuousBatch:
                 packed = torch.cat((dec.n.expand(dec.B)[:, None], dec.out[:, :upper]), dim=1).cpu()
                 written = int(packed[0, 0])
                 new = packed[:, 1:1 + written]
-                hist = dec.hist[:plan.max_tokens].tolist()
+                hist = dec.hist[:self.plan.max_tokens].tolist()
                 dec.hist.zero_()
                 self.per_step = max(1.0, written / steps)
             dec.n.zero_()
@@ -343,6 +355,7 @@ class ContinuousBatch:
             first = dict(zip(joined, torch.cat(list(joined.values())).cpu().split(
                 [len(t) for t in joined.values()]))) if joined else {}
         self.steps += steps
+        self.undrafted_steps += steps if plan is self.undrafted else 0
         self.p += written
         for i in live:
             req = self.rows[i]

@@ -244,7 +244,11 @@ class Decoder:
         self._module_select(self.rmodel.module_argmax(out))
 
     def _chain_round(self, K: int, kv_end: int, sampling: SamplingParams, gen) -> None:
-        """Draft K tokens from (g, d_logits), verify them in one full call, commit (speculative.speculative)."""
+        """Draft K tokens from (g, d_logits), verify them in one full call, commit (speculative.speculative). K = 0:
+        the full model's next token alone, the module kept in step (`Plan.undrafted`)."""
+        if K == 0:
+            self._verify_chain(self.x_next[:, :0], None, kv_end, sampling, gen)
+            return
         logits, g = self.d_logits, self.g
         drafts, probs = [], []
         for j in range(K):
@@ -639,6 +643,15 @@ class Plan(NamedTuple):
     def module(self) -> bool:
         """Whether the round runs the module (the Decoder then needs a RecycleModel and prefills the module)."""
         return strategies.ROUNDS[self.round]
+
+    def undrafted(self) -> "Plan":
+        """This module round verifying no drafts: a chain round of K = 0 (the full model's next token; the module
+        catches up on it, so the round after may draft again). The same state as the chain and tree rounds, so a
+        batch may take it for some of its steps (`ContinuousBatch(draft_rows=)`)."""
+        if self.fixed or not self.module:
+            raise ValueError(f"only the module's verified rounds have an undrafted form, not {self.round!r}")
+        return self._replace(round="chain", min_tokens=1, max_tokens=1, span=1, module_calls=0, draft_len=0,
+                             tree=None)
 
 
 class Engine:
