@@ -451,7 +451,7 @@ def test_load_of_concurrent_streams_with_disconnects(lm):
         assert app.state.server.worker.largest_batch > 1  # requests did share batches
 
 
-def run_on_worker(lm, jobs, max_batch: int = 4):
+def run_on_worker(lm, jobs, max_batch: int = 4, draft_rows: int | None = None):
     """Submit `jobs` to a Worker before it starts, wait until every one has ended, stop it; (the worker, {id of a
     job: (outcome, error)})."""
     import threading
@@ -465,7 +465,7 @@ def run_on_worker(lm, jobs, max_batch: int = 4):
         if len(ended) == len(jobs):
             done.set()
 
-    worker = Worker(lm, max_batch=max_batch, on_done=on_done)
+    worker = Worker(lm, max_batch=max_batch, draft_rows=draft_rows, on_done=on_done)
     for j in jobs:
         worker.submit(j)
     worker.start()
@@ -474,12 +474,12 @@ def run_on_worker(lm, jobs, max_batch: int = 4):
     return worker, ended
 
 
-@pytest.mark.parametrize("group_fails", [False, True])
-def test_a_batch_gives_each_row_what_it_gets_alone(lm, monkeypatch, group_fails):
+@pytest.mark.parametrize(("group_fails", "draft_rows"), [(False, None), (True, None), (False, 2)])
+def test_a_batch_gives_each_row_what_it_gets_alone(lm, monkeypatch, group_fails, draft_rows):
     """The worker's continuous batch: greedy requests of mixed prompt lengths, budgets and stops (a stop string, a
     stop token, none), one client leaving, queued together: each one's streamed text and outcome are those of the
     request run alone (run_job). group_fails: the joint prefill of the waiting requests fails, and the worker joins
-    them one at a time instead."""
+    them one at a time instead. draft_rows: the batch verifies no drafts while more than 2 rows are live."""
 
     from recyclegpt.decoding.batching import ContinuousBatch
     from recyclegpt.serving.scheduler import run_job
@@ -508,7 +508,7 @@ def test_a_batch_gives_each_row_what_it_gets_alone(lm, monkeypatch, group_fails)
              (TEXT[:200], 12, (), frozenset({lm.encode(alone_text)[3]}), False), ("why", 30, (), frozenset(), True)]
     jobs = [job(*s) for s in specs]
     # all waiting before the worker starts: they share its batch, the fifth joining as a row frees
-    worker, ended = run_on_worker(lm, jobs)
+    worker, ended = run_on_worker(lm, jobs, draft_rows=draft_rows)
     assert worker.largest_batch == 4
     assert set(ended) == {id(j) for j in jobs}
     assert not group_fails or max(groups) == 4  # four waiting requests tried together, then one at a time
@@ -583,7 +583,7 @@ def test_sampled_requests_share_a_batch_and_keep_their_seeds(lm):
         return Job(lm.encode(prompt), n, strategy, t, None, k, seed, [], frozenset(), emit=lambda ev: None)
 
     jobs = [job(*s) for s in specs]
-    worker, ended = run_on_worker(lm, jobs)
+    worker, ended = run_on_worker(lm, jobs, draft_rows=draft_rows)
     assert worker.largest_batch == 4
     for spec, j in zip(specs, jobs):
         outcome, error = ended[id(j)]
@@ -602,7 +602,7 @@ def test_unseeded_sampled_requests_of_a_verified_strategy_share_a_batch(lm):
                    ignore_eos=True)
 
     jobs = [job(8 + i) for i in range(4)] + [job(6, seed=5), job(7, k=3)]
-    worker, ended = run_on_worker(lm, jobs)
+    worker, ended = run_on_worker(lm, jobs, draft_rows=draft_rows)
     assert worker.largest_batch == 4
     for j in jobs:
         outcome, error = ended[id(j)]

@@ -544,6 +544,8 @@ alone)."""
         raise UsageError(f"--max-queue must be at least 1, got {args.max_queue}")
     if args.max_batch < 1:
         raise UsageError(f"--max-batch must be at least 1, got {args.max_batch}")
+    if args.draft_rows is not None and args.draft_rows < 0:
+        raise UsageError(f"--draft-rows must be at least 0, got {args.draft_rows}")
     if args.max_model_len is not None and args.max_model_len < 2:
         raise UsageError(f"--max-model-len must be at least 2, got {args.max_model_len}")
     if not 0 <= args.port <= 65535:
@@ -561,7 +563,7 @@ alone)."""
     app = create_app(lm, ServerConfig(model_name=args.served_model_name or args.model, strategy=strategy,
                                       engine=args.engine, max_model_len=args.max_model_len, api_key=api_key,
                                       max_queue=args.max_queue, max_batch=args.max_batch,
-                                      warmup=False if args.no_warmup else None))
+                                      draft_rows=args.draft_rows, warmup=False if args.no_warmup else None))
     server = app.state.server
     # the server's own messages (start-up warm-up, failed requests) beside uvicorn's, in its format
     logging.basicConfig(format="%(levelname)s:     %(message)s", level=args.log_level.upper())
@@ -709,6 +711,11 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-batch", type=int, default=8,
                     help="greedy requests of one strategy decode together by continuous batching, up to this many "
                          "at once (default 8; 1: one request at a time)")
+    sv.add_argument("--draft-rows", type=int, default=None, metavar="N",
+                    help="the verified strategies draft while at most N requests decode together; with more, their "
+                         "rounds verify the full model's next token alone, with the same answers (every row keeps "
+                         "the tokens of the row that accepted fewest, so drafts pay less as rows grow; "
+                         "default: always draft)")
     sv.add_argument("--no-warmup", action="store_true",
                     help="skip the start-up pass that captures the batch engine's CUDA graphs for every batch size "
                          "before the port opens (a few seconds; on the CPU there is nothing to capture)")

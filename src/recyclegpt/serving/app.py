@@ -51,6 +51,9 @@ class ServerConfig:
     api_key: str | None = None  # when set, /v1/* needs "Authorization: Bearer <api_key>"
     max_queue: int = 64  # requests waiting beyond the ones running; more are refused with 503
     max_batch: int = 8  # greedy requests of one strategy decode together by continuous batching, up to this many
+    # the verified strategies' batches draft while at most this many requests decode together; with more, their
+    # rounds verify the full model's next token alone (ContinuousBatch's draft_rows). None: they always draft
+    draft_rows: int | None = None
     max_body_bytes: int = MAX_BODY_BYTES
     warmup: bool | None = None  # decode short batches at start (Worker.warm_up); None: when the engine captures graphs
 
@@ -207,7 +210,7 @@ class Server:
         lm.resolve_engine(config.engine)  # a clear error now for a bad engine
         self.metrics = Metrics()
         self.worker = Worker(lm, engine=config.engine, max_queue=config.max_queue, max_batch=config.max_batch,
-                             max_len=self.context, on_done=self.metrics.generation)
+                             max_len=self.context, draft_rows=config.draft_rows, on_done=self.metrics.generation)
         self.created = int(time.time())
         self._outbox: Outbox | None = None
 

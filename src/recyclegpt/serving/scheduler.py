@@ -257,14 +257,15 @@ class Worker:
     """The thread that runs jobs from a bounded queue; `stop` ends it (and cancels what is queued or running)."""
 
     def __init__(self, lm: RecycleGPT, *, engine: str = "auto", max_queue: int = 64, max_batch: int = 8,
-                 max_len: int | None = None,
+                 max_len: int | None = None, draft_rows: int | None = None,
                  on_done: Callable[[Job, Outcome | None, BaseException | None], None] | None = None) -> None:
-        """max_len: the cache slots of a batch (default: the model's context)."""
+        """max_len: the cache slots of a batch (default: the model's context). draft_rows: the verified
+        strategies' batches draft while at most this many requests decode together (`ContinuousBatch`)."""
         if max_queue < 1:
             raise ValueError(f"max_queue must be at least 1, got {max_queue}")
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
-        self.lm, self.engine, self.max_batch, self.max_len = lm, engine, max_batch, max_len
+        self.lm, self.engine, self.max_batch, self.max_len, self.draft_rows = lm, engine, max_batch, max_len, draft_rows
         kind = lm.resolve_engine(engine)
         # the engine of continuous batches: the one named, "static" for "auto" on the CPU; none for "eager"
         self.batch_engine = kind if kind != "eager" else ("static" if engine == "auto" else None)
@@ -294,7 +295,8 @@ class Worker:
             return 0.0
         engine, rows = self.lm.engine(self.batch_engine), 1
         while True:
-            batch = ContinuousBatch(engine, strategy, self.max_batch, max_len=self.max_len)
+            batch = ContinuousBatch(engine, strategy, self.max_batch, max_len=self.max_len,
+                                    draft_rows=self.draft_rows)
             batch.run([Request([(7 * i + j) % 100 + 1 for j in range(prompt_tokens)], new_tokens)
                        for i in range(rows)])
             if rows >= self.max_batch:
@@ -402,7 +404,7 @@ class Worker:
                         continue
                     batch = ContinuousBatch(self.lm.engine(self.batch_engine), job.strategy, self.max_batch,
                                             max_len=self.max_len, sampled=own_generators(job),
-                                            shared=shared_sampling(job))
+                                            shared=shared_sampling(job), draft_rows=self.draft_rows)
                 # join the waiting jobs in arrival order while the oldest can; another kind of job waits for the
                 # batch to drain
                 group: list[BatchedJob] = []
