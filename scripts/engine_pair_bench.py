@@ -8,7 +8,8 @@ and eager `standard`'s. Prints a table.
 
 The prompts are the bench's built-in ones (chat template), greedy, run to --max-new-tokens. Warm-up: every prompt
 on the engines that compile or capture, the first prompt on the others. The eager loop's `speculative` keeps its
-adaptive draft length (the CPU default of --min-draft-prob), which the engines do not have.
+adaptive draft length (the CPU default of --min-draft-prob), which the engines do not have. With --quantize int8
+the engines are eager and static (the compiled engine refuses int8 weights).
 """
 
 from __future__ import annotations
