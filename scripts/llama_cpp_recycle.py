@@ -41,6 +41,7 @@ decode's logits at slot p); for verified rows, the share of drafts accepted.
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import time
 
@@ -125,7 +126,7 @@ class Timer:
 
     def step_ms(self, every: int = 1, first: int = 0) -> float:
         t = self.times[first::every]
-        return 1000 * statistics.median(b - a for a, b in zip(t, t[1:])) if len(t) > 1 else 0.0
+        return 1000 * statistics.median(b - a for a, b in itertools.pairwise(t)) if len(t) > 1 else 0.0
 
 
 class Module:
