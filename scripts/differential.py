@@ -56,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--continuous", type=int, default=0, metavar="ROWS",
                     help="instead, send the sequence's greedy prompts into a continuous batch of at most ROWS rows, "
                          "arriving 0-3 checks apart, each compared with its reference alone")
+    ap.add_argument("--draft-rows", type=int, default=None, metavar="N",
+                    help="with --continuous: the verified strategies draft while at most N rows are live")
     args = ap.parse_args(argv)
 
     strategies = [s for s in args.strategies.split(",") if s]
@@ -90,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     deadline = None if args.deadline is None else time.monotonic() + args.deadline
     if args.continuous > 0:
         tallies = dt.run_arrivals(model, engines, reqs, rows=args.continuous, strategies=strategies, opts=opts,
-                                  check=check, seed=args.seed, deadline=deadline)
+                                  check=check, seed=args.seed, deadline=deadline,
+                                  draft_rows=args.draft_rows)
     else:
         tallies = dt.run_sequence(model, engines, reqs, strategies=strategies, opts=opts, check=check,
                                   progress=lambda items: tqdm(items, desc="requests", file=sys.stderr,
@@ -104,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
           f"({sum(r['seconds'] for r in rows):.0f} s in the engines, the rest in the reference loops and checks)")
     print(dt.format_table(rows))
     report = {"model": args.model, "module": lm.module_source, "recycle_vocab": args.recycle_vocab,
-              "continuous_rows": args.continuous or None,
+              "continuous_rows": args.continuous or None, "draft_rows": args.draft_rows,
               "dtype": args.dtype, "device": args.device, "torch": torch.__version__, "check": check.mode,
               "requests": len(reqs), "requests_run": max(r["requests"] for r in rows),
               "max_new_tokens": args.max_new_tokens, "seed": args.seed,

@@ -276,8 +276,10 @@ def run_sequence(model: RecycleModel, engines: dict[str, Engine], requests: Sequ
 
 def run_arrivals(model: RecycleModel, engines: dict[str, Engine], requests: Sequence[Request], *, rows: int,
                  strategies: Sequence[str] | None = None, opts: Options = Options(), check: Check = Check(),
-                 seed: int = 0, deadline: float | None = None) -> dict[tuple[str, str], Tally]:
-    """Continuous batching under concurrent arrivals: every greedy prompt of `requests` (each row one arrival, with
+                 seed: int = 0, deadline: float | None = None,
+                 draft_rows: int | None = None) -> dict[tuple[str, str], Tally]:
+    """Continuous batching under concurrent arrivals (draft_rows: `ContinuousBatch`'s, the verified strategies'
+    rounds without drafts above that many live rows): every greedy prompt of `requests` (each row one arrival, with
     its request's budget and stop) joins one `ContinuousBatch` of at most `rows` rows per engine and strategy, in
     order, each arriving 0 to 3 checks after the one before (when it fits), and must give its reference tokens
     alone: all of them under "exact", the first `check.prefix` under "near-ties" (differences reported with their
@@ -313,7 +315,7 @@ def run_arrivals(model: RecycleModel, engines: dict[str, Engine], requests: Sequ
                 return tallies
             t = tallies[(f"{kind}/continuous", strategy)]
             batch = ContinuousBatch(engine, strategy, rows, max_len=need, check_every=4, draft_len=opts.draft_len,
-                                    tree=opts.tree)
+                                    tree=opts.tree, draft_rows=draft_rows)
             reqs = [BatchRequest(list(p), req.max_new_tokens, frozenset(stops[i])) for i, (p, req) in
                     enumerate(arrivals)]
             start, waiting, since = time.perf_counter(), list(range(len(reqs))), 0
