@@ -583,7 +583,7 @@ def test_sampled_requests_share_a_batch_and_keep_their_seeds(lm):
         return Job(lm.encode(prompt), n, strategy, t, None, k, seed, [], frozenset(), emit=lambda ev: None)
 
     jobs = [job(*s) for s in specs]
-    worker, ended = run_on_worker(lm, jobs, draft_rows=draft_rows)
+    worker, ended = run_on_worker(lm, jobs)
     assert worker.largest_batch == 4
     for spec, j in zip(specs, jobs):
         outcome, error = ended[id(j)]
@@ -602,7 +602,7 @@ def test_unseeded_sampled_requests_of_a_verified_strategy_share_a_batch(lm):
                    ignore_eos=True)
 
     jobs = [job(8 + i) for i in range(4)] + [job(6, seed=5), job(7, k=3)]
-    worker, ended = run_on_worker(lm, jobs, draft_rows=draft_rows)
+    worker, ended = run_on_worker(lm, jobs)
     assert worker.largest_batch == 4
     for j in jobs:
         outcome, error = ended[id(j)]
