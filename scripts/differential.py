@@ -22,6 +22,7 @@ import torch
 from tqdm import tqdm
 
 from recyclegpt.api import RecycleGPT
+from recyclegpt.decoding.batching import DRAFT_ROWS
 from recyclegpt.decoding.engine import KV_BUCKET, PREFILL_BUCKET
 from recyclegpt.decoding.strategies import names as strategy_names
 from recyclegpt.evals import differential as dt
@@ -56,8 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--continuous", type=int, default=0, metavar="ROWS",
                     help="instead, send the sequence's greedy prompts into a continuous batch of at most ROWS rows, "
                          "arriving 0-3 checks apart, each compared with its reference alone")
-    ap.add_argument("--draft-rows", type=int, default=None, metavar="N",
-                    help="with --continuous: the verified strategies draft while at most N rows are live")
+    ap.add_argument("--draft-rows", type=int, default=DRAFT_ROWS, metavar="N",
+                    help=f"with --continuous: the verified strategies draft while at most N rows are live "
+                         f"(default {DRAFT_ROWS}, as the server)")
     args = ap.parse_args(argv)
 
     strategies = [s for s in args.strategies.split(",") if s]

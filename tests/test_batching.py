@@ -273,7 +273,8 @@ def test_unseeded_sampled_requests_of_a_verified_strategy_share_a_batch(strategy
     engine = Engine(model, bucket=16, prefill_bucket=8)
     shared = SamplingParams(temperature=1.0)
     torch.manual_seed(0)
-    batch = ContinuousBatch(engine, strategy, 16, max_len=32, check_every=2, shared=shared, draft_len=2)
+    batch = ContinuousBatch(engine, strategy, 16, max_len=32, check_every=2, shared=shared, draft_len=2,
+                            draft_rows=None)  # 16 rows that draft
     reqs = batch.run([Request(PROMPT, K_TOKENS, sampling=shared) for _ in range(SAMPLES)])
     counts: dict = {}
     for r in reqs:

@@ -39,6 +39,7 @@ from ..api import (
     module_hint,
 )
 from ..config import RecycleConfig
+from ..decoding.batching import DRAFT_ROWS
 from ..decoding.strategies import get as get_strategy
 from ..decoding.strategies import names as strategy_names
 from ..loading.checkpoint import CheckpointError
@@ -544,7 +545,7 @@ alone)."""
         raise UsageError(f"--max-queue must be at least 1, got {args.max_queue}")
     if args.max_batch < 1:
         raise UsageError(f"--max-batch must be at least 1, got {args.max_batch}")
-    if args.draft_rows is not None and args.draft_rows < 0:
+    if args.draft_rows < 0:
         raise UsageError(f"--draft-rows must be at least 0, got {args.draft_rows}")
     if args.max_model_len is not None and args.max_model_len < 2:
         raise UsageError(f"--max-model-len must be at least 2, got {args.max_model_len}")
@@ -711,11 +712,11 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-batch", type=int, default=8,
                     help="greedy requests of one strategy decode together by continuous batching, up to this many "
                          "at once (default 8; 1: one request at a time)")
-    sv.add_argument("--draft-rows", type=int, default=None, metavar="N",
+    sv.add_argument("--draft-rows", type=int, default=DRAFT_ROWS, metavar="N",
                     help="the verified strategies draft while at most N requests decode together; with more, their "
                          "rounds verify the full model's next token alone, with the same answers (every row keeps "
-                         "the tokens of the row that accepted fewest, so drafts pay less as rows grow; "
-                         "default: always draft)")
+                         f"the tokens of the row that accepted fewest, so drafts pay less as rows grow; default "
+                         f"{DRAFT_ROWS}; --max-batch or more: always draft)")
     sv.add_argument("--no-warmup", action="store_true",
                     help="skip the start-up pass that captures the batch engine's CUDA graphs for every batch size "
                          "before the port opens (a few seconds; on the CPU there is nothing to capture)")

@@ -36,6 +36,9 @@ from .sampling import RowSampling, SamplingParams
 from .speculative import DEFAULT_DRAFT_LEN, TreeShape
 
 PREFILL_ROWS = 8  # joining prompts prefilled together (the engine's prefill Decoder of this many rows)
+# the verified strategies draft while at most this many rows are live (`ContinuousBatch`'s draft_rows). H100, bf16,
+# SmolLM2-135M: at 8, 16 and 32 rows drafting lost to rounds without drafts (dev/LOG.md, 2026-12-08); alone it wins
+DRAFT_ROWS = 4
 TokensFn = Callable[[list[int]], bool | None]  # a request's new tokens; returning False ends the request
 
 
@@ -86,7 +89,8 @@ class ContinuousBatch:
 
     def __init__(self, engine: Engine, strategy: str, max_rows: int, *, max_len: int | None = None,
                  check_every: int = 8, draft_len: int = DEFAULT_DRAFT_LEN, tree: TreeShape | None = None,
-                 sampled: bool = False, shared: SamplingParams | None = None, draft_rows: int | None = None) -> None:
+                 sampled: bool = False, shared: SamplingParams | None = None,
+                 draft_rows: int | None = DRAFT_ROWS) -> None:
         """sampled: the batch's requests sample, each with its own settings and seed (`standard` and `recycle`,
         whose steps sample outside their graphs); else they are greedy. shared: instead, every request samples
         with these settings, unseeded, from torch's global generator (any strategy; how sampled requests of the

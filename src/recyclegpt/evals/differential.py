@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..decoding.batching import ContinuousBatch
+from ..decoding.batching import DRAFT_ROWS, ContinuousBatch
 from ..decoding.batching import Request as BatchRequest
 from ..decoding.engine import KV_BUCKET, PREFILL_BUCKET, Engine, Plan
 from ..decoding.loops import DecodeResult
@@ -277,7 +277,7 @@ def run_sequence(model: RecycleModel, engines: dict[str, Engine], requests: Sequ
 def run_arrivals(model: RecycleModel, engines: dict[str, Engine], requests: Sequence[Request], *, rows: int,
                  strategies: Sequence[str] | None = None, opts: Options = Options(), check: Check = Check(),
                  seed: int = 0, deadline: float | None = None,
-                 draft_rows: int | None = None) -> dict[tuple[str, str], Tally]:
+                 draft_rows: int | None = DRAFT_ROWS) -> dict[tuple[str, str], Tally]:
     """Continuous batching under concurrent arrivals (draft_rows: `ContinuousBatch`'s, the verified strategies'
     rounds without drafts above that many live rows): every greedy prompt of `requests` (each row one arrival, with
     its request's budget and stop) joins one `ContinuousBatch` of at most `rows` rows per engine and strategy, in

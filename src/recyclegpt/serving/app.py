@@ -26,6 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..api import RecycleGPT
 from ..decoding import strategies
+from ..decoding.batching import DRAFT_ROWS
 from ..decoding.sampling import SamplingParams
 from .scheduler import Job, Outcome, QueueFull, Worker
 from .schemas import ChatCompletionRequest, CompletionRequest
@@ -53,7 +54,7 @@ class ServerConfig:
     max_batch: int = 8  # greedy requests of one strategy decode together by continuous batching, up to this many
     # the verified strategies' batches draft while at most this many requests decode together; with more, their
     # rounds verify the full model's next token alone (ContinuousBatch's draft_rows). None: they always draft
-    draft_rows: int | None = None
+    draft_rows: int | None = DRAFT_ROWS
     max_body_bytes: int = MAX_BODY_BYTES
     warmup: bool | None = None  # decode short batches at start (Worker.warm_up); None: when the engine captures graphs
 

@@ -35,7 +35,7 @@ import torch
 
 from ..api import RecycleGPT
 from ..decoding import strategies
-from ..decoding.batching import ContinuousBatch, Request
+from ..decoding.batching import DRAFT_ROWS, ContinuousBatch, Request
 from ..decoding.loops import DecodeStats
 from ..decoding.sampling import SamplingParams
 
@@ -257,7 +257,7 @@ class Worker:
     """The thread that runs jobs from a bounded queue; `stop` ends it (and cancels what is queued or running)."""
 
     def __init__(self, lm: RecycleGPT, *, engine: str = "auto", max_queue: int = 64, max_batch: int = 8,
-                 max_len: int | None = None, draft_rows: int | None = None,
+                 max_len: int | None = None, draft_rows: int | None = DRAFT_ROWS,
                  on_done: Callable[[Job, Outcome | None, BaseException | None], None] | None = None) -> None:
         """max_len: the cache slots of a batch (default: the model's context). draft_rows: the verified
         strategies' batches draft while at most this many requests decode together (`ContinuousBatch`)."""
