@@ -11,7 +11,8 @@ when its live rows leave two KV buckets of padding unused, so that attention sto
 
 A verified round keeps the same number of tokens on every row (the fewest any live row accepted; idle rows do not
 count), so the lossless strategies stay exact in a batch, with a τ of the batch's slowest row (and, sampled, keep
-their output distribution: any prefix of a row's verified tokens is a valid output). A batch is greedy, or
+their output distribution: any prefix of a row's verified tokens is a valid output). Above `draft_rows` live rows
+its rounds verify no drafts (`Plan.undrafted`), which keeps the tokens and costs less. A batch is greedy, or
 sampled: with `standard` and `recycle`, whose steps sample outside their graphs, each request draws from its own
 generator in the order it does alone; the verified rounds draw for all rows at once, so their sampled requests
 share a batch only when unseeded and of the same settings (`shared`), drawing from torch's global generator, and
