@@ -208,7 +208,8 @@ class RecycleGPT:
         batching, at most this many at once, each joining as another ends (`decoding.batching`; on an engine:
         "auto" takes "static" on the CPU here): many prompts of mixed lengths keep the rows busy where a plain
         batch waits for its longest row. The tokens are each prompt's alone: greedy, or sampled (standard and
-        recycle) with prompt i seeded `seed + i`.
+        recycle) with prompt i seeded `seed + i`. The verified strategies draft only while at most
+        `batching.DRAFT_ROWS` prompts decode together (more verify the full model's next token alone: faster, τ 1).
         """
         if strategies.get(strategy).needs_module and self.model is None:
             raise ValueError(f"strategy {strategy!r} needs a recyclable module and none is loaded; "
