@@ -286,3 +286,34 @@ def test_unseeded_sampled_requests_of_a_verified_strategy_share_a_batch(strategy
         batch.add(Request(PROMPT, 2, sampling=SamplingParams(temperature=0.5)))
     with pytest.raises(ValueError, match="samples unseeded"):
         ContinuousBatch(engine, strategy, 2, shared=SamplingParams(temperature=1.0, seed=3))
+
+
+def test_continuous_decode_with_shared_sampling():
+    """continuous_decode(shared=True): the sampled rows draw together from torch's generator (the same seed gives
+    the same tokens) and each prompt's tokens are distributed as the model's (chi-square against the enumerated
+    distribution); a seeded `sampling` is refused."""
+    from test_speculative import K_TOKENS, PROMPT, SAMPLES, chi_square_pvalue, exact_distribution
+
+    from recyclegpt.decoding.batching import continuous_decode
+    from recyclegpt.decoding.sampling import SamplingParams
+
+    model = predictable(0, 0.3, vocab=5, sharpness=5.0)
+    engine = Engine(model.base, bucket=16, prefill_bucket=8)
+    hot = SamplingParams(temperature=1.0)
+
+    def run(n: int) -> list[list[int]]:
+        return continuous_decode(engine, "standard", [PROMPT] * n, max_new_tokens=K_TOKENS, max_rows=16,
+                                 sampling=hot, max_len=32, shared=True).tokens
+
+    torch.manual_seed(5)
+    first = run(8)
+    torch.manual_seed(5)
+    assert run(8) == first
+    torch.manual_seed(0)
+    counts: dict = {}
+    for toks in run(SAMPLES):
+        counts[tuple(toks)] = counts.get(tuple(toks), 0) + 1
+    assert chi_square_pvalue(counts, exact_distribution(model), SAMPLES) > 1e-3
+    with pytest.raises(ValueError, match="unseeded"):
+        continuous_decode(engine, "standard", [PROMPT], max_new_tokens=2, max_rows=2,
+                          sampling=SamplingParams(temperature=1.0, seed=1), shared=True)

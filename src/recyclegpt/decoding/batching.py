@@ -378,23 +378,31 @@ def continuous_decode(engine: Engine, strategy: str, prompts: Sequence[Sequence[
                       max_rows: int, stop_ids: Sequence[int] = (),
                       stream: Callable[[list[list[int]]], None] | None = None, check_every: int = 8,
                       draft_len: int = DEFAULT_DRAFT_LEN, tree: TreeShape | None = None,
-                      sampling: SamplingParams = SamplingParams(), max_len: int | None = None) -> DecodeResult:
-    """Decoding of many prompts through one continuous batch of at most `max_rows` rows, in prompt order, each
-    prompt joining as a row frees: the tokens are each prompt's alone. sampling: greedy, or sampled (`standard`,
-    `recycle`) with prompt i drawing from its own generator seeded `sampling.seed + i` (unseeded without a seed),
-    as `generate(prompts[i], seed=sampling.seed + i)` would. max_len: the batch's cache slots per row (default: the
-    longest prompt's need); calls that pass the same value reuse the engine's Decoders and graphs whatever their
-    prompts. stream: after each check, the new tokens of every prompt (empty lists for those not running). The
-    stats are the whole run's: full calls are the batch's steps plus one prefill per prompt; accept_hist sums the
-    requests'."""
+                      sampling: SamplingParams = SamplingParams(), max_len: int | None = None,
+                      shared: bool = False) -> DecodeResult:
+    """Decoding of many prompts through one continuous batch of at most `max_rows` rows, in prompt order, each prompt
+    joining as a row frees: the tokens are each prompt's alone. sampling: greedy, or sampled (`standard`, `recycle`)
+    with prompt i drawing from its own generator seeded `sampling.seed + i` (unseeded without a seed), as
+    `generate(prompts[i], seed=sampling.seed + i)` would. shared: instead, the sampled rows draw together from torch's
+    global generator, one draw for the batch a step (`ContinuousBatch(shared=)`; `sampling` unseeded: seed torch
+    instead), distributed as the model's but not each prompt's tokens alone; many rows sample much faster so than with a
+    generator each, whose draws run one row at a time. max_len: the batch's cache slots per row (default: the longest
+    prompt's need); calls that pass the same value reuse the engine's Decoders and graphs whatever their prompts.
+    stream: after each check, the new tokens of every prompt (empty lists for those not running). The stats are the
+    whole run's: full calls are the batch's steps plus one prefill per prompt; accept_hist sums the requests'."""
     longest = max((len(p) for p in prompts), default=0)
     need = longest + max_new_tokens + Plan.make(strategy, draft_len, tree).span + 2
     if max_len is not None and max_len < need:
         raise ValueError(f"max_len {max_len} is below the {need} cache slots the longest prompt ({longest} tokens) "
                          f"and max_new_tokens {max_new_tokens} need")
     need = max_len if max_len is not None else round_up(need, engine.bucket)
-    batch = ContinuousBatch(engine, strategy, max_rows, max_len=need, check_every=check_every,
-                            draft_len=draft_len, tree=tree, sampled=not sampling.greedy)
+    if shared and not sampling.greedy and sampling.seed is not None:
+        raise ValueError("shared sampling draws from torch's global generator: pass an unseeded `sampling` and seed "
+                         "torch (torch.manual_seed) instead")
+    together = shared and not sampling.greedy
+    batch = ContinuousBatch(engine, strategy, max_rows, max_len=need, check_every=check_every, draft_len=draft_len,
+                            tree=tree, sampled=not sampling.greedy and not together,
+                            shared=sampling if together else None)
     new: dict[int, list[int]] = {}
 
     def collect(i: int) -> TokensFn:

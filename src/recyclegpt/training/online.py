@@ -212,7 +212,8 @@ class PromptSource:
 def _generate(lm, prompts: list[list[int]], greedy: list[bool], ocfg: OnlineConfig, seed: int,
               max_new_tokens: int | None = None) -> list[list[int]]:
     """The base's continuation of each prompt (in order), by continuous batching on an engine (the static one on the
-    CPU): the greedy rows in one batch, the sampled rows in another, sampled row i seeded `seed * 1_000_003 + i`.
+    CPU): the greedy rows in one batch, the sampled rows in another, drawing together (one draw for the batch a
+    step) from torch's generator seeded `seed * 1_000_003`.
     Every batch has at most gen_rows rows and the cache length that the longest allowed prompt needs, so that every
     round reuses the engine's Decoders and captured graphs. The new tokens stop before an end-of-sequence token."""
     from ..decoding.batching import continuous_decode
@@ -226,17 +227,18 @@ def _generate(lm, prompts: list[list[int]], greedy: list[bool], ocfg: OnlineConf
     max_len = min(round_up(ocfg.max_prompt_tokens + longest_new + Plan.make("standard").span + 2, engine.bucket),
                   lm.base.cfg.context_length)
     stop_ids = lm.tokenizer.eos_ids if lm.tokenizer is not None else ()
-    sampled = SamplingParams(temperature=ocfg.temperature, top_p=ocfg.top_p if ocfg.top_p < 1 else None,
-                             seed=seed * 1_000_003)
+    sampled = SamplingParams(temperature=ocfg.temperature, top_p=ocfg.top_p if ocfg.top_p < 1 else None)
     out: list[list[int] | None] = [None] * len(prompts)
     for is_greedy in (True, False):
         idx = [i for i, g in enumerate(greedy) if g == is_greedy]
         if not idx:
             continue
+        if not is_greedy:
+            torch.manual_seed(seed * 1_000_003)
         res = continuous_decode(engine, "standard", [prompts[i] for i in idx],
                                 max_new_tokens=max_new_tokens or ocfg.max_new_tokens, max_rows=rows,
                                 stop_ids=stop_ids, sampling=SamplingParams() if is_greedy else sampled,
-                                max_len=max_len)
+                                max_len=max_len, shared=True)
         for i, toks in zip(idx, res.tokens):
             out[i] = list(toks)
     return out  # type: ignore[return-value]
