@@ -592,13 +592,15 @@ def test_sampled_requests_share_a_batch_and_keep_their_seeds(lm):
     assert BatchedJob(lm, jobs[0]).request.sampling.seed == 1
 
 
-def test_unseeded_sampled_requests_of_a_verified_strategy_share_a_batch(lm):
-    """Sampled requests of recycle-verified without a seed and with the same settings decode together, each to its
-    budget; a seeded one, or one of other settings, does not join them (it waits, then runs)."""
-    from recyclegpt.serving.scheduler import batchable, shared_sampling
+@pytest.mark.parametrize("strategy", ["recycle-verified", "standard", "recycle"])
+def test_unseeded_sampled_requests_share_a_batch(lm, strategy):
+    """Sampled requests without a seed and with the same settings decode together from one generator, each to its
+    budget; a seeded one, or one of other settings, does not join them (it waits, then runs: alone for a verified
+    strategy, in a batch of its own generators for standard and recycle)."""
+    from recyclegpt.serving.scheduler import batchable, own_generators, shared_sampling
 
     def job(n, t=0.9, seed=None, k=None):
-        return Job(lm.encode(PROMPT), n, "recycle-verified", t, None, k, seed, [], frozenset(), emit=lambda ev: None,
+        return Job(lm.encode(PROMPT), n, strategy, t, None, k, seed, [], frozenset(), emit=lambda ev: None,
                    ignore_eos=True)
 
     jobs = [job(8 + i) for i in range(4)] + [job(6, seed=5), job(7, k=3)]
@@ -607,7 +609,9 @@ def test_unseeded_sampled_requests_of_a_verified_strategy_share_a_batch(lm):
     for j in jobs:
         outcome, error = ended[id(j)]
         assert error is None and outcome.completion_tokens == j.max_tokens
-    assert not batchable(jobs[4]) and batchable(jobs[5]) and shared_sampling(jobs[5]).top_k == 3
+    fixed = strategy != "recycle-verified"
+    assert batchable(jobs[4]) == fixed == own_generators(jobs[4]) and not own_generators(jobs[0])
+    assert batchable(jobs[5]) and shared_sampling(jobs[5]).top_k == 3 and shared_sampling(jobs[4]) is None
     assert shared_sampling(jobs[0]) != shared_sampling(jobs[5]) and shared_sampling(job(3, t=0)) is None
 
 

@@ -532,9 +532,9 @@ def cmd_serve(args) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions; docs/serving.md).
 
 Requests run in arrival order; greedy requests of one strategy decode together by continuous batching, up to
---max-batch at once, each joining as soon as it fits; sampled requests of standard and recycle too, each drawing from
-its own seed, and those of the verified strategies when unseeded and of the same settings (a seeded one runs
-alone)."""
+--max-batch at once, each joining as soon as it fits; unseeded sampled requests of the same settings too, drawing
+from one generator; seeded ones of standard and recycle, each from its own (a seeded one of a verified strategy
+runs alone)."""
     try:
         import uvicorn
 

@@ -1,7 +1,7 @@
 """One worker thread that runs queued requests, in arrival order: requests of one strategy by continuous batching
-(greedy ones together; sampled ones of `standard` and `recycle` together, each with its own seed; unseeded sampled
-ones of the verified strategies together when their settings agree), the seeded sampled requests of verified
-strategies alone through `RecycleGPT.generate`.
+(greedy ones together; seeded sampled ones of `standard` and `recycle` together, each with its own generator;
+unseeded sampled ones together when their settings agree, drawing from one generator), the seeded sampled requests
+of verified strategies alone through `RecycleGPT.generate`.
 
 A `Job` carries one request's prompt ids and decoding options and a thread-safe `emit` callback; the worker calls
 it with ("delta", text) as text becomes final, then ("done", Outcome) or ("error", exception). Stop strings are
@@ -12,11 +12,11 @@ client went away) is skipped if still queued and ends at the next check if runni
 Batches (`decoding.batching.ContinuousBatch`): a job starts a batch of its strategy, greedy or sampled; the jobs
 behind it of the same strategy and kind join it as they come, up to `max_batch` at once, each as soon as it fits,
 and each leaves at its own end (its stop, its max_tokens, its client leaving), when its response is sent. A job of
-another kind at the head of the queue stops the joining: the batch drains, then that job runs. A sampled request
-of `standard` or `recycle` draws from its own generator, so a seed gives the same text whatever else is decoding;
-unseeded sampled requests of a verified strategy share one generator and join only a batch of their settings.
-The tokens a batched request gets are those it gets alone (up to 16-bit near-ties, where the kernels sum a batch
-in another order).
+another kind at the head of the queue stops the joining: the batch drains, then that job runs. A seeded sampled
+request of `standard` or `recycle` draws from its own generator, so a seed gives the same text whatever else is
+decoding; unseeded sampled requests share one generator (one draw for the batch a step) and join only a batch of
+their settings. A greedy or seeded batched request gets the tokens it gets alone (up to 16-bit near-ties, where the
+kernels sum a batch in another order); an unseeded one, a sample of the same distribution.
 Batches run on an engine: "auto" takes the static engine on the CPU; with the eager loop named, every request runs
 alone.
 """
@@ -192,15 +192,18 @@ def run_job(lm: RecycleGPT, job: Job, engine: str) -> Outcome | None:
 
 
 def own_generators(job: Job) -> bool:
-    """Whether `job`'s batch draws from each row's own generator: sampled with a strategy of fixed steps
-    (`standard`, `recycle`), whose steps sample outside their graphs."""
-    return job.temperature > 0 and strategies.get(job.strategy).round in ("standard", "recycle")
+    """Whether `job`'s batch draws from each row's own generator: sampled and seeded, with a strategy of fixed steps
+    (`standard`, `recycle`), whose steps sample outside their graphs, so that the seed gives the same text whatever
+    else is decoding."""
+    return job.temperature > 0 and job.seed is not None and strategies.get(job.strategy).round in ("standard",
+                                                                                                    "recycle")
 
 
 def shared_sampling(job: Job) -> SamplingParams | None:
-    """The settings a sampled, unseeded request of a verified strategy shares with the batch it joins (its rounds
-    draw for all rows at once, from torch's global generator); None for any other request."""
-    if job.temperature == 0 or job.seed is not None or own_generators(job):
+    """The settings a sampled, unseeded request shares with the batch it joins (every row drawing from torch's
+    global generator, one draw for the batch a step: the verified rounds draw for all rows at once, and many rows
+    sample faster so than one generator at a time); None for a greedy or seeded request."""
+    if job.temperature == 0 or job.seed is not None:
         return None
     return SamplingParams(temperature=job.temperature, top_k=job.top_k, top_p=job.top_p)
 
