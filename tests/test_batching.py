@@ -288,10 +288,10 @@ def test_unseeded_sampled_requests_of_a_verified_strategy_share_a_batch(strategy
         ContinuousBatch(engine, strategy, 2, shared=SamplingParams(temperature=1.0, seed=3))
 
 
-def test_continuous_decode_with_shared_sampling():
-    """continuous_decode(shared=True): the sampled rows draw together from torch's generator (the same seed gives
-    the same tokens) and each prompt's tokens are distributed as the model's (chi-square against the enumerated
-    distribution); a seeded `sampling` is refused."""
+def test_continuous_decode_with_settings_per_row():
+    """continuous_decode(row_sampling=): greedy and unseeded sampled prompts in one batch; the greedy ones get their
+    tokens alone, the sampled ones draw together from torch's generator (the same seed gives the same tokens) and
+    are distributed as the model's (chi-square against the enumerated distribution)."""
     from test_speculative import K_TOKENS, PROMPT, SAMPLES, chi_square_pvalue, exact_distribution
 
     from recyclegpt.decoding.batching import continuous_decode
@@ -299,11 +299,16 @@ def test_continuous_decode_with_shared_sampling():
 
     model = predictable(0, 0.3, vocab=5, sharpness=5.0)
     engine = Engine(model.base, bucket=16, prefill_bucket=8)
-    hot = SamplingParams(temperature=1.0)
+    hot, cold = SamplingParams(temperature=1.0), SamplingParams()
+    greedy_alone = continuous_decode(engine, "standard", [PROMPT], max_new_tokens=K_TOKENS, max_rows=1,
+                                     max_len=32).tokens[0]
 
     def run(n: int) -> list[list[int]]:
-        return continuous_decode(engine, "standard", [PROMPT] * n, max_new_tokens=K_TOKENS, max_rows=16,
-                                 sampling=hot, max_len=32, shared=True).tokens
+        rows = [cold if i % 4 == 0 else hot for i in range(n)]
+        out = continuous_decode(engine, "standard", [PROMPT] * n, max_new_tokens=K_TOKENS, max_rows=16, max_len=32,
+                                row_sampling=rows).tokens
+        assert all(out[i] == greedy_alone for i in range(0, n, 4))
+        return [t for i, t in enumerate(out) if i % 4]
 
     torch.manual_seed(5)
     first = run(8)
@@ -311,9 +316,9 @@ def test_continuous_decode_with_shared_sampling():
     assert run(8) == first
     torch.manual_seed(0)
     counts: dict = {}
-    for toks in run(SAMPLES):
+    drawn = run(SAMPLES * 4 // 3)
+    for toks in drawn:
         counts[tuple(toks)] = counts.get(tuple(toks), 0) + 1
-    assert chi_square_pvalue(counts, exact_distribution(model), SAMPLES) > 1e-3
-    with pytest.raises(ValueError, match="unseeded"):
-        continuous_decode(engine, "standard", [PROMPT], max_new_tokens=2, max_rows=2,
-                          sampling=SamplingParams(temperature=1.0, seed=1), shared=True)
+    assert chi_square_pvalue(counts, exact_distribution(model), len(drawn)) > 1e-3
+    with pytest.raises(ValueError, match="row_sampling has 1 settings for 2 prompts"):
+        continuous_decode(engine, "standard", [PROMPT] * 2, max_new_tokens=2, max_rows=2, row_sampling=[hot])

@@ -183,8 +183,8 @@ class ContinuousBatch:
             raise ValueError("a request needs a prompt of at least one token")
         if req.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {req.max_new_tokens}")
-        if req.sampling.greedy == self.sampled:
-            raise ValueError(f"this batch decodes {'sampled' if self.sampled else 'greedy'} requests only")
+        if not self.sampled and not req.sampling.greedy:  # a sampled batch takes greedy rows too (their argmax)
+            raise ValueError("this batch decodes greedy requests only")
         if self.shared is not None and req.sampling != self.shared:
             raise ValueError(f"this batch decodes unseeded requests sampled with {self.shared} only")
 
@@ -379,38 +379,39 @@ def continuous_decode(engine: Engine, strategy: str, prompts: Sequence[Sequence[
                       stream: Callable[[list[list[int]]], None] | None = None, check_every: int = 8,
                       draft_len: int = DEFAULT_DRAFT_LEN, tree: TreeShape | None = None,
                       sampling: SamplingParams = SamplingParams(), max_len: int | None = None,
-                      shared: bool = False) -> DecodeResult:
+                      row_sampling: Sequence[SamplingParams] | None = None) -> DecodeResult:
     """Decoding of many prompts through one continuous batch of at most `max_rows` rows, in prompt order, each prompt
     joining as a row frees: the tokens are each prompt's alone. sampling: greedy, or sampled (`standard`, `recycle`)
     with prompt i drawing from its own generator seeded `sampling.seed + i` (unseeded without a seed), as
-    `generate(prompts[i], seed=sampling.seed + i)` would. shared: instead, the sampled rows draw together from torch's
-    global generator, one draw for the batch a step (`ContinuousBatch(shared=)`; `sampling` unseeded: seed torch
-    instead), distributed as the model's but not each prompt's tokens alone; many rows sample much faster so than with a
-    generator each, whose draws run one row at a time. max_len: the batch's cache slots per row (default: the longest
-    prompt's need); calls that pass the same value reuse the engine's Decoders and graphs whatever their prompts.
-    stream: after each check, the new tokens of every prompt (empty lists for those not running). The stats are the
-    whole run's: full calls are the batch's steps plus one prefill per prompt; accept_hist sums the requests'."""
+    `generate(prompts[i], seed=sampling.seed + i)` would. row_sampling: instead, each prompt's own settings (greedy
+    and sampled prompts in one batch, of `standard` or `recycle`); a sampled prompt with a seed draws from its own
+    generator, those without one from torch's global generator, those of equal settings in one draw a step (seed
+    torch for repeatable draws). max_len: the batch's cache slots per row (default: the longest prompt's need);
+    calls that pass the same value reuse the engine's Decoders and graphs whatever their prompts. stream: after each
+    check, the new tokens of every prompt (empty lists for those not running). The stats are the whole run's: full
+    calls are the batch's steps plus one prefill per prompt; accept_hist sums the requests'."""
     longest = max((len(p) for p in prompts), default=0)
     need = longest + max_new_tokens + Plan.make(strategy, draft_len, tree).span + 2
     if max_len is not None and max_len < need:
         raise ValueError(f"max_len {max_len} is below the {need} cache slots the longest prompt ({longest} tokens) "
                          f"and max_new_tokens {max_new_tokens} need")
     need = max_len if max_len is not None else round_up(need, engine.bucket)
-    if shared and not sampling.greedy and sampling.seed is not None:
-        raise ValueError("shared sampling draws from torch's global generator: pass an unseeded `sampling` and seed "
-                         "torch (torch.manual_seed) instead")
-    together = shared and not sampling.greedy
-    batch = ContinuousBatch(engine, strategy, max_rows, max_len=need, check_every=check_every, draft_len=draft_len,
-                            tree=tree, sampled=not sampling.greedy and not together,
-                            shared=sampling if together else None)
+    if row_sampling is not None and len(row_sampling) != len(prompts):
+        raise ValueError(f"row_sampling has {len(row_sampling)} settings for {len(prompts)} prompts")
+
+    def own(i: int) -> SamplingParams:
+        if row_sampling is not None:
+            return row_sampling[i]
+        return sampling if sampling.greedy or sampling.seed is None else dataclasses.replace(sampling,
+                                                                                             seed=sampling.seed + i)
+
+    sampled = any(not own(i).greedy for i in range(len(prompts)))
+    batch = ContinuousBatch(engine, strategy, max_rows, max_len=need, check_every=check_every,
+                            draft_len=draft_len, tree=tree, sampled=sampled)
     new: dict[int, list[int]] = {}
 
     def collect(i: int) -> TokensFn:
         return lambda tokens: new.setdefault(i, []).extend(tokens)
-
-    def own(i: int) -> SamplingParams:
-        return sampling if sampling.greedy or sampling.seed is None else dataclasses.replace(sampling,
-                                                                                             seed=sampling.seed + i)
 
     reqs = [Request(list(p), max_new_tokens, frozenset(stop_ids), collect(i), own(i)) for i, p in enumerate(prompts)]
     stats = DecodeStats(strategy)

@@ -68,19 +68,33 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
 
 class RowSampling:
     """Sampling with settings of each row's own (a continuous batch's requests): rows[i] is (SamplingParams,
-    generator) for a row that samples, None for one that takes the argmax. A row draws from its own generator
-    exactly as it does alone (one (1, V) draw per token)."""
+    generator) for a row that samples, None (or greedy settings) for one that takes the argmax. A row with a
+    generator draws from it exactly as it does alone (one (1, V) draw per token); the rows without one draw from
+    torch's global generator, those of equal settings in one draw."""
 
     greedy = False
 
     def __init__(self, rows: list[tuple[SamplingParams, torch.Generator | None] | None]) -> None:
         self.rows = rows
+        groups: dict[SamplingParams, list[int]] = {}
+        self.own = []  # (row, settings, generator) of the rows with a generator of their own
+        for i, row in enumerate(rows):
+            if row is None or row[0].greedy:
+                continue
+            if row[1] is None:
+                groups.setdefault(row[0], []).append(i)
+            else:
+                self.own.append((i, *row))
+        self.groups = [(params, torch.tensor(idx)) for params, idx in groups.items()]
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         tokens = logits.argmax(-1)
-        for i, row in enumerate(self.rows):
-            if row is not None:
-                tokens[i:i + 1] = sample(logits[i:i + 1], *row)
+        for i, params, gen in self.own:
+            tokens[i:i + 1] = sample(logits[i:i + 1], params, gen)
+        if self.groups and self.groups[0][1].device != logits.device:  # once per device
+            self.groups = [(params, idx.to(logits.device)) for params, idx in self.groups]
+        for params, idx in self.groups:
+            tokens[idx] = sample(logits[idx], params, None)
         return tokens
 
 

@@ -212,10 +212,10 @@ class PromptSource:
 def _generate(lm, prompts: list[list[int]], greedy: list[bool], ocfg: OnlineConfig, seed: int,
               max_new_tokens: int | None = None) -> list[list[int]]:
     """The base's continuation of each prompt (in order), by continuous batching on an engine (the static one on the
-    CPU): the greedy rows in one batch, the sampled rows in another, drawing together (one draw for the batch a
-    step) from torch's generator seeded `seed * 1_000_003`.
-    Every batch has at most gen_rows rows and the cache length that the longest allowed prompt needs, so that every
-    round reuses the engine's Decoders and captured graphs. The new tokens stop before an end-of-sequence token."""
+    CPU): greedy and sampled rows in one batch, the sampled ones drawing together (one draw a step) from torch's
+    generator seeded `seed * 1_000_003`. The batch has at most gen_rows rows and the cache length that the longest
+    allowed prompt needs, so that every round reuses the engine's Decoders and captured graphs. The new tokens stop
+    before an end-of-sequence token."""
     from ..decoding.batching import continuous_decode
     from ..decoding.engine import Plan, round_up
     from ..decoding.sampling import SamplingParams
@@ -228,20 +228,11 @@ def _generate(lm, prompts: list[list[int]], greedy: list[bool], ocfg: OnlineConf
                   lm.base.cfg.context_length)
     stop_ids = lm.tokenizer.eos_ids if lm.tokenizer is not None else ()
     sampled = SamplingParams(temperature=ocfg.temperature, top_p=ocfg.top_p if ocfg.top_p < 1 else None)
-    out: list[list[int] | None] = [None] * len(prompts)
-    for is_greedy in (True, False):
-        idx = [i for i, g in enumerate(greedy) if g == is_greedy]
-        if not idx:
-            continue
-        if not is_greedy:
-            torch.manual_seed(seed * 1_000_003)
-        res = continuous_decode(engine, "standard", [prompts[i] for i in idx],
-                                max_new_tokens=max_new_tokens or ocfg.max_new_tokens, max_rows=rows,
-                                stop_ids=stop_ids, sampling=SamplingParams() if is_greedy else sampled,
-                                max_len=max_len, shared=True)
-        for i, toks in zip(idx, res.tokens):
-            out[i] = list(toks)
-    return out  # type: ignore[return-value]
+    torch.manual_seed(seed * 1_000_003)
+    res = continuous_decode(engine, "standard", prompts, max_new_tokens=max_new_tokens or ocfg.max_new_tokens,
+                            max_rows=rows, stop_ids=stop_ids, max_len=max_len,
+                            row_sampling=[SamplingParams() if g else sampled for g in greedy])
+    return [list(toks) for toks in res.tokens]
 
 
 SORT_BATCHES = 8  # batches whose sequences are drawn together and sorted by length (less padding)
