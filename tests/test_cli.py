@@ -103,9 +103,11 @@ def test_bench_batches_engines_and_hf_baseline(tiny_ckpt, capsys):
     assert rep["batch_size"] == 2 and rep["engine"] == "static"
     assert all(r["new_tokens"] == 4 * 6 for r in rep["results"])
     assert main(["bench", "--model", str(ckpt), "--max-new-tokens", "6", "--limit", "5", "--no-chat", "--json",
-                 "--batch-size", "2", "--continuous", "--no-alpha", "--check-prompts", "5"]) == 0
+                 "--batch-size", "2", "--continuous", "--no-alpha", "--check-prompts", "5",
+                 "--strategies", "standard,recycle,recycle-verified", "--draft-rows", "1"]) == 0
     rep = last_json(capsys)  # continuous batching: on the static engine, every prompt checked against the reference
     assert rep["continuous"] and rep["engine"] == "static" and rep["check"]["checked"] == 5
+    assert rep["draft_rows"] == 1  # recycle-verified's two rows verify without drafts
     assert all(r["new_tokens"] == 5 * 6 for r in rep["results"])
     assert main(["bench", "--model", str(ckpt), "--max-new-tokens", "6", "--limit", "2", "--no-chat", "--json",
                  "--strategies", "hf_eager,standard"]) == 0

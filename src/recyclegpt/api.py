@@ -18,7 +18,7 @@ import torch
 
 from .config import KernelConfig, RecycleConfig
 from .decoding import strategies
-from .decoding.batching import continuous_decode
+from .decoding.batching import DRAFT_ROWS, continuous_decode
 from .decoding.engine import KV_BUCKET as DEFAULT_KV_BUCKET
 from .decoding.engine import Engine
 from .decoding.loops import DecodeStats
@@ -192,7 +192,8 @@ class RecycleGPT:
                  ignore_eos: bool = False, stream: Callable[[list[list[int]]], None] | None = None,
                  engine: str = "auto", draft_len: int = DEFAULT_DRAFT_LEN,
                  tree_shape: TreeShape | tuple[int, ...] | None = None,
-                 min_draft_prob: float | None = None, max_batch: int | None = None) -> Generation:
+                 min_draft_prob: float | None = None, max_batch: int | None = None,
+                 draft_rows: int | None = DRAFT_ROWS) -> Generation:
         """Generate from one prompt or a batch: texts (encoded, chat-templated if `chat`) or token-id lists.
 
         strategy (`strategies.names()`): "standard" (one full-model call per token); "recycle" (the paper's
@@ -208,8 +209,9 @@ class RecycleGPT:
         batching, at most this many at once, each joining as another ends (`decoding.batching`; on an engine:
         "auto" takes "static" on the CPU here): many prompts of mixed lengths keep the rows busy where a plain
         batch waits for its longest row. The tokens are each prompt's alone: greedy, or sampled (standard and
-        recycle) with prompt i seeded `seed + i`. The verified strategies draft only while at most
-        `batching.DRAFT_ROWS` prompts decode together (more verify the full model's next token alone: faster, τ 1).
+        recycle) with prompt i seeded `seed + i`. draft_rows: with max_batch, the verified strategies draft only while
+        at most this many prompts decode together (more verify the full model's next token alone: faster, τ 1);
+        None: always.
         """
         if strategies.get(strategy).needs_module and self.model is None:
             raise ValueError(f"strategy {strategy!r} needs a recyclable module and none is loaded; "
@@ -235,7 +237,7 @@ class RecycleGPT:
         if max_batch is not None:
             res = continuous_decode(self.engine(kind), strategy, prompts, max_new_tokens=max_new_tokens,
                                     max_rows=max_batch, stop_ids=stop_ids, stream=stream, draft_len=draft_len,
-                                    tree=shape, sampling=sampling)
+                                    tree=shape, sampling=sampling, draft_rows=draft_rows)
         elif kind != "eager":
             res = self.engine(kind).decode(strategy, prompts, draft_len=draft_len, tree=shape, **common)
         else:

@@ -157,6 +157,8 @@ def cmd_bench(args) -> None:
             raise UsageError(f"unknown strategy {s!r}; choose from {', '.join(known)}")
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.draft_rows < 0:
+        raise UsageError(f"--draft-rows must be >= 0, got {args.draft_rows}")
     if args.check_prompts < 1:
         raise UsageError(f"--check-prompts must be >= 1 (bench reports no speed it has not checked), got "
                          f"{args.check_prompts}")
@@ -213,7 +215,7 @@ def cmd_bench(args) -> None:
                            tree_shape=tuple(draft["tree_shape"]),
                            # per category needs one prompt a call: a batch mixes categories
                            categories=categories if args.batch_size == 1 else None,
-                           check_prompts=args.check_prompts, continuous=args.continuous,
+                           check_prompts=args.check_prompts, continuous=args.continuous, draft_rows=args.draft_rows,
                            threads=torch.get_num_threads(),
                            log=lambda line: print(f"bench: {line}", file=sys.stderr, flush=True))
     except ValueError as e:
@@ -636,6 +638,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--continuous", action="store_true",
                    help="decode all prompts by continuous batching, --batch-size at a time, each joining as another "
                         "ends (a server's steady load), instead of fixed batches that wait for their longest row")
+    b.add_argument("--draft-rows", type=int, default=DRAFT_ROWS, metavar="N",
+                   help=f"with --continuous: the verified strategies draft while at most N rows are live, as the "
+                        f"server does (default {DRAFT_ROWS}; 0: never)")
     b.add_argument("--engine", default="auto", choices=ENGINES,
                    help="decode loop of the project's strategies (default auto: CUDA graphs on a GPU, eager on CPU)")
     add_compile_mode(b)

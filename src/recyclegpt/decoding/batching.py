@@ -379,17 +379,19 @@ def continuous_decode(engine: Engine, strategy: str, prompts: Sequence[Sequence[
                       stream: Callable[[list[list[int]]], None] | None = None, check_every: int = 8,
                       draft_len: int = DEFAULT_DRAFT_LEN, tree: TreeShape | None = None,
                       sampling: SamplingParams = SamplingParams(), max_len: int | None = None,
-                      row_sampling: Sequence[SamplingParams] | None = None) -> DecodeResult:
+                      row_sampling: Sequence[SamplingParams] | None = None,
+                      draft_rows: int | None = DRAFT_ROWS) -> DecodeResult:
     """Decoding of many prompts through one continuous batch of at most `max_rows` rows, in prompt order, each prompt
     joining as a row frees: the tokens are each prompt's alone. sampling: greedy, or sampled (`standard`, `recycle`)
     with prompt i drawing from its own generator seeded `sampling.seed + i` (unseeded without a seed), as
     `generate(prompts[i], seed=sampling.seed + i)` would. row_sampling: instead, each prompt's own settings (greedy
     and sampled prompts in one batch, of `standard` or `recycle`); a sampled prompt with a seed draws from its own
     generator, those without one from torch's global generator, those of equal settings in one draw a step (seed
-    torch for repeatable draws). max_len: the batch's cache slots per row (default: the longest prompt's need);
-    calls that pass the same value reuse the engine's Decoders and graphs whatever their prompts. stream: after each
-    check, the new tokens of every prompt (empty lists for those not running). The stats are the whole run's: full
-    calls are the batch's steps plus one prefill per prompt; accept_hist sums the requests'."""
+    torch for repeatable draws). draft_rows: `ContinuousBatch`'s. max_len: the batch's cache slots per row (default:
+    the longest prompt's need); calls that pass the same value reuse the engine's Decoders and graphs whatever their
+    prompts. stream: after each check, the new tokens of every prompt (empty lists for those not running). The stats
+    are the whole run's: full calls are the batch's steps plus one prefill per prompt; accept_hist sums the
+    requests'."""
     longest = max((len(p) for p in prompts), default=0)
     need = longest + max_new_tokens + Plan.make(strategy, draft_len, tree).span + 2
     if max_len is not None and max_len < need:
@@ -407,7 +409,7 @@ def continuous_decode(engine: Engine, strategy: str, prompts: Sequence[Sequence[
 
     sampled = any(not own(i).greedy for i in range(len(prompts)))
     batch = ContinuousBatch(engine, strategy, max_rows, max_len=need, check_every=check_every,
-                            draft_len=draft_len, tree=tree, sampled=sampled)
+                            draft_len=draft_len, tree=tree, sampled=sampled, draft_rows=draft_rows)
     new: dict[int, list[int]] = {}
 
     def collect(i: int) -> TokensFn:
