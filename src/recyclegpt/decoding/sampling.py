@@ -75,7 +75,6 @@ class RowSampling:
     greedy = False
 
     def __init__(self, rows: list[tuple[SamplingParams, torch.Generator | None] | None]) -> None:
-        self.rows = rows
         groups: dict[SamplingParams, list[int]] = {}
         self.own = []  # (row, settings, generator) of the rows with a generator of their own
         for i, row in enumerate(rows):
