@@ -1,10 +1,11 @@
 """Load benchmark of `recyclegpt serve` through HTTP, one strategy at a time, each request a streamed greedy
 completion of a prompt from a mixed-length set: open-loop, requests arriving as a Poisson process at several rates
 (`--rates`), or closed-loop, N clients each sending its next request when its last one ends (`--concurrency`: the
-server's throughput at N streams). Reports per strategy and load the throughput, time to first token and time per
-output token (percentiles), counts the answers equal to the same request's at the lowest load (in 16-bit dtypes a
-batched request may take the other side of a near-tie and go on differently), prints a table and a final JSON
-line, and optionally draws latency against load.
+server's throughput at N streams). Reports per strategy and load the throughput, time to first token, time per
+output token and the gaps between a stream's chunks (inter-chunk latency: a stream's stalls, as where a joining
+prompt's prefill holds the batch; percentiles and the longest), counts the answers equal to the same request's at
+the lowest load (in 16-bit dtypes a batched request may take the other side of a near-tie and go on differently),
+prints a table and a final JSON line, and optionally draws latency against load.
 
     python scripts/bench_serve.py --url http://127.0.0.1:8000 [--rates 1,2,4 | --concurrency 1,8,32]
         [--requests 32] [--strategies standard,recycle-verified] [--max-tokens 64] [--ignore-eos]
@@ -34,13 +35,15 @@ from recyclegpt.training.data import read_prompts
 
 @dataclass
 class Result:
-    """One request: when it was sent, when its first text and its last chunk came, its tokens and its text."""
+    """One request: when it was sent, when its first text and its last chunk came, the gaps between its chunks of
+    text, its tokens and its text."""
 
     sent: float
     first: float | None = None
     last: float | None = None
     tokens: int = 0
     text: list[str] = field(default_factory=list)
+    gaps: list[float] = field(default_factory=list)
     error: str | None = None
 
     def per_token(self) -> float | None:
@@ -72,6 +75,8 @@ async def one(client: httpx.AsyncClient, url: str, headers: dict, body: dict, at
                 if chunk.get("usage"):
                     res.tokens = chunk["usage"]["completion_tokens"]
                 if chunk.get("choices") and chunk["choices"][0].get("text"):
+                    if res.last is not None:
+                        res.gaps.append(now - res.last)
                     res.first = res.first or now
                     res.last = now
                     res.text.append(chunk["choices"][0]["text"])
@@ -158,7 +163,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"bench_serve: no server answering at {args.url}/v1/models ({e})") from None
     rows, answers = [], {}
     print(f"{'strategy':<17} {unit:>7} {'done':>5} {'tok/s':>8} {'ttft p50':>9} {'ttft p90':>9} "
-          f"{'tpot p50':>9} {'tpot p90':>9} {'same':>5}  (ms)")
+          f"{'tpot p50':>9} {'tpot p90':>9} {'itl p99':>9} {'itl max':>9} {'same':>5}  (ms)")
     for strategy in [s for s in args.strategies.split(",") if s]:
         for rate in sorted(loads):
             results, wall = asyncio.run(run_load(args.url, headers, model, prompts, strategy, rate, args.requests,
@@ -170,17 +175,20 @@ def main(argv: list[str] | None = None) -> dict:
             same = sum(texts[i] == base.get(i, texts[i]) for i in texts)
             ttft = [r.first - r.sent for r in ok if r.first is not None]
             tpot = [x for x in (r.per_token() for r in ok) if x is not None]
+            gaps = [g for r in ok for g in r.gaps]
             row = {"strategy": strategy, ("concurrency" if closed else "rate"): rate, "requests": len(results),
                    "completed": len(ok),
                    "errors": sorted({r.error for r in results if r.error})[:3], "wall_s": round(wall, 3),
                    "tokens_per_s": round(sum(r.tokens for r in ok) / wall, 1),
                    "ttft_p50": pct(ttft, 0.5), "ttft_p90": pct(ttft, 0.9), "ttft_p99": pct(ttft, 0.99),
                    "tpot_p50": pct(tpot, 0.5), "tpot_p90": pct(tpot, 0.9), "tpot_p99": pct(tpot, 0.99),
-                   "tpot_mean": statistics.fmean(tpot) if tpot else None, "same_as_lowest_rate": same}
+                   "tpot_mean": statistics.fmean(tpot) if tpot else None,
+                   "itl_p50": pct(gaps, 0.5), "itl_p99": pct(gaps, 0.99), "itl_max": max(gaps, default=None),
+                   "same_as_lowest_rate": same}
             rows.append(row)
             print(f"{strategy:<17} {rate:>7g} {len(ok):>5} {row['tokens_per_s']:>8.1f} {ms(row['ttft_p50']):>9} "
                   f"{ms(row['ttft_p90']):>9} {ms(row['tpot_p50']):>9} {ms(row['tpot_p90']):>9} "
-                  f"{same:>2}/{len(texts):<2}", flush=True)
+                  f"{ms(row['itl_p99']):>9} {ms(row['itl_max']):>9} {same:>2}/{len(texts):<2}", flush=True)
     report = {"url": args.url, "model": model, "max_tokens": args.max_tokens, "requests": args.requests,
               "prompts": len(prompts), "load": "closed" if closed else "poisson", "ignore_eos": args.ignore_eos,
               "rows": rows}

@@ -13,7 +13,9 @@ from test_speculative import predictable
 
 from recyclegpt.decoding import strategies
 from recyclegpt.decoding.batching import ContinuousBatch, Request
-from recyclegpt.decoding.engine import Engine
+from recyclegpt.decoding.engine import Decoder, Engine
+from recyclegpt.decoding.loops import PromptBatch
+from recyclegpt.decoding.sampling import SamplingParams
 from recyclegpt.decoding.speculative import TreeShape
 
 OPTS = {"speculative": {"draft_len": 3}, "tree": {"tree": TreeShape(4, 3, 10)}}
@@ -55,6 +57,78 @@ def test_continuous_batching_equals_each_request_alone(strategy, rows):
         assert req.reason == ("length" if len(req.tokens) == req.max_new_tokens else "stop")
         assert req.stats.new_tokens == len(req.tokens) and req.stats.full_calls >= 1
     assert any(r.reason == "stop" for r in reqs) and any(r.reason == "length" for r in reqs)
+
+
+@pytest.mark.parametrize("strategy", strategies.names())
+def test_long_prompts_prefilled_in_chunks_get_their_tokens_alone(strategy):
+    """Prompts longer than prefill_chunk that join while rows decode are prefilled a chunk after each step (the
+    last chunk shorter than the others' padding: prompts left-padded to whole chunks) and then join: every request
+    still gets exactly its tokens alone. Residual branches at full strength: a slot the chunks got wrong shows."""
+    model = predictable(0, 1.0)
+    engine = Engine(model, bucket=16, prefill_bucket=8)
+    reqs = traffic(model, strategy, 7, 12, 200)
+    batch = ContinuousBatch(engine, strategy, 3, max_len=208, check_every=3, prefill_chunk=24,
+                            **OPTS.get(strategy, {}))
+    batch.run(reqs)
+    assert batch.chunked > 0 and not batch.pending
+    for i, req in enumerate(reqs):
+        assert req.tokens == alone(model, strategy, req), (strategy, i, len(req.prompt))
+        assert req.stats.new_tokens == len(req.tokens)
+
+
+@pytest.mark.parametrize("strategy", ["standard", "recycle", "recycle-verified"])
+def test_a_prompt_prefilled_in_chunks_leaves_the_state_of_a_whole_prefill(strategy):
+    """Decoder.prefill_chunks: both caches, the module's state, the tokens and counters as prefill (+
+    prefill_module) leave them, up to float32 rounding (the chunks' shorter calls sum in another order)."""
+    model = predictable(0, 1.0)
+    prompt = torch.randint(0, 97, (40,), generator=torch.Generator().manual_seed(0)).tolist()
+    module = strategy != "standard"
+    with torch.inference_mode():
+        whole, chunked = Decoder(model, 1, 208), Decoder(model, 1, 208)
+        batch = PromptBatch.build([prompt], vocab_size=97, device=torch.device("cpu")).padded_to(48)
+        state = whole.prefill(batch, SamplingParams(), None)
+        if module:
+            whole.prefill_module(strategy, batch, state, SamplingParams(), None)
+        assert list(chunked.prefill_chunks(strategy, batch, 16, SamplingParams(), None)) == [False, False, True]
+    for name in ("x_next", "x_rec", "n", "pos", "pad", "out", "seq"):
+        assert torch.equal(getattr(whole, name), getattr(chunked, name)), name
+    caches = [(whole.cache, chunked.cache)] + ([(whole.mcache, chunked.mcache)] if module else [])
+    for a, b in caches:
+        torch.testing.assert_close(a.k[..., :48, :], b.k[..., :48, :], rtol=0, atol=1e-5)
+        torch.testing.assert_close(a.v[..., :48, :], b.v[..., :48, :], rtol=0, atol=1e-5)
+    if strategy == "recycle-verified":
+        torch.testing.assert_close(whole.g, chunked.g, rtol=0, atol=1e-4)
+        torch.testing.assert_close(whole.d_logits, chunked.d_logits, rtol=0, atol=1e-4)
+    with pytest.raises(ValueError, match="chunks of 7"):
+        next(chunked.prefill_chunks(strategy, batch, 7, SamplingParams(), None))
+
+
+def test_a_prompt_prefilled_in_chunks_holds_its_row_and_waits_for_room():
+    """While its chunks run the request holds a row (no other joins in its place) and the live row goes on
+    decoding; once prefilled it joins when the live rows' budgets leave it room, here when the live row ends."""
+    model = predictable(2, 0.1)
+    engine = Engine(model, bucket=16, prefill_bucket=0)
+    batch = ContinuousBatch(engine, "standard", 2, max_len=160, check_every=2, prefill_chunk=16)
+    a = Request(list(range(1, 41)), 100)
+    batch.add(a)
+    c = Request(list(range(3, 35)), 119)  # two chunks; it fits beside a now, not once a has decoded a token
+    assert batch.admits(c)
+    batch.add(c)
+    assert batch.pending == 1 and batch.live == 1 and c not in batch.rows
+    assert not batch.admits(Request([1, 2], 4))  # the last row is c's
+    before = len(a.tokens)
+    batch.step()
+    assert len(a.tokens) > before and batch.pending == 1  # chunks ran between a's steps; no room for c yet
+    while a.reason is None:
+        batch.step()
+        assert c not in batch.rows or a.reason is not None
+    while batch.live or batch.pending:
+        batch.step()
+    assert batch.chunked == 1
+    for r in (a, c):
+        assert r.tokens == alone(model, "standard", r)
+    with pytest.raises(ValueError, match="prefill_chunk"):
+        ContinuousBatch(engine, "standard", 2, prefill_chunk=0)
 
 
 @pytest.mark.parametrize("strategy", ["recycle-verified", "speculative", "tree"])
@@ -140,11 +214,16 @@ def test_requests_that_cannot_fit_are_refused_clearly():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.cuda
 @pytest.mark.parametrize("strategy", ["standard", "recycle", "recycle-verified", "speculative"])
-def test_cuda_graphs_continuous_batching_equals_each_request_alone(strategy):
+@pytest.mark.parametrize("chunk", [None, 16])
+def test_cuda_graphs_continuous_batching_equals_each_request_alone(strategy, chunk):
+    """With chunk, the long prompts that join while rows decode replay a graph per prefill chunk."""
     model = predictable(0, 0.1).cuda()
     engine = Engine(model, bucket=16, prefill_bucket=8)
     reqs = traffic(model, strategy, 4, 12, 200)
-    ContinuousBatch(engine, strategy, 4, max_len=208, check_every=3, **OPTS.get(strategy, {})).run(reqs)
+    batch = ContinuousBatch(engine, strategy, 4, max_len=208, check_every=3, prefill_chunk=chunk,
+                            **OPTS.get(strategy, {}))
+    batch.run(reqs)
+    assert batch.chunked > 0 if chunk else batch.chunked == 0
     for i, req in enumerate(reqs):
         assert req.tokens == alone(model, strategy, req), (strategy, i, len(req.prompt))
 

@@ -549,6 +549,7 @@ def test_bench_serve_script_against_a_live_server(lm, tmp_path, capsys):
     for row in report["rows"]:
         assert row["completed"] == row["requests"] == 6 and row["same_as_lowest_rate"] == 6, row
         assert row["tokens_per_s"] > 0 and row["ttft_p50"] is not None
+        assert row["itl_max"] is None or row["itl_max"] >= row["itl_p99"] >= row["itl_p50"] > 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == closed
     assert closed["load"] == "closed" and [r["concurrency"] for r in closed["rows"]] == [1, 3]
     for row in closed["rows"]:  # ignore_eos: every request decodes its five tokens

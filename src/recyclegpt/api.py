@@ -18,7 +18,7 @@ import torch
 
 from .config import KernelConfig, RecycleConfig
 from .decoding import strategies
-from .decoding.batching import DRAFT_ROWS, continuous_decode
+from .decoding.batching import DRAFT_ROWS, PREFILL_CHUNK, continuous_decode
 from .decoding.engine import KV_BUCKET as DEFAULT_KV_BUCKET
 from .decoding.engine import Engine
 from .decoding.loops import DecodeStats
@@ -108,14 +108,15 @@ class EngineOptions:
     kernels: which fused Triton kernels the model's calls take on CUDA (`KernelConfig`; every engine and the eager
     loops alike). max_decoders: each engine keeps at most this many Decoders (one per batch size and cache length
     in use, each with its cache and graphs), dropping the least recently used: memory stays bounded whatever the
-    traffic, at the cost of capturing again a shape that comes back."""
+    traffic, at the cost of capturing again a shape that comes back. A server's continuous batch of 32 rows uses
+    9: one per power-of-two row count, two that prefill joining prompts, one that prefills them in chunks."""
 
     kv_bucket: int = DEFAULT_KV_BUCKET
     compile_mode: str | None = None
     compile_steps: bool = False
     compile_prefill: bool = True
     kernels: KernelConfig = KernelConfig()
-    max_decoders: int = 8
+    max_decoders: int = 12
 
     def __post_init__(self) -> None:
         if not isinstance(self.kv_bucket, int) or isinstance(self.kv_bucket, bool) or self.kv_bucket < 16:
@@ -193,7 +194,7 @@ class RecycleGPT:
                  engine: str = "auto", draft_len: int = DEFAULT_DRAFT_LEN,
                  tree_shape: TreeShape | tuple[int, ...] | None = None,
                  min_draft_prob: float | None = None, max_batch: int | None = None,
-                 draft_rows: int | None = DRAFT_ROWS) -> Generation:
+                 draft_rows: int | None = DRAFT_ROWS, prefill_chunk: int | None = PREFILL_CHUNK) -> Generation:
         """Generate from one prompt or a batch: texts (encoded, chat-templated if `chat`) or token-id lists.
 
         strategy (`strategies.names()`): "standard" (one full-model call per token); "recycle" (the paper's
@@ -211,7 +212,8 @@ class RecycleGPT:
         batch waits for its longest row. The tokens are each prompt's alone: greedy, or sampled (standard and
         recycle) with prompt i seeded `seed + i`. draft_rows: with max_batch, the verified strategies draft only while
         at most this many prompts decode together (more verify the full model's next token alone: faster, τ 1);
-        None: always.
+        None: always. prefill_chunk: with max_batch, a prompt longer than this joining while others decode is
+        prefilled this many tokens at a time between their steps (None: whole).
         """
         if strategies.get(strategy).needs_module and self.model is None:
             raise ValueError(f"strategy {strategy!r} needs a recyclable module and none is loaded; "
@@ -237,7 +239,8 @@ class RecycleGPT:
         if max_batch is not None:
             res = continuous_decode(self.engine(kind), strategy, prompts, max_new_tokens=max_new_tokens,
                                     max_rows=max_batch, stop_ids=stop_ids, stream=stream, draft_len=draft_len,
-                                    tree=shape, sampling=sampling, draft_rows=draft_rows)
+                                    tree=shape, sampling=sampling, draft_rows=draft_rows,
+                                    prefill_chunk=prefill_chunk)
         elif kind != "eager":
             res = self.engine(kind).decode(strategy, prompts, draft_len=draft_len, tree=shape, **common)
         else:

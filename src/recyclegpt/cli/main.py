@@ -51,12 +51,14 @@ from .options import (
     add_compile_mode,
     add_draft_args,
     add_model_args,
+    add_prefill_chunk,
     apply_threads,
     check_args,
     draft_options,
     engine_options,
     load_model,
     parse_dtype,
+    prefill_chunk,
 )
 
 
@@ -159,6 +161,7 @@ def cmd_bench(args) -> None:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.draft_rows < 0:
         raise UsageError(f"--draft-rows must be >= 0, got {args.draft_rows}")
+    chunk = prefill_chunk(args)
     if args.check_prompts < 1:
         raise UsageError(f"--check-prompts must be >= 1 (bench reports no speed it has not checked), got "
                          f"{args.check_prompts}")
@@ -216,6 +219,7 @@ def cmd_bench(args) -> None:
                            # per category needs one prompt a call: a batch mixes categories
                            categories=categories if args.batch_size == 1 else None,
                            check_prompts=args.check_prompts, continuous=args.continuous, draft_rows=args.draft_rows,
+                           prefill_chunk=chunk,
                            threads=torch.get_num_threads(),
                            log=lambda line: print(f"bench: {line}", file=sys.stderr, flush=True))
     except ValueError as e:
@@ -549,6 +553,7 @@ runs alone)."""
         raise UsageError(f"--max-batch must be at least 1, got {args.max_batch}")
     if args.draft_rows < 0:
         raise UsageError(f"--draft-rows must be at least 0, got {args.draft_rows}")
+    chunk = prefill_chunk(args)
     if args.max_model_len is not None and args.max_model_len < 2:
         raise UsageError(f"--max-model-len must be at least 2, got {args.max_model_len}")
     if not 0 <= args.port <= 65535:
@@ -566,7 +571,8 @@ runs alone)."""
     app = create_app(lm, ServerConfig(model_name=args.served_model_name or args.model, strategy=strategy,
                                       engine=args.engine, max_model_len=args.max_model_len, api_key=api_key,
                                       max_queue=args.max_queue, max_batch=args.max_batch,
-                                      draft_rows=args.draft_rows, warmup=False if args.no_warmup else None))
+                                      draft_rows=args.draft_rows, prefill_chunk=chunk,
+                                      warmup=False if args.no_warmup else None))
     server = app.state.server
     # the server's own messages (start-up warm-up, failed requests) beside uvicorn's, in its format
     logging.basicConfig(format="%(levelname)s:     %(message)s", level=args.log_level.upper())
@@ -641,6 +647,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--draft-rows", type=int, default=DRAFT_ROWS, metavar="N",
                    help=f"with --continuous: the verified strategies draft while at most N rows are live, as the "
                         f"server does (default {DRAFT_ROWS}; 0: never)")
+    add_prefill_chunk(b, "with --continuous: a")
     b.add_argument("--engine", default="auto", choices=ENGINES,
                    help="decode loop of the project's strategies (default auto: CUDA graphs on a GPU, eager on CPU)")
     add_compile_mode(b)
@@ -722,6 +729,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "rounds verify the full model's next token alone, with the same answers (every row keeps "
                          f"the tokens of the row that accepted fewest, so drafts pay less as rows grow; default "
                          f"{DRAFT_ROWS}; --max-batch or more: always draft)")
+    add_prefill_chunk(sv, "a")
     sv.add_argument("--no-warmup", action="store_true",
                     help="skip the start-up pass that captures the batch engine's CUDA graphs for every batch size "
                          "before the port opens (a few seconds; on the CPU there is nothing to capture)")

@@ -15,6 +15,7 @@ from ..api import (
     RecycleGPT,
 )
 from ..config import KernelConfig, RecycleConfig
+from ..decoding.batching import PREFILL_CHUNK
 from ..decoding.speculative import TreeShape
 from ..models import RECYCLE_VOCABS
 from ..models.quantize import QUANTIZE
@@ -161,6 +162,20 @@ def load_model(args: argparse.Namespace) -> RecycleGPT:
 
 
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")  # inductor modes that run inside the engine's own graphs
+
+
+def add_prefill_chunk(p: argparse.ArgumentParser, lead: str) -> None:
+    p.add_argument("--prefill-chunk", type=int, default=PREFILL_CHUNK, metavar="N",
+                   help=f"{lead} prompt longer than N tokens that joins while others decode is prefilled N tokens at "
+                        f"a time between their steps, so that they keep streaming (default {PREFILL_CHUNK}; 0: whole; "
+                        f"on a GPU a multiple of 64)")
+
+
+def prefill_chunk(args: argparse.Namespace) -> int | None:
+    """--prefill-chunk as ContinuousBatch takes it: None for 0; a one-line error below 0."""
+    if args.prefill_chunk < 0:
+        raise ValueError(f"--prefill-chunk must be at least 0 (0: prompts prefilled whole), got {args.prefill_chunk}")
+    return args.prefill_chunk or None
 
 
 def add_compile_mode(p: argparse.ArgumentParser) -> None:

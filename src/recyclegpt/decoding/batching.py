@@ -26,17 +26,21 @@ import statistics
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
 from ..models import RecycleModel
-from .engine import Engine, Plan, round_up
+from .engine import Decoder, Engine, Plan, round_up
 from .loops import DecodeResult, DecodeStats, PromptBatch, _sync
 from .sampling import RowSampling, SamplingParams
 from .speculative import DEFAULT_DRAFT_LEN, TreeShape
 
 PREFILL_ROWS = 8  # joining prompts prefilled together (the engine's prefill Decoder of this many rows)
+# a prompt longer than this that joins while rows decode is prefilled this many slots at a time, a chunk after each
+# of the batch's steps (`ContinuousBatch`'s prefill_chunk), so that the rows decoding wait a chunk's time per step
+# rather than the whole prompt's once
+PREFILL_CHUNK = 512
 # the verified strategies draft while at most this many rows are live (`ContinuousBatch`'s draft_rows). H100, bf16,
 # SmolLM2-135M: at 8, 16 and 32 rows drafting lost to rounds without drafts (dev/LOG.md, 2026-12-08); alone it wins
 DRAFT_ROWS = 4
@@ -81,6 +85,18 @@ class Request:
         return self.reason is not None
 
 
+@dataclass(eq=False)
+class _Fill:
+    """A request whose prompt is prefilled in chunks before it joins: on its own one-row Decoder, `chunks` the
+    prefill's steps (`Decoder.prefill_chunks`), `length` the prompt padded to whole chunks."""
+
+    req: Request
+    dec: Decoder | None = None
+    chunks: Iterator[bool] | None = None
+    length: int = 0
+    done: bool = False
+
+
 class ContinuousBatch:
     """Greedy requests of one strategy decoding together on `engine`, up to `max_rows` at once, with `max_len`
     cache slots (default: the model's context), each joining when it fits (`add`) and leaving at its end (`step`
@@ -91,7 +107,7 @@ class ContinuousBatch:
     def __init__(self, engine: Engine, strategy: str, max_rows: int, *, max_len: int | None = None,
                  check_every: int = 8, draft_len: int = DEFAULT_DRAFT_LEN, tree: TreeShape | None = None,
                  sampled: bool = False, shared: SamplingParams | None = None,
-                 draft_rows: int | None = DRAFT_ROWS) -> None:
+                 draft_rows: int | None = DRAFT_ROWS, prefill_chunk: int | None = PREFILL_CHUNK) -> None:
         """sampled: the batch's requests sample, each with its own settings and seed (`standard` and `recycle`,
         whose steps sample outside their graphs); else they are greedy. shared: instead, every request samples
         with these settings, unseeded, from torch's global generator (any strategy; how sampled requests of the
@@ -99,7 +115,10 @@ class ContinuousBatch:
         verified rounds draft while at most this many rows are live; with more, they verify no drafts
         (`Plan.undrafted`: one token a row, the module kept in step), since every row keeps the tokens of the
         row that accepted fewest, and that is almost always none of the drafts when many rows decode together.
-        None: they always draft."""
+        None: they always draft. prefill_chunk: a request whose prompt is longer than this many tokens, joining
+        while rows decode, has its prompt prefilled in chunks of this many slots, one after each step of the
+        batch, and joins when the last is done (its row held meanwhile); a multiple of the engine's prefill
+        bucket, whose chunks replay graphs. None: every prompt is prefilled whole as it joins."""
         if shared is not None and (shared.greedy or shared.seed is not None):
             raise ValueError(f"a shared batch samples unseeded: got {shared}")
         self.engine, self.strategy, self.sampled, self.shared = engine, strategy, sampled or shared is not None, shared
@@ -121,6 +140,14 @@ class ContinuousBatch:
         if not isinstance(check_every, int) or check_every < 1:
             raise ValueError(f"check_every must be an integer >= 1, got {check_every!r}")
         self.max_rows, self.check_every = max_rows, check_every
+        if prefill_chunk is not None:
+            if not isinstance(prefill_chunk, int) or prefill_chunk < 1:
+                raise ValueError(f"prefill_chunk must be an integer >= 1 or None, got {prefill_chunk!r}")
+            if engine.graphs and engine.prefill_bucket and prefill_chunk % engine.prefill_bucket:
+                raise ValueError(f"prefill_chunk must be a multiple of the engine's prefill bucket "
+                                 f"({engine.prefill_bucket}), got {prefill_chunk}")
+        self.prefill_chunk = prefill_chunk
+        self._fills: deque[_Fill] = deque()  # prompts prefilled in chunks, oldest first: only the first runs
         self.max_len = engine.decoder(1, max_len or base.cfg.context_length, role="prefill").max_len
         self.vocab_size = base.cfg.vocab_size
         self.rows: list[Request | None] = []
@@ -130,6 +157,7 @@ class ContinuousBatch:
         self.steps = 0
         self.undrafted_steps = 0  # of `steps`, those that verified no drafts (draft_rows)
         self.rebases = [0, 0]  # to the left (padding given back), to the right (room for a longer prompt)
+        self.chunked = 0  # requests whose prompts were prefilled in chunks
         self._first: dict[int, torch.Tensor] = {}  # by id of a request that joined: its first tokens, on the device
         self.dec = self._resize(1)
 
@@ -138,6 +166,11 @@ class ContinuousBatch:
     @property
     def live(self) -> int:
         return sum(r is not None for r in self.rows)
+
+    @property
+    def pending(self) -> int:
+        """Requests admitted whose prompts are prefilled in chunks: each holds a row it takes when done."""
+        return len(self._fills)
 
     def fits(self, req: Request) -> bool:
         """Whether `req` fits this batch's cache at all (alone)."""
@@ -158,8 +191,10 @@ class ContinuousBatch:
     def admits_all(self, reqs: Sequence[Request]) -> bool:
         """Whether all of `reqs` can join now together: rows for them (free, or by growing) and cache room beside
         the live rows."""
-        free = self.rows.count(None) + self.max_rows - len(self.rows)
-        return bool(reqs) and len(reqs) <= free and self._group_target(list(reqs)) is not None
+        free = self.rows.count(None) + self.max_rows - len(self.rows) - self.pending
+        # the requests prefilled in chunks must still fit when they join
+        return bool(reqs) and len(reqs) <= free and self._group_target(
+            [f.req for f in self._fills] + list(reqs)) is not None
 
     def add_all(self, reqs: Sequence[Request]) -> None:
         """Put `reqs` (`admits_all`) into free rows together: the batch grows and rebases once for them and prefills
@@ -203,12 +238,19 @@ class ContinuousBatch:
         """Put `group` (admitted together: rows and cache room for all) into free rows: one rebase at most, then
         their prompts prefilled PREFILL_ROWS at a time (a lone request on the one-row Decoder)."""
         start = time.perf_counter()
+        free = self.rows.count(None) + self.max_rows - len(self.rows) - self.pending
+        if len(group) > free:
+            raise ValueError("the batch has no rows for these requests now")
+        for req in [r for r in group if self._chunked(r)]:
+            req._start = start
+            self._fills.append(_Fill(req))
+            group.remove(req)
+        if not group:
+            return
         with torch.inference_mode():
-            free = self.rows.count(None) + self.max_rows - len(self.rows)
-            if len(group) > free:
-                raise ValueError("the batch has no rows for these requests now")
             if self.rows.count(None) < len(group):
-                self.dec = self._resize(min(self.max_rows, 1 << (self.live + len(group) - 1).bit_length()))
+                rows = self.live + self.pending + len(group)
+                self.dec = self._resize(min(self.max_rows, 1 << (rows - 1).bit_length()))
             to = self._group_target(group)
             if to is None:
                 raise ValueError("the batch has no room for these requests now")
@@ -225,6 +267,54 @@ class ContinuousBatch:
                                             prefill_seconds=time.perf_counter() - start)
                     self.rows[row], self.pads[row] = req, self.p - len(req.prompt)
                     self._first[id(req)] = first  # read with the next check's tokens: a join adds no host sync
+
+    def _chunked(self, req: Request) -> bool:
+        """Whether `req`, joining now, is prefilled in chunks: a prompt longer than a chunk while rows decode."""
+        C = self.prefill_chunk
+        return bool(C and self.live and len(req.prompt) > C and round_up(len(req.prompt), C) <= self.max_len)
+
+    def _fill_chunk(self) -> None:
+        """Run the next chunk of the oldest prompt prefilled in chunks (starting it on the engine's one-row
+        Decoder for chunks if it is new)."""
+        if not self._fills or self._fills[0].done:
+            return
+        f = self._fills[0]
+        if f.chunks is None:
+            req, C = f.req, self.prefill_chunk
+            f.dec = self.engine.decoder(1, self.max_len, role="chunk")
+            f.length = round_up(len(req.prompt), C)
+            batch = PromptBatch.build([list(req.prompt)], vocab_size=self.vocab_size,
+                                      device=f.dec.device).padded_to(f.length)
+            f.dec.prepare()
+            req._gen = req.sampling.generator(f.dec.device)
+            sampling = self.shared or (RowSampling([(req.sampling, req._gen)]) if self.sampled else SamplingParams())
+            f.chunks = f.dec.prefill_chunks(self.strategy, batch, C, sampling, None)
+        f.done = next(f.chunks)
+
+    def _join_filled(self) -> None:
+        """Put the oldest request prefilled in chunks, when done and when it fits beside the live rows, into a free
+        row (growing or rebasing first if it must); its first tokens reach it with the next check's."""
+        if not self._fills or not self._fills[0].done:
+            return
+        f = self._fills[0]
+        req = f.req
+        to = self._group_target([req])
+        if to is None:  # the live rows' budgets leave no room for it yet: it waits for some to end
+            return
+        self._fills.popleft()
+        if None not in self.rows:
+            self.dec = self._resize(min(self.max_rows, 2 * len(self.rows)))
+        if to != self.p:
+            self._rebase(to)
+        row = self.rows.index(None)
+        self.dec.adopt(row, f.dec, 0, len(req.prompt), f.length, self.p)
+        read = 2 if self.plan.round == "recycle" else 1
+        req._hist = [0] * self.plan.max_tokens if not self.plan.fixed else None
+        req.stats = DecodeStats(self.strategy, full_calls=1, module_calls=int(self.plan.module),
+                                prefill_seconds=time.perf_counter() - req._start)
+        self.rows[row], self.pads[row] = req, self.p - len(req.prompt)
+        self._first[id(req)] = f.dec.out[0, :read].clone()
+        self.chunked += 1
 
     def _prefill(self, reqs: list[Request], rows: list[int]) -> list[torch.Tensor]:
         """The prompts through the engine's prefill Decoder (one row for one request, else PREFILL_ROWS rows, the
@@ -299,7 +389,7 @@ class ContinuousBatch:
                 raise ValueError(f"a request of {len(req.prompt)} prompt tokens and max_new_tokens "
                                  f"{req.max_new_tokens} does not fit the batch's {self.max_len} cache slots")
         waiting = deque(requests)
-        while waiting or self.live:
+        while waiting or self.live or self.pending:
             self._admit(waiting)
             self.step()
         _sync(self.dec.device)
@@ -322,7 +412,12 @@ class ContinuousBatch:
     def step(self) -> list[Request]:
         """Run up to `check_every` steps, hand each live request its new tokens, and return those that ended."""
         ended = [self._end(i) for i, r in enumerate(self.rows) if r is not None and r.reason is not None]
-        n = self.live
+        with torch.inference_mode():
+            if self._fills and not self.live:  # no step to spread the chunks between: the rest of them now
+                while not self._fills[0].done:
+                    self._fill_chunk()
+            self._join_filled()
+        n = self.live + self.pending
         if n and n <= len(self.rows) // 4:  # a quarter or fewer of the rows live: move to a smaller Decoder
             self.dec = self._resize(1 << (n - 1).bit_length())
         live = [i for i, r in enumerate(self.rows) if r is not None]
@@ -345,6 +440,7 @@ class ContinuousBatch:
             for _ in range(steps):
                 dec.step(plan, bound, sampling, None)
                 bound += plan.max_tokens
+                self._fill_chunk()
             upper = steps * plan.max_tokens
             if plan.fixed:
                 new, written = dec.out[:, :upper].cpu(), upper  # the one sync of a check
@@ -380,18 +476,18 @@ def continuous_decode(engine: Engine, strategy: str, prompts: Sequence[Sequence[
                       draft_len: int = DEFAULT_DRAFT_LEN, tree: TreeShape | None = None,
                       sampling: SamplingParams = SamplingParams(), max_len: int | None = None,
                       row_sampling: Sequence[SamplingParams] | None = None,
-                      draft_rows: int | None = DRAFT_ROWS) -> DecodeResult:
+                      draft_rows: int | None = DRAFT_ROWS, prefill_chunk: int | None = PREFILL_CHUNK) -> DecodeResult:
     """Decoding of many prompts through one continuous batch of at most `max_rows` rows, in prompt order, each prompt
     joining as a row frees: the tokens are each prompt's alone. sampling: greedy, or sampled (`standard`, `recycle`)
     with prompt i drawing from its own generator seeded `sampling.seed + i` (unseeded without a seed), as
     `generate(prompts[i], seed=sampling.seed + i)` would. row_sampling: instead, each prompt's own settings (greedy
     and sampled prompts in one batch, of `standard` or `recycle`); a sampled prompt with a seed draws from its own
     generator, those without one from torch's global generator, those of equal settings in one draw a step (seed
-    torch for repeatable draws). draft_rows: `ContinuousBatch`'s. max_len: the batch's cache slots per row (default:
-    the longest prompt's need); calls that pass the same value reuse the engine's Decoders and graphs whatever their
-    prompts. stream: after each check, the new tokens of every prompt (empty lists for those not running). The stats
-    are the whole run's: full calls are the batch's steps plus one prefill per prompt; accept_hist sums the
-    requests'."""
+    torch for repeatable draws). draft_rows, prefill_chunk: `ContinuousBatch`'s. max_len: the batch's cache slots
+    per row (default: the longest prompt's need); calls that pass the same value reuse the engine's Decoders and
+    graphs whatever their prompts. stream: after each check, the new tokens of every prompt (empty lists for those
+    not running). The stats are the whole run's: full calls are the batch's steps plus one prefill per prompt;
+    accept_hist sums the requests'."""
     longest = max((len(p) for p in prompts), default=0)
     need = longest + max_new_tokens + Plan.make(strategy, draft_len, tree).span + 2
     if max_len is not None and max_len < need:
@@ -409,7 +505,8 @@ def continuous_decode(engine: Engine, strategy: str, prompts: Sequence[Sequence[
 
     sampled = any(not own(i).greedy for i in range(len(prompts)))
     batch = ContinuousBatch(engine, strategy, max_rows, max_len=need, check_every=check_every,
-                            draft_len=draft_len, tree=tree, sampled=sampled, draft_rows=draft_rows)
+                            draft_len=draft_len, tree=tree, sampled=sampled, draft_rows=draft_rows,
+                            prefill_chunk=prefill_chunk)
     new: dict[int, list[int]] = {}
 
     def collect(i: int) -> TokensFn:
@@ -421,8 +518,8 @@ def continuous_decode(engine: Engine, strategy: str, prompts: Sequence[Sequence[
     t0 = time.perf_counter()
     check_ms = []
     waiting = deque(reqs)
-    while waiting or batch.live:
-        if not batch.live and not batch.admits(waiting[0]):
+    while waiting or batch.live or batch.pending:
+        if waiting and not batch.live and not batch.pending and not batch.admits(waiting[0]):
             raise ValueError(f"a prompt of {len(waiting[0].prompt)} tokens with max_new_tokens {max_new_tokens} "
                              f"does not fit the batch's {batch.max_len} cache slots")
         batch._admit(waiting)

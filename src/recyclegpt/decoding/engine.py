@@ -34,7 +34,7 @@ import math
 import statistics
 import time
 from collections import OrderedDict
-from typing import Callable, NamedTuple, Sequence
+from typing import Callable, Iterator, NamedTuple, Sequence
 
 import torch
 
@@ -150,6 +150,7 @@ class Decoder:
         self._ar = torch.arange(self.max_len, dtype=long, device=dev)
         self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
         self._prompt: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}  # by length: ids, module state
+        self._chunk_next: dict[int, torch.Tensor] = {}  # by chunk length: the tokens after a prompt chunk's
         self._pool = torch.cuda.graph_pool_handle() if graphs else None
         self.rec_draft = False  # recycle takes the module's tokens over its draft vocabulary (set by decode)
         self._base_fwd, self._recycle_fwd = self.base.forward, (self.rmodel.recycle if self.rmodel else None)
@@ -410,15 +411,19 @@ class Decoder:
             self._run(("prefill", L), lambda: self._prefill_forward(ids, state))
         else:
             state = self._prefill_forward(batch.ids, None)
-        first = self._pick(sampling, gen)
-        self.x_next.copy_(first[:, None])
+        self._first_token(batch, sampling, gen)
+        return state
+
+    def _first_token(self, batch: PromptBatch, sampling: SamplingParams | RowSampling, gen) -> None:
+        """After the base's forward over the whole prompt: x_L from `logits` into x_next and `out`, p = L."""
+        L = batch.length
+        self.x_next.copy_(self._pick(sampling, gen)[:, None])
         self.n.zero_()
         self._emit(self.x_next)
         self.pos.fill_(L)
         self.hist.zero_()
         self.seq[:, :L].copy_(batch.ids)  # tokens by slot, for the tree's lookup branch
         self.seq[:, L:L + 1].copy_(self.x_next)
-        return state
 
     def _prompt_buffers(self, L: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Persistent tensors for captured prompts of length L (a graph reads and writes fixed addresses): the
@@ -429,13 +434,13 @@ class Decoder:
             self._prompt[L] = (torch.zeros(self.B, L, dtype=torch.long, device=self.device), state)
         return self._prompt[L]
 
-    def _prefill_forward(self, ids: torch.Tensor, state: torch.Tensor | None) -> torch.Tensor | None:
-        """The base over the prompt: its last logits into `logits`; the module's input states into `state` (or
-        returned, when state is None)."""
+    def _prefill_forward(self, ids: torch.Tensor, state: torch.Tensor | None, start: int = 0) -> torch.Tensor | None:
+        """The base over the prompt's tokens `ids` at slots start.. (attending to every slot before them): its last
+        logits into `logits`; the module's input states into `state` (or returned, when state is None)."""
         L = ids.shape[1]
         with prefill_attention():
-            full = self._prompt_base(ids, input_pos=self._ar[:L], cache=self.cache, pad=self.pad, kv_end=L,
-                                     num_logits=1, taps=self.taps)
+            full = self._prompt_base(ids, input_pos=self._ar[start:start + L], cache=self.cache, pad=self.pad,
+                                     kv_end=start + L, num_logits=1, taps=self.taps)
         self.logits.copy_(full.logits[:, -1])
         if self.rmodel is None:
             return None
@@ -460,12 +465,60 @@ class Decoder:
             self.x_rec.copy_(self._pick(sampling, gen)[:, None])
             self._emit(self.x_rec)
 
-    def _module_prefill(self, ids: torch.Tensor, state: torch.Tensor, verified: bool) -> None:
+    def prefill_chunks(self, strategy: str, batch: PromptBatch, chunk: int, sampling: SamplingParams | RowSampling,
+                       gen) -> Iterator[bool]:
+        """`prefill`, then `prefill_module` where `strategy` runs the module, over `batch` `chunk` slots at a time:
+        each `next()` runs the base and the module over the next chunk, whose tokens attend to the slots of the
+        chunks before them, and yields whether that was the last. Then the Decoder holds what the whole prompt's
+        prefill leaves (up to the summation order of the shorter calls), so that a long prompt's prefill can be
+        spread between the steps of a running batch. The prompt's length must be a multiple of `chunk`
+        (left-pad it); with graphs and `chunk` a multiple of prefill_bucket, each chunk replays a graph of its
+        slots."""
+        L = batch.length
+        if chunk < 1 or L % chunk:
+            raise ValueError(f"a prompt of {L} tokens does not split into chunks of {chunk} tokens")
+        rnd = strategies.get(strategy).round
+        module, verified = strategies.ROUNDS[rnd], rnd != "recycle"
+        if module and self.rmodel is None:
+            raise ValueError(f"strategy {strategy!r} needs a Decoder built on a RecycleModel")
+        self.pad.copy_(batch.pad if batch.pad is not None else torch.zeros_like(self.pad))
+        captured = self._captures_prompt(chunk)
+        if captured:  # persistent inputs: the chunk's tokens, its module states, the tokens that follow them
+            ids, state = self._prompt_buffers(chunk)
+            follow = self._chunk_next.setdefault(chunk, torch.zeros_like(ids))
+        for start in range(0, L, chunk):
+            end = start + chunk
+            last, part = end == L, batch.ids[:, start:end]
+            if captured:
+                ids.copy_(part)
+                self._run(("prefill_chunk", start, chunk), lambda: self._prefill_forward(ids, state, start))
+            else:
+                ids, state = part, self._prefill_forward(part, None, start)
+            if last:
+                self._first_token(batch, sampling, gen)
+            if module:
+                nxt = None if last else batch.ids[:, start + 1:end + 1]
+                if captured:
+                    nxt = None if last else follow.copy_(nxt)
+                    self._run(("prefill_chunk_module", start, chunk, verified, last, self.rec_draft),
+                              lambda: self._module_prefill(ids, state, verified, start, nxt))
+                else:
+                    self._module_prefill(ids, state, verified, start, nxt)
+                if last and not verified:
+                    self.x_rec.copy_(self._pick(sampling, gen)[:, None])
+                    self._emit(self.x_rec)
+            yield last
+
+    def _module_prefill(self, ids: torch.Tensor, state: torch.Tensor, verified: bool, start: int = 0,
+                        next_tokens: torch.Tensor | None = None) -> None:
+        """The module over the slots of `ids` (from `start`), given the base's states there and the tokens that
+        follow each (default: ids shifted, then x_next: the prompt's last part)."""
         L = ids.shape[1]
-        next_tokens = torch.cat((ids[:, 1:], self.x_next), dim=1)
+        if next_tokens is None:
+            next_tokens = torch.cat((ids[:, 1:], self.x_next), dim=1)
         with prefill_attention():
-            rec = self._prompt_module(state, next_tokens, input_pos=self._ar[:L], cache=self.mcache, pad=self.pad,
-                                      kv_end=L, num_logits=1, draft=verified or self.rec_draft,
+            rec = self._prompt_module(state, next_tokens, input_pos=self._ar[start:start + L], cache=self.mcache,
+                                      pad=self.pad, kv_end=start + L, num_logits=1, draft=verified or self.rec_draft,
                                       outputs=None if verified else 1)
         if verified:
             self.g.copy_(rec.hidden[:, -1:])
@@ -662,7 +715,7 @@ class Engine:
 
     def __init__(self, model: Transformer | RecycleModel, *, graphs: bool | None = None, bucket: int = KV_BUCKET,
                  compile: bool | str = False, fuse: bool | None = None, prefill_bucket: int | None = None,
-                 compile_steps: bool = False, compile_prefill: bool = True, max_decoders: int = 8) -> None:
+                 compile_steps: bool = False, compile_prefill: bool = True, max_decoders: int = 12) -> None:
         """The other arguments are `Decoder`'s, for every Decoder this engine builds."""
         if max_decoders < 1:
             raise ValueError(f"max_decoders must be at least 1, got {max_decoders}")

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..decoding.batching import DRAFT_ROWS, ContinuousBatch
+from ..decoding.batching import DRAFT_ROWS, PREFILL_CHUNK, ContinuousBatch
 from ..decoding.batching import Request as BatchRequest
 from ..decoding.engine import KV_BUCKET, PREFILL_BUCKET, Engine, Plan
 from ..decoding.loops import DecodeResult
@@ -202,9 +202,15 @@ class Tally:
     tokens: int = 0
     seconds: float = 0.0  # the engine's decode calls (graph captures and compiles included), not the checks
     mismatches: list[Mismatch] = field(default_factory=list)
+    chunked: int = 0  # under arrivals: requests whose prompts were prefilled in chunks while rows decoded
+
+    def __add__(self, other: "Tally") -> "Tally":
+        """Two runs' outcomes together (the shards of a run on several devices)."""
+        return Tally(self.requests + other.requests, self.identical + other.identical, self.tokens + other.tokens,
+                     self.seconds + other.seconds, self.mismatches + other.mismatches, self.chunked + other.chunked)
 
     def to_dict(self) -> dict:
-        return {"requests": self.requests, "identical": self.identical, "tokens": self.tokens,
+        return {"requests": self.requests, "identical": self.identical, "tokens": self.tokens, "chunked": self.chunked,
                 "seconds": round(self.seconds, 2), "mismatches": [vars(m) for m in self.mismatches[:20]]}
 
 
@@ -277,9 +283,11 @@ def run_sequence(model: RecycleModel, engines: dict[str, Engine], requests: Sequ
 def run_arrivals(model: RecycleModel, engines: dict[str, Engine], requests: Sequence[Request], *, rows: int,
                  strategies: Sequence[str] | None = None, opts: Options = Options(), check: Check = Check(),
                  seed: int = 0, deadline: float | None = None,
-                 draft_rows: int | None = DRAFT_ROWS) -> dict[tuple[str, str], Tally]:
+                 draft_rows: int | None = DRAFT_ROWS,
+                 prefill_chunk: int | None = PREFILL_CHUNK) -> dict[tuple[str, str], Tally]:
     """Continuous batching under concurrent arrivals (draft_rows: `ContinuousBatch`'s, the verified strategies'
-    rounds without drafts above that many live rows): every greedy prompt of `requests` (each row one arrival, with
+    rounds without drafts above that many live rows; prefill_chunk: its, the longer prompts that join while rows
+    decode prefilled in chunks between the steps): every greedy prompt of `requests` (each row one arrival, with
     its request's budget and stop) joins one `ContinuousBatch` of at most `rows` rows per engine and strategy, in
     order, each arriving 0 to 3 checks after the one before (when it fits), and must give its reference tokens
     alone: all of them under "exact", the first `check.prefix` under "near-ties" (differences reported with their
@@ -315,11 +323,11 @@ def run_arrivals(model: RecycleModel, engines: dict[str, Engine], requests: Sequ
                 return tallies
             t = tallies[(f"{kind}/continuous", strategy)]
             batch = ContinuousBatch(engine, strategy, rows, max_len=need, check_every=4, draft_len=opts.draft_len,
-                                    tree=opts.tree, draft_rows=draft_rows)
+                                    tree=opts.tree, draft_rows=draft_rows, prefill_chunk=prefill_chunk)
             reqs = [BatchRequest(list(p), req.max_new_tokens, frozenset(stops[i])) for i, (p, req) in
                     enumerate(arrivals)]
             start, waiting, since = time.perf_counter(), list(range(len(reqs))), 0
-            while waiting or batch.live:
+            while waiting or batch.live or batch.pending:
                 if waiting and since >= gaps[waiting[0]] and batch.admits(reqs[waiting[0]]):
                     batch.add(reqs[waiting.pop(0)])
                     since = 0
@@ -327,6 +335,7 @@ def run_arrivals(model: RecycleModel, engines: dict[str, Engine], requests: Sequ
                 batch.step()
                 since += 1
             t.seconds += time.perf_counter() - start
+            t.chunked += batch.chunked
             for i, (r, (p, req)) in enumerate(zip(reqs, arrivals)):
                 (want,), (finished,) = truncate([ref(i, target)], req.max_new_tokens, stops[i])
                 prefix = check.mode == "near-ties"
@@ -390,6 +399,7 @@ def summary_rows(tallies: dict[tuple[str, str], Tally]) -> list[dict]:
         margins = [m.margin for m in t.mismatches if m.margin is not None]
         rows.append({"engine": kind, "strategy": strategy, "requests": t.requests, "identical": t.identical,
                      "tokens": t.tokens, "seconds": round(t.seconds, 1), "mismatched_rows": len(t.mismatches),
+                     "chunked": t.chunked,
                      "near_ties": sum(m.near_tie for m in t.mismatches),
                      "first_difference": min((m.index for m in t.mismatches), default=None),
                      "largest_margin": max(margins, default=None),

@@ -23,7 +23,7 @@ from ..api import (
     default_min_draft_prob,
 )
 from ..config import ModelConfig, RecycleConfig
-from ..decoding.batching import DRAFT_ROWS
+from ..decoding.batching import DRAFT_ROWS, PREFILL_CHUNK
 from ..decoding.loops import tau_of
 from ..decoding.strategies import get as get_strategy
 from ..decoding.strategies import lossless_names
@@ -168,16 +168,17 @@ def time_strategies(lm: RecycleGPT, ids: list[list[int]], strategies: Sequence[s
                     ignore_eos: bool, warmup: int = 1, batch_size: int = 1, engine: str = "auto",
                     hf: dict | None = None, log: Callable[[str], None] | None = None,
                     draft: dict | None = None, continuous: bool = False,
-                    draft_rows: int | None = DRAFT_ROWS) -> dict[str, StrategyRun]:
+                    draft_rows: int | None = DRAFT_ROWS,
+                    prefill_chunk: int | None = PREFILL_CHUNK) -> dict[str, StrategyRun]:
     """Warm each strategy up (untimed: a whole run of the first batch, and of every other with the graph engines,
     else two tokens of each), then run them greedily on every batch of prompts, interleaved batch by batch. `hf`
     maps HF strategy names to their `hf_baselines.HFBaseline`, and LLAMA_CPP to its
     `llama_cpp_baseline.LlamaCppBaseline` (batch 1 only). continuous: all prompts in one call by continuous
-    batching, batch_size at a time (`RecycleGPT.generate`'s max_batch and draft_rows)."""
+    batching, batch_size at a time (`RecycleGPT.generate`'s max_batch, draft_rows and prefill_chunk)."""
     log = log or (lambda line: None)
     hf = hf or {}
     batches = [ids] if continuous else [ids[i:i + batch_size] for i in range(0, len(ids), batch_size)]
-    many = {"max_batch": batch_size, "draft_rows": draft_rows} if continuous else {}
+    many = {"max_batch": batch_size, "draft_rows": draft_rows, "prefill_chunk": prefill_chunk} if continuous else {}
     ours = weights_bytes(lm.model if lm.model is not None else lm.base)
 
     def run(s: str, batch: list[list[int]], n: int, runs: dict | None) -> None:
@@ -231,7 +232,8 @@ def run_bench(lm: RecycleGPT, prompts: list[str] | list[list[int]], *,
               min_draft_prob: float | None = None,
               tree_shape: tuple[int, ...] | None = None, categories: Sequence[str] | None = None,
               check_prompts: int = 4, continuous: bool = False, threads: int | None = None,
-              gguf: str | None = None, draft_rows: int | None = DRAFT_ROWS) -> dict:
+              gguf: str | None = None, draft_rows: int | None = DRAFT_ROWS,
+              prefill_chunk: int | None = PREFILL_CHUNK) -> dict:
     """Run each strategy (default: every registered one) greedily on every prompt (texts, or token-id lists);
     return {"device", "model", "results", "speedup", "speedup_vs_hf_eager", ...}. HF strategies (`HF_STRATEGIES`)
     need batch_size 1.
@@ -241,7 +243,8 @@ def run_bench(lm: RecycleGPT, prompts: list[str] | list[list[int]], *,
     alpha (recycle), same_token_share (lossless)}}. check_prompts: how many prompts (`check_sample`) are decoded
     again by the eager reference loop and compared (`check_tokens`: a difference raises CheckFailed).
     continuous: decode all prompts by continuous batching, batch_size at a time, each joining as another ends;
-    draft_rows: there, the verified strategies draft while at most this many rows are live (None: always).
+    draft_rows: there, the verified strategies draft while at most this many rows are live (None: always);
+    prefill_chunk: there, longer prompts joining while rows decode are prefilled this many tokens at a time.
     LLAMA_CPP ("llama_cpp") runs llama.cpp greedily on the model's GGUF file (`gguf`, default: the file behind
     lm.name, `llama_cpp_baseline.gguf_of`) with `threads` threads (default: torch.get_num_threads()); with
     `standard` in the run, its row reports how many of standard's tokens it reproduces and where they part
@@ -287,7 +290,7 @@ def run_bench(lm: RecycleGPT, prompts: list[str] | list[list[int]], *,
     try:
         runs = time_strategies(lm, ids, strategies, max_new_tokens=max_new_tokens, ignore_eos=ignore_eos,
                                warmup=warmup, batch_size=batch_size, engine=engine, hf=hf, log=log, draft=draft,
-                               continuous=continuous, draft_rows=draft_rows)
+                               continuous=continuous, draft_rows=draft_rows, prefill_chunk=prefill_chunk)
     finally:
         if LLAMA_CPP in hf:
             hf[LLAMA_CPP].close()
@@ -361,6 +364,7 @@ def run_bench(lm: RecycleGPT, prompts: list[str] | list[list[int]], *,
         "batch_size": batch_size,
         "continuous": continuous,
         "draft_rows": draft_rows if continuous else None,
+        "prefill_chunk": prefill_chunk if continuous else None,
         "greedy": True,
         "ignore_eos": ignore_eos,
         "engine": kind,

@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..api import RecycleGPT
 from ..decoding import strategies
-from ..decoding.batching import DRAFT_ROWS
+from ..decoding.batching import DRAFT_ROWS, PREFILL_CHUNK
 from ..decoding.sampling import SamplingParams
 from .scheduler import Job, Outcome, QueueFull, Worker
 from .schemas import ChatCompletionRequest, CompletionRequest
@@ -55,6 +55,9 @@ class ServerConfig:
     # the verified strategies' batches draft while at most this many requests decode together; with more, their
     # rounds verify the full model's next token alone (ContinuousBatch's draft_rows). None: they always draft
     draft_rows: int | None = DRAFT_ROWS
+    # a longer prompt that joins while requests decode is prefilled this many tokens at a time between their steps
+    # (ContinuousBatch's prefill_chunk), so that they keep streaming. None: prompts are prefilled whole
+    prefill_chunk: int | None = PREFILL_CHUNK
     max_body_bytes: int = MAX_BODY_BYTES
     warmup: bool | None = None  # decode short batches at start (Worker.warm_up); None: when the engine captures graphs
 
@@ -211,7 +214,8 @@ class Server:
         lm.resolve_engine(config.engine)  # a clear error now for a bad engine
         self.metrics = Metrics()
         self.worker = Worker(lm, engine=config.engine, max_queue=config.max_queue, max_batch=config.max_batch,
-                             max_len=self.context, draft_rows=config.draft_rows, on_done=self.metrics.generation)
+                             max_len=self.context, draft_rows=config.draft_rows,
+                             prefill_chunk=config.prefill_chunk, on_done=self.metrics.generation)
         self.created = int(time.time())
         self._outbox: Outbox | None = None
 

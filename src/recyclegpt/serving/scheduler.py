@@ -35,7 +35,7 @@ import torch
 
 from ..api import RecycleGPT
 from ..decoding import strategies
-from ..decoding.batching import DRAFT_ROWS, ContinuousBatch, Request
+from ..decoding.batching import DRAFT_ROWS, PREFILL_CHUNK, ContinuousBatch, Request
 from ..decoding.loops import DecodeStats
 from ..decoding.sampling import SamplingParams
 
@@ -261,14 +261,18 @@ class Worker:
 
     def __init__(self, lm: RecycleGPT, *, engine: str = "auto", max_queue: int = 64, max_batch: int = 8,
                  max_len: int | None = None, draft_rows: int | None = DRAFT_ROWS,
+                 prefill_chunk: int | None = PREFILL_CHUNK,
                  on_done: Callable[[Job, Outcome | None, BaseException | None], None] | None = None) -> None:
         """max_len: the cache slots of a batch (default: the model's context). draft_rows: the verified
-        strategies' batches draft while at most this many requests decode together (`ContinuousBatch`)."""
+        strategies' batches draft while at most this many requests decode together (`ContinuousBatch`).
+        prefill_chunk: a longer prompt that joins a batch while it decodes is prefilled this many slots at a time,
+        between its steps (`ContinuousBatch`; None: whole)."""
         if max_queue < 1:
             raise ValueError(f"max_queue must be at least 1, got {max_queue}")
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         self.lm, self.engine, self.max_batch, self.max_len, self.draft_rows = lm, engine, max_batch, max_len, draft_rows
+        self.prefill_chunk = prefill_chunk
         kind = lm.resolve_engine(engine)
         # the engine of continuous batches: the one named, "static" for "auto" on the CPU; none for "eager"
         self.batch_engine = kind if kind != "eager" else ("static" if engine == "auto" else None)
@@ -299,7 +303,7 @@ class Worker:
         engine, rows = self.lm.engine(self.batch_engine), 1
         while True:
             batch = ContinuousBatch(engine, strategy, self.max_batch, max_len=self.max_len,
-                                    draft_rows=self.draft_rows)
+                                    draft_rows=self.draft_rows, prefill_chunk=self.prefill_chunk)
             batch.run([Request([(7 * i + j) % 100 + 1 for j in range(prompt_tokens)], new_tokens)
                        for i in range(rows)])
             if rows >= self.max_batch:
@@ -407,7 +411,8 @@ class Worker:
                         continue
                     batch = ContinuousBatch(self.lm.engine(self.batch_engine), job.strategy, self.max_batch,
                                             max_len=self.max_len, sampled=own_generators(job),
-                                            shared=shared_sampling(job), draft_rows=self.draft_rows)
+                                            shared=shared_sampling(job), draft_rows=self.draft_rows,
+                                            prefill_chunk=self.prefill_chunk)
                 # join the waiting jobs in arrival order while the oldest can; another kind of job waits for the
                 # batch to drain
                 group: list[BatchedJob] = []
@@ -430,7 +435,7 @@ class Worker:
                     bj = jobs.pop(id(req))
                     self.running.remove(bj.job)
                     self._done(bj.job, bj.outcome(), None)
-                if not batch.live:
+                if not batch.live and not batch.pending:
                     batch = None
             except Exception as e:  # reported to the requests of this batch only; the worker goes on
                 if not isinstance(e, ValueError):
