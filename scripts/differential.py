@@ -8,12 +8,18 @@ randomised sequence of requests in one process, on a real model. Prints a table 
 Prompts are slices of a token stream: `--corpus FILE` (plain text, tokenized with the model's tokenizer), else
 random token ids. Lengths run from 1 token to near the context (`--max-prompt`), with every prefill and KV bucket
 boundary among them; see differential.make_requests for the rest.
+
+On several GPUs, torchrun runs one sequence per GPU (process r: seed `--seed` + r, `--requests` requests) and the
+first process reports them together:
+
+    torchrun --nproc-per-node 8 scripts/differential.py --dtype float32 --engines static --requests 40
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -22,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from recyclegpt.api import RecycleGPT
-from recyclegpt.decoding.batching import DRAFT_ROWS
+from recyclegpt.decoding.batching import DRAFT_ROWS, PREFILL_CHUNK
 from recyclegpt.decoding.engine import KV_BUCKET, PREFILL_BUCKET
 from recyclegpt.decoding.strategies import names as strategy_names
 from recyclegpt.evals import differential as dt
@@ -60,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--draft-rows", type=int, default=DRAFT_ROWS, metavar="N",
                     help=f"with --continuous: the verified strategies draft while at most N rows are live "
                          f"(default {DRAFT_ROWS}, as the server)")
+    ap.add_argument("--prefill-chunk", type=int, default=PREFILL_CHUNK, metavar="N",
+                    help=f"with --continuous: prompts longer than N tokens that join while rows decode are prefilled "
+                         f"N at a time between the steps (default {PREFILL_CHUNK}, as the server; 0: whole)")
     args = ap.parse_args(argv)
 
     strategies = [s for s in args.strategies.split(",") if s]
@@ -75,7 +84,16 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--requests and --max-new-tokens must be at least 1")
     check = dt.Check(args.check or ("exact" if args.dtype == "float32" else "near-ties"))
 
-    lm = RecycleGPT.from_pretrained(args.model, recycle=args.recycle, device=args.device, dtype=DTYPES[args.dtype])
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's
+    device, seed = args.device, args.seed + rank
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo")  # only the tallies travel between the processes, once, on the host
+        if device.startswith("cuda"):
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+            torch.cuda.set_device(device)
+    lm = RecycleGPT.from_pretrained(args.model, recycle=args.recycle, device=device, dtype=DTYPES[args.dtype])
     if lm.model is None:
         ap.error("the harness needs a recyclable module (--recycle)")
     model = lm.model
@@ -85,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.corpus, encoding="utf-8") as f:
             corpus = lm.tokenizer.encode(f.read())
     opts = dt.Options()
-    reqs = dt.make_requests(args.seed, args.requests, vocab_size=model.base.cfg.vocab_size,
+    reqs = dt.make_requests(seed, args.requests, vocab_size=model.base.cfg.vocab_size,
                             context_length=model.base.cfg.context_length, max_new_tokens=args.max_new_tokens,
                             span=opts.span(strategies), max_batch=args.max_batch,
                             buckets=(PREFILL_BUCKET, args.kv_bucket), corpus=corpus, max_prompt=args.max_prompt)
@@ -94,27 +112,49 @@ def main(argv: list[str] | None = None) -> int:
     deadline = None if args.deadline is None else time.monotonic() + args.deadline
     if args.continuous > 0:
         tallies = dt.run_arrivals(model, engines, reqs, rows=args.continuous, strategies=strategies, opts=opts,
-                                  check=check, seed=args.seed, deadline=deadline,
-                                  draft_rows=args.draft_rows)
+                                  check=check, seed=seed, deadline=deadline,
+                                  draft_rows=args.draft_rows, prefill_chunk=args.prefill_chunk or None)
     else:
         tallies = dt.run_sequence(model, engines, reqs, strategies=strategies, opts=opts, check=check,
                                   progress=lambda items: tqdm(items, desc="requests", file=sys.stderr,
                                                               mininterval=10),
                                   deadline=deadline)
     seconds = time.perf_counter() - t0
+    run = min(len(reqs), max(t.requests for t in tallies.values())) if not args.continuous else len(reqs)
+    lengths = sorted(len(p) for r in reqs[:run] for p in r.prompts)
+    seeds = [seed]
+    if world > 1:  # the first process reports every process's sequence
+        shards = [None] * world if rank == 0 else None
+        dist.gather_object((tallies, lengths, seconds, seed), shards, dst=0)
+        dist.destroy_process_group()
+        if rank:
+            return 0
+        tallies, lengths, seeds = {}, [], []
+        for r, (part, part_lengths, part_seconds, part_seed) in enumerate(shards):
+            for key, t in part.items():
+                for m in t.mismatches:
+                    m.description = f"process {r} (seed {part_seed}): {m.description}"
+                tallies[key] = tallies.get(key, dt.Tally()) + t
+            lengths += part_lengths
+            seeds.append(part_seed)
+            seconds = max(seconds, part_seconds)
+        lengths.sort()
     rows = dt.summary_rows(tallies)
     print(f"{args.model} + {lm.module_source} ({args.recycle_vocab} vocabulary), {args.dtype} on "
-          f"{torch.cuda.get_device_name() if args.device.startswith('cuda') else platform.processor() or 'CPU'}, "
-          f"{max(r['requests'] for r in rows)} of {len(reqs)} requests run, check {check.mode}, {seconds:.0f} s "
-          f"({sum(r['seconds'] for r in rows):.0f} s in the engines, the rest in the reference loops and checks)")
+          f"{torch.cuda.get_device_name() if device.startswith('cuda') else platform.processor() or 'CPU'}"
+          f"{f' x {world} processes' if world > 1 else ''}, "
+          f"{max(r['requests'] for r in rows)} of {len(reqs) * world} requests run, check {check.mode}, "
+          f"{seconds:.0f} s "
+          f"({sum(r['seconds'] for r in rows):.0f} s in the engines{' of all processes' if world > 1 else ''}, the "
+          f"rest in the reference loops and checks)")
     print(dt.format_table(rows))
     report = {"model": args.model, "module": lm.module_source, "recycle_vocab": args.recycle_vocab,
               "continuous_rows": args.continuous or None, "draft_rows": args.draft_rows,
+              "prefill_chunk": (args.prefill_chunk or None) if args.continuous else None,
               "dtype": args.dtype, "device": args.device, "torch": torch.__version__, "check": check.mode,
-              "requests": len(reqs), "requests_run": max(r["requests"] for r in rows),
-              "max_new_tokens": args.max_new_tokens, "seed": args.seed,
-              "prompt_lengths": sorted(len(p) for r in (reqs if args.continuous else
-                                                        reqs[:max(r["requests"] for r in rows)]) for p in r.prompts),
+              "requests": len(reqs) * world, "requests_run": max(r["requests"] for r in rows),
+              "max_new_tokens": args.max_new_tokens, "seed": args.seed, "processes": world, "seeds": seeds,
+              "prompt_lengths": lengths,
               "seconds": round(seconds, 1), "rows": rows,
               "mismatches": {f"{k[0]}/{k[1]}": t.to_dict()["mismatches"] for k, t in tallies.items() if t.mismatches}}
     if args.json_out:

@@ -110,14 +110,17 @@ def test_the_static_engine_equals_the_reference_on_a_request_sequence(vocab):
     assert sum(t.tokens for t in tau) > 1000
 
 
-def test_continuous_batching_under_concurrent_arrivals_equals_each_request_alone():
+@pytest.mark.parametrize("chunk", [None, 32])
+def test_continuous_batching_under_concurrent_arrivals_equals_each_request_alone(chunk):
     """The greedy prompts of a request sequence (1 token to near the context, stops early and late) arrive 0-3
-    checks apart into a continuous batch of 3 rows, per strategy: each gets its reference tokens alone."""
+    checks apart into a continuous batch of 3 rows, per strategy: each gets its reference tokens alone, also with
+    the longer prompts that arrive while rows decode prefilled in chunks."""
     model = predictable(4, 0.05)
     reqs = sequence(model, 10, seed=3)
     engines = {"static": Engine(model, graphs=False, bucket=16, prefill_bucket=8)}
-    tallies = dt.run_arrivals(model, engines, reqs, rows=3, opts=OPTS, seed=1)
+    tallies = dt.run_arrivals(model, engines, reqs, rows=3, opts=OPTS, seed=1, prefill_chunk=chunk)
     assert_all_identical(tallies)
+    assert all(t.chunked > 0 if chunk else t.chunked == 0 for t in tallies.values())
     assert all(t.requests >= 12 for t in tallies.values())
     assert any(r.stop for r in reqs if r.sampling.greedy)
 
@@ -223,3 +226,32 @@ def test_near_tie_mode_without_standard_compares_with_the_reference():
     tallies = dt.run_sequence(model, engines, reqs, strategies=("speculative", "tree"), opts=OPTS,
                               check=dt.Check("near-ties", prefix=8))
     assert_all_identical(tallies)
+
+
+@pytest.mark.slow
+def test_the_harness_script_runs_one_sequence_per_process_under_torchrun(tmp_path):
+    """scripts/differential.py under torchrun (two CPU processes, gloo): each runs its own sequence (seeds 0 and 1)
+    and the first reports both together, every request identical to the reference."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from recyclegpt.loading.checkpoint import save_checkpoint
+    from recyclegpt.training.data import train_bpe
+
+    (tmp_path / "t.txt").write_text("the cat sat on the mat. " * 50)
+    save_checkpoint(tmp_path / "ck", predictable(5, 0.05, vocab=280), tokenizer=train_bpe([tmp_path / "t.txt"], 280))
+    script = Path(__file__).resolve().parents[1] / "scripts" / "differential.py"
+    out = tmp_path / "report.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script),
+           "--model", str(tmp_path / "ck"), "--device", "cpu", "--engines", "static", "--requests", "3",
+           "--max-new-tokens", "6", "--max-prompt", "40", "--strategies", "standard,recycle,speculative",
+           "--json-out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["processes"] == 2 and report["seeds"] == [0, 1] and report["requests"] == 6
+    assert len(report["prompt_lengths"]) >= 6  # every prompt of both sequences (a request may batch several)
+    for row in report["rows"]:
+        assert row["requests"] == row["identical"] == 6, row
