@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
                          f"(default {DRAFT_ROWS}, as the server)")
     ap.add_argument("--prefill-chunk", type=int, default=PREFILL_CHUNK, metavar="N",
                     help=f"with --continuous: prompts longer than N tokens that join while rows decode are prefilled "
-                         f"N at a time between the steps (default {PREFILL_CHUNK}, as the server; 0: whole)")
+                         f"N at a time, one chunk a check (default {PREFILL_CHUNK}, as the server; 0: whole)")
     args = ap.parse_args(argv)
 
     strategies = [s for s in args.strategies.split(",") if s]

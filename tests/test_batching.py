@@ -61,7 +61,7 @@ def test_continuous_batching_equals_each_request_alone(strategy, rows):
 
 @pytest.mark.parametrize("strategy", strategies.names())
 def test_long_prompts_prefilled_in_chunks_get_their_tokens_alone(strategy):
-    """Prompts longer than prefill_chunk that join while rows decode are prefilled a chunk after each step (the
+    """Prompts longer than prefill_chunk that join while rows decode are prefilled a chunk with each check (the
     last chunk shorter than the others' padding: prompts left-padded to whole chunks) and then join: every request
     still gets exactly its tokens alone. Residual branches at full strength: a slot the chunks got wrong shows."""
     model = predictable(0, 1.0)
@@ -101,6 +101,19 @@ def test_a_prompt_prefilled_in_chunks_leaves_the_state_of_a_whole_prefill(strate
         torch.testing.assert_close(whole.d_logits, chunked.d_logits, rtol=0, atol=1e-4)
     with pytest.raises(ValueError, match="chunks of 7"):
         next(chunked.prefill_chunks(strategy, batch, 7, SamplingParams(), None))
+
+
+def test_joining_prompts_share_a_forward_only_when_short():
+    """A prompt longer than PREFILL_JOINT is prefilled alone; the shorter ones together, by length, at most
+    PREFILL_ROWS to a forward (each forward's rows are padded to its longest prompt)."""
+    from recyclegpt.decoding.batching import PREFILL_JOINT, PREFILL_ROWS
+
+    lengths = [PREFILL_JOINT + 1, 3, 200, 7, 1, PREFILL_JOINT, 9, 2, 4, 5, 6, 3000, 8]
+    groups = ContinuousBatch._prefill_groups([Request([1] * n, 4) for n in lengths])
+    sizes = [[len(r.prompt) for r in g] for g in groups]
+    assert sizes[:2] == [[PREFILL_JOINT + 1], [3000]]
+    short = sorted(n for n in lengths if n <= PREFILL_JOINT)
+    assert sizes[2:] == [short[:PREFILL_ROWS], short[PREFILL_ROWS:]]
 
 
 def test_a_prompt_prefilled_in_chunks_holds_its_row_and_waits_for_room():

@@ -618,7 +618,8 @@ def test_unseeded_sampled_requests_share_a_batch(lm, strategy):
 
 def test_warm_up_makes_every_batch_size_before_the_first_request(lm):
     """`warmup=True` decodes bursts of 1, 2, 4 requests before the port opens: the batch engine then holds the
-    Decoders of every row count up to max_batch and both prefill Decoders, and requests still get their own tokens.
+    Decoders of every row count up to max_batch and the prefill Decoders of as many rows, and requests still get
+    their own tokens.
     (Off by default on the CPU, where nothing is captured.)"""
     from recyclegpt.serving.scheduler import Worker
 
@@ -627,7 +628,7 @@ def test_warm_up_makes_every_batch_size_before_the_first_request(lm):
     engine._decoders.clear()
     with TestClient(create_app(lm, max_batch=4, warmup=True)) as c:
         assert sorted(k[0] for k in engine._decoders if k[2] == "batch") == [1, 2, 4]
-        assert sorted(k[0] for k in engine._decoders if k[2] == "prefill") == [1, 8]
+        assert sorted(k[0] for k in engine._decoders if k[2] == "prefill") == [1, 2, 4]
         r = complete(c, max_tokens=6, recyclegpt={"strategy": "recycle-verified"})
     expected = lm.generate([lm.encode(PROMPT)], strategy="recycle-verified", max_new_tokens=6).text[0]
     assert r.status_code == 200 and r.json()["choices"][0]["text"] == expected

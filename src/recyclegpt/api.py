@@ -109,7 +109,8 @@ class EngineOptions:
     loops alike). max_decoders: each engine keeps at most this many Decoders (one per batch size and cache length
     in use, each with its cache and graphs), dropping the least recently used: memory stays bounded whatever the
     traffic, at the cost of capturing again a shape that comes back. A server's continuous batch of 32 rows uses
-    9: one per power-of-two row count, two that prefill joining prompts, one that prefills them in chunks."""
+    11: one per power-of-two row count, four that prefill joining prompts (1 to 8 rows), one that prefills them in
+    chunks."""
 
     kv_bucket: int = DEFAULT_KV_BUCKET
     compile_mode: str | None = None
@@ -213,7 +214,7 @@ class RecycleGPT:
         recycle) with prompt i seeded `seed + i`. draft_rows: with max_batch, the verified strategies draft only while
         at most this many prompts decode together (more verify the full model's next token alone: faster, τ 1);
         None: always. prefill_chunk: with max_batch, a prompt longer than this joining while others decode is
-        prefilled this many tokens at a time between their steps (None: whole).
+        prefilled this many tokens at a time, one chunk each time the batch hands out tokens (None: whole).
         """
         if strategies.get(strategy).needs_module and self.model is None:
             raise ValueError(f"strategy {strategy!r} needs a recyclable module and none is loaded; "

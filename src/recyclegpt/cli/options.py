@@ -167,8 +167,8 @@ COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")  # inductor modes that
 def add_prefill_chunk(p: argparse.ArgumentParser, lead: str) -> None:
     p.add_argument("--prefill-chunk", type=int, default=PREFILL_CHUNK, metavar="N",
                    help=f"{lead} prompt longer than N tokens that joins while others decode is prefilled N tokens at "
-                        f"a time between their steps, so that they keep streaming (default {PREFILL_CHUNK}; 0: whole; "
-                        f"on a GPU a multiple of 64)")
+                        f"a time, one chunk each time they get tokens, so that they keep streaming (default "
+                        f"{PREFILL_CHUNK}; 0: whole; on a GPU a multiple of 64)")
 
 
 def prefill_chunk(args: argparse.Namespace) -> int | None:

@@ -36,10 +36,12 @@ from .loops import DecodeResult, DecodeStats, PromptBatch, _sync
 from .sampling import RowSampling, SamplingParams
 from .speculative import DEFAULT_DRAFT_LEN, TreeShape
 
-PREFILL_ROWS = 8  # joining prompts prefilled together (the engine's prefill Decoder of this many rows)
-# a prompt longer than this that joins while rows decode is prefilled this many slots at a time, a chunk after each
-# of the batch's steps (`ContinuousBatch`'s prefill_chunk), so that the rows decoding wait a chunk's time per step
-# rather than the whole prompt's once
+PREFILL_ROWS = 8  # at most this many joining prompts are prefilled together (one forward, left-padded to the longest)
+# a joining prompt longer than this is prefilled alone: together, every row of the forward pays for its length
+PREFILL_JOINT = 256
+# a prompt longer than this that joins while rows decode is prefilled this many slots at a time, one chunk with each
+# check's steps (`ContinuousBatch`'s prefill_chunk), so that the rows decoding wait a chunk's forward between two
+# checks rather than the whole prompt's once
 PREFILL_CHUNK = 512
 # the verified strategies draft while at most this many rows are live (`ContinuousBatch`'s draft_rows). H100, bf16,
 # SmolLM2-135M: at 8, 16 and 32 rows drafting lost to rounds without drafts (dev/LOG.md, 2026-12-08); alone it wins
@@ -116,9 +118,10 @@ class ContinuousBatch:
         (`Plan.undrafted`: one token a row, the module kept in step), since every row keeps the tokens of the
         row that accepted fewest, and that is almost always none of the drafts when many rows decode together.
         None: they always draft. prefill_chunk: a request whose prompt is longer than this many tokens, joining
-        while rows decode, has its prompt prefilled in chunks of this many slots, one after each step of the
-        batch, and joins when the last is done (its row held meanwhile); a multiple of the engine's prefill
-        bucket, whose chunks replay graphs. None: every prompt is prefilled whole as it joins."""
+        while rows decode, has its prompt prefilled in chunks of this many slots, one with each check's steps
+        (so the others' tokens come a chunk's forward later, not the whole prompt's), and joins when the last is
+        done (its row held meanwhile); a multiple of the engine's prefill bucket, whose chunks replay graphs.
+        None: every prompt is prefilled whole as it joins."""
         if shared is not None and (shared.greedy or shared.seed is not None):
             raise ValueError(f"a shared batch samples unseeded: got {shared}")
         self.engine, self.strategy, self.sampled, self.shared = engine, strategy, sampled or shared is not None, shared
@@ -198,7 +201,8 @@ class ContinuousBatch:
 
     def add_all(self, reqs: Sequence[Request]) -> None:
         """Put `reqs` (`admits_all`) into free rows together: the batch grows and rebases once for them and prefills
-        them PREFILL_ROWS at a time; their first tokens reach them with the next check's."""
+        them together where they are short (`_prefill_groups`); their first tokens reach them with the next
+        check's."""
         for req in reqs:
             self._check(req)
         if not self.admits_all(reqs):
@@ -236,7 +240,7 @@ class ContinuousBatch:
 
     def _join(self, group: list[Request]) -> None:
         """Put `group` (admitted together: rows and cache room for all) into free rows: one rebase at most, then
-        their prompts prefilled PREFILL_ROWS at a time (a lone request on the one-row Decoder)."""
+        their prompts prefilled (`_prefill_groups`), or queued to be prefilled in chunks (`_chunked`)."""
         start = time.perf_counter()
         free = self.rows.count(None) + self.max_rows - len(self.rows) - self.pending
         if len(group) > free:
@@ -256,8 +260,7 @@ class ContinuousBatch:
                 raise ValueError("the batch has no room for these requests now")
             if to != self.p:
                 self._rebase(to)
-            for s in range(0, len(group), PREFILL_ROWS):
-                chunk = group[s:s + PREFILL_ROWS]
+            for chunk in self._prefill_groups(group):
                 rows = [i for i, r in enumerate(self.rows) if r is None][:len(chunk)]
                 firsts = self._prefill(chunk, rows)
                 for req, row, first in zip(chunk, rows, firsts):
@@ -267,6 +270,14 @@ class ContinuousBatch:
                                             prefill_seconds=time.perf_counter() - start)
                     self.rows[row], self.pads[row] = req, self.p - len(req.prompt)
                     self._first[id(req)] = first  # read with the next check's tokens: a join adds no host sync
+
+    @staticmethod
+    def _prefill_groups(group: list[Request]) -> list[list[Request]]:
+        """The joint prefills of `group`: each prompt longer than PREFILL_JOINT tokens alone, the shorter ones by
+        length, PREFILL_ROWS at a time (a forward of B rows left-pads every row to its longest prompt)."""
+        short = sorted((r for r in group if len(r.prompt) <= PREFILL_JOINT), key=lambda r: len(r.prompt))
+        return ([[r] for r in group if len(r.prompt) > PREFILL_JOINT]
+                + [short[s:s + PREFILL_ROWS] for s in range(0, len(short), PREFILL_ROWS)])
 
     def _chunked(self, req: Request) -> bool:
         """Whether `req`, joining now, is prefilled in chunks: a prompt longer than a chunk while rows decode."""
@@ -317,10 +328,10 @@ class ContinuousBatch:
         self.chunked += 1
 
     def _prefill(self, reqs: list[Request], rows: list[int]) -> list[torch.Tensor]:
-        """The prompts through the engine's prefill Decoder (one row for one request, else PREFILL_ROWS rows, the
-        prompts left-padded to a common bucketed length), then adopted into `rows`; the tokens each gave (1, or 2
-        for recycle), on the device."""
-        B = 1 if len(reqs) == 1 else PREFILL_ROWS
+        """The prompts through the engine's prefill Decoder of the power-of-two rows that hold them (the prompts
+        left-padded to a common bucketed length), then adopted into `rows`; the tokens each gave (1, or 2 for
+        recycle), on the device."""
+        B = 1 << (len(reqs) - 1).bit_length()
         src = self.engine.decoder(B, self.max_len, role="prefill")
         prompts = [list(r.prompt) for r in reqs] + [[0]] * (B - len(reqs))  # idle rows: one token, not read
         batch = PromptBatch.build(prompts, vocab_size=self.vocab_size, device=src.device)
@@ -440,7 +451,7 @@ class ContinuousBatch:
             for _ in range(steps):
                 dec.step(plan, bound, sampling, None)
                 bound += plan.max_tokens
-                self._fill_chunk()
+            self._fill_chunk()  # queued behind the steps: on a GPU it runs while the host waits for their tokens
             upper = steps * plan.max_tokens
             if plan.fixed:
                 new, written = dec.out[:, :upper].cpu(), upper  # the one sync of a check

@@ -471,7 +471,7 @@ class Decoder:
         each `next()` runs the base and the module over the next chunk, whose tokens attend to the slots of the
         chunks before them, and yields whether that was the last. Then the Decoder holds what the whole prompt's
         prefill leaves (up to the summation order of the shorter calls), so that a long prompt's prefill can be
-        spread between the steps of a running batch. The prompt's length must be a multiple of `chunk`
+        spread over the checks of a running batch. The prompt's length must be a multiple of `chunk`
         (left-pad it); with graphs and `chunk` a multiple of prefill_bucket, each chunk replays a graph of its
         slots."""
         L = batch.length

@@ -287,7 +287,7 @@ def run_arrivals(model: RecycleModel, engines: dict[str, Engine], requests: Sequ
                  prefill_chunk: int | None = PREFILL_CHUNK) -> dict[tuple[str, str], Tally]:
     """Continuous batching under concurrent arrivals (draft_rows: `ContinuousBatch`'s, the verified strategies'
     rounds without drafts above that many live rows; prefill_chunk: its, the longer prompts that join while rows
-    decode prefilled in chunks between the steps): every greedy prompt of `requests` (each row one arrival, with
+    decode prefilled in chunks, one a check): every greedy prompt of `requests` (each row one arrival, with
     its request's budget and stop) joins one `ContinuousBatch` of at most `rows` rows per engine and strategy, in
     order, each arriving 0 to 3 checks after the one before (when it fits), and must give its reference tokens
     alone: all of them under "exact", the first `check.prefix` under "near-ties" (differences reported with their

@@ -55,8 +55,8 @@ class ServerConfig:
     # the verified strategies' batches draft while at most this many requests decode together; with more, their
     # rounds verify the full model's next token alone (ContinuousBatch's draft_rows). None: they always draft
     draft_rows: int | None = DRAFT_ROWS
-    # a longer prompt that joins while requests decode is prefilled this many tokens at a time between their steps
-    # (ContinuousBatch's prefill_chunk), so that they keep streaming. None: prompts are prefilled whole
+    # a longer prompt that joins while requests decode is prefilled this many tokens at a time, one chunk each time
+    # they get their tokens (ContinuousBatch's prefill_chunk), so that they keep streaming. None: prompts whole
     prefill_chunk: int | None = PREFILL_CHUNK
     max_body_bytes: int = MAX_BODY_BYTES
     warmup: bool | None = None  # decode short batches at start (Worker.warm_up); None: when the engine captures graphs

@@ -266,7 +266,7 @@ class Worker:
         """max_len: the cache slots of a batch (default: the model's context). draft_rows: the verified
         strategies' batches draft while at most this many requests decode together (`ContinuousBatch`).
         prefill_chunk: a longer prompt that joins a batch while it decodes is prefilled this many slots at a time,
-        between its steps (`ContinuousBatch`; None: whole)."""
+        one chunk each check (`ContinuousBatch`; None: whole)."""
         if max_queue < 1:
             raise ValueError(f"max_queue must be at least 1, got {max_queue}")
         if max_batch < 1:
