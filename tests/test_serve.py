@@ -451,27 +451,47 @@ def test_load_of_concurrent_streams_with_disconnects(lm):
         assert app.state.server.worker.largest_batch > 1  # requests did share batches
 
 
-def run_on_worker(lm, jobs, max_batch: int = 4, draft_rows: int | None = None):
+def run_on_worker(lm, jobs, max_batch: int = 4, draft_rows: int | None = None, **kw):
     """Submit `jobs` to a Worker before it starts, wait until every one has ended, stop it; (the worker, {id of a
     job: (outcome, error)})."""
     import threading
 
     from recyclegpt.serving.scheduler import Worker
 
-    ended, done = {}, threading.Event()
+    ended, twice, done = {}, [], threading.Event()
 
     def on_done(j, outcome, error):
+        if id(j) in ended:
+            twice.append(j)
         ended[id(j)] = (outcome, error)
         if len(ended) == len(jobs):
             done.set()
 
-    worker = Worker(lm, max_batch=max_batch, draft_rows=draft_rows, on_done=on_done)
+    worker = Worker(lm, max_batch=max_batch, draft_rows=draft_rows, on_done=on_done, **kw)
     for j in jobs:
         worker.submit(j)
     worker.start()
     assert done.wait(120)
     worker.stop()
+    assert not twice, "a job ended twice"
     return worker, ended
+
+
+def test_a_long_prompt_joining_a_running_batch_is_prefilled_in_chunks_once(lm):
+    """Two rows: a long-budget job and a short one start together; when the short one ends, a long prompt joins
+    while the other decodes, prefilled in chunks (prefill_chunk 16): every job ends once, with its text alone."""
+    from recyclegpt.serving.scheduler import run_job
+
+    def job(prompt, n):
+        return Job(lm.encode(prompt), n, "standard", 0.0, None, None, None, [], frozenset(), emit=lambda ev: None)
+
+    specs = [(PROMPT, 40), ("the", 2), (" ".join(TEXT.split()[:40]), 6)]
+    assert len(lm.encode(specs[2][0])) > 16
+    jobs = [job(*s) for s in specs]
+    _, ended = run_on_worker(lm, jobs, max_batch=2, prefill_chunk=16)
+    for spec, j in zip(specs, jobs):
+        outcome, error = ended[id(j)]
+        assert error is None and outcome.text == run_job(lm, job(*spec), "auto").text, spec
 
 
 @pytest.mark.parametrize(("group_fails", "draft_rows"), [(False, None), (True, None), (False, 2)])

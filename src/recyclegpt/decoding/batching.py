@@ -175,6 +175,11 @@ class ContinuousBatch:
         """Requests admitted whose prompts are prefilled in chunks: each holds a row it takes when done."""
         return len(self._fills)
 
+    @property
+    def admitted(self) -> list[Request]:
+        """The requests the batch holds: in its rows, and those whose prompts are prefilled in chunks."""
+        return [r for r in self.rows if r is not None] + [f.req for f in self._fills]
+
     def fits(self, req: Request) -> bool:
         """Whether `req` fits this batch's cache at all (alone)."""
         return len(req.prompt) + req.max_new_tokens + self.plan.span <= self.max_len

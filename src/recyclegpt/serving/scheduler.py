@@ -380,7 +380,7 @@ class Worker:
         except Exception as e:
             if not isinstance(e, ValueError):
                 log.exception("prefill of %d joining requests failed; trying them one by one", len(group))
-        joined = {id(r) for r in batch.rows if r is not None}
+        joined = {id(r) for r in batch.admitted}
         for bj in group:
             if id(bj.request) not in joined:
                 try:
