@@ -270,11 +270,16 @@ class ContinuousBatch:
                 firsts = self._prefill(chunk, rows)
                 for req, row, first in zip(chunk, rows, firsts):
                     req._start = start
-                    req._hist = [0] * self.plan.max_tokens if not self.plan.fixed else None
-                    req.stats = DecodeStats(self.strategy, full_calls=1, module_calls=int(self.plan.module),
-                                            prefill_seconds=time.perf_counter() - start)
-                    self.rows[row], self.pads[row] = req, self.p - len(req.prompt)
-                    self._first[id(req)] = first  # read with the next check's tokens: a join adds no host sync
+                    self._seat(req, row, first)
+
+    def _seat(self, req: Request, row: int, first: torch.Tensor) -> None:
+        """`req`, prefilled and adopted into `row`, becomes that row's request; `first`: its first tokens on the
+        device, read with the next check's tokens (a join adds no host sync)."""
+        req._hist = [0] * self.plan.max_tokens if not self.plan.fixed else None
+        req.stats = DecodeStats(self.strategy, full_calls=1, module_calls=int(self.plan.module),
+                                prefill_seconds=time.perf_counter() - req._start)
+        self.rows[row], self.pads[row] = req, self.p - len(req.prompt)
+        self._first[id(req)] = first
 
     @staticmethod
     def _prefill_groups(group: list[Request]) -> list[list[Request]]:
@@ -324,12 +329,7 @@ class ContinuousBatch:
             self._rebase(to)
         row = self.rows.index(None)
         self.dec.adopt(row, f.dec, 0, len(req.prompt), f.length, self.p)
-        read = 2 if self.plan.round == "recycle" else 1
-        req._hist = [0] * self.plan.max_tokens if not self.plan.fixed else None
-        req.stats = DecodeStats(self.strategy, full_calls=1, module_calls=int(self.plan.module),
-                                prefill_seconds=time.perf_counter() - req._start)
-        self.rows[row], self.pads[row] = req, self.p - len(req.prompt)
-        self._first[id(req)] = f.dec.out[0, :read].clone()
+        self._seat(req, row, f.dec.out[0, :2 if self.plan.round == "recycle" else 1].clone())
         self.chunked += 1
 
     def _prefill(self, reqs: list[Request], rows: list[int]) -> list[torch.Tensor]:

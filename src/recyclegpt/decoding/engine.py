@@ -150,7 +150,7 @@ class Decoder:
         self._ar = torch.arange(self.max_len, dtype=long, device=dev)
         self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
         self._prompt: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}  # by length: ids, module state
-        self._chunk_next: dict[int, torch.Tensor] = {}  # by chunk length: the tokens after a prompt chunk's
+        self._chunk_next: dict[int, torch.Tensor] = {}  # by chunk length: the tokens after a chunk's slots
         self._pool = torch.cuda.graph_pool_handle() if graphs else None
         self.rec_draft = False  # recycle takes the module's tokens over its draft vocabulary (set by decode)
         self._base_fwd, self._recycle_fwd = self.base.forward, (self.rmodel.recycle if self.rmodel else None)
@@ -462,8 +462,12 @@ class Decoder:
         else:
             self._module_prefill(batch.ids, state, verified)
         if not verified:
-            self.x_rec.copy_(self._pick(sampling, gen)[:, None])
-            self._emit(self.x_rec)
+            self._recycled_token(sampling, gen)
+
+    def _recycled_token(self, sampling: SamplingParams | RowSampling, gen) -> None:
+        """After the module's forward over the whole prompt (recycle): x̂_{L+1} from `logits` into x_rec and `out`."""
+        self.x_rec.copy_(self._pick(sampling, gen)[:, None])
+        self._emit(self.x_rec)
 
     def prefill_chunks(self, strategy: str, batch: PromptBatch, chunk: int, sampling: SamplingParams | RowSampling,
                        gen) -> Iterator[bool]:
@@ -505,8 +509,7 @@ class Decoder:
                 else:
                     self._module_prefill(ids, state, verified, start, nxt)
                 if last and not verified:
-                    self.x_rec.copy_(self._pick(sampling, gen)[:, None])
-                    self._emit(self.x_rec)
+                    self._recycled_token(sampling, gen)
             yield last
 
     def _module_prefill(self, ids: torch.Tensor, state: torch.Tensor, verified: bool, start: int = 0,
