@@ -231,7 +231,8 @@ def _generate(lm, prompts: list[list[int]], greedy: list[bool], ocfg: OnlineConf
     torch.manual_seed(seed * 1_000_003)
     res = continuous_decode(engine, "standard", prompts, max_new_tokens=max_new_tokens or ocfg.max_new_tokens,
                             max_rows=rows, stop_ids=stop_ids, max_len=max_len,
-                            row_sampling=[SamplingParams() if g else sampled for g in greedy])
+                            row_sampling=[SamplingParams() if g else sampled for g in greedy],
+                            prefill_chunk=None)  # no stream waits on these rows: whole prefills cost least
     return [list(toks) for toks in res.tokens]
 
 
